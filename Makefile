@@ -1,0 +1,29 @@
+# Two entry points for a fresh machine: `make demo` and `make test` (see README Quickstart).
+PYTHON ?= python3
+VENV ?= .venv
+# CPU wheel on machines without a GPU; users with CUDA can set TORCH=torch to get the CUDA build.
+TORCH ?= torch==2.13.0
+BIN := $(VENV)/bin
+
+.PHONY: install install-dev demo test clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+
+install: $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[encoder]"
+
+install-dev: $(BIN)/python
+	$(BIN)/pip install -q "$(TORCH)"
+	$(BIN)/pip install -q -e ".[dev]"
+
+demo: install
+	$(BIN)/luigi --module pipeline RunAll --local-scheduler
+
+test: install-dev
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,1 @@
+"""Document embeddings and (balanced) k-means clustering. No Luigi in here."""

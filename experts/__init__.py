@@ -1,0 +1,1 @@
+"""Expert language models: seeds, branching, the training loop, and merging (ensembles, averaging, MoE)."""

@@ -1,0 +1,35 @@
+"""One place where device and dtype are decided."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class DeviceSetup:
+    device: torch.device
+    dtype: torch.dtype  # compute dtype used under autocast (bf16 on CUDA when supported, else fp32)
+
+    def autocast(self):
+        """Context manager: bf16 autocast on CUDA, a no-op on CPU."""
+        if self.device.type == "cuda" and self.dtype != torch.float32:
+            return torch.autocast(device_type="cuda", dtype=self.dtype)
+        return contextlib.nullcontext()
+
+
+def resolve_device(device: str | torch.device = "auto") -> DeviceSetup:
+    """'auto' → cuda if available else cpu; 'cpu'; 'cuda' or 'cuda:N' (error if CUDA is absent)."""
+    name = str(device)
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from corpus.io import InputError
+
+        raise InputError(f"--device {device} asked for CUDA, but torch sees no GPU (torch {torch.__version__})")
+    dev = torch.device(name)
+    dtype = torch.float32
+    if dev.type == "cuda" and torch.cuda.is_bf16_supported():
+        dtype = torch.bfloat16
+    return DeviceSetup(dev, dtype)

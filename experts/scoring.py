@@ -1,0 +1,198 @@
+"""One scoring interface for every model the pipeline produces.
+
+Modelled on lm-evaluation-harness's `LM`: `loglikelihood`, `loglikelihood_rolling` and `generate`. Every
+model kind (a single expert, the dense baseline, the c-BTM ensemble, the BTM posterior ensemble, the averaged
+model, the BTX MoE) implements two token-level methods and inherits the rest, so `tasks/` never special-cases
+a model kind.
+
+Subclasses implement:
+  - `token_logprobs(input_ids, attention_mask, prefix_texts)` → (B, T-1) log p(x_t | x_<t), t = 1..T-1
+  - `next_token_logprobs(input_ids, attention_mask, prefix_texts)` → (B, V) log p(· | whole row)
+`prefix_texts[i]` is text that precedes row i but is not in it (document context outside an evaluation
+window); routing models may use it, plain models ignore it. Rows are right-padded; outputs at padded
+positions are undefined and callers mask them.
+"""
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+class ScoringModel(ABC):
+    tokenizer = None  # a transformers PreTrainedTokenizerFast shared by all experts
+    max_length: int = 1024
+    device: torch.device = torch.device("cpu")
+    name: str = "model"
+
+    @abstractmethod
+    def token_logprobs(
+        self,
+        input_ids: torch.Tensor,  # (B, T) long
+        attention_mask: torch.Tensor | None = None,  # (B, T) 1 for real tokens
+        prefix_texts: Sequence[str] | None = None,
+    ) -> torch.Tensor:  # (B, T-1) float32
+        ...
+
+    @abstractmethod
+    def next_token_logprobs(
+        self,
+        input_ids: torch.Tensor,  # (B, T)
+        attention_mask: torch.Tensor | None = None,
+        prefix_texts: Sequence[str] | None = None,
+    ) -> torch.Tensor:  # (B, V) float32, distribution after the last real token of each row
+        ...
+
+    # ---- derived methods -------------------------------------------------------------------------
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _bos(self) -> list[int]:
+        bos = self.tokenizer.bos_token_id
+        if bos is None:
+            bos = self.tokenizer.eos_token_id
+        return [bos] if bos is not None else []
+
+    @torch.no_grad()
+    def loglikelihood(
+        self, requests: Sequence[tuple[str, str]], batch_size: int = 16
+    ) -> list[tuple[float, bool]]:
+        """For each (context, continuation): (Σ log p(continuation tokens | context), is_greedy).
+
+        The context is left-truncated so context + continuation fits `max_length` (BOS first when the
+        context is empty). `is_greedy` is True when every continuation token is the argmax.
+        """
+        rows = []
+        for context, continuation in requests:
+            ctx = self._encode(context) if context else []
+            cont = self._encode(continuation)
+            if not cont:
+                raise ValueError(f"continuation {continuation!r} tokenizes to nothing")
+            ctx = self._bos() + ctx if not ctx else ctx
+            ids = (ctx + cont)[-self.max_length :]
+            rows.append((ids, len(cont)))
+        return self._score_rows(rows, batch_size)
+
+    @torch.no_grad()
+    def loglikelihood_rolling(self, texts: Sequence[str], batch_size: int = 8) -> list[float]:
+        """Σ log p over all tokens of each text (after a BOS), in non-overlapping windows of max_length.
+
+        Window w > 0 is scored without the tokens of earlier windows as attention context; their text is
+        passed as `prefix_texts` so routing models can still use it.
+        """
+        out = []
+        for text in texts:
+            ids = self._bos() + self._encode(text)
+            total = 0.0
+            windows = []
+            L = self.max_length
+            for start in range(0, len(ids) - 1, L - 1):
+                win = ids[start : start + L]
+                if len(win) < 2:
+                    break
+                prefix = self.tokenizer.decode(ids[1:start]) if start > 1 else ""
+                windows.append((win, len(win) - 1, prefix))
+            scores = self._score_rows([(w, n) for w, n, _ in windows], batch_size, [p for _, _, p in windows])
+            total = sum(s for s, _ in scores)
+            out.append(total)
+        return out
+
+    def _score_rows(self, rows, batch_size, prefixes=None) -> list[tuple[float, bool]]:
+        """rows: (ids, n_target) — score the last n_target tokens of each row."""
+        order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+        results: list[tuple[float, bool] | None] = [None] * len(rows)
+        pad = self.tokenizer.pad_token_id
+        pad = 0 if pad is None else pad
+        for b in range(0, len(order), batch_size):
+            idx = order[b : b + batch_size]
+            T = max(len(rows[i][0]) for i in idx)
+            ids = torch.full((len(idx), T), pad, dtype=torch.long)
+            mask = torch.zeros((len(idx), T), dtype=torch.long)
+            for r, i in enumerate(idx):
+                seq = rows[i][0]
+                ids[r, : len(seq)] = torch.tensor(seq)
+                mask[r, : len(seq)] = 1
+            ids, mask = ids.to(self.device), mask.to(self.device)
+            pre = [prefixes[i] for i in idx] if prefixes is not None else None
+            lp = self.token_logprobs(ids, mask, pre)  # (B, T-1)
+            greedy = self._greedy_flags(ids, mask, pre, idx, rows)
+            for r, i in enumerate(idx):
+                n_all, n_t = len(rows[i][0]), rows[i][1]
+                results[i] = (float(lp[r, n_all - 1 - n_t : n_all - 1].sum()), greedy[r])
+        return results  # type: ignore[return-value]
+
+    def _greedy_flags(self, ids, mask, prefixes, idx, rows) -> list[bool]:
+        """Subclasses that can cheaply get full distributions override this; default: not computed."""
+        return [False] * len(idx)
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: Sequence[str], max_new_tokens: int = 32, stop: Sequence[str] = ()
+    ) -> list[str]:
+        """Greedy decoding, one prompt at a time; stops at EOS, at any `stop` string, or after max_new_tokens."""
+        outs = []
+        eos = self.tokenizer.eos_token_id
+        for prompt in prompts:
+            ids = (self._encode(prompt) or self._bos())[-(self.max_length - 1) :]
+            new: list[int] = []
+            for _ in range(max_new_tokens):
+                x = torch.tensor([ids + new][-self.max_length :], device=self.device)
+                x = x[:, -self.max_length :]
+                nxt = int(self.next_token_logprobs(x, torch.ones_like(x), [""]).argmax(-1)[0])
+                if nxt == eos:
+                    break
+                new.append(nxt)
+                text = self.tokenizer.decode(new)
+                if any(s in text for s in stop):
+                    break
+            text = self.tokenizer.decode(new)
+            for s in stop:
+                if s in text:
+                    text = text[: text.index(s)]
+            outs.append(text)
+        return outs
+
+
+class HFCausalLM(ScoringModel):
+    """A single transformers causal LM (an expert, the dense model, the averaged model, the MoE)."""
+
+    def __init__(self, model, tokenizer, device: str | torch.device = "cpu", name: str = "model", max_length: int | None = None):
+        from experts.device import resolve_device
+
+        self.setup = resolve_device(device)
+        self.device = self.setup.device
+        self.model = model.to(self.device).eval()
+        self.tokenizer = tokenizer
+        self.name = name
+        ctx = getattr(model.config, "max_position_embeddings", 1024)
+        self.max_length = int(max_length or ctx)
+
+    @classmethod
+    def from_pretrained(cls, path: str, device: str | torch.device = "cpu", name: str | None = None, **kw):
+        from experts.model import load_causal_lm
+
+        model, tokenizer = load_causal_lm(path)
+        return cls(model, tokenizer, device=device, name=name or str(path), **kw)
+
+    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
+        with self.setup.autocast():
+            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+
+    @torch.no_grad()
+    def token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
+        logits = self.logits(input_ids, attention_mask)[:, :-1]  # (B, T-1, V)
+        target = input_ids[:, 1:]
+        B, T1, V = logits.shape
+        nll = F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), reduction="none")
+        return -nll.view(B, T1)
+
+    @torch.no_grad()
+    def next_token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
+        logits = self.logits(input_ids, attention_mask)  # (B, T, V)
+        if attention_mask is None:
+            last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+        else:
+            last = attention_mask.sum(1) - 1
+        return torch.log_softmax(logits[torch.arange(len(last)), last].float(), dim=-1)
