@@ -73,7 +73,7 @@ class ScoringModel(ABC):
             ctx = self._bos() + ctx if not ctx else ctx
             ids = (ctx + cont)[-self.max_length :]
             rows.append((ids, len(cont)))
-        return self._score_rows(rows, batch_size)
+        return self._score_rows(rows, batch_size, need_greedy=True)
 
     @torch.no_grad()
     def loglikelihood_rolling(self, texts: Sequence[str], batch_size: int = 8) -> list[float]:
@@ -99,8 +99,24 @@ class ScoringModel(ABC):
             out.append(total)
         return out
 
-    def _score_rows(self, rows, batch_size, prefixes=None) -> list[tuple[float, bool]]:
-        """rows: (ids, n_target) — score the last n_target tokens of each row."""
+    def score_tokens(
+        self,
+        input_ids: torch.Tensor,  # (B, T) long
+        attention_mask: torch.Tensor | None = None,  # (B, T)
+        prefix_texts: Sequence[str] | None = None,
+        score_from: torch.Tensor | None = None,  # (B,) first target position t each row needs; default 1
+        full_at: torch.Tensor | None = None,  # (B, T-1) bool: positions whose full distribution is wanted
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`token_logprobs` plus, optionally, full log-distributions at the positions `full_at` marks.
+
+        Returns `(lp (B, T-1), full (N, V) | None)` with N = full_at.sum() in row-major order. Outputs at
+        target positions before `score_from` are undefined (routing models skip them). The default
+        implementation cannot give full distributions and returns None for them.
+        """
+        return self.token_logprobs(input_ids, attention_mask, prefix_texts), None
+
+    def _score_rows(self, rows, batch_size, prefixes=None, need_greedy=False) -> list[tuple[float, bool]]:
+        """rows: (ids, n_target) — score the last n_target tokens of each row; is_greedy when asked."""
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
         results: list[tuple[float, bool] | None] = [None] * len(rows)
         pad = self.tokenizer.pad_token_id
@@ -110,22 +126,36 @@ class ScoringModel(ABC):
             T = max(len(rows[i][0]) for i in idx)
             ids = torch.full((len(idx), T), pad, dtype=torch.long)
             mask = torch.zeros((len(idx), T), dtype=torch.long)
+            scored = torch.zeros((len(idx), max(T - 1, 0)), dtype=torch.bool)  # (B, T-1)
+            start = torch.zeros(len(idx), dtype=torch.long)
             for r, i in enumerate(idx):
-                seq = rows[i][0]
+                seq, n_t = rows[i]
                 ids[r, : len(seq)] = torch.tensor(seq)
                 mask[r, : len(seq)] = 1
+                scored[r, len(seq) - 1 - n_t : len(seq) - 1] = True
+                start[r] = len(seq) - n_t  # first target position
             ids, mask = ids.to(self.device), mask.to(self.device)
             pre = [prefixes[i] for i in idx] if prefixes is not None else None
-            lp = self.token_logprobs(ids, mask, pre)  # (B, T-1)
-            greedy = self._greedy_flags(ids, mask, pre, idx, rows)
+            lp, full = self.score_tokens(ids, mask, pre, score_from=start, full_at=scored if need_greedy else None)
+            greedy = [False] * len(idx)
+            if full is not None:
+                hit = full.argmax(-1).cpu() == ids[:, 1:].cpu()[scored]  # (N,)
+                per_row = torch.split(hit, scored.sum(1).tolist())
+                greedy = [bool(h.all()) for h in per_row]
+            lp = lp.float().cpu()
             for r, i in enumerate(idx):
-                n_all, n_t = len(rows[i][0]), rows[i][1]
-                results[i] = (float(lp[r, n_all - 1 - n_t : n_all - 1].sum()), greedy[r])
+                results[i] = (float(lp[r][scored[r]].sum()), greedy[r])
         return results  # type: ignore[return-value]
 
-    def _greedy_flags(self, ids, mask, prefixes, idx, rows) -> list[bool]:
-        """Subclasses that can cheaply get full distributions override this; default: not computed."""
-        return [False] * len(idx)
+    # ---- generation --------------------------------------------------------------------------------
+    def generation_step(self, ids: list[int], prompt_len: int, state=None) -> tuple[torch.Tensor, object]:
+        """log p(· | ids) as a (V,) tensor, plus a state object carried to the next step of the same prompt.
+
+        `prompt_len` is the number of prompt tokens at the start of `ids` (routing models route on them).
+        The default recomputes the whole row; subclasses keep KV caches in `state`.
+        """
+        x = torch.tensor([ids[-self.max_length :]], device=self.device)
+        return self.next_token_logprobs(x, torch.ones_like(x), [""])[0], None
 
     @torch.no_grad()
     def generate(
@@ -136,11 +166,12 @@ class ScoringModel(ABC):
         eos = self.tokenizer.eos_token_id
         for prompt in prompts:
             ids = (self._encode(prompt) or self._bos())[-(self.max_length - 1) :]
+            prompt_len = len(ids)
+            state = None
             new: list[int] = []
             for _ in range(max_new_tokens):
-                x = torch.tensor([ids + new][-self.max_length :], device=self.device)
-                x = x[:, -self.max_length :]
-                nxt = int(self.next_token_logprobs(x, torch.ones_like(x), [""]).argmax(-1)[0])
+                logprobs, state = self.generation_step(ids + new, prompt_len, state)
+                nxt = int(logprobs.argmax(-1))
                 if nxt == eos:
                     break
                 new.append(nxt)
@@ -182,11 +213,19 @@ class HFCausalLM(ScoringModel):
 
     @torch.no_grad()
     def token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
+        return self.score_tokens(input_ids, attention_mask, prefix_texts)[0]
+
+    @torch.no_grad()
+    def score_tokens(self, input_ids, attention_mask=None, prefix_texts=None, score_from=None, full_at=None):
+        """One forward pass: target log-probs (B, T-1) and, where `full_at` marks, full log-distributions."""
         logits = self.logits(input_ids, attention_mask)[:, :-1]  # (B, T-1, V)
         target = input_ids[:, 1:]
         B, T1, V = logits.shape
         nll = F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), reduction="none")
-        return -nll.view(B, T1)
+        full = None
+        if full_at is not None:
+            full = torch.log_softmax(logits[full_at.to(logits.device)].float(), dim=-1)  # (N, V)
+        return -nll.view(B, T1), full
 
     @torch.no_grad()
     def next_token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
@@ -196,3 +235,20 @@ class HFCausalLM(ScoringModel):
         else:
             last = attention_mask.sum(1) - 1
         return torch.log_softmax(logits[torch.arange(len(last)), last].float(), dim=-1)
+
+    @torch.no_grad()
+    def generation_step(self, ids, prompt_len, state=None):
+        """KV-cached step: feeds only the tokens not yet in the cache. state = (past_key_values, n_cached).
+
+        When the row outgrows `max_length` the cache is dropped and the last `max_length` tokens are rerun.
+        """
+        if len(ids) > self.max_length:
+            ids, state = ids[-self.max_length :], None
+        past, n_cached = state if state is not None else (None, 0)
+        if n_cached >= len(ids):  # nothing new (cannot happen in greedy decoding; be safe)
+            past, n_cached = None, 0
+        x = torch.tensor([ids[n_cached:]], device=self.device)  # (1, n_new)
+        with self.setup.autocast():
+            out = self.model(input_ids=x, past_key_values=past, use_cache=True)
+        logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,)
+        return logprobs, (out.past_key_values, len(ids))

@@ -1,0 +1,199 @@
+"""BTM parameter averaging (Li et al. 2022, "Branch-Train-Merge", §5 "parameter averaging").
+
+θ_avg = Σ_j w_j θ_j with w_j ≥ 0, Σ_j w_j = 1: uniform, or weights from centroid distances
+(`weights_from_distances`) or from a corpus's domain posterior (`weights_from_posterior`). Tensors are read
+memory-mapped from each expert's safetensors and averaged one at a time in fp32, so only the output model
+(plus one tensor per expert) is ever in RAM.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from corpus.io import InputError, atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+# config fields that must agree for two checkpoints to be averaged / merged
+STRUCTURAL_FIELDS = ("model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim", "tie_word_embeddings")
+
+
+def check_expert_dirs(expert_dirs: Sequence[str | os.PathLike]) -> list[dict]:
+    """Configs of the experts; InputError (naming the field and both directories) unless they all agree."""
+    if len(expert_dirs) == 0:
+        raise InputError("no expert directories given")
+    configs = []
+    for d in expert_dirs:
+        d = Path(d)
+        if not d.is_dir():
+            raise InputError(f"expert directory does not exist: {d}")
+        if not (d / "config.json").is_file():
+            raise InputError(f"not a Hugging Face model directory (no config.json): {d}")
+        configs.append(read_json(d / "config.json"))
+    for d, cfg in zip(expert_dirs[1:], configs[1:]):
+        for f in STRUCTURAL_FIELDS:
+            if cfg.get(f) != configs[0].get(f):
+                raise InputError(f"experts differ in {f}: {configs[0].get(f)!r} in {expert_dirs[0]} vs {cfg.get(f)!r} in {d}")
+        if (cfg.get("architectures") or [None])[0] != (configs[0].get("architectures") or [None])[0]:
+            raise InputError(f"experts differ in architecture: {configs[0].get('architectures')} in {expert_dirs[0]} "
+                             f"vs {cfg.get('architectures')} in {d}")
+    _check_tokenizers(expert_dirs)
+    return configs
+
+
+def _check_tokenizers(expert_dirs) -> None:
+    vocab0 = _tokenizer_vocab(expert_dirs[0])
+    for d in expert_dirs[1:]:
+        v = _tokenizer_vocab(d)
+        if vocab0 is not None and v is not None and v != vocab0:
+            raise InputError(f"experts have different tokenizers: {expert_dirs[0]} and {d} map tokens to different ids")
+
+
+def _tokenizer_vocab(d) -> dict | None:
+    f = Path(d) / "tokenizer.json"
+    if not f.is_file():
+        return None
+    try:
+        model = json.loads(f.read_text())["model"]
+        return model.get("vocab")
+    except (OSError, ValueError, KeyError):
+        raise InputError(f"corrupt tokenizer.json in {d}") from None
+
+
+class CheckpointReader:
+    """Tensors of one `save_pretrained` directory, read lazily (safetensors, sharded or not; else .bin)."""
+
+    def __init__(self, d: str | os.PathLike):
+        from safetensors import safe_open
+
+        self.dir = Path(d)
+        self._files: dict[str, object] = {}
+        self.where: dict[str, str] = {}
+        index = self.dir / "model.safetensors.index.json"
+        single = self.dir / "model.safetensors"
+        if index.is_file():
+            self.where = dict(read_json(index)["weight_map"])
+        elif single.is_file():
+            with safe_open(single, "pt") as f:
+                self.where = {k: "model.safetensors" for k in f.keys()}
+        elif (self.dir / "pytorch_model.bin").is_file():
+            self._state = torch.load(self.dir / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
+            self.where = {k: "" for k in self._state}
+        else:
+            raise InputError(f"no model weights (model.safetensors / pytorch_model.bin) in {self.dir}")
+
+    def keys(self) -> list[str]:
+        return list(self.where)
+
+    def get(self, key: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        name = self.where[key]
+        if name == "":
+            return self._state[key]
+        if name not in self._files:
+            try:
+                self._files[name] = safe_open(self.dir / name, "pt")
+            except Exception as e:  # noqa: BLE001
+                raise InputError(f"corrupt checkpoint file {self.dir / name}: {str(e).splitlines()[0][:200]}") from None
+        return self._files[name].get_tensor(key)
+
+
+def normalise_weights(weights: Sequence[float] | None, k: int) -> np.ndarray:
+    """(k,) float64 weights ≥ 0 summing to 1 (uniform when None); InputError otherwise."""
+    if weights is None:
+        return np.full(k, 1.0 / k)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape[0] != k:
+        raise InputError(f"{w.shape[0]} weights given for {k} experts")
+    if not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise InputError(f"averaging weights must be finite, ≥ 0 and not all zero, got {w.tolist()}")
+    return w / w.sum()
+
+
+def weights_from_distances(distances: np.ndarray, temperature: float) -> np.ndarray:
+    """(k,) weights from squared centroid distances: softmax(−d²/T) per document, averaged over documents.
+
+    distances: (n_docs, k) or (k,) squared distances (e.g. `assignments-*/{split}_distances.npy`).
+    """
+    if not temperature > 0:
+        raise InputError(f"temperature must be > 0, got {temperature}")
+    d = np.asarray(distances, dtype=np.float64)
+    d = d[None, :] if d.ndim == 1 else d
+    if d.ndim != 2 or d.shape[0] == 0:
+        raise InputError(f"distances must be (n_docs, k) or (k,), got shape {np.asarray(distances).shape}")
+    z = -d / temperature
+    z -= z.max(1, keepdims=True)
+    p = np.exp(z)
+    p /= p.sum(1, keepdims=True)
+    return p.mean(0)
+
+
+def weights_from_posterior(expert_dirs: Sequence[str | os.PathLike], texts: Sequence[str], alpha: float = 0.3,
+                           max_sequences: int = 100, device: str = "cpu") -> np.ndarray:
+    """(k,) weights = the BTM cached domain prior of `texts` (EMA of posteriors, see PosteriorEnsemble)."""
+    from experts.ensemble import PosteriorEnsemble
+
+    ens = PosteriorEnsemble(list(expert_dirs), prior="cached", alpha=alpha, device=device)
+    return np.asarray(ens.estimate_cached_prior(texts, max_sequences=max_sequences))
+
+
+def average_experts(expert_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                    weights: Sequence[float] | None = None) -> Path:
+    """Average the experts' parameters into `out_dir` (atomic): model weights via `save_pretrained`, the first
+    expert's tokenizer, and `average.json` (experts, weights). Returns `out_dir`.
+
+    Loadable with `AutoModelForCausalLM.from_pretrained(out_dir)`. Experts must share architecture, shapes
+    and tokenizer (InputError naming the mismatch and the directories otherwise).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    expert_dirs = [Path(d) for d in expert_dirs]
+    check_expert_dirs(expert_dirs)
+    w = normalise_weights(weights, len(expert_dirs))
+    readers = [CheckpointReader(d) for d in expert_dirs]
+    keys = readers[0].keys()
+    for r in readers[1:]:
+        if set(r.keys()) != set(keys):
+            diff = sorted(set(r.keys()) ^ set(keys))[:3]
+            raise InputError(f"experts {expert_dirs[0]} and {r.dir} have different parameters (e.g. {diff})")
+    state: dict[str, torch.Tensor] = {}
+    for n, key in enumerate(keys):
+        first = readers[0].get(key)
+        acc = torch.zeros(first.shape, dtype=torch.float32)
+        for wj, r in zip(w, readers):
+            t = r.get(key)
+            if t.shape != first.shape:
+                raise InputError(f"parameter {key} has shape {tuple(first.shape)} in {expert_dirs[0]} "
+                                 f"but {tuple(t.shape)} in {r.dir}")
+            acc.add_(t.float(), alpha=float(wj))
+        state[key] = acc.to(first.dtype) if first.is_floating_point() else first
+        if n % 50 == 0:
+            log.info("averaged %d/%d tensors", n + 1, len(keys))
+    config = AutoConfig.from_pretrained(expert_dirs[0])
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if unexpected:
+        raise InputError(f"checkpoint {expert_dirs[0]} has parameters its config does not build: {unexpected[:3]}")
+    if any(p.is_meta for p in model.parameters()):
+        model.tie_weights()
+    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if still_meta:
+        raise InputError(f"checkpoint {expert_dirs[0]} lacks parameters: {still_meta[:3]}")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)
+        try:
+            AutoTokenizer.from_pretrained(expert_dirs[0]).save_pretrained(tmp)
+        except Exception as e:  # noqa: BLE001
+            log.warning("no tokenizer copied from %s: %s", expert_dirs[0], e)
+        write_json(tmp / "average.json", {"experts": [str(d) for d in expert_dirs], "weights": w.tolist()})
+    return out_dir

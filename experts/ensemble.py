@@ -1,0 +1,665 @@
+"""Ensembles of expert LMs behind the one scoring interface: c-BTM sparse ensemble and BTM posterior ensemble.
+
+`SparseEnsemble` (c-BTM; Gururangan et al. 2023, "Scaling Expert Language Models with Unsupervised Domain
+Discovery"): for each position t,
+
+    p(x_t | x_<t) = Σ_j w_j(x_<t) · p_j(x_t | x_<t)
+    w(x_<t)       = softmax_j(−‖e(x_<t) − c_j‖² / T)   over the top_k nearest centroids only (zero elsewhere)
+
+e(·) is the clusterer's embedder applied to the *prefix* text, c_j the cluster centroids, T the temperature.
+The official c-BTM code passes an already-squared distance into its d² (i.e. it uses ‖·‖⁴); we use d².
+Routing is recomputed every `route_every` tokens: chunk c of a row predicts targets t ∈ [p_c, p_c + R) and
+is routed on x_<p_c (plus the row's `prefix_texts`), so routing never sees a token it predicts. The
+mixture is of probabilities (logsumexp of log w + log p), not of logits. Execution is truly sparse: routing
+is computed first, then each expert runs once on just the rows (truncated after their last chunk that
+needs it) that routed to it; unselected experts never run.
+
+`PosteriorEnsemble` (BTM; Li et al. 2022, "Branch-Train-Merge"): weights from the domain posterior
+p(j | x_<t) ∝ p(j) · Π_{s<t} p_j(x_s | x_<s); `prior="cached"` fixes the weights to a prior estimated once
+on held-out text by an exponential moving average (BTM: ~100 sequences, α = 0.3); `prior="updating"`
+applies Bayes' rule on the prefix at every position. Both keep the top_k experts and renormalise.
+
+Configs: `ensemble.json` (see `save_ensemble_config`) is read back by `load_ensemble` / `from_config`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from corpus.io import InputError, read_json, write_json
+from experts.scoring import HFCausalLM, ScoringModel
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "ensemble.json"
+
+
+# ---- experts: loaded lazily, optionally offloaded ---------------------------------------------------------
+class ExpertSlot:
+    """One expert: a ready ScoringModel, or a `save_pretrained` directory loaded on first use.
+
+    With `offload=True` an HFCausalLM's weights live on the CPU between uses and move to `device` for a call.
+    """
+
+    def __init__(self, source: ScoringModel | str | os.PathLike, device: str | torch.device = "cpu",
+                 offload: bool = False, dtype: torch.dtype | None = None, max_length: int | None = None):
+        self.model: ScoringModel | None = source if isinstance(source, ScoringModel) else None
+        self.path: Path | None = None if self.model is not None else Path(source)
+        if self.path is not None and not (self.path / "config.json").is_file():
+            raise InputError(f"expert directory missing or not a model directory (no config.json): {self.path}")
+        self.device = torch.device(device) if self.model is None else self.model.device
+        self.offload = offload
+        self.dtype = dtype
+        self.max_length = max_length
+        self.name = self.model.name if self.model is not None else str(self.path)
+
+    def vocab_size(self) -> int:
+        if self.path is not None:
+            return int(read_json(self.path / "config.json")["vocab_size"])
+        inner = getattr(self.model, "model", None)
+        if inner is not None and hasattr(inner, "config"):
+            return int(inner.config.vocab_size)
+        return len(self.model.tokenizer)
+
+    def get(self) -> ScoringModel:
+        if self.model is None:
+            from experts.model import load_causal_lm
+
+            model, tokenizer = load_causal_lm(self.path, dtype=self.dtype)
+            dev = "cpu" if self.offload else self.device
+            self.model = HFCausalLM(model, tokenizer, device=dev, name=str(self.path), max_length=self.max_length)
+            log.info("loaded expert %s", self.path)
+        if self.offload and isinstance(self.model, HFCausalLM) and self.model.device != self.device:
+            self.model.model.to(self.device)
+            self.model.device = self.device
+            self.model.setup = type(self.model.setup)(self.device, self.model.setup.dtype if self.device.type == "cuda" else torch.float32)
+        return self.model
+
+    def release(self) -> None:
+        if self.offload and isinstance(self.model, HFCausalLM) and self.model.device.type != "cpu":
+            self.model.model.to("cpu")
+            self.model.device = torch.device("cpu")
+
+
+def _load_tokenizer(slot: ExpertSlot):
+    if slot.model is not None:
+        return slot.model.tokenizer
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(slot.path)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"cannot load the tokenizer of expert {slot.path}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _make_slots(experts, devices, offload, dtype, max_length) -> list[ExpertSlot]:
+    if len(experts) == 0:
+        raise InputError("an ensemble needs at least one expert")
+    if devices is None or isinstance(devices, (str, torch.device)):
+        devices = [devices or "cpu"] * len(experts)
+    if len(devices) != len(experts):
+        raise InputError(f"{len(devices)} devices given for {len(experts)} experts")
+    slots = [ExpertSlot(e, d, offload, dtype, max_length) for e, d in zip(experts, devices)]
+    sizes = [s.vocab_size() for s in slots]
+    for s, v in zip(slots[1:], sizes[1:]):
+        if v != sizes[0]:
+            raise InputError(
+                f"experts have different vocabularies: {slots[0].name} has vocab_size {sizes[0]}, {s.name} has {v}"
+            )
+    return slots
+
+
+# ---- routing ---------------------------------------------------------------------------------------------
+def routing_weights(
+    embeddings: np.ndarray | torch.Tensor,  # (n, d)
+    centroids: np.ndarray | torch.Tensor,  # (k, d)
+    top_k: int,
+    temperature: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """c-BTM weights: indices (n, top_k) of the nearest centroids (nearest first) and weights (n, top_k).
+
+    w = softmax(−d² / T) over the top_k nearest centroids, d² = ‖e − c_j‖² (squared Euclidean distance).
+    """
+    e = torch.as_tensor(np.asarray(embeddings, dtype=np.float64))
+    c = torch.as_tensor(np.asarray(centroids, dtype=np.float64))
+    d2 = (e * e).sum(1, keepdim=True) - 2 * e @ c.T + (c * c).sum(1)[None, :]  # (n, k)
+    d2 = d2.clamp_min(0)
+    neg, idx = torch.topk(-d2, top_k, dim=1)  # (n, top_k), nearest first
+    w = torch.softmax(neg / temperature, dim=1)
+    return idx, w.float()
+
+
+def dense_routing_weights(embeddings, centroids, top_k: int, temperature: float) -> torch.Tensor:
+    """The same weights as a dense (n, k) matrix: ≥ 0, rows sum to 1, zero outside the top_k."""
+    idx, w = routing_weights(embeddings, centroids, top_k, temperature)
+    out = torch.zeros(idx.shape[0], np.asarray(centroids).shape[0])
+    return out.scatter_(1, idx, w)
+
+
+def _check_top_k(top_k: int | None, k: int) -> int:
+    top_k = k if top_k is None else int(top_k)
+    if top_k < 1 or top_k > k:
+        raise InputError(f"top_k must be between 1 and the number of experts ({k}), got {top_k}")
+    return top_k
+
+
+class _ExpertsMixin:
+    """Shared plumbing: run one expert on a subset of rows, stats, sparse mixing."""
+
+    slots: list[ExpertSlot]
+    expert_batch_size: int | None = None  # rows per expert call (None: all rows routed to it at once)
+
+    def reset_stats(self) -> None:
+        """stats: expert_calls / rows / tokens per expert index, routing_texts embedded."""
+        self.stats = {"expert_calls": Counter(), "rows": Counter(), "tokens": Counter(), "routing_texts": 0}
+
+    def _run_expert(self, j, ids, mask, full_at):
+        expert = self.slots[j].get()
+        dev = expert.device
+        lp, full = expert.score_tokens(ids.to(dev), mask.to(dev), None,
+                                       full_at=None if full_at is None else full_at.to(dev))
+        self.slots[j].release()
+        self.stats["expert_calls"][j] += 1
+        self.stats["rows"][j] += int(ids.shape[0])
+        self.stats["tokens"][j] += int(ids.numel())
+        return lp.float().to(self.device), None if full is None else full.float().to(self.device)
+
+    def _mix(self, input_ids, attention_mask, logw, full_at):
+        """Σ_j w_j p_j where logw (B, T-1, k) is −inf for unused (row, position, expert); sparse execution."""
+        B, T = input_ids.shape
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        used = torch.isfinite(logw)  # (B, T-1, k)
+        pos = torch.arange(1, T, device=logw.device)  # target positions
+        # input length each row needs from expert j: last used target + 1
+        need = torch.where(used, pos[None, :, None] + 1, torch.zeros_like(pos)[None, :, None]).amax(1)  # (B, k)
+        acc = torch.full((B, T - 1), -math.inf, device=self.device)
+        acc_full = None
+        if full_at is not None:
+            full_at = full_at.to(self.device)
+            flat_index = torch.cumsum(full_at.flatten().long(), 0).view(B, T - 1) - 1  # (B, T-1)
+        mb = self.expert_batch_size or B
+        for j in range(logw.shape[2]):
+            rows_j = torch.nonzero(need[:, j] > 0).flatten()
+            if len(rows_j) == 0:
+                continue
+            rows_j = rows_j[torch.argsort(need[rows_j, j], descending=True)]  # similar lengths share a micro-batch
+            for rows in torch.split(rows_j, mb):
+                acc, acc_full = self._mix_rows(j, rows, input_ids, mask, logw, need, full_at, acc, acc_full,
+                                               flat_index if full_at is not None else None)
+        acc = torch.where(torch.isfinite(acc), acc, torch.zeros_like(acc))  # undefined positions → 0
+        return acc, acc_full
+
+    def _mix_rows(self, j, rows, input_ids, mask, logw, need, full_at, acc, acc_full, flat_index):
+        """Run expert j once on `rows`, truncated after the last target they need from it; accumulate."""
+        L = int(need[rows, j].max())
+        sub_ids, sub_mask = input_ids[rows, :L], mask[rows, :L]
+        sub_w = logw[rows, : L - 1, j]  # (n_j, L-1)
+        sub_full = None
+        if full_at is not None:
+            sub_full = full_at[rows, : L - 1] & torch.isfinite(sub_w)
+        lp, full = self._run_expert(j, sub_ids, sub_mask, sub_full)  # (n_j, L-1)
+        acc[rows, : L - 1] = torch.logaddexp(acc[rows, : L - 1], sub_w + lp)
+        if full is not None:
+            if acc_full is None:
+                acc_full = torch.full((int(full_at.sum()), full.shape[1]), -math.inf, device=self.device)
+            g = flat_index[rows, : L - 1][sub_full]  # (N_j,)
+            acc_full[g] = torch.logaddexp(acc_full[g], sub_w[sub_full][:, None] + full)
+        return acc, acc_full
+
+    def _mix_next(self, input_ids, attention_mask, idx, w):
+        """Full next-token distributions mixed over the selected experts; idx, w (B, top_k)."""
+        B = input_ids.shape[0]
+        out = None
+        for j in torch.unique(idx).tolist():
+            rows, col = torch.nonzero(idx == j, as_tuple=True)
+            expert = self.slots[j].get()
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            lp = expert.next_token_logprobs(input_ids[rows].to(expert.device), mask[rows].to(expert.device))
+            self.slots[j].release()
+            self.stats["expert_calls"][j] += 1
+            self.stats["rows"][j] += len(rows)
+            lp = lp.float().to(self.device)  # (n_j, V)
+            if out is None:
+                out = torch.full((B, lp.shape[1]), -math.inf, device=self.device)
+            out[rows] = torch.logaddexp(out[rows], torch.log(w[rows, col].to(self.device))[:, None] + lp)
+        return out
+
+    def _gen_mix(self, ids, prompt_len, selected, weights, caches):
+        """One generation step mixing the selected experts (KV caches per expert kept in `caches`)."""
+        parts = []
+        for j, wj in zip(selected, weights):
+            expert = self.slots[j].get()
+            lp, caches[j] = expert.generation_step(ids, prompt_len, caches.get(j))
+            self.slots[j].release()
+            self.stats["expert_calls"][j] += 1
+            parts.append(math.log(wj) + lp.float().to(self.device))
+        return torch.logsumexp(torch.stack(parts), 0)  # (V,)
+
+
+# ---- c-BTM sparse ensemble --------------------------------------------------------------------------------
+class SparseEnsemble(_ExpertsMixin, ScoringModel):
+    """c-BTM ensemble (formula and routing in the module docstring); only the routed experts run.
+
+    experts: ScoringModels or expert directories (loaded lazily on `devices`, one per expert or one for all;
+    `offload=True` keeps weights on the CPU between calls). centroids (k, d) with k = number of experts, row j
+    is expert j's cluster. embedder: anything with `.transform(texts) -> (n, d)`. `expert_batch_size` caps the
+    rows of one expert call (rows sorted by how far they need the expert, so micro-batches are truncated
+    tightly); give the ensemble large batches (≈ batch × k / top_k) so each expert still sees full batches.
+    `stats` counts expert calls, rows and tokens per expert (reset with `reset_stats()`).
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[ScoringModel | str | os.PathLike],
+        centroids: np.ndarray,
+        embedder,
+        top_k: int = 1,
+        temperature: float = 0.1,
+        route_every: int = 128,
+        device: str | torch.device = "cpu",
+        devices: Sequence[str | torch.device] | str | None = None,
+        offload: bool = False,
+        dtype: torch.dtype | None = None,
+        max_length: int | None = None,
+        name: str = "ensemble",
+        expert_batch_size: int | None = None,
+    ):
+        from experts.device import resolve_device
+
+        centroids = np.asarray(centroids, dtype=np.float32)
+        if centroids.ndim != 2:
+            raise InputError(f"centroids must be a (k, d) matrix, got shape {centroids.shape}")
+        if centroids.shape[0] != len(experts):
+            raise InputError(f"{centroids.shape[0]} centroids but {len(experts)} experts; they must match one to one")
+        if not temperature > 0:
+            raise InputError(f"temperature must be > 0, got {temperature}")
+        if int(route_every) < 1:
+            raise InputError(f"route_every must be ≥ 1 token, got {route_every}")
+        self.top_k = _check_top_k(top_k, len(experts))
+        self.device = resolve_device(device).device
+        self.slots = _make_slots(experts, devices if devices is not None else self.device, offload, dtype, max_length)
+        self.centroids = centroids
+        self.embedder = embedder
+        self.temperature = float(temperature)
+        self.route_every = int(route_every)
+        self.expert_batch_size = expert_batch_size
+        self.tokenizer = _load_tokenizer(self.slots[0])
+        first = self.slots[0].model
+        self.max_length = int(max_length or (first.max_length if first is not None else
+                                             read_json(self.slots[0].path / "config.json").get("max_position_embeddings", 1024)))
+        self.name = name
+        self.reset_stats()
+
+    # ---- routing ----
+    def route_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(idx (n, top_k), w (n, top_k)) for routing texts; identical texts are embedded once."""
+        uniq = list(dict.fromkeys(texts))
+        emb = np.asarray(self.embedder.transform(uniq), dtype=np.float32)  # (n_unique, d)
+        if emb.ndim != 2 or emb.shape[1] != self.centroids.shape[1]:
+            raise InputError(f"embedder gives shape {emb.shape}, centroids have dimension {self.centroids.shape[1]}")
+        self.stats["routing_texts"] += len(uniq)
+        idx, w = routing_weights(emb, self.centroids, self.top_k, self.temperature)
+        where = {t: i for i, t in enumerate(uniq)}
+        sel = torch.tensor([where[t] for t in texts], dtype=torch.long)
+        return idx[sel], w[sel]
+
+    def _prefix_text(self, prefix: str, ids: torch.Tensor) -> str:
+        return prefix + (self.tokenizer.decode(ids.tolist(), skip_special_tokens=True) if len(ids) else "")
+
+    def routing_plan(self, input_ids, attention_mask=None, prefix_texts=None, score_from=None) -> torch.Tensor:
+        """log w as a (B, T-1, k) tensor: entry [i, t-1, j] is log w_j for target x_t of row i (−inf if unused).
+
+        Row i's routing points are p_c = a_i + c·R (a_i = score_from[i], default 1); targets t ∈ [p_c, p_c + R)
+        use the prefix prefix_texts[i] + decode(x_<p_c). Targets before a_i and past the row end stay −inf.
+        """
+        B, T = input_ids.shape
+        k = len(self.slots)
+        lengths = (attention_mask.sum(1) if attention_mask is not None else torch.full((B,), T)).tolist()
+        starts = [1] * B if score_from is None else [max(1, int(s)) for s in score_from]
+        prefix_texts = prefix_texts or [""] * B
+        cpu_ids = input_ids.cpu()
+        texts, spans = [], []  # spans: (row, first target, end target exclusive)
+        for i in range(B):
+            L = int(lengths[i])
+            for p in range(starts[i], L, self.route_every):
+                texts.append(self._prefix_text(prefix_texts[i] or "", cpu_ids[i, :p]))
+                spans.append((i, p, min(p + self.route_every, L)))
+        logw = torch.full((B, T - 1, k), -math.inf)
+        if texts:
+            idx, w = self.route_texts(texts)
+            table = torch.full((len(texts), k), -math.inf).scatter_(1, idx, w.log())  # (n_chunks, k)
+            for c, (i, a, b) in enumerate(spans):
+                logw[i, a - 1 : b - 1] = table[c]
+        return logw.to(self.device)
+
+    # ---- scoring ----
+    @torch.no_grad()
+    def score_tokens(self, input_ids, attention_mask=None, prefix_texts=None, score_from=None, full_at=None):
+        logw = self.routing_plan(input_ids, attention_mask, prefix_texts, score_from)  # (B, T-1, k)
+        return self._mix(input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device),
+                         logw, full_at)
+
+    @torch.no_grad()
+    def token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
+        return self.score_tokens(input_ids, attention_mask, prefix_texts)[0]
+
+    @torch.no_grad()
+    def next_token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
+        """Mixture of full distributions for the next token; routed like target t = row length."""
+        B, T = input_ids.shape
+        lengths = (attention_mask.sum(1) if attention_mask is not None else torch.full((B,), T)).tolist()
+        prefix_texts = prefix_texts or [""] * B
+        texts = []
+        for i in range(B):
+            L = int(lengths[i])
+            p = 1 + ((L - 1) // self.route_every) * self.route_every
+            texts.append(self._prefix_text(prefix_texts[i] or "", input_ids[i, :p].cpu()))
+        idx, w = self.route_texts(texts)
+        return self._mix_next(input_ids.to(self.device), attention_mask, idx, w)
+
+    @torch.no_grad()
+    def generation_step(self, ids, prompt_len, state=None):
+        """Routing from the prompt, refreshed every route_every generated tokens; per-expert KV caches."""
+        p = prompt_len + ((len(ids) - prompt_len) // self.route_every) * self.route_every
+        if state is None or state["point"] != p:
+            idx, w = self.route_texts([self._prefix_text("", torch.tensor(ids[:p]))])
+            caches = state["caches"] if state is not None else {}
+            state = {"point": p, "selected": idx[0].tolist(), "weights": w[0].tolist(), "caches": caches}
+        lp = self._gen_mix(ids, prompt_len, state["selected"], state["weights"], state["caches"])
+        return lp, state
+
+    # ---- config ----
+    @classmethod
+    def from_config(cls, path: str | os.PathLike, device="cpu", devices=None, offload=False, **kw) -> "SparseEnsemble":
+        """Build from an `ensemble.json` (a file or its folder) written by `save_ensemble_config`."""
+        cfg, base = _read_config(path, "sparse")
+        from clustering.embed import load_embedder
+
+        centroids_path = _resolve(base, cfg["centroids"])
+        if not centroids_path.is_file():
+            raise InputError(f"centroids file missing: {centroids_path} (named in {base / CONFIG_NAME})")
+        return cls(
+            [_resolve(base, e) for e in cfg["experts"]],
+            np.load(centroids_path),
+            load_embedder(_resolve(base, cfg["embedder"])),
+            top_k=cfg["top_k"], temperature=cfg["temperature"], route_every=cfg["route_every"],
+            device=device, devices=devices, offload=offload, name=cfg.get("name", "ensemble"), **kw,
+        )
+
+
+# ---- BTM posterior ensemble -------------------------------------------------------------------------------
+class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
+    """BTM ensemble weighted by the domain posterior (module docstring).
+
+    prior="cached": w = top_k of the cached prior π (estimate it with `estimate_cached_prior(texts)` or pass
+    `prior_weights`); only those top_k experts run. prior="updating": log p(j | x_<t) = log π_j +
+    Σ_{s<t} log p_j(x_s | x_<s) − log Z at every position (π uniform unless a cached prior was estimated), top_k
+    over it, renormalised; every expert runs. `prefix_texts` are ignored (the posterior needs the tokens).
+    """
+
+    def __init__(
+        self,
+        experts: Sequence[ScoringModel | str | os.PathLike],
+        prior: str = "updating",
+        top_k: int | None = None,
+        prior_weights: Sequence[float] | None = None,
+        alpha: float = 0.3,
+        device: str | torch.device = "cpu",
+        devices=None,
+        offload: bool = False,
+        dtype: torch.dtype | None = None,
+        max_length: int | None = None,
+        name: str = "posterior",
+        expert_batch_size: int | None = None,
+    ):
+        from experts.device import resolve_device
+
+        if prior not in ("cached", "updating"):
+            raise InputError(f"prior must be 'cached' or 'updating', got {prior!r}")
+        if not 0 < alpha <= 1:
+            raise InputError(f"alpha must be in (0, 1], got {alpha}")
+        self.device = resolve_device(device).device
+        self.slots = _make_slots(experts, devices if devices is not None else self.device, offload, dtype, max_length)
+        self.top_k = _check_top_k(top_k, len(self.slots))
+        self.prior = prior
+        self.alpha = float(alpha)
+        self.expert_batch_size = expert_batch_size
+        self.prior_weights = None
+        if prior_weights is not None:
+            self.set_prior(prior_weights)
+        self.tokenizer = _load_tokenizer(self.slots[0])
+        first = self.slots[0].model
+        self.max_length = int(max_length or (first.max_length if first is not None else
+                                             read_json(self.slots[0].path / "config.json").get("max_position_embeddings", 1024)))
+        self.name = name
+        self.reset_stats()
+
+    def set_prior(self, weights: Sequence[float]) -> None:
+        w = np.asarray(weights, dtype=np.float64)
+        if w.shape != (len(self.slots),) or (w < 0).any() or not w.sum() > 0:
+            raise InputError(f"prior_weights must be {len(self.slots)} non-negative numbers with a positive sum")
+        self.prior_weights = (w / w.sum()).tolist()
+
+    def _log_prior(self) -> torch.Tensor:  # (k,)
+        if self.prior_weights is None:
+            if self.prior == "cached":
+                raise InputError("prior='cached' needs a prior: call estimate_cached_prior(texts) or pass prior_weights")
+            return torch.full((len(self.slots),), -math.log(len(self.slots)), device=self.device)
+        return torch.tensor(self.prior_weights, device=self.device).log()
+
+    @torch.no_grad()
+    def estimate_cached_prior(self, texts: Sequence[str], max_sequences: int = 100, batch_size: int = 8) -> list[float]:
+        """BTM cached prior: for n = 1..N held-out sequences, post_n ∝ π_{n−1} · p_j(x^(n)) and
+        π_n = (1 − α) π_{n−1} + α post_n, from π_0 uniform. Sets and returns π_N (k,)."""
+        texts = [t for t in texts if t.strip()][:max_sequences]
+        if not texts:
+            raise InputError("estimate_cached_prior needs at least one non-empty held-out text")
+        rows = [(self._bos() + self._encode(t))[: self.max_length] for t in texts]
+        ll = torch.zeros(len(rows), len(self.slots))  # (n, k) sequence log-likelihoods
+        pad = self.tokenizer.pad_token_id or 0
+        for b in range(0, len(rows), batch_size):
+            chunk = rows[b : b + batch_size]
+            T = max(len(r) for r in chunk)
+            ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+            mask = torch.zeros_like(ids)
+            for r, seq in enumerate(chunk):
+                ids[r, : len(seq)], mask[r, : len(seq)] = torch.tensor(seq), 1
+            for j in range(len(self.slots)):
+                lp, _ = self._run_expert(j, ids, mask, None)  # (b, T-1)
+                ll[b : b + len(chunk), j] = (lp.cpu() * mask[:, 1:]).sum(1)
+        prior = torch.full((len(self.slots),), 1.0 / len(self.slots), dtype=torch.float64)
+        for n in range(len(rows)):
+            post = torch.softmax(prior.log() + ll[n].double(), 0)
+            prior = (1 - self.alpha) * prior + self.alpha * post
+        self.set_prior(prior.tolist())
+        log.info("cached prior from %d sequences: %s", len(rows), [round(p, 4) for p in self.prior_weights])
+        return list(self.prior_weights)
+
+    def _cached_selection(self):
+        logp = self._log_prior()
+        top = torch.topk(logp, self.top_k).indices
+        logw = torch.full_like(logp, -math.inf)
+        logw[top] = torch.log_softmax(logp[top], 0)
+        return logw  # (k,)
+
+    @torch.no_grad()
+    def score_tokens(self, input_ids, attention_mask=None, prefix_texts=None, score_from=None, full_at=None):
+        B, T = input_ids.shape
+        input_ids = input_ids.to(self.device)
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
+        valid = mask[:, 1:].bool()  # (B, T-1)
+        k = len(self.slots)
+        if self.prior == "cached":
+            logw = self._cached_selection()[None, None, :].expand(B, T - 1, k).clone()
+            logw[~valid] = -math.inf
+            return self._mix(input_ids, mask, logw, full_at)
+        # updating: every expert on every row; posterior from the prefix likelihood
+        lps, fulls = [], []
+        for j in range(k):
+            lp, full = self._run_expert(j, input_ids, mask, full_at)
+            lps.append(lp)
+            fulls.append(full)
+        lp = torch.stack(lps, -1)  # (B, T-1, k)
+        prefix_ll = torch.cumsum(torch.where(valid[..., None], lp, torch.zeros_like(lp)), 1) - lp  # Σ_{s<t}
+        post = torch.log_softmax(self._log_prior() + prefix_ll, -1)  # (B, T-1, k)
+        logw = self._top_k_renorm(post)
+        mixed = torch.logsumexp(logw + lp, -1)
+        mixed = torch.where(valid, mixed, torch.zeros_like(mixed))
+        full = None
+        if full_at is not None and fulls[0] is not None:
+            fa = full_at.to(self.device)
+            full = torch.logsumexp(torch.stack(fulls, 0) + logw[fa].T[:, :, None], 0)  # (N, V)
+        return mixed, full
+
+    def _top_k_renorm(self, logpost):  # (..., k) → log weights, −inf outside the top_k
+        top = torch.topk(logpost, self.top_k, dim=-1).indices
+        keep = torch.zeros_like(logpost, dtype=torch.bool).scatter_(-1, top, True)
+        return torch.log_softmax(logpost.masked_fill(~keep, -math.inf), -1)
+
+    @torch.no_grad()
+    def token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
+        return self.score_tokens(input_ids, attention_mask, prefix_texts)[0]
+
+    @torch.no_grad()
+    def next_token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
+        B, T = input_ids.shape
+        k = len(self.slots)
+        if self.prior == "cached":
+            logw = self._cached_selection()
+            top = torch.nonzero(torch.isfinite(logw)).flatten()
+            idx = top[None, :].expand(B, -1).cpu()
+            return self._mix_next(input_ids.to(self.device), attention_mask, idx, logw[top].exp()[None, :].expand(B, -1).cpu())
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        lens = mask.sum(1)
+        lp_tok, lp_next = [], []
+        for j in range(k):
+            expert = self.slots[j].get()
+            lp_tok.append(expert.token_logprobs(input_ids.to(expert.device), mask.to(expert.device)).float().to(self.device))
+            lp_next.append(expert.next_token_logprobs(input_ids.to(expert.device), mask.to(expert.device)).float().to(self.device))
+            self.slots[j].release()
+        lp = torch.stack(lp_tok, -1) * mask[:, 1:, None].to(self.device)  # (B, T-1, k)
+        post = torch.log_softmax(self._log_prior() + lp.sum(1), -1)  # (B, k)
+        logw = self._top_k_renorm(post)
+        return torch.logsumexp(logw[:, :, None] + torch.stack(lp_next, 1), 1)  # (B, V)
+
+    @torch.no_grad()
+    def generation_step(self, ids, prompt_len, state=None):
+        k = len(self.slots)
+        if self.prior == "cached":
+            logw = self._cached_selection()
+            sel = torch.nonzero(torch.isfinite(logw)).flatten().tolist()
+            state = state or {"caches": {}}
+            return self._gen_mix(ids, prompt_len, sel, logw[sel].exp().tolist(), state["caches"]), state
+        if state is None:  # prefix log-likelihood of the prompt under each expert
+            x = torch.tensor([ids])
+            ll = torch.stack([self.slots[j].get().token_logprobs(x.to(self.slots[j].get().device)).float().sum().to(self.device)
+                              for j in range(k)])
+            state = {"ll": ll, "caches": {}, "n": len(ids), "last": None}
+        elif state["last"] is not None:  # add log p_j of the token appended since the last step
+            tok = ids[state["n"]]
+            state["ll"] = state["ll"] + torch.stack([d[tok] for d in state["last"]])
+            state["n"] = len(ids)
+        dists = []
+        for j in range(k):
+            lp, state["caches"][j] = self.slots[j].get().generation_step(ids, prompt_len, state["caches"].get(j))
+            dists.append(lp.float().to(self.device))
+        state["last"] = dists
+        logw = self._top_k_renorm(torch.log_softmax(self._log_prior() + state["ll"], 0))
+        return torch.logsumexp(logw[:, None] + torch.stack(dists), 0), state
+
+    @classmethod
+    def from_config(cls, path: str | os.PathLike, device="cpu", devices=None, offload=False, **kw) -> "PosteriorEnsemble":
+        cfg, base = _read_config(path, "posterior")
+        return cls([_resolve(base, e) for e in cfg["experts"]], prior=cfg["prior"], top_k=cfg["top_k"],
+                   prior_weights=cfg.get("prior_weights"), alpha=cfg.get("alpha", 0.3), device=device,
+                   devices=devices, offload=offload, name=cfg.get("name", "posterior"), **kw)
+
+
+# ---- config files -----------------------------------------------------------------------------------------
+def _rel(base: Path, p) -> str:
+    p = Path(p).resolve()
+    try:
+        return os.path.relpath(p, base.resolve())
+    except ValueError:  # different drive
+        return str(p)
+
+
+def _resolve(base: Path, p: str) -> Path:
+    q = Path(p)
+    return q if q.is_absolute() else (base / q).resolve()
+
+
+def _read_config(path, kind: str) -> tuple[dict, Path]:
+    path = Path(path)
+    file = path / CONFIG_NAME if path.is_dir() else path
+    cfg = read_json(file)
+    if cfg.get("kind") != kind:
+        raise InputError(f"{file} describes a {cfg.get('kind')!r} ensemble, not a {kind!r} one")
+    return cfg, file.parent
+
+
+def save_ensemble_config(
+    out_dir: str | os.PathLike,
+    expert_dirs: Sequence[str | os.PathLike],
+    kind: str = "sparse",
+    centroids_path: str | os.PathLike | None = None,
+    embedder_dir: str | os.PathLike | None = None,
+    top_k: int = 1,
+    temperature: float = 0.1,
+    route_every: int = 128,
+    prior: str = "updating",
+    prior_weights: Sequence[float] | None = None,
+    alpha: float = 0.3,
+    name: str | None = None,
+) -> Path:
+    """Write `out_dir/ensemble.json` atomically and return its path.
+
+    kind="sparse": expert dirs, centroids .npy path, embedder dir, top_k, temperature, route_every.
+    kind="posterior": expert dirs, prior ("cached"|"updating"), prior_weights (k,) or null, alpha, top_k.
+    Paths are stored relative to `out_dir` so a run folder can move. Inputs are checked now, not at load.
+    """
+    out_dir = Path(out_dir)
+    for d in expert_dirs:
+        if not (Path(d) / "config.json").is_file():
+            raise InputError(f"expert directory missing or not a model directory (no config.json): {d}")
+    k = len(expert_dirs)
+    cfg: dict = {"kind": kind, "name": name or kind, "experts": [_rel(out_dir, d) for d in expert_dirs]}
+    if kind == "sparse":
+        if centroids_path is None or embedder_dir is None:
+            raise InputError("a sparse ensemble config needs centroids_path and embedder_dir")
+        if not Path(centroids_path).is_file():
+            raise InputError(f"centroids file missing: {centroids_path}")
+        n_centroids = np.load(centroids_path, mmap_mode="r").shape[0]
+        if n_centroids != k:
+            raise InputError(f"{centroids_path} has {n_centroids} centroids but {k} experts were given")
+        if not temperature > 0:
+            raise InputError(f"temperature must be > 0, got {temperature}")
+        cfg.update(centroids=_rel(out_dir, centroids_path), embedder=_rel(out_dir, embedder_dir),
+                   top_k=_check_top_k(top_k, k), temperature=float(temperature), route_every=int(route_every))
+    elif kind == "posterior":
+        if prior not in ("cached", "updating"):
+            raise InputError(f"prior must be 'cached' or 'updating', got {prior!r}")
+        cfg.update(prior=prior, prior_weights=None if prior_weights is None else [float(x) for x in prior_weights],
+                   alpha=float(alpha), top_k=_check_top_k(top_k, k))
+    else:
+        raise InputError(f"unknown ensemble kind {kind!r}; use 'sparse' or 'posterior'")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / CONFIG_NAME, cfg)
+    return out_dir / CONFIG_NAME
+
+
+def load_ensemble(path: str | os.PathLike, **kw) -> ScoringModel:
+    """SparseEnsemble or PosteriorEnsemble from an `ensemble.json` (or its folder), by its "kind"."""
+    path = Path(path)
+    cfg = read_json(path / CONFIG_NAME if path.is_dir() else path)
+    cls = {"sparse": SparseEnsemble, "posterior": PosteriorEnsemble}.get(cfg.get("kind"))
+    if cls is None:
+        raise InputError(f"{path}: unknown ensemble kind {cfg.get('kind')!r}")
+    return cls.from_config(path, **kw)

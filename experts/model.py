@@ -1,0 +1,184 @@
+"""Seed models: Llama presets built from scratch, or any HF causal LM from a local directory or the hub.
+
+Scratch seeds use `transformers.LlamaForCausalLM` (RMSNorm, RoPE, SwiGLU; Touvron et al. 2023) with SDPA
+attention. `flops_per_token` gives the training FLOPs used for MFU (Chowdhery et al. 2022, PaLM appendix B).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from corpus.io import InputError
+
+
+@dataclass(frozen=True)
+class ModelPreset:
+    """Shape of a scratch Llama; parameter counts below assume the stated vocabulary."""
+
+    hidden_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    intermediate_size: int
+    seq_len: int  # default context length (max_position_embeddings) and shard block length
+    tie_word_embeddings: bool = True
+    num_key_value_heads: int | None = None
+    doc: str = ""
+
+
+PRESETS: dict[str, ModelPreset] = {
+    "tiny": ModelPreset(96, 2, 4, 256, 128, True, doc="~1.0M params at vocab 8192; trains in about a minute on 2 CPU cores (demo, tests)"),
+    "small": ModelPreset(512, 6, 8, 1408, 1024, True, doc="~36M params at vocab 32000 (19.3M non-embedding), tied embeddings"),
+    "base": ModelPreset(768, 12, 12, 2048, 1024, False, doc="~134M params at vocab 32000 (85M non-embedding), GPT-2-small sized Llama"),
+    "large": ModelPreset(1024, 24, 16, 2816, 1024, True, doc="~341M params at vocab 32000 (308M non-embedding)"),
+}
+
+
+def get_preset(preset: str | ModelPreset) -> ModelPreset:
+    if isinstance(preset, ModelPreset):
+        return preset
+    if preset not in PRESETS:
+        raise InputError(f"unknown --model-size {preset!r}; choose one of {', '.join(PRESETS)}")
+    return PRESETS[preset]
+
+
+def build_scratch_model(
+    preset: str | ModelPreset,
+    vocab_size: int,
+    seq_len: int | None = None,
+    seed: int = 0,
+    bos_token_id: int | None = 0,
+    eos_token_id: int | None = 1,
+    pad_token_id: int | None = 2,
+):
+    """A freshly initialised `LlamaForCausalLM` of the given preset (seeded, SDPA attention, fp32 weights).
+
+    Special ids default to those of `experts.tokenizer.train_tokenizer` (bos 0, eos 1, pad 2).
+    """
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    p = get_preset(preset)
+    if vocab_size <= 0:
+        raise InputError(f"vocab_size must be positive, got {vocab_size}")
+    config = LlamaConfig(
+        vocab_size=int(vocab_size),
+        hidden_size=p.hidden_size,
+        intermediate_size=p.intermediate_size,
+        num_hidden_layers=p.num_hidden_layers,
+        num_attention_heads=p.num_attention_heads,
+        num_key_value_heads=p.num_key_value_heads or p.num_attention_heads,
+        max_position_embeddings=int(seq_len or p.seq_len),
+        tie_word_embeddings=p.tie_word_embeddings,
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        use_cache=False,
+    )
+    config._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(config)
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0][:300] if s else type(e).__name__
+
+
+def load_causal_lm(path_or_name: str | os.PathLike, dtype=None, load_tokenizer: bool = True):
+    """Load `(model, tokenizer)` from a local `save_pretrained` directory or a hub model name.
+
+    Raises InputError (one line naming the path) when the directory is missing, is not a causal LM, or holds
+    a corrupt checkpoint. `tokenizer` is None when the directory has none and `load_tokenizer` is False.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    name = str(path_or_name)
+    local = Path(name)
+    looks_local = local.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1
+    if looks_local:
+        if not local.is_dir():
+            raise InputError(f"seed model path does not exist or is not a directory: {local}")
+        if not (local / "config.json").is_file():
+            raise InputError(f"not a Hugging Face model directory (no config.json): {local}")
+        try:
+            json.loads((local / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise InputError(f"corrupt config.json in {local}: {_first_line(e)}") from None
+    try:
+        config = AutoConfig.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"cannot load model config from {name}: {_first_line(e)}") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise InputError(f"{name} is not a causal language model (model_type {config.model_type!r})")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype) if dtype else AutoModelForCausalLM.from_pretrained(name)
+    except Exception as e:  # noqa: BLE001
+        raise InputError(f"corrupt or unreadable checkpoint in {name}: {_first_line(e)}") from None
+    tokenizer = None
+    if load_tokenizer:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except Exception as e:  # noqa: BLE001
+            raise InputError(f"cannot load the tokenizer of {name}: {_first_line(e)}") from None
+    return model, tokenizer
+
+
+def check_compatible(model, tokenizer) -> None:
+    """InputError when the tokenizer can produce ids the model's embedding table does not have."""
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    n_tok = len(tokenizer)
+    if n_tok > n_embed:
+        raise InputError(
+            f"tokenizer/vocab mismatch: tokenizer has {n_tok} tokens but the model embeds only {n_embed}; "
+            "shard with the seed model's own tokenizer"
+        )
+
+
+def count_params(model, non_embedding: bool = False) -> int:
+    """Number of distinct parameters (tied weights counted once); optionally without the input embedding."""
+    seen, total = set(), 0
+    for p in model.parameters():
+        if id(p) in seen:
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    if non_embedding:
+        emb = model.get_input_embeddings().weight
+        out = model.get_output_embeddings()
+        tied = out is not None and out.weight is emb
+        if not tied:
+            total -= emb.numel()
+    return total
+
+
+def flops_per_token(config, seq_len: int | None = None) -> float:
+    """Training FLOPs per token: 6·N + 12·L·H·T (PaLM, Chowdhery et al. 2022, appendix B).
+
+    N counts every matrix that multiplies activations: attention and MLP projections of all layers plus the
+    output projection (lm_head, V·H), but not the input embedding lookup. L layers, H hidden size, T context.
+    For MoE configs (num_local_experts, num_experts_per_tok) only the active experts' MLPs count.
+    """
+    H = config.hidden_size
+    L = config.num_hidden_layers
+    n_heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or H // n_heads
+    n_kv = getattr(config, "num_key_value_heads", None) or n_heads
+    inter = getattr(config, "intermediate_size", None) or 4 * H
+    attn = H * n_heads * head_dim * 2 + H * n_kv * head_dim * 2  # q, o, k, v
+    mlp = 3 * H * inter
+    active = getattr(config, "num_experts_per_tok", None)
+    if active and getattr(config, "num_local_experts", None):
+        mlp = mlp * active + H * config.num_local_experts  # active experts + router
+    N = L * (attn + mlp) + config.vocab_size * H
+    T = int(seq_len or getattr(config, "max_position_embeddings", 1024))
+    return float(6 * N + 12 * L * n_heads * head_dim * T)
+
+
+def preset_table() -> list[dict]:
+    """Presets as rows (name, shape, doc) for the README / report."""
+    return [{"name": k, **asdict(v)} for k, v in PRESETS.items()]

@@ -1,0 +1,80 @@
+"""Byte-level BPE tokenizer for scratch seed models (the `tokenizer-<h>/` folder).
+
+Byte-level BPE (GPT-2 / RoBERTa style, Radford et al. 2019) trained with the `tokenizers` library: every byte
+is in the base alphabet, so any UTF-8 text round-trips exactly. Three specials: `<|bos|>`, `<|eos|>`, `<|pad|>`.
+No special token is added automatically on encode; `experts.data.shard_corpus` writes `bos + doc + eos`.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from corpus.io import InputError, atomic_dir
+
+log = logging.getLogger(__name__)
+
+BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
+
+
+def _progress(texts: Iterable[str], counter: list[int]) -> Iterator[str]:
+    from tqdm.auto import tqdm
+
+    total = len(texts) if hasattr(texts, "__len__") else None  # type: ignore[arg-type]
+    for text in tqdm(texts, total=total, desc="tokenizer: reading documents", unit="doc", mininterval=2.0):
+        if text:
+            counter[0] += 1
+            yield text
+
+
+def train_tokenizer(
+    texts: Iterable[str],
+    out_dir: str | os.PathLike,
+    vocab_size: int = 8192,
+    min_frequency: int = 2,
+    model_max_length: int = 1024,
+):
+    """Train a byte-level BPE tokenizer on `texts` and save it to `out_dir` (atomically).
+
+    Returns the `PreTrainedTokenizerFast`; `AutoTokenizer.from_pretrained(out_dir)` loads the same tokenizer
+    (files: tokenizer.json, tokenizer_config.json, special_tokens_map.json). Ids 0, 1, 2 are bos, eos, pad.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if vocab_size < 256 + 3:
+        raise InputError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 259 entries")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        min_frequency=min_frequency,
+        special_tokens=[BOS, EOS, PAD],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    n_docs = [0]
+    tok.train_from_iterator(_progress(texts, n_docs), trainer=trainer)
+    if n_docs[0] == 0:
+        raise InputError("cannot train a tokenizer: no non-empty training documents")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, model_max_length=model_max_length
+    )
+    with atomic_dir(out_dir) as tmp:
+        fast.save_pretrained(tmp)
+    log.info("tokenizer: %d docs, vocab %d -> %s", n_docs[0], len(fast), out_dir)
+    return fast
+
+
+def load_tokenizer(path: str | os.PathLike):
+    """`AutoTokenizer.from_pretrained(path)` with an InputError naming the path when it fails."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except Exception as e:  # noqa: BLE001 - any library failure becomes one clear line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise InputError(f"cannot load a tokenizer from {Path(path)}: {first}") from None

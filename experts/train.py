@@ -1,0 +1,793 @@
+"""The training loop for seeds, experts and the dense baseline (also BTX MoE finetuning).
+
+Plain PyTorch: AdamW (fused on CUDA), linear warmup then cosine/linear decay to `min_lr`, bf16 autocast on
+CUDA, SDPA attention, optional `torch.compile`, gradient accumulation up to a global batch in tokens, gradient
+clipping, seeded data order. The loss is computed by a chunked fused linear + cross-entropy so the
+(B, T, V) logits are never materialised in fp32 (the same idea as Liger-Kernel's FusedLinearCrossEntropy).
+
+Resume: every `checkpoint_every` steps the full state (weights, AdamW moments, step/schedule, RNG states,
+data position, loss history) is written atomically to `<out_dir>.ckpt/` as safetensors + JSON (no pickle).
+Calling `train_model` again with the same arguments continues from there; on CPU the loss curve and final
+weights equal those of an uninterrupted run bit for bit. The folder is removed once `out_dir` is complete.
+
+Multi-GPU: when `torch.distributed` is initialised (torchrun, see `experts.launch`), the model is wrapped in
+DDP, each rank reads its own micro-batches of the same global batch, and only rank 0 writes.
+
+Compute matching (`compute_budget`) follows BTM/c-BTM (Li et al. 2022; Gururangan et al. 2023): a seed phase of
+`seed_fraction` of the budget, then k experts sharing the rest equally; the dense baseline gets the same rest.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from corpus.io import InputError, atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+# Model types whose logits are exactly lm_head(last_hidden_state): the fused loss may be used for them.
+_FUSED_LOSS_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "mixtral", "qwen2_moe", "phi3"}
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of one training run; flags named in messages are the pipeline's."""
+
+    train_tokens: int
+    """Token budget (--train-tokens for this model): steps = train_tokens // global batch tokens."""
+    micro_batch_size: int = 8
+    """Blocks per forward/backward on one device (--micro-batch-size)."""
+    global_batch_tokens: int | None = None
+    """Tokens per optimizer step over all devices (--global-batch-tokens); None = one micro-batch per device.
+    Gradient accumulation = global_batch_tokens // (micro_batch_size · seq_len · world_size)."""
+    lr: float = 3e-4
+    """Peak learning rate (--lr)."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the decay (--min-lr)."""
+    warmup_steps: int | None = None
+    """Linear warmup steps (--warmup-steps); None = round(warmup_fraction · steps)."""
+    warmup_fraction: float = 0.02
+    """Fraction of steps used for warmup when warmup_steps is None (--warmup-fraction)."""
+    decay: str = "cosine"
+    """Decay after warmup: 'cosine' or 'linear' (--decay)."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay on matrices (not on norms/biases) (--weight-decay)."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (--betas)."""
+    eps: float = 1e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables (--grad-clip)."""
+    seed: int = 0
+    """Seeds torch/numpy/python RNGs and the data order (--seed)."""
+    device: str = "auto"
+    """'auto', 'cpu', 'cuda' or 'cuda:N' (--device); under torchrun each rank uses cuda:LOCAL_RANK."""
+    compile: bool | None = None
+    """torch.compile the model and loss (--compile/--no-compile); None = on for CUDA, off on CPU."""
+    fused_loss: bool = True
+    """Chunked fused linear + cross-entropy instead of full logits (--no-fused-loss to turn it off)."""
+    loss_chunks: int = 4
+    """Number of token chunks the fused loss splits each micro-batch into (memory vs. kernel size)."""
+    eval_every: int = 0
+    """Validation loss every N steps (--eval-every); 0 = only at the end. Needs valid shards."""
+    eval_tokens: int = 262144
+    """Tokens of the validation shards scored per evaluation (--eval-tokens)."""
+    checkpoint_every: int = 200
+    """Write a resumable checkpoint every N steps (--checkpoint-every); 0 = never."""
+    log_every: int = 10
+    """Log loss, tokens/s and MFU every N steps (--log-every)."""
+    router_aux_loss_coef: float = 0.0
+    """BTX MoE finetuning: add coef × load-balancing aux loss (Switch/Mixtral) to the LM loss; 0 = none."""
+    max_steps: int | None = None
+    """Stop after this many steps whatever the budget says (--max-steps)."""
+    sdpa_backend: str | None = None
+    """Force one SDPA attention kernel: 'flash', 'cudnn', 'efficient' or 'math' (--sdpa-backend); None = torch's pick."""
+    ddp_backend: str | None = None
+    """Process-group backend when launched by torchrun: None = nccl on CUDA, gloo on CPU."""
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)  # type: ignore[assignment]
+        checks = [
+            (self.train_tokens > 0, f"--train-tokens must be positive, got {self.train_tokens}"),
+            (self.micro_batch_size > 0, f"--micro-batch-size must be positive, got {self.micro_batch_size}"),
+            (self.global_batch_tokens is None or self.global_batch_tokens > 0,
+             f"--global-batch-tokens must be positive, got {self.global_batch_tokens}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --lr], got {self.min_lr}"),
+            (self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
+            (0 <= self.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}"),
+            (self.decay in ("cosine", "linear"), f"--decay must be 'cosine' or 'linear', got {self.decay!r}"),
+            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"--betas must be two numbers in [0, 1), got {self.betas}"),
+            (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
+            (self.loss_chunks >= 1, f"loss_chunks must be >= 1, got {self.loss_chunks}"),
+            (self.eval_every >= 0 and self.checkpoint_every >= 0 and self.log_every >= 0,
+             "--eval-every, --checkpoint-every and --log-every must be >= 0"),
+            (self.eval_tokens > 0, f"--eval-tokens must be positive, got {self.eval_tokens}"),
+            (self.router_aux_loss_coef >= 0, f"--router-aux-loss-coef must be >= 0, got {self.router_aux_loss_coef}"),
+            (self.sdpa_backend in (None, "flash", "cudnn", "efficient", "math"),
+             f"--sdpa-backend must be flash, cudnn, efficient or math, got {self.sdpa_backend!r}"),
+            (self.max_steps is None or self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}"),
+        ]
+        for ok, msg in checks:
+            if not ok:
+                raise InputError(msg)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["betas"] = list(self.betas)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise InputError(f"unknown training option(s): {', '.join(sorted(unknown))}")
+        return cls(**d)
+
+
+# ---------------------------------------------------------------------------------------------- budgets
+def compute_budget(train_tokens: int, seed_fraction: float, n_clusters: int) -> dict:
+    """Compute-matched token budgets (issue 2): the whole budget is `train_tokens`.
+
+    seed_tokens = seed_fraction · train_tokens (seed trained on all data, BTM's seed phase);
+    expert_tokens = (1 − seed_fraction) · train_tokens / k for each of the k experts;
+    dense_tokens = (1 − seed_fraction) · train_tokens (the seed continued on all data).
+    So seed + k · expert == seed + dense == train_tokens (up to integer rounding, reported as `rounding`).
+    """
+    if train_tokens <= 0:
+        raise InputError(f"--train-tokens must be positive, got {train_tokens}")
+    if not 0 <= seed_fraction < 1:
+        raise InputError(f"--seed-fraction must be in [0, 1), got {seed_fraction}")
+    if n_clusters < 1:
+        raise InputError(f"--num-clusters must be >= 1, got {n_clusters}")
+    seed_tokens = int(round(seed_fraction * train_tokens))
+    rest = train_tokens - seed_tokens
+    expert_tokens = rest // n_clusters
+    return {
+        "train_tokens": int(train_tokens),
+        "seed_fraction": float(seed_fraction),
+        "n_clusters": int(n_clusters),
+        "seed_tokens": seed_tokens,
+        "expert_tokens": int(expert_tokens),
+        "dense_tokens": int(rest),
+        "rounding": int(rest - expert_tokens * n_clusters),
+    }
+
+
+def branch_weights(centroid_distances: Sequence[float], temperature: float = 0.1, squared: bool = False) -> np.ndarray:
+    """Weights for `--branch-from average` (BTM, Li et al. 2022 §4: initialise a new expert from a weighted
+    average of existing experts): w_j = softmax_j(−d_j² / T), d_j the distance of the new cluster's centroid to
+    expert j's centroid (pass `squared=True` when the distances are already squared). The weighted average is
+    built by `experts.average.average_experts(expert_dirs, out_dir, weights)`; that folder is then the `init`
+    of `train_model`."""
+    d = np.asarray(centroid_distances, dtype=np.float64)
+    if d.ndim != 1 or len(d) == 0:
+        raise InputError("branch_weights needs a non-empty 1-D list of centroid distances")
+    if temperature <= 0:
+        raise InputError(f"--temperature must be positive, got {temperature}")
+    logits = -(d if squared else d * d) / temperature
+    logits -= logits.max()
+    w = np.exp(logits)
+    return w / w.sum()
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def _ce_chunk(h, w, targets):
+    """Loss sum and gradients for one chunk of rows. h (n, H), w (V, H), targets (n,) → (scalar, (n,H), (V,H))."""
+    import torch
+
+    logits = (h @ w.t()).float()  # (n, V)
+    lse = torch.logsumexp(logits, dim=-1)  # (n,)
+    loss = (lse - logits.gather(1, targets[:, None]).squeeze(1)).sum()
+    p = torch.exp(logits - lse[:, None])  # softmax (n, V)
+    p = p - torch.nn.functional.one_hot(targets, p.shape[1]).to(p.dtype)  # dL/dlogits
+    g = p.to(h.dtype)
+    return loss, g @ w, g.t() @ h
+
+
+def make_linear_cross_entropy(compile: bool = False):
+    """Return f(h (N, H), w (V, H), targets (N,), n_chunks) → mean CE of softmax(h wᵀ) at targets.
+
+    Forward computes the gradients chunk by chunk (logits of one chunk at a time, never (N, V) at once) and
+    stores only dL/dh (N, H) and dL/dw (V, H); backward scales them by the incoming gradient.
+    """
+    import torch
+
+    chunk_fn = torch.compile(_ce_chunk, dynamic=False) if compile else _ce_chunk
+
+    class LinearCrossEntropy(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, h, w, targets, n_chunks):
+            dt = torch.get_autocast_dtype("cuda") if (h.is_cuda and torch.is_autocast_enabled("cuda")) else h.dtype
+            hc, wc = h.to(dt), w.to(dt)
+            N = h.shape[0]
+            grad_h = torch.empty_like(hc)  # (N, H)
+            grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)  # (V, H)
+            loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            bounds = np.linspace(0, N, n_chunks + 1).astype(int)
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                if b <= a:
+                    continue
+                l, gh, gw = chunk_fn(hc[a:b], wc, targets[a:b])
+                loss += l
+                grad_h[a:b] = gh
+                grad_w += gw.float()
+            ctx.save_for_backward(grad_h, grad_w)
+            ctx.meta = (N, h.dtype, w.dtype)
+            return loss / N
+
+        @staticmethod
+        def backward(ctx, grad_out):
+            grad_h, grad_w = ctx.saved_tensors
+            N, h_dtype, w_dtype = ctx.meta
+            s = grad_out / N
+            return (grad_h * s).to(h_dtype), (grad_w * s).to(w_dtype), None, None
+
+    return LinearCrossEntropy.apply
+
+
+def _fused_ok(model) -> bool:
+    cfg = model.config
+    out = model.get_output_embeddings()
+    return (
+        cfg.model_type in _FUSED_LOSS_TYPES
+        and out is not None
+        and getattr(out, "bias", None) is None
+        and not getattr(cfg, "final_logit_softcapping", None)
+        and getattr(cfg, "logit_scale", None) in (None, 1, 1.0)
+        and hasattr(model, "get_decoder")
+    )
+
+
+class CausalLMLoss:
+    """Wraps a causal LM into `module(input_ids (B, T)) → (total_loss, lm_loss, router_logits | None)`.
+
+    lm_loss = mean over the B·(T−1) next-token predictions; total = lm_loss + coef · aux (MoE only).
+    """
+
+    @staticmethod
+    def build(model, config: TrainConfig, compile: bool):
+        import torch
+        import torch.nn.functional as F
+
+        use_router = config.router_aux_loss_coef > 0 or hasattr(model.config, "num_local_experts")
+        fused = config.fused_loss and _fused_ok(model) and not use_router
+
+        class _Loss(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.model = model
+                if fused:
+                    object.__setattr__(self, "_backbone", torch.compile(model.get_decoder()) if compile else model.get_decoder())
+                    object.__setattr__(self, "_lce", make_linear_cross_entropy(compile))
+                else:
+                    object.__setattr__(self, "_full", torch.compile(model) if compile else model)
+
+            def forward(self, input_ids):  # (B, T)
+                targets = input_ids[:, 1:].reshape(-1)  # (B·(T−1),)
+                if fused:
+                    h = self._backbone(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T−1, H)
+                    w = self.model.get_output_embeddings().weight  # (V, H)
+                    loss = self._lce(h.reshape(-1, h.shape[-1]), w, targets, config.loss_chunks)
+                    return loss, loss, None
+                kw = {"output_router_logits": True} if use_router else {}
+                out = self._full(input_ids=input_ids, use_cache=False, **kw)
+                logits = out.logits[:, :-1]  # (B, T−1, V)
+                loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets)
+                router_logits = getattr(out, "router_logits", None) if use_router else None
+                total = loss
+                aux = getattr(out, "aux_loss", None)
+                if config.router_aux_loss_coef > 0 and aux is not None:
+                    total = loss + config.router_aux_loss_coef * aux
+                return total, loss, router_logits
+
+        return _Loss()
+
+
+# ---------------------------------------------------------------------------------------------- plan
+@dataclass
+class TrainPlan:
+    """Derived batch geometry and step counts of a run."""
+
+    seq_len: int
+    micro_batch_size: int
+    world_size: int
+    grad_accum: int
+    tokens_per_step: int
+    steps: int
+    warmup_steps: int
+
+    @property
+    def blocks_per_step(self) -> int:
+        return self.micro_batch_size * self.grad_accum * self.world_size
+
+
+def plan_training(config: TrainConfig, seq_len: int, world_size: int = 1) -> TrainPlan:
+    """Steps, gradient accumulation and warmup from the config (raises InputError for impossible budgets)."""
+    micro_tokens = config.micro_batch_size * seq_len * world_size
+    if config.global_batch_tokens is None:
+        accum = 1
+    else:
+        accum = config.global_batch_tokens // micro_tokens
+        if accum < 1:
+            raise InputError(
+                f"--global-batch-tokens {config.global_batch_tokens} is smaller than one micro-batch on all devices "
+                f"({config.micro_batch_size} x {seq_len} x {world_size} = {micro_tokens} tokens); lower --micro-batch-size"
+            )
+    tokens_per_step = accum * micro_tokens
+    steps = config.train_tokens // tokens_per_step
+    if config.max_steps is not None:
+        steps = min(steps, config.max_steps) if steps else config.max_steps
+    if steps < 1:
+        raise InputError(
+            f"--train-tokens {config.train_tokens} is less than one global batch ({tokens_per_step} tokens); "
+            "raise the budget or lower --global-batch-tokens/--micro-batch-size"
+        )
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(round(config.warmup_fraction * steps))
+    if warmup >= steps and warmup > 0:
+        raise InputError(
+            f"budget too small for warmup: {warmup} warmup steps but --train-tokens {config.train_tokens} gives only "
+            f"{steps} steps of {tokens_per_step} tokens; lower --warmup-steps or raise --train-tokens"
+        )
+    return TrainPlan(seq_len, config.micro_batch_size, world_size, accum, tokens_per_step, steps, warmup)
+
+
+def lr_at(step: int, config: TrainConfig, plan: TrainPlan) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup to lr, then cosine or linear decay to min_lr."""
+    if step < plan.warmup_steps:
+        return config.lr * (step + 1) / plan.warmup_steps
+    span = max(1, plan.steps - plan.warmup_steps)
+    progress = min(1.0, (step - plan.warmup_steps) / span)
+    if config.decay == "cosine":
+        return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+    return config.lr - (config.lr - config.min_lr) * progress
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU, by name (H100/H200 SXM 989e12, H100 PCIe 756e12, A100 312e12)."""
+    import torch
+
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756e12
+    if "H100" in name or "H200" in name or "H800" in name:
+        return 989e12
+    if "A100" in name or "A800" in name:
+        return 312e12
+    if "L40S" in name:
+        return 362e12
+    if "4090" in name:
+        return 165e12
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
+    """Where resumable state of `out_dir` lives while training: `<out_dir>.ckpt/`."""
+    out_dir = Path(out_dir)
+    return out_dir.parent / f"{out_dir.name}.ckpt"
+
+
+def _save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    with atomic_dir(path) as tmp:
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
+        opt = optimizer.state_dict()
+        tensors, scalars = {}, {}
+        for pid, st in opt["state"].items():
+            for name, v in st.items():
+                if torch.is_tensor(v):
+                    tensors[f"{pid}.{name}"] = v.detach().cpu().clone().contiguous()
+                else:
+                    scalars[f"{pid}.{name}"] = v
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        rng = {"torch_cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            for i, s in enumerate(torch.cuda.get_rng_state_all()):
+                rng[f"torch_cuda_{i}"] = s
+        save_file(rng, str(tmp / "rng.safetensors"))
+        np_state = np.random.get_state()
+        py_state = random.getstate()
+        write_json(tmp / "trainer_state.json", {
+            **state,
+            "optimizer_param_groups": opt["param_groups"],
+            "optimizer_scalars": scalars,
+            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+            "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
+        })
+
+
+def _load_checkpoint(path: Path, model, optimizer, device) -> dict:
+    import torch
+    from safetensors.torch import load_file
+
+    try:
+        state = read_json(path / "trainer_state.json")
+        model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+        tensors = load_file(str(path / "optimizer.safetensors"))
+        rng = load_file(str(path / "rng.safetensors"))
+    except (OSError, RuntimeError, KeyError, InputError) as e:
+        raise InputError(f"corrupt training checkpoint {path} ({str(e).splitlines()[0]}); delete it to restart") from None
+    opt_state: dict[int, dict] = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = v
+    for key, v in state.pop("optimizer_scalars").items():
+        pid, name = key.split(".", 1)
+        opt_state.setdefault(int(pid), {})[name] = v
+    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("optimizer_param_groups")})
+    torch.set_rng_state(rng["torch_cpu"])
+    if torch.cuda.is_available():
+        cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
+        if len(cuda_states) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(cuda_states)
+    npr = state.pop("numpy_rng")
+    np.random.set_state((npr[0], np.asarray(npr[1], dtype=np.uint32), *npr[2:]))
+    pyr = state.pop("python_rng")
+    random.setstate((pyr[0], tuple(pyr[1]), pyr[2]))
+    return state
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def sdpa_context(backend: str | None):
+    """Context manager restricting scaled_dot_product_attention to one kernel (None: no restriction)."""
+    if not backend:
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+    return sdpa_kernel([names[backend]])
+
+
+def _dist_info() -> tuple[int, int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
+    return 1, 0, 0
+
+
+def _load_init(init, tokenizer):
+    from experts.model import load_causal_lm
+    from experts.tokenizer import load_tokenizer
+
+    if isinstance(init, (str, os.PathLike)):
+        model, _ = load_causal_lm(init, load_tokenizer=False)
+        if tokenizer is None and any((Path(init) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            tokenizer = load_tokenizer(init)
+    else:
+        model = init
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def _check_shard_vocab(shard_paths: Sequence[str], model) -> None:
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    for p in {Path(p).parent for p in shard_paths}:
+        meta = p / "meta.json"
+        if meta.is_file():
+            vocab = int(json.loads(meta.read_text()).get("vocab_size", 0))
+            if vocab > n_embed:
+                raise InputError(
+                    f"tokenizer/vocab mismatch: shards in {p} use a {vocab}-token vocabulary but the model embeds "
+                    f"only {n_embed}; reshard with the seed model's tokenizer"
+                )
+
+
+class _RouterStats:
+    """Per-layer expert load (fraction of top-k assignments) and mean routing entropy (nats)."""
+
+    def __init__(self):
+        self.counts = None  # (n_layers, n_experts)
+        self.entropy_sum, self.n = 0.0, 0
+
+    def update(self, router_logits, top_k: int) -> None:
+        import torch
+
+        with torch.no_grad():
+            layers = [r.float() for r in router_logits if r is not None]
+            if not layers:
+                return
+            counts = []
+            for r in layers:  # r (B·T, E)
+                p = torch.softmax(r, dim=-1)
+                sel = p.topk(min(top_k, p.shape[-1]), dim=-1).indices  # (B·T, k)
+                counts.append(torch.bincount(sel.reshape(-1), minlength=p.shape[-1]).double().cpu())
+                self.entropy_sum += float(-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean())
+                self.n += 1
+            c = torch.stack(counts)
+            self.counts = c if self.counts is None else self.counts + c
+
+    def summary(self) -> dict | None:
+        if self.counts is None:
+            return None
+        load = self.counts / self.counts.sum(-1, keepdim=True)  # (n_layers, n_experts)
+        return {
+            "expert_load_per_layer": load.tolist(),
+            "expert_load": load.mean(0).tolist(),
+            "routing_entropy": self.entropy_sum / max(1, self.n),
+        }
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_model(
+    init,
+    shard_paths: Sequence[str | os.PathLike],
+    out_dir: str | os.PathLike,
+    config: TrainConfig,
+    valid_paths: Sequence[str | os.PathLike] | None = None,
+    tokenizer=None,
+    on_step: Callable[[int, dict], None] | None = None,
+) -> dict:
+    """Train `init` on the packed blocks of `shard_paths` for `config.train_tokens` tokens; write `out_dir`.
+
+    `init`: a `save_pretrained` directory (seed, another expert, or an `experts.average` output for
+    `--branch-from average`), a hub name, or a `PreTrainedModel` (trained in place). `tokenizer`: object or
+    directory saved beside the model (default: the one in `init`, if any). `on_step(step, info)` is called
+    after every optimizer step (tests use it to simulate a kill).
+    Writes `out_dir/` (save_pretrained model + tokenizer + training.json) atomically; resumes from
+    `<out_dir>.ckpt/` when present. Returns the training.json dict.
+    """
+    import torch
+
+    from experts.device import resolve_device
+    from experts.model import check_compatible, count_params, flops_per_token
+    from experts.data import PackedBlocks
+
+    world, rank, local_rank = _dist_info()
+    setup = resolve_device(config.device)
+    device = setup.device
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    use_compile = config.compile if config.compile is not None else device.type == "cuda"
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+    out_dir = Path(out_dir)
+    model, tokenizer = _load_init(init, tokenizer)
+    if tokenizer is not None:
+        check_compatible(model, tokenizer)
+    shard_paths = [str(p) for p in shard_paths]
+    _check_shard_vocab(shard_paths, model)
+    data = PackedBlocks(shard_paths, seed=config.seed)
+    plan = plan_training(config, data.seq_len, world)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and data.seq_len > max_pos:
+        raise InputError(f"shards have blocks of {data.seq_len} tokens but the model's context is {max_pos}; reshard with --seq-len {max_pos}")
+    if data.n_blocks < plan.blocks_per_step:
+        raise InputError(
+            f"shard(s) {', '.join(shard_paths)} hold {data.n_tokens} tokens, fewer than one global batch "
+            f"({plan.tokens_per_step} tokens); merge tiny clusters (--min-cluster-tokens), skip this cluster, or "
+            "lower --micro-batch-size/--global-batch-tokens"
+        )
+    valid = PackedBlocks([str(p) for p in valid_paths], seq_len=data.seq_len, shuffle=False) if valid_paths else None
+    if valid is not None and valid.n_blocks == 0:
+        log.warning("validation shards %s hold no full block; no validation loss", valid_paths)
+        valid = None
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed % 2**32)
+    random.seed(config.seed)
+    model.to(device)
+    model.train()
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False
+
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=config.betas, eps=config.eps, fused=device.type == "cuda",
+    )
+    state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "wall_time_s": 0.0, "loss_curve": [], "valid_curve": [], "resumed_at": []}
+    ckpt = checkpoint_dir(out_dir)
+    if (ckpt / "trainer_state.json").is_file():
+        state = _load_checkpoint(ckpt, model, optimizer, device)
+        if state.get("plan") and state["plan"] != asdict(plan):
+            raise InputError(f"checkpoint {ckpt} was written for a different batch plan {state['plan']}; delete it to restart")
+        state["resumed_at"].append(state["step"])
+        log.info("resuming %s from step %d (%s)", out_dir, state["step"], ckpt)
+    state["plan"] = asdict(plan)
+
+    loss_module = CausalLMLoss.build(model, config, use_compile)
+    ddp_module = loss_module
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        ddp_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
+    top_k = int(getattr(model.config, "num_experts_per_tok", 2) or 2)
+    router_stats = _RouterStats()
+    fpt = flops_per_token(model.config, data.seq_len)
+    peak = peak_flops(device)
+
+    def evaluate() -> float | None:
+        if valid is None:
+            return None
+        n = min(valid.n_blocks, max(1, config.eval_tokens // data.seq_len))
+        mine = list(range(rank, n, world))
+        total = torch.zeros(2, dtype=torch.float64, device=device)
+        loss_module.eval()
+        with torch.no_grad(), sdpa_context(config.sdpa_backend):
+            for i in range(0, len(mine), plan.micro_batch_size):
+                idx = mine[i : i + plan.micro_batch_size]
+                x = torch.from_numpy(np.stack([valid.blocks(j, 1)[0] for j in idx])).to(device)
+                with setup.autocast():
+                    _, lm, _ = loss_module(x) if not hasattr(loss_module, "_backbone") else _eval_loss(loss_module, x)
+                total += torch.tensor([float(lm) * len(idx), len(idx)], dtype=torch.float64, device=device)
+        loss_module.train()
+        if world > 1:
+            torch.distributed.all_reduce(total)
+        return float(total[0] / total[1]) if total[1] > 0 else None
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=plan.steps, initial=state["step"], desc=f"train {out_dir.name}", unit="step",
+               disable=rank != 0, mininterval=2.0)
+    pending: list[tuple[int, Any]] = []
+
+    def flush_losses():
+        for s, t in pending:
+            state["loss_curve"].append([s, float(t)])
+        pending.clear()
+
+    t_start = time.perf_counter()
+    wall_before = state["wall_time_s"]
+    t_measure, steps_measured = None, 0
+    start_step = state["step"]
+    try:
+        for step in range(start_step, plan.steps):
+            lr = lr_at(step, config, plan)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            loss_acc = torch.zeros((), device=device)
+            for m in range(plan.grad_accum):
+                start = step * plan.blocks_per_step + (m * world + rank) * plan.micro_batch_size
+                x = torch.from_numpy(data.blocks(start, plan.micro_batch_size))  # (B, T)
+                if device.type == "cuda":  # pinned + non_blocking: the copy does not stall the host on queued kernels
+                    x = x.pin_memory()
+                x = x.to(device, non_blocking=True)
+                sync = ddp_module.no_sync() if (world > 1 and m < plan.grad_accum - 1) else nullcontext()
+                with sync, sdpa_context(config.sdpa_backend):
+                    with setup.autocast():
+                        total, lm, router_logits = ddp_module(x)
+                    (total / plan.grad_accum).backward()
+                loss_acc += lm.detach()
+                if router_logits is not None:
+                    router_stats.update(router_logits, top_k)
+            if config.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_acc /= plan.grad_accum
+            if world > 1:
+                torch.distributed.all_reduce(loss_acc)
+                loss_acc /= world
+            done = step + 1
+            state["step"] = done
+            state["tokens_seen"] = done * plan.tokens_per_step
+            pending.append((done, loss_acc))
+            if t_measure is None and done - start_step >= (3 if plan.steps - start_step > 6 else 1):
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                t_measure, steps_measured = time.perf_counter(), 0  # throughput excludes the first (compile) steps
+            else:
+                steps_measured += 1
+            bar.update(1)
+            if config.log_every and done % config.log_every == 0:
+                flush_losses()
+                tps, mfu = _throughput(t_measure, steps_measured, plan, device, fpt, peak, world)
+                bar.set_postfix(loss=f"{state['loss_curve'][-1][1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", done, plan.steps, state["loss_curve"][-1][1], lr,
+                         tps, f" MFU {mfu:.1%}" if mfu else "")
+            if valid is not None and config.eval_every and done % config.eval_every == 0 and done < plan.steps:
+                vl = evaluate()
+                state["valid_curve"].append([done, vl])
+                log.info("step %d valid loss %.4f", done, vl)
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < plan.steps:
+                flush_losses()
+                state["wall_time_s"] = wall_before + time.perf_counter() - t_start
+                if rank == 0:
+                    _save_checkpoint(ckpt, model, optimizer, {**state, "data_position": done * plan.blocks_per_step,
+                                                              "config": config.to_dict()})
+                if world > 1:
+                    torch.distributed.barrier()
+            if on_step is not None:
+                on_step(done, state)
+    except torch.OutOfMemoryError:
+        raise InputError(
+            f"CUDA out of memory with --micro-batch-size {config.micro_batch_size} x {data.seq_len} tokens; try "
+            f"--micro-batch-size {max(1, config.micro_batch_size // 2)} (gradient accumulation keeps the global batch)"
+        ) from None
+    finally:
+        bar.close()
+    flush_losses()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tps, mfu = _throughput(t_measure, steps_measured, plan, device, fpt, peak, world)
+    valid_loss = evaluate()
+    wall = wall_before + time.perf_counter() - t_start
+    n_gpus = world if device.type == "cuda" else 0
+    result = {
+        "init": init if isinstance(init, (str, os.PathLike)) else type(init).__name__,
+        "shard_paths": shard_paths,
+        "valid_paths": [str(p) for p in valid_paths] if valid_paths else [],
+        "tokens_seen": state["tokens_seen"],
+        "steps": state["step"],
+        "wall_time_s": wall,
+        "gpu_hours": wall * n_gpus / 3600,
+        "n_gpus": n_gpus,
+        "world_size": world,
+        "device": str(device) if device.type == "cpu" else torch.cuda.get_device_name(device),
+        "n_params": count_params(model),
+        "flops_per_token": fpt,
+        "tokens_per_s": tps,
+        "mfu": mfu,
+        "compiled": bool(use_compile),
+        "loss_curve": state["loss_curve"],
+        "final_loss": state["loss_curve"][-1][1] if state["loss_curve"] else None,
+        "valid_curve": state["valid_curve"] + ([[state["step"], valid_loss]] if valid_loss is not None else []),
+        "valid_loss": valid_loss,
+        "resumed_at": state["resumed_at"],
+        "plan": asdict(plan),
+        "config": config.to_dict(),
+    }
+    router = router_stats.summary()
+    if router is not None:
+        result["router"] = router
+    if rank == 0:
+        with atomic_dir(out_dir) as tmp:
+            model.save_pretrained(tmp)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            write_json(tmp / "training.json", result)
+        shutil.rmtree(ckpt, ignore_errors=True)
+        log.info("trained %s: %d steps, %d tokens, %.1f s, final loss %.4f, valid %s", out_dir, result["steps"],
+                 result["tokens_seen"], wall, result["final_loss"] or float("nan"), valid_loss)
+    if world > 1:
+        torch.distributed.barrier()
+    return result
+
+
+def _eval_loss(loss_module, x):
+    """Validation forward without the fused loss's gradient work: full logits, mean CE."""
+    import torch.nn.functional as F
+
+    model = loss_module.model
+    logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # (B, T−1, V)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+    return loss, loss, None
+
+
+def _throughput(t_measure, steps_measured, plan, device, fpt, peak, world) -> tuple[float, float | None]:
+    import torch
+
+    if t_measure is None or steps_measured == 0:
+        return 0.0, None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tps = steps_measured * plan.tokens_per_step / (time.perf_counter() - t_measure)
+    mfu = tps * fpt / (peak * world) if peak else None
+    return tps, mfu

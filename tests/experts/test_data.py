@@ -1,0 +1,81 @@
+"""Shard packing and the PackedBlocks reader."""
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from corpus.io import InputError
+from experts.data import PackedBlocks, shard_corpus
+from experts.tokenizer import train_tokenizer
+
+DOCS = {
+    0: ["the cat sat on the mat and purred quietly"] * 12,
+    1: ["stock prices rose sharply after the earnings call"] * 9,
+    2: ["hi"],  # too little text for one block
+}
+
+
+@pytest.fixture
+def run(tmp_path):
+    rows = [(f"d{c}_{i}", t, c) for c, texts in DOCS.items() for i, t in enumerate(texts)]
+    rows = [rows[i] for i in np.random.default_rng(0).permutation(len(rows))]
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "assign").mkdir()
+    for split, part in (("train", rows), ("valid", rows[:6])):
+        pq.write_table(pa.table({"id": [r[0] for r in part], "text": [r[1] for r in part]}), tmp_path / "corpus" / f"{split}.parquet")
+        pq.write_table(pa.table({"id": [r[0] for r in part], "cluster_id": pa.array([r[2] for r in part], pa.int32()),
+                                 "distance": pa.array([0.0] * len(part), pa.float32())}), tmp_path / "assign" / f"{split}.parquet")
+    train_tokenizer([r[1] for r in rows], tmp_path / "tok", vocab_size=300)
+    return tmp_path, rows
+
+
+def test_packing_conserves_tokens_and_separates_documents(run):
+    from transformers import AutoTokenizer
+
+    tmp, rows = run
+    seq = 16
+    meta = shard_corpus(tmp / "corpus", tmp / "assign", tmp / "tok", tmp / "shards", seq_len=seq)
+    tok = AutoTokenizer.from_pretrained(tmp / "tok")
+    on_disk = json.loads((tmp / "shards" / "meta.json").read_text())
+    assert on_disk["n_clusters"] == 3 and on_disk["eos_id"] == tok.eos_token_id and on_disk["dtype"] == "uint16"
+    for c, texts in DOCS.items():
+        stream = []
+        for r in rows:  # corpus order
+            if r[2] == c:
+                stream += [tok.bos_token_id] + tok(r[1], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        info = meta["clusters"][str(c)]["train"]
+        assert info["n_tokens"] == len(stream) and info["n_docs"] == len(texts)
+        blocks = np.load(tmp / "shards" / f"cluster_{c:03d}.npy")
+        assert blocks.shape == (len(stream) // seq, seq) and blocks.dtype == np.uint16
+        np.testing.assert_array_equal(blocks.reshape(-1), stream[: blocks.size])  # packed, tail dropped
+    assert meta["empty_clusters"] == [2]
+    assert np.load(tmp / "shards" / "valid_cluster_000.npy").shape[1] == seq
+
+
+def test_packed_blocks_seeded_order_covers_every_block(tmp_path):
+    a = np.arange(5 * 4, dtype=np.uint16).reshape(5, 4)
+    b = 100 + np.arange(3 * 4, dtype=np.uint16).reshape(3, 4)
+    np.save(tmp_path / "a.npy", a)
+    np.save(tmp_path / "b.npy", b)
+    data = PackedBlocks([tmp_path / "a.npy", tmp_path / "b.npy"], seq_len=4, seed=7)
+    assert len(data) == 8 and data.n_tokens == 32
+    epoch0 = data.blocks(0, 8)
+    assert sorted(map(tuple, epoch0)) == sorted(map(tuple, np.concatenate([a, b]).astype(np.int64)))
+    again = PackedBlocks([tmp_path / "a.npy", tmp_path / "b.npy"], seq_len=4, seed=7)
+    np.testing.assert_array_equal(again.blocks(3, 9), data.blocks(3, 9))  # random access = resume position
+    np.testing.assert_array_equal(again.blocks(0, 16)[:8], epoch0)
+    assert not np.array_equal(data.blocks(8, 8), epoch0)  # the next epoch is reshuffled
+    with pytest.raises(InputError, match="expected seq_len 5"):
+        PackedBlocks([tmp_path / "a.npy"], seq_len=5)
+    with pytest.raises(InputError, match="missing shard"):
+        PackedBlocks([tmp_path / "nope.npy"])
+
+
+def test_missing_assignment_is_an_input_error(run):
+    tmp, rows = run
+    pq.write_table(pa.table({"id": ["x"], "cluster_id": pa.array([0], pa.int32())}), tmp / "assign" / "train.parquet")
+    with pytest.raises(InputError, match="have no cluster"):
+        shard_corpus(tmp / "corpus", tmp / "assign", tmp / "tok", tmp / "shards", seq_len=16)
+    assert not (tmp / "shards").exists()

@@ -1,0 +1,193 @@
+"""c-BTM sparse ensemble and BTM posterior ensemble: invariants on tiny in-code experts."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from corpus.io import InputError
+from experts.ensemble import (
+    PosteriorEnsemble, SparseEnsemble, dense_routing_weights, load_ensemble, routing_weights, save_ensemble_config,
+)
+from experts.scoring import HFCausalLM
+from merge_helpers import HashEmbedder, random_text, save_llama, tiny_llama, tiny_tokenizer
+
+D = 8
+TEXTS = [random_text(n, s) for s, n in enumerate([30, 17, 9, 24])]
+
+
+@pytest.fixture(scope="module")
+def experts():
+    tok = tiny_tokenizer()
+    return [HFCausalLM(tiny_llama(s), tok, max_length=64) for s in range(4)]
+
+
+@pytest.fixture(scope="module")
+def centroids():
+    c = np.random.default_rng(1).standard_normal((4, D)).astype(np.float32)
+    return c / np.linalg.norm(c, axis=1, keepdims=True)
+
+
+def _batch(tok, texts=TEXTS):
+    rows = [[tok.bos_token_id] + tok(t)["input_ids"] for t in texts]
+    T = max(map(len, rows))
+    ids = torch.full((len(rows), T), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r)], mask[i, : len(r)] = torch.tensor(r), 1
+    return ids, mask
+
+
+def _ens(experts, centroids, **kw):
+    kw = {"top_k": 2, "temperature": 0.5, "route_every": 4, **kw}
+    return SparseEnsemble(experts, centroids, HashEmbedder(D), **kw)
+
+
+def test_one_expert_ensemble_equals_expert(experts, centroids):
+    ens = _ens(experts[:1], centroids[:1], top_k=1)
+    ids, mask = _batch(ens.tokenizer)
+    valid = mask[:, 1:].bool()
+    torch.testing.assert_close(ens.token_logprobs(ids, mask)[valid], experts[0].token_logprobs(ids, mask)[valid])
+    reqs = [("w1 w2 w3", "w4 w5"), ("w9", "w7 w7")]
+    got, want = ens.loglikelihood(reqs), experts[0].loglikelihood(reqs)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [s for s, _ in got] == pytest.approx([s for s, _ in want], abs=1e-5)
+    assert ens.generate(["w3 w1 w4"], max_new_tokens=6) == experts[0].generate(["w3 w1 w4"], max_new_tokens=6)
+
+
+def test_permuting_clusters_with_experts_changes_nothing(experts, centroids):
+    ids, mask = _batch(experts[0].tokenizer)
+    a = _ens(experts, centroids).token_logprobs(ids, mask)
+    perm = [2, 0, 3, 1]
+    b = _ens([experts[p] for p in perm], centroids[perm]).token_logprobs(ids, mask)
+    valid = mask[:, 1:].bool()
+    torch.testing.assert_close(a[valid], b[valid])
+
+
+def test_weights_nonnegative_sum_to_one_zero_outside_top_k(centroids):
+    emb = HashEmbedder(D).transform(TEXTS)
+    w = dense_routing_weights(emb, centroids, top_k=2, temperature=0.3)
+    assert (w >= 0).all() and torch.allclose(w.sum(1), torch.ones(len(TEXTS)))
+    assert ((w > 0).sum(1) <= 2).all()
+    d2 = ((emb[:, None, :] - centroids[None]) ** 2).sum(-1)
+    nearest = np.argsort(d2, 1)[:, :2]
+    for i in range(len(TEXTS)):
+        assert set(torch.nonzero(w[i]).flatten().tolist()) <= set(nearest[i].tolist())
+
+
+def test_ensemble_nll_at_most_weighted_expert_nll(experts, centroids):
+    ens = _ens(experts, centroids, route_every=1)
+    ids, mask = _batch(ens.tokenizer)
+    logw = ens.routing_plan(ids, mask)  # (B, T-1, k)
+    mixed = ens.token_logprobs(ids, mask)
+    per_expert = torch.stack([e.token_logprobs(ids, mask) for e in experts], -1)  # (B, T-1, k)
+    w = logw.exp()
+    valid = mask[:, 1:].bool()
+    bound = -(w * per_expert).sum(-1)  # Σ w_i NLL_i (Jensen)
+    assert (-mixed[valid] <= bound[valid] + 1e-5).all()
+    assert torch.allclose(w.sum(-1)[valid], torch.ones(int(valid.sum())))
+
+
+def test_top_all_with_huge_temperature_is_uniform_mixture(experts, centroids):
+    ens = _ens(experts, centroids, top_k=4, temperature=1e9)
+    ids, mask = _batch(ens.tokenizer)
+    per_expert = torch.stack([e.token_logprobs(ids, mask) for e in experts], -1)
+    uniform = torch.logsumexp(per_expert, -1) - math.log(4)
+    valid = mask[:, 1:].bool()
+    torch.testing.assert_close(ens.token_logprobs(ids, mask)[valid], uniform[valid])
+
+
+def test_routing_never_reads_predicted_tokens(experts, centroids):
+    ens = _ens(experts, centroids, route_every=3)
+    tok = ens.tokenizer
+    a_ids, _ = _batch(tok, [TEXTS[0]])
+    b_ids = a_ids.clone()
+    cut = 13
+    b_ids[0, cut:] = (b_ids[0, cut:] - 4 + 7) % 60 + 4  # change every token from position `cut` on
+    wa, wb = ens.routing_plan(a_ids), ens.routing_plan(b_ids)
+    la, lb = ens.token_logprobs(a_ids), ens.token_logprobs(b_ids)
+    # targets t < cut (outputs 0..cut-2) see only unchanged tokens; target t = cut is itself changed
+    assert torch.equal(wa[:, : cut - 1], wb[:, : cut - 1])
+    torch.testing.assert_close(la[:, : cut - 1], lb[:, : cut - 1])
+
+
+def test_only_selected_experts_run(experts, centroids):
+    ens = _ens(experts, centroids, top_k=1, route_every=1000)
+    ids, mask = _batch(ens.tokenizer)
+    ens.reset_stats()
+    ens.token_logprobs(ids, mask)
+    chosen = {int(i) for i in torch.isfinite(ens.routing_plan(ids, mask)).nonzero()[:, 2]}
+    assert set(ens.stats["expert_calls"]) == chosen
+    assert all(n == 1 for n in ens.stats["expert_calls"].values())
+    assert sum(ens.stats["rows"].values()) == len(TEXTS)  # top-1, one chunk: each row runs exactly once
+
+
+def test_next_token_and_greedy_flags(experts, centroids):
+    ens = _ens(experts, centroids, top_k=2)
+    gen = ens.generate(["w5 w6 w7"], max_new_tokens=4)[0]
+    assert gen
+    (_, greedy), = ens.loglikelihood([("w5 w6 w7", gen)])
+    assert greedy
+    ids, mask = _batch(ens.tokenizer, TEXTS[:2])
+    nxt = ens.next_token_logprobs(ids, mask)
+    torch.testing.assert_close(nxt.exp().sum(-1), torch.ones(2))
+
+
+def test_posterior_one_expert_equals_expert(experts):
+    ids, mask = _batch(experts[0].tokenizer)
+    valid = mask[:, 1:].bool()
+    for prior in ("updating", "cached"):
+        ens = PosteriorEnsemble(experts[:1], prior=prior, prior_weights=[1.0] if prior == "cached" else None)
+        torch.testing.assert_close(ens.token_logprobs(ids, mask)[valid], experts[0].token_logprobs(ids, mask)[valid])
+        assert ens.generate(["w2 w2"], max_new_tokens=4) == experts[0].generate(["w2 w2"], max_new_tokens=4)
+
+
+def test_posterior_updating_is_bayes_on_prefix(experts):
+    ens = PosteriorEnsemble(experts[:3], prior="updating")
+    ids, _ = _batch(experts[0].tokenizer, TEXTS[:1])
+    per_expert = torch.stack([e.token_logprobs(ids) for e in experts[:3]], -1)[0]  # (T-1, 3)
+    t = 10
+    post = torch.softmax(per_expert[:t].sum(0), 0)  # uniform prior, prefix targets 1..t
+    want = torch.log((post * per_expert[t].exp()).sum())
+    torch.testing.assert_close(ens.token_logprobs(ids)[0, t], want)
+    prior = ens.estimate_cached_prior(TEXTS)
+    assert len(prior) == 3 and abs(sum(prior) - 1) < 1e-6 and min(prior) >= 0
+
+
+def test_config_round_trip(tmp_path, centroids):
+    dirs = [save_llama(tmp_path / f"e{s}", seed=s) for s in range(2)]
+    np.save(tmp_path / "centroids.npy", centroids[:2])
+    save_ensemble_config(tmp_path / "posterior", dirs, kind="posterior", prior="cached", prior_weights=[0.3, 0.7], top_k=1)
+    ens = load_ensemble(tmp_path / "posterior")
+    assert isinstance(ens, PosteriorEnsemble) and ens.prior_weights == pytest.approx([0.3, 0.7])
+    ens.reset_stats()
+    ens.loglikelihood_rolling(TEXTS[:1])
+    assert set(ens.stats["expert_calls"]) == {1}  # lazily loaded, only the top-1 expert ran
+    with pytest.raises(InputError, match="centroids"):
+        save_ensemble_config(tmp_path / "sparse", dirs + dirs[:1], centroids_path=tmp_path / "centroids.npy",
+                             embedder_dir=tmp_path)
+
+
+def test_bad_input(experts, centroids, tmp_path):
+    with pytest.raises(InputError, match="temperature"):
+        _ens(experts, centroids, temperature=0)
+    with pytest.raises(InputError, match="top_k"):
+        _ens(experts, centroids, top_k=5)
+    with pytest.raises(InputError, match="centroids"):
+        _ens(experts[:3], centroids)
+    with pytest.raises(InputError, match="vocabular"):
+        _ens([experts[0], HFCausalLM(tiny_llama(0, vocab=80), tiny_tokenizer())], centroids[:2])
+    with pytest.raises(InputError, match="missing"):
+        _ens([experts[0], tmp_path / "nope"], centroids[:2])
+    with pytest.raises(InputError, match="top_k"):
+        PosteriorEnsemble(experts[:2], top_k=3)
+    with pytest.raises(InputError, match="cached"):
+        PosteriorEnsemble(experts[:2], prior="cached").token_logprobs(torch.tensor([[0, 5, 6]]))
+
+
+def test_expert_micro_batches_change_nothing(experts, centroids):
+    ids, mask = _batch(experts[0].tokenizer)
+    valid = mask[:, 1:].bool()
+    a = _ens(experts, centroids).token_logprobs(ids, mask)
+    b = _ens(experts, centroids, expert_batch_size=1).token_logprobs(ids, mask)
+    torch.testing.assert_close(a[valid], b[valid], rtol=1e-5, atol=1e-5)

@@ -1,0 +1,177 @@
+"""Training loop invariants on tiny in-code Llama models (CPU, deterministic)."""
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from corpus.io import InputError
+from experts.model import ModelPreset, build_scratch_model
+from experts.train import (
+    TrainConfig, branch_weights, checkpoint_dir, compute_budget, make_linear_cross_entropy, plan_training, train_model,
+)
+
+PRESET = ModelPreset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, seq_len=16)
+VOCAB, SEQ = 64, 16
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny matrices: one intra-op thread avoids OpenMP spin contention on a busy 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def shard(tmp_path):
+    rng = np.random.default_rng(0)
+    # a learnable stream: repeated short patterns with noise
+    base = np.tile(np.arange(8), 200)[: 96 * SEQ] + rng.integers(0, 3, 96 * SEQ)
+    path = tmp_path / "cluster_000.npy"
+    np.save(path, (base % VOCAB).astype(np.uint16).reshape(96, SEQ))
+    return str(path)
+
+
+def _model(seed=0):
+    return build_scratch_model(PRESET, VOCAB, seed=seed)
+
+
+def _cfg(**kw):
+    base = dict(train_tokens=8 * 4 * SEQ, micro_batch_size=4, lr=3e-3, min_lr=3e-4, warmup_steps=2, log_every=0,
+                checkpoint_every=0, device="cpu", compile=False, seed=3)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_resume_after_kill_equals_uninterrupted(shard, tmp_path):
+    cfg = _cfg(checkpoint_every=2)
+    full = train_model(_model(), [shard], tmp_path / "full", cfg)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step, state):
+        if step == 5:
+            raise Killed
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        train_model(_model(), [shard], out, cfg, on_step=kill_at_5)
+    assert not out.exists() and (checkpoint_dir(out) / "trainer_state.json").is_file()
+    res = train_model(_model(seed=99), [shard], out, cfg)  # fresh init: everything must come from the checkpoint
+    assert res["resumed_at"] == [4]
+    assert res["loss_curve"] == full["loss_curve"]  # exact, all 8 steps
+    assert not checkpoint_dir(out).exists()
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_grad_accumulation_matches_big_batch(shard, tmp_path):
+    one = train_model(_model(), [shard], tmp_path / "one", _cfg(train_tokens=16 * SEQ, micro_batch_size=16, warmup_steps=0))
+    acc = train_model(_model(), [shard], tmp_path / "acc",
+                      _cfg(train_tokens=16 * SEQ, micro_batch_size=4, global_batch_tokens=16 * SEQ, warmup_steps=0))
+    assert one["steps"] == acc["steps"] == 1 and acc["plan"]["grad_accum"] == 4
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "acc" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+
+
+def test_fused_loss_matches_full_logits():
+    torch.manual_seed(0)
+    h = torch.randn(37, 8, requires_grad=True)
+    w = torch.randn(50, 8, requires_grad=True)
+    t = torch.randint(0, 50, (37,))
+    loss = make_linear_cross_entropy()(h, w, t, 3)
+    loss.backward()
+    gh, gw = h.grad.clone(), w.grad.clone()
+    h.grad = w.grad = None
+    ref = torch.nn.functional.cross_entropy(h @ w.t(), t)
+    ref.backward()
+    torch.testing.assert_close(loss, ref)
+    torch.testing.assert_close(gh, h.grad)
+    torch.testing.assert_close(gw, w.grad)
+
+
+def test_training_lowers_loss_and_writes_outputs(shard, tmp_path):
+    res = train_model(_model(), [shard], tmp_path / "m", _cfg(train_tokens=30 * 4 * SEQ), valid_paths=[shard])
+    assert res["loss_curve"][-1][1] < res["loss_curve"][0][1] - 0.5
+    assert res["tokens_seen"] == 30 * 4 * SEQ and res["steps"] == 30
+    assert res["valid_loss"] is not None and np.isfinite(res["valid_loss"])
+    assert {"config.json", "model.safetensors", "training.json"} <= {p.name for p in (tmp_path / "m").iterdir()}
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(tmp_path / "m")
+
+
+def test_compute_budget_matches_dense_and_experts():
+    b = compute_budget(1_000_000, 0.5, 4)
+    assert b["seed_tokens"] == 500_000 and b["expert_tokens"] == 125_000 and b["dense_tokens"] == 500_000
+    assert b["seed_tokens"] + 4 * b["expert_tokens"] + b["rounding"] == 1_000_000
+    b = compute_budget(1000, 0.3, 7)
+    assert b["seed_tokens"] + b["dense_tokens"] == 1000
+    assert b["dense_tokens"] - 7 * b["expert_tokens"] == b["rounding"] < 7
+    with pytest.raises(InputError, match="--seed-fraction"):
+        compute_budget(1000, 1.0, 2)
+
+
+def test_branch_weights_softmax_of_negative_squared_distance():
+    w = branch_weights([0.0, 1.0, 2.0], temperature=1.0)
+    e = np.exp([0.0, -1.0, -4.0])
+    np.testing.assert_allclose(w, e / e.sum())
+    np.testing.assert_allclose(branch_weights([1.0, 1.0], 0.5), [0.5, 0.5])
+
+
+def test_bad_inputs_give_clear_messages(shard, tmp_path):
+    with pytest.raises(InputError, match="fewer than one global batch.*min-cluster-tokens"):
+        train_model(_model(), [shard], tmp_path / "x", _cfg(micro_batch_size=200, train_tokens=10**6))
+    with pytest.raises(InputError, match="budget too small for warmup"):
+        plan_training(_cfg(train_tokens=3 * 4 * SEQ, warmup_steps=5), SEQ)
+    with pytest.raises(InputError, match="less than one global batch"):
+        plan_training(_cfg(train_tokens=10), SEQ)
+    with pytest.raises(InputError, match="--decay"):
+        _cfg(decay="step")
+    with pytest.raises(InputError, match="seed model path does not exist"):
+        train_model(str(tmp_path / "nope"), [shard], tmp_path / "x", _cfg())
+
+
+def test_moe_router_aux_loss_and_stats(shard, tmp_path):
+    from transformers import MixtralConfig, MixtralForCausalLM
+
+    cfg = MixtralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                        num_key_value_heads=4, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=SEQ)
+    torch.manual_seed(0)
+    model = MixtralForCausalLM(cfg)
+    res = train_model(model, [shard], tmp_path / "moe", _cfg(train_tokens=4 * 4 * SEQ, router_aux_loss_coef=0.01))
+    r = res["router"]
+    assert len(r["expert_load"]) == 4 and abs(sum(r["expert_load"]) - 1) < 1e-6
+    assert 0 < r["routing_entropy"] <= np.log(4) + 1e-6
+    assert np.isfinite(res["final_loss"])
+
+
+@pytest.mark.skipif(
+    not os.environ.get("CBTM_TEST_DDP"),
+    reason="two torchrun ranks on CPU (gloo) take ~25 s on 2 cores (each imports torch+transformers); set CBTM_TEST_DDP=1",
+)
+def test_ddp_two_cpu_processes_equal_one_process(shard, tmp_path):
+    from experts.launch import launch_training
+
+    init = tmp_path / "init"
+    _model().save_pretrained(init)
+    cfg = _cfg(train_tokens=3 * 8 * SEQ, micro_batch_size=2, global_batch_tokens=8 * SEQ, warmup_steps=0)
+    single = train_model(str(init), [shard], tmp_path / "single", cfg)
+    ddp = launch_training(str(init), [shard], tmp_path / "ddp", cfg, cpu_procs=2, timeout=120)
+    assert ddp["world_size"] == 2 and ddp["plan"]["grad_accum"] == 2
+    np.testing.assert_allclose([l for _, l in ddp["loss_curve"]], [l for _, l in single["loss_curve"]], rtol=1e-4)
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "single" / "model.safetensors")), load_file(str(tmp_path / "ddp" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
