@@ -1,0 +1,767 @@
+"""Few-shot in-context classification, as in the c-BTM paper (Gururangan et al. 2023, §5: 8-shot, 5 seeds).
+
+For each seed, k demonstrations are drawn from the task's train pool (balanced over labels by default), written
+with the task's template, and followed by the test input. The prediction is
+
+    ŷ = argmax_y  s(y),   s(y) = log p(" " + word(y) | prompt)                       (raw)
+                          s(y) = log p(" " + word(y) | prompt) / |tokens(word(y))|   (length_norm)
+                          s(y) = log p(word(y) | prompt) − log p(word(y) | premise)  (dcpmi)
+
+where `premise` is the template's answer cue alone ("Topic:"), the domain-conditional PMI of Holtzman et al.
+2021, "Surface Form Competition". Every model is scored through `experts.scoring.ScoringModel`, so dense,
+experts, the c-BTM ensemble, the averaged model and the MoE are evaluated the same way; the prompt
+(demonstrations + input) is the context the model sees, so a routing model routes on it.
+
+Files: a task is a folder with `train.jsonl`, `test.jsonl` (`{"text": str, "label": int | str}`), `labels.json`
+(ordered label names) and optionally `task.json` (`{"name", "kind", "template": {...}, "verbalizer": [...]}`);
+`evaluate_fewshot(..., out_path)` writes one JSON of metrics.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+from urllib.parse import parse_qsl
+
+import numpy as np
+import torch
+
+from corpus.io import InputError, atomic_dir, read_json, write_json
+from tasks.builtin import DOMAIN, TEMPLATES_BY_KIND, Template, builtin_for, default_word
+
+log = logging.getLogger(__name__)
+
+SCORINGS = ("raw", "length_norm", "dcpmi")
+DEFAULT_SEEDS = (13, 21, 42, 87, 100)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Tasks
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Task:
+    """An in-context classification task: examples are `{"text": str, "label": int}` (index into `labels`)."""
+
+    name: str
+    train: list[dict]
+    test: list[dict]
+    labels: list[str]
+    template: Template = field(default_factory=Template)
+    verbalizer: list[str] = field(default_factory=list)  # one word per label; default: lower-cased names
+    kind: str = "generic"
+    source: str = ""
+
+    def __post_init__(self):
+        if not self.verbalizer:
+            self.verbalizer = [default_word(x) for x in self.labels]
+        if len(self.verbalizer) != len(self.labels):
+            raise InputError(
+                f"task {self.name}: verbalizer has {len(self.verbalizer)} words for {len(self.labels)} labels"
+            )
+        if len(set(self.verbalizer)) != len(self.verbalizer):
+            raise InputError(f"task {self.name}: verbalizer words are not distinct: {self.verbalizer}")
+
+
+def load_task(
+    path_or_name: str | os.PathLike,
+    max_test: int | None = None,
+    text_column: str = "text",
+    label_column: str = "label",
+    train_split: str = "train",
+    test_split: str = "test",
+    search_dirs: Sequence[str | os.PathLike] = (),
+) -> Task:
+    """Load a task from a folder, a built-in name, or a hub dataset.
+
+    - a folder with train.jsonl, test.jsonl, labels.json (and optionally task.json);
+    - a name (`sst2`) looked up as a folder in `search_dirs`, then in `$CBTM_TASKS_DIR` (os.pathsep-separated),
+      then in `../shared/data/tasks` beside the working directory and beside this repository;
+    - `hf:<dataset>[:<config>][?text=<col>&label=<col>&train=<split>&test=<split>]` loads a hub dataset with
+      `datasets.load_dataset` (the query string overrides the column/split arguments).
+    `max_test` keeps a seeded random subset (seed 0, file order kept) of the test set.
+    """
+    spec = str(path_or_name)
+    if spec.startswith("hf:"):
+        task = _load_hub_task(spec, text_column, label_column, train_split, test_split)
+    else:
+        folder = _find_task_folder(spec, search_dirs)
+        task = _load_task_folder(folder)
+    if max_test is not None:
+        task.test = subsample(task.test, max_test)
+    return task
+
+
+def subsample(examples: list[dict], n: int, seed: int = 0) -> list[dict]:
+    """A seeded random subset of n examples, in their original order (all of them when n ≥ len)."""
+    if n >= len(examples):
+        return list(examples)
+    keep = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in keep]
+
+
+def _task_search_dirs(extra: Sequence[str | os.PathLike]) -> list[Path]:
+    dirs = [Path(d) for d in extra]
+    env = os.environ.get("CBTM_TASKS_DIR")
+    if env:
+        dirs += [Path(d) for d in env.split(os.pathsep) if d]
+    dirs.append(Path.cwd() / ".." / "shared" / "data" / "tasks")
+    dirs.append(Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "tasks")
+    return dirs
+
+
+def _find_task_folder(spec: str, search_dirs: Sequence[str | os.PathLike]) -> Path:
+    p = Path(spec)
+    if p.is_dir():
+        return p
+    if p.exists():
+        raise InputError(f"task {spec} is a file; a task is a folder with train.jsonl, test.jsonl, labels.json")
+    if os.sep not in spec and "/" not in spec:
+        for d in _task_search_dirs(search_dirs):
+            if (d / spec).is_dir():
+                return (d / spec).resolve()
+    raise InputError(
+        f"task {spec!r} not found: not a folder, and no folder of that name in the task search path "
+        f"(set CBTM_TASKS_DIR, or use hf:<dataset>[:<config>] for a hub dataset)"
+    )
+
+
+def _load_task_folder(folder: Path) -> Task:
+    for fname in ("train.jsonl", "test.jsonl", "labels.json"):
+        if not (folder / fname).is_file():
+            raise InputError(f"missing file: {folder / fname} (a task folder needs train.jsonl, test.jsonl, labels.json)")
+    labels = read_json(folder / "labels.json")
+    if not isinstance(labels, list) or not labels or not all(isinstance(x, str) for x in labels):
+        raise InputError(f"{folder / 'labels.json'}: expected a non-empty JSON list of label names")
+    if len(set(labels)) != len(labels):
+        raise InputError(f"{folder / 'labels.json'}: label names are not distinct")
+    meta = read_json(folder / "task.json") if (folder / "task.json").is_file() else {}
+    name = meta.get("name") or folder.resolve().name
+    kind, template, words = builtin_for(name, labels)
+    kind = meta.get("kind", kind)
+    if "template" in meta:
+        try:
+            template = Template.from_dict(meta["template"])
+        except (TypeError, ValueError) as e:
+            raise InputError(f"{folder / 'task.json'}: bad template: {e}") from None
+    elif "kind" in meta and meta["kind"] in TEMPLATES_BY_KIND:
+        template = TEMPLATES_BY_KIND[meta["kind"]]
+    words = meta.get("verbalizer", words)
+    return Task(
+        name=name,
+        train=_read_examples(folder / "train.jsonl", labels),
+        test=_read_examples(folder / "test.jsonl", labels),
+        labels=list(labels),
+        template=template,
+        verbalizer=list(words),
+        kind=kind,
+        source=str(folder),
+    )
+
+
+def _read_examples(path: Path, labels: list[str]) -> list[dict]:
+    index = {name: i for i, name in enumerate(labels)}
+    out = []
+    try:
+        f = open(path, encoding="utf-8")
+    except OSError as e:
+        raise InputError(f"cannot read {path}: {e.strerror}") from None
+    with f:
+        try:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise InputError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+                if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+                    raise InputError(f"{path}:{lineno}: expected an object with a string 'text'")
+                out.append({"text": row["text"], "label": _label_index(row.get("label"), index, labels, f"{path}:{lineno}")})
+        except UnicodeDecodeError:
+            raise InputError(f"{path}: not UTF-8 text") from None
+    return out
+
+
+def _label_index(label, index: dict[str, int], labels: list[str], where: str) -> int:
+    if isinstance(label, bool) or label is None:
+        raise InputError(f"{where}: label {label!r} is not an index or name in labels.json")
+    if isinstance(label, int):
+        if 0 <= label < len(labels):
+            return label
+        raise InputError(f"{where}: label {label} outside labels.json (0..{len(labels) - 1})")
+    if isinstance(label, str) and label in index:
+        return index[label]
+    raise InputError(f"{where}: label {label!r} is not in labels.json {labels}")
+
+
+def _load_hub_task(spec: str, text_column: str, label_column: str, train_split: str, test_split: str) -> Task:
+    """`hf:name[:config][?text=..&label=..&train=..&test=..]` through `datasets.load_dataset`."""
+    body, _, query = spec[3:].partition("?")
+    opts = dict(parse_qsl(query))
+    text_column = opts.get("text", text_column)
+    label_column = opts.get("label", label_column)
+    train_split = opts.get("train", train_split)
+    test_split = opts.get("test", test_split)
+    name, _, config = body.partition(":")
+    if not name:
+        raise InputError(f"bad hub task spec {spec!r}: expected hf:<dataset>[:<config>]")
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, config or None)
+    except Exception as e:  # network, unknown dataset, unknown config: one line for the user
+        raise InputError(f"cannot load hub dataset {name!r} (config {config or None!r}): {type(e).__name__}: {e}".splitlines()[0]) from None
+    for split in (train_split, test_split):
+        if split not in ds:
+            raise InputError(f"hub dataset {name!r} has no split {split!r} (has {list(ds)})")
+        for col in (text_column, label_column):
+            if col not in ds[split].column_names:
+                raise InputError(f"hub dataset {name!r} split {split!r} has no column {col!r} (has {ds[split].column_names})")
+    feature = ds[train_split].features[label_column]
+    if hasattr(feature, "names"):  # ClassLabel: integer labels with names
+        labels = list(feature.names)
+    else:
+        labels = sorted({str(x) for s in (train_split, test_split) for x in ds[s][label_column]})
+
+    def rows(split):
+        index = {n: i for i, n in enumerate(labels)}
+        out = []
+        for i, (t, y) in enumerate(zip(ds[split][text_column], ds[split][label_column])):
+            y = y if hasattr(feature, "names") else str(y)
+            out.append({"text": str(t), "label": _label_index(y, index, labels, f"{name}[{split}][{i}]")})
+        return out
+
+    short = name.split("/")[-1] if not config else config
+    kind, template, words = builtin_for(short, labels)
+    return Task(short, rows(train_split), rows(test_split), labels, template, words, kind, source=spec)
+
+
+def make_task_from_corpus(
+    corpus_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    label_field: str = "label",
+    n_train: int = 1000,
+    n_test: int = 200,
+    seed: int = 0,
+    max_chars: int = 300,
+    name: str = "domain",
+) -> Path:
+    """Build a domain-classification task folder from a prepared corpus (`corpus-<h>/{train,valid,test}.parquet`).
+
+    The train pool comes from `train.parquet`, the test set from `valid.parquet` (else `test.parquet`); both are
+    sampled with `seed`, as evenly over labels as the data allow, and texts are cut to about `max_chars`
+    characters at a word boundary. Writes `out_dir/{train.jsonl, test.jsonl, labels.json, task.json}`
+    atomically (labels sorted by name, template `Text: ...\\nDomain:`, words = lower-cased label names).
+    """
+    import pyarrow.parquet as pq
+
+    corpus_dir = Path(corpus_dir)
+    train_path = corpus_dir / "train.parquet"
+    test_path = next((corpus_dir / f for f in ("valid.parquet", "test.parquet") if (corpus_dir / f).is_file()), None)
+    if not train_path.is_file():
+        raise InputError(f"missing file: {train_path} (make_task_from_corpus needs a prepared corpus)")
+    if test_path is None:
+        raise InputError(f"missing file: {corpus_dir / 'valid.parquet'} (nor test.parquet) for the task's test set")
+
+    def read(path):
+        table = pq.read_table(path)
+        for col in ("text", label_field):
+            if col not in table.column_names:
+                raise InputError(f"{path} has no column {col!r} (columns: {table.column_names})")
+        return table.column("text").to_pylist(), [None if x is None else str(x) for x in table.column(label_field).to_pylist()]
+
+    train_texts, train_labels = read(train_path)
+    test_texts, test_labels = read(test_path)
+    labels = sorted({x for x in train_labels if x is not None})
+    if len(labels) < 2:
+        raise InputError(f"{train_path}: column {label_field!r} has {len(labels)} distinct value(s); a task needs ≥ 2")
+    rng = random.Random(seed)
+    train = _balanced_sample(train_texts, train_labels, labels, n_train, rng, max_chars)
+    test = _balanced_sample(test_texts, test_labels, labels, n_test, rng, max_chars)
+    if not test:
+        raise InputError(f"{test_path}: no documents with a label seen in {train_path}")
+    out_dir = Path(out_dir)
+    with atomic_dir(out_dir) as tmp:
+        for fname, rows in (("train.jsonl", train), ("test.jsonl", test)):
+            with open(tmp / fname, "w", encoding="utf-8") as f:
+                for r in rows:
+                    f.write(json.dumps(r, ensure_ascii=False) + "\n")
+        write_json(tmp / "labels.json", labels)
+        write_json(tmp / "task.json", {
+            "name": name, "kind": "domain", "template": DOMAIN.to_dict(),
+            "verbalizer": [default_word(x) for x in labels],
+            "made_from": {"corpus_dir": str(corpus_dir), "label_field": label_field, "seed": seed,
+                          "n_train": len(train), "n_test": len(test), "max_chars": max_chars},
+        })
+    log.info("wrote task %s: %d labels, %d train, %d test → %s", name, len(labels), len(train), len(test), out_dir)
+    return out_dir
+
+
+def _truncate(text: str, max_chars: int) -> str:
+    text = " ".join(text.split())
+    if len(text) <= max_chars:
+        return text
+    cut = text[:max_chars]
+    space = cut.rfind(" ")
+    return (cut[:space] if space > max_chars // 2 else cut).rstrip() + " ..."
+
+
+def _balanced_sample(texts, labels_col, labels, n, rng, max_chars) -> list[dict]:
+    """Up to n examples, round-robin over labels (so as balanced as the data allow), shuffled."""
+    by_label = {y: [] for y in labels}
+    for t, y in zip(texts, labels_col):
+        if y in by_label and t and t.strip():
+            by_label[y].append(t)
+    for y in labels:
+        rng.shuffle(by_label[y])
+    picked, cursor = [], {y: 0 for y in labels}
+    while len(picked) < n and any(cursor[y] < len(by_label[y]) for y in labels):
+        for i, y in enumerate(labels):
+            if len(picked) < n and cursor[y] < len(by_label[y]):
+                picked.append({"text": _truncate(by_label[y][cursor[y]], max_chars), "label": i})
+                cursor[y] += 1
+    rng.shuffle(picked)
+    return picked
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Prompts
+# ---------------------------------------------------------------------------------------------------------
+def _norm(text: str) -> str:
+    return " ".join(text.split()).lower()
+
+
+def sample_demonstrations(task: Task, shots: int, seed: int, balanced: bool = True) -> list[int]:
+    """Indices into `task.train` of `shots` demonstrations for this seed, in prompt order.
+
+    Balanced: ⌊k/L⌋ per label, the remainder spread over labels picked at random (a label with too few
+    examples is topped up from the others); random: k examples drawn uniformly. Deterministic in `seed`.
+    """
+    n = len(task.train)
+    if shots == 0:
+        return []
+    if n == 0:
+        raise InputError(f"task {task.name}: the train pool is empty")
+    if shots > n:
+        raise InputError(f"task {task.name}: train pool has {n} examples, fewer than shots={shots}")
+    rng = random.Random(seed)
+    if not balanced:
+        idx = rng.sample(range(n), shots)
+        rng.shuffle(idx)
+        return idx
+    n_labels = len(task.labels)
+    pools = [[] for _ in range(n_labels)]
+    for i, ex in enumerate(task.train):
+        pools[ex["label"]].append(i)
+    quota = [shots // n_labels] * n_labels
+    for y in rng.sample(range(n_labels), shots % n_labels):
+        quota[y] += 1
+    picked: list[int] = []
+    for y in range(n_labels):
+        picked += rng.sample(pools[y], min(quota[y], len(pools[y])))
+    if len(picked) < shots:  # some label ran short: top up from the rest of the pool
+        taken = set(picked)
+        picked += rng.sample([i for i in range(n) if i not in taken], shots - len(picked))
+    rng.shuffle(picked)
+    return picked
+
+
+def demonstrations_for(task: Task, demos: list[int], test_text: str, seed: int, test_index: int) -> list[int]:
+    """The seed's demonstrations for one test example: any demo whose text equals the test text is replaced
+    by another train example (same label when possible) chosen with `(seed, test_index)`."""
+    target = _norm(test_text)
+    if all(_norm(task.train[i]["text"]) != target for i in demos):
+        return demos
+    rng = random.Random(f"{seed}:{test_index}")
+    out, used = list(demos), set(demos)
+    for pos, i in enumerate(out):
+        if _norm(task.train[i]["text"]) != target:
+            continue
+        label = task.train[i]["label"]
+        cands = [j for j, ex in enumerate(task.train)
+                 if j not in used and _norm(ex["text"]) != target and ex["label"] == label]
+        if not cands:
+            cands = [j for j, ex in enumerate(task.train) if j not in used and _norm(ex["text"]) != target]
+        if not cands:
+            raise InputError(f"task {task.name}: no train example differs from test example {test_index}")
+        j = rng.choice(cands)
+        out[pos] = j
+        used.add(j)
+    return out
+
+
+def format_prompt(task: Task, demos: Sequence[int], text: str) -> str:
+    """instruction + demo_1 + sep + ... + demo_k + sep + query (the query ends with the answer cue)."""
+    t = task.template
+    parts = [t.format_demo(task.train[i]["text"], task.verbalizer[task.train[i]["label"]]) for i in demos]
+    parts.append(t.format_input(text))
+    return t.instruction + t.sep.join(parts)
+
+
+@dataclass
+class PromptSet:
+    """Token ids of every test example's prompt for one seed (BOS first), fitted to the model context."""
+
+    ids: list[list[int]]
+    texts: list[str]
+    n_demos: list[int]  # demonstrations kept per prompt
+    n_truncated: int  # prompts that lost demonstrations (or, rarely, the start of the input)
+    n_demos_dropped: int
+
+
+def build_prompts(model, task: Task, test: list[dict], shots: int, seed: int, balanced: bool,
+                  budget: int, add_bos: bool = True) -> PromptSet:
+    """Prompts for one seed. A prompt longer than `budget` tokens drops demonstrations from the front; with
+    none left, the start of the prompt is cut (left truncation)."""
+    demos = sample_demonstrations(task, shots, seed, balanced)
+    bos = _bos(model) if add_bos else []
+    budget = budget - len(bos)
+    per_test = [demonstrations_for(task, demos, ex["text"], seed, i) for i, ex in enumerate(test)]
+    texts = [format_prompt(task, d, ex["text"]) for d, ex in zip(per_test, test)]
+    enc = _encode_batch(model, texts)
+    n_trunc = n_dropped = 0
+    n_demos = [len(d) for d in per_test]
+    for i, ids in enumerate(enc):
+        if len(ids) <= budget:
+            continue
+        n_trunc += 1
+        d = per_test[i]
+        while len(ids) > budget and d:
+            d = d[1:]
+            n_dropped += 1
+            texts[i] = format_prompt(task, d, test[i]["text"])
+            ids = _encode(model, texts[i])
+        if len(ids) > budget:
+            ids = ids[-budget:]
+        enc[i] = ids
+        n_demos[i] = len(d)
+    if n_trunc:
+        log.warning("task %s seed %d: %d of %d prompts longer than the context (%d tokens): dropped %d "
+                    "demonstrations from the front", task.name, seed, n_trunc, len(test), budget + len(bos), n_dropped)
+    return PromptSet([bos + ids for ids in enc], texts, n_demos, n_trunc, n_dropped)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------------------
+def _encode(model, text: str) -> list[int]:
+    return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def _encode_batch(model, texts: list[str]) -> list[list[int]]:
+    if not texts:
+        return []
+    return [list(x) for x in model.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+
+
+def _bos(model) -> list[int]:
+    tok = model.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    return [bos] if bos is not None else []
+
+
+def label_token_ids(model, task: Task) -> list[list[int]]:
+    """Token ids of `" " + word` for each label word; InputError when a word tokenizes to nothing or two
+    words tokenize identically."""
+    out = []
+    for word in task.verbalizer:
+        ids = _encode(model, " " + word)
+        if not ids or not word.strip():
+            raise InputError(f"task {task.name}: label word {word!r} tokenizes to nothing with this model's tokenizer")
+        out.append(ids)
+    if len({tuple(x) for x in out}) != len(out):
+        raise InputError(f"task {task.name}: two label words tokenize to the same tokens: {task.verbalizer}")
+    return out
+
+
+def _pad(rows: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    T = max(len(r) for r in rows)
+    ids = torch.full((len(rows), T), pad_id, dtype=torch.long)  # (B, T)
+    mask = torch.zeros((len(rows), T), dtype=torch.long)  # (B, T)
+    for r, seq in enumerate(rows):
+        ids[r, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[r, : len(seq)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _gives_full_distributions(model) -> bool:
+    """True when the model overrides `score_tokens` (the base implementation returns no full distributions)."""
+    from experts.scoring import ScoringModel
+
+    return getattr(type(model), "score_tokens", None) is not ScoringModel.score_tokens
+
+
+@torch.no_grad()
+def score_labels(
+    model,
+    prompt_ids: list[list[int]],
+    label_ids: list[list[int]],
+    batch_size: int = 8,
+    single_pass: bool | None = None,
+    desc: str = "scoring",
+) -> np.ndarray:
+    """(n_prompts, n_labels) float64: Σ_t log p(label token t | prompt, earlier label tokens).
+
+    `single_pass=None` picks one forward pass per prompt when every label is one token: all labels are read
+    from the one next-token distribution after the prompt (`score_tokens(..., full_at=...)`, or
+    `next_token_logprobs` for models whose `score_tokens` gives no full distributions). Otherwise one row per
+    (prompt, label) is scored. Both give the same numbers. Scoring starts at the first label token
+    (`score_from` = prompt length), so a routing model routes on the whole prompt, once per prompt.
+    Prompts are batched longest first to limit padding.
+    """
+    from tqdm.auto import tqdm
+
+    if single_pass is None:
+        single_pass = all(len(x) == 1 for x in label_ids)
+    if single_pass and not all(len(x) == 1 for x in label_ids):
+        raise ValueError("single_pass scoring needs every label word to be one token")
+    n, n_labels = len(prompt_ids), len(label_ids)
+    scores = np.zeros((n, n_labels), dtype=np.float64)
+    pad = model.tokenizer.pad_token_id
+    pad = 0 if pad is None else pad
+    first = torch.tensor([x[0] for x in label_ids])  # (n_labels,)
+    full_ok = _gives_full_distributions(model)
+    if single_pass:  # the prompt plus one placeholder target (label 0's token), read out in full
+        rows = [(i, None) for i in range(n)]
+    else:
+        rows = [(i, y) for i in range(n) for y in range(n_labels)]
+
+    def row_ids(r):
+        i, y = r
+        return prompt_ids[i] + (label_ids[0] if y is None else label_ids[y])
+
+    order = sorted(range(len(rows)), key=lambda j: -len(row_ids(rows[j])))
+    bar = tqdm(total=len(rows), desc=desc, unit="row", leave=False, mininterval=2.0)
+    for b in range(0, len(order), batch_size):
+        batch = [rows[j] for j in order[b : b + batch_size]]
+        seqs = [row_ids(r) for r in batch]
+        ids, mask = _pad(seqs, pad, model.device)  # (B, T)
+        starts = torch.tensor([len(prompt_ids[i]) for i, _ in batch])  # (B,) first label position
+        prefixes = [""] * len(seqs)
+        if single_pass:
+            full = None
+            if full_ok:
+                full_at = torch.zeros((len(seqs), ids.shape[1] - 1), dtype=torch.bool)  # (B, T-1)
+                full_at[torch.arange(len(seqs)), starts - 1] = True
+                _, full = model.score_tokens(ids, mask, prefixes, score_from=starts, full_at=full_at.to(model.device))
+            if full is None:  # plain interface: the distribution after the last prompt token
+                full_ok = False
+                prompt_mask = mask.clone()
+                prompt_mask[torch.arange(len(seqs)), starts.to(mask.device)] = 0
+                full = model.next_token_logprobs(ids, prompt_mask, prefixes)
+            lp = full.float().cpu()  # (B, V)
+            for r, (i, _) in enumerate(batch):
+                scores[i] = lp[r, first].double().numpy()
+        else:
+            lp, _ = model.score_tokens(ids, mask, prefixes, score_from=starts.to(model.device))
+            lp = lp.float().cpu()  # (B, T-1)
+            for r, (i, y) in enumerate(batch):
+                n_p, n_c = len(prompt_ids[i]), len(label_ids[y])
+                scores[i, y] = float(lp[r, n_p - 1 : n_p - 1 + n_c].double().sum())
+        bar.update(len(batch))
+    bar.close()
+    return scores
+
+
+def apply_scoring(raw: np.ndarray, label_ids: list[list[int]], premise_scores: np.ndarray | None, scoring: str) -> np.ndarray:
+    """raw (n, L) Σ log p → the score the prediction argmaxes: raw, /n_tokens, or − log p(label | premise)."""
+    if scoring == "raw":
+        return raw
+    if scoring == "length_norm":
+        return raw / np.array([len(x) for x in label_ids], dtype=np.float64)[None, :]
+    if scoring == "dcpmi":
+        return raw - premise_scores[None, :]
+    raise InputError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------------------
+def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> dict:
+    from sklearn.metrics import confusion_matrix, f1_score
+
+    labels = list(range(n_labels))
+    return {
+        "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0,
+        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),  # rows: true, cols: predicted
+    }
+
+
+def _mean_std(values: list[float]) -> dict:
+    a = np.asarray(values, dtype=np.float64)
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
+
+
+def baselines(task: Task, y_true: np.ndarray, seeds: Sequence[int]) -> dict:
+    """Majority class (the most frequent train label, predicted for every test example) and uniform random
+    guessing (accuracy 1/L exactly; macro-F1 averaged over one random draw per seed)."""
+    n_labels = len(task.labels)
+    counts = np.bincount([ex["label"] for ex in task.train], minlength=n_labels)
+    majority = int(counts.argmax())
+    maj = classification_metrics(y_true, np.full_like(y_true, majority), n_labels)
+    f1s = [classification_metrics(y_true, np.random.default_rng(s).integers(0, n_labels, len(y_true)), n_labels)["macro_f1"]
+           for s in seeds]
+    return {
+        "majority": {"label": task.labels[majority], "accuracy": maj["accuracy"], "macro_f1": maj["macro_f1"]},
+        "random": {"accuracy": 1.0 / n_labels, "macro_f1": float(np.mean(f1s))},
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Evaluation
+# ---------------------------------------------------------------------------------------------------------
+def _routing_summary(weights) -> dict:
+    w = np.asarray(weights, dtype=np.float64)  # (n, n_experts)
+    top = np.bincount(w.argmax(1), minlength=w.shape[1]) if len(w) else np.zeros(w.shape[1], int)
+    return {"mean_weights": w.mean(0).round(6).tolist(), "top_expert_share": (top / max(len(w), 1)).round(6).tolist(),
+            "n_texts": int(len(w))}
+
+
+def evaluate_fewshot(
+    model,
+    task: Task | str,
+    shots: int = 8,
+    seeds: Sequence[int] = DEFAULT_SEEDS,
+    max_test: int | None = None,
+    scoring: str = "raw",
+    balanced: bool = True,
+    batch_size: int = 8,
+    out_path: str | os.PathLike | None = None,
+    task_routing: bool = False,
+    routing_sample: int = 256,
+    add_bos: bool = True,
+    single_pass: bool | None = None,
+) -> dict:
+    """k-shot in-context classification of `task` with `model` (a `ScoringModel`) for each seed.
+
+    Returns (and writes to `out_path` atomically, when given) a dict with: task, model, kind, labels,
+    verbalizer, template, shots, seeds, scoring, balanced, n_test, single_pass, `per_seed` (accuracy,
+    macro_f1, confusion, prediction counts, truncation counts and the other two scorings' accuracy/F1 for free),
+    `accuracy` and `macro_f1` as {mean, std (ddof=1)} over seeds, `by_scoring` (mean ± std for raw,
+    length_norm and dcpmi), `baselines` (majority, random), `routing` (when the model has
+    `routing_weights(texts) -> (n, n_experts)`), wall_time_s and prompts_per_s.
+
+    `task_routing=True` asks the model for one routing weight vector per task, estimated from up to
+    `routing_sample` train texts, through the optional hooks `set_fixed_routing(texts)` /
+    `clear_fixed_routing()` (skipped with a warning when the model lacks them).
+    """
+    if isinstance(task, (str, os.PathLike)):
+        task = load_task(task)
+    if scoring not in SCORINGS:
+        raise InputError(f"unknown scoring {scoring!r}; choose one of {', '.join(SCORINGS)}")
+    if shots < 0:
+        raise InputError(f"shots must be ≥ 0, got {shots}")
+    if not seeds:
+        raise InputError("no few-shot seeds given")
+    test = subsample(task.test, max_test) if max_test is not None else list(task.test)
+    if not test:
+        raise InputError(f"task {task.name}: the test set is empty")
+    if not task.train and shots > 0:
+        raise InputError(f"task {task.name}: the train pool is empty")
+    if shots > len(task.train):
+        raise InputError(f"task {task.name}: train pool has {len(task.train)} examples, fewer than shots={shots}")
+    label_ids = label_token_ids(model, task)
+    max_label = max(len(x) for x in label_ids)
+    budget = int(model.max_length) - max_label
+    if budget < 2:
+        raise InputError(f"model context ({model.max_length} tokens) too short for the label words of {task.name}")
+    y_true = np.array([ex["label"] for ex in test])
+    t0 = time.perf_counter()
+    routing: dict = {}
+    fixed = False
+    if task_routing:
+        if hasattr(model, "set_fixed_routing") and hasattr(model, "clear_fixed_routing"):
+            texts = [ex["text"] for ex in subsample(task.train, routing_sample)]
+            model.set_fixed_routing(texts)
+            fixed = True
+            routing["mode"] = "task"
+            if hasattr(model, "routing_weights"):
+                routing["task"] = _routing_summary(model.routing_weights(texts))
+        else:
+            log.warning("task_routing=True but model %s has no set_fixed_routing(); routing per prompt instead",
+                        getattr(model, "name", "?"))
+            routing["mode"] = "prompt (task routing unsupported by the model)"
+    else:
+        routing["mode"] = "prompt"
+    try:
+        bos = _bos(model) if add_bos else []
+        premise = task.template.domain_premise()
+        premise_ids = [bos + _encode(model, premise)]
+        premise_scores = score_labels(model, premise_ids, label_ids, batch_size, single_pass, desc="premise")[0]
+        per_seed, n_rows = [], 0
+        seed_weights = []
+        for seed in seeds:
+            ts = time.perf_counter()
+            prompts = build_prompts(model, task, test, shots, seed, balanced, budget, add_bos)
+            raw = score_labels(model, prompts.ids, label_ids, batch_size, single_pass,
+                               desc=f"{task.name} seed {seed}")
+            n_rows += len(prompts.ids)
+            entry = {"seed": int(seed)}
+            for name in SCORINGS:
+                pred = apply_scoring(raw, label_ids, premise_scores, name).argmax(1)
+                m = classification_metrics(y_true, pred, len(task.labels))
+                if name == scoring:
+                    entry.update(m)
+                    entry["prediction_counts"] = np.bincount(pred, minlength=len(task.labels)).tolist()
+                entry.setdefault("by_scoring", {})[name] = {"accuracy": m["accuracy"], "macro_f1": m["macro_f1"]}
+            entry.update({
+                "n_truncated_prompts": prompts.n_truncated,
+                "n_demos_dropped": prompts.n_demos_dropped,
+                "mean_demos": float(np.mean(prompts.n_demos)),
+                "mean_prompt_tokens": float(np.mean([len(x) for x in prompts.ids])),
+                "wall_time_s": round(time.perf_counter() - ts, 3),
+            })
+            if hasattr(model, "routing_weights") and not fixed:
+                sample = subsample(list(range(len(prompts.texts))), routing_sample, seed)
+                w = np.asarray(model.routing_weights([prompts.texts[i] for i in sample]))
+                seed_weights.append(w)
+                entry["routing"] = _routing_summary(w)
+            per_seed.append(entry)
+            log.info("%s seed %d: accuracy %.4f macro-F1 %.4f (%s, %.1fs)", task.name, seed, entry["accuracy"],
+                     entry["macro_f1"], scoring, entry["wall_time_s"])
+        if seed_weights:
+            routing["prompt"] = _routing_summary(np.concatenate(seed_weights))
+    finally:
+        if fixed:
+            model.clear_fixed_routing()
+    wall = time.perf_counter() - t0
+    result = {
+        "task": task.name,
+        "model": getattr(model, "name", type(model).__name__),
+        "kind": task.kind,
+        "labels": task.labels,
+        "verbalizer": task.verbalizer,
+        "template": task.template.to_dict(),
+        "premise": premise,
+        "shots": shots,
+        "seeds": [int(s) for s in seeds],
+        "scoring": scoring,
+        "balanced": balanced,
+        "n_test": len(test),
+        "n_train_pool": len(task.train),
+        "single_pass": all(len(x) == 1 for x in label_ids) if single_pass is None else bool(single_pass),
+        "accuracy": _mean_std([e["accuracy"] for e in per_seed]),
+        "macro_f1": _mean_std([e["macro_f1"] for e in per_seed]),
+        "by_scoring": {
+            name: {k: _mean_std([e["by_scoring"][name][k] for e in per_seed]) for k in ("accuracy", "macro_f1")}
+            for name in SCORINGS
+        },
+        "baselines": baselines(task, y_true, seeds),
+        "per_seed": per_seed,
+        "routing": routing,
+        "n_truncated_prompts": int(sum(e["n_truncated_prompts"] for e in per_seed)),
+        "wall_time_s": round(wall, 3),
+        "prompts_per_s": round(n_rows / wall, 2) if wall > 0 else None,
+    }
+    log.info("%s on %s: accuracy %.4f ± %.4f over %d seeds (%s; majority %.4f) in %.1fs", result["model"], task.name,
+             result["accuracy"]["mean"], result["accuracy"]["std"], len(seeds), scoring,
+             result["baselines"]["majority"]["accuracy"], wall)
+    if out_path is not None:
+        write_json(out_path, result)
+    return result

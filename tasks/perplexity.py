@@ -1,0 +1,190 @@
+"""Token-level perplexity of any `ScoringModel` on a set of documents, overall, per cluster and per label.
+
+    PPL = exp( Σ_docs Σ_t −log p(x_t | x_<t) / Σ_docs n_tokens ),   bits/byte = Σ NLL / (ln 2 · Σ UTF-8 bytes)
+
+Each document is scored as BOS + its tokens, every token predicted exactly once. Documents longer than the
+model context are cut into windows of `model.max_length` tokens that share one token (window w starts where
+window w−1's last prediction was made, so predicted tokens never overlap); window w > 0 sees the earlier
+windows only as text through `prefix_texts` (so a routing model such as the c-BTM ensemble routes on the
+whole document prefix, Gururangan et al. 2023 §2.3), not as attention context. Windows of many documents are
+batched together, longest first.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import os
+import time
+from collections import defaultdict
+from typing import Iterable, Iterator
+
+import torch
+
+from corpus.io import InputError, write_json
+
+log = logging.getLogger(__name__)
+
+
+def document_windows(ids: list[int], max_length: int, n_bos: int) -> Iterator[tuple[int, list[int]]]:
+    """Yield (start, window ids) covering `ids` so each token after the first is predicted exactly once.
+
+    Window = ids[start : start + max_length], start = 0, L−1, 2(L−1), ...; the text before a window is
+    ids[n_bos:start] (BOS excluded).
+    """
+    if max_length < 2:
+        raise InputError(f"model context max_length={max_length} is too short to score anything")
+    for start in range(0, len(ids) - 1, max_length - 1):
+        win = ids[start : start + max_length]
+        if len(win) < 2:
+            break
+        yield start, win
+
+
+def _group_metrics(nll: float, n_tokens: int, n_bytes: int, n_docs: int) -> dict:
+    mean = nll / n_tokens if n_tokens else float("nan")
+    return {
+        "perplexity": math.exp(mean) if n_tokens else None,
+        "nll_per_token": mean if n_tokens else None,
+        "bits_per_byte": nll / math.log(2) / n_bytes if n_bytes else None,
+        "n_tokens": int(n_tokens),
+        "n_bytes": int(n_bytes),
+        "n_docs": int(n_docs),
+    }
+
+
+@torch.no_grad()
+def evaluate_perplexity(
+    model,
+    docs: Iterable[dict],
+    out_path: str | os.PathLike | None = None,
+    max_docs: int | None = None,
+    batch_size: int = 8,
+    chunk_docs: int = 256,
+    per_doc: bool = False,
+) -> dict:
+    """Perplexity of `model` (a `ScoringModel`) on `docs` (dicts with `id`, `text`, optional `label`,
+    optional `cluster_id`).
+
+    Returns (and writes to `out_path` atomically, when given): model, `perplexity`, `bits_per_byte`,
+    `overall` / `per_cluster` / `per_label` (each: perplexity, nll_per_token, bits_per_byte, n_tokens,
+    n_bytes, n_docs), n_docs, n_empty_docs, n_tokens, n_windows, max_length, wall_time_s, tokens_per_s, and
+    with `per_doc=True` a `docs` list of {id, nll, n_tokens}. Documents are read `chunk_docs` at a time; the
+    windows of a chunk are sorted by length and scored `batch_size` windows per call.
+    """
+    from tqdm.auto import tqdm
+
+    L = int(model.max_length)
+    bos = _bos(model)
+    pad = model.tokenizer.pad_token_id
+    pad = 0 if pad is None else pad
+    total = None
+    if hasattr(docs, "__len__"):
+        total = len(docs) if max_docs is None else min(len(docs), max_docs)
+    it = iter(docs) if max_docs is None else itertools.islice(docs, max_docs)
+
+    stats = {"overall": defaultdict(float), "cluster": defaultdict(lambda: defaultdict(float)),
+             "label": defaultdict(lambda: defaultdict(float))}
+    doc_rows = []
+    n_docs = n_empty = n_windows = 0
+    t0 = time.perf_counter()
+    bar = tqdm(total=total, desc=f"perplexity {getattr(model, 'name', '')}", unit="doc", mininterval=2.0)
+    while True:
+        chunk = list(itertools.islice(it, chunk_docs))
+        if not chunk:
+            break
+        texts = []
+        for j, doc in enumerate(chunk):
+            if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
+                where = doc.get("id", n_docs + j) if isinstance(doc, dict) else n_docs + j
+                raise InputError(f"document {where!r} has no string 'text' field")
+            texts.append(doc["text"])
+        encoded = [list(x) for x in model.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        windows = []  # (doc index in chunk, ids, prefix text)
+        for j, toks in enumerate(encoded):
+            ids = bos + toks
+            for start, win in document_windows(ids, L, len(bos)):
+                prefix = model.tokenizer.decode(ids[len(bos) : start]) if start > len(bos) else ""
+                windows.append((j, win, prefix))
+        nll = [0.0] * len(chunk)
+        ntok = [0] * len(chunk)
+        windows.sort(key=lambda w: -len(w[1]))
+        for b in range(0, len(windows), batch_size):
+            batch = windows[b : b + batch_size]
+            T = len(batch[0][1])
+            ids = torch.full((len(batch), T), pad, dtype=torch.long)  # (B, T)
+            mask = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
+            for r, (_, win, _) in enumerate(batch):
+                ids[r, : len(win)] = torch.tensor(win, dtype=torch.long)
+                mask[r, : len(win)] = 1
+            lp = model.token_logprobs(ids.to(model.device), mask.to(model.device), [w[2] for w in batch])
+            lp = lp.float().cpu()  # (B, T-1)
+            valid = mask[:, 1:].bool()  # (B, T-1) targets that are real tokens
+            per_row = -(lp.masked_fill(~valid, 0.0)).double().sum(1)  # (B,)
+            for r, (j, win, _) in enumerate(batch):
+                nll[j] += float(per_row[r])
+                ntok[j] += len(win) - 1
+        n_windows += len(windows)
+        for j, doc in enumerate(chunk):
+            if ntok[j] == 0:
+                n_empty += 1
+                continue
+            n_bytes = len(doc["text"].encode("utf-8"))
+            groups = [stats["overall"]]
+            if doc.get("cluster_id") is not None:
+                groups.append(stats["cluster"][str(int(doc["cluster_id"]))])
+            if doc.get("label") is not None:
+                groups.append(stats["label"][str(doc["label"])])
+            for g in groups:
+                g["nll"] += nll[j]
+                g["n_tokens"] += ntok[j]
+                g["n_bytes"] += n_bytes
+                g["n_docs"] += 1
+            if per_doc:
+                doc_rows.append({"id": str(doc.get("id", n_docs + j)), "nll": nll[j], "n_tokens": ntok[j]})
+        n_docs += len(chunk)
+        bar.update(len(chunk))
+        g = stats["overall"]
+        elapsed = time.perf_counter() - t0
+        if g["n_tokens"]:
+            bar.set_postfix(ppl=f"{math.exp(g['nll'] / g['n_tokens']):.2f}", tok_s=f"{g['n_tokens'] / elapsed:.0f}")
+    bar.close()
+    wall = time.perf_counter() - t0
+    if n_docs == 0:
+        raise InputError("no documents to evaluate perplexity on")
+    if n_empty:
+        log.warning("perplexity: skipped %d of %d documents with no tokens", n_empty, n_docs)
+
+    def metrics(g):
+        return _group_metrics(g["nll"], int(g["n_tokens"]), int(g["n_bytes"]), int(g["n_docs"]))
+
+    overall = metrics(stats["overall"])
+    result = {
+        "model": getattr(model, "name", type(model).__name__),
+        "perplexity": overall["perplexity"],
+        "bits_per_byte": overall["bits_per_byte"],
+        "overall": overall,
+        "per_cluster": {k: metrics(v) for k, v in sorted(stats["cluster"].items(), key=lambda kv: int(kv[0]))},
+        "per_label": {k: metrics(v) for k, v in sorted(stats["label"].items())},
+        "n_docs": n_docs - n_empty,
+        "n_empty_docs": n_empty,
+        "n_tokens": overall["n_tokens"],
+        "n_windows": n_windows,
+        "max_length": L,
+        "batch_size": batch_size,
+        "wall_time_s": round(wall, 3),
+        "tokens_per_s": round(overall["n_tokens"] / wall, 1) if wall > 0 else None,
+    }
+    if per_doc:
+        result["docs"] = doc_rows
+    log.info("perplexity of %s: %.3f over %d tokens in %d docs (%.1f tok/s)", result["model"],
+             overall["perplexity"] or float("nan"), overall["n_tokens"], result["n_docs"], result["tokens_per_s"] or 0)
+    if out_path is not None:
+        write_json(out_path, result)
+    return result
+
+
+def _bos(model) -> list[int]:
+    tok = model.tokenizer
+    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    return [bos] if bos is not None else []
