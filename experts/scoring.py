@@ -207,8 +207,11 @@ class HFCausalLM(ScoringModel):
         model, tokenizer = load_causal_lm(path)
         return cls(model, tokenizer, device=device, name=name or str(path), **kw)
 
-    def logits(self, input_ids, attention_mask=None) -> torch.Tensor:
+    def logits(self, input_ids, attention_mask=None, keep: int = 0) -> torch.Tensor:
+        """(B, T, V) logits, or only the last `keep` positions (B, keep, V) when keep > 0."""
         with self.setup.autocast():
+            if keep:
+                return self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
             return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
 
     @torch.no_grad()
@@ -217,15 +220,23 @@ class HFCausalLM(ScoringModel):
 
     @torch.no_grad()
     def score_tokens(self, input_ids, attention_mask=None, prefix_texts=None, score_from=None, full_at=None):
-        """One forward pass: target log-probs (B, T-1) and, where `full_at` marks, full log-distributions."""
-        logits = self.logits(input_ids, attention_mask)[:, :-1]  # (B, T-1, V)
-        target = input_ids[:, 1:]
-        B, T1, V = logits.shape
+        """One forward pass: target log-probs (B, T-1) and, where `full_at` marks, full log-distributions.
+
+        With `score_from`, the output layer runs only from the earliest position any row needs (few-shot
+        prompts score a few label tokens after hundreds of prompt tokens); earlier outputs are left at 0.
+        """
+        B, T = input_ids.shape
+        s0 = 0 if score_from is None else max(int(score_from.min()) - 1, 0)  # first logit position needed
+        logits = self.logits(input_ids, attention_mask, keep=T - s0 if s0 else 0)[:, :-1]  # (B, T-1-s0, V)
+        target = input_ids[:, s0 + 1 :]  # (B, T-1-s0)
+        V = logits.shape[-1]
         nll = F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), reduction="none")
+        lp = torch.zeros((B, T - 1), dtype=torch.float32, device=logits.device)
+        lp[:, s0:] = -nll.view(B, T - 1 - s0)
         full = None
         if full_at is not None:
-            full = torch.log_softmax(logits[full_at.to(logits.device)].float(), dim=-1)  # (N, V)
-        return -nll.view(B, T1), full
+            full = torch.log_softmax(logits[full_at[:, s0:].to(logits.device)].float(), dim=-1)  # (N, V)
+        return lp, full
 
     @torch.no_grad()
     def next_token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
