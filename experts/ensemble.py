@@ -298,8 +298,27 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         self.reset_stats()
 
     # ---- routing ----
+    def routing_weights(self, texts: Sequence[str]) -> np.ndarray:
+        """Dense (n, k) routing weights of texts (≥ 0, rows sum to 1, zero outside the top_k)."""
+        idx, w = self.route_texts(texts)
+        return torch.zeros(len(texts), len(self.slots)).scatter_(1, idx, w).numpy()
+
+    def set_fixed_routing(self, texts: Sequence[str]) -> None:
+        """One weight vector for every input (the paper's per-task variant): the mean of the texts' routing
+        weights, restricted to its top_k and renormalised. Undo with `clear_fixed_routing()`."""
+        self.fixed_routing = None
+        mean = torch.as_tensor(self.routing_weights(texts)).mean(0)  # (k,)
+        w, idx = torch.topk(mean, self.top_k)
+        self.fixed_routing = (idx, w / w.sum())
+
+    def clear_fixed_routing(self) -> None:
+        self.fixed_routing = None
+
     def route_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """(idx (n, top_k), w (n, top_k)) for routing texts; identical texts are embedded once."""
+        if getattr(self, "fixed_routing", None) is not None:
+            idx, w = self.fixed_routing
+            return idx.expand(len(texts), -1), w.expand(len(texts), -1)
         uniq = list(dict.fromkeys(texts))
         emb = np.asarray(self.embedder.transform(uniq), dtype=np.float32)  # (n_unique, d)
         if emb.ndim != 2 or emb.shape[1] != self.centroids.shape[1]:

@@ -191,3 +191,18 @@ def test_expert_micro_batches_change_nothing(experts, centroids):
     a = _ens(experts, centroids).token_logprobs(ids, mask)
     b = _ens(experts, centroids, expert_batch_size=1).token_logprobs(ids, mask)
     torch.testing.assert_close(a[valid], b[valid], rtol=1e-5, atol=1e-5)
+
+
+def test_fixed_routing_uses_one_weight_vector(experts, centroids):
+    ens = _ens(experts, centroids, temperature=1.0)
+    texts = TEXTS[:3]
+    dense = ens.routing_weights(texts)  # (n, k)
+    assert dense.shape == (3, len(experts))
+    np.testing.assert_allclose(dense.sum(1), 1.0, rtol=1e-5)
+    assert ((dense > 0).sum(1) <= 2).all()
+    ens.set_fixed_routing(texts)
+    fixed = ens.routing_weights([TEXTS[3], TEXTS[0]])
+    np.testing.assert_allclose(fixed[0], fixed[1])
+    assert (fixed[0] > 0).sum() <= 2 and abs(fixed[0].sum() - 1) < 1e-5
+    ens.clear_fixed_routing()
+    np.testing.assert_allclose(ens.routing_weights(texts), dense)
