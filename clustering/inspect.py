@@ -1,0 +1,176 @@
+"""Describe clusters for the report: sizes, top terms or nearest documents, examples, agreement with labels, plots.
+
+`describe_clusters` reads the corpus-, embeddings-, assignments- and clusters- folders and writes into out_dir:
+`clusters.json` (the returned dict), `cluster_sizes.png` (bar chart of train sizes) and `projection.png` (2-D PCA
+projection of a sample of train embeddings coloured by cluster_id, centroids marked).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from corpus.io import InputError, atomic_file, write_json
+
+log = logging.getLogger(__name__)
+
+
+def _snippet(text: str, n_chars: int = 160) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n_chars else text[: n_chars - 1].rstrip() + "…"
+
+
+def purity(labels: np.ndarray, clusters: np.ndarray) -> float:
+    """Purity = (1/n) Σ_clusters max_label |cluster ∩ label|."""
+    if len(labels) == 0:
+        return float("nan")
+    _, lab = np.unique(labels, return_inverse=True)
+    table = np.zeros((clusters.max() + 1, lab.max() + 1), dtype=np.int64)
+    np.add.at(table, (clusters, lab), 1)
+    return float(table.max(1).sum() / len(labels))
+
+
+def describe_clusters(
+    corpus_dir: str | Path,
+    embeddings_dir: str | Path,
+    assignments_dir: str | Path,
+    clusters_dir: str | Path,
+    out_dir: str | Path,
+    label_field_present: bool | str = "auto",
+    n_terms: int = 10,
+    n_examples: int = 3,
+    projection_sample: int = 5000,
+    seed: int = 0,
+) -> dict:
+    """Per cluster (train split): size, top TF-IDF terms (TF-IDF embedder) or the texts nearest the centroid
+    (encoder), example snippets, label distribution; overall NMI (sklearn normalized_mutual_info_score) and purity
+    against the `label` column when present. Writes clusters.json, cluster_sizes.png, projection.png into out_dir
+    (created if needed; each file written atomically). Returns the clusters.json dict."""
+    import pyarrow.parquet as pq
+    from sklearn.metrics import normalized_mutual_info_score
+
+    from clustering.embed import load_embedder
+    from corpus.io import read_json
+
+    corpus_dir, embeddings_dir = Path(corpus_dir), Path(embeddings_dir)
+    assignments_dir, clusters_dir, out_dir = Path(assignments_dir), Path(clusters_dir), Path(out_dir)
+    cpath, apath = corpus_dir / "train.parquet", assignments_dir / "train.parquet"
+    for p in (cpath, apath, clusters_dir / "centroids.npy"):
+        if not p.exists():
+            raise InputError(f"missing file: {p}")
+    corpus = pq.read_table(cpath).to_pandas()
+    assign = pq.read_table(apath).to_pandas()
+    if len(corpus) != len(assign) or not (corpus["id"].astype(str).values == assign["id"].astype(str).values).all():
+        raise InputError(f"{apath} does not match {cpath} (different documents or order)")
+    centroids = np.load(clusters_dir / "centroids.npy", allow_pickle=False)
+    k = centroids.shape[0]
+    cid = assign["cluster_id"].to_numpy().astype(np.int64)
+    dist = assign["distance"].to_numpy()
+    texts = corpus["text"].tolist()
+    has_label = "label" in corpus.columns and corpus["label"].notna().any()
+    if label_field_present is not True and label_field_present != "auto":
+        has_label = False
+    elif label_field_present is True and not has_label:
+        raise InputError(f"{cpath} has no 'label' column")
+    labels = corpus["label"].astype(str).to_numpy() if has_label else None
+
+    embedder = None
+    if (embeddings_dir / "embedder" / "config.json").exists():
+        try:
+            embedder = load_embedder(embeddings_dir / "embedder", device="cpu")
+        except InputError as e:
+            log.warning("cannot load the embedder for top terms: %s", e)
+    top_terms = None
+    if embedder is not None and getattr(embedder, "kind", "") == "tfidf":
+        top_terms = embedder.top_terms(centroids, n=n_terms)
+
+    sizes = np.bincount(cid, minlength=k)
+    rng = np.random.default_rng(seed)
+    clusters = []
+    for j in range(k):
+        members = np.nonzero(cid == j)[0]
+        info: dict = {"cluster_id": j, "size": int(sizes[j]), "fraction": float(sizes[j] / max(1, len(cid)))}
+        if top_terms is not None:
+            info["top_terms"] = top_terms[j]
+        if members.size:
+            nearest = members[np.argsort(dist[members], kind="stable")[:n_examples]]
+            info["nearest_documents"] = [{"id": str(corpus["id"].iloc[i]), "text": _snippet(texts[i])}
+                                         for i in nearest]
+            ex = rng.choice(members, size=min(n_examples, members.size), replace=False)
+            info["examples"] = [_snippet(texts[i]) for i in ex]
+            info["mean_distance"] = float(dist[members].mean())
+        if labels is not None and members.size:
+            vals, cnt = np.unique(labels[members], return_counts=True)
+            order = np.argsort(-cnt, kind="stable")
+            info["label_distribution"] = {str(vals[o]): int(cnt[o]) for o in order}
+            info["majority_label"] = str(vals[order[0]])
+        clusters.append(info)
+    result: dict = {"n_clusters": k, "n_docs": int(len(cid)), "sizes": sizes.tolist(),
+                    "max_over_min": float(sizes.max() / sizes.min()) if sizes.min() > 0 else float("inf"),
+                    "embedder": getattr(embedder, "kind", None), "clusters": clusters}
+    summary_path = assignments_dir / "summary.json"
+    if summary_path.exists():
+        result["assignment_summary"] = read_json(summary_path)
+    if labels is not None:
+        result["nmi"] = float(normalized_mutual_info_score(labels, cid))
+        result["purity"] = purity(labels, cid)
+        result["label_field"] = "label"
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _plot_sizes(sizes, out_dir / "cluster_sizes.png")
+    emb_path = embeddings_dir / "train.npy"
+    if emb_path.exists():
+        x = np.load(emb_path, mmap_mode="r")
+        idx = np.sort(rng.choice(len(cid), size=min(projection_sample, len(cid)), replace=False))
+        _plot_projection(np.asarray(x[idx], dtype=np.float32), cid[idx], centroids, out_dir / "projection.png")
+        result["plots"] = ["cluster_sizes.png", "projection.png"]
+    else:
+        result["plots"] = ["cluster_sizes.png"]
+    write_json(out_dir / "clusters.json", result)
+    return result
+
+
+def _plot_sizes(sizes: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.25 * len(sizes) + 2), 3), dpi=120)
+    ax.bar(np.arange(len(sizes)), sizes, color="tab:blue")
+    ax.axhline(sizes.mean(), color="k", lw=0.8, ls="--", label="mean")
+    ax.set_xlabel("cluster_id")
+    ax.set_ylabel("train documents")
+    ax.set_title(f"cluster sizes (max/min {sizes.max() / max(sizes.min(), 1):.2f})")
+    ax.legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)
+
+
+def _plot_projection(x: np.ndarray, cid: np.ndarray, centroids: np.ndarray, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.decomposition import PCA
+
+    n_comp = min(2, x.shape[1], max(1, len(x)))
+    pca = PCA(n_components=n_comp, random_state=0).fit(x)
+    p = pca.transform(x)
+    c = pca.transform(centroids.astype(np.float32))
+    if n_comp == 1:
+        p, c = np.c_[p, np.zeros(len(p))], np.c_[c, np.zeros(len(c))]
+    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
+    sc = ax.scatter(p[:, 0], p[:, 1], c=cid, s=3, cmap="tab20", alpha=0.6, linewidths=0)
+    ax.scatter(c[:, 0], c[:, 1], c="white", edgecolors="black", s=40, linewidths=1.2)
+    for j, (a, b) in enumerate(c):
+        ax.annotate(str(j), (a, b), fontsize=6, ha="center", va="center")
+    ax.set_title("train embeddings, PCA projection (colour = cluster_id)")
+    fig.colorbar(sc, ax=ax, label="cluster_id")
+    fig.tight_layout()
+    with atomic_file(path, "wb") as f:
+        fig.savefig(f, format="png")
+    plt.close(fig)

@@ -1,0 +1,977 @@
+"""Balanced k-means for c-BTM clusters, on GPU or CPU, at corpus scale; plus the ablation baselines.
+
+c-BTM (Gururangan et al. 2023, §2.2) clusters TF-IDF document embeddings with *balanced* k-means, so every expert
+sees about the same amount of data. This module provides:
+
+- `BalancedKMeans`: Lloyd iterations whose assignment step solves the capacitated assignment problem
+  (sizes within a tolerance) with dual prices + exact greedy repair (see `balanced_assign` for the formulas).
+- `UnbalancedKMeans`: plain Lloyd (one GEMM + argmin per iteration), the speed floor and an ablation.
+- `RandomClusters`: uniform random assignment, the paper's random-cluster control.
+- `fit_clusters` / `assign_clusters`: the stage functions reading and writing the `embeddings-`, `clusters-` and
+  `assignments-` folders described in docs/ARCHITECTURE.md.
+
+Backends ("the minimal set of operations to perform k-means", as in faiss `contrib/clustering.py`): a searcher
+computes squared distances to the centroids — `torch` (GEMM, CUDA or CPU) or `faiss` (IndexFlatL2, GPU index
+when faiss has GPU support) — and the balancing, centroid update and bookkeeping are shared torch code that runs
+on the same device, so both backends give the same result up to floating-point ties.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from corpus.io import InputError, atomic_dir, read_json, write_json
+
+log = logging.getLogger(__name__)
+
+SPLITS = ("train", "valid", "test")
+_BATCH_BYTES = 1 << 28  # ~256 MiB of (rows × (dim + n_clusters)) float32 per streamed batch
+_DAMP = 0.5
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# input checks and helpers
+# ----------------------------------------------------------------------------------------------------------------
+def _check_matrix(x: Any, name: str = "x") -> Any:
+    """Return `x` (numpy array, memmap or torch tensor) after checking it is a 2-D float/int matrix."""
+    if isinstance(x, torch.Tensor):
+        if x.ndim != 2:
+            raise InputError(f"{name} must be a 2-D matrix (n_docs, dim), got shape {tuple(x.shape)}")
+        if x.is_sparse:
+            raise InputError(f"{name} is a sparse tensor; densify it (embedders return dense arrays)")
+        return x
+    if hasattr(x, "toarray"):
+        raise InputError(f"{name} is a sparse matrix; densify it first (embedders return dense arrays)")
+    x = x if isinstance(x, np.ndarray) else np.asarray(x)
+    if x.ndim != 2:
+        raise InputError(f"{name} must be a 2-D matrix (n_docs, dim), got shape {x.shape}")
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
+        raise InputError(f"{name} must hold numbers, got dtype {x.dtype}")
+    return x
+
+
+def _rows(x: Any, start: int, stop: int, device: torch.device, name: str = "x") -> torch.Tensor:
+    """Rows [start, stop) of `x` as a float32 tensor on `device`; InputError on NaN/inf."""
+    if isinstance(x, torch.Tensor):
+        xb = x[start:stop].to(device=device, dtype=torch.float32, non_blocking=True)
+    else:
+        xb = torch.from_numpy(np.array(x[start:stop], dtype=np.float32)).to(device, non_blocking=True)
+    bad = ~torch.isfinite(xb).all(dim=1)  # (b,)
+    if bool(bad.any()):
+        row = start + int(bad.nonzero()[0, 0])
+        raise InputError(f"{name} has NaN or infinite values (first at row {row}); fix the embeddings first")
+    return xb
+
+
+def _take_rows(x: Any, idx: np.ndarray, device: torch.device, name: str = "x") -> torch.Tensor:
+    """Rows `idx` (sorted int64) of `x` as float32 on `device`, read in chunks (works on memory-mapped .npy)."""
+    out = torch.empty((len(idx), x.shape[1]), dtype=torch.float32, device=device)
+    step = max(1, _BATCH_BYTES // (4 * max(1, x.shape[1])))
+    for s in range(0, len(idx), step):
+        part = idx[s : s + step]
+        if isinstance(x, torch.Tensor):
+            xb = x[torch.as_tensor(part, device=x.device)].to(device=device, dtype=torch.float32)
+        else:
+            xb = torch.from_numpy(np.array(x[part], dtype=np.float32)).to(device)
+        if not bool(torch.isfinite(xb).all()):
+            bad = int(part[int((~torch.isfinite(xb).all(1)).nonzero()[0, 0])])
+            raise InputError(f"{name} has NaN or infinite values (first at row {bad}); fix the embeddings first")
+        out[s : s + len(part)] = xb
+    return out
+
+
+def size_bounds(n: int, n_clusters: int, balance: float) -> tuple[int, int]:
+    """Cluster-size bounds (lo, hi) for n points: hi/lo ≤ balance, or exactly ⌊n/k⌋..⌈n/k⌉ when that is tighter.
+
+    lo = ⌈(n/k)/√balance⌉ and hi = ⌊(n/k)·√balance⌋, clamped so that lo ≤ ⌊n/k⌋ and hi ≥ ⌈n/k⌉ (always
+    feasible). balance = 1 gives the exact ⌊n/k⌋/⌈n/k⌉ split.
+    """
+    k = n_clusters
+    avg = n / k
+    s = math.sqrt(balance)
+    lo = min(math.ceil(avg / s - 1e-9), n // k)
+    hi = max(math.floor(avg * s + 1e-9), -(-n // k))
+    return lo, hi
+
+
+def _sqdist(x: torch.Tensor, c: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared L2 distances ‖x−c‖² = ‖x‖² − 2x·c + ‖c‖², clamped at 0. x (n, d), c (k, d) → (n, k)."""
+    if x2 is None:
+        x2 = (x * x).sum(1)
+    c2 = (c * c).sum(1)
+    d = torch.addmm(c2[None, :], x, c.T, alpha=-2.0)  # (n, k)
+    return d.add_(x2[:, None]).clamp_min_(0.0)
+
+
+def _cluster_of(cand_idx: torch.Tensor | None, pos: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Cluster ids at candidate positions `pos` (n,) (cand_idx None means position == cluster id)."""
+    if cand_idx is None:
+        return pos
+    ci = cand_idx if rows is None else cand_idx[rows]
+    return ci.gather(1, pos[:, None]).squeeze(1)
+
+
+def _price_of(prices: torch.Tensor, cand_idx: torch.Tensor | None, n: int) -> torch.Tensor:
+    return prices[None, :] if cand_idx is None else prices[cand_idx]
+
+
+def _rank_within(keys: torch.Tensor, groups: torch.Tensor, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order items by (group, key) and return (order, rank of each ordered item within its group).
+
+    One argsort of the float64 composite key group + key scaled into [0, 1) (inf keys last/first)."""
+    n = keys.numel()
+    if n == 0:
+        e = torch.zeros(0, dtype=torch.long, device=keys.device)
+        return e, e
+    kk = keys.double()
+    fin = torch.isfinite(kk)
+    if bool(fin.any()):
+        lo_, hi_ = kk[fin].min(), kk[fin].max()
+        frac = ((kk - lo_) / (hi_ - lo_ + 1e-300) * 0.999).where(fin, torch.full_like(kk, 0.9995))
+    else:
+        frac = torch.full_like(kk, 0.5)
+    if descending:
+        frac = 0.9999 - frac
+    order = torch.argsort(groups.double() + frac)
+    g = groups[order]
+    pos = torch.arange(n, device=g.device)
+    is_start = torch.ones(n, dtype=torch.bool, device=g.device)
+    if n > 1:
+        is_start[1:] = g[1:] != g[:-1]
+    start = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), 0).values
+    return order, pos - start
+
+
+def _column_kth(g: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
+    """kth[t]-th smallest (1-based) value of column t of g (n, u) → (u,); sort on CUDA, selection on CPU."""
+    n = g.shape[0]
+    kth = kth.clamp(1, n)
+    if g.is_cuda:
+        srt = torch.sort(g, dim=0).values  # (n, u)
+        return srt.gather(0, (kth - 1)[None, :]).squeeze(0)
+    return torch.stack([torch.kthvalue(g[:, t], int(kth[t])).values for t in range(g.shape[1])])
+
+
+def _group_kth(values: torch.Tensor, groups: torch.Tensor, ids: torch.Tensor, kth: torch.Tensor,
+               counts: torch.Tensor) -> torch.Tensor:
+    """For each group id in `ids` (ascending), the kth-smallest (1-based) of `values` over its members."""
+    if values.is_cuda:
+        sel = torch.isin(groups, ids).nonzero().squeeze(1)
+        order, _ = _rank_within(values[sel], groups[sel], descending=False)
+        srt = values[sel][order]
+        starts = torch.cumsum(counts[ids], 0) - counts[ids]
+        return srt[starts + kth - 1]
+    out = []
+    for j, e in zip(ids.tolist(), kth.tolist()):
+        v = values[groups == j]
+        out.append(torch.kthvalue(v, int(e)).values)
+    return torch.stack(out)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the balanced assignment step (shared by both backends)
+# ----------------------------------------------------------------------------------------------------------------
+def _greedy_capacity(
+    cost: torch.Tensor, cand_idx: torch.Tensor | None, remaining: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy capacity-constrained assignment by regret (deferred acceptance, accept-final).
+
+    cost (n, m) price-adjusted costs of each point's candidates; cand_idx (n, m) or None; remaining (k,) free
+    slots (updated in place). Each round every open point proposes to its cheapest candidate with a free slot;
+    a cluster with more proposals than slots accepts those with the largest regret (second-cheapest minus cheapest
+    open cost: the points that lose most by going elsewhere, Vogel's rule) and is then full. ≤ k+1 rounds.
+    Returns (assign (n,) int64 with −1 where all candidates filled up, position (n,) int64 in the candidate list).
+    """
+    n, m = cost.shape
+    dev = cost.device
+    assign = torch.full((n,), -1, dtype=torch.long, device=dev)
+    position = torch.full((n,), -1, dtype=torch.long, device=dev)
+    active = torch.arange(n, device=dev)
+    k = remaining.numel()
+    while active.numel():
+        full = remaining <= 0  # (k,)
+        closed = full[None, :].expand(active.numel(), k) if cand_idx is None else full[cand_idx[active]]
+        c = cost[active].masked_fill(closed, float("inf"))  # (a, m)
+        if m >= 2:
+            v, p = c.topk(2, dim=1, largest=False)  # (a, 2)
+            regret = torch.nan_to_num(v[:, 1] - v[:, 0], nan=0.0, posinf=float("inf"))
+        else:
+            v, p = c, torch.zeros_like(c, dtype=torch.long)
+            regret = torch.full_like(v[:, 0], float("inf"))
+        ok = torch.isfinite(v[:, 0])  # (a,) points that still have an open candidate
+        prop = _cluster_of(cand_idx, p[:, 0], active)  # (a,)
+        prop = torch.where(ok, prop, torch.zeros_like(prop))
+        demand = torch.bincount(prop[ok], minlength=k)
+        over = demand > remaining  # (k,)
+        accept = ok & ~over[prop]
+        contested = (ok & over[prop]).nonzero().squeeze(1)
+        if contested.numel():
+            order, rank = _rank_within(regret[contested], prop[contested], descending=True)
+            sel = contested[order]
+            accept[sel[rank < remaining[prop[sel]]]] = True
+        acc = accept.nonzero().squeeze(1)
+        assign[active[acc]] = prop[acc]
+        position[active[acc]] = p[acc, 0]
+        remaining -= torch.bincount(prop[acc], minlength=k)
+        keep = ok & ~accept  # rejected points: the cluster they asked is now full, so they ask another next round
+        if not bool(keep.any()):
+            break  # the rest were accepted or have no open candidate left (assign −1)
+        active = active[keep]
+    return assign, position
+
+
+def balanced_assign(
+    x: torch.Tensor,
+    centroids: torch.Tensor,
+    cand_dist: torch.Tensor,
+    cand_idx: torch.Tensor | None,
+    lo: torch.Tensor,
+    hi: torch.Tensor,
+    prices: torch.Tensor,
+    price_steps: int = 2,
+    x2: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Assign n points to k clusters with lo_j ≤ |cluster j| ≤ hi_j, minimising Σ ‖x_i − c_a(i)‖².
+
+    Inputs: x (n, d) and centroids (k, d) float32 on one device; cand_dist (n, m) squared distances to each point's
+    m candidate centroids, cand_idx (n, m) their ids (None: all k, column j = cluster j); lo, hi (k,) int64 size
+    bounds with Σlo ≤ n ≤ Σhi; prices (k,) float32 warm-start dual prices. Returns (assign (n,) int64,
+    dist (n,) float32 squared distance to the assigned centroid, prices (k,)).
+
+    The capacitated assignment LP  min Σ_ij d_ij z_ij  s.t. Σ_j z_ij = 1, Σ_i z_ij ≤ hi_j  has the dual
+    max Σ_i min_j (d_ij + λ_j) − Σ_j λ_j hi_j, λ ≥ 0: with the right prices λ each point simply takes
+    argmin_j (d_ij + λ_j). Three steps:
+      1. If the nearest-centroid assignment already satisfies the bounds it is optimal (λ = 0): return it.
+      2. Dual (block-coordinate) ascent, Jacobi style as in Bertsekas' auction (1988): for every overfull
+         cluster j with e_j = count_j − hi_j extra points, the e_j-th smallest regret r_i = (2nd-best cost −
+         best cost) among its points (+ a tiny ε) is exactly the price rise at which e_j of them would rather
+         move — the coordinate-wise optimum of the dual; symmetrically an underfull cluster lowers λ_j by the
+         f_j-th smallest gain (cost_ij − best cost_i) of non-members. All clusters update at once (Jacobi), so
+         the step is damped by 1/2; `price_steps` rounds per call, warm-started from the previous Lloyd
+         iteration's prices. (Measured: 1–2 rounds improve the objective over pure repair; more overshoot.)
+      3. Exact repair: greedy capacity assignment on the price-adjusted costs (`_greedy_capacity`, largest regret
+         first; points whose m candidates all filled up fall back to all k centroids), then every cluster below lo_j
+         pulls the points whose move costs least, d(x, c_j) − d(x, c_a(x)), from clusters above their own lo.
+    After step 3 the bounds hold exactly, whatever the prices did. No Python loop runs over points.
+    """
+    n = cand_dist.shape[0]
+    k = centroids.shape[0]
+    dev = cand_dist.device
+    m = cand_dist.shape[1]
+    if x2 is None:
+        x2 = (x * x).sum(1)  # (n,)
+    # 1. nearest centroid
+    pos0 = cand_dist.argmin(1)  # (n,)
+    near = _cluster_of(cand_idx, pos0)
+    counts = torch.bincount(near, minlength=k)
+    if bool(((counts >= lo) & (counts <= hi)).all()):
+        return near, cand_dist.gather(1, pos0[:, None]).squeeze(1), torch.zeros_like(prices)
+
+    prices = prices.clone()
+    eps = 1e-6 * float(cand_dist.mean()) + 1e-12
+    # 2. dual ascent on both bounds
+    if m >= 2:
+        for _ in range(price_steps):
+            cost = cand_dist + _price_of(prices, cand_idx, n)  # (n, m)
+            v, p = cost.topk(2, dim=1, largest=False)  # (n, 2)
+            best = _cluster_of(cand_idx, p[:, 0])  # (n,)
+            counts = torch.bincount(best, minlength=k)
+            excess, deficit = counts - hi, lo - counts  # (k,)
+            over, under = (excess > 0).nonzero().squeeze(1), (deficit > 0).nonzero().squeeze(1)
+            if over.numel() == 0 and under.numel() == 0:
+                break
+            delta = torch.zeros_like(prices)
+            if over.numel():  # λ_j += e_j-th smallest regret of its members
+                regret = v[:, 1] - v[:, 0]
+                delta[over] = torch.nan_to_num(_group_kth(regret, best, over, excess[over], counts),
+                                               posinf=0.0) + eps
+            if under.numel():  # λ_j −= f_j-th smallest gain (cost_ij − best cost) among non-members
+                if cand_idx is None:
+                    g = cost[:, under] - v[:, :1]  # (n, u)
+                else:
+                    g = torch.full((n, under.numel()), float("inf"), device=dev)
+                    for t, j in enumerate(under.tolist()):
+                        r, q = (cand_idx == j).nonzero(as_tuple=True)
+                        g[r, t] = cost[r, q] - v[r, 0]
+                g = g.masked_fill(best[:, None] == under[None, :], float("inf"))
+                kv = _column_kth(g, deficit[under])
+                fin_max = torch.where(torch.isfinite(g), g, torch.zeros_like(g)).amax(0)
+                delta[under] = -(torch.where(torch.isfinite(kv), kv, fin_max) + eps)
+            prices += _DAMP * delta
+    # 3a. greedy repair with the upper bounds
+    cost = cand_dist + _price_of(prices, cand_idx, n)
+    remaining = hi.clone()
+    assign, position = _greedy_capacity(cost, cand_idx, remaining)
+    dist = torch.zeros(n, dtype=torch.float32, device=dev)
+    got = assign >= 0
+    dist[got] = cand_dist[got].gather(1, position[got][:, None]).squeeze(1)
+    lost = (~got).nonzero().squeeze(1)
+    if lost.numel():  # all m candidates full: use every centroid
+        dl = _sqdist(x[lost], centroids)  # (r, k)
+        a2, p2 = _greedy_capacity(dl + prices[None, :], None, remaining)
+        assign[lost] = a2
+        dist[lost] = dl.gather(1, p2.clamp_min(0)[:, None]).squeeze(1)
+    # 3b. fill clusters below their lower bound with the cheapest moves from clusters above theirs
+    counts = torch.bincount(assign, minlength=k)
+    need = lo - counts
+    for j in (need > 0).nonzero().squeeze(1).tolist():
+        nj = int(need[j])
+        donor = (counts[assign] > lo[assign]) & (assign != j)  # (n,)
+        inc = _sqdist(x, centroids[j : j + 1], x2).squeeze(1) - dist  # (n,) cost of moving each point to j
+        inc = inc.masked_fill(~donor, float("inf"))
+        take = min(n, max(4 * nj, 1024))
+        while True:  # the cheapest `take` moves usually contain `need` that respect the donors' lower bounds
+            cand = inc.topk(take, largest=False).indices  # (take,) ascending increase
+            cand = cand[torch.isfinite(inc[cand])]
+            order, rank = _rank_within(inc[cand], assign[cand], descending=False)
+            ok = rank < (counts - lo)[assign[cand][order]]
+            pick = order[ok]
+            if pick.numel() >= nj or take >= n:
+                break
+            take = min(n, take * 4)
+        pick = cand[pick[torch.argsort(inc[cand][pick], stable=True)][:nj]]
+        counts -= torch.bincount(assign[pick], minlength=k)
+        counts[j] += pick.numel()
+        dist[pick] += inc[pick]
+        assign[pick] = j
+    return assign, dist, prices
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# backends: squared distances to the centroids
+# ----------------------------------------------------------------------------------------------------------------
+class _TorchSearch:
+    """Squared distances by one GEMM per batch (CUDA or CPU); candidates are all k centroids."""
+
+    name = "torch"
+
+    def __init__(self, centroids: torch.Tensor):
+        self.centroids = centroids  # (k, d)
+
+    def candidates(self, x: torch.Tensor, x2: torch.Tensor | None = None):
+        return _sqdist(x, self.centroids, x2), None  # (n, k), None
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        return _sqdist(x, self.centroids)
+
+
+class _FaissSearch:
+    """Top-m candidate search with a faiss flat L2 index (GPU index when faiss has GPU support)."""
+
+    name = "faiss"
+
+    def __init__(self, centroids: torch.Tensor, n_candidates: int, gpu: bool):
+        import faiss
+
+        c = np.ascontiguousarray(centroids.detach().cpu().numpy(), dtype=np.float32)
+        k, d = c.shape
+        index = faiss.IndexFlatL2(d)
+        if gpu:
+            self._res = faiss.StandardGpuResources()
+            index = faiss.index_cpu_to_gpu(self._res, 0, index)
+        index.add(c)
+        self.index, self.k, self.m, self.device = index, k, min(k, n_candidates), centroids.device
+
+    def _search(self, x: torch.Tensor, m: int):
+        xn = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+        dist, idx = self.index.search(xn, m)  # (n, m) ascending squared distances
+        return (torch.from_numpy(np.maximum(dist, 0)).to(self.device),
+                torch.from_numpy(idx.astype(np.int64)).to(self.device))
+
+    def candidates(self, x: torch.Tensor, x2: torch.Tensor | None = None):
+        return self._search(x, self.m)
+
+    def full(self, x: torch.Tensor) -> torch.Tensor:
+        dist, idx = self._search(x, self.k)
+        out = torch.empty_like(dist)
+        out.scatter_(1, idx, dist)  # back to cluster order
+        return out
+
+
+def faiss_has_gpu() -> bool:
+    try:
+        import faiss
+    except ImportError:
+        return False
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# clusterers
+# ----------------------------------------------------------------------------------------------------------------
+class _KMeansBase:
+    """Shared parts: backend/device choice, k-means++ init, streaming predict, save/load."""
+
+    algorithm = "base"
+
+    def __init__(
+        self,
+        n_clusters: int,
+        n_iter: int = 20,
+        backend: str = "auto",
+        device: str = "auto",
+        seed: int = 0,
+        fit_sample: int = 1_000_000,
+        n_candidates: int = 32,
+        batch_size: int | None = None,
+        verbose: bool = True,
+    ):
+        if int(n_clusters) < 1:
+            raise InputError(f"n_clusters must be ≥ 1, got {n_clusters}")
+        if backend not in ("auto", "faiss", "torch"):
+            raise InputError(f"backend must be auto, faiss or torch, got {backend!r}")
+        if int(n_iter) < 0:
+            raise InputError(f"n_iter must be ≥ 0, got {n_iter}")
+        if int(fit_sample) < 1:
+            raise InputError(f"fit_sample must be ≥ 1, got {fit_sample}")
+        self.n_clusters, self.n_iter, self.seed = int(n_clusters), int(n_iter), int(seed)
+        self.fit_sample, self.n_candidates, self.batch_size = int(fit_sample), int(n_candidates), batch_size
+        self.backend_request, self.device_request, self.verbose = backend, str(device), verbose
+        self.centroids: np.ndarray | None = None  # (k, d) float32
+        self.labels_: np.ndarray | None = None  # (n_fit,) cluster of each fitted (sampled) point
+        self.sizes_: list[int] | None = None
+        self.inertia_: float | None = None
+        self.fit_seconds_: float | None = None
+        self._resolve()
+
+    # -- device / backend ------------------------------------------------------------------------------------
+    def _resolve(self) -> None:
+        from experts.device import resolve_device
+
+        self.device = resolve_device(self.device_request).device
+        backend = self.backend_request
+        if backend == "auto":
+            if self.device.type == "cuda":
+                backend = "torch"
+            else:
+                try:
+                    import faiss  # noqa: F401
+
+                    backend = "faiss"
+                except ImportError:
+                    backend = "torch"
+        if backend == "faiss":
+            try:
+                import faiss  # noqa: F401
+            except ImportError:
+                raise InputError("backend='faiss' needs faiss: pip install faiss-cpu (or cbtm[gpu]), "
+                                 "or use backend='torch'") from None
+            if self.device.type == "cuda" and not faiss_has_gpu():
+                raise InputError(f"backend='faiss' with device={self.device_request!r} needs a faiss GPU build: "
+                                 "pip install 'cbtm[gpu]' (faiss-gpu), or use backend='torch' on the GPU")
+        self.backend = backend
+
+    def _searcher(self, centroids: torch.Tensor):
+        if self.backend == "faiss":
+            return _FaissSearch(centroids, self.n_candidates, gpu=self.device.type == "cuda")
+        return _TorchSearch(centroids)
+
+    def _batch_rows(self, dim: int) -> int:
+        if self.batch_size:
+            return int(self.batch_size)
+        return max(1024, _BATCH_BYTES // (4 * (dim + self.n_clusters)))
+
+    def _centroids_t(self) -> torch.Tensor:
+        if self.centroids is None:
+            raise InputError(f"{type(self).__name__} is not fitted yet: call fit(x) or load(dir) first")
+        return torch.from_numpy(self.centroids).to(self.device)
+
+    def _check_dim(self, x: Any) -> None:
+        if x.shape[1] != self.centroids.shape[1]:
+            raise InputError(f"x has dimension {x.shape[1]} but the centroids have {self.centroids.shape[1]} "
+                             "(embeddings from a different embedder?)")
+
+    # -- fitting helpers ---------------------------------------------------------------------------------------
+    def _fit_sample(self, x: Any) -> tuple[torch.Tensor, np.ndarray]:
+        x = _check_matrix(x)
+        n = x.shape[0]
+        if n == 0:
+            raise InputError("cannot cluster an empty matrix (0 documents)")
+        if self.n_clusters > n:
+            raise InputError(f"n_clusters={self.n_clusters} is larger than the number of documents ({n})")
+        rng = np.random.default_rng(self.seed)
+        idx = np.arange(n) if n <= self.fit_sample else np.sort(rng.choice(n, self.fit_sample, replace=False))
+        if n > self.fit_sample:
+            log.info("fitting on a sample of %d of %d documents", self.fit_sample, n)
+        return _take_rows(x, idx, self.device), idx
+
+    def _init_centroids(self, xs: torch.Tensor) -> torch.Tensor:
+        """Greedy k-means++ (Arthur & Vassilvitskii 2007; 2+log k local trials as in scikit-learn) on a seeded
+        subsample of ≤ max(10k, 40k) points, in numpy on the CPU so every backend starts from the same centroids."""
+        k = self.n_clusters
+        rng = np.random.default_rng(self.seed + 1)
+        n = xs.shape[0]
+        s = min(n, max(10_000, 40 * k))
+        sub = np.sort(rng.choice(n, s, replace=False)) if s < n else np.arange(n)
+        pts = xs[torch.as_tensor(sub, device=xs.device)].cpu().numpy().astype(np.float64)  # (s, d)
+        p2 = (pts * pts).sum(1)
+        trials = 2 + int(math.log(k)) if k > 1 else 1
+        chosen = [int(rng.integers(s))]
+        closest = np.maximum(p2 - 2 * pts @ pts[chosen[0]] + p2[chosen[0]], 0)  # (s,)
+        for _ in range(1, k):
+            total = closest.sum()
+            if total <= 0:  # fewer distinct points than clusters: duplicates are fine
+                cand = rng.integers(s, size=trials)
+            else:
+                cand = np.searchsorted(np.cumsum(closest), rng.random(trials) * total).clip(max=s - 1)
+            dc = np.maximum(p2[None, :] - 2 * pts[cand] @ pts.T + p2[cand, None], 0)  # (trials, s)
+            pot = np.minimum(closest[None, :], dc).sum(1)
+            best = int(np.argmin(pot))
+            chosen.append(int(cand[best]))
+            closest = np.minimum(closest, dc[best])
+        return torch.from_numpy(pts[chosen].astype(np.float32)).to(xs.device)  # (k, d)
+
+    @staticmethod
+    def _update(xs: torch.Tensor, assign: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centroid step c_j = mean{x_i : a(i) = j}; empty clusters keep their old centroid. Returns (c, counts)."""
+        k, d = old.shape
+        counts = torch.bincount(assign, minlength=k)  # (k,)
+        # one-hot GEMM, in chunks: deterministic, and faster than index_add_ (atomics on CUDA, serial on CPU)
+        sums = torch.zeros((k, d), dtype=torch.float32, device=xs.device)
+        step = max(1, (1 << 26) // k)
+        for s in range(0, xs.shape[0], step):
+            a = assign[s : s + step]
+            onehot = torch.zeros((k, a.numel()), dtype=torch.float32, device=xs.device)
+            onehot.scatter_(0, a[None, :], 1.0)
+            sums += onehot @ xs[s : s + step]  # (k, d)
+        new = sums / counts.clamp_min(1)[:, None].to(torch.float32)
+        return torch.where((counts > 0)[:, None], new, old), counts
+
+    def _finish_fit(self, c: torch.Tensor, assign: torch.Tensor, dist: torch.Tensor, t0: float) -> None:
+        k = self.n_clusters
+        self.centroids = c.detach().cpu().numpy().astype(np.float32)
+        self.labels_ = assign.cpu().numpy()
+        self.sizes_ = torch.bincount(assign, minlength=k).cpu().tolist()
+        self.inertia_ = float(dist.double().mean())
+        self.fit_seconds_ = time.perf_counter() - t0
+        if self.verbose:
+            log.info("%s: k=%d sizes %d..%d, inertia %.5f, %.2fs (%s on %s)", self.algorithm, k, min(self.sizes_),
+                     max(self.sizes_), self.inertia_, self.fit_seconds_, self.backend, self.device)
+
+    def _log_iter(self, it: int, counts: torch.Tensor, t0: float) -> None:
+        if self.verbose and ((it + 1) % 5 == 0 or it + 1 == self.n_iter):
+            el = time.perf_counter() - t0
+            log.debug("iter %d/%d sizes %d..%d (%.1f it/s)", it + 1, self.n_iter, int(counts.min()),
+                      int(counts.max()), (it + 1) / max(el, 1e-9))
+
+    # -- prediction ----------------------------------------------------------------------------------------------
+    def _stream(self, x: Any, fn, desc: str) -> None:
+        """Call fn(start, stop, xb) for consecutive row batches of x (numpy, memmap or torch)."""
+        n = x.shape[0]
+        step = self._batch_rows(x.shape[1])
+        bar = None
+        if self.verbose and n > step:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc=desc, unit="doc", mininterval=2.0)
+        for s in range(0, n, step):
+            e = min(n, s + step)
+            fn(s, e, _rows(x, s, e, self.device))
+            if bar is not None:
+                bar.update(e - s)
+        if bar is not None:
+            bar.close()
+
+    def predict(self, x: Any, return_distance: bool = False, out_distances: np.ndarray | None = None):
+        """Nearest centroid for every row of x (n, dim), streamed in batches (x may be a memory-mapped .npy).
+
+        Returns labels (n,) int64, or (labels, distance (n,) float32 squared distance to that centroid) with
+        return_distance; `out_distances` (n, n_clusters) float32, if given (e.g. an open_memmap), receives all
+        squared distances."""
+        x = _check_matrix(x)
+        c = self._centroids_t()
+        self._check_dim(x)
+        search = self._searcher(c)
+        n = x.shape[0]
+        labels = np.empty(n, dtype=np.int64)
+        dist = np.empty(n, dtype=np.float32)
+
+        def step(s, e, xb):
+            if out_distances is not None:
+                d = search.full(xb)  # (b, k)
+                out_distances[s:e] = d.cpu().numpy()
+                v, a = d.min(1)
+            else:
+                cd, ci = search.candidates(xb)
+                v, p = cd.min(1)
+                a = _cluster_of(ci, p)
+            labels[s:e] = a.cpu().numpy()
+            dist[s:e] = v.cpu().numpy()
+
+        self._stream(x, step, "predict")
+        return (labels, dist) if return_distance else labels
+
+    def squared_distances(self, x: Any, out: np.ndarray | None = None) -> np.ndarray:
+        """All squared distances (n, n_clusters) float32, streamed; written into `out` when given."""
+        x = _check_matrix(x)
+        if out is None:
+            out = np.empty((x.shape[0], self.n_clusters), dtype=np.float32)
+        self.predict(x, out_distances=out)
+        return out
+
+    # -- persistence ---------------------------------------------------------------------------------------------
+    def _config(self) -> dict:
+        return {
+            "algorithm": self.algorithm,
+            "n_clusters": self.n_clusters,
+            "dim": None if self.centroids is None else int(self.centroids.shape[1]),
+            "n_iter": self.n_iter,
+            "seed": self.seed,
+            "fit_sample": self.fit_sample,
+            "backend": self.backend,
+            "n_candidates": self.n_candidates,
+            "sizes": self.sizes_,
+            "inertia": self.inertia_,
+            "fit_seconds": self.fit_seconds_,
+        }
+
+    def save(self, out_dir: str | Path) -> Path:
+        """Write `centroids.npy` (k, dim) float32 and `config.json` into out_dir (created; no pickle)."""
+        if self.centroids is None:
+            raise InputError(f"{type(self).__name__} is not fitted yet: nothing to save")
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        np.save(out_dir / "centroids.npy", self.centroids.astype(np.float32))
+        extra = self._extra_arrays()
+        for name, arr in extra.items():
+            np.save(out_dir / f"{name}.npy", arr)
+        write_json(out_dir / "config.json", self._config())
+        return out_dir
+
+    def _extra_arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    @classmethod
+    def load(cls, in_dir: str | Path, device: str = "auto", backend: str = "auto") -> "_KMeansBase":
+        """Load what `save` wrote; returns the class named in config.json (BalancedKMeans, ...)."""
+        in_dir = Path(in_dir)
+        cfg = read_json(in_dir / "config.json")
+        kind = _CLASSES.get(cfg.get("algorithm"))
+        if kind is None:
+            raise InputError(f"{in_dir / 'config.json'}: unknown clustering algorithm {cfg.get('algorithm')!r}")
+        if cls is not _KMeansBase and not issubclass(kind, cls):
+            raise InputError(f"{in_dir} holds a {kind.__name__}, not a {cls.__name__}")
+        try:
+            centroids = np.load(in_dir / "centroids.npy", allow_pickle=False).astype(np.float32)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot read {in_dir / 'centroids.npy'}: {e}") from None
+        if centroids.ndim != 2 or centroids.shape[0] != cfg["n_clusters"]:
+            raise InputError(f"{in_dir / 'centroids.npy'} has shape {centroids.shape}, expected "
+                             f"({cfg['n_clusters']}, dim)")
+        obj = kind._from_config(cfg, device=device, backend=backend)
+        obj.centroids = centroids
+        obj.sizes_, obj.inertia_, obj.fit_seconds_ = cfg.get("sizes"), cfg.get("inertia"), cfg.get("fit_seconds")
+        obj._load_extra(in_dir)
+        return obj
+
+    @classmethod
+    def _from_config(cls, cfg: dict, device: str, backend: str):
+        return cls(cfg["n_clusters"], n_iter=cfg.get("n_iter", 20), backend=backend, device=device,
+                   seed=cfg.get("seed", 0), fit_sample=cfg.get("fit_sample", 1_000_000),
+                   n_candidates=cfg.get("n_candidates", 32))
+
+    def _load_extra(self, in_dir: Path) -> None:
+        pass
+
+
+class BalancedKMeans(_KMeansBase):
+    """Balanced k-means: Lloyd iterations whose assignment step keeps cluster sizes within `balance`.
+
+    Objective: min Σ_i ‖x_i − c_a(i)‖²  s.t.  lo ≤ |{i : a(i)=j}| ≤ hi for every cluster j, with (lo, hi) from
+    `size_bounds` (max/min ≤ balance; balance=1 → exactly ⌊n/k⌋/⌈n/k⌉). Each iteration: squared distances to
+    the centroids (torch GEMM or faiss top-m search), `balanced_assign` (dual prices warm-started from the previous
+    iteration + exact greedy repair), then the mean update. Prices of clusters that were below their upper bound
+    are halved each iteration (complementary slackness: non-binding constraints have zero price).
+
+    c-BTM (Gururangan et al. 2023) uses the auction assignment of BASE layers (Lewis et al. 2021), which solves the
+    same problem by letting clusters bid for their n/k best points; here the dual is solved per cluster in closed
+    form (e-th smallest regret), which costs a few passes over the (n, k) cost matrix instead of hundreds of
+    auction rounds — see bench/RESULTS.md for the measured comparison.
+
+    fit(x) fits on a seeded sample of ≤ fit_sample rows; predict(x) streams nearest-centroid assignment;
+    assign_balanced(x) streams the capacity-aware assignment of a whole corpus (sizes within `balance` at
+    corpus scale, not only on the sample).
+    """
+
+    algorithm = "balanced"
+
+    def __init__(self, n_clusters: int, n_iter: int = 20, balance: float = 1.02, backend: str = "auto",
+                 device: str = "auto", seed: int = 0, fit_sample: int = 1_000_000, n_candidates: int = 32,
+                 price_steps: int = 2, batch_size: int | None = None, verbose: bool = True):
+        if not (balance >= 1.0):
+            raise InputError(f"balance is the allowed max/min cluster-size ratio and must be ≥ 1, got {balance}")
+        self.balance, self.price_steps = float(balance), int(price_steps)
+        self.prices_: np.ndarray | None = None  # (k,) final dual prices, a warm start for assign_balanced
+        super().__init__(n_clusters, n_iter=n_iter, backend=backend, device=device, seed=seed,
+                         fit_sample=fit_sample, n_candidates=n_candidates, batch_size=batch_size, verbose=verbose)
+
+    def fit(self, x: Any) -> "BalancedKMeans":
+        """Fit on x (n, dim) numpy/memmap/torch, float16/32. Sets centroids, labels_ (of the sample), sizes_,
+        inertia_ (mean squared distance of the sample to its assigned centroid), prices_."""
+        t0 = time.perf_counter()
+        xs, _ = self._fit_sample(x)  # (n, d) float32 on device
+        n, k = xs.shape[0], self.n_clusters
+        x2 = (xs * xs).sum(1)  # (n,)
+        c = self._init_centroids(xs)  # (k, d)
+        lo_, hi_ = size_bounds(n, k, self.balance)
+        lo = torch.full((k,), lo_, dtype=torch.long, device=self.device)
+        hi = torch.full((k,), hi_, dtype=torch.long, device=self.device)
+        prices = torch.zeros(k, dtype=torch.float32, device=self.device)
+        for it in range(self.n_iter + 1):
+            cd, ci = self._searcher(c).candidates(xs, x2)
+            assign, dist, prices = balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2)
+            if it == self.n_iter:
+                break  # final assignment w.r.t. the final centroids
+            c, counts = self._update(xs, assign, c)
+            prices = torch.where((counts < hi) & (counts > lo), prices * 0.5, prices)
+            self._log_iter(it, counts, t0)
+        self.prices_ = prices.cpu().numpy().astype(np.float32)
+        self._finish_fit(c, assign, dist, t0)
+        return self
+
+    def assign_balanced(self, x: Any, return_distance: bool = False, out_distances: np.ndarray | None = None):
+        """Capacity-aware assignment of a whole corpus x (n, dim), streamed in batches.
+
+        After N documents have been assigned, cluster j holds between LO(N) and HI(N) of them (`size_bounds` for
+        N): each batch of b rows gets per-cluster bounds lo_j = max(0, LO(N+b) − count_j), hi_j = HI(N+b) −
+        count_j and is solved with `balanced_assign`, warm-started from the fitted prices. So the final sizes obey
+        the tolerance over the whole corpus. Returns labels (n,) int64 [, distance (n,) float32]; fills
+        out_distances (n, n_clusters) when given."""
+        x = _check_matrix(x)
+        c = self._centroids_t()
+        self._check_dim(x)
+        k = self.n_clusters
+        n = x.shape[0]
+        if k > n:
+            raise InputError(f"n_clusters={k} is larger than the number of documents to assign ({n})")
+        search = self._searcher(c)
+        labels = np.empty(n, dtype=np.int64)
+        dist = np.empty(n, dtype=np.float32)
+        counts = torch.zeros(k, dtype=torch.long, device=self.device)
+        prices = torch.from_numpy(self.prices_ if self.prices_ is not None else np.zeros(k, np.float32))
+        state = {"prices": prices.to(self.device)}
+
+        def step(s, e, xb):
+            lo_n, hi_n = size_bounds(e, k, self.balance)
+            lo = (lo_n - counts).clamp_min(0)
+            hi = hi_n - counts
+            if out_distances is not None:
+                cd, ci = search.full(xb), None
+                out_distances[s:e] = cd.cpu().numpy()
+            else:
+                cd, ci = search.candidates(xb)
+            a, d, state["prices"] = balanced_assign(xb, c, cd, ci, lo, hi, state["prices"], self.price_steps)
+            counts.add_(torch.bincount(a, minlength=k))
+            labels[s:e] = a.cpu().numpy()
+            dist[s:e] = d.cpu().numpy()
+
+        self._stream(x, step, "assign_balanced")
+        return (labels, dist) if return_distance else labels
+
+    def _config(self) -> dict:
+        return {**super()._config(), "balance": self.balance, "price_steps": self.price_steps,
+                "size_bounds_fit": None if self.sizes_ is None else
+                list(size_bounds(sum(self.sizes_), self.n_clusters, self.balance))}
+
+    def _extra_arrays(self) -> dict[str, np.ndarray]:
+        return {} if self.prices_ is None else {"prices": self.prices_.astype(np.float32)}
+
+    @classmethod
+    def _from_config(cls, cfg: dict, device: str, backend: str):
+        return cls(cfg["n_clusters"], n_iter=cfg.get("n_iter", 20), balance=cfg.get("balance", 1.02),
+                   backend=backend, device=device, seed=cfg.get("seed", 0),
+                   fit_sample=cfg.get("fit_sample", 1_000_000), n_candidates=cfg.get("n_candidates", 32),
+                   price_steps=cfg.get("price_steps", 2))
+
+    def _load_extra(self, in_dir: Path) -> None:
+        p = in_dir / "prices.npy"
+        self.prices_ = np.load(p, allow_pickle=False).astype(np.float32) if p.exists() else None
+
+
+class UnbalancedKMeans(_KMeansBase):
+    """Plain Lloyd k-means (Lloyd 1982): a(i) = argmin_j ‖x_i − c_j‖², c_j = mean of its points. Same interface
+    and init as BalancedKMeans; an empty cluster is re-seeded with the point farthest from its centroid."""
+
+    algorithm = "unbalanced"
+
+    def fit(self, x: Any) -> "UnbalancedKMeans":
+        t0 = time.perf_counter()
+        xs, _ = self._fit_sample(x)
+        x2 = (xs * xs).sum(1)
+        c = self._init_centroids(xs)
+        for it in range(self.n_iter + 1):
+            cd, ci = self._searcher(c).candidates(xs, x2)
+            dist, p = cd.min(1)
+            assign = _cluster_of(ci, p)
+            if it == self.n_iter:
+                break
+            c, counts = self._update(xs, assign, c)
+            empty = (counts == 0).nonzero().squeeze(1)
+            if empty.numel():
+                far = dist.topk(empty.numel()).indices
+                c[empty] = xs[far]
+            self._log_iter(it, counts, t0)
+        self._finish_fit(c, assign, dist, t0)
+        return self
+
+    def assign_balanced(self, x: Any, **kw):
+        raise InputError("assign='balanced' needs a balanced clusterer; refit with clusterer='balanced'")
+
+
+class RandomClusters(_KMeansBase):
+    """The paper's random-cluster control: each document gets a uniformly random cluster_id (seeded); centroids
+    are the means of the randomly assigned points so that routing code still has centroids to use."""
+
+    algorithm = "random"
+
+    def fit(self, x: Any) -> "RandomClusters":
+        t0 = time.perf_counter()
+        xs, _ = self._fit_sample(x)
+        n, k = xs.shape[0], self.n_clusters
+        assign = torch.from_numpy(self.random_labels(n)).to(self.device)
+        c, _ = self._update(xs, assign, torch.zeros((k, xs.shape[1]), device=self.device))
+        dist = ((xs - c[assign]) ** 2).sum(1)
+        self._finish_fit(c, assign, dist, t0)
+        return self
+
+    def random_labels(self, n: int, salt: int = 0) -> np.ndarray:
+        """n uniform random cluster ids in [0, k), seeded by (seed, salt)."""
+        return np.random.default_rng([self.seed, salt]).integers(0, self.n_clusters, size=n)
+
+    def assign_balanced(self, x: Any, **kw):
+        raise InputError("assign='balanced' needs a balanced clusterer; refit with clusterer='balanced'")
+
+
+_CLASSES = {"balanced": BalancedKMeans, "unbalanced": UnbalancedKMeans, "random": RandomClusters}
+
+
+def load_clusterer(clusters_dir: str | Path, device: str = "auto", backend: str = "auto") -> _KMeansBase:
+    """Load a clusterer saved by `fit_clusters` / `.save` (class chosen from config.json)."""
+    return _KMeansBase.load(clusters_dir, device=device, backend=backend)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# stage functions
+# ----------------------------------------------------------------------------------------------------------------
+def _load_npy(path: Path) -> np.ndarray:
+    if not path.exists():
+        raise InputError(f"missing embeddings file: {path}")
+    try:
+        x = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise InputError(f"cannot read embeddings {path}: {e}") from None
+    if x.ndim != 2:
+        raise InputError(f"{path} must hold a 2-D (n_docs, dim) matrix, got shape {x.shape}")
+    return x
+
+
+def fit_clusters(
+    embeddings_dir: str | Path,
+    out_dir: str | Path,
+    n_clusters: int,
+    clusterer: str = "balanced",
+    fit_sample: int = 1_000_000,
+    n_iter: int = 20,
+    balance: float = 1.02,
+    backend: str = "auto",
+    seed: int = 0,
+    device: str = "auto",
+) -> dict:
+    """Fit a clusterer on `embeddings_dir/train.npy` and write `out_dir/{centroids.npy, config.json[, prices.npy]}`
+    atomically. clusterer: balanced | unbalanced | random. Returns the config dict (sizes during fit, inertia)."""
+    x = _load_npy(Path(embeddings_dir) / "train.npy")
+    common = dict(n_iter=n_iter, backend=backend, device=device, seed=seed, fit_sample=fit_sample)
+    if clusterer == "balanced":
+        model: _KMeansBase = BalancedKMeans(n_clusters, balance=balance, **common)
+    elif clusterer == "unbalanced":
+        model = UnbalancedKMeans(n_clusters, **common)
+    elif clusterer == "random":
+        model = RandomClusters(n_clusters, **common)
+    else:
+        raise InputError(f"clusterer must be balanced, unbalanced or random, got {clusterer!r}")
+    if n_clusters > x.shape[0]:
+        raise InputError(f"n_clusters={n_clusters} is larger than the number of training documents "
+                         f"({x.shape[0]} in {Path(embeddings_dir) / 'train.npy'})")
+    model.fit(x)
+    with atomic_dir(out_dir) as tmp:
+        model.save(tmp)
+        cfg = read_json(tmp / "config.json")
+    return cfg
+
+
+def _size_summary(labels: np.ndarray, k: int) -> dict:
+    sizes = np.bincount(labels, minlength=k)
+    return {"n_docs": int(labels.size), "sizes": sizes.tolist(), "max": int(sizes.max()), "min": int(sizes.min()),
+            "max_over_min": float(sizes.max() / sizes.min()) if sizes.min() > 0 else float("inf")}
+
+
+def assign_clusters(
+    embeddings_dir: str | Path,
+    clusters_dir: str | Path,
+    out_dir: str | Path,
+    corpus_dir: str | Path,
+    assign: str = "nearest",
+    device: str = "auto",
+) -> dict:
+    """Give every document of every split a cluster_id; write into out_dir (atomically):
+
+    - `{split}.parquet`: id (from corpus_dir/{split}.parquet), cluster_id int32, distance float32 (squared
+      distance to the assigned centroid);
+    - `{split}_distances.npy`: float32 (n_docs, n_clusters) squared distances to every centroid;
+    - `summary.json`: sizes per split with max/min spread.
+    assign="nearest" (the paper's default) takes the nearest centroid; "balanced" uses the streaming
+    capacity-aware assignment on the train split (sizes within the clusterer's tolerance); valid/test always go to
+    the nearest centroid. A random clusterer assigns every split uniformly at random (seeded).
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if assign not in ("nearest", "balanced"):
+        raise InputError(f"assign must be nearest or balanced, got {assign!r}")
+    embeddings_dir, corpus_dir = Path(embeddings_dir), Path(corpus_dir)
+    model = load_clusterer(clusters_dir, device=device)
+    k = model.n_clusters
+    summary: dict[str, Any] = {"assign": assign, "algorithm": model.algorithm, "n_clusters": k, "splits": {}}
+    with atomic_dir(out_dir) as tmp:
+        for si, split in enumerate(SPLITS):
+            emb = embeddings_dir / f"{split}.npy"
+            if not emb.exists():
+                if split == "train":
+                    raise InputError(f"missing embeddings file: {emb}")
+                continue
+            x = _load_npy(emb)
+            cpath = corpus_dir / f"{split}.parquet"
+            if not cpath.exists():
+                raise InputError(f"missing corpus split {cpath} (embeddings exist for it)")
+            ids = pq.read_table(cpath, columns=["id"]).column("id").to_pylist()
+            if len(ids) != x.shape[0]:
+                raise InputError(f"{emb} has {x.shape[0]} rows but {cpath} has {len(ids)} documents")
+            dists = np.lib.format.open_memmap(tmp / f"{split}_distances.npy", mode="w+", dtype=np.float32,
+                                              shape=(x.shape[0], k))
+            if x.shape[0] == 0:
+                labels, dist = np.zeros(0, np.int64), np.zeros(0, np.float32)
+            elif isinstance(model, RandomClusters):
+                model.squared_distances(x, out=dists)
+                labels = model.random_labels(x.shape[0], salt=si + 1)
+                dist = np.take_along_axis(np.asarray(dists), labels[:, None], 1)[:, 0]
+            elif assign == "balanced" and split == "train":
+                labels, dist = model.assign_balanced(x, return_distance=True, out_distances=dists)
+            else:
+                labels, dist = model.predict(x, return_distance=True, out_distances=dists)
+            dists.flush()
+            del dists
+            table = pa.table({"id": pa.array([str(i) for i in ids], pa.string()),
+                              "cluster_id": pa.array(labels.astype(np.int32)),
+                              "distance": pa.array(dist.astype(np.float32))})
+            pq.write_table(table, tmp / f"{split}.parquet")
+            summary["splits"][split] = _size_summary(labels, k) if len(labels) else {"n_docs": 0}
+            log.info("assigned %s: %d docs, sizes %s..%s", split, len(labels),
+                     summary["splits"][split].get("min"), summary["splits"][split].get("max"))
+        write_json(tmp / "summary.json", summary)
+    return summary

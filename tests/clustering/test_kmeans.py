@@ -1,0 +1,129 @@
+"""Balanced k-means invariants: balance within tolerance, objective vs an unbalanced reference, determinism,
+backend agreement, save/load, predict consistency, bad input."""
+import numpy as np
+import pytest
+import torch
+
+from clustering.kmeans import (BalancedKMeans, RandomClusters, UnbalancedKMeans, load_clusterer, size_bounds,
+                               faiss_has_gpu)
+from corpus.io import InputError
+
+faiss = pytest.importorskip("faiss")
+
+
+def blobs(n_per=300, k=4, d=8, sep=10.0, seed=0):
+    rng = np.random.default_rng(seed)
+    mu = rng.normal(size=(k, d)) * sep
+    return (np.repeat(mu, n_per, 0) + rng.normal(size=(k * n_per, d))).astype(np.float32)
+
+
+def dense_blob_with_outliers(seed=0):
+    rng = np.random.default_rng(seed)
+    blob = rng.normal(size=(1800, 6)) * 0.1
+    outliers = rng.normal(size=(40, 6)) * 30
+    return np.concatenate([blob, outliers]).astype(np.float32)
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+@pytest.mark.parametrize("balance", [1.0, 1.1])
+def test_balance_on_adversarial_data(backend, balance):
+    x = dense_blob_with_outliers()
+    km = BalancedKMeans(8, n_iter=6, balance=balance, backend=backend, device="cpu", verbose=False).fit(x)
+    lo, hi = size_bounds(len(x), 8, balance)
+    sizes = np.bincount(km.labels_, minlength=8)
+    assert sizes.sum() == len(x) and sizes.min() >= lo and sizes.max() <= hi
+    assert sizes.tolist() == km.sizes_
+    if balance == 1.0:
+        assert set(sizes.tolist()) <= {len(x) // 8, -(-len(x) // 8)}
+
+
+def test_inertia_close_to_unbalanced_on_separated_data():
+    x = blobs()
+    bal = BalancedKMeans(4, n_iter=10, device="cpu", backend="torch", verbose=False).fit(x)
+    ref = UnbalancedKMeans(4, n_iter=10, device="cpu", backend="torch", verbose=False).fit(x)
+    assert bal.inertia_ <= 1.1 * ref.inertia_
+    km = faiss.Kmeans(x.shape[1], 4, niter=20, seed=1, nredo=3)
+    km.train(x)
+    faiss_inertia = float(km.index.search(x, 1)[0].mean())
+    assert bal.inertia_ <= 1.1 * faiss_inertia
+
+
+def test_same_seed_same_result_and_backends_agree():
+    x = blobs(n_per=200, k=5, sep=3.0, seed=2)
+    a = BalancedKMeans(5, n_iter=5, seed=3, device="cpu", backend="torch", verbose=False).fit(x)
+    b = BalancedKMeans(5, n_iter=5, seed=3, device="cpu", backend="torch", verbose=False).fit(x)
+    f = BalancedKMeans(5, n_iter=5, seed=3, device="cpu", backend="faiss", verbose=False).fit(x)
+    np.testing.assert_array_equal(a.labels_, b.labels_)
+    np.testing.assert_array_equal(a.centroids, b.centroids)
+    assert (a.labels_ == f.labels_).mean() > 0.99
+    np.testing.assert_allclose(a.centroids, f.centroids, atol=1e-3)
+    np.testing.assert_array_equal(a.predict(x), f.predict(x))
+
+
+def test_save_load_round_trip_and_predict(tmp_path):
+    x = blobs(n_per=100, k=3)
+    km = BalancedKMeans(3, n_iter=5, balance=50.0, device="cpu", verbose=False).fit(x)
+    km.save(tmp_path / "c")
+    back = load_clusterer(tmp_path / "c", device="cpu")
+    assert isinstance(back, BalancedKMeans) and back.balance == 50.0
+    np.testing.assert_array_equal(back.centroids, km.centroids)
+    np.testing.assert_array_equal(back.prices_, km.prices_)
+    # slack balance: a training point is predicted into the cluster it was fitted into
+    np.testing.assert_array_equal(back.predict(x), km.labels_)
+    # torch and float16 input work too
+    np.testing.assert_array_equal(back.predict(torch.from_numpy(x).half()), back.predict(x.astype(np.float16)))
+    d = back.squared_distances(x)
+    labels, dist = back.predict(x, return_distance=True)
+    np.testing.assert_allclose(dist, d[np.arange(len(x)), labels], rtol=1e-5, atol=1e-4)
+
+
+def test_assign_balanced_streams_within_tolerance():
+    rng = np.random.default_rng(0)
+    x = np.concatenate([rng.normal(size=(900, 5)), rng.normal(size=(100, 5)) + 6]).astype(np.float32)
+    km = BalancedKMeans(4, n_iter=5, balance=1.0, device="cpu", verbose=False, batch_size=128).fit(x[:400])
+    near = np.bincount(km.predict(x), minlength=4)
+    labels = km.assign_balanced(x)
+    sizes = np.bincount(labels, minlength=4)
+    assert set(sizes.tolist()) <= {250} and near.max() / max(near.min(), 1) > 1.0
+
+
+def test_baselines():
+    x = blobs(n_per=100, k=3)
+    r = RandomClusters(3, device="cpu", verbose=False).fit(x)
+    assert r.centroids.shape == (3, x.shape[1]) and sum(r.sizes_) == len(x)
+    assert len(np.unique(r.random_labels(50))) == 3
+    u = UnbalancedKMeans(3, device="cpu", verbose=False).fit(x)
+    assert sorted(u.sizes_) == [100, 100, 100]
+
+
+def test_edge_cases_k1_duplicates_zero_vectors():
+    x = np.zeros((50, 4), np.float32)
+    km = BalancedKMeans(5, n_iter=3, balance=1.0, device="cpu", verbose=False).fit(x)  # all duplicates, all zero
+    assert sorted(km.sizes_) == [10] * 5
+    one = BalancedKMeans(1, n_iter=2, device="cpu", verbose=False).fit(blobs(n_per=10))
+    assert one.sizes_ == [40] and (one.predict(blobs(n_per=10)) == 0).all()
+
+
+def test_bad_input():
+    x = blobs(n_per=10, k=2)
+    bad = x.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(InputError, match="NaN"):
+        BalancedKMeans(2, device="cpu", verbose=False).fit(bad)
+    bad[3, 1] = np.inf
+    with pytest.raises(InputError, match="row 3"):
+        BalancedKMeans(2, device="cpu", verbose=False).fit(bad)
+    with pytest.raises(InputError, match="larger than the number"):
+        BalancedKMeans(50, device="cpu", verbose=False).fit(x)
+    km = BalancedKMeans(2, device="cpu", verbose=False).fit(x)
+    with pytest.raises(InputError, match="dimension"):
+        km.predict(np.zeros((3, 5), np.float32))
+    with pytest.raises(InputError, match="balance"):
+        BalancedKMeans(2, balance=0.5)
+    with pytest.raises(InputError, match="backend"):
+        BalancedKMeans(2, backend="sklearn")
+    with pytest.raises(InputError, match="not fitted"):
+        BalancedKMeans(2, device="cpu").predict(x)
+    if not faiss_has_gpu() and torch.cuda.is_available():
+        with pytest.raises(InputError, match="faiss-gpu|torch"):
+            BalancedKMeans(2, backend="faiss", device="cuda")
