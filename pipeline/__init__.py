@@ -1,0 +1,41 @@
+"""The c-BTM pipeline as Luigi stages — thin wiring over `corpus/`, `clustering/`, `experts/`, `tasks/`.
+
+Read in order, this is the table of contents (stage → library function → output folder under --run-dir):
+
+    WriteDemoCorpus     corpus.demo.write_demo_corpus            demo-corpus-<h>/   (only for --corpus demo)
+    PrepareCorpus       corpus.read.prepare_corpus               corpus-<h>/
+    EmbedCorpus         clustering.embed.embed_corpus            embeddings-<h>/
+    FitClusters         clustering.kmeans.fit_clusters           clusters-<h>/
+    AssignClusters      clustering.kmeans.assign_clusters        assignments-<h>/
+    DescribeClusters    clustering.inspect.describe_clusters     cluster-info-<h>/
+    TrainTokenizer      experts.tokenizer.train_tokenizer        tokenizer-<h>/
+    ShardCorpus         experts.data.shard_corpus                shards-<h>/
+    TrainSeed           experts.launch.launch_training           seed-<h>/
+    TrainExpert(c)      experts.launch.launch_training           experts-<h>/cluster_{c:03d}/
+    TrainExperts        (wrapper: every TrainExpert)
+    TrainDense          experts.launch.launch_training           dense-<h>/
+    MergeExperts(m)     experts.ensemble.save_ensemble_config |  merged-<h>/{ensemble,posterior,average,moe}/
+                        experts.average.average_experts |
+                        experts.moe.build_moe
+    FinetuneMoE         experts.moe.finetune_moe                 moe-finetuned-<h>/
+    EvaluatePerplexity  tasks.perplexity.evaluate_perplexity     eval-<h>/perplexity/<model>.json
+    MakeDomainTask      tasks.fewshot.make_task_from_corpus      task-domains-<h>/
+    EvaluateFewShot     tasks.fewshot.evaluate_fewshot           eval-<h>/fewshot/<task>/<model>.json
+    Report              tasks.report.write_report                report-<h>/ (+ <run_dir>/report.{json,md})
+    RunAll              (wrapper: Report and everything upstream)
+"""
+from pipeline.base import install_log_filter
+from pipeline.corpus import WriteDemoCorpus, PrepareCorpus
+from pipeline.clustering import EmbedCorpus, FitClusters, AssignClusters, DescribeClusters
+from pipeline.training import TrainTokenizer, ShardCorpus, TrainSeed, TrainExpert, TrainExperts, TrainDense
+from pipeline.merging import MergeExperts, FinetuneMoE
+from pipeline.evaluation import EvaluatePerplexity, MakeDomainTask, EvaluateFewShot
+from pipeline.report import Report, RunAll
+
+install_log_filter()
+
+__all__ = [
+    "WriteDemoCorpus", "PrepareCorpus", "EmbedCorpus", "FitClusters", "AssignClusters", "DescribeClusters",
+    "TrainTokenizer", "ShardCorpus", "TrainSeed", "TrainExpert", "TrainExperts", "TrainDense", "MergeExperts",
+    "FinetuneMoE", "EvaluatePerplexity", "MakeDomainTask", "EvaluateFewShot", "Report", "RunAll",
+]

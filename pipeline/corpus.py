@@ -1,0 +1,66 @@
+"""Corpus stages: the built-in demo corpus, and reading any corpus into `corpus-<h>/`."""
+from __future__ import annotations
+
+import glob as globlib
+import os
+from pathlib import Path
+
+from pipeline.base import Stage
+
+
+class WriteDemoCorpus(Stage):
+    """`corpus.demo.write_demo_corpus` → `demo-corpus-<h>/{train,valid,test}.jsonl.gz` (only for --corpus demo)."""
+
+    folder = "demo-corpus"
+    hashed = ("seed",)
+
+    def requires(self):
+        return []
+
+    def build(self, out: Path) -> dict:
+        from corpus.demo import write_demo_corpus
+
+        write_demo_corpus(out, seed=self.seed)
+        return {"files": sorted(p.name for p in out.iterdir())}
+
+
+class PrepareCorpus(Stage):
+    """`corpus.read.prepare_corpus` → `corpus-<h>/{train,valid,test}.parquet` (id, text[, label]) + stats.json."""
+
+    folder = "corpus"
+    hashed = ("corpus", "text_field", "label", "max_docs", "seed")
+
+    def requires(self):
+        return [self.clone(WriteDemoCorpus)] if self.corpus == "demo" else []
+
+    def source(self) -> str:
+        return str(self.requires()[0].out_path()) if self.corpus == "demo" else self.corpus
+
+    def extra_hash(self):
+        """Name, size and mtime of the local corpus files, so editing the corpus in place rereads it."""
+        if self.corpus == "demo":
+            return None
+        path = Path(self.corpus).expanduser()
+        if any(c in self.corpus for c in "*?["):
+            files = [Path(p) for p in sorted(globlib.glob(str(path), recursive=True))]
+        elif path.is_dir():
+            files = sorted(p for p in path.rglob("*") if p.is_file())[:10_000]
+        elif path.is_file():
+            files = [path]
+        else:
+            return None  # a hub name (or a missing path: prepare_corpus says so)
+        out = []
+        for f in files:
+            try:
+                st = f.stat()
+            except OSError:
+                continue
+            out.append((str(f), st.st_size, st.st_mtime_ns))
+        return out
+
+    def build(self, out: Path) -> dict:
+        from corpus.read import prepare_corpus
+
+        stats = prepare_corpus(self.source(), out, text_field=self.text_field, label_field=self.label,
+                               seed=self.seed, max_docs=self.max_docs or None)
+        return {"n_docs": stats["n_docs"], "n_empty_dropped": stats["n_empty_dropped"]}

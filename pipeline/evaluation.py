@@ -1,0 +1,122 @@
+"""Evaluation stages: perplexity of every model on valid/test (overall, per cluster, per label), and few-shot
+in-context classification (`EvaluateFewShot(task, model)`)."""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import luigi
+
+from corpus.io import write_json
+from pipeline.base import Stage
+from pipeline.clustering import AssignClusters
+from pipeline.corpus import PrepareCorpus
+from pipeline.models import load_scoring_model, model_stage
+
+
+class EvaluatePerplexity(Stage):
+    """`tasks.perplexity.evaluate_perplexity` on the valid and test splits →
+    `eval-<h>/perplexity/<model>.json` = {model, valid: {...}, test: {...}}."""
+
+    folder = "eval"
+    hashed = ("model", "eval_max_docs", "seed")
+    gpu_stage = True
+    model = luigi.Parameter()
+
+    @property
+    def subpath(self) -> str:
+        return f"perplexity/{self.model}.json"
+
+    @property
+    def output_file(self) -> str:
+        return f"{self.model}.json"
+
+    def requires(self):
+        return {"model": model_stage(self, self.model)[0], "corpus": self.clone(PrepareCorpus),
+                "assignments": self.clone(AssignClusters)}
+
+    def docs(self, split: str) -> list[dict]:
+        """The split's documents with their cluster_id (a seeded sample of --eval-max-docs when set)."""
+        import numpy as np
+        import pyarrow.parquet as pq
+
+        r = self.requires()
+        rows = pq.read_table(self.input_path(r["corpus"]) / f"{split}.parquet").to_pylist()
+        cluster = dict(zip(*pq.read_table(self.input_path(r["assignments"]) / f"{split}.parquet",
+                                          columns=["id", "cluster_id"]).to_pydict().values()))
+        for row in rows:
+            row["cluster_id"] = int(cluster[row["id"]])
+        if self.eval_max_docs and len(rows) > self.eval_max_docs:
+            keep = np.random.default_rng(self.seed).choice(len(rows), self.eval_max_docs, replace=False)
+            rows = [rows[i] for i in sorted(keep.tolist())]
+        return rows
+
+    def build(self, out: Path) -> dict:
+        from tasks.perplexity import evaluate_perplexity
+
+        stage, kind = model_stage(self, self.model)
+        model = load_scoring_model(kind, self.input_path(stage), self.device, self.model)
+        result = {"model": self.model, "kind": kind, "path": str(self.input_path(stage))}
+        for split in ("valid", "test"):
+            result[split] = evaluate_perplexity(model, self.docs(split), out_path=out / f"{split}.json")
+        write_json(out / self.output_file, result)
+        return {split: result[split].get("perplexity") for split in ("valid", "test")}
+
+
+def task_slug(task: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(task).name if not task.startswith("hf:") else task[3:]).strip("_")
+
+
+class MakeDomainTask(Stage):
+    """`tasks.fewshot.make_task_from_corpus`: the built-in few-shot task `domains` (classify a document's label
+    field, e.g. the demo's domain) → `task-domains-<h>/{train,test}.jsonl, labels.json, task.json}`."""
+
+    folder = "task-domains"
+    hashed = ("seed",)
+
+    def requires(self):
+        return self.clone(PrepareCorpus)
+
+    def build(self, out: Path) -> dict:
+        from tasks.fewshot import make_task_from_corpus
+
+        make_task_from_corpus(self.input_path(self.requires()), out, label_field="label", seed=self.seed,
+                              name="domains")
+        return None
+
+
+class EvaluateFewShot(Stage):
+    """`tasks.fewshot.evaluate_fewshot`: k-shot classification of `task` (a folder, a built-in name, hf:<dataset>,
+    or `domains`) by `model` over --fewshot-seeds → `eval-<h>/fewshot/<task>/<model>.json`."""
+
+    folder = "eval"
+    hashed = ("task", "model", "shots", "fewshot_seeds", "fewshot_max_test")
+    gpu_stage = True
+    task = luigi.Parameter()
+    model = luigi.Parameter()
+
+    @property
+    def subpath(self) -> str:
+        return f"fewshot/{task_slug(self.task)}/{self.model}.json"
+
+    @property
+    def output_file(self) -> str:
+        return f"{self.model}.json"
+
+    def requires(self):
+        req = {"model": model_stage(self, self.model)[0]}
+        if self.task == "domains":
+            req["task"] = self.clone(MakeDomainTask)
+        return req
+
+    def build(self, out: Path) -> dict:
+        from tasks.fewshot import evaluate_fewshot, load_task
+
+        stage, kind = model_stage(self, self.model)
+        model = load_scoring_model(kind, self.input_path(stage), self.device, self.model)
+        spec = str(self.input_path(self.requires()["task"])) if self.task == "domains" else self.task
+        task = load_task(spec)
+        task.name = task_slug(self.task)
+        result = evaluate_fewshot(model, task, shots=self.shots, seeds=self.seed_list,
+                                  max_test=self.fewshot_max_test or None, out_path=out / self.output_file)
+        return {"accuracy": result.get("accuracy"), "macro_f1": result.get("macro_f1")}

@@ -1,0 +1,60 @@
+"""Which models a run evaluates, the stage that produces each, and how to load it as a `ScoringModel`.
+
+Model names: `seed`, `dense`, `expert_003`, `ensemble_top1` / `ensemble_top2` / `ensemble_topall` (c-BTM, top_k
+1, 2, all, and --top-k when it is another value; duplicates dropped when k is small), `posterior` (BTM, updating prior, --top-k), `average` (BTM
+parameter average), `moe` (BTX MoE after finetuning).
+"""
+from __future__ import annotations
+
+from corpus.io import InputError
+
+
+def ensemble_variants(num_clusters: int, top_k: str = "2") -> list[str]:
+    """top_k ∈ {1, 2, --top-k, all} as names, without repeats (with k = 2, top-2 is called 'all')."""
+    wanted = {1, 2, num_clusters} | ({int(top_k)} if str(top_k).isdigit() else set())
+    return [("all" if v == num_clusters else str(v)) for v in sorted(wanted) if 1 <= v <= num_clusters]
+
+
+def model_names(p) -> list[str]:
+    names = ["seed", "dense"] + [f"expert_{c:03d}" for c in range(p.num_clusters)]
+    for m in p.methods:
+        if m == "ensemble":
+            names += [f"ensemble_top{v}" for v in ensemble_variants(p.num_clusters, p.top_k)]
+        else:
+            names.append(m)
+    return names
+
+
+def model_stage(p, name: str):
+    """(stage producing the model, 'hf' | 'ensemble')."""
+    from pipeline.merging import FinetuneMoE, MergeExperts
+    from pipeline.training import TrainDense, TrainExpert, TrainSeed
+
+    if name == "seed":
+        return p.clone(TrainSeed), "hf"
+    if name == "dense":
+        return p.clone(TrainDense), "hf"
+    if name.startswith("expert_") and name[7:].isdigit():
+        return p.clone(TrainExpert, cluster_id=int(name[7:])), "hf"
+    if name.startswith("ensemble_top"):
+        return p.clone(MergeExperts, method="ensemble", ensemble_top_k=name[len("ensemble_top"):]), "ensemble"
+    if name == "posterior":
+        return p.clone(MergeExperts, method="posterior"), "ensemble"
+    if name == "average":
+        return p.clone(MergeExperts, method="average"), "hf"
+    if name == "moe":
+        return p.clone(FinetuneMoE), "hf"
+    raise InputError(f"unknown model {name!r}; models of this run: {', '.join(model_names(p))}")
+
+
+def load_scoring_model(kind: str, path, device: str, name: str):
+    """A `ScoringModel` for a `save_pretrained` folder (kind 'hf') or an `ensemble.json` folder ('ensemble')."""
+    if kind == "ensemble":
+        from experts.ensemble import load_ensemble
+
+        model = load_ensemble(path, device=device)
+        model.name = name
+        return model
+    from experts.scoring import HFCausalLM
+
+    return HFCausalLM.from_pretrained(str(path), device=device, name=name)

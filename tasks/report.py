@@ -1,0 +1,344 @@
+"""The run report: `report.json` (machine-readable) and `report.md` (tables and figures) of one pipeline run.
+
+`write_report(out_dir, run_info, cluster_info, perplexity, fewshot, budgets, timings)` writes into `out_dir`
+(atomically): `report.json`, `report.md` and `figures/*.png` (the cluster plots handed in by
+`clustering.inspect.describe_clusters`, plus a few-shot bar chart and a perplexity bar chart drawn here).
+
+report.json schema (version 1); every key is always present, values may be null/empty:
+```
+{
+  "schema_version": 1,
+  "run":        {"run_dir", "created", "params": {flag: value}, "corpus": {"source", "n_docs": {split: n},
+                 "label_field", "n_empty_dropped"}, "models": [model names]},
+  "clusters":   {"n_clusters", "algorithm", "embedder", "sizes": {split: [n per cluster]}, "top_terms":
+                 [[term, ...] per cluster], "nmi", "purity", "label_distribution": {cluster_id: {label: n}},
+                 "figures": [relative png paths], ...everything else describe_clusters returned},
+  "perplexity": {model: {"valid": {"perplexity", "bits_per_byte", "n_tokens", "per_cluster": {id: ppl},
+                                   "per_label": {label: ppl}}, "test": {...}}},
+  "fewshot":    {task: {model: {"accuracy": {"mean", "std"}, "macro_f1": {"mean", "std"}, "shots", "seeds",
+                               "n_test", "baselines": {"majority": {...}, "random": {...}}, "routing"}}},
+  "budgets":    {"plan": {"train_tokens", "seed_tokens", "expert_tokens", "dense_tokens", ...},
+                 "models": {model: {"tokens_seen", "steps", "wall_time_s", "gpu_hours"}},
+                 "totals": {"cbtm_tokens": seed + Σ experts, "dense_tokens": seed + dense, "cbtm_gpu_hours",
+                            "dense_gpu_hours"}},
+  "timings":    {stage: {"runs", "wall_time_s"}}
+}
+```
+Perplexities are exp(mean NLL per token) under each model's own tokenizer (all models of a run share one).
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from corpus.io import atomic_dir, write_json
+
+SCHEMA_VERSION = 1
+
+
+def write_report(
+    out_dir: str | os.PathLike,
+    run_info: dict,
+    cluster_info: dict | None,
+    perplexity: dict[str, dict],
+    fewshot: dict[str, dict[str, dict]] | None = None,
+    budgets: dict | None = None,
+    timings: dict[str, dict] | None = None,
+) -> dict:
+    """Write `out_dir/{report.json, report.md, figures/}` and return the report.json dict.
+
+    perplexity: {model: {"valid": evaluate_perplexity result, "test": ...}}; fewshot: {task: {model:
+    evaluate_fewshot result}}; cluster_info: describe_clusters' dict, whose "figures" (or "plots") list PNG
+    paths that are copied into `figures/`; budgets: {"plan": compute_budget dict, "models": {model:
+    training.json}}; timings: {stage: {"runs", "wall_time_s"}}.
+    """
+    out_dir = Path(out_dir)
+    report = {
+        "schema_version": SCHEMA_VERSION,
+        "run": {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), **run_info},
+        "clusters": _clusters(cluster_info or {}),
+        "perplexity": {m: {s: _ppl_summary(r.get(s)) for s in ("valid", "test") if r.get(s)} for m, r in perplexity.items()},
+        "fewshot": {t: {m: _fewshot_summary(r) for m, r in by_model.items()} for t, by_model in (fewshot or {}).items()},
+        "budgets": _budgets(budgets or {}),
+        "timings": timings or {},
+    }
+    with atomic_dir(out_dir) as tmp:
+        figures = tmp / "figures"
+        figures.mkdir()
+        copied = []
+        for src in _figure_paths(cluster_info or {}):
+            dst = figures / Path(src).name
+            shutil.copyfile(src, dst)
+            copied.append(f"figures/{dst.name}")
+        report["clusters"]["figures"] = copied
+        extra = []
+        if report["fewshot"]:
+            extra.append(_fewshot_chart(report["fewshot"], figures / "fewshot.png"))
+        if report["perplexity"]:
+            extra.append(_perplexity_chart(report["perplexity"], figures / "perplexity.png"))
+        report["figures"] = copied + [e for e in extra if e]
+        write_json(tmp / "report.json", report)
+        (tmp / "report.md").write_text(render_markdown(report), encoding="utf-8")
+    return report
+
+
+# ---- summaries --------------------------------------------------------------------------------------------
+def _clusters(info: dict) -> dict:
+    """describe_clusters' dict, with the per-cluster lists lifted to the top level the schema documents."""
+    out = dict(info)
+    per = [c for c in info.get("clusters") or [] if isinstance(c, dict)]
+    if out.get("top_terms") is None and per and any("top_terms" in c for c in per):
+        out["top_terms"] = [c.get("top_terms") or [] for c in per]
+    if out.get("label_distribution") is None and per and any("label_distribution" in c for c in per):
+        out["label_distribution"] = {str(c.get("cluster_id", i)): c.get("label_distribution") or {}
+                                     for i, c in enumerate(per)}
+    sizes = out.get("sizes")
+    if isinstance(sizes, list):
+        sizes = {"train": sizes}
+        for split, s in ((out.get("assignment_summary") or {}).get("splits") or {}).items():
+            if split != "train" and isinstance(s, dict) and s.get("sizes") is not None:
+                sizes[split] = s["sizes"]
+        out["sizes"] = sizes
+    for key in ("n_clusters", "algorithm", "embedder", "sizes", "top_terms", "nmi", "purity", "label_distribution"):
+        out.setdefault(key, None)
+    if out.get("algorithm") is None:
+        out["algorithm"] = (out.get("assignment_summary") or {}).get("algorithm")
+    out.pop("out_dir", None)
+    return out
+
+
+def _figure_paths(info: dict) -> list[str]:
+    paths = info.get("figures") or info.get("plots") or []
+    if isinstance(paths, dict):
+        paths = list(paths.values())
+    base = Path(info.get("out_dir", "."))
+    found = []
+    for p in paths:
+        q = Path(p) if Path(p).is_absolute() else base / p
+        if q.is_file() and q.suffix.lower() == ".png":
+            found.append(str(q))
+    return found
+
+
+def _ppl_summary(r: dict | None) -> dict | None:
+    if not r:
+        return None
+    return {
+        "perplexity": r.get("perplexity"),
+        "bits_per_byte": r.get("bits_per_byte"),
+        "n_tokens": r.get("n_tokens"),
+        "n_docs": r.get("n_docs"),
+        "per_cluster": {str(k): v.get("perplexity") for k, v in (r.get("per_cluster") or {}).items()},
+        "per_label": {str(k): v.get("perplexity") for k, v in (r.get("per_label") or {}).items()},
+        "tokens_per_s": r.get("tokens_per_s"),
+    }
+
+
+def _fewshot_summary(r: dict) -> dict:
+    return {k: r.get(k) for k in ("accuracy", "macro_f1", "shots", "seeds", "n_test", "scoring", "baselines",
+                                   "routing", "wall_time_s")}
+
+
+def _budgets(b: dict) -> dict:
+    models = {m: {k: t.get(k) for k in ("tokens_seen", "steps", "wall_time_s", "gpu_hours")}
+              for m, t in (b.get("models") or {}).items() if t}
+
+    def tok(m):
+        return (models.get(m) or {}).get("tokens_seen") or 0
+
+    def gpu(m):
+        return (models.get(m) or {}).get("gpu_hours") or 0.0
+
+    experts = [m for m in models if m.startswith("expert_")]
+    totals = {
+        "cbtm_tokens": tok("seed") + sum(tok(m) for m in experts),
+        "dense_tokens": tok("seed") + tok("dense"),
+        "cbtm_gpu_hours": gpu("seed") + sum(gpu(m) for m in experts),
+        "dense_gpu_hours": gpu("seed") + gpu("dense"),
+    }
+    return {"plan": b.get("plan"), "models": models, "totals": totals}
+
+
+# ---- markdown -----------------------------------------------------------------------------------------------
+def _f(x: Any, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}f}"
+    return str(x)
+
+
+def render_markdown(report: dict) -> str:
+    run, cl = report["run"], report["clusters"]
+    lines = [f"# c-BTM run report", "", f"Run folder `{run.get('run_dir')}`, written {run.get('created')}.", ""]
+    corpus = run.get("corpus") or {}
+    if corpus:
+        n = corpus.get("n_docs") or {}
+        lines += [f"Corpus `{corpus.get('source')}`: {n.get('train')} train / {n.get('valid')} valid / "
+                  f"{n.get('test')} test documents; label field: `{corpus.get('label_field')}`.", ""]
+    params = run.get("params") or {}
+    if params:
+        keys = ("num_clusters", "embedder", "clusterer", "assign", "seed_model", "model_size", "train_tokens",
+                "seed_fraction", "top_k", "temperature", "branch_from", "merge_methods")
+        lines += ["Settings: " + ", ".join(f"`--{k.replace('_', '-')} {params[k]}`" for k in keys if k in params), ""]
+
+    lines += ["## Clusters", ""]
+    sizes = cl.get("sizes") or {}
+    if isinstance(sizes, list):
+        sizes = {"train": sizes}
+    terms = cl.get("top_terms") or []
+    k = cl.get("n_clusters") or max([len(v) for v in sizes.values()] + [len(terms)] + [0])
+    if k:
+        splits = list(sizes)
+        lines += ["| cluster | " + " | ".join(f"{s} docs" for s in splits) + " | top TF-IDF terms |",
+                  "|---:|" + "---:|" * len(splits) + "---|"]
+        for c in range(k):
+            row = [str(sizes[s][c]) if c < len(sizes[s]) else "–" for s in splits]
+            t = ", ".join(terms[c][:10]) if c < len(terms) and terms[c] else _nearest(cl, c)
+            lines.append(f"| {c} | " + " | ".join(row) + f" | {t} |")
+        lines.append("")
+    if cl.get("nmi") is not None or cl.get("purity") is not None:
+        lines += [f"Against the label field: NMI {_f(cl.get('nmi'), 3)}, purity {_f(cl.get('purity'), 3)}.", ""]
+    dist = cl.get("label_distribution")
+    if isinstance(dist, dict) and dist:
+        labels = sorted({lab for d in dist.values() if isinstance(d, dict) for lab in d})
+        if labels and len(labels) <= 20:
+            lines += ["| cluster | " + " | ".join(labels) + " |", "|---:|" + "---:|" * len(labels)]
+            for c, d in dist.items():
+                lines.append(f"| {c} | " + " | ".join(str(d.get(lab, 0)) for lab in labels) + " |")
+            lines.append("")
+    for fig in cl.get("figures") or []:
+        lines += [f"![{Path(fig).stem}]({fig})", ""]
+
+    ppl = report["perplexity"]
+    if ppl:
+        lines += ["## Perplexity", ""]
+        clusters = sorted({c for r in ppl.values() for c in ((r.get("test") or {}).get("per_cluster") or {})}, key=_num)
+        lines += ["| model | valid ppl | test ppl | " + " | ".join(f"test c{c}" for c in clusters) + " |",
+                  "|---|---:|---:|" + "---:|" * len(clusters)]
+        for m, r in ppl.items():
+            v, t = r.get("valid") or {}, r.get("test") or {}
+            pc = t.get("per_cluster") or {}
+            lines.append(f"| {m} | {_f(v.get('perplexity'))} | {_f(t.get('perplexity'))} | "
+                         + " | ".join(_f(pc.get(c)) for c in clusters) + " |")
+        lines.append("")
+        labels = sorted({lab for r in ppl.values() for lab in ((r.get("test") or {}).get("per_label") or {})})
+        if labels and len(labels) <= 20:
+            lines += ["Test perplexity per label:", "", "| model | " + " | ".join(labels) + " |",
+                      "|---|" + "---:|" * len(labels)]
+            for m, r in ppl.items():
+                pl = (r.get("test") or {}).get("per_label") or {}
+                lines.append(f"| {m} | " + " | ".join(_f(pl.get(lab)) for lab in labels) + " |")
+            lines.append("")
+        if "figures/perplexity.png" in report.get("figures", []):
+            lines += ["![perplexity](figures/perplexity.png)", ""]
+
+    fs = report["fewshot"]
+    if fs:
+        lines += ["## Few-shot classification", "", "| task | model | shots | accuracy | macro-F1 |",
+                  "|---|---|---:|---:|---:|"]
+        for task, by_model in fs.items():
+            base = None
+            for m, r in by_model.items():
+                acc, f1 = r.get("accuracy") or {}, r.get("macro_f1") or {}
+                lines.append(f"| {task} | {m} | {r.get('shots')} | {_f(acc.get('mean'), 3)} ± {_f(acc.get('std'), 3)} "
+                             f"| {_f(f1.get('mean'), 3)} ± {_f(f1.get('std'), 3)} |")
+                base = base or r.get("baselines")
+            for name, b in (base or {}).items():
+                acc = b.get("accuracy")
+                acc = acc.get("mean") if isinstance(acc, dict) else acc
+                f1 = b.get("macro_f1")
+                f1 = f1.get("mean") if isinstance(f1, dict) else f1
+                lines.append(f"| {task} | *{name} baseline* | – | {_f(acc, 3)} | {_f(f1, 3)} |")
+        lines.append("")
+        if "figures/fewshot.png" in report.get("figures", []):
+            lines += ["![few-shot accuracy](figures/fewshot.png)", ""]
+
+    bud = report["budgets"]
+    if bud.get("models"):
+        plan = bud.get("plan") or {}
+        lines += ["## Budgets", ""]
+        if plan:
+            lines += [f"Compute matching: budget {plan.get('train_tokens')} tokens = seed {plan.get('seed_tokens')} + "
+                      f"{plan.get('n_clusters')} experts × {plan.get('expert_tokens')} (c-BTM) = seed + dense "
+                      f"{plan.get('dense_tokens')}.", ""]
+        tot = bud.get("totals") or {}
+        lines += [f"Tokens actually seen: c-BTM {tot.get('cbtm_tokens')}, dense {tot.get('dense_tokens')}; GPU-hours: "
+                  f"c-BTM {_f(tot.get('cbtm_gpu_hours'), 4)}, dense {_f(tot.get('dense_gpu_hours'), 4)}.", "",
+                  "| model | tokens | steps | wall time (s) | GPU-hours |", "|---|---:|---:|---:|---:|"]
+        for m, t in bud["models"].items():
+            lines.append(f"| {m} | {_f(t.get('tokens_seen'))} | {_f(t.get('steps'))} | {_f(t.get('wall_time_s'), 1)} "
+                         f"| {_f(t.get('gpu_hours'), 4)} |")
+        lines.append("")
+    if report["timings"]:
+        lines += ["## Timings", "", "| stage | runs | wall time (s) |", "|---|---:|---:|"]
+        for stage, t in report["timings"].items():
+            lines.append(f"| {stage} | {t.get('runs')} | {_f(t.get('wall_time_s'), 1)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _nearest(cl: dict, c: int) -> str:
+    per = cl.get("clusters") or []
+    docs = per[c].get("nearest_documents") if c < len(per) and isinstance(per[c], dict) else None
+    if not docs:
+        return "–"
+    return "nearest: " + str(docs[0].get("text", ""))[:80].replace("|", "/").replace("\n", " ")
+
+
+def _num(s: str):
+    return (0, int(s)) if str(s).isdigit() else (1, str(s))
+
+
+# ---- figures --------------------------------------------------------------------------------------------------
+def _fewshot_chart(fs: dict, path: Path) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    tasks = list(fs)
+    models = list(dict.fromkeys(m for t in tasks for m in fs[t]))
+    if not tasks or not models:
+        return None
+    width = 0.8 / len(models)
+    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * max(1, len(models) / 4)), 4))
+    x = np.arange(len(tasks))
+    for i, m in enumerate(models):
+        means = [((fs[t].get(m) or {}).get("accuracy") or {}).get("mean") or 0.0 for t in tasks]
+        stds = [((fs[t].get(m) or {}).get("accuracy") or {}).get("std") or 0.0 for t in tasks]
+        ax.bar(x + i * width - 0.4 + width / 2, means, width, yerr=stds, label=m, capsize=2)
+    ax.set_xticks(x, tasks)
+    ax.set_ylabel("accuracy (mean ± std over seeds)")
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=7, ncol=2)
+    ax.set_title("Few-shot in-context classification")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"figures/{path.name}"
+
+
+def _perplexity_chart(ppl: dict, path: Path) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [m for m in ppl if (ppl[m].get("test") or {}).get("perplexity")]
+    if not models:
+        return None
+    values = [ppl[m]["test"]["perplexity"] for m in models]
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(models)), 3.5))
+    ax.bar(range(len(models)), values, color=["tab:gray" if m in ("seed", "dense") else "tab:blue" for m in models])
+    ax.set_xticks(range(len(models)), models, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("test perplexity")
+    ax.set_title("Perplexity by model (lower is better)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return f"figures/{path.name}"
