@@ -12,7 +12,9 @@ Routing is recomputed every `route_every` tokens: chunk c of a row predicts targ
 is routed on x_<p_c (plus the row's `prefix_texts`), so routing never sees a token it predicts. The
 mixture is of probabilities (logsumexp of log w + log p), not of logits. Execution is truly sparse: routing
 is computed first, then each expert runs once on just the rows (truncated after their last chunk that
-needs it) that routed to it; unselected experts never run.
+needs it) that routed to it; unselected experts never run. A prefix with no routing signal (its embedding
+is the zero vector: empty text at the start of a document, or no word the embedder knows) gets the uniform
+mixture of all experts, the prior; it costs the extra experts only that first chunk.
 
 `PosteriorEnsemble` (BTM; Li et al. 2022, "Branch-Train-Merge"): weights from the domain posterior
 p(j | x_<t) ∝ p(j) · Π_{s<t} p_j(x_s | x_<s); `prior="cached"` fixes the weights to a prior estimated once
@@ -325,6 +327,16 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
             raise InputError(f"embedder gives shape {emb.shape}, centroids have dimension {self.centroids.shape[1]}")
         self.stats["routing_texts"] += len(uniq)
         idx, w = routing_weights(emb, self.centroids, self.top_k, self.temperature)
+        empty = np.linalg.norm(emb, axis=1) < 1e-8  # (n_unique,) no routing signal
+        k = len(self.slots)
+        if empty.any() and self.top_k < k:
+            # uniform over all experts for those rows; the others keep their top_k (zero-weight padding)
+            idx_all, _ = routing_weights(emb, self.centroids, k, self.temperature)  # (n_unique, k)
+            w_all = torch.zeros(len(uniq), k)
+            w_all[:, : self.top_k] = w
+            e = torch.as_tensor(empty)
+            w_all[e] = 1.0 / k
+            idx, w = idx_all, w_all
         where = {t: i for i, t in enumerate(uniq)}
         sel = torch.tensor([where[t] for t in texts], dtype=torch.long)
         return idx[sel], w[sel]

@@ -114,9 +114,10 @@ def test_routing_never_reads_predicted_tokens(experts, centroids):
 def test_only_selected_experts_run(experts, centroids):
     ens = _ens(experts, centroids, top_k=1, route_every=1000)
     ids, mask = _batch(ens.tokenizer)
+    prefixes = TEXTS[::-1]  # document context before each row, so even the first chunk has a routing signal
     ens.reset_stats()
-    ens.token_logprobs(ids, mask)
-    chosen = {int(i) for i in torch.isfinite(ens.routing_plan(ids, mask)).nonzero()[:, 2]}
+    ens.token_logprobs(ids, mask, prefixes)
+    chosen = {int(i) for i in torch.isfinite(ens.routing_plan(ids, mask, prefixes)).nonzero()[:, 2]}
     assert set(ens.stats["expert_calls"]) == chosen
     assert all(n == 1 for n in ens.stats["expert_calls"].values())
     assert sum(ens.stats["rows"].values()) == len(TEXTS)  # top-1, one chunk: each row runs exactly once
@@ -206,3 +207,15 @@ def test_fixed_routing_uses_one_weight_vector(experts, centroids):
     assert (fixed[0] > 0).sum() <= 2 and abs(fixed[0].sum() - 1) < 1e-5
     ens.clear_fixed_routing()
     np.testing.assert_allclose(ens.routing_weights(texts), dense)
+
+
+def test_empty_prefix_gets_uniform_mixture_of_all_experts(experts, centroids):
+    ens = _ens(experts, centroids, top_k=1)
+    dense = ens.routing_weights(["", TEXTS[0]])  # (2, k)
+    np.testing.assert_allclose(dense[0], np.full(len(experts), 1 / len(experts)), rtol=1e-6)
+    assert (dense[1] > 0).sum() == 1 and abs(dense[1].sum() - 1) < 1e-6
+    # the first chunk of a row (empty prefix) mixes all experts; later chunks use only the top-1
+    ids, mask = _batch(experts[0].tokenizer, TEXTS[:1])
+    logw = ens.routing_plan(ids, mask)  # (1, T-1, k)
+    assert torch.isfinite(logw[0, 0]).all()
+    assert torch.isfinite(logw[0, ens.route_every]).sum() == 1
