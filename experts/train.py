@@ -1,7 +1,8 @@
 """The training loop for seeds, experts and the dense baseline (also BTX MoE finetuning).
 
 Plain PyTorch: AdamW (fused on CUDA), linear warmup then cosine/linear decay to `min_lr`, bf16 autocast on
-CUDA, SDPA attention, optional `torch.compile`, gradient accumulation up to a global batch in tokens, gradient
+CUDA, SDPA attention with is_causal=True and no materialised mask (`causal_sdpa_attention`), optional
+`torch.compile`, gradient accumulation up to a global batch in tokens, gradient
 clipping, seeded data order. The loss is computed by a chunked fused linear + cross-entropy so the
 (B, T, V) logits are never materialised in fp32 (the same idea as Liger-Kernel's FusedLinearCrossEntropy).
 
@@ -93,6 +94,13 @@ class TrainConfig:
     """Stop after this many steps whatever the budget says (--max-steps)."""
     sdpa_backend: str | None = None
     """Force one SDPA attention kernel: 'flash', 'cudnn', 'efficient' or 'math' (--sdpa-backend); None = torch's pick."""
+    causal_sdpa: bool = True
+    """Attention as SDPA with is_causal=True and no materialised (B, 1, T, T) mask, for models whose HF attention
+    is plain causal SDPA (no padding in packed blocks, no sliding window shorter than the block); --no-causal-sdpa
+    keeps HF's own mask building (which, under torch.compile on torch < 2.14, always materialises the mask, so
+    the kernel cannot skip the masked upper triangle)."""
+    compile_mode: str | None = None
+    """torch.compile mode (--compile-mode), e.g. 'max-autotune-no-cudagraphs'; None = the default mode."""
     ddp_backend: str | None = None
     """Process-group backend when launched by torchrun: None = nccl on CUDA, gloo on CPU."""
 
@@ -119,6 +127,8 @@ class TrainConfig:
             (self.sdpa_backend in (None, "flash", "cudnn", "efficient", "math"),
              f"--sdpa-backend must be flash, cudnn, efficient or math, got {self.sdpa_backend!r}"),
             (self.max_steps is None or self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}"),
+            (self.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+             f"--compile-mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {self.compile_mode!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -198,7 +208,7 @@ def _ce_chunk(h, w, targets):
     return loss, g @ w, g.t() @ h
 
 
-def make_linear_cross_entropy(compile: bool = False):
+def make_linear_cross_entropy(compile: bool = False, mode: str | None = None):
     """Return f(h (N, H), w (V, H), targets (N,), n_chunks) → mean CE of softmax(h wᵀ) at targets.
 
     Forward computes the gradients chunk by chunk (logits of one chunk at a time, never (N, V) at once) and
@@ -206,7 +216,7 @@ def make_linear_cross_entropy(compile: bool = False):
     """
     import torch
 
-    chunk_fn = torch.compile(_ce_chunk, dynamic=False) if compile else _ce_chunk
+    chunk_fn = torch.compile(_ce_chunk, dynamic=False, mode=mode) if compile else _ce_chunk
 
     class LinearCrossEntropy(torch.autograd.Function):
         @staticmethod
@@ -265,16 +275,17 @@ class CausalLMLoss:
 
         use_router = config.router_aux_loss_coef > 0 or hasattr(model.config, "num_local_experts")
         fused = config.fused_loss and _fused_ok(model) and not use_router
+        mode = config.compile_mode
 
         class _Loss(torch.nn.Module):
             def __init__(self):
                 super().__init__()
                 self.model = model
                 if fused:
-                    object.__setattr__(self, "_backbone", torch.compile(model.get_decoder()) if compile else model.get_decoder())
-                    object.__setattr__(self, "_lce", make_linear_cross_entropy(compile))
+                    object.__setattr__(self, "_backbone", torch.compile(model.get_decoder(), mode=mode) if compile else model.get_decoder())
+                    object.__setattr__(self, "_lce", make_linear_cross_entropy(compile, mode))
                 else:
-                    object.__setattr__(self, "_full", torch.compile(model) if compile else model)
+                    object.__setattr__(self, "_full", torch.compile(model, mode=mode) if compile else model)
 
             def forward(self, input_ids):  # (B, T)
                 targets = input_ids[:, 1:].reshape(-1)  # (B·(T−1),)
@@ -445,6 +456,62 @@ def _load_checkpoint(path: Path, model, optimizer, device) -> dict:
     return state
 
 
+# ---------------------------------------------------------------------------------------------- attention
+CAUSAL_SDPA = "cbtm_causal_sdpa"
+"""Name under which `causal_sdpa_attention` is registered in transformers' AttentionInterface."""
+_CAUSAL_SDPA_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "mixtral", "qwen2_moe", "phi3"}
+
+
+def causal_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    """Causal self-attention softmax(q kᵀ · scaling + causal) v through `F.scaled_dot_product_attention(is_causal=True)`.
+
+    query (B, nh, T, hd), key/value (B, n_kv, T, hd) → ((B, T, nh, hd), None), the contract of transformers'
+    AttentionInterface. Because this name has no entry in transformers' mask interface, the model builds no
+    (B, 1, T, T) mask and the flash/cuDNN kernels skip the masked upper triangle (half the FLOPs of a dense mask).
+    Only valid for full-length causal self-attention without padding — what training on packed blocks does; any
+    other call (a mask, a KV cache) is handed to transformers' own SDPA function.
+    """
+    import torch.nn.functional as F
+
+    T, S = query.shape[2], key.shape[2]
+    if attention_mask is not None or T != S or T == 1:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    groups = query.shape[1] // key.shape[1]
+    if groups > 1:  # grouped-query attention: repeat each kv head for its query heads
+        key = key.repeat_interleave(groups, dim=1)  # (B, nh, T, hd)
+        value = value.repeat_interleave(groups, dim=1)
+    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)  # (B, nh, T, hd)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def use_causal_sdpa(model, seq_len: int) -> str | None:
+    """Switch `model` to `causal_sdpa_attention` when its attention is plain causal SDPA over `seq_len` tokens.
+
+    Returns the previous `config._attn_implementation` (to restore before saving), or None when the model was
+    left alone (another implementation, an unsupported architecture, or a sliding window shorter than seq_len).
+    """
+    from transformers import AttentionInterface
+
+    cfg = model.config
+    if getattr(cfg, "_attn_implementation", None) != "sdpa" or cfg.model_type not in _CAUSAL_SDPA_TYPES:
+        return None
+    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+    if window is not None and window < seq_len:
+        return None
+    if CAUSAL_SDPA not in AttentionInterface._global_mapping:
+        AttentionInterface.register(CAUSAL_SDPA, causal_sdpa_attention)
+    cfg._attn_implementation = CAUSAL_SDPA
+    return "sdpa"
+
+
+def restore_attention(model, previous: str | None) -> None:
+    """Undo `use_causal_sdpa` (so the saved config and later users see HF's own implementation)."""
+    if previous is not None:
+        model.config._attn_implementation = previous
+
+
 # ---------------------------------------------------------------------------------------------- helpers
 def sdpa_context(backend: str | None):
     """Context manager restricting scaled_dot_product_attention to one kernel (None: no restriction)."""
@@ -612,6 +679,7 @@ def train_model(
         log.info("resuming %s from step %d (%s)", out_dir, state["step"], ckpt)
     state["plan"] = asdict(plan)
 
+    prev_attn = use_causal_sdpa(model, data.seq_len) if config.causal_sdpa else None
     loss_module = CausalLMLoss.build(model, config, use_compile)
     ddp_module = loss_module
     if world > 1:
@@ -717,10 +785,14 @@ def train_model(
             if on_step is not None:
                 on_step(done, state)
     except torch.OutOfMemoryError:
+        restore_attention(model, prev_attn)
         raise InputError(
             f"CUDA out of memory with --micro-batch-size {config.micro_batch_size} x {data.seq_len} tokens; try "
             f"--micro-batch-size {max(1, config.micro_batch_size // 2)} (gradient accumulation keeps the global batch)"
         ) from None
+    except BaseException:
+        restore_attention(model, prev_attn)
+        raise
     finally:
         bar.close()
     flush_losses()
@@ -728,6 +800,7 @@ def train_model(
         torch.cuda.synchronize(device)
     tps, mfu = _throughput(t_measure, steps_measured, plan, device, fpt, peak, world)
     valid_loss = evaluate()
+    restore_attention(model, prev_attn)
     wall = wall_before + time.perf_counter() - t_start
     n_gpus = world if device.type == "cuda" else 0
     result = {

@@ -43,6 +43,7 @@ CHOICES = {
     "branch_from": ("seed", "average"),
     "device": ("auto", "cpu", "cuda"),
     "router_init": ("random", "centroids", "hidden"),
+    "compile": ("auto", "on", "off"),
 }
 
 
@@ -107,8 +108,11 @@ class RunParams:
     shots = _p(8, luigi.IntParameter, name="shots")
     fewshot_seeds = _p("13,21,42,87,100", name="fewshot_seeds")
     fewshot_max_test = _p(40, luigi.IntParameter, name="fewshot_max_test", description="0 = all")
+    fewshot_models = _p("", name="fewshot_models", description="models evaluated few-shot, comma separated "
+                        "(e.g. dense,ensemble_top1,moe); '' = every model")
     # execution (not hashed: they do not change results beyond floating-point noise)
     device = _p("auto", name="device", description="auto | cpu | cuda")
+    compile = _p("auto", name="compile", description="torch.compile the training step: auto (on for CUDA) | on | off")
     seed = _p(0, luigi.IntParameter, name="seed")
     force_stage = _p("", name="force_stage", description="comma-separated stage names whose outputs are "
                      "deleted and rebuilt (downstream stages follow)")
@@ -138,6 +142,14 @@ class RunParams:
                 _WARNED["domains"] = True
             names.remove("domains")
         return names
+
+    def fewshot_model_names(self, names: list[str]) -> list[str]:
+        """The models few-shot tasks evaluate: `names` filtered by --fewshot-models (empty = all)."""
+        wanted = [m.strip() for m in self.fewshot_models.split(",") if m.strip()]
+        unknown = sorted(set(wanted) - set(names))
+        if unknown:
+            raise InputError(f"--fewshot-models names unknown models {unknown}; this run has {names}")
+        return [m for m in names if not wanted or m in wanted]
 
     @property
     def seed_list(self) -> list[int]:

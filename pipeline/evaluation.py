@@ -81,7 +81,7 @@ class MakeDomainTask(Stage):
         from tasks.fewshot import make_task_from_corpus
 
         make_task_from_corpus(self.input_path(self.requires()), out, label_field="label", seed=self.seed,
-                              name="domains")
+                              max_chars=160, name="domains")
         return None
 
 

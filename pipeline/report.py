@@ -27,7 +27,8 @@ class Report(Stage):
             "corpus": self.clone(PrepareCorpus),
             "clusters": self.clone(DescribeClusters),
             "perplexity": {m: self.clone(EvaluatePerplexity, model=m) for m in names},
-            "fewshot": {t: {m: self.clone(EvaluateFewShot, task=t, model=m) for m in names} for t in self.task_list},
+            "fewshot": {t: {m: self.clone(EvaluateFewShot, task=t, model=m) for m in self.fewshot_model_names(names)}
+                        for t in self.task_list},
             "trained": {m: model_stage(self, m)[0] for m in names if m in TRAINED or m.startswith("expert_")},
         }
 

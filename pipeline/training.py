@@ -95,7 +95,8 @@ class _TrainStage(Stage):
         from experts.train import TrainConfig
 
         opts = dict(train_tokens=tokens, seed=self.seed, device=self.device,
-                    global_batch_tokens=self.batch_tokens or None)
+                    global_batch_tokens=self.batch_tokens or None,
+                    compile={"auto": None, "on": True, "off": False}[self.compile])
         opts.update(kw)
         if self.learning_rate:
             opts["lr"] = self.learning_rate

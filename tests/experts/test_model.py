@@ -17,7 +17,7 @@ def test_presets_have_the_advertised_sizes():
     assert 30e6 < sizes["small"] < 42e6 and 120e6 < sizes["base"] < 140e6
     assert all(p.doc for p in PRESETS.values())
     tiny = build_scratch_model("tiny", 8192)
-    assert tiny.config._attn_implementation == "sdpa" and tiny.config.max_position_embeddings == 128
+    assert tiny.config._attn_implementation == "sdpa" and tiny.config.max_position_embeddings == 256
 
 
 def test_flops_per_token_formula():
