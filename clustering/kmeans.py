@@ -32,7 +32,10 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 _BATCH_BYTES = 1 << 28  # ~256 MiB of (rows × (dim + n_clusters)) float32 per streamed batch
-_DAMP = 0.5
+_DAMP = 0.5  # Jacobi damping of the dual steps
+_RELAX_SLACK = 0.05  # intermediate Lloyd iterations: sizes within the bounds ±5% are good enough
+_RELAX_STEPS = 4  # at most this many dual steps per intermediate Lloyd iteration
+_PRICE_SAMPLE = 2048  # intermediate dual steps use a fixed sample of max(16384, 2048·k) fitted points
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -117,28 +120,24 @@ def _cluster_of(cand_idx: torch.Tensor | None, pos: torch.Tensor, rows: torch.Te
     return ci.gather(1, pos[:, None]).squeeze(1)
 
 
-def _price_of(prices: torch.Tensor, cand_idx: torch.Tensor | None, n: int) -> torch.Tensor:
-    return prices[None, :] if cand_idx is None else prices[cand_idx]
+def _dense(cand_dist: torch.Tensor, cand_idx: torch.Tensor | None, k: int) -> torch.Tensor:
+    """Candidate distances (n, m) at ids cand_idx (n, m) → dense (n, k), +inf where a centroid is no candidate."""
+    if cand_idx is None:
+        return cand_dist
+    out = torch.full((cand_dist.shape[0], k), float("inf"), dtype=cand_dist.dtype, device=cand_dist.device)
+    return out.scatter_(1, cand_idx, cand_dist)
 
 
 def _rank_within(keys: torch.Tensor, groups: torch.Tensor, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Order items by (group, key) and return (order, rank of each ordered item within its group).
 
-    One argsort of the float64 composite key group + key scaled into [0, 1) (inf keys last/first)."""
+    Two stable sorts (by key, then by group), no Python loop; ±inf keys sort last / first as usual."""
     n = keys.numel()
     if n == 0:
         e = torch.zeros(0, dtype=torch.long, device=keys.device)
         return e, e
-    kk = keys.double()
-    fin = torch.isfinite(kk)
-    if bool(fin.any()):
-        lo_, hi_ = kk[fin].min(), kk[fin].max()
-        frac = ((kk - lo_) / (hi_ - lo_ + 1e-300) * 0.999).where(fin, torch.full_like(kk, 0.9995))
-    else:
-        frac = torch.full_like(kk, 0.5)
-    if descending:
-        frac = 0.9999 - frac
-    order = torch.argsort(groups.double() + frac)
+    order = torch.argsort(keys, descending=descending, stable=True)
+    order = order[torch.argsort(groups[order], stable=True)]
     g = groups[order]
     pos = torch.arange(n, device=g.device)
     is_start = torch.ones(n, dtype=torch.bool, device=g.device)
@@ -148,65 +147,156 @@ def _rank_within(keys: torch.Tensor, groups: torch.Tensor, descending: bool) -> 
     return order, pos - start
 
 
-def _column_kth(g: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
-    """kth[t]-th smallest (1-based) value of column t of g (n, u) → (u,); sort on CUDA, selection on CPU."""
-    n = g.shape[0]
-    kth = kth.clamp(1, n)
-    if g.is_cuda:
-        srt = torch.sort(g, dim=0).values  # (n, u)
-        return srt.gather(0, (kth - 1)[None, :]).squeeze(0)
-    return torch.stack([torch.kthvalue(g[:, t], int(kth[t])).values for t in range(g.shape[1])])
-
-
 def _group_kth(values: torch.Tensor, groups: torch.Tensor, ids: torch.Tensor, kth: torch.Tensor,
                counts: torch.Tensor) -> torch.Tensor:
-    """For each group id in `ids` (ascending), the kth-smallest (1-based) of `values` over its members."""
-    if values.is_cuda:
-        sel = torch.isin(groups, ids).nonzero().squeeze(1)
-        order, _ = _rank_within(values[sel], groups[sel], descending=False)
-        srt = values[sel][order]
-        starts = torch.cumsum(counts[ids], 0) - counts[ids]
-        return srt[starts + kth - 1]
-    out = []
-    for j, e in zip(ids.tolist(), kth.tolist()):
-        v = values[groups == j]
-        out.append(torch.kthvalue(v, int(e)).values)
-    return torch.stack(out)
+    """For each group id in `ids` (ascending), the kth-smallest (1-based) of `values` over its members.
+
+    values, groups (n,); counts (k,) members per group; kth (len(ids),) with 1 ≤ kth ≤ counts[ids]. Members of the
+    asked groups are sorted by (group, value) with two stable sorts; each group's answer is read at its offset."""
+    asked = torch.zeros(counts.numel(), dtype=torch.bool, device=values.device)
+    asked[ids] = True
+    sel = asked[groups].nonzero().squeeze(1)  # members of the asked groups
+    vals, g = values[sel], groups[sel]
+    order = torch.argsort(vals, stable=True)
+    order = order[torch.argsort(g[order], stable=True)]
+    cnt = counts[ids]
+    starts = torch.cumsum(cnt, 0) - cnt  # ids ascending → segment of ids[t] starts here
+    return vals[order][starts + torch.minimum(kth, cnt).clamp_min(1) - 1]
+
+
+def _row_kth(g: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
+    """kth[t]-th smallest (1-based) value of row t of g (u, n) → (u,): one topk on CUDA, numpy partition on CPU."""
+    n = g.shape[1]
+    kth = kth.clamp(1, n)
+    if g.is_cuda:
+        top = g.topk(int(kth.max()), dim=1, largest=False).values  # (u, max kth) ascending
+        return top.gather(1, (kth - 1)[:, None]).squeeze(1)
+    gn = g.numpy()
+    return torch.tensor([np.partition(gn[t], e - 1)[e - 1] for t, e in enumerate(kth.tolist())], dtype=g.dtype)
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # the balanced assignment step (shared by both backends)
 # ----------------------------------------------------------------------------------------------------------------
-def _greedy_capacity(
-    cost: torch.Tensor, cand_idx: torch.Tensor | None, remaining: torch.Tensor
+def dual_step(
+    d: torch.Tensor, prices: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """One Jacobi step of dual (price) ascent for the capacitated assignment; no loop over points or clusters.
+
+    d (n, k) squared distances (+inf: not a candidate), prices λ (k,), size bounds lo, hi (k,) int64. Every point
+    takes a(i) = argmin_j d_ij + λ_j. Let O (U) be the clusters above hi (below lo). For j ∈ O with
+    e_j = count_j − hi_j, λ_j rises by the e_j-th smallest regret min_{l∉O} (d_il + λ_l) − (d_ij + λ_j) among its
+    members: the coordinate-wise optimum of the dual, at which exactly e_j of them would rather move to a cluster
+    that can take them (Bertsekas 1988, auction; Tavenard et al. 2011 for k-means). For j ∈ U with
+    f_j = lo_j − count_j, λ_j falls by the f_j-th smallest gain d_ij + λ_j − min_l (d_il + λ_l) among the points
+    of clusters ∉ U. (Regrets towards other overfull clusters, or gains from other underfull ones, would let two
+    neighbouring overfull clusters raise their prices in lockstep and never shed a point.) All clusters move at
+    once, so callers damp the step (λ += damp·δ).
+    Returns (a (n,) int64 under the input prices, counts (k,), δ (k,) undamped step, feasible: counts within bounds).
+    """
+    n, k = d.shape
+    cost = d + prices  # (n, k)
+    v0, best = cost.min(1)  # (n,), (n,)
+    counts = torch.bincount(best, minlength=k)  # (k,)
+    excess, deficit = counts - hi, lo - counts
+    is_over, is_under = excess > 0, deficit > 0  # (k,)
+    over, under = is_over.nonzero().squeeze(1), is_under.nonzero().squeeze(1)
+    delta = torch.zeros_like(prices)
+    if (over.numel() == 0 and under.numel() == 0) or k < 2:
+        return best, counts, delta, True
+    if over.numel() and over.numel() < k:  # λ_j += e_j-th smallest regret of its members
+        sel = is_over[best].nonzero().squeeze(1)  # members of overfull clusters
+        alt = cost[sel].masked_fill_(is_over[None, :], float("inf")).min(1).values  # (s,) best open alternative
+        kv = _group_kth(alt - v0[sel], best[sel], over, excess[over], counts)
+        delta[over] = torch.nan_to_num(kv, posinf=0.0) + eps
+    if under.numel() and under.numel() < k:  # λ_j −= f_j-th smallest gain among points of other clusters
+        don = (~is_under[best]).nonzero().squeeze(1)  # points that may move
+        g = cost[don][:, under].T.contiguous() - v0[None, don]  # (u, s)
+        kv = _row_kth(g, deficit[under])  # (u,)
+        if not bool(torch.isfinite(kv).all()):  # fewer finite gains than needed: take the largest finite one
+            fin_max = torch.where(torch.isfinite(g), g, torch.zeros_like(g)).amax(1)
+            kv = torch.where(torch.isfinite(kv), kv, fin_max)
+        delta[under] = -(kv + eps)
+    return best, counts, delta, False
+
+
+def relaxed_prices(
+    d: torch.Tensor, prices: torch.Tensor, damp: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, max_steps: int,
+    eps: float, slack: float = _RELAX_SLACK,
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dual prices for the Lloyd iterations before the last: up to `max_steps` `dual_step`s (at least one),
+    warm-started from the previous iteration's prices, stopping once the sizes are within the bounds widened by
+    `slack` (lo·(1−slack), hi·(1+slack)). d (n, k) is a fixed random sample of the fitted points, lo, hi the bounds
+    for that many points. Per-cluster step sizes `damp` (k,) (state kept across calls, as in Rprop, Riedmiller &
+    Braun 1993): a cluster whose violation changed sign since the step before halves its step, otherwise it
+    grows ×1.5 up to 1/2 — Jacobi steps on clusters that share one dense blob otherwise overshoot back and forth.
+    Returns (prices (k,), damp (k,)); the iteration then assigns every point to argmin_j d_ij + λ_j with no exact
+    repair: sizes are close to, not always within, the bounds. Only the final assignment (`balanced_assign`)
+    must be exact; the means of a nearly balanced partition are as good a centroid step (bench/RESULTS.md)."""
+    lo_r, hi_r = (lo.double() * (1 - slack)).floor().long(), (hi.double() * (1 + slack)).ceil().long()
+    last = torch.zeros_like(prices)  # sign of the last step per cluster
+    for s in range(max(1, max_steps)):
+        _, counts, delta, feasible = dual_step(d, prices, lo, hi, eps)
+        if feasible or (s > 0 and bool(((counts >= lo_r) & (counts <= hi_r)).all())):
+            break  # the prices that gave these sizes are good enough
+        sign = torch.sign(delta)
+        flip = sign * last < 0
+        damp = torch.where(flip, damp * 0.5, torch.where(sign != 0, (damp * 1.5).clamp_max(_DAMP), damp))
+        prices = prices + damp * delta
+        last = torch.where(sign != 0, sign, last)
+    return prices, damp
+
+
+def capped_assign(d: torch.Tensor, prices: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """One vectorised round of capacity-capped assignment, for the Lloyd iterations before the last.
+
+    d (n, k), prices (k,), hi (k,). Every point takes argmin_j d_ij + λ_j; a cluster j with e_j = count_j − hi_j > 0
+    keeps its hi_j members of largest regret (cost of the best cluster that is not overfull minus own cost) and
+    sends the other e_j to that best cluster that is not overfull — no further rounds, so those may end a little
+    above hi. This stops one cluster from swallowing a neighbour's points (two clusters on one dense blob would
+    otherwise get the same points, the same mean, and stay identical). Returns a (n,) int64."""
+    n, k = d.shape
+    cost = d + prices  # (n, k)
+    best = cost.argmin(1)  # (n,)
+    counts = torch.bincount(best, minlength=k)
+    is_over = counts > hi  # (k,)
+    if not bool(is_over.any()) or bool(is_over.all()):
+        return best
+    sel = is_over[best].nonzero().squeeze(1)  # members of overfull clusters
+    c_sel = cost[sel]  # (s, k)
+    own = c_sel.gather(1, best[sel, None]).squeeze(1)
+    alt_v, alt = c_sel.masked_fill_(is_over[None, :], float("inf")).min(1)  # (s,)
+    order, rank = _rank_within(alt_v - own, best[sel], descending=True)  # largest regret first per cluster
+    moved = order[rank >= hi[best[sel[order]]]]
+    best[sel[moved]] = alt[moved]
+    return best
+
+
+def _greedy_capacity(cost: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
     """Greedy capacity-constrained assignment by regret (deferred acceptance, accept-final).
 
-    cost (n, m) price-adjusted costs of each point's candidates; cand_idx (n, m) or None; remaining (k,) free
-    slots (updated in place). Each round every open point proposes to its cheapest candidate with a free slot;
-    a cluster with more proposals than slots accepts those with the largest regret (second-cheapest minus cheapest
-    open cost: the points that lose most by going elsewhere, Vogel's rule) and is then full. ≤ k+1 rounds.
-    Returns (assign (n,) int64 with −1 where all candidates filled up, position (n,) int64 in the candidate list).
+    cost (n, k) price-adjusted costs (+inf: not allowed); remaining (k,) free slots (updated in place). Each round
+    every open point proposes to its cheapest cluster with a free slot; a cluster with more proposals than slots
+    accepts those with the largest regret (second-cheapest minus cheapest open cost: the points that lose most by
+    going elsewhere, Vogel's rule) and is then full. ≤ k+1 rounds, each over the still open points only.
+    Returns assign (n,) int64, −1 where every allowed cluster filled up.
     """
-    n, m = cost.shape
+    n, k = cost.shape
     dev = cost.device
     assign = torch.full((n,), -1, dtype=torch.long, device=dev)
-    position = torch.full((n,), -1, dtype=torch.long, device=dev)
     active = torch.arange(n, device=dev)
-    k = remaining.numel()
+    c = cost
     while active.numel():
         full = remaining <= 0  # (k,)
-        closed = full[None, :].expand(active.numel(), k) if cand_idx is None else full[cand_idx[active]]
-        c = cost[active].masked_fill(closed, float("inf"))  # (a, m)
-        if m >= 2:
+        c = c.masked_fill(full[None, :], float("inf"))  # (a, k)
+        if k >= 2:
             v, p = c.topk(2, dim=1, largest=False)  # (a, 2)
             regret = torch.nan_to_num(v[:, 1] - v[:, 0], nan=0.0, posinf=float("inf"))
         else:
             v, p = c, torch.zeros_like(c, dtype=torch.long)
             regret = torch.full_like(v[:, 0], float("inf"))
-        ok = torch.isfinite(v[:, 0])  # (a,) points that still have an open candidate
-        prop = _cluster_of(cand_idx, p[:, 0], active)  # (a,)
-        prop = torch.where(ok, prop, torch.zeros_like(prop))
+        ok = torch.isfinite(v[:, 0])  # (a,) points that still have an open cluster
+        prop = torch.where(ok, p[:, 0], torch.zeros_like(p[:, 0]))  # (a,)
         demand = torch.bincount(prop[ok], minlength=k)
         over = demand > remaining  # (k,)
         accept = ok & ~over[prop]
@@ -215,15 +305,13 @@ def _greedy_capacity(
             order, rank = _rank_within(regret[contested], prop[contested], descending=True)
             sel = contested[order]
             accept[sel[rank < remaining[prop[sel]]]] = True
-        acc = accept.nonzero().squeeze(1)
-        assign[active[acc]] = prop[acc]
-        position[active[acc]] = p[acc, 0]
-        remaining -= torch.bincount(prop[acc], minlength=k)
-        keep = ok & ~accept  # rejected points: the cluster they asked is now full, so they ask another next round
+        assign[active[accept]] = prop[accept]
+        remaining -= torch.bincount(prop[accept], minlength=k)
+        keep = ok & ~accept  # rejected: the cluster they asked is now full, so they ask another next round
         if not bool(keep.any()):
-            break  # the rest were accepted or have no open candidate left (assign −1)
-        active = active[keep]
-    return assign, position
+            break  # the rest were accepted or have no open cluster left (assign −1)
+        active, c = active[keep], c[keep]
+    return assign
 
 
 def balanced_assign(
@@ -237,94 +325,59 @@ def balanced_assign(
     price_steps: int = 2,
     x2: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Assign n points to k clusters with lo_j ≤ |cluster j| ≤ hi_j, minimising Σ ‖x_i − c_a(i)‖².
+    """Assign n points to k clusters with lo_j ≤ |cluster j| ≤ hi_j exactly, minimising Σ ‖x_i − c_a(i)‖².
 
     Inputs: x (n, d) and centroids (k, d) float32 on one device; cand_dist (n, m) squared distances to each point's
     m candidate centroids, cand_idx (n, m) their ids (None: all k, column j = cluster j); lo, hi (k,) int64 size
     bounds with Σlo ≤ n ≤ Σhi; prices (k,) float32 warm-start dual prices. Returns (assign (n,) int64,
     dist (n,) float32 squared distance to the assigned centroid, prices (k,)).
 
-    The capacitated assignment LP  min Σ_ij d_ij z_ij  s.t. Σ_j z_ij = 1, Σ_i z_ij ≤ hi_j  has the dual
-    max Σ_i min_j (d_ij + λ_j) − Σ_j λ_j hi_j, λ ≥ 0: with the right prices λ each point simply takes
+    The capacitated assignment LP  min Σ_ij d_ij z_ij  s.t. Σ_j z_ij = 1, lo_j ≤ Σ_i z_ij ≤ hi_j  has the dual
+    max Σ_i min_j (d_ij + λ_j) − Σ_j (λ_j⁺ hi_j − λ_j⁻ lo_j): with the right prices λ each point simply takes
     argmin_j (d_ij + λ_j). Three steps:
       1. If the nearest-centroid assignment already satisfies the bounds it is optimal (λ = 0): return it.
-      2. Dual (block-coordinate) ascent, Jacobi style as in Bertsekas' auction (1988): for every overfull
-         cluster j with e_j = count_j − hi_j extra points, the e_j-th smallest regret r_i = (2nd-best cost −
-         best cost) among its points (+ a tiny ε) is exactly the price rise at which e_j of them would rather
-         move — the coordinate-wise optimum of the dual; symmetrically an underfull cluster lowers λ_j by the
-         f_j-th smallest gain (cost_ij − best cost_i) of non-members. All clusters update at once (Jacobi), so
-         the step is damped by 1/2; `price_steps` rounds per call, warm-started from the previous Lloyd
-         iteration's prices. (Measured: 1–2 rounds improve the objective over pure repair; more overshoot.)
+      2. `price_steps` damped Jacobi steps of dual ascent (`dual_step`), warm-started from `prices`.
       3. Exact repair: greedy capacity assignment on the price-adjusted costs (`_greedy_capacity`, largest regret
          first; points whose m candidates all filled up fall back to all k centroids), then every cluster below lo_j
          pulls the points whose move costs least, d(x, c_j) − d(x, c_a(x)), from clusters above their own lo.
-    After step 3 the bounds hold exactly, whatever the prices did. No Python loop runs over points.
+    After step 3 the bounds hold exactly, whatever the prices did. No Python loop runs over points; `BalancedKMeans`
+    calls this once per fit (the last assignment) and once per batch in `assign_balanced`.
     """
-    n = cand_dist.shape[0]
-    k = centroids.shape[0]
+    n, k = cand_dist.shape[0], centroids.shape[0]
     dev = cand_dist.device
-    m = cand_dist.shape[1]
-    if x2 is None:
-        x2 = (x * x).sum(1)  # (n,)
+    d = _dense(cand_dist, cand_idx, k)  # (n, k), +inf outside the candidates
     # 1. nearest centroid
-    pos0 = cand_dist.argmin(1)  # (n,)
-    near = _cluster_of(cand_idx, pos0)
+    dist0, near = d.min(1)  # (n,)
     counts = torch.bincount(near, minlength=k)
     if bool(((counts >= lo) & (counts <= hi)).all()):
-        return near, cand_dist.gather(1, pos0[:, None]).squeeze(1), torch.zeros_like(prices)
-
-    prices = prices.clone()
-    eps = 1e-6 * float(cand_dist.mean()) + 1e-12
+        return near, dist0, torch.zeros_like(prices)
     # 2. dual ascent on both bounds
-    if m >= 2:
-        for _ in range(price_steps):
-            cost = cand_dist + _price_of(prices, cand_idx, n)  # (n, m)
-            v, p = cost.topk(2, dim=1, largest=False)  # (n, 2)
-            best = _cluster_of(cand_idx, p[:, 0])  # (n,)
-            counts = torch.bincount(best, minlength=k)
-            excess, deficit = counts - hi, lo - counts  # (k,)
-            over, under = (excess > 0).nonzero().squeeze(1), (deficit > 0).nonzero().squeeze(1)
-            if over.numel() == 0 and under.numel() == 0:
-                break
-            delta = torch.zeros_like(prices)
-            if over.numel():  # λ_j += e_j-th smallest regret of its members
-                regret = v[:, 1] - v[:, 0]
-                delta[over] = torch.nan_to_num(_group_kth(regret, best, over, excess[over], counts),
-                                               posinf=0.0) + eps
-            if under.numel():  # λ_j −= f_j-th smallest gain (cost_ij − best cost) among non-members
-                if cand_idx is None:
-                    g = cost[:, under] - v[:, :1]  # (n, u)
-                else:
-                    g = torch.full((n, under.numel()), float("inf"), device=dev)
-                    for t, j in enumerate(under.tolist()):
-                        r, q = (cand_idx == j).nonzero(as_tuple=True)
-                        g[r, t] = cost[r, q] - v[r, 0]
-                g = g.masked_fill(best[:, None] == under[None, :], float("inf"))
-                kv = _column_kth(g, deficit[under])
-                fin_max = torch.where(torch.isfinite(g), g, torch.zeros_like(g)).amax(0)
-                delta[under] = -(torch.where(torch.isfinite(kv), kv, fin_max) + eps)
-            prices += _DAMP * delta
+    eps = 1e-6 * float(dist0.mean()) + 1e-12
+    for _ in range(price_steps):
+        _, _, delta, feasible = dual_step(d, prices, lo, hi, eps)
+        if feasible:
+            break
+        prices = prices + _DAMP * delta
     # 3a. greedy repair with the upper bounds
-    cost = cand_dist + _price_of(prices, cand_idx, n)
     remaining = hi.clone()
-    assign, position = _greedy_capacity(cost, cand_idx, remaining)
-    dist = torch.zeros(n, dtype=torch.float32, device=dev)
-    got = assign >= 0
-    dist[got] = cand_dist[got].gather(1, position[got][:, None]).squeeze(1)
-    lost = (~got).nonzero().squeeze(1)
+    assign = _greedy_capacity(d + prices, remaining)  # (n,)
+    dist = d.gather(1, assign.clamp_min(0)[:, None]).squeeze(1)  # (n,)
+    lost = (assign < 0).nonzero().squeeze(1)
     if lost.numel():  # all m candidates full: use every centroid
         dl = _sqdist(x[lost], centroids)  # (r, k)
-        a2, p2 = _greedy_capacity(dl + prices[None, :], None, remaining)
+        a2 = _greedy_capacity(dl + prices[None, :], remaining)
         assign[lost] = a2
-        dist[lost] = dl.gather(1, p2.clamp_min(0)[:, None]).squeeze(1)
+        dist[lost] = dl.gather(1, a2.clamp_min(0)[:, None]).squeeze(1)
     # 3b. fill clusters below their lower bound with the cheapest moves from clusters above theirs
     counts = torch.bincount(assign, minlength=k)
     need = lo - counts
+    if x2 is None and cand_idx is not None and bool((need > 0).any()):
+        x2 = (x * x).sum(1)
     for j in (need > 0).nonzero().squeeze(1).tolist():
         nj = int(need[j])
         donor = (counts[assign] > lo[assign]) & (assign != j)  # (n,)
-        inc = _sqdist(x, centroids[j : j + 1], x2).squeeze(1) - dist  # (n,) cost of moving each point to j
-        inc = inc.masked_fill(~donor, float("inf"))
+        dj = d[:, j] if cand_idx is None else _sqdist(x, centroids[j : j + 1], x2).squeeze(1)  # (n,)
+        inc = (dj - dist).masked_fill(~donor, float("inf"))  # (n,) cost of moving each point to j
         take = min(n, max(4 * nj, 1024))
         while True:  # the cheapest `take` moves usually contain `need` that respect the donors' lower bounds
             cand = inc.topk(take, largest=False).indices  # (take,) ascending increase
@@ -362,7 +415,8 @@ class _TorchSearch:
 
 
 class _FaissSearch:
-    """Top-m candidate search with a faiss flat L2 index (GPU index when faiss has GPU support)."""
+    """Squared distances with faiss: on CPU all k by `faiss.pairwise_distances` unless k > 4·n_candidates (then a
+    top-m IndexFlatL2 search); on GPU a top-m search with a GPU flat index."""
 
     name = "faiss"
 
@@ -377,6 +431,7 @@ class _FaissSearch:
             index = faiss.index_cpu_to_gpu(self._res, 0, index)
         index.add(c)
         self.index, self.k, self.m, self.device = index, k, min(k, n_candidates), centroids.device
+        self.c, self.gpu = c, gpu
 
     def _search(self, x: torch.Tensor, m: int):
         xn = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
@@ -385,9 +440,17 @@ class _FaissSearch:
                 torch.from_numpy(idx.astype(np.int64)).to(self.device))
 
     def candidates(self, x: torch.Tensor, x2: torch.Tensor | None = None):
-        return self._search(x, self.m)
+        if self.gpu or 4 * self.m < self.k:
+            return self._search(x, self.m)  # (n, m) top-m, (n, m) ids
+        return self.full(x), None  # a top-m heap over ≥ k/4 of the k centroids costs more than all distances
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.gpu:  # faiss' blocked GEMM: as fast as a top-1 search on CPU
+            import faiss
+
+            xn = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
+            d = faiss.pairwise_distances(xn, self.c)  # (n, k)
+            return torch.from_numpy(np.maximum(d, 0, out=d)).to(self.device)
         dist, idx = self._search(x, self.k)
         out = torch.empty_like(dist)
         out.scatter_(1, idx, dist)  # back to cluster order
@@ -684,10 +747,12 @@ class BalancedKMeans(_KMeansBase):
     """Balanced k-means: Lloyd iterations whose assignment step keeps cluster sizes within `balance`.
 
     Objective: min Σ_i ‖x_i − c_a(i)‖²  s.t.  lo ≤ |{i : a(i)=j}| ≤ hi for every cluster j, with (lo, hi) from
-    `size_bounds` (max/min ≤ balance; balance=1 → exactly ⌊n/k⌋/⌈n/k⌉). Each iteration: squared distances to
-    the centroids (torch GEMM or faiss top-m search), `balanced_assign` (dual prices warm-started from the previous
-    iteration + exact greedy repair), then the mean update. Prices of clusters that were below their upper bound
-    are halved each iteration (complementary slackness: non-binding constraints have zero price).
+    `size_bounds` (max/min ≤ balance; balance=1 → exactly ⌊n/k⌋/⌈n/k⌉). Each of the n_iter Lloyd iterations:
+    squared distances to the centroids (torch GEMM, or faiss), ≤ 4 damped dual (price) steps (`relaxed_prices`,
+    warm-started, on a fixed sample of max(16384, 2048·k) points), one vectorised capped assignment
+    (`capped_assign`: argmin of distance + price, overfull clusters shed their lowest-regret points), then the
+    mean update. Only the last assignment, w.r.t. the final centroids, must meet the bounds, so only it runs the
+    exact `balanced_assign` (dual steps + greedy repair). Intermediate sizes are near, not within, the bounds.
 
     c-BTM (Gururangan et al. 2023) uses the auction assignment of BASE layers (Lewis et al. 2021), which solves the
     same problem by letting clusters bid for their n/k best points; here the dual is solved per cluster in closed
@@ -703,10 +768,11 @@ class BalancedKMeans(_KMeansBase):
 
     def __init__(self, n_clusters: int, n_iter: int = 20, balance: float = 1.02, backend: str = "auto",
                  device: str = "auto", seed: int = 0, fit_sample: int = 1_000_000, n_candidates: int = 32,
-                 price_steps: int = 2, batch_size: int | None = None, verbose: bool = True):
+                 price_steps: int = 2, batch_size: int | None = None, verbose: bool = True, exact_iters: int = 2):
         if not (balance >= 1.0):
             raise InputError(f"balance is the allowed max/min cluster-size ratio and must be ≥ 1, got {balance}")
         self.balance, self.price_steps = float(balance), int(price_steps)
+        self.exact_iters = max(0, int(exact_iters))  # final Lloyd iterations that use the exact balanced_assign
         self.prices_: np.ndarray | None = None  # (k,) final dual prices, a warm start for assign_balanced
         super().__init__(n_clusters, n_iter=n_iter, backend=backend, device=device, seed=seed,
                          fit_sample=fit_sample, n_candidates=n_candidates, batch_size=batch_size, verbose=verbose)
@@ -723,14 +789,31 @@ class BalancedKMeans(_KMeansBase):
         lo = torch.full((k,), lo_, dtype=torch.long, device=self.device)
         hi = torch.full((k,), hi_, dtype=torch.long, device=self.device)
         prices = torch.zeros(k, dtype=torch.float32, device=self.device)
-        for it in range(self.n_iter + 1):
+        # intermediate dual steps on a fixed seeded sample of the fitted points (bounds for that many points)
+        ns = min(n, max(16_384, _PRICE_SAMPLE * k))
+        sub = None if ns == n else torch.from_numpy(
+            np.sort(np.random.default_rng(self.seed + 2).choice(n, ns, replace=False))).to(self.device)
+        lo_s, hi_s = size_bounds(ns, k, self.balance)
+        lo_s = torch.full((k,), lo_s, dtype=torch.long, device=self.device)
+        hi_s = torch.full((k,), hi_s, dtype=torch.long, device=self.device)
+        eps, damp = None, torch.full((k,), _DAMP, device=self.device)
+        for it in range(self.n_iter):
             cd, ci = self._searcher(c).candidates(xs, x2)
-            assign, dist, prices = balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2)
-            if it == self.n_iter:
-                break  # final assignment w.r.t. the final centroids
+            d = _dense(cd, ci, k)  # (n, k)
+            if eps is None:
+                eps = 1e-6 * float(d.min(1).values.mean()) + 1e-12  # tie-breaking price increment
+            if it >= self.n_iter - self.exact_iters:  # last iterations: exact bounds, so no centroid is stranded
+                assign, _, prices = balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2)
+            else:
+                prices, damp = relaxed_prices(d if sub is None else d[sub], prices, damp, lo_s, hi_s, _RELAX_STEPS,
+                                              eps)
+                assign = capped_assign(d, prices, hi)  # (n,) nearly balanced
+            del d, cd, ci
             c, counts = self._update(xs, assign, c)
-            prices = torch.where((counts < hi) & (counts > lo), prices * 0.5, prices)
             self._log_iter(it, counts, t0)
+        # the final assignment w.r.t. the final centroids is the only one that must meet the bounds exactly
+        cd, ci = self._searcher(c).candidates(xs, x2)
+        assign, dist, prices = balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2)
         self.prices_ = prices.cpu().numpy().astype(np.float32)
         self._finish_fit(c, assign, dist, t0)
         return self

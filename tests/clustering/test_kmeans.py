@@ -127,3 +127,25 @@ def test_bad_input():
     if not faiss_has_gpu() and torch.cuda.is_available():
         with pytest.raises(InputError, match="faiss-gpu|torch"):
             BalancedKMeans(2, backend="faiss", device="cuda")
+
+
+def test_dual_steps_converge_and_capped_round_caps():
+    """Dual steps on fixed distances reach near-balance (two overfull neighbours must not stall), and the capped
+    round leaves every overfull cluster at exactly hi."""
+    from clustering.kmeans import _sqdist, capped_assign, dual_step
+
+    x = torch.from_numpy(dense_blob_with_outliers())
+    c = x[torch.arange(0, 1840, 230)]  # 8 centroids, 7 in the blob
+    d = _sqdist(x, c)  # (1840, 8)
+    lo, hi = (torch.full((8,), v) for v in size_bounds(len(x), 8, 1.1))
+    prices = torch.zeros(8)
+    for _ in range(60):
+        _, counts, delta, feasible = dual_step(d, prices, lo, hi, 1e-6)
+        if feasible:
+            break
+        prices = prices + 0.5 * delta
+    assert counts.max() <= 1.1 * hi[0] and counts.min() >= 0.9 * lo[0]
+    a = capped_assign(d, torch.zeros(8), hi)
+    sizes = torch.bincount(a, minlength=8)
+    near = torch.bincount(d.argmin(1), minlength=8)
+    assert (sizes[near > hi] == hi[near > hi]).all() and sizes.sum() == len(x)
