@@ -19,7 +19,7 @@ common=(--local-scheduler --run-dir "$RUN" --corpus "$CORPUS" --label-field sour
         --device cuda --compile off --eval-max-docs 300 --route-every 64 --top-k 2 --temperature 0.1)
 case "${1:-perplexity}" in
   perplexity)
-    time luigi --module pipeline RunAll "${common[@]}" --tasks ''
+    time luigi --module pipeline RunAll "${common[@]}" --tasks none
     cp "$RUN/report.md" "$OUT/report_perplexity.md"; cp "$RUN/report.json" "$OUT/report_perplexity.json" ;;
   fewshot)
     tasks=$(ls -d "$TASKS"/*/ | sed 's:/$::' | paste -sd, -)

@@ -104,7 +104,7 @@ class RunParams:
     # evaluation
     eval_max_docs = _p(80, luigi.IntParameter, name="eval_max_docs", description="seeded sample of docs per split; 0 = all")
     tasks = _p("domains", name="tasks", description="few-shot tasks, comma separated: folders, built-in names, "
-               "hf:<dataset>, or 'domains' (derived from the corpus label field); '' = none")
+               "hf:<dataset>, or 'domains' (derived from the corpus label field); 'none' = no few-shot")
     shots = _p(8, luigi.IntParameter, name="shots")
     fewshot_seeds = _p("13,21,42,87,100", name="fewshot_seeds")
     fewshot_max_test = _p(40, luigi.IntParameter, name="fewshot_max_test", description="0 = all")
@@ -135,7 +135,7 @@ class RunParams:
 
     @property
     def task_list(self) -> list[str]:
-        names = [t.strip() for t in self.tasks.split(",") if t.strip()]
+        names = [t.strip() for t in self.tasks.split(",") if t.strip() and t.strip().lower() != "none"]
         if "domains" in names and not self.label:
             if not _WARNED.get("domains"):
                 log.warning("few-shot task 'domains' needs --label-field; skipping it")

@@ -110,3 +110,13 @@ def test_interrupted_stage_never_looks_finished(tmp_path, monkeypatch):
     monkeypatch.undo()
     stage.run()  # the rerun resumes from scratch and completes
     assert stage.complete()
+
+
+def test_task_list_none_and_fewshot_models_filter(tmp_path):
+    run = RunAll(run_dir=str(tmp_path), tasks="none")
+    assert run.task_list == []
+    run = RunAll(run_dir=str(tmp_path), tasks="domains,none", fewshot_models="dense,moe")
+    assert run.task_list == ["domains"]  # the demo corpus has a label field
+    assert run.fewshot_model_names(["seed", "dense", "expert_000", "moe"]) == ["dense", "moe"]
+    with pytest.raises(InputError, match="--fewshot-models"):
+        run.fewshot_model_names(["dense"])
