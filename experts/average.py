@@ -153,7 +153,7 @@ def average_experts(expert_dirs: Sequence[str | os.PathLike], out_dir: str | os.
     Loadable with `AutoModelForCausalLM.from_pretrained(out_dir)`. Experts must share architecture, shapes
     and tokenizer (InputError naming the mismatch and the directories otherwise).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     expert_dirs = [Path(d) for d in expert_dirs]
     check_expert_dirs(expert_dirs)
@@ -180,20 +180,33 @@ def average_experts(expert_dirs: Sequence[str | os.PathLike], out_dir: str | os.
     config = AutoConfig.from_pretrained(expert_dirs[0])
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    fill_meta_model(model, state, f"checkpoint {expert_dirs[0]}")
+    return save_merged_model(model, expert_dirs[0], out_dir, "average.json",
+                             {"experts": [str(d) for d in expert_dirs], "weights": w.tolist()})
+
+
+def fill_meta_model(model, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load `state` into a model built on the meta device; tie weights; refuse anything left unfilled."""
+    _, unexpected = model.load_state_dict(state, strict=False, assign=True)
     if unexpected:
-        raise InputError(f"checkpoint {expert_dirs[0]} has parameters its config does not build: {unexpected[:3]}")
+        raise InputError(f"{source} has parameters the target model does not have: {unexpected[:3]}")
     if any(p.is_meta for p in model.parameters()):
         model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.is_meta]
     if still_meta:
-        raise InputError(f"checkpoint {expert_dirs[0]} lacks parameters: {still_meta[:3]}")
+        raise InputError(f"{source} lacks parameters {still_meta[:3]} of the target model")
+
+
+def save_merged_model(model, tokenizer_dir, out_dir, meta_name: str, meta: dict) -> Path:
+    """`save_pretrained` the model, the tokenizer of `tokenizer_dir` and `meta_name` (JSON) into out_dir, atomically."""
+    from transformers import AutoTokenizer
+
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         try:
-            AutoTokenizer.from_pretrained(expert_dirs[0]).save_pretrained(tmp)
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
         except Exception as e:  # noqa: BLE001
-            log.warning("no tokenizer copied from %s: %s", expert_dirs[0], e)
-        write_json(tmp / "average.json", {"experts": [str(d) for d in expert_dirs], "weights": w.tolist()})
+            log.warning("no tokenizer copied from %s: %s", tokenizer_dir, e)
+        write_json(tmp / meta_name, meta)
     return out_dir

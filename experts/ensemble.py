@@ -158,6 +158,10 @@ class _ExpertsMixin:
     slots: list[ExpertSlot]
     expert_batch_size: int | None = None  # rows per expert call (None: all rows routed to it at once)
 
+    @torch.no_grad()
+    def token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
+        return self.score_tokens(input_ids, attention_mask, prefix_texts)[0]
+
     def reset_stats(self) -> None:
         """stats: expert_calls / rows / tokens per expert index, routing_texts embedded."""
         self.stats = {"expert_calls": Counter(), "rows": Counter(), "tokens": Counter(), "routing_texts": 0}
@@ -378,10 +382,6 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
                          logw, full_at)
 
     @torch.no_grad()
-    def token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
-        return self.score_tokens(input_ids, attention_mask, prefix_texts)[0]
-
-    @torch.no_grad()
     def next_token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
         """Mixture of full distributions for the next token; routed like target t = row length."""
         B, T = input_ids.shape
@@ -553,10 +553,6 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
         top = torch.topk(logpost, self.top_k, dim=-1).indices
         keep = torch.zeros_like(logpost, dtype=torch.bool).scatter_(-1, top, True)
         return torch.log_softmax(logpost.masked_fill(~keep, -math.inf), -1)
-
-    @torch.no_grad()
-    def token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
-        return self.score_tokens(input_ids, attention_mask, prefix_texts)[0]
 
     @torch.no_grad()
     def next_token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):

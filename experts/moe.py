@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from corpus.io import InputError, atomic_dir, read_json, write_json
-from experts.average import CheckpointReader, check_expert_dirs
+from experts.average import CheckpointReader, check_expert_dirs, fill_meta_model, save_merged_model
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def build_moe(
 
     num_local_experts = k (+1 with keep_seed_expert, the seed's FFN last), num_experts_per_tok = top_k.
     """
-    from transformers import AutoTokenizer, MixtralForCausalLM
+    from transformers import MixtralForCausalLM
 
     expert_dirs = [Path(d) for d in expert_dirs]
     all_dirs = expert_dirs + ([Path(seed_dir)] if keep_seed_expert else [])
@@ -271,24 +271,11 @@ def build_moe(
 
     with torch.device("meta"):
         model = MixtralForCausalLM(config)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    if unexpected:
-        raise InputError(f"experts have parameters the MoE does not know: {unexpected[:3]}")
-    if config.tie_word_embeddings:
-        model.tie_weights()
-    still_meta = [n for n, p in model.named_parameters() if p.is_meta]
-    if still_meta:
-        raise InputError(f"could not fill MoE parameters {still_meta[:3]} from the experts")
-    out_dir = Path(out_dir)
-    with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)
-        try:
-            AutoTokenizer.from_pretrained(expert_dirs[0]).save_pretrained(tmp)
-        except Exception as e:  # noqa: BLE001
-            log.warning("no tokenizer copied from %s: %s", expert_dirs[0], e)
-        write_json(tmp / "moe.json", {"experts": [str(d) for d in expert_dirs], "seed": str(seed_dir) if seed_dir else None,
-                                      "keep_seed_expert": keep_seed_expert, "router_init": router_init, "top_k": top_k,
-                                      "router_std": router_std, "num_local_experts": E, "layout": layout})
+    fill_meta_model(model, state, "the experts")
+    out_dir = save_merged_model(model, expert_dirs[0], out_dir, "moe.json", {
+        "experts": [str(d) for d in expert_dirs], "seed": str(seed_dir) if seed_dir else None,
+        "keep_seed_expert": keep_seed_expert, "router_init": router_init, "top_k": top_k, "router_std": router_std,
+        "num_local_experts": E, "layout": layout})
     log.info("built MoE with %d experts per layer (top-%d, router %s) in %s", E, top_k, router_init, out_dir)
     return out_dir
 
