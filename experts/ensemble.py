@@ -158,6 +158,22 @@ class _ExpertsMixin:
     slots: list[ExpertSlot]
     expert_batch_size: int | None = None  # rows per expert call (None: all rows routed to it at once)
 
+    def _setup_experts(self, experts, device, devices, offload, dtype, max_length, expert_batch_size, name) -> None:
+        """Slots (lazily loaded experts), the shared tokenizer, max_length, stats: what both ensembles need."""
+        from experts.device import resolve_device
+
+        self.device = resolve_device(device).device
+        self.slots = _make_slots(experts, devices if devices is not None else self.device, offload, dtype, max_length)
+        self.expert_batch_size = expert_batch_size
+        self.tokenizer = _load_tokenizer(self.slots[0])
+        first = self.slots[0].model
+        if not max_length:
+            max_length = first.max_length if first is not None else read_json(
+                self.slots[0].path / "config.json").get("max_position_embeddings", 1024)
+        self.max_length = int(max_length)
+        self.name = name
+        self.reset_stats()
+
     @torch.no_grad()
     def token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
         return self.score_tokens(input_ids, attention_mask, prefix_texts)[0]
@@ -277,8 +293,6 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         name: str = "ensemble",
         expert_batch_size: int | None = None,
     ):
-        from experts.device import resolve_device
-
         centroids = np.asarray(centroids, dtype=np.float32)
         if centroids.ndim != 2:
             raise InputError(f"centroids must be a (k, d) matrix, got shape {centroids.shape}")
@@ -289,19 +303,11 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         if int(route_every) < 1:
             raise InputError(f"route_every must be ≥ 1 token, got {route_every}")
         self.top_k = _check_top_k(top_k, len(experts))
-        self.device = resolve_device(device).device
-        self.slots = _make_slots(experts, devices if devices is not None else self.device, offload, dtype, max_length)
+        self._setup_experts(experts, device, devices, offload, dtype, max_length, expert_batch_size, name)
         self.centroids = centroids
         self.embedder = embedder
         self.temperature = float(temperature)
         self.route_every = int(route_every)
-        self.expert_batch_size = expert_batch_size
-        self.tokenizer = _load_tokenizer(self.slots[0])
-        first = self.slots[0].model
-        self.max_length = int(max_length or (first.max_length if first is not None else
-                                             read_json(self.slots[0].path / "config.json").get("max_position_embeddings", 1024)))
-        self.name = name
-        self.reset_stats()
 
     # ---- routing ----
     def routing_weights(self, texts: Sequence[str]) -> np.ndarray:
@@ -450,27 +456,17 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
         name: str = "posterior",
         expert_batch_size: int | None = None,
     ):
-        from experts.device import resolve_device
-
         if prior not in ("cached", "updating"):
             raise InputError(f"prior must be 'cached' or 'updating', got {prior!r}")
         if not 0 < alpha <= 1:
             raise InputError(f"alpha must be in (0, 1], got {alpha}")
-        self.device = resolve_device(device).device
-        self.slots = _make_slots(experts, devices if devices is not None else self.device, offload, dtype, max_length)
+        self._setup_experts(experts, device, devices, offload, dtype, max_length, expert_batch_size, name)
         self.top_k = _check_top_k(top_k, len(self.slots))
         self.prior = prior
         self.alpha = float(alpha)
-        self.expert_batch_size = expert_batch_size
         self.prior_weights = None
         if prior_weights is not None:
             self.set_prior(prior_weights)
-        self.tokenizer = _load_tokenizer(self.slots[0])
-        first = self.slots[0].model
-        self.max_length = int(max_length or (first.max_length if first is not None else
-                                             read_json(self.slots[0].path / "config.json").get("max_position_embeddings", 1024)))
-        self.name = name
-        self.reset_stats()
 
     def set_prior(self, weights: Sequence[float]) -> None:
         w = np.asarray(weights, dtype=np.float64)
