@@ -488,7 +488,7 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
         texts = [t for t in texts if t.strip()][:max_sequences]
         if not texts:
             raise InputError("estimate_cached_prior needs at least one non-empty held-out text")
-        rows = [(self._bos() + self._encode(t))[: self.max_length] for t in texts]
+        rows = [(self.bos_ids() + self._encode(t))[: self.max_length] for t in texts]
         ll = torch.zeros(len(rows), len(self.slots))  # (n, k) sequence log-likelihoods
         pad = self.tokenizer.pad_token_id or 0
         for b in range(0, len(rows), batch_size):

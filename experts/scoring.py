@@ -15,10 +15,26 @@ positions are undefined and callers mask them.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
+
+from corpus.io import InputError
+
+
+def document_windows(ids: list[int], max_length: int) -> Iterator[tuple[int, list[int]]]:
+    """Yield (start, window ids) covering `ids` so each token after the first is predicted exactly once.
+
+    Window = ids[start : start + max_length], start = 0, L−1, 2(L−1), ...: consecutive windows share one token.
+    """
+    if max_length < 2:
+        raise InputError(f"model context max_length={max_length} is too short to score anything")
+    for start in range(0, len(ids) - 1, max_length - 1):
+        win = ids[start : start + max_length]
+        if len(win) < 2:
+            break
+        yield start, win
 
 
 class ScoringModel(ABC):
@@ -49,7 +65,8 @@ class ScoringModel(ABC):
     def _encode(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def _bos(self) -> list[int]:
+    def bos_ids(self) -> list[int]:
+        """[BOS] (or [EOS] when the tokenizer has no BOS) that starts every scored document; [] if neither."""
         bos = self.tokenizer.bos_token_id
         if bos is None:
             bos = self.tokenizer.eos_token_id
@@ -70,7 +87,7 @@ class ScoringModel(ABC):
             cont = self._encode(continuation)
             if not cont:
                 raise ValueError(f"continuation {continuation!r} tokenizes to nothing")
-            ctx = self._bos() + ctx if not ctx else ctx
+            ctx = self.bos_ids() + ctx if not ctx else ctx
             ids = (ctx + cont)[-self.max_length :]
             rows.append((ids, len(cont)))
         return self._score_rows(rows, batch_size, need_greedy=True)
@@ -84,19 +101,11 @@ class ScoringModel(ABC):
         """
         out = []
         for text in texts:
-            ids = self._bos() + self._encode(text)
-            total = 0.0
-            windows = []
-            L = self.max_length
-            for start in range(0, len(ids) - 1, L - 1):
-                win = ids[start : start + L]
-                if len(win) < 2:
-                    break
-                prefix = self.tokenizer.decode(ids[1:start]) if start > 1 else ""
-                windows.append((win, len(win) - 1, prefix))
+            ids = self.bos_ids() + self._encode(text)
+            windows = [(win, len(win) - 1, self.tokenizer.decode(ids[1:start]) if start > 1 else "")
+                       for start, win in document_windows(ids, self.max_length)]
             scores = self._score_rows([(w, n) for w, n, _ in windows], batch_size, [p for _, _, p in windows])
-            total = sum(s for s, _ in scores)
-            out.append(total)
+            out.append(sum(s for s, _ in scores))
         return out
 
     def score_tokens(
@@ -165,7 +174,7 @@ class ScoringModel(ABC):
         outs = []
         eos = self.tokenizer.eos_token_id
         for prompt in prompts:
-            ids = (self._encode(prompt) or self._bos())[-(self.max_length - 1) :]
+            ids = (self._encode(prompt) or self.bos_ids())[-(self.max_length - 1) :]
             prompt_len = len(ids)
             state = None
             new: list[int] = []

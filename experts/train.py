@@ -188,10 +188,9 @@ def branch_weights(centroid_distances: Sequence[float], temperature: float = 0.1
         raise InputError("branch_weights needs a non-empty 1-D list of centroid distances")
     if temperature <= 0:
         raise InputError(f"--temperature must be positive, got {temperature}")
-    logits = -(d if squared else d * d) / temperature
-    logits -= logits.max()
-    w = np.exp(logits)
-    return w / w.sum()
+    from experts.average import weights_from_distances
+
+    return weights_from_distances(d if squared else d * d, temperature)
 
 
 # ---------------------------------------------------------------------------------------------- loss

@@ -14,22 +14,33 @@ from pipeline.corpus import PrepareCorpus
 from pipeline.models import load_scoring_model, model_stage
 
 
-class EvaluatePerplexity(Stage):
-    """`tasks.perplexity.evaluate_perplexity` on the valid and test splits →
-    `eval-<h>/perplexity/<model>.json` = {model, valid: {...}, test: {...}}."""
+class _EvaluateModel(Stage):
+    """Shared wiring of evaluations: one `model` of the run, one JSON file `<model>.json` under `eval-<h>/`."""
 
     folder = "eval"
-    hashed = ("model", "eval_max_docs", "seed")
     gpu_stage = True
     model = luigi.Parameter()
 
     @property
-    def subpath(self) -> str:
-        return f"perplexity/{self.model}.json"
-
-    @property
     def output_file(self) -> str:
         return f"{self.model}.json"
+
+    def scoring_model(self):
+        """The evaluated model as a `ScoringModel`, plus its kind ('hf' | 'ensemble') and folder."""
+        stage, kind = model_stage(self, self.model)
+        path = self.input_path(stage)
+        return load_scoring_model(kind, path, self.device, self.model), kind, path
+
+
+class EvaluatePerplexity(_EvaluateModel):
+    """`tasks.perplexity.evaluate_perplexity` on the valid and test splits →
+    `eval-<h>/perplexity/<model>.json` = {model, valid: {...}, test: {...}}."""
+
+    hashed = ("model", "eval_max_docs", "seed")
+
+    @property
+    def subpath(self) -> str:
+        return f"perplexity/{self.model}.json"
 
     def requires(self):
         return {"model": model_stage(self, self.model)[0], "corpus": self.clone(PrepareCorpus),
@@ -54,11 +65,10 @@ class EvaluatePerplexity(Stage):
     def build(self, out: Path) -> dict:
         from tasks.perplexity import evaluate_perplexity
 
-        stage, kind = model_stage(self, self.model)
-        model = load_scoring_model(kind, self.input_path(stage), self.device, self.model)
-        result = {"model": self.model, "kind": kind, "path": str(self.input_path(stage))}
+        model, kind, path = self.scoring_model()
+        result = {"model": self.model, "kind": kind, "path": str(path)}
         for split in ("valid", "test"):
-            result[split] = evaluate_perplexity(model, self.docs(split), out_path=out / f"{split}.json")
+            result[split] = evaluate_perplexity(model, self.docs(split))
         write_json(out / self.output_file, result)
         return {split: result[split].get("perplexity") for split in ("valid", "test")}
 
@@ -85,23 +95,16 @@ class MakeDomainTask(Stage):
         return None
 
 
-class EvaluateFewShot(Stage):
+class EvaluateFewShot(_EvaluateModel):
     """`tasks.fewshot.evaluate_fewshot`: k-shot classification of `task` (a folder, a built-in name, hf:<dataset>,
     or `domains`) by `model` over --fewshot-seeds → `eval-<h>/fewshot/<task>/<model>.json`."""
 
-    folder = "eval"
     hashed = ("task", "model", "shots", "fewshot_seeds", "fewshot_max_test")
-    gpu_stage = True
     task = luigi.Parameter()
-    model = luigi.Parameter()
 
     @property
     def subpath(self) -> str:
         return f"fewshot/{task_slug(self.task)}/{self.model}.json"
-
-    @property
-    def output_file(self) -> str:
-        return f"{self.model}.json"
 
     def requires(self):
         req = {"model": model_stage(self, self.model)[0]}
@@ -112,8 +115,7 @@ class EvaluateFewShot(Stage):
     def build(self, out: Path) -> dict:
         from tasks.fewshot import evaluate_fewshot, load_task
 
-        stage, kind = model_stage(self, self.model)
-        model = load_scoring_model(kind, self.input_path(stage), self.device, self.model)
+        model, _, _ = self.scoring_model()
         spec = str(self.input_path(self.requires()["task"])) if self.task == "domains" else self.task
         task = load_task(spec)
         task.name = task_slug(self.task)

@@ -124,4 +124,4 @@ class FinetuneMoE(_TrainStage):
             config = self.train_config(self.tokens(), **({"device": f"cuda:{gpus[0]}"} if gpus else {}))
             info = finetune_moe(self.input_path(self.requires()["moe"]), self.shard_paths(), out, config,
                                 valid_paths=self.shard_paths(split="valid") or None)
-        return {k: info.get(k) for k in ("tokens_seen", "steps", "wall_time_s", "gpu_hours", "routing")}
+        return self.summary(info, ("tokens_seen", "steps", "wall_time_s", "gpu_hours", "routing"))

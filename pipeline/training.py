@@ -2,13 +2,12 @@
 baseline. Budgets follow `experts.train.compute_budget` (compute matching: seed + k experts == seed + dense)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import shutil
+from pathlib import Path
 
 import luigi
 
-from corpus.io import read_json
+from corpus.io import InputError, read_json, write_json
 from pipeline.base import RunParams, Stage, gpu_slots
 from pipeline.clustering import AssignClusters, FitClusters
 from pipeline.corpus import PrepareCorpus
@@ -78,6 +77,11 @@ class _TrainStage(Stage):
     def shards(self) -> Path:
         return self.clone(ShardCorpus).out_path()
 
+    @staticmethod
+    def summary(info, keys=("tokens_seen", "steps", "wall_time_s", "gpu_hours", "final_loss")) -> dict:
+        """The stage.json `result`: the headline fields of the training result."""
+        return {k: info.get(k) for k in keys} if isinstance(info, dict) else {}
+
     def shard_paths(self, cluster_ids=None, split: str = "train") -> list[str]:
         from experts.data import shard_name
 
@@ -138,8 +142,6 @@ class TrainSeed(_TrainStage):
         if tokens > 0:
             return self.launch(init, out, tokens, tokenizer=str(tokenizer_dir))
         # --seed-fraction 0: the seed is the initial model itself (no seed phase)
-        from corpus.io import write_json
-
         model = init if self.seed_model == "scratch" else load_causal_lm(init, load_tokenizer=False)[0]
         model.save_pretrained(out)
         load_tokenizer(tokenizer_dir).save_pretrained(out)
@@ -183,8 +185,6 @@ class TrainExpert(_TrainStage):
 
     def build(self, out: Path) -> dict:
         if not 0 <= self.cluster_id < self.num_clusters:
-            from corpus.io import InputError
-
             raise InputError(f"--cluster-id {self.cluster_id}: must be in [0, {self.num_clusters})")
         r = self.requires()
         init = self.input_path(r["seed"])
@@ -203,8 +203,7 @@ class TrainExpert(_TrainStage):
         info = self.launch(str(init), out, self.budget()["expert_tokens"], cluster_ids=[self.cluster_id])
         if init != self.input_path(r["seed"]):
             shutil.rmtree(init, ignore_errors=True)
-        return {k: info.get(k) for k in ("tokens_seen", "steps", "wall_time_s", "gpu_hours", "final_loss")
-                if isinstance(info, dict)}
+        return self.summary(info)
 
 
 class TrainDense(_TrainStage):
@@ -218,8 +217,7 @@ class TrainDense(_TrainStage):
 
     def build(self, out: Path) -> dict:
         info = self.launch(str(self.input_path(self.requires()["seed"])), out, self.budget()["dense_tokens"])
-        return {k: info.get(k) for k in ("tokens_seen", "steps", "wall_time_s", "gpu_hours", "final_loss")
-                if isinstance(info, dict)}
+        return self.summary(info)
 
 
 class TrainExperts(RunParams, luigi.WrapperTask):

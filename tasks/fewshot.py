@@ -419,7 +419,7 @@ def build_prompts(model, task: Task, test: list[dict], shots: int, seed: int, ba
     """Prompts for one seed. A prompt longer than `budget` tokens drops demonstrations from the front; with
     none left, the start of the prompt is cut (left truncation)."""
     demos = sample_demonstrations(task, shots, seed, balanced)
-    bos = _bos(model) if add_bos else []
+    bos = model.bos_ids() if add_bos else []
     budget = budget - len(bos)
     per_test = [demonstrations_for(task, demos, ex["text"], seed, i) for i, ex in enumerate(test)]
     texts = [format_prompt(task, d, ex["text"]) for d, ex in zip(per_test, test)]
@@ -457,12 +457,6 @@ def _encode_batch(model, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
     return [list(x) for x in model.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
-def _bos(model) -> list[int]:
-    tok = model.tokenizer
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    return [bos] if bos is not None else []
 
 
 def label_token_ids(model, task: Task) -> list[list[int]]:
@@ -690,7 +684,7 @@ def evaluate_fewshot(
     else:
         routing["mode"] = "prompt"
     try:
-        bos = _bos(model) if add_bos else []
+        bos = model.bos_ids() if add_bos else []
         premise = task.template.domain_premise()
         premise_ids = [bos + _encode(model, premise)]
         premise_scores = score_labels(model, premise_ids, label_ids, batch_size, single_pass, desc="premise")[0]

@@ -17,28 +17,14 @@ import math
 import os
 import time
 from collections import defaultdict
-from typing import Iterable, Iterator
+from typing import Iterable
 
 import torch
 
 from corpus.io import InputError, write_json
+from experts.scoring import document_windows
 
 log = logging.getLogger(__name__)
-
-
-def document_windows(ids: list[int], max_length: int, n_bos: int) -> Iterator[tuple[int, list[int]]]:
-    """Yield (start, window ids) covering `ids` so each token after the first is predicted exactly once.
-
-    Window = ids[start : start + max_length], start = 0, L−1, 2(L−1), ...; the text before a window is
-    ids[n_bos:start] (BOS excluded).
-    """
-    if max_length < 2:
-        raise InputError(f"model context max_length={max_length} is too short to score anything")
-    for start in range(0, len(ids) - 1, max_length - 1):
-        win = ids[start : start + max_length]
-        if len(win) < 2:
-            break
-        yield start, win
 
 
 def _group_metrics(nll: float, n_tokens: int, n_bytes: int, n_docs: int) -> dict:
@@ -75,7 +61,7 @@ def evaluate_perplexity(
     from tqdm.auto import tqdm
 
     L = int(model.max_length)
-    bos = _bos(model)
+    bos = model.bos_ids()
     pad = model.tokenizer.pad_token_id
     pad = 0 if pad is None else pad
     total = None
@@ -103,7 +89,7 @@ def evaluate_perplexity(
         windows = []  # (doc index in chunk, ids, prefix text)
         for j, toks in enumerate(encoded):
             ids = bos + toks
-            for start, win in document_windows(ids, L, len(bos)):
+            for start, win in document_windows(ids, L):
                 prefix = model.tokenizer.decode(ids[len(bos) : start]) if start > len(bos) else ""
                 windows.append((j, win, prefix))
         nll = [0.0] * len(chunk)
@@ -182,9 +168,3 @@ def evaluate_perplexity(
     if out_path is not None:
         write_json(out_path, result)
     return result
-
-
-def _bos(model) -> list[int]:
-    tok = model.tokenizer
-    bos = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
-    return [bos] if bos is not None else []
