@@ -286,13 +286,9 @@ def load_embedder(in_dir: str | Path, device: str = "auto"):
 
 
 def _read_texts(path: Path) -> list[str]:
-    import pyarrow.parquet as pq
+    from corpus.read import read_columns
 
-    try:
-        table = pq.read_table(path, columns=["text"])
-    except Exception as e:  # pyarrow raises several types for missing columns / corrupt files
-        raise InputError(f"cannot read column 'text' from {path}: {str(e).splitlines()[0]}") from None
-    return [t if t is not None else "" for t in table.column("text").to_pylist()]
+    return [t if t is not None else "" for t in read_columns(path, ["text"]).column("text").to_pylist()]
 
 
 def embed_corpus(

@@ -387,11 +387,19 @@ def _counts(values: list[str]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def read_split(corpus_dir: str | os.PathLike, split: str) -> list[dict[str, Any]]:
-    """Documents of one split of a prepared corpus folder as dicts {id, text, label?}."""
+def read_columns(path: str | os.PathLike, columns: list[str]):
+    """The `columns` of a parquet file of a prepared folder as a pyarrow Table; one-line InputError when the file
+    is missing, unreadable or lacks a column."""
     import pyarrow.parquet as pq
 
-    path = Path(corpus_dir) / f"{split}.parquet"
+    path = Path(path)
     if not path.is_file():
-        raise InputError(f"missing corpus split file {path}")
-    return pq.read_table(path).to_pylist()
+        raise InputError(f"missing file: {path}")
+    try:
+        names = pq.ParquetFile(path).schema_arrow.names
+    except Exception as e:  # noqa: BLE001 - pyarrow raises several types for corrupt files
+        raise InputError(f"unreadable parquet file {path}: {str(e).splitlines()[0] if str(e) else e}") from None
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise InputError(f"{path} lacks column(s) {', '.join(missing)} (has {', '.join(names)})")
+    return pq.read_table(path, columns=columns)

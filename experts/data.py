@@ -16,6 +16,7 @@ from typing import Sequence
 import numpy as np
 
 from corpus.io import InputError, atomic_dir, write_json
+from corpus.read import read_columns
 
 log = logging.getLogger(__name__)
 
@@ -28,21 +29,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
 def shard_name(cluster_id: int, split: str = "train") -> str:
     """`cluster_003.npy` for train, `valid_cluster_003.npy` for valid."""
     return f"cluster_{cluster_id:03d}.npy" if split == "train" else f"{split}_cluster_{cluster_id:03d}.npy"
-
-
-def _read_table(path: Path, columns: list[str]):
-    import pyarrow.parquet as pq
-
-    if not path.is_file():
-        raise InputError(f"missing file: {path}")
-    try:
-        table = pq.read_table(path)
-    except Exception as e:  # noqa: BLE001
-        raise InputError(f"unreadable parquet file {path}: {str(e).splitlines()[0] if str(e) else e}") from None
-    missing = [c for c in columns if c not in table.column_names]
-    if missing:
-        raise InputError(f"{path} lacks column(s) {', '.join(missing)} (has {', '.join(table.column_names)})")
-    return table
 
 
 def _encode_batch(args):
@@ -89,8 +75,8 @@ def shard_corpus(
     n_clusters = 0
     tables = {}
     for split in splits:
-        docs = _read_table(corpus_dir / f"{split}.parquet", ["id", "text"])
-        assign = _read_table(assignments_dir / f"{split}.parquet", ["id", "cluster_id"])
+        docs = read_columns(corpus_dir / f"{split}.parquet", ["id", "text"])
+        assign = read_columns(assignments_dir / f"{split}.parquet", ["id", "cluster_id"])
         cid_of = dict(zip(assign.column("id").to_pylist(), assign.column("cluster_id").to_pylist()))
         ids = docs.column("id").to_pylist()
         missing = [i for i in ids if i not in cid_of]
