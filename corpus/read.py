@@ -26,7 +26,6 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from corpus.io import InputError, atomic_dir, write_json
 
