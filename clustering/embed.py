@@ -15,7 +15,7 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Sequence
 
 import numpy as np
 
@@ -37,11 +37,6 @@ def _map_numbers(text: str) -> str:
 def _l2_normalize(x: np.ndarray) -> np.ndarray:
     norm = np.linalg.norm(x, axis=1, keepdims=True)
     return (x / np.maximum(norm, 1e-12)).astype(np.float32)
-
-
-def _batches(texts: Sequence[str], size: int) -> Iterable[Sequence[str]]:
-    for s in range(0, len(texts), size):
-        yield texts[s : s + size]
 
 
 class TfidfEmbedder:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 from corpus.io import InputError
@@ -177,8 +177,3 @@ def flops_per_token(config, seq_len: int | None = None) -> float:
     N = L * (attn + mlp) + config.vocab_size * H
     T = int(seq_len or getattr(config, "max_position_embeddings", 1024))
     return float(6 * N + 12 * L * n_heads * head_dim * T)
-
-
-def preset_table() -> list[dict]:
-    """Presets as rows (name, shape, doc) for the README / report."""
-    return [{"name": k, **asdict(v)} for k, v in PRESETS.items()]
