@@ -4,7 +4,7 @@ VENV ?= .venv
 # CPU wheel on machines without a GPU; users with CUDA can set TORCH=torch to get the CUDA build.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
-# Tiny CPU models: one OpenMP thread per process is much faster than oversubscribed cores (override as you like).
+# One OpenMP thread per process unless set: concurrent processes must not oversubscribe a small machine.
 export OMP_NUM_THREADS ?= 1
 
 .PHONY: install install-dev demo test clean
