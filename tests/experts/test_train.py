@@ -15,15 +15,6 @@ PRESET = ModelPreset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
 VOCAB, SEQ = 64, 16
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matrices: one intra-op thread avoids OpenMP spin contention on a busy 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture
 def shard(tmp_path):
     rng = np.random.default_rng(0)

@@ -39,17 +39,6 @@ def write_tiny_corpus(folder: Path, n_train: int = 40, n_eval: int = 6) -> Path:
     return folder
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """Tiny models run fastest on one thread, and a busy 2-core CI box makes OpenMP spin-waits very costly."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture
 def tiny_corpus(tmp_path) -> Path:
     return write_tiny_corpus(tmp_path / "corpus")
