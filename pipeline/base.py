@@ -18,6 +18,7 @@ test read.
 from __future__ import annotations
 
 import contextlib
+import glob as globlib
 import logging
 import os
 import shutil
@@ -114,8 +115,8 @@ class RunParams:
     device = _p("auto", name="device", description="auto | cpu | cuda")
     compile = _p("auto", name="compile", description="torch.compile the training step: auto (on for CUDA) | on | off")
     seed = _p(0, luigi.IntParameter, name="seed")
-    force_stage = _p("", name="force_stage", description="comma-separated stage names whose outputs are "
-                     "deleted and rebuilt (downstream stages follow)")
+    force_stage = _p("", name="force_stage", description="comma-separated stage names rebuilt once in this "
+                     "invocation (downstream stages follow); the old output is replaced only when the new one is done")
 
     # ---- derived values --------------------------------------------------------------------------------
     @property
@@ -212,8 +213,9 @@ class Stage(RunParams, luigi.Task):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.validate()
-        if self.task_family in _names(self.force_stage):
-            self._force()
+        # --force-stage: this instance counts as complete only with a stamp written after it was created, so
+        # the stage reruns once per invocation; the old output stays in place until the new one replaces it
+        self._forced_since = time.time() if self.task_family in _names(self.force_stage) else None
 
     # ---- paths and hashes ------------------------------------------------------------------------------
     @property
@@ -278,25 +280,18 @@ class Stage(RunParams, luigi.Task):
         ok = self.out_path().exists() and self.stamp_path().is_file()
         if ok:
             try:
-                recorded = read_json(self.stamp_path()).get("inputs_run_ids", {})
+                stamp = read_json(self.stamp_path())
+                recorded = stamp.get("inputs_run_ids", {})
             except InputError:
-                recorded, ok = {}, False
+                stamp, recorded, ok = {}, {}, False
+            if self._forced_since is not None and stamp.get("started_unix", 0) < self._forced_since:
+                ok = False
             for t in self._inputs():
                 if not t._fresh(memo) or recorded.get(str(t.out_path())) != t.run_id():
                     ok = False
                     break
         memo[self.task_id] = ok
         return ok
-
-    def _force(self) -> None:
-        out, stamp = self.out_path(), self.stamp_path()
-        if stamp.exists():
-            log.info("--force-stage %s: removing %s", self.task_family, out)
-            stamp.unlink()
-        if out.is_dir():
-            shutil.rmtree(out, ignore_errors=True)
-        elif out.exists():
-            out.unlink()
 
     # ---- running -------------------------------------------------------------------------------------
     def build(self, out: Path) -> dict | None:
@@ -318,7 +313,7 @@ class Stage(RunParams, luigi.Task):
         log.info("%s → %s", self.task_id, self.out_path())
         stamp = {**self.config(), "inputs_run_ids": {str(t.out_path()): t.run_id() for t in self._inputs()},
                  "run_id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
-                 "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0))}
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)), "started_unix": t0}
         final = self.out_path()
         if self.output_file and self.stamp_path().exists():
             self.stamp_path().unlink()  # the stamp is the completion marker: written last, removed first
@@ -375,6 +370,28 @@ class Stage(RunParams, luigi.Task):
         if isinstance(exception, InputError):
             return f"InputError: {exception}"
         return super().on_failure(exception)
+
+
+def files_fingerprint(spec: str) -> list | None:
+    """(path, size, mtime) of the local files behind `spec` (a file, a folder or a glob), so that editing inputs in
+    place changes the hashes of the stages reading them; None for anything else (a hub name, a missing path)."""
+    path = Path(spec).expanduser()
+    if any(c in spec for c in "*?["):
+        files = [Path(p) for p in sorted(globlib.glob(str(path), recursive=True))]
+    elif path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file())[:10_000]
+    elif path.is_file():
+        files = [path]
+    else:
+        return None
+    out = []
+    for f in files:
+        try:
+            st = f.stat()
+        except OSError:
+            continue
+        out.append((str(f), st.st_size, st.st_mtime_ns))
+    return out
 
 
 def _names(value: str) -> set[str]:

@@ -1,11 +1,9 @@
 """Corpus stages: the built-in demo corpus, and reading any corpus into `corpus-<h>/`."""
 from __future__ import annotations
 
-import glob as globlib
-import os
 from pathlib import Path
 
-from pipeline.base import Stage
+from pipeline.base import Stage, files_fingerprint
 
 
 class WriteDemoCorpus(Stage):
@@ -40,23 +38,7 @@ class PrepareCorpus(Stage):
         """Name, size and mtime of the local corpus files, so editing the corpus in place rereads it."""
         if self.corpus == "demo":
             return None
-        path = Path(self.corpus).expanduser()
-        if any(c in self.corpus for c in "*?["):
-            files = [Path(p) for p in sorted(globlib.glob(str(path), recursive=True))]
-        elif path.is_dir():
-            files = sorted(p for p in path.rglob("*") if p.is_file())[:10_000]
-        elif path.is_file():
-            files = [path]
-        else:
-            return None  # a hub name (or a missing path: prepare_corpus says so)
-        out = []
-        for f in files:
-            try:
-                st = f.stat()
-            except OSError:
-                continue
-            out.append((str(f), st.st_size, st.st_mtime_ns))
-        return out
+        return files_fingerprint(self.corpus)
 
     def build(self, out: Path) -> dict:
         from corpus.read import prepare_corpus

@@ -8,7 +8,7 @@ from pathlib import Path
 import luigi
 
 from corpus.io import write_json
-from pipeline.base import Stage
+from pipeline.base import Stage, files_fingerprint
 from pipeline.clustering import AssignClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.models import load_scoring_model, model_stage
@@ -111,6 +111,10 @@ class EvaluateFewShot(_EvaluateModel):
         if self.task == "domains":
             req["task"] = self.clone(MakeDomainTask)
         return req
+
+    def extra_hash(self):
+        """A local task folder's files (name, size, mtime): editing the task in place reruns its evaluations."""
+        return None if self.task == "domains" else files_fingerprint(self.task)
 
     def build(self, out: Path) -> dict:
         from tasks.fewshot import evaluate_fewshot, load_task

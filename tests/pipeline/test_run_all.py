@@ -28,6 +28,11 @@ def _build(params: dict) -> list[str]:
     return started
 
 
+def _instantiate_all(task) -> None:
+    for dep in luigi.task.flatten(task.requires()):
+        _instantiate_all(dep)
+
+
 def _mtimes(run_dir: Path) -> dict[str, int]:
     return {str(p): p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "stage_log.jsonl"}
 
@@ -80,6 +85,9 @@ def test_run_all_end_to_end(tiny_corpus, tmp_path):
 
     # --force-stage reruns that stage and everything downstream of it, in the same folders
     n_log = len(read_stage_log(run_dir))
+    merged_before = sorted(p for d in run_dir.glob("merged-*") for p in d.iterdir())
+    _instantiate_all(RunAll(**params, force_stage="MergeExperts"))  # constructing forced stages deletes nothing
+    assert sorted(p for d in run_dir.glob("merged-*") for p in d.iterdir()) == merged_before
     _build({**params, "force_stage": "MergeExperts"})
     rerun = [r["stage"] for r in read_stage_log(run_dir)[n_log:]]
     assert rerun.count("MergeExperts") == 5 and "FinetuneMoE" in rerun and "Report" in rerun

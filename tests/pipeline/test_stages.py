@@ -11,7 +11,7 @@ import luigi
 import pytest
 
 from corpus.io import InputError
-from pipeline import AssignClusters, FitClusters, PrepareCorpus, RunAll, TrainExpert
+from pipeline import AssignClusters, EvaluateFewShot, FitClusters, PrepareCorpus, RunAll, TrainExpert
 from tests.pipeline.conftest import tiny_params, write_tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -63,6 +63,18 @@ def test_prepare_corpus_stage_stamp_and_edit_in_place(tmp_path):
     luigi.task_register.Register.clear_instance_cache()
     fresh = PrepareCorpus(corpus=str(corpus), label_field="source", run_dir=str(tmp_path / "run"))
     assert fresh.out_path() != stage.out_path() and not fresh.complete()
+
+
+def test_fewshot_hash_follows_task_files(tmp_path):
+    task = tmp_path / "task"
+    task.mkdir()
+    (task / "labels.json").write_text('["a", "b"]')
+    (task / "test.jsonl").write_text('{"text": "x", "label": "a"}\n')
+    stage = lambda: EvaluateFewShot(corpus="demo", run_dir=str(tmp_path / "run"), task=str(task), model="dense")  # noqa: E731
+    before = stage().out_path()
+    (task / "test.jsonl").write_text('{"text": "x", "label": "a"}\n{"text": "y", "label": "b"}\n')
+    luigi.task_register.Register.clear_instance_cache()
+    assert stage().out_path() != before
 
 
 @pytest.mark.parametrize("flag,value", [("clusterer", "spectral"), ("embedder", "bert"), ("assign", "greedy"),
