@@ -13,11 +13,15 @@ window runs with the GPU (and the host's CPUs) to itself. A timer waits for warm
 very long warm-up (`autotune`: several minutes of max-autotune compilation) stalls every other timed window:
 run such variants last or alone (`--isolate 1`).
 
-Loops: `ref_eager`, `ref_compiled`, `ours`, and `ours_<opt>_<opt>…` with options `nocausal` (HF's own mask
-building, i.e. the previous default), `flash`/`cudnn`/`efficient` (force that SDPA kernel), `autotune`
-(`max-autotune-no-cudagraphs`), `nofused` (full logits + CE), `eager` (no torch.compile).
+Loops: `ref_eager`, `ref_compiled`, `ours` (train_model's defaults), and `ours_<opt>_<opt>…` with options
+`fp32params` (fp32 weights under autocast instead of bf16 weights + fp32 master weights), `nocacherope` (RoPE
+cos/sin recomputed inside the fused kernels), `backbone`/`whole` (backbone and each loss chunk compiled apart /
+as one graph), `chunksN` (N loss chunks), `nocausal` (HF's own mask building), `flash`/`cudnn`/`efficient`
+(force that SDPA kernel), `autotune` (`max-autotune-no-cudagraphs`), `cudagraphs` (`reduce-overhead`),
+`nofused` (full logits + CE), `eager` (no torch.compile).
 
     python bench/bench_train.py --sizes small,base            # prints a markdown table
+    python bench/bench_train.py --runs none --profile base:ours   # torch.profiler of train_model's steps 5–7
 """
 from __future__ import annotations
 
@@ -105,6 +109,11 @@ def reference_loop(preset, vocab, seq, batch, steps, warmup, compile, lock):
 
 
 OPTIONS = {
+    "fp32params": {"bf16_params": False},
+    "whole": {"compile_graph": "whole"},
+    "backbone": {"compile_graph": "backbone"},
+    "nocacherope": {"cache_rope": False},
+    "cudagraphs": {"compile_mode": "reduce-overhead"},
     "nocausal": {"causal_sdpa": False},
     "flash": {"sdpa_backend": "flash"},
     "cudnn": {"sdpa_backend": "cudnn"},
@@ -116,29 +125,38 @@ OPTIONS = {
 
 
 def loop_options(loop: str) -> dict:
-    """`ours_flash_autotune` → {'sdpa_backend': 'flash', 'compile_mode': ...} (TrainConfig keyword arguments)."""
+    """`ours_flash_autotune` → {'sdpa_backend': 'flash', 'compile_mode': ...} (TrainConfig keyword arguments);
+    `chunksN` sets loss_chunks=N."""
     kw = {}
     for opt in loop.split("_")[1:]:
+        if opt.startswith("chunks") and opt[6:].isdigit():
+            kw["loss_chunks"] = int(opt[6:])
+            continue
         if opt not in OPTIONS:
             raise SystemExit(f"unknown option {opt!r} in loop {loop!r}; options: {', '.join(OPTIONS)}")
         kw.update(OPTIONS[opt])
     return kw
 
 
-def our_loop(preset, vocab, seq, batch, steps, warmup, micro, lock, **kw):
-    """`train_model` on random tokens; train_model times the steps after its first 3 (so warmup must be 3)."""
+def _train_random(preset, vocab, seq, batch, n_steps, micro, on_step, **kw) -> tuple[dict, dict]:
+    """`train_model` for n_steps on random tokens (a fresh scratch model); returns (training.json, model config)."""
     from experts.model import build_scratch_model
     from experts.train import TrainConfig, train_model
 
-    assert warmup == 3, "train_model starts its throughput clock after 3 steps"
-    lock.warmup()
     tmp = Path(tempfile.mkdtemp())
-    n_steps = steps + warmup
     rng = np.random.default_rng(0)
     np.save(tmp / "cluster_000.npy", rng.integers(0, vocab, size=(batch * 4, seq)).astype(np.uint16))
     model = build_scratch_model(preset, vocab, seq_len=seq)
     cfg = TrainConfig(train_tokens=n_steps * batch * seq, micro_batch_size=micro, global_batch_tokens=batch * seq,
                       warmup_steps=1, log_every=0, checkpoint_every=0, device="cuda", **kw)
+    res = train_model(model, [str(tmp / "cluster_000.npy")], tmp / "out", cfg, on_step=on_step)
+    return res, model.config.to_dict()
+
+
+def our_loop(preset, vocab, seq, batch, steps, warmup, micro, lock, **kw):
+    """`train_model` on random tokens; train_model times the steps after its first 3 (so warmup must be 3)."""
+    assert warmup == 3, "train_model starts its throughput clock after 3 steps"
+    lock.warmup()
     t0 = time.perf_counter()
     marks = {}
 
@@ -147,46 +165,38 @@ def our_loop(preset, vocab, seq, batch, steps, warmup, micro, lock, **kw):
             marks["warm"] = time.perf_counter() - t0
             lock.timing()
 
-    res = train_model(model, [str(tmp / "cluster_000.npy")], tmp / "out", cfg, on_step=on_step)
+    res, config = _train_random(preset, vocab, seq, batch, steps + warmup, micro, on_step, **kw)
+    res["config"] = config
     lock.release()
     res["warmup_s"] = marks.get("warm", float("nan"))
     res["loss"] = res["final_loss"]
-    res["config"] = model.config.to_dict()
     res["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
     return res
 
 
-def profile_ours(preset, vocab, seq, batch, out_path, **kw):
-    """Three steps of our loss + backward + optimizer under torch.profiler; top CUDA kernels to a text file."""
-    from experts.model import build_scratch_model
-    from experts.train import CausalLMLoss, TrainConfig, restore_attention, sdpa_context, use_causal_sdpa
-
-    model = build_scratch_model(preset, vocab, seq_len=seq).cuda().train()
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, fused=True)
-    cfg = TrainConfig(train_tokens=1, **kw)
-    prev = use_causal_sdpa(model, seq) if cfg.causal_sdpa else None
-    mod = CausalLMLoss.build(model, cfg, compile=True)
-    x = torch.randint(0, vocab, (batch, seq), device="cuda")
-    def step():
-        with sdpa_context(cfg.sdpa_backend), torch.autocast("cuda", dtype=torch.bfloat16):
-            loss, _, _ = mod(x)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    for _ in range(3):
-        step()
-    torch.cuda.synchronize()
+def profile_ours(preset, vocab, seq, batch, micro, out_path, **kw):
+    """Steps 5–7 of `train_model` itself (after 4 warm-up/compile steps) under torch.profiler: wall ms per step,
+    GPU kernel ms per step, and the top CUDA kernels, to `out_path` (+ a gzipped Chrome trace beside it)."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        for _ in range(3):
-            step()
-        torch.cuda.synchronize()
-    restore_attention(model, prev)
-    table = prof.key_averages().table(sort_by="cuda_time_total", row_limit=30)
-    Path(out_path).write_text(table)
-    print(table[:6000])
+    prof = profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA])
+    marks = {}
+
+    def on_step(done, state):
+        if done in (4, 7):
+            torch.cuda.synchronize()
+            marks[done] = time.perf_counter()
+            prof.start() if done == 4 else prof.stop()
+
+    _train_random(preset, vocab, seq, batch, 8, micro, on_step, **kw)
+    wall_ms = (marks[7] - marks[4]) / 3 * 1e3
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA and not e.is_user_annotation]
+    gpu_ms = sum(e.time_range.elapsed_us() for e in kernels) / 3 / 1e3
+    head = f"{preset} {kw}: {wall_ms:.1f} ms/step wall, {gpu_ms:.1f} ms/step in GPU kernels, {len(kernels) // 3} kernels/step\n"
+    table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=40, max_name_column_width=90)
+    Path(out_path).write_text(head + table)
+    prof.export_chrome_trace(str(Path(out_path).with_suffix(".json.gz")))
+    print(head + table[:5000])
 
 
 def run_one(size, loop, args, lock) -> dict:
@@ -208,6 +218,8 @@ def child(args) -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = True
     size, loop = args.child.split(":")
+    if args.profile_out:
+        return profile_ours(size, args.vocab, args.seq, args.batch, args.micro, args.profile_out, **loop_options(loop))
     t0 = time.perf_counter()
     r = run_one(size, loop, args, GpuLock(args.lock_dir))
     fpt = flops_per_token(LlamaConfig(**r["config"]), args.seq)
@@ -229,8 +241,10 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--isolate", type=int, default=3, help="fresh process per variant, this many compiling at once")
     ap.add_argument("--deadline", type=float, default=0, help="stop starting/kill variants after this many seconds (0 = none)")
-    ap.add_argument("--profile", default="", help="size:loop to profile (writes $OUT/profile_<size>.txt)")
+    ap.add_argument("--profile", default="", help="size:loop list to profile after the timings, each in a fresh "
+                    "process (writes $OUT/profile_<size>_<loop>.txt and .json.gz)")
     ap.add_argument("--child", default="", help=argparse.SUPPRESS)
+    ap.add_argument("--profile-out", default="", help=argparse.SUPPRESS)
     ap.add_argument("--lock-dir", default="", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_train.json"))
     args = ap.parse_args()
@@ -241,6 +255,8 @@ def main():
 
     runs = [r.split(":") for r in args.runs.split(",")] if args.runs else \
         [(s, l) for s in args.sizes.split(",") for l in args.loops.split(",")]
+    if args.runs == "none":  # profiles only
+        runs = []
     lock_dir = tempfile.mkdtemp(prefix="bench_train_lock")
     t_start = time.perf_counter()
     results: dict[tuple[str, str], dict] = {}
@@ -288,9 +304,17 @@ def main():
                 running.remove(item)
                 collect(*item)
 
-    if args.profile:
-        size, loop = args.profile.split(":")
-        profile_ours(size, args.vocab, args.seq, args.micro, out_dir / f"profile_{size}.txt", **loop_options(loop))
+    for spec in filter(None, args.profile.split(",")):
+        size, loop = spec.split(":")
+        left = args.deadline - (time.perf_counter() - t_start) if args.deadline else None
+        if left is not None and left < 30:
+            print(f"profile {spec}: skipped (deadline)", flush=True)
+            continue
+        try:
+            subprocess.run(base_cmd + ["--child", spec, "--profile-out", str(out_dir / f"profile_{size}_{loop}.txt")],
+                           env=env, timeout=left)
+        except subprocess.TimeoutExpired:
+            print(f"profile {spec}: not finished within --deadline", flush=True)
 
     rows = []
     for size, loop in runs:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import scipy.sparse
 import torch
 
 from corpus.io import InputError, atomic_dir, read_json, write_json
@@ -35,7 +36,7 @@ _BATCH_BYTES = 1 << 28  # ~256 MiB of (rows × (dim + n_clusters)) float32 per s
 _DAMP = 0.5  # Jacobi damping of the dual steps
 _RELAX_SLACK = 0.05  # intermediate Lloyd iterations: sizes within the bounds ±5% are good enough
 _RELAX_STEPS = 4  # at most this many dual steps per intermediate Lloyd iteration
-_PRICE_SAMPLE = 2048  # intermediate dual steps use a fixed sample of max(16384, 2048·k) fitted points
+_PRICE_SAMPLE = 1024  # intermediate dual steps use a fixed sample of max(16384, 1024·k) fitted points
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -59,21 +60,41 @@ def _check_matrix(x: Any, name: str = "x") -> Any:
     return x
 
 
+def _first_nonfinite_row(xb: torch.Tensor) -> int | None:
+    """Index of the first row of xb (b, d) holding a NaN or ±inf, or None. A row sum is finite only if every entry
+    is (inf and NaN propagate), so one cheap row sum finds the candidate rows and only those are checked entry-wise
+    (a finite row can sum to inf by overflow); `torch.isfinite` over the whole matrix costs ~20× more on CPU."""
+    cand = (~torch.isfinite(xb.sum(1))).nonzero().squeeze(1)  # (r,) rows whose sum is not finite
+    if cand.numel() == 0:
+        return None
+    bad = cand[~torch.isfinite(xb[cand]).all(1)]
+    return int(bad[0]) if bad.numel() else None
+
+
 def _rows(x: Any, start: int, stop: int, device: torch.device, name: str = "x") -> torch.Tensor:
     """Rows [start, stop) of `x` as a float32 tensor on `device`; InputError on NaN/inf."""
     if isinstance(x, torch.Tensor):
         xb = x[start:stop].to(device=device, dtype=torch.float32, non_blocking=True)
     else:
         xb = torch.from_numpy(np.array(x[start:stop], dtype=np.float32)).to(device, non_blocking=True)
-    bad = ~torch.isfinite(xb).all(dim=1)  # (b,)
-    if bool(bad.any()):
-        row = start + int(bad.nonzero()[0, 0])
-        raise InputError(f"{name} has NaN or infinite values (first at row {row}); fix the embeddings first")
+    bad = _first_nonfinite_row(xb)
+    if bad is not None:
+        raise InputError(f"{name} has NaN or infinite values (first at row {start + bad}); fix the embeddings first")
     return xb
 
 
 def _take_rows(x: Any, idx: np.ndarray, device: torch.device, name: str = "x") -> torch.Tensor:
-    """Rows `idx` (sorted int64) of `x` as float32 on `device`, read in chunks (works on memory-mapped .npy)."""
+    """Rows `idx` (sorted int64) of `x` as float32 on `device`, read in chunks (works on memory-mapped .npy).
+    All rows of a float32 C-contiguous matrix already on `device` are used as they are, without a copy."""
+    if len(idx) == x.shape[0]:
+        if isinstance(x, np.ndarray) and device.type == "cpu" and x.dtype == np.float32 and \
+                x.flags.c_contiguous and x.flags.writeable:
+            x = torch.from_numpy(x)
+        if isinstance(x, torch.Tensor) and x.device == device and x.dtype == torch.float32 and x.is_contiguous():
+            bad = _first_nonfinite_row(x)
+            if bad is not None:
+                raise InputError(f"{name} has NaN or infinite values (first at row {bad}); fix the embeddings first")
+            return x
     out = torch.empty((len(idx), x.shape[1]), dtype=torch.float32, device=device)
     step = max(1, _BATCH_BYTES // (4 * max(1, x.shape[1])))
     for s in range(0, len(idx), step):
@@ -82,9 +103,10 @@ def _take_rows(x: Any, idx: np.ndarray, device: torch.device, name: str = "x") -
             xb = x[torch.as_tensor(part, device=x.device)].to(device=device, dtype=torch.float32)
         else:
             xb = torch.from_numpy(np.array(x[part], dtype=np.float32)).to(device)
-        if not bool(torch.isfinite(xb).all()):
-            bad = int(part[int((~torch.isfinite(xb).all(1)).nonzero()[0, 0])])
-            raise InputError(f"{name} has NaN or infinite values (first at row {bad}); fix the embeddings first")
+        bad = _first_nonfinite_row(xb)
+        if bad is not None:
+            raise InputError(f"{name} has NaN or infinite values (first at row {int(part[bad])}); "
+                             "fix the embeddings first")
         out[s : s + len(part)] = xb
     return out
 
@@ -103,12 +125,19 @@ def size_bounds(n: int, n_clusters: int, balance: float) -> tuple[int, int]:
     return lo, hi
 
 
-def _sqdist(x: torch.Tensor, c: torch.Tensor, x2: torch.Tensor | None = None) -> torch.Tensor:
-    """Squared L2 distances ‖x−c‖² = ‖x‖² − 2x·c + ‖c‖², clamped at 0. x (n, d), c (k, d) → (n, k)."""
+def _sqnorms(x: torch.Tensor) -> torch.Tensor:
+    """‖x_i‖² (n,) of x (n, d) as row-wise dot products: no (n, d) temporary (x * x costs ~5× more on CPU)."""
+    return torch.einsum("ij,ij->i", x, x)
+
+
+def _sqdist(x: torch.Tensor, c: torch.Tensor, x2: torch.Tensor | None = None,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+    """Squared L2 distances ‖x−c‖² = ‖x‖² − 2x·c + ‖c‖², clamped at 0. x (n, d), c (k, d) → (n, k), written into
+    `out` (n, k) when given (a reused buffer: on CPU a fresh 10+ MB tensor costs page faults on every call)."""
     if x2 is None:
-        x2 = (x * x).sum(1)
+        x2 = _sqnorms(x)
     c2 = (c * c).sum(1)
-    d = torch.addmm(c2[None, :], x, c.T, alpha=-2.0)  # (n, k)
+    d = torch.addmm(c2[None, :], x, c.T, alpha=-2.0, out=out)  # (n, k)
     return d.add_(x2[:, None]).clamp_min_(0.0)
 
 
@@ -128,40 +157,132 @@ def _dense(cand_dist: torch.Tensor, cand_idx: torch.Tensor | None, k: int) -> to
     return out.scatter_(1, cand_idx, cand_dist)
 
 
-def _rank_within(keys: torch.Tensor, groups: torch.Tensor, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Order items by (group, key) and return (order, rank of each ordered item within its group).
+class _Scratch:
+    """Named scratch tensors reused from call to call by the fit loop. On CPU a fresh tensor of several MB costs
+    page faults on first touch (measured ~0.5 ms per MB on a 2-core VM: more than the arithmetic done in it), so
+    the hot loops write their temporaries into these. Where a function takes `scratch=None`: fresh tensors."""
 
-    Two stable sorts (by key, then by group), no Python loop; ±inf keys sort last / first as usual."""
+    def __init__(self):
+        self._bufs: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+        numel = math.prod(shape)
+        b = self._bufs.get(name)
+        if b is None or b.numel() < numel or b.dtype != like.dtype or b.device != like.device:
+            b = self._bufs[name] = torch.empty(numel, dtype=like.dtype, device=like.device)
+        return b[:numel].view(shape)
+
+
+def _empty(scratch: _Scratch | None, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
+    """scratch.get(...) or a fresh tensor of like's dtype and device."""
+    if scratch is None:
+        return torch.empty(shape, dtype=like.dtype, device=like.device)
+    return scratch.get(name, shape, like)
+
+
+def _group_order(keys: torch.Tensor, groups: torch.Tensor, descending: bool = False) -> torch.Tensor:
+    """Permutation sorting items by (group, key), ties kept in input order: a stable sort by key, then a stable
+    sort by group. keys (n,) float, groups (n,) int64 ≥ 0. On CUDA two torch sorts; on CPU numpy's (torch's CPU
+    stable sort of 200k int64 takes ~0.2 s, numpy's radix sort of small ints ~1 ms), same permutation."""
+    if keys.is_cuda:
+        order = torch.argsort(keys, descending=descending, stable=True)
+        return order[torch.argsort(groups[order], stable=True)]
+    kn = keys.numpy()
+    order = np.argsort(-kn if descending else kn, kind="stable")
+    return torch.from_numpy(order[_radix_order(groups.numpy()[order])])
+
+
+def _radix_order(groups: np.ndarray) -> np.ndarray:
+    """Stable argsort of non-negative int group ids (a radix sort when they fit in 16 bits)."""
+    if groups.size and int(groups.max()) < 1 << 15:
+        groups = groups.astype(np.int16)
+    return np.argsort(groups, kind="stable")
+
+
+def _rank_within(keys: torch.Tensor, groups: torch.Tensor, descending: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Order items by (group, key) (`_group_order`) and return (order, rank of each ordered item within its group).
+
+    No Python loop; ±inf keys sort last / first as usual."""
     n = keys.numel()
     if n == 0:
         e = torch.zeros(0, dtype=torch.long, device=keys.device)
         return e, e
-    order = torch.argsort(keys, descending=descending, stable=True)
-    order = order[torch.argsort(groups[order], stable=True)]
+    order = _group_order(keys, groups, descending).to(keys.device)
     g = groups[order]
-    pos = torch.arange(n, device=g.device)
-    is_start = torch.ones(n, dtype=torch.bool, device=g.device)
-    if n > 1:
-        is_start[1:] = g[1:] != g[:-1]
-    start = torch.cummax(torch.where(is_start, pos, torch.zeros_like(pos)), 0).values
-    return order, pos - start
+    cnt = torch.bincount(g)
+    start = torch.cumsum(cnt, 0) - cnt  # first position of each group in the order
+    return order, torch.arange(n, device=g.device) - start[g]
 
 
-def _group_kth(values: torch.Tensor, groups: torch.Tensor, ids: torch.Tensor, kth: torch.Tensor,
-               counts: torch.Tensor) -> torch.Tensor:
-    """For each group id in `ids` (ascending), the kth-smallest (1-based) of `values` over its members.
+def _select_by_rank(keys: torch.Tensor, groups: torch.Tensor, quota: torch.Tensor, largest: bool) -> torch.Tensor:
+    """`_select_per_group` by sorting: keep the items whose rank within their group (`_rank_within`) < quota."""
+    order, rank = _rank_within(keys, groups, descending=largest)
+    keep = torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
+    keep[order[rank < quota[groups[order]]]] = True
+    return keep
 
-    values, groups (n,); counts (k,) members per group; kth (len(ids),) with 1 ≤ kth ≤ counts[ids]. Members of the
-    asked groups are sorted by (group, value) with two stable sorts; each group's answer is read at its offset."""
-    asked = torch.zeros(counts.numel(), dtype=torch.bool, device=values.device)
+
+def _select_per_group(keys: torch.Tensor, groups: torch.Tensor, quota: torch.Tensor, largest: bool) -> torch.Tensor:
+    """Mask (s,) of the items kept when every group g keeps its quota[g] items of largest (or smallest) key, ties
+    going to the earlier item; quota ≤ 0 keeps none. keys (s,) without NaN, groups (s,) int64 < len(quota).
+
+    Same set as `rank < quota[group]` with `_rank_within` (used on CUDA). On CPU only the groups over their quota
+    are looked at, each by one numpy partition: the q-th largest key t is the threshold, keys beyond t are kept
+    and the earliest items equal to t fill the rest — O(s) instead of two sorts."""
+    if keys.is_cuda:
+        return _select_by_rank(keys, groups, quota, largest)
+    kn, gn, qn = keys.numpy(), groups.numpy(), quota.numpy()
+    cnt = np.bincount(gn, minlength=len(qn))
+    keep = cnt[gn] <= qn[gn]  # groups within their quota keep every item
+    full = np.flatnonzero((cnt > qn) & (qn > 0))
+    if full.size:
+        order = _radix_order(gn)  # items grouped by group, ascending index within each group
+        start = np.cumsum(cnt) - cnt
+        for g in full.tolist():
+            idx = order[start[g] : start[g] + cnt[g]]
+            r, q = kn[idx], int(qn[g])
+            if largest:
+                t = np.partition(r, r.size - q)[r.size - q]
+                sel = r > t
+            else:
+                t = np.partition(r, q - 1)[q - 1]
+                sel = r < t
+            sel[np.flatnonzero(r == t)[: q - int(sel.sum())]] = True
+            keep[idx] = sel
+    return torch.from_numpy(keep)
+
+
+def _group_kth_sorted(values: torch.Tensor, groups: torch.Tensor, ids: torch.Tensor, kth: torch.Tensor,
+                      n_groups: int) -> torch.Tensor:
+    """`_group_kth` by sorting the members of the asked groups by (group, value)."""
+    asked = torch.zeros(n_groups, dtype=torch.bool, device=values.device)
     asked[ids] = True
     sel = asked[groups].nonzero().squeeze(1)  # members of the asked groups
     vals, g = values[sel], groups[sel]
-    order = torch.argsort(vals, stable=True)
-    order = order[torch.argsort(g[order], stable=True)]
-    cnt = counts[ids]
+    order = _group_order(vals, g).to(values.device)
+    cnt = torch.bincount(g, minlength=n_groups)[ids]
     starts = torch.cumsum(cnt, 0) - cnt  # ids ascending → segment of ids[t] starts here
     return vals[order][starts + torch.minimum(kth, cnt).clamp_min(1) - 1]
+
+
+def _group_kth(values: torch.Tensor, groups: torch.Tensor, ids: torch.Tensor, kth: torch.Tensor,
+               n_groups: int) -> torch.Tensor:
+    """For each group id in `ids` (ascending), the kth-smallest (1-based, clamped to the group's size) of `values`
+    over its members. values, groups (s,) with groups < n_groups; every group in `ids` has a member. On CUDA the
+    members of the asked groups are sorted by (group, value) (`_group_order`) and each answer is read at its
+    offset; on CPU one numpy partition per asked group."""
+    if values.is_cuda:
+        return _group_kth_sorted(values, groups, ids, kth, n_groups)
+    vn, gn = values.numpy(), groups.numpy()
+    cnt = np.bincount(gn, minlength=n_groups)
+    start = np.cumsum(cnt) - cnt
+    order = _radix_order(gn)
+    out = np.empty(len(ids), dtype=vn.dtype)
+    for t, (j, e) in enumerate(zip(ids.tolist(), kth.tolist())):
+        seg = vn[order[start[j] : start[j] + cnt[j]]]
+        e = min(max(e, 1), seg.size)
+        out[t] = np.partition(seg, e - 1)[e - 1]
+    return torch.from_numpy(out)
 
 
 def _row_kth(g: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
@@ -178,10 +299,65 @@ def _row_kth(g: torch.Tensor, kth: torch.Tensor) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------------------------------
 # the balanced assignment step (shared by both backends)
 # ----------------------------------------------------------------------------------------------------------------
+def _priced_argmin(d: torch.Tensor, prices: torch.Tensor, out: torch.Tensor | None = None):
+    """cost = d + λ (n, k) (into `out` when given), each point's cheapest cluster and cost, and the cluster sizes.
+    Returns (cost, v0 (n,), a (n,) int64, counts (k,))."""
+    cost = torch.add(d, prices, out=out)  # (n, k)
+    v0, a = cost.min(1)  # (n,), (n,)
+    return cost, v0, a, torch.bincount(a, minlength=d.shape[1])
+
+
+def _gains(cost: torch.Tensor, v0: torch.Tensor, donors: torch.Tensor, cols: torch.Tensor,
+           d_t: torch.Tensor | None = None, prices: torch.Tensor | None = None,
+           scratch: _Scratch | None = None) -> torch.Tensor:
+    """g[t, i] = cost[i, cols_t] − v0[i] (u, ·) over the points flagged in `donors` (n,) bool. On CUDA only the
+    donors' columns (u, s); on CPU all n points with +inf at the others (no kth-smallest changes), read from
+    d_t (k, n) = dᵀ when given (cost = d + prices: contiguous rows instead of strided columns), else from cost's
+    columns."""
+    if cost.is_cuda:
+        don = donors.nonzero().squeeze(1)
+        return cost[don][:, cols].T.contiguous() - v0[None, don]
+    g = _empty(scratch, "gains", (cols.numel(), cost.shape[0]), cost)  # (u, n)
+    if d_t is not None:
+        torch.index_select(d_t, 0, cols, out=g).add_(prices[cols, None])  # = cost[:, cols]ᵀ
+    else:
+        torch.index_select(cost.T, 0, cols, out=g)
+    return g.sub_(v0[None, :]).masked_fill_(~donors[None, :], float("inf"))
+
+
+def _price_delta(cost: torch.Tensor, v0: torch.Tensor, best: torch.Tensor, counts: torch.Tensor, lo: torch.Tensor,
+                 hi: torch.Tensor, eps: float, d_t: torch.Tensor | None = None, prices: torch.Tensor | None = None,
+                 scratch: _Scratch | None = None) -> tuple[torch.Tensor, bool]:
+    """The undamped Jacobi step δ (k,) of `dual_step` from its `_priced_argmin`; (δ, counts within bounds).
+    d_t (k, n) = dᵀ and the prices of cost = d + prices, optional: a faster source of cost's columns on CPU."""
+    k = cost.shape[1]
+    excess, deficit = counts - hi, lo - counts
+    is_over, is_under = excess > 0, deficit > 0  # (k,)
+    over, under = is_over.nonzero().squeeze(1), is_under.nonzero().squeeze(1)
+    delta = torch.zeros(k, dtype=cost.dtype, device=cost.device)
+    if (over.numel() == 0 and under.numel() == 0) or k < 2:
+        return delta, True
+    if over.numel() and over.numel() < k:  # λ_j += e_j-th smallest regret of its members
+        sel = is_over[best].nonzero().squeeze(1)  # members of overfull clusters
+        open_ = (~is_over).nonzero().squeeze(1)
+        alt = torch.index_select(cost, 1, open_, out=_empty(scratch, "open", (cost.shape[0], open_.numel()), cost))
+        alt = alt.amin(1)[sel]  # (s,) cost of the best cluster that is not overfull
+        kv = _group_kth(alt - v0[sel], best[sel], over, excess[over], k)
+        delta[over] = torch.nan_to_num(kv, posinf=0.0) + eps
+    if under.numel() and under.numel() < k:  # λ_j −= f_j-th smallest gain among points of other clusters
+        g = _gains(cost, v0, ~is_under[best], under, d_t, prices, scratch)  # (u, ·) over the points that may move
+        kv = _row_kth(g, deficit[under])  # (u,)
+        if not bool(torch.isfinite(kv).all()):  # fewer finite gains than needed: take the largest finite one
+            fin_max = torch.where(torch.isfinite(g), g, torch.zeros_like(g)).amax(1)
+            kv = torch.where(torch.isfinite(kv), kv, fin_max)
+        delta[under] = -(kv + eps)
+    return delta, False
+
+
 def dual_step(
     d: torch.Tensor, prices: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, eps: float
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
-    """One Jacobi step of dual (price) ascent for the capacitated assignment; no loop over points or clusters.
+    """One Jacobi step of dual (price) ascent for the capacitated assignment; no loop over points.
 
     d (n, k) squared distances (+inf: not a candidate), prices λ (k,), size bounds lo, hi (k,) int64. Every point
     takes a(i) = argmin_j d_ij + λ_j. Let O (U) be the clusters above hi (below lo). For j ∈ O with
@@ -191,52 +367,37 @@ def dual_step(
     f_j = lo_j − count_j, λ_j falls by the f_j-th smallest gain d_ij + λ_j − min_l (d_il + λ_l) among the points
     of clusters ∉ U. (Regrets towards other overfull clusters, or gains from other underfull ones, would let two
     neighbouring overfull clusters raise their prices in lockstep and never shed a point.) All clusters move at
-    once, so callers damp the step (λ += damp·δ).
+    once, so callers damp the step (λ += damp·δ). The e-th smallest values: a sort on CUDA, a numpy partition per
+    cluster on CPU (`_group_kth`, `_row_kth`).
     Returns (a (n,) int64 under the input prices, counts (k,), δ (k,) undamped step, feasible: counts within bounds).
     """
-    n, k = d.shape
-    cost = d + prices  # (n, k)
-    v0, best = cost.min(1)  # (n,), (n,)
-    counts = torch.bincount(best, minlength=k)  # (k,)
-    excess, deficit = counts - hi, lo - counts
-    is_over, is_under = excess > 0, deficit > 0  # (k,)
-    over, under = is_over.nonzero().squeeze(1), is_under.nonzero().squeeze(1)
-    delta = torch.zeros_like(prices)
-    if (over.numel() == 0 and under.numel() == 0) or k < 2:
-        return best, counts, delta, True
-    if over.numel() and over.numel() < k:  # λ_j += e_j-th smallest regret of its members
-        sel = is_over[best].nonzero().squeeze(1)  # members of overfull clusters
-        alt = cost[sel].masked_fill_(is_over[None, :], float("inf")).min(1).values  # (s,) best open alternative
-        kv = _group_kth(alt - v0[sel], best[sel], over, excess[over], counts)
-        delta[over] = torch.nan_to_num(kv, posinf=0.0) + eps
-    if under.numel() and under.numel() < k:  # λ_j −= f_j-th smallest gain among points of other clusters
-        don = (~is_under[best]).nonzero().squeeze(1)  # points that may move
-        g = cost[don][:, under].T.contiguous() - v0[None, don]  # (u, s)
-        kv = _row_kth(g, deficit[under])  # (u,)
-        if not bool(torch.isfinite(kv).all()):  # fewer finite gains than needed: take the largest finite one
-            fin_max = torch.where(torch.isfinite(g), g, torch.zeros_like(g)).amax(1)
-            kv = torch.where(torch.isfinite(kv), kv, fin_max)
-        delta[under] = -(kv + eps)
-    return best, counts, delta, False
+    cost, v0, best, counts = _priced_argmin(d, prices)
+    delta, feasible = _price_delta(cost, v0, best, counts, lo, hi, eps)
+    return best, counts, delta, feasible
 
 
 def relaxed_prices(
     d: torch.Tensor, prices: torch.Tensor, damp: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, max_steps: int,
-    eps: float, slack: float = _RELAX_SLACK,
+    eps: float, slack: float = _RELAX_SLACK, scratch: _Scratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dual prices for the Lloyd iterations before the last: up to `max_steps` `dual_step`s (at least one),
+    """Dual prices for the Lloyd iterations before the exact ones: up to `max_steps` `dual_step`s (at least one),
     warm-started from the previous iteration's prices, stopping once the sizes are within the bounds widened by
     `slack` (lo·(1−slack), hi·(1+slack)). d (n, k) is a fixed random sample of the fitted points, lo, hi the bounds
     for that many points. Per-cluster step sizes `damp` (k,) (state kept across calls, as in Rprop, Riedmiller &
     Braun 1993): a cluster whose violation changed sign since the step before halves its step, otherwise it
     grows ×1.5 up to 1/2 — Jacobi steps on clusters that share one dense blob otherwise overshoot back and forth.
-    Returns (prices (k,), damp (k,)); the iteration then assigns every point to argmin_j d_ij + λ_j with no exact
-    repair: sizes are close to, not always within, the bounds. Only the final assignment (`balanced_assign`)
-    must be exact; the means of a nearly balanced partition are as good a centroid step (bench/RESULTS.md)."""
+    Returns (prices (k,), damp (k,)) after the last step (keeping instead the best prices tried was measured
+    worse: 1M × 100 mixture, k = 64, inertia 124.7 vs 119.6, bench/RESULTS.md); the iteration then assigns every
+    point to argmin_j d_ij + λ_j with no exact repair (`capped_assign`): sizes are close to, not always within,
+    the bounds. Only the final assignments (`balanced_assign`) must be exact; the means of a nearly balanced
+    partition are as good a centroid step (bench/RESULTS.md)."""
     lo_r, hi_r = (lo.double() * (1 - slack)).floor().long(), (hi.double() * (1 + slack)).ceil().long()
     last = torch.zeros_like(prices)  # sign of the last step per cluster
+    buf = _empty(scratch, "cost", d.shape, d)
+    d_t = None if d.is_cuda else _empty(scratch, "d_t", d.shape[::-1], d).copy_(d.T)  # (k, n) for `_gains`
     for s in range(max(1, max_steps)):
-        _, counts, delta, feasible = dual_step(d, prices, lo, hi, eps)
+        cost, v0, a, counts = _priced_argmin(d, prices, out=buf)
+        delta, feasible = _price_delta(cost, v0, a, counts, lo, hi, eps, d_t, prices, scratch)
         if feasible or (s > 0 and bool(((counts >= lo_r) & (counts <= hi_r)).all())):
             break  # the prices that gave these sizes are good enough
         sign = torch.sign(delta)
@@ -247,70 +408,82 @@ def relaxed_prices(
     return prices, damp
 
 
-def capped_assign(d: torch.Tensor, prices: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """One vectorised round of capacity-capped assignment, for the Lloyd iterations before the last.
+def capped_assign(d: torch.Tensor, prices: torch.Tensor, hi: torch.Tensor, overwrite: bool = False,
+                  scratch: _Scratch | None = None) -> torch.Tensor:
+    """One vectorised round of capacity-capped assignment, for the Lloyd iterations before the exact ones.
 
-    d (n, k), prices (k,), hi (k,). Every point takes argmin_j d_ij + λ_j; a cluster j with e_j = count_j − hi_j > 0
-    keeps its hi_j members of largest regret (cost of the best cluster that is not overfull minus own cost) and
-    sends the other e_j to that best cluster that is not overfull — no further rounds, so those may end a little
-    above hi. This stops one cluster from swallowing a neighbour's points (two clusters on one dense blob would
-    otherwise get the same points, the same mean, and stay identical). Returns a (n,) int64."""
+    d (n, k), prices (k,), hi (k,); overwrite=True reuses d's memory for d + prices. Every point takes
+    argmin_j d_ij + λ_j; a cluster j with e_j = count_j − hi_j > 0 keeps its hi_j members of largest regret (cost
+    of the best cluster that is not overfull minus own cost; ties: the earlier point) and sends the other e_j to
+    that best cluster that is not overfull — no further rounds, so those may end a little above hi. This stops one
+    cluster from swallowing a neighbour's points (two clusters on one dense blob would otherwise get the same
+    points, the same mean, and stay identical). Returns a (n,) int64."""
     n, k = d.shape
-    cost = d + prices  # (n, k)
-    best = cost.argmin(1)  # (n,)
+    cost = d.add_(prices) if overwrite else d + prices  # (n, k)
+    own, best = cost.min(1)  # (n,)
     counts = torch.bincount(best, minlength=k)
     is_over = counts > hi  # (k,)
     if not bool(is_over.any()) or bool(is_over.all()):
         return best
     sel = is_over[best].nonzero().squeeze(1)  # members of overfull clusters
-    c_sel = cost[sel]  # (s, k)
-    own = c_sel.gather(1, best[sel, None]).squeeze(1)
-    alt_v, alt = c_sel.masked_fill_(is_over[None, :], float("inf")).min(1)  # (s,)
-    order, rank = _rank_within(alt_v - own, best[sel], descending=True)  # largest regret first per cluster
-    moved = order[rank >= hi[best[sel[order]]]]
-    best[sel[moved]] = alt[moved]
+    rows = torch.index_select(cost, 0, sel, out=_empty(scratch, "rows", (sel.numel(), k), cost))  # (s, k)
+    alt_v = rows.masked_fill_(is_over[None, :], float("inf")).amin(1)  # (s,) best cost elsewhere
+    keep = _select_per_group(alt_v - own[sel], best[sel], hi, largest=True)  # largest regret stays
+    moved = sel[~keep]
+    best[moved] = cost[moved].masked_fill_(is_over[None, :], float("inf")).argmin(1)
     return best
 
 
-def _greedy_capacity(cost: torch.Tensor, remaining: torch.Tensor) -> torch.Tensor:
+def _greedy_capacity(cost: torch.Tensor, remaining: torch.Tensor, scratch: _Scratch | None = None) -> torch.Tensor:
     """Greedy capacity-constrained assignment by regret (deferred acceptance, accept-final).
 
-    cost (n, k) price-adjusted costs (+inf: not allowed); remaining (k,) free slots (updated in place). Each round
-    every open point proposes to its cheapest cluster with a free slot; a cluster with more proposals than slots
-    accepts those with the largest regret (second-cheapest minus cheapest open cost: the points that lose most by
-    going elsewhere, Vogel's rule) and is then full. ≤ k+1 rounds, each over the still open points only.
-    Returns assign (n,) int64, −1 where every allowed cluster filled up.
+    cost (n, k) price-adjusted costs (+inf: not allowed; overwritten); remaining (k,) free slots (updated in
+    place). Each round every open point proposes to its cheapest cluster with a free slot; a cluster with more
+    proposals than slots accepts those with the largest regret (second-cheapest minus cheapest open cost: the
+    points that lose most by going elsewhere, Vogel's rule; ties: the earlier point) and is then full. ≤ k+1
+    rounds, each over the still open points only. Returns assign (n,) int64, −1 where every allowed cluster filled
+    up.
     """
     n, k = cost.shape
     dev = cost.device
     assign = torch.full((n,), -1, dtype=torch.long, device=dev)
     active = torch.arange(n, device=dev)
-    c = cost
+    masked = torch.zeros(k, dtype=torch.bool, device=dev)  # columns already set to +inf in c
+    c, rnd = cost, 0
     while active.numel():
         full = remaining <= 0  # (k,)
-        c = c.masked_fill(full[None, :], float("inf"))  # (a, k)
-        if k >= 2:
-            v, p = c.topk(2, dim=1, largest=False)  # (a, 2)
-            regret = torch.nan_to_num(v[:, 1] - v[:, 0], nan=0.0, posinf=float("inf"))
+        if bool((full & ~masked).any()):
+            c.masked_fill_(full[None, :], float("inf"))  # (a, k)
+            masked |= full
+        if k < 2:
+            v0, p0 = c[:, 0], torch.zeros(c.shape[0], dtype=torch.long, device=dev)
+            regret = torch.full_like(v0, float("inf"))
         else:
-            v, p = c, torch.zeros_like(c, dtype=torch.long)
-            regret = torch.full_like(v[:, 0], float("inf"))
-        ok = torch.isfinite(v[:, 0])  # (a,) points that still have an open cluster
-        prop = torch.where(ok, p[:, 0], torch.zeros_like(p[:, 0]))  # (a,)
+            if c.is_cuda:
+                v, p = c.topk(2, dim=1, largest=False)  # (a, 2)
+                v0, p0, v1 = v[:, 0], p[:, 0], v[:, 1]
+            else:  # a CPU topk over rows of k is 3× slower than min + masked min
+                v0, p0 = c.min(1)
+                v1 = _empty(scratch, "second", c.shape, c).copy_(c).scatter_(1, p0[:, None], float("inf")).amin(1)
+            regret = torch.nan_to_num(v1 - v0, nan=0.0, posinf=float("inf"))
+        ok = torch.isfinite(v0)  # (a,) points that still have an open cluster
+        prop = torch.where(ok, p0, torch.zeros_like(p0))  # (a,)
         demand = torch.bincount(prop[ok], minlength=k)
         over = demand > remaining  # (k,)
         accept = ok & ~over[prop]
         contested = (ok & over[prop]).nonzero().squeeze(1)
         if contested.numel():
-            order, rank = _rank_within(regret[contested], prop[contested], descending=True)
-            sel = contested[order]
-            accept[sel[rank < remaining[prop[sel]]]] = True
+            won = _select_per_group(regret[contested], prop[contested], remaining, largest=True)
+            accept[contested[won]] = True
         assign[active[accept]] = prop[accept]
         remaining -= torch.bincount(prop[accept], minlength=k)
         keep = ok & ~accept  # rejected: the cluster they asked is now full, so they ask another next round
         if not bool(keep.any()):
             break  # the rest were accepted or have no open cluster left (assign −1)
-        active, c = active[keep], c[keep]
+        keep = keep.nonzero().squeeze(1)
+        rows = _empty(scratch, f"greedy{rnd % 2}", (keep.numel(), k), c)  # never the buffer c lives in
+        active, c = active[keep], torch.index_select(c, 0, keep, out=rows)
+        rnd += 1
     return assign
 
 
@@ -324,6 +497,7 @@ def balanced_assign(
     prices: torch.Tensor,
     price_steps: int = 2,
     x2: torch.Tensor | None = None,
+    scratch: _Scratch | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Assign n points to k clusters with lo_j ≤ |cluster j| ≤ hi_j exactly, minimising Σ ‖x_i − c_a(i)‖².
 
@@ -351,16 +525,18 @@ def balanced_assign(
     counts = torch.bincount(near, minlength=k)
     if bool(((counts >= lo) & (counts <= hi)).all()):
         return near, dist0, torch.zeros_like(prices)
-    # 2. dual ascent on both bounds
+    # 2. dual ascent on both bounds (`dual_step`)
     eps = 1e-6 * float(dist0.mean()) + 1e-12
+    buf = _empty(scratch, "cost", d.shape, d)
     for _ in range(price_steps):
-        _, _, delta, feasible = dual_step(d, prices, lo, hi, eps)
+        cost, v0, a, cnt = _priced_argmin(d, prices, out=buf)
+        delta, feasible = _price_delta(cost, v0, a, cnt, lo, hi, eps, scratch=scratch)
         if feasible:
             break
         prices = prices + _DAMP * delta
     # 3a. greedy repair with the upper bounds
     remaining = hi.clone()
-    assign = _greedy_capacity(d + prices, remaining)  # (n,)
+    assign = _greedy_capacity(torch.add(d, prices, out=buf), remaining, scratch)  # (n,)
     dist = d.gather(1, assign.clamp_min(0)[:, None]).squeeze(1)  # (n,)
     lost = (assign < 0).nonzero().squeeze(1)
     if lost.numel():  # all m candidates full: use every centroid
@@ -372,7 +548,7 @@ def balanced_assign(
     counts = torch.bincount(assign, minlength=k)
     need = lo - counts
     if x2 is None and cand_idx is not None and bool((need > 0).any()):
-        x2 = (x * x).sum(1)
+        x2 = _sqnorms(x)
     for j in (need > 0).nonzero().squeeze(1).tolist():
         nj = int(need[j])
         donor = (counts[assign] > lo[assign]) & (assign != j)  # (n,)
@@ -407,8 +583,9 @@ class _TorchSearch:
     def __init__(self, centroids: torch.Tensor):
         self.centroids = centroids  # (k, d)
 
-    def candidates(self, x: torch.Tensor, x2: torch.Tensor | None = None):
-        return _sqdist(x, self.centroids, x2), None  # (n, k), None
+    def candidates(self, x: torch.Tensor, x2: torch.Tensor | None = None, out: torch.Tensor | None = None):
+        """(distances (n, k), None); written into `out` (n, k) when given."""
+        return _sqdist(x, self.centroids, x2, out), None  # (n, k), None
 
     def full(self, x: torch.Tensor) -> torch.Tensor:
         return _sqdist(x, self.centroids)
@@ -439,18 +616,27 @@ class _FaissSearch:
         return (torch.from_numpy(np.maximum(dist, 0)).to(self.device),
                 torch.from_numpy(idx.astype(np.int64)).to(self.device))
 
-    def candidates(self, x: torch.Tensor, x2: torch.Tensor | None = None):
+    def candidates(self, x: torch.Tensor, x2: torch.Tensor | None = None, out: torch.Tensor | None = None):
+        """(top-m distances (n, m), their ids (n, m)) or (all distances (n, k), None), the latter written into
+        `out` (n, k) when given."""
         if self.gpu or 4 * self.m < self.k:
             return self._search(x, self.m)  # (n, m) top-m, (n, m) ids
-        return self.full(x), None  # a top-m heap over ≥ k/4 of the k centroids costs more than all distances
+        return self.full(x, out), None  # a top-m heap over ≥ k/4 of the k centroids costs more than all distances
 
-    def full(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.gpu:  # faiss' blocked GEMM: as fast as a top-1 search on CPU
+    def full(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        if not self.gpu:  # faiss' blocked GEMM (`faiss.pairwise_distances`): as fast as a top-1 search on CPU
             import faiss
 
             xn = np.ascontiguousarray(x.detach().cpu().numpy(), dtype=np.float32)
-            d = faiss.pairwise_distances(xn, self.c)  # (n, k)
-            return torch.from_numpy(np.maximum(d, 0, out=d)).to(self.device)
+            if out is None or out.device.type != "cpu":
+                out = torch.empty((xn.shape[0], self.k), dtype=torch.float32)
+            d = out.numpy()  # (n, k)
+            for s in range(0, xn.shape[0], 8192):  # row blocks whose (b, k) output stays in cache: ~1.4× faster
+                xb, db = xn[s : s + 8192], d[s : s + 8192]
+                faiss.pairwise_L2sqr(xn.shape[1], xb.shape[0], faiss.swig_ptr(xb), self.k, faiss.swig_ptr(self.c),
+                                     faiss.swig_ptr(db))
+            np.maximum(d, 0, out=d)
+            return out.to(self.device)
         dist, idx = self._search(x, self.k)
         out = torch.empty_like(dist)
         out.scatter_(1, idx, dist)  # back to cluster order
@@ -592,17 +778,27 @@ class _KMeansBase:
 
     @staticmethod
     def _update(xs: torch.Tensor, assign: torch.Tensor, old: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Centroid step c_j = mean{x_i : a(i) = j}; empty clusters keep their old centroid. Returns (c, counts)."""
+        """Centroid step c_j = mean{x_i : a(i) = j}; empty clusters keep their old centroid. Returns (c, counts).
+
+        The sums are the sparse one-hot product S = A·X, A (k, n) with A[a(i), i] = 1: on CPU scipy's CSC product
+        (one pass adding each row to its cluster's sum, as faiss does; a dense one-hot GEMM costs k× the adds), on
+        CUDA a dense one-hot GEMM in chunks (deterministic, unlike index_add_'s atomics)."""
         k, d = old.shape
+        n = xs.shape[0]
         counts = torch.bincount(assign, minlength=k)  # (k,)
-        # one-hot GEMM, in chunks: deterministic, and faster than index_add_ (atomics on CUDA, serial on CPU)
-        sums = torch.zeros((k, d), dtype=torch.float32, device=xs.device)
-        step = max(1, (1 << 26) // k)
-        for s in range(0, xs.shape[0], step):
-            a = assign[s : s + step]
-            onehot = torch.zeros((k, a.numel()), dtype=torch.float32, device=xs.device)
-            onehot.scatter_(0, a[None, :], 1.0)
-            sums += onehot @ xs[s : s + step]  # (k, d)
+        if xs.device.type == "cpu":
+            idx = np.int32 if n < 1 << 31 else np.int64
+            onehot = scipy.sparse.csc_array((np.ones(n, np.float32), assign.numpy().astype(idx),
+                                             np.arange(n + 1, dtype=idx)), shape=(k, n))  # (k, n)
+            sums = torch.from_numpy(np.asarray(onehot @ xs.numpy(), dtype=np.float32))  # (k, d)
+        else:
+            sums = torch.zeros((k, d), dtype=torch.float32, device=xs.device)
+            step = max(1, (1 << 26) // k)
+            for s in range(0, n, step):
+                a = assign[s : s + step]
+                onehot = torch.zeros((k, a.numel()), dtype=torch.float32, device=xs.device)
+                onehot.scatter_(0, a[None, :], 1.0)
+                sums += onehot @ xs[s : s + step]  # (k, d)
         new = sums / counts.clamp_min(1)[:, None].to(torch.float32)
         return torch.where((counts > 0)[:, None], new, old), counts
 
@@ -748,11 +944,15 @@ class BalancedKMeans(_KMeansBase):
 
     Objective: min Σ_i ‖x_i − c_a(i)‖²  s.t.  lo ≤ |{i : a(i)=j}| ≤ hi for every cluster j, with (lo, hi) from
     `size_bounds` (max/min ≤ balance; balance=1 → exactly ⌊n/k⌋/⌈n/k⌉). Each of the n_iter Lloyd iterations:
-    squared distances to the centroids (torch GEMM, or faiss), ≤ 4 damped dual (price) steps (`relaxed_prices`,
-    warm-started, on a fixed sample of max(16384, 2048·k) points), one vectorised capped assignment
-    (`capped_assign`: argmin of distance + price, overfull clusters shed their lowest-regret points), then the
-    mean update. Only the last assignment, w.r.t. the final centroids, must meet the bounds, so only it runs the
-    exact `balanced_assign` (dual steps + greedy repair). Intermediate sizes are near, not within, the bounds.
+    squared distances to the centroids (torch GEMM, or faiss) into one reused (n, k) buffer, an assignment, then
+    the mean update. The assignment of the first n_iter − exact_iters iterations is approximate: ≤ 4 damped dual
+    (price) steps (`relaxed_prices`, warm-started, on a fixed sample of max(16384, 1024·k) points), then one
+    vectorised capped assignment (`capped_assign`: argmin of distance + price, overfull clusters shed their
+    lowest-regret points); sizes are near, not within, the bounds. The last
+    `exact_iters` iterations (default 2: fewer strand centroids on skewed data) and the final assignment w.r.t.
+    the final centroids run the exact `balanced_assign` (dual steps + greedy repair), so the fitted sizes meet
+    the bounds exactly. On CPU the per-cluster order statistics are numpy partitions and the big temporaries
+    live in reused buffers (`_Scratch`); they select the same points as the sorting (CUDA) path.
 
     c-BTM (Gururangan et al. 2023) uses the auction assignment of BASE layers (Lewis et al. 2021), which solves the
     same problem by letting clusters bid for their n/k best points; here the dual is solved per cluster in closed
@@ -783,7 +983,7 @@ class BalancedKMeans(_KMeansBase):
         t0 = time.perf_counter()
         xs, _ = self._fit_sample(x)  # (n, d) float32 on device
         n, k = xs.shape[0], self.n_clusters
-        x2 = (xs * xs).sum(1)  # (n,)
+        x2 = _sqnorms(xs)  # (n,)
         c = self._init_centroids(xs)  # (k, d)
         lo_, hi_ = size_bounds(n, k, self.balance)
         lo = torch.full((k,), lo_, dtype=torch.long, device=self.device)
@@ -797,23 +997,27 @@ class BalancedKMeans(_KMeansBase):
         lo_s = torch.full((k,), lo_s, dtype=torch.long, device=self.device)
         hi_s = torch.full((k,), hi_s, dtype=torch.long, device=self.device)
         eps, damp = None, torch.full((k,), _DAMP, device=self.device)
+        buf = None  # all k distances (n, k) when the searcher computes them: one buffer for every iteration
+        scratch = _Scratch()
+        buf_s = None if sub is None else torch.empty((ns, k), dtype=torch.float32, device=self.device)
         for it in range(self.n_iter):
-            cd, ci = self._searcher(c).candidates(xs, x2)
+            cd, ci = self._searcher(c).candidates(xs, x2, out=buf)
+            buf = cd if ci is None else None
             d = _dense(cd, ci, k)  # (n, k)
             if eps is None:
-                eps = 1e-6 * float(d.min(1).values.mean()) + 1e-12  # tie-breaking price increment
+                eps = 1e-6 * float(d.amin(1).mean()) + 1e-12  # tie-breaking price increment
             if it >= self.n_iter - self.exact_iters:  # last iterations: exact bounds, so no centroid is stranded
-                assign, _, prices = balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2)
+                assign, _, prices = balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2, scratch)
             else:
-                prices, damp = relaxed_prices(d if sub is None else d[sub], prices, damp, lo_s, hi_s, _RELAX_STEPS,
-                                              eps)
-                assign = capped_assign(d, prices, hi)  # (n,) nearly balanced
+                ds = d if sub is None else torch.index_select(d, 0, sub, out=buf_s)
+                prices, damp = relaxed_prices(ds, prices, damp, lo_s, hi_s, _RELAX_STEPS, eps, scratch=scratch)
+                assign = capped_assign(d, prices, hi, overwrite=True, scratch=scratch)  # nearly balanced; d spent
             del d, cd, ci
             c, counts = self._update(xs, assign, c)
             self._log_iter(it, counts, t0)
         # the final assignment w.r.t. the final centroids is the only one that must meet the bounds exactly
-        cd, ci = self._searcher(c).candidates(xs, x2)
-        assign, dist, prices = balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2)
+        cd, ci = self._searcher(c).candidates(xs, x2, out=buf)
+        assign, dist, prices = balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2, scratch)
         self.prices_ = prices.cpu().numpy().astype(np.float32)
         self._finish_fit(c, assign, dist, t0)
         return self
@@ -886,7 +1090,7 @@ class UnbalancedKMeans(_KMeansBase):
     def fit(self, x: Any) -> "UnbalancedKMeans":
         t0 = time.perf_counter()
         xs, _ = self._fit_sample(x)
-        x2 = (xs * xs).sum(1)
+        x2 = _sqnorms(xs)
         c = self._init_centroids(xs)
         for it in range(self.n_iter + 1):
             cd, ci = self._searcher(c).candidates(xs, x2)

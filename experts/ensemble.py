@@ -25,6 +25,7 @@ Configs: `ensemble.json` (see `save_ensemble_config`) is read back by `load_ense
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import os
@@ -36,7 +37,7 @@ import numpy as np
 import torch
 
 from corpus.io import InputError, read_json, write_json
-from experts.scoring import HFCausalLM, ScoringModel
+from experts.scoring import HFCausalLM, ScoringModel, document_windows
 
 log = logging.getLogger(__name__)
 
@@ -152,6 +153,13 @@ def _check_top_k(top_k: int | None, k: int) -> int:
     return top_k
 
 
+def _row_lengths(attention_mask, B: int, T: int) -> torch.Tensor:
+    """(B,) real tokens per right-padded row, on the CPU (waits for the device only if the mask lives there)."""
+    if attention_mask is None:
+        return torch.full((B,), T, dtype=torch.long)
+    return attention_mask.sum(1).cpu().long()
+
+
 class _ExpertsMixin:
     """Shared plumbing: run one expert on a subset of rows, stats, sparse mixing."""
 
@@ -183,9 +191,11 @@ class _ExpertsMixin:
         self.stats = {"expert_calls": Counter(), "rows": Counter(), "tokens": Counter(), "routing_texts": 0}
 
     def _run_expert(self, j, ids, mask, full_at):
+        """Expert j on rows ids (n, L) (mask None: no padding); log-probs (n, L-1) and full distributions."""
         expert = self.slots[j].get()
         dev = expert.device
-        lp, full = expert.score_tokens(ids.to(dev), mask.to(dev), None,
+        lp, full = expert.score_tokens(ids.to(dev, non_blocking=True),
+                                       None if mask is None else mask.to(dev, non_blocking=True), None,
                                        full_at=None if full_at is None else full_at.to(dev))
         self.slots[j].release()
         self.stats["expert_calls"][j] += 1
@@ -193,46 +203,44 @@ class _ExpertsMixin:
         self.stats["tokens"][j] += int(ids.numel())
         return lp.float().to(self.device), None if full is None else full.float().to(self.device)
 
-    def _mix(self, input_ids, attention_mask, logw, full_at):
-        """Σ_j w_j p_j where logw (B, T-1, k) is −inf for unused (row, position, expert); sparse execution."""
+    def _mix(self, input_ids, attention_mask, logw, need, lengths, full_at):
+        """Σ_j w_j p_j where logw (B, T-1, k) is −inf for unused (row, target, expert); sparse execution.
+
+        need (B, k), CPU: the input length row i needs from expert j (its last target routed to j, plus 1; 0 if
+        none); lengths (B,), CPU: real tokens per row. Expert j runs on its rows, longest need first, in calls of
+        at most `expert_batch_size` rows (as few calls as that allows, of equal sizes: 41 rows with a cap of 32 run
+        as 21 + 20, not 32 + 9, since a small call costs as much host time as a full one), each truncated to its
+        longest need (no attention mask when no row is padded there). The plan is on the CPU, so nothing here waits for the device: routing the next batch on
+        the CPU overlaps these expert calls when the caller passes CPU tensors.
+        """
         B, T = input_ids.shape
-        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        used = torch.isfinite(logw)  # (B, T-1, k)
-        pos = torch.arange(1, T, device=logw.device)  # target positions
-        # input length each row needs from expert j: last used target + 1
-        need = torch.where(used, pos[None, :, None] + 1, torch.zeros_like(pos)[None, :, None]).amax(1)  # (B, k)
-        acc = torch.full((B, T - 1), -math.inf, device=self.device)
-        acc_full = None
+        acc = torch.full((B, T - 1), -math.inf, device=self.device)  # log Σ_j w_j p_j so far
+        acc_full = flat_index = None
         if full_at is not None:
             full_at = full_at.to(self.device)
             flat_index = torch.cumsum(full_at.flatten().long(), 0).view(B, T - 1) - 1  # (B, T-1)
         mb = self.expert_batch_size or B
-        for j in range(logw.shape[2]):
+        for j in range(need.shape[1]):
             rows_j = torch.nonzero(need[:, j] > 0).flatten()
             if len(rows_j) == 0:
                 continue
-            rows_j = rows_j[torch.argsort(need[rows_j, j], descending=True)]  # similar lengths share a micro-batch
-            for rows in torch.split(rows_j, mb):
-                acc, acc_full = self._mix_rows(j, rows, input_ids, mask, logw, need, full_at, acc, acc_full,
-                                               flat_index if full_at is not None else None)
+            rows_j = rows_j[torch.argsort(need[rows_j, j], descending=True, stable=True)]  # similar lengths together
+            for rows in torch.tensor_split(rows_j, -(-len(rows_j) // mb)):  # fewest calls, sizes within one row
+                L = int(need[rows, j].max())
+                padded = bool((lengths[rows] < L).any())
+                rows_dev = rows.to(self.device, non_blocking=True)
+                sub_ids = input_ids[rows_dev, :L]  # (n_j, L)
+                sub_mask = attention_mask[rows_dev, :L] if padded else None
+                sub_w = logw[rows_dev, : L - 1, j]  # (n_j, L-1)
+                sub_full = None if full_at is None else full_at[rows_dev, : L - 1] & torch.isfinite(sub_w)
+                lp, full = self._run_expert(j, sub_ids, sub_mask, sub_full)  # (n_j, L-1)
+                acc[rows_dev, : L - 1] = torch.logaddexp(acc[rows_dev, : L - 1], sub_w + lp)
+                if full is not None:
+                    if acc_full is None:
+                        acc_full = torch.full((int(full_at.sum()), full.shape[1]), -math.inf, device=self.device)
+                    g = flat_index[rows_dev, : L - 1][sub_full]  # (N_j,)
+                    acc_full[g] = torch.logaddexp(acc_full[g], sub_w[sub_full][:, None] + full)
         acc = torch.where(torch.isfinite(acc), acc, torch.zeros_like(acc))  # undefined positions → 0
-        return acc, acc_full
-
-    def _mix_rows(self, j, rows, input_ids, mask, logw, need, full_at, acc, acc_full, flat_index):
-        """Run expert j once on `rows`, truncated after the last target they need from it; accumulate."""
-        L = int(need[rows, j].max())
-        sub_ids, sub_mask = input_ids[rows, :L], mask[rows, :L]
-        sub_w = logw[rows, : L - 1, j]  # (n_j, L-1)
-        sub_full = None
-        if full_at is not None:
-            sub_full = full_at[rows, : L - 1] & torch.isfinite(sub_w)
-        lp, full = self._run_expert(j, sub_ids, sub_mask, sub_full)  # (n_j, L-1)
-        acc[rows, : L - 1] = torch.logaddexp(acc[rows, : L - 1], sub_w + lp)
-        if full is not None:
-            if acc_full is None:
-                acc_full = torch.full((int(full_at.sum()), full.shape[1]), -math.inf, device=self.device)
-            g = flat_index[rows, : L - 1][sub_full]  # (N_j,)
-            acc_full[g] = torch.logaddexp(acc_full[g], sub_w[sub_full][:, None] + full)
         return acc, acc_full
 
     def _mix_next(self, input_ids, attention_mask, idx, w):
@@ -310,6 +318,10 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         self.route_every = int(route_every)
 
     # ---- routing ----
+    def pooled_rows(self, rows_per_call: int) -> int:
+        """k / top_k × rows_per_call: each routed expert then gets about rows_per_call of them."""
+        return rows_per_call * len(self.slots) // self.top_k
+
     def routing_weights(self, texts: Sequence[str]) -> np.ndarray:
         """Dense (n, k) routing weights of texts (≥ 0, rows sum to 1, zero outside the top_k)."""
         idx, w = self.route_texts(texts)
@@ -361,31 +373,54 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         use the prefix prefix_texts[i] + decode(x_<p_c). Targets before a_i and past the row end stay −inf.
         """
         B, T = input_ids.shape
-        k = len(self.slots)
-        lengths = (attention_mask.sum(1) if attention_mask is not None else torch.full((B,), T)).tolist()
-        starts = [1] * B if score_from is None else [max(1, int(s)) for s in score_from]
-        prefix_texts = prefix_texts or [""] * B
+        return self._route(input_ids, _row_lengths(attention_mask, B, T), prefix_texts, score_from)[0]
+
+    def _route(self, input_ids, lengths, prefix_texts, score_from) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logw (B, T-1, k) on self.device, need (B, k) on the CPU: input length each row needs per expert).
+
+        One routing text per chunk; the (n_chunks, k) weight table is spread over targets on the device by each
+        target's chunk index c = first_i + ⌊(t − a_i) / R⌋, so no (B, T-1, k) tensor is built on the CPU.
+        """
+        B, T = input_ids.shape
+        k, R = len(self.slots), self.route_every
         cpu_ids = input_ids.cpu()
-        texts, spans = [], []  # spans: (row, first target, end target exclusive)
+        starts = torch.ones(B, dtype=torch.long) if score_from is None else score_from.cpu().long().clamp_min(1)
+        prefix_texts = prefix_texts or [""] * B
+        texts, rows, ends = [], [], []  # per chunk: routing text, row, end target (exclusive)
         for i in range(B):
             L = int(lengths[i])
-            for p in range(starts[i], L, self.route_every):
+            for p in range(int(starts[i]), L, R):
                 texts.append(self._prefix_text(prefix_texts[i] or "", cpu_ids[i, :p]))
-                spans.append((i, p, min(p + self.route_every, L)))
-        logw = torch.full((B, T - 1, k), -math.inf)
-        if texts:
+                rows.append(i)
+                ends.append(min(p + R, L))
+        n = len(texts)
+        table = torch.full((n + 1, k), -math.inf)  # (n_chunks + 1, k); the last row serves unrouted targets
+        need = torch.zeros((B, k), dtype=torch.long)
+        if n:
             idx, w = self.route_texts(texts)
-            table = torch.full((len(texts), k), -math.inf).scatter_(1, idx, w.log())  # (n_chunks, k)
-            for c, (i, a, b) in enumerate(spans):
-                logw[i, a - 1 : b - 1] = table[c]
-        return logw.to(self.device)
+            table[:n].scatter_(1, idx, w.log())
+            used_end = torch.where(torch.isfinite(table[:n]), torch.tensor(ends)[:, None], 0)  # (n, k)
+            need.scatter_reduce_(0, torch.tensor(rows)[:, None].expand(n, k), used_end, "amax")
+        n_row = torch.bincount(torch.tensor(rows, dtype=torch.long), minlength=B)  # (B,) chunks per row
+        dev = self.device
+        first = (torch.cumsum(n_row, 0) - n_row).to(dev, non_blocking=True)
+        a, L = starts.to(dev, non_blocking=True), lengths.to(dev, non_blocking=True)
+        t = torch.arange(1, T, device=dev)  # target positions
+        inside = (t[None, :] >= a[:, None]) & (t[None, :] < L[:, None])  # (B, T-1)
+        chunk = torch.where(inside, first[:, None] + torch.div(t[None, :] - a[:, None], R, rounding_mode="floor"), n)
+        return table.to(dev, non_blocking=True)[chunk], need
 
     # ---- scoring ----
     @torch.no_grad()
     def score_tokens(self, input_ids, attention_mask=None, prefix_texts=None, score_from=None, full_at=None):
-        logw = self.routing_plan(input_ids, attention_mask, prefix_texts, score_from)  # (B, T-1, k)
-        return self._mix(input_ids.to(self.device), None if attention_mask is None else attention_mask.to(self.device),
-                         logw, full_at)
+        """Routing on the CPU, then each expert on its rows (`_mix`). CPU inputs let this call return before the
+        device finishes, so the caller's next batch is routed while these experts run."""
+        B, T = input_ids.shape
+        lengths = _row_lengths(attention_mask, B, T)
+        logw, need = self._route(input_ids, lengths, prefix_texts, score_from)  # (B, T-1, k), (B, k)
+        dev = self.device
+        mask = None if attention_mask is None else attention_mask.to(dev, non_blocking=True)
+        return self._mix(input_ids.to(dev, non_blocking=True), mask, logw, need, lengths, full_at)
 
     @torch.no_grad()
     def next_token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
@@ -436,9 +471,16 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
     """BTM ensemble weighted by the domain posterior (module docstring).
 
     prior="cached": w = top_k of the cached prior π (estimate it with `estimate_cached_prior(texts)` or pass
-    `prior_weights`); only those top_k experts run. prior="updating": log p(j | x_<t) = log π_j +
-    Σ_{s<t} log p_j(x_s | x_<s) − log Z at every position (π uniform unless a cached prior was estimated), top_k
-    over it, renormalised; every expert runs. `prefix_texts` are ignored (the posterior needs the tokens).
+    `prior_weights`); only those top_k experts run, and `prefix_texts` change nothing (the weights are fixed).
+    prior="updating": every expert runs, and for every target t of row i
+
+        log p(j | prefix_i, x_<t) = log π_j + log p_j(prefix_i) + Σ_{1≤s<t} log p_j(x_s | x_<s) − log Z
+
+    (π uniform unless a cached prior was estimated), top_k over it, renormalised. log p_j(prefix_i) scores the
+    prefix text as a document is scored (`loglikelihood_rolling`: [BOS] + its tokens in max_length windows), so
+    window w > 0 of a long document starts from the posterior after the windows before it: BTM conditions on
+    the whole history, not on one window. The row's first token x_0 only conditions; it enters neither term.
+    Window scores are cached by content, since successive prefixes of one document share their full windows.
     """
 
     def __init__(
@@ -467,6 +509,7 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
         self.prior_weights = None
         if prior_weights is not None:
             self.set_prior(prior_weights)
+        self._window_ll: dict[bytes, torch.Tensor] = {}  # window digest → (k,) Σ log p_j over its targets
 
     def set_prior(self, weights: Sequence[float]) -> None:
         w = np.asarray(weights, dtype=np.float64)
@@ -509,33 +552,80 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
         log.info("cached prior from %d sequences: %s", len(rows), [round(p, 4) for p in self.prior_weights])
         return list(self.prior_weights)
 
-    def _cached_selection(self):
-        logp = self._log_prior()
+    def _cached_selection(self) -> torch.Tensor:  # (k,) CPU log w: −inf outside the top_k of the cached prior
+        logp = self._log_prior().cpu()
         top = torch.topk(logp, self.top_k).indices
         logw = torch.full_like(logp, -math.inf)
         logw[top] = torch.log_softmax(logp[top], 0)
-        return logw  # (k,)
+        return logw
+
+    max_cached_windows = 100_000  # bound on the window-score cache of `_prefix_evidence`
+
+    def _prefix_evidence(self, prefix_texts, B: int) -> torch.Tensor:
+        """(B, k) log p_j(prefix_i) on self.device: Σ over the windows of [BOS] + tokens(prefix_i); 0 if empty."""
+        k = len(self.slots)
+        out = torch.zeros(B, k)
+        if not prefix_texts or not any(prefix_texts):
+            return out.to(self.device)
+        row_keys, todo = [], {}  # row_keys[i]: digests of row i's prefix windows; todo: digest → window ids
+        for text in prefix_texts:
+            keys = []
+            if text:
+                for _, win in document_windows(self.bos_ids() + self._encode(text), self.max_length):
+                    key = hashlib.blake2b(np.asarray(win, dtype=np.int64).tobytes(), digest_size=16).digest()
+                    keys.append(key)
+                    if key not in self._window_ll:
+                        todo[key] = win
+            row_keys.append(keys)
+        if len(self._window_ll) + len(todo) > self.max_cached_windows:
+            keep = {key for keys in row_keys for key in keys}
+            self._window_ll = {key: ll for key, ll in self._window_ll.items() if key in keep}
+        items = sorted(todo.items(), key=lambda kv: -len(kv[1]))  # longest first: little padding per call
+        pad = self.tokenizer.pad_token_id or 0
+        step = self.expert_batch_size or max(len(items), 1)
+        for b in range(0, len(items), step):
+            chunk = items[b : b + step]
+            T = len(chunk[0][1])
+            lengths = torch.tensor([len(win) for _, win in chunk])  # (n,)
+            ids = torch.full((len(chunk), T), pad, dtype=torch.long)
+            for r, (_, win) in enumerate(chunk):
+                ids[r, : len(win)] = torch.tensor(win)
+            mask = (torch.arange(T)[None, :] < lengths[:, None]).long()  # (n, T)
+            sub_mask = mask if bool((lengths < T).any()) else None
+            ll = torch.stack([(self._run_expert(j, ids, sub_mask, None)[0].cpu() * mask[:, 1:]).sum(1)
+                              for j in range(k)], 1)  # (n, k)
+            for r, (key, _) in enumerate(chunk):
+                self._window_ll[key] = ll[r]
+        for i, keys in enumerate(row_keys):
+            for key in keys:
+                out[i] += self._window_ll[key]
+        return out.to(self.device)
 
     @torch.no_grad()
     def score_tokens(self, input_ids, attention_mask=None, prefix_texts=None, score_from=None, full_at=None):
         B, T = input_ids.shape
+        k = len(self.slots)
+        lengths = _row_lengths(attention_mask, B, T)  # (B,) CPU
         input_ids = input_ids.to(self.device)
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask.to(self.device)
         valid = mask[:, 1:].bool()  # (B, T-1)
-        k = len(self.slots)
         if self.prior == "cached":
-            logw = self._cached_selection()[None, None, :].expand(B, T - 1, k).clone()
+            sel = self._cached_selection()  # (k,)
+            logw = sel.to(self.device)[None, None, :].expand(B, T - 1, k).clone()
             logw[~valid] = -math.inf
-            return self._mix(input_ids, mask, logw, full_at)
-        # updating: every expert on every row; posterior from the prefix likelihood
+            need = torch.where(torch.isfinite(sel)[None, :] & (lengths[:, None] >= 2), lengths[:, None], 0)  # (B, k)
+            return self._mix(input_ids, mask, logw, need, lengths, full_at)
+        # updating: every expert on every row; posterior from the prefix text and the row's earlier targets
         lps, fulls = [], []
+        padded = bool((lengths < T).any())
         for j in range(k):
-            lp, full = self._run_expert(j, input_ids, mask, full_at)
+            lp, full = self._run_expert(j, input_ids, mask if padded else None, full_at)
             lps.append(lp)
             fulls.append(full)
         lp = torch.stack(lps, -1)  # (B, T-1, k)
         prefix_ll = torch.cumsum(torch.where(valid[..., None], lp, torch.zeros_like(lp)), 1) - lp  # Σ_{s<t}
-        post = torch.log_softmax(self._log_prior() + prefix_ll, -1)  # (B, T-1, k)
+        evidence = self._prefix_evidence(prefix_texts, B)[:, None, :]  # (B, 1, k) log p_j(prefix text)
+        post = torch.log_softmax(self._log_prior() + evidence + prefix_ll, -1)  # (B, T-1, k)
         logw = self._top_k_renorm(post)
         mixed = torch.logsumexp(logw + lp, -1)
         mixed = torch.where(valid, mixed, torch.zeros_like(mixed))
@@ -557,10 +647,9 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
         if self.prior == "cached":
             logw = self._cached_selection()
             top = torch.nonzero(torch.isfinite(logw)).flatten()
-            idx = top[None, :].expand(B, -1).cpu()
-            return self._mix_next(input_ids.to(self.device), attention_mask, idx, logw[top].exp()[None, :].expand(B, -1).cpu())
+            idx = top[None, :].expand(B, -1)
+            return self._mix_next(input_ids.to(self.device), attention_mask, idx, logw[top].exp()[None, :].expand(B, -1))
         mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-        lens = mask.sum(1)
         lp_tok, lp_next = [], []
         for j in range(k):
             expert = self.slots[j].get()
@@ -568,7 +657,7 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
             lp_next.append(expert.next_token_logprobs(input_ids.to(expert.device), mask.to(expert.device)).float().to(self.device))
             self.slots[j].release()
         lp = torch.stack(lp_tok, -1) * mask[:, 1:, None].to(self.device)  # (B, T-1, k)
-        post = torch.log_softmax(self._log_prior() + lp.sum(1), -1)  # (B, k)
+        post = torch.log_softmax(self._log_prior() + self._prefix_evidence(prefix_texts, B) + lp.sum(1), -1)  # (B, k)
         logw = self._top_k_renorm(post)
         return torch.logsumexp(logw[:, :, None] + torch.stack(lp_next, 1), 1)  # (B, V)
 

@@ -1,4 +1,4 @@
-"""Run `experts.train.train_model` on one device in-process, or on several GPUs through torchrun (DDP).
+"""Run `experts.train.train_model` on one device in-process, or on several GPUs through torchrun (DDP or FSDP).
 
 `launch_training(..., gpus=[2, 3])` writes the job as JSON beside `out_dir`, then runs
 `python -m torch.distributed.run --standalone --nproc_per_node=2 -m experts.launch <job.json>` with
@@ -32,12 +32,15 @@ def launch_training(
     gpus: Sequence[int] | None = None,
     cpu_procs: int = 1,
     timeout: float | None = None,
+    on_step=None,
 ) -> dict:
     """Train one model on `gpus` (list of physical GPU indices) and return its training.json dict.
 
-    0 or 1 GPU (and `cpu_procs` == 1): `train_model` runs in this process (on `cuda:<gpu>` when one is given).
+    0 or 1 GPU (and `cpu_procs` == 1): `train_model` runs in this process (on `cuda:<gpu>` when one is given,
+    which becomes the process's current device, so no other GPU is touched; `on_step` is passed on).
     Several GPUs, or `cpu_procs` > 1 on CPU (gloo; used by tests): a torchrun subprocess with one rank per
-    device; the job (init, shards, config) travels as `<out_dir>.launch.json`, removed afterwards.
+    device, DDP or FSDP after `config.sharding`; the job (init, shards, config) travels as
+    `<out_dir>.launch.json`, removed afterwards.
     """
     from experts.train import TrainConfig, train_model
 
@@ -46,7 +49,10 @@ def launch_training(
     if n <= 1:
         if gpus:
             config = TrainConfig.from_dict({**config.to_dict(), "device": f"cuda:{gpus[0]}"})
-        return train_model(init, shard_paths, out_dir, config, valid_paths=valid_paths, tokenizer=tokenizer)
+        return train_model(init, shard_paths, out_dir, config, valid_paths=valid_paths, tokenizer=tokenizer,
+                           on_step=on_step)
+    if on_step is not None:
+        raise ValueError("on_step needs an in-process run (one GPU, or cpu_procs=1)")
 
     out_dir = Path(out_dir)
     job_path = out_dir.parent / f"{out_dir.name}.launch.json"

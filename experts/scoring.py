@@ -14,11 +14,11 @@ positions are undefined and callers mask them.
 """
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from typing import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from corpus.io import InputError
 
@@ -60,6 +60,11 @@ class ScoringModel(ABC):
         prefix_texts: Sequence[str] | None = None,
     ) -> torch.Tensor:  # (B, V) float32, distribution after the last real token of each row
         ...
+
+    def pooled_rows(self, rows_per_call: int) -> int:
+        """Rows to hand to one scoring call so that each underlying model call gets about `rows_per_call` rows
+        (a single model: the same; a sparse ensemble: k / top_k times as many, split among the routed experts)."""
+        return rows_per_call
 
     # ---- derived methods -------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
@@ -195,8 +200,40 @@ class ScoringModel(ABC):
         return outs
 
 
+# Model types whose causal-LM forward is exactly logits = output_embeddings(base_model(...).last_hidden_state):
+# for these the output layer can run on chunks of positions (no logit scaling or soft-capping to replicate).
+PLAIN_HEAD_MODEL_TYPES = frozenset({"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe",
+                                    "gpt2", "gpt_neox", "olmo", "olmo2", "phi3", "starcoder2"})
+LOGIT_CHUNK_ELEMENTS = 2**27  # logits materialised at once by `target_logprobs` (512 MiB in float32)
+
+
+def target_logprobs(
+    x: torch.Tensor,  # (N, H) final hidden states, or (N, V) logits when `head` is None
+    targets: torch.Tensor,  # (N,) long
+    head: torch.nn.Module | None = None,
+) -> torch.Tensor:  # (N,) float32
+    """log softmax(head(x))[target], computed LOGIT_CHUNK_ELEMENTS at a time.
+
+    Each chunk's logits (in the compute dtype, bf16 under autocast) go through a float32 log-softmax that reads
+    them once (`log_softmax(..., dtype=float32)`); the full (N, V) float32 logits never exist, so memory and
+    traffic do not grow with the batch.
+    """
+    V = x.shape[-1] if head is None else head.weight.shape[0]
+    out = torch.empty(x.shape[0], dtype=torch.float32, device=x.device)
+    step = max(1, LOGIT_CHUNK_ELEMENTS // V)
+    for a in range(0, x.shape[0], step):
+        logits = x[a : a + step] if head is None else head(x[a : a + step])  # (n, V)
+        lsm = torch.log_softmax(logits, dim=-1, dtype=torch.float32)
+        out[a : a + step] = lsm.gather(1, targets[a : a + step, None])[:, 0]
+    return out
+
+
 class HFCausalLM(ScoringModel):
-    """A single transformers causal LM (an expert, the dense model, the averaged model, the MoE)."""
+    """A single transformers causal LM (an expert, the dense model, the averaged model, the MoE).
+
+    Scoring runs the decoder once and the output layer only where needed, in chunks (`target_logprobs`), for
+    model types in PLAIN_HEAD_MODEL_TYPES; other models go through their own forward (full logits).
+    """
 
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu", name: str = "model", max_length: int | None = None):
         from experts.device import resolve_device
@@ -208,6 +245,10 @@ class HFCausalLM(ScoringModel):
         self.name = name
         ctx = getattr(model.config, "max_position_embeddings", 1024)
         self.max_length = int(max_length or ctx)
+        self.split = None  # (decoder, output layer) when the model's logits are output_layer(decoder hidden states)
+        decoder, head = getattr(model, "base_model", model), model.get_output_embeddings()
+        if getattr(model.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and decoder is not model and head is not None:
+            self.split = (decoder, head)
 
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu", name: str | None = None, **kw):
@@ -216,12 +257,36 @@ class HFCausalLM(ScoringModel):
         model, tokenizer = load_causal_lm(path)
         return cls(model, tokenizer, device=device, name=name or str(path), **kw)
 
+    def _compute(self):
+        """Autocast, and on CUDA every SDPA backend but cuDNN attention: cuDNN builds an execution plan for each
+        new input shape (tens to hundreds of ms, torch 2.11 tries it first on Hopper), and scoring meets many
+        shapes (rows per expert call, window lengths, generation steps); flash attention has no such set-up."""
+        if self.device.type != "cuda":
+            return self.setup.autocast()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        stack = contextlib.ExitStack()
+        stack.enter_context(self.setup.autocast())
+        stack.enter_context(sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]))
+        return stack
+
     def logits(self, input_ids, attention_mask=None, keep: int = 0) -> torch.Tensor:
         """(B, T, V) logits, or only the last `keep` positions (B, keep, V) when keep > 0."""
-        with self.setup.autocast():
+        with self._compute():
             if keep:
-                return self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep).logits
-            return self.model(input_ids=input_ids, attention_mask=attention_mask).logits
+                return self.model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=keep,
+                                  use_cache=False).logits
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+
+    def _outputs(self, input_ids, attention_mask, s0: int) -> tuple[torch.Tensor, torch.nn.Module | None]:
+        """What predicts targets s0+1..T-1: final hidden states (B, T-1-s0, H) and the output layer, or logits
+        (B, T-1-s0, V) and None for models without a plain output layer."""
+        if self.split is None:
+            return self.logits(input_ids, attention_mask, keep=input_ids.shape[1] - s0 if s0 else 0)[:, :-1], None
+        decoder, head = self.split
+        with self._compute():
+            h = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state  # (B, T, H)
+        return h[:, s0:-1], head
 
     @torch.no_grad()
     def token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
@@ -233,28 +298,44 @@ class HFCausalLM(ScoringModel):
 
         With `score_from`, the output layer runs only from the earliest position any row needs (few-shot
         prompts score a few label tokens after hundreds of prompt tokens); earlier outputs are left at 0.
+        Inputs may be on any device; outputs are on `self.device`. With CPU inputs nothing here waits for the
+        device, so the caller can prepare its next batch while this one runs.
         """
         B, T = input_ids.shape
-        s0 = 0 if score_from is None else max(int(score_from.min()) - 1, 0)  # first logit position needed
-        logits = self.logits(input_ids, attention_mask, keep=T - s0 if s0 else 0)[:, :-1]  # (B, T-1-s0, V)
+        if attention_mask is not None and attention_mask.device.type == "cpu" and bool(attention_mask.all()):
+            attention_mask = None  # no padding: spares the model a check of the mask on the device (a host sync)
+        input_ids = input_ids.to(self.device, non_blocking=True)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device, non_blocking=True)
+        s0 = 0 if score_from is None else max(int(score_from.min()) - 1, 0)  # first output position needed
+        x, head = self._outputs(input_ids, attention_mask, s0)  # (B, T-1-s0, H or V)
         target = input_ids[:, s0 + 1 :]  # (B, T-1-s0)
-        V = logits.shape[-1]
-        nll = F.cross_entropy(logits.reshape(-1, V).float(), target.reshape(-1), reduction="none")
-        lp = torch.zeros((B, T - 1), dtype=torch.float32, device=logits.device)
-        lp[:, s0:] = -nll.view(B, T - 1 - s0)
+        with self._compute():
+            lp_part = target_logprobs(x.reshape(-1, x.shape[-1]), target.reshape(-1), head)
+        lp = torch.zeros((B, T - 1), dtype=torch.float32, device=self.device)
+        lp[:, s0:] = lp_part.view(B, T - 1 - s0)
         full = None
         if full_at is not None:
-            full = torch.log_softmax(logits[full_at[:, s0:].to(logits.device)].float(), dim=-1)  # (N, V)
+            sel = x[full_at[:, s0:].to(self.device)]  # (N, H or V)
+            with self._compute():
+                full = torch.log_softmax(sel if head is None else head(sel), dim=-1, dtype=torch.float32)  # (N, V)
         return lp, full
 
     @torch.no_grad()
     def next_token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
-        logits = self.logits(input_ids, attention_mask)  # (B, T, V)
+        input_ids = input_ids.to(self.device)
         if attention_mask is None:
-            last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=input_ids.device)
+            last = torch.full((input_ids.shape[0],), input_ids.shape[1] - 1, device=self.device)
         else:
+            attention_mask = attention_mask.to(self.device)
             last = attention_mask.sum(1) - 1
-        return torch.log_softmax(logits[torch.arange(len(last)), last].float(), dim=-1)
+        rows = torch.arange(len(last), device=self.device)
+        if self.split is None:
+            return torch.log_softmax(self.logits(input_ids, attention_mask)[rows, last].float(), dim=-1)
+        decoder, head = self.split
+        with self._compute():
+            h = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).last_hidden_state[rows, last]
+            return torch.log_softmax(head(h), dim=-1, dtype=torch.float32)  # (B, V)
 
     @torch.no_grad()
     def generation_step(self, ids, prompt_len, state=None):
@@ -268,7 +349,7 @@ class HFCausalLM(ScoringModel):
         if n_cached >= len(ids):  # nothing new (cannot happen in greedy decoding; be safe)
             past, n_cached = None, 0
         x = torch.tensor([ids[n_cached:]], device=self.device)  # (1, n_new)
-        with self.setup.autocast():
+        with self._compute():
             out = self.model(input_ids=x, past_key_values=past, use_cache=True)
         logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,)
         return logprobs, (out.past_key_values, len(ids))

@@ -5,14 +5,18 @@ CUDA, SDPA attention with is_causal=True and no materialised mask (`causal_sdpa_
 `torch.compile`, gradient accumulation up to a global batch in tokens, gradient
 clipping, seeded data order. The loss is computed by a chunked fused linear + cross-entropy so the
 (B, T, V) logits are never materialised in fp32 (the same idea as Liger-Kernel's FusedLinearCrossEntropy).
+On one GPU the model computes with bf16 weights while AdamW updates fp32 master weights (`MasterWeights`), RoPE
+reads cos/sin from tables (`cache_rotary`), and backbone + loss compile as one graph (bench/RESULTS.md).
 
 Resume: every `checkpoint_every` steps the full state (weights, AdamW moments, step/schedule, RNG states,
 data position, loss history) is written atomically to `<out_dir>.ckpt/` as safetensors + JSON (no pickle).
 Calling `train_model` again with the same arguments continues from there; on CPU the loss curve and final
 weights equal those of an uninterrupted run bit for bit. The folder is removed once `out_dir` is complete.
 
-Multi-GPU: when `torch.distributed` is initialised (torchrun, see `experts.launch`), the model is wrapped in
-DDP, each rank reads its own micro-batches of the same global batch, and only rank 0 writes.
+Multi-GPU: when `torch.distributed` is initialised (torchrun, see `experts.launch`), each rank reads its own
+micro-batches of the same global batch and only rank 0 writes. `sharding="ddp"` wraps the model in DDP (a full
+copy per GPU); `sharding="fsdp"` shards weights, gradients and AdamW moments with FSDP2 (`shard_model`), for
+models that do not fit on one GPU; its checkpoints hold the same full (unsharded) tensors, gathered to rank 0.
 
 Compute matching (`compute_budget`) follows BTM/c-BTM (Li et al. 2022; Gururangan et al. 2023): a seed phase of
 `seed_fraction` of the budget, then k experts sharing the rest equally; the dense baseline gets the same rest.
@@ -26,7 +30,7 @@ import os
 import random
 import shutil
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -78,8 +82,10 @@ class TrainConfig:
     """torch.compile the model and loss (--compile/--no-compile); None = on for CUDA, off on CPU."""
     fused_loss: bool = True
     """Chunked fused linear + cross-entropy instead of full logits (--no-fused-loss to turn it off)."""
-    loss_chunks: int = 4
-    """Number of token chunks the fused loss splits each micro-batch into (memory vs. kernel size)."""
+    loss_chunks: int = 1
+    """Number of token chunks the fused loss splits each micro-batch into: memory for the bf16 logits and their
+    gradient, 4·micro_batch·seq·V/loss_chunks bytes (2 GiB at 32 × 1024 × 32000 with 1 chunk), vs. kernel size
+    (1 was ≈1% faster than 4 on an H100 at 134M params, bench/RESULTS.md)."""
     eval_every: int = 0
     """Validation loss every N steps (--eval-every); 0 = only at the end. Needs valid shards."""
     eval_tokens: int = 262144
@@ -101,8 +107,23 @@ class TrainConfig:
     the kernel cannot skip the masked upper triangle)."""
     compile_mode: str | None = None
     """torch.compile mode (--compile-mode), e.g. 'max-autotune-no-cudagraphs'; None = the default mode."""
+    compile_graph: str = "whole"
+    """What one torch.compile graph covers with the fused loss (--compile-graph): 'whole' = backbone + final
+    slice + chunked linear cross-entropy as one graph; 'backbone' = the backbone, and each loss chunk apart."""
+    cache_rope: bool = True
+    """Look RoPE's cos/sin up in tables computed once (`cache_rotary`) instead of recomputing them in every layer's
+    fused kernels (--no-cache-rope); outputs are unchanged."""
+    bf16_params: bool | None = None
+    """bf16 model parameters (so bf16 activations and residual stream) with fp32 master weights, gradients and
+    AdamW moments in the optimizer (`MasterWeights`; --bf16-params/--no-bf16-params). None = on for one CUDA
+    device with bf16, off on CPU and under DDP. Checkpoints and the saved model hold the fp32 master weights."""
     ddp_backend: str | None = None
     """Process-group backend when launched by torchrun: None = nccl on CUDA, gloo on CPU."""
+    sharding: str = "ddp"
+    """How a model spread over several devices is split (--sharding): 'ddp' (a full copy of weights, gradients
+    and AdamW moments per device, gradients all-reduced) or 'fsdp' (FSDP2 `fully_shard` per decoder layer + root:
+    each device holds 1/world of them, weights all-gathered per layer; for models that do not fit on one GPU).
+    Ignored on one device."""
 
     def __post_init__(self):
         self.betas = tuple(self.betas)  # type: ignore[assignment]
@@ -126,9 +147,12 @@ class TrainConfig:
             (self.router_aux_loss_coef >= 0, f"--router-aux-loss-coef must be >= 0, got {self.router_aux_loss_coef}"),
             (self.sdpa_backend in (None, "flash", "cudnn", "efficient", "math"),
              f"--sdpa-backend must be flash, cudnn, efficient or math, got {self.sdpa_backend!r}"),
+            (self.compile_graph in ("backbone", "whole"),
+             f"--compile-graph must be 'backbone' or 'whole', got {self.compile_graph!r}"),
             (self.max_steps is None or self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}"),
             (self.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
              f"--compile-mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {self.compile_mode!r}"),
+            (self.sharding in ("ddp", "fsdp"), f"--sharding must be ddp or fsdp, got {self.sharding!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -226,7 +250,7 @@ def make_linear_cross_entropy(compile: bool = False, mode: str | None = None):
             grad_h = torch.empty_like(hc)  # (N, H)
             grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device)  # (V, H)
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
-            bounds = np.linspace(0, N, n_chunks + 1).astype(int)
+            bounds = [N * i // n_chunks for i in range(n_chunks + 1)]  # Python ints: traceable as one graph
             for a, b in zip(bounds[:-1], bounds[1:]):
                 if b <= a:
                     continue
@@ -281,17 +305,23 @@ class CausalLMLoss:
                 super().__init__()
                 self.model = model
                 if fused:
-                    object.__setattr__(self, "_backbone", torch.compile(model.get_decoder(), mode=mode) if compile else model.get_decoder())
-                    object.__setattr__(self, "_lce", make_linear_cross_entropy(compile, mode))
+                    whole = compile and config.compile_graph == "whole"
+                    parts = compile and not whole
+                    object.__setattr__(self, "_backbone", torch.compile(model.get_decoder(), mode=mode) if parts else model.get_decoder())
+                    object.__setattr__(self, "_lce", make_linear_cross_entropy(parts, mode))
+                    object.__setattr__(self, "_fused", torch.compile(self._fused_loss, mode=mode) if whole else self._fused_loss)
                 else:
                     object.__setattr__(self, "_full", torch.compile(model, mode=mode) if compile else model)
+
+            def _fused_loss(self, input_ids, targets):
+                h = self._backbone(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T−1, H)
+                w = self.model.get_output_embeddings().weight  # (V, H)
+                return self._lce(h.reshape(-1, h.shape[-1]), w, targets, config.loss_chunks)
 
             def forward(self, input_ids):  # (B, T)
                 targets = input_ids[:, 1:].reshape(-1)  # (B·(T−1),)
                 if fused:
-                    h = self._backbone(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T−1, H)
-                    w = self.model.get_output_embeddings().weight  # (V, H)
-                    loss = self._lce(h.reshape(-1, h.shape[-1]), w, targets, config.loss_chunks)
+                    loss = self._fused(input_ids, targets)
                     return loss, loss, None
                 kw = {"output_router_logits": True} if use_router else {}
                 out = self._full(input_ids=input_ids, use_cache=False, **kw)
@@ -305,6 +335,75 @@ class CausalLMLoss:
                 return total, loss, router_logits
 
         return _Loss()
+
+
+# ---------------------------------------------------------------------------------------------- mixed precision
+class MasterWeights:
+    """bf16 parameters in the model, fp32 master weights in the optimizer (mixed-precision training as in
+    Micikevicius et al. 2018, "Mixed Precision Training", without loss scaling: bf16 has fp32's exponent range).
+
+    Every fp32 parameter p of `model` stays what the optimizer and the checkpoint hold (the master); the model
+    gets a new parameter p̂ = bf16(p) in its place (tied weights stay tied), so activations and the residual
+    stream are bf16 too. After each backward a post-accumulate-grad hook adds p̂.grad to p.grad in fp32 and frees
+    p̂.grad (gradient accumulation over micro-batches sums in fp32); gradient clipping and AdamW then run on the
+    masters, and `copy_to_model()` sets p̂ = bf16(p) after every optimizer step. `fp32_model()` puts the masters
+    into the model for a while (writing a checkpoint); `restore()` puts them back for good.
+    """
+
+    def __init__(self, model, dtype):
+        import torch
+
+        self._slots = []  # (module, name, master, low)
+        low_of: dict[int, Any] = {}
+        for module in model.modules():
+            for name, p in list(module._parameters.items()):
+                if p is None or p.dtype != torch.float32:
+                    continue
+                if id(p) not in low_of:
+                    low = torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
+                    if p.requires_grad:
+                        low.register_post_accumulate_grad_hook(_grad_to_master(p))
+                    low_of[id(p)] = low
+                self._slots.append((module, name, p, low_of[id(p)]))
+        pairs = {id(m): (m, low) for _, _, m, low in self._slots}.values()
+        self.masters = [m for m, _ in pairs]  # fp32, what the optimizer updates
+        self.lows = [low for _, low in pairs]  # bf16, what the model computes with
+        self._use(low=True)
+
+    def _use(self, low: bool) -> None:
+        for module, name, master, p_low in self._slots:
+            module._parameters[name] = p_low if low else master
+
+    def copy_to_model(self) -> None:
+        """p̂ ← bf16(p) for every parameter (after each optimizer step)."""
+        import torch
+
+        with torch.no_grad():
+            torch._foreach_copy_(self.lows, self.masters)
+
+    @contextmanager
+    def fp32_model(self):
+        """The model holds its fp32 masters inside the block (so its state_dict() is fp32)."""
+        self._use(low=False)
+        try:
+            yield
+        finally:
+            self._use(low=True)
+
+    def restore(self) -> None:
+        """Put the fp32 masters back into the model for good (idempotent)."""
+        self._use(low=False)
+
+
+def _grad_to_master(master):
+    def hook(low):  # low.grad (bf16) → master.grad (fp32), summed over micro-batches
+        if master.grad is None:
+            master.grad = low.grad.float()
+        else:
+            master.grad.add_(low.grad)
+        low.grad = None
+
+    return hook
 
 
 # ---------------------------------------------------------------------------------------------- plan
@@ -393,13 +492,76 @@ def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
     return out_dir.parent / f"{out_dir.name}.ckpt"
 
 
-def _save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
+def shard_model(loss_module, model, device, dtype) -> None:
+    """Shard `model` in place with FSDP2 (`torch.distributed.fsdp.fully_shard`; Zhao et al. 2023, "PyTorch FSDP").
+
+    One FSDP unit per decoder layer, then `loss_module` (the `CausalLMLoss` around `model`) as the root unit,
+    which holds the embeddings, the final norm and lm_head (tied or not). Every parameter becomes a DTensor of
+    which each of the `world` ranks keeps one dim-0 chunk, and so do its gradient and AdamW moments: memory per
+    GPU ≈ 16·N/world bytes + one unsharded layer. A unit's weights are all-gathered just before its forward and
+    backward and freed after; gradients are reduce-scattered. On CUDA the gathered weights are `dtype` (bf16)
+    and gradients are reduced in fp32 (`MixedPrecisionPolicy`); on CPU (gloo, tests) everything stays fp32.
+    The root is the loss module, not the model, because the fused loss reads lm_head's weight outside the
+    model's forward. Parameters move from wherever they are (CPU) to `device` one unit at a time, so the full
+    model never has to fit on one GPU.
+    """
+    import torch
+    from torch.distributed.device_mesh import init_device_mesh
+
+    try:
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    except ImportError:
+        raise InputError(f"--sharding fsdp needs torch >= 2.6 (FSDP2 fully_shard); this is torch {torch.__version__}") from None
+    layers = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
+    if layers is None:
+        raise InputError(f"--sharding fsdp needs a decoder with a `layers` list; {type(model).__name__} has none (use --sharding ddp)")
+    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+    kw = {"mesh": mesh}
+    if device.type == "cuda" and dtype != torch.float32:
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
+    for layer in layers:
+        fully_shard(layer, **kw)
+    fully_shard(loss_module, **kw)
+
+
+def _full_state(model, optimizer=None, fsdp: bool = False) -> tuple[dict, dict | None]:
+    """(model state dict, optimizer state dict) with whole CPU tensors.
+
+    Plain/DDP: `state_dict()`, optimizer state keyed by parameter index. FSDP: gathered from the shards with
+    `torch.distributed.checkpoint.state_dict` (full_state_dict, cpu_offload) and keyed by parameter name; a
+    collective that every rank must call, of which only rank 0 gets the tensors (the others get empty dicts).
+    """
+    if not fsdp:
+        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    model_state = get_model_state_dict(model, options=opts)
+    names: dict[int, list[str]] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(p), []).append(name)
+    for tied in names.values():  # tied weights (embeddings = lm_head) share one tensor, as in state_dict()
+        for name in tied[1:]:
+            if tied[0] in model_state and name in model_state:
+                model_state[name] = model_state[tied[0]]
+    return model_state, get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
+
+
+def _save_checkpoint(path: Path, model, optimizer, state: dict, fsdp: bool = False) -> None:
+    """Write `path/` (model.safetensors, optimizer.safetensors, rng.safetensors, trainer_state.json) atomically.
+
+    Under FSDP every rank calls this (the full state is gathered, `_full_state`) and rank 0 writes the same
+    files as a single process would, except that the optimizer's state is keyed by parameter name
+    ("optimizer_keys": "names") instead of index; a resume must then use FSDP again (any world size).
+    """
     import torch
     from safetensors.torch import save_file
 
+    model_state, opt = _full_state(model, optimizer, fsdp)
+    if fsdp and torch.distributed.get_rank() != 0:
+        return
     with atomic_dir(path) as tmp:
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}, str(tmp / "model.safetensors"))
-        opt = optimizer.state_dict()
+        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
         tensors, scalars = {}, {}
         for pid, st in opt["state"].items():
             for name, v in st.items():
@@ -409,14 +571,14 @@ def _save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
                     scalars[f"{pid}.{name}"] = v
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            for i, s in enumerate(torch.cuda.get_rng_state_all()):
-                rng[f"torch_cuda_{i}"] = s
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            rng["torch_cuda"] = torch.cuda.get_rng_state()  # this process's GPU only: others are not touched
         save_file(rng, str(tmp / "rng.safetensors"))
         np_state = np.random.get_state()
         py_state = random.getstate()
         write_json(tmp / "trainer_state.json", {
             **state,
+            "optimizer_keys": "names" if fsdp else "ids",
             "optimizer_param_groups": opt["param_groups"],
             "optimizer_scalars": scalars,
             "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
@@ -424,30 +586,49 @@ def _save_checkpoint(path: Path, model, optimizer, state: dict) -> None:
         })
 
 
-def _load_checkpoint(path: Path, model, optimizer, device) -> dict:
+def _load_checkpoint(path: Path, model, optimizer, device, fsdp: bool = False) -> dict:
+    """Restore model, optimizer and RNG states from `_save_checkpoint`'s folder; return the trainer state.
+
+    Under FSDP every rank reads the whole files and keeps its own shards (`set_model_state_dict` /
+    `set_optimizer_state_dict` with full_state_dict).
+    """
     import torch
     from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
+
+    def corrupt(e: BaseException) -> InputError:
+        return InputError(f"corrupt training checkpoint {path} ({str(e).splitlines()[0]}); delete it to restart")
 
     try:
         state = read_json(path / "trainer_state.json")
-        model.load_state_dict(load_file(str(path / "model.safetensors"), device=str(device)))
+    except (OSError, InputError) as e:
+        raise corrupt(e) from None
+    keys = state.pop("optimizer_keys", "ids")
+    if keys != ("names" if fsdp else "ids"):
+        raise InputError(f"training checkpoint {path} was written with --sharding {'fsdp' if keys == 'names' else 'ddp'}; "
+                         "resume with the same --sharding, or delete it to restart")
+    try:
+        weights = load_file(str(path / "model.safetensors"), device="cpu" if fsdp else str(device))
+        if fsdp:
+            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
+        else:
+            model.load_state_dict(weights)
         tensors = load_file(str(path / "optimizer.safetensors"))
         rng = load_file(str(path / "rng.safetensors"))
-    except (OSError, RuntimeError, KeyError, InputError) as e:
-        raise InputError(f"corrupt training checkpoint {path} ({str(e).splitlines()[0]}); delete it to restart") from None
-    opt_state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = v
-    for key, v in state.pop("optimizer_scalars").items():
-        pid, name = key.split(".", 1)
-        opt_state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": opt_state, "param_groups": state.pop("optimizer_param_groups")})
+    except (OSError, RuntimeError, KeyError) as e:
+        raise corrupt(e) from None
+    opt_state: dict[int | str, dict] = {}
+    for key, v in [*tensors.items(), *state.pop("optimizer_scalars").items()]:
+        pid, name = key.rsplit(".", 1)  # "<index>.<name>" or, under FSDP, "<parameter name>.<name>"
+        opt_state.setdefault(int(pid) if pid.isdigit() else pid, {})[name] = v
+    opt_sd = {"state": opt_state, "param_groups": state.pop("optimizer_param_groups")}
+    if fsdp:
+        set_optimizer_state_dict(model, optimizer, opt_sd, options=StateDictOptions(full_state_dict=True))
+    else:
+        optimizer.load_state_dict(opt_sd)
     torch.set_rng_state(rng["torch_cpu"])
-    if torch.cuda.is_available():
-        cuda_states = [rng[k] for k in sorted(k for k in rng if k.startswith("torch_cuda_"))]
-        if len(cuda_states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(cuda_states)
+    if "torch_cuda" in rng and torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.set_rng_state(rng["torch_cuda"])
     npr = state.pop("numpy_rng")
     np.random.set_state((npr[0], np.asarray(npr[1], dtype=np.uint32), *npr[2:]))
     pyr = state.pop("python_rng")
@@ -509,6 +690,48 @@ def restore_attention(model, previous: str | None) -> None:
     """Undo `use_causal_sdpa` (so the saved config and later users see HF's own implementation)."""
     if previous is not None:
         model.config._attn_implementation = previous
+
+
+def cache_rotary(model, seq_len: int):
+    """Replace the decoder's rotary embedding by a lookup in its own cos/sin tables for positions 0..seq_len−1.
+
+    HF recomputes cos(p·θ) and sin(p·θ) (p position, θ = inv_freq) in every forward; under torch.compile inductor
+    fuses them into every layer's RoPE kernels, so each of the B·nh·T·hd elements of q and k evaluates a sine and
+    a cosine, in the forward and again in the backward. The tables are what the module itself returns in fp32 for
+    those positions, cast to the activations' dtype at lookup as HF does, so outputs are unchanged. Returns the
+    original module (for `restore_rotary`), or None when the model is left alone (no `rotary_emb`, an architecture
+    not in _CAUSAL_SDPA_TYPES, or a dynamic RoPE whose frequencies depend on the input's length).
+    """
+    import torch
+
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
+    rotary = getattr(decoder, "rotary_emb", None)
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if (model.config.model_type not in _CAUSAL_SDPA_TYPES or inv_freq is None
+            or getattr(rotary, "rope_type", "default") in ("dynamic", "longrope")):
+        return None
+
+    class CachedRotary(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            positions = torch.arange(seq_len, device=inv_freq.device)[None]  # (1, T)
+            with torch.no_grad():
+                cos, sin = rotary(torch.zeros(1, device=inv_freq.device), positions)  # (1, T, hd) fp32
+            self.register_buffer("cos", cos[0], persistent=False)  # (T, hd)
+            self.register_buffer("sin", sin[0], persistent=False)
+
+        def forward(self, x, position_ids):  # position_ids (B or 1, T) → cos, sin (B or 1, T, hd) in x's dtype
+            cos, sin = self.cos.to(x.device), self.sin.to(x.device)
+            return cos[position_ids].to(x.dtype), sin[position_ids].to(x.dtype)
+
+    decoder.rotary_emb = CachedRotary()
+    return rotary
+
+
+def restore_rotary(model, previous) -> None:
+    """Undo `cache_rotary`."""
+    if previous is not None:
+        model.get_decoder().rotary_emb = previous
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -625,7 +848,14 @@ def train_model(
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
+    elif device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # compiled kernels and RNG state stay on this GPU when experts share a host
+    fsdp = world > 1 and config.sharding == "fsdp"
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
+    use_bf16 = config.bf16_params if config.bf16_params is not None else (
+        device.type == "cuda" and setup.dtype == torch.bfloat16 and world == 1)
+    if use_bf16 and world > 1:
+        raise InputError("--bf16-params needs a single process (its gradient hooks bypass DDP's all-reduce); use --no-bf16-params under torchrun")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -655,11 +885,17 @@ def train_model(
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
     random.seed(config.seed)
-    model.to(device)
+    if not fsdp:  # FSDP moves each rank's shards to the device itself (the whole model may not fit there)
+        model.to(device)
     model.train()
     if hasattr(model.config, "use_cache"):
         model.config.use_cache = False
 
+    prev_attn = use_causal_sdpa(model, data.seq_len) if config.causal_sdpa else None
+    prev_rotary = cache_rotary(model, data.seq_len) if config.cache_rope else None
+    loss_module = CausalLMLoss.build(model, config, use_compile)
+    if fsdp:  # before the optimizer is built: sharding replaces every parameter by a DTensor
+        shard_model(loss_module, model, device, setup.dtype)
     decay, no_decay = [], []
     for _, p in model.named_parameters():
         if p.requires_grad:
@@ -671,17 +907,22 @@ def train_model(
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "wall_time_s": 0.0, "loss_curve": [], "valid_curve": [], "resumed_at": []}
     ckpt = checkpoint_dir(out_dir)
     if (ckpt / "trainer_state.json").is_file():
-        state = _load_checkpoint(ckpt, model, optimizer, device)
+        state = _load_checkpoint(ckpt, model, optimizer, device, fsdp=fsdp)
         if state.get("plan") and state["plan"] != asdict(plan):
             raise InputError(f"checkpoint {ckpt} was written for a different batch plan {state['plan']}; delete it to restart")
         state["resumed_at"].append(state["step"])
         log.info("resuming %s from step %d (%s)", out_dir, state["step"], ckpt)
     state["plan"] = asdict(plan)
+    masters = MasterWeights(model, torch.bfloat16) if use_bf16 else None  # after the fp32 checkpoint is loaded
 
-    prev_attn = use_causal_sdpa(model, data.seq_len) if config.causal_sdpa else None
-    loss_module = CausalLMLoss.build(model, config, use_compile)
+    def hand_back():  # undo what only training needs: attention name, rotary tables, bf16 weights
+        restore_attention(model, prev_attn)
+        restore_rotary(model, prev_rotary)
+        if masters is not None:
+            masters.restore()  # the fp32 master weights are what is saved and handed back
+
     ddp_module = loss_module
-    if world > 1:
+    if world > 1 and not fsdp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         ddp_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
@@ -694,6 +935,8 @@ def train_model(
         if valid is None:
             return None
         n = min(valid.n_blocks, max(1, config.eval_tokens // data.seq_len))
+        if fsdp:  # every rank must run as many forwards (each all-gathers weights): a multiple of world blocks
+            n = max(world, n - n % world)
         mine = list(range(rank, n, world))
         total = torch.zeros(2, dtype=torch.float64, device=device)
         loss_module.eval()
@@ -702,7 +945,7 @@ def train_model(
                 idx = mine[i : i + plan.micro_batch_size]
                 x = torch.from_numpy(np.stack([valid.blocks(j, 1)[0] for j in idx])).to(device)
                 with setup.autocast():
-                    _, lm, _ = loss_module(x) if not hasattr(loss_module, "_backbone") else _eval_loss(loss_module, x)
+                    _, lm, _ = loss_module(x) if fsdp or not hasattr(loss_module, "_backbone") else _eval_loss(loss_module, x)
                 total += torch.tensor([float(lm) * len(idx), len(idx)], dtype=torch.float64, device=device)
         loss_module.train()
         if world > 1:
@@ -736,7 +979,7 @@ def train_model(
                 if device.type == "cuda":  # pinned + non_blocking: the copy does not stall the host on queued kernels
                     x = x.pin_memory()
                 x = x.to(device, non_blocking=True)
-                sync = ddp_module.no_sync() if (world > 1 and m < plan.grad_accum - 1) else nullcontext()
+                sync = ddp_module.no_sync() if (world > 1 and not fsdp and m < plan.grad_accum - 1) else nullcontext()
                 with sync, sdpa_context(config.sdpa_backend):
                     with setup.autocast():
                         total, lm, router_logits = ddp_module(x)
@@ -745,8 +988,10 @@ def train_model(
                 if router_logits is not None:
                     router_stats.update(router_logits, top_k)
             if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                torch.nn.utils.clip_grad_norm_(model.parameters() if masters is None else masters.masters, config.grad_clip)
             optimizer.step()
+            if masters is not None:
+                masters.copy_to_model()
             optimizer.zero_grad(set_to_none=True)
             loss_acc /= plan.grad_accum
             if world > 1:
@@ -776,21 +1021,22 @@ def train_model(
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < plan.steps:
                 flush_losses()
                 state["wall_time_s"] = wall_before + time.perf_counter() - t_start
-                if rank == 0:
-                    _save_checkpoint(ckpt, model, optimizer, {**state, "data_position": done * plan.blocks_per_step,
-                                                              "config": config.to_dict()})
+                if rank == 0 or fsdp:  # under FSDP every rank takes part in gathering the full state
+                    with masters.fp32_model() if masters is not None else nullcontext():
+                        _save_checkpoint(ckpt, model, optimizer, {**state, "data_position": done * plan.blocks_per_step,
+                                                                  "config": config.to_dict()}, fsdp=fsdp)
                 if world > 1:
                     torch.distributed.barrier()
             if on_step is not None:
                 on_step(done, state)
     except torch.OutOfMemoryError:
-        restore_attention(model, prev_attn)
+        hand_back()
         raise InputError(
             f"CUDA out of memory with --micro-batch-size {config.micro_batch_size} x {data.seq_len} tokens; try "
             f"--micro-batch-size {max(1, config.micro_batch_size // 2)} (gradient accumulation keeps the global batch)"
         ) from None
     except BaseException:
-        restore_attention(model, prev_attn)
+        hand_back()
         raise
     finally:
         bar.close()
@@ -799,7 +1045,7 @@ def train_model(
         torch.cuda.synchronize(device)
     tps, mfu = _throughput(t_measure, steps_measured, plan, device, fpt, peak, world)
     valid_loss = evaluate()
-    restore_attention(model, prev_attn)
+    hand_back()
     wall = wall_before + time.perf_counter() - t_start
     n_gpus = world if device.type == "cuda" else 0
     result = {
@@ -818,6 +1064,7 @@ def train_model(
         "tokens_per_s": tps,
         "mfu": mfu,
         "compiled": bool(use_compile),
+        "bf16_params": bool(use_bf16),
         "loss_curve": state["loss_curve"],
         "final_loss": state["loss_curve"][-1][1] if state["loss_curve"] else None,
         "valid_curve": state["valid_curve"] + ([[state["step"], valid_loss]] if valid_loss is not None else []),
@@ -829,9 +1076,10 @@ def train_model(
     router = router_stats.summary()
     if router is not None:
         result["router"] = router
+    full_state = _full_state(model, fsdp=True)[0] if fsdp else None  # a collective: every rank gathers
     if rank == 0:
         with atomic_dir(out_dir) as tmp:
-            model.save_pretrained(tmp)
+            model.save_pretrained(tmp, state_dict=full_state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             write_json(tmp / "training.json", result)

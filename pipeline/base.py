@@ -45,6 +45,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "router_init": ("random", "centroids", "hidden"),
     "compile": ("auto", "on", "off"),
+    "sharding": ("ddp", "fsdp"),
 }
 
 
@@ -92,6 +93,9 @@ class RunParams:
     branch_from = _p("seed", name="branch_from", description="seed | average (of the seed-branched experts, "
                      "weighted by centroid distances)")
     gpus_per_expert = _p(1, luigi.IntParameter, name="gpus_per_expert")
+    sharding = _p("ddp", name="sharding", description="with --gpus-per-expert > 1: ddp (a full copy per GPU) | "
+                  "fsdp (weights, gradients and AdamW moments sharded per decoder layer, for models that do not "
+                  "fit on one GPU)")
     # merging
     merge_methods = _p("ensemble,posterior,average,moe", name="merge_methods")
     top_k = _p("2", name="top_k", description="experts per prefix in the ensemble; an integer or 'all'")
@@ -104,6 +108,9 @@ class RunParams:
                     "--train-tokens")
     # evaluation
     eval_max_docs = _p(80, luigi.IntParameter, name="eval_max_docs", description="seeded sample of docs per split; 0 = all")
+    eval_batch_size = _p(16, luigi.IntParameter, name="eval_batch_size", description="windows per model call in "
+                         "evaluations (a c-BTM ensemble pools k/top_k times as many and calls each expert on at most "
+                         "this many); does not change results")
     tasks = _p("domains", name="tasks", description="few-shot tasks, comma separated: folders, built-in names, "
                "hf:<dataset>, or 'domains' (derived from the corpus label field); 'none' = no few-shot")
     shots = _p(8, luigi.IntParameter, name="shots")
@@ -185,6 +192,8 @@ class RunParams:
             raise InputError(f"--route-every {self.route_every}: must be ≥ 1")
         if self.gpus_per_expert < 1:
             raise InputError(f"--gpus-per-expert {self.gpus_per_expert}: must be ≥ 1")
+        if self.eval_batch_size < 1:
+            raise InputError(f"--eval-batch-size {self.eval_batch_size}: must be ≥ 1")
         if self.shots < 0:
             raise InputError(f"--shots {self.shots}: must be ≥ 0")
         try:

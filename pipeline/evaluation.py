@@ -29,7 +29,7 @@ class _EvaluateModel(Stage):
         """The evaluated model as a `ScoringModel`, plus its kind ('hf' | 'ensemble') and folder."""
         stage, kind = model_stage(self, self.model)
         path = self.input_path(stage)
-        return load_scoring_model(kind, path, self.device, self.model), kind, path
+        return load_scoring_model(kind, path, self.device, self.model, self.eval_batch_size), kind, path
 
 
 class EvaluatePerplexity(_EvaluateModel):
@@ -68,7 +68,7 @@ class EvaluatePerplexity(_EvaluateModel):
         model, kind, path = self.scoring_model()
         result = {"model": self.model, "kind": kind, "path": str(path)}
         for split in ("valid", "test"):
-            result[split] = evaluate_perplexity(model, self.docs(split))
+            result[split] = evaluate_perplexity(model, self.docs(split), batch_size=self.eval_batch_size)
         write_json(out / self.output_file, result)
         return {split: result[split].get("perplexity") for split in ("valid", "test")}
 
@@ -124,5 +124,6 @@ class EvaluateFewShot(_EvaluateModel):
         task = load_task(spec)
         task.name = task_slug(self.task)
         result = evaluate_fewshot(model, task, shots=self.shots, seeds=self.seed_list,
-                                  max_test=self.fewshot_max_test or None, out_path=out / self.output_file)
+                                  max_test=self.fewshot_max_test or None, batch_size=self.eval_batch_size,
+                                  out_path=out / self.output_file)
         return {"accuracy": result.get("accuracy"), "macro_f1": result.get("macro_f1")}

@@ -47,12 +47,13 @@ def model_stage(p, name: str):
     raise InputError(f"unknown model {name!r}; models of this run: {', '.join(model_names(p))}")
 
 
-def load_scoring_model(kind: str, path, device: str, name: str):
-    """A `ScoringModel` for a `save_pretrained` folder (kind 'hf') or an `ensemble.json` folder ('ensemble')."""
+def load_scoring_model(kind: str, path, device: str, name: str, batch_size: int | None = None):
+    """A `ScoringModel` for a `save_pretrained` folder (kind 'hf') or an `ensemble.json` folder ('ensemble');
+    an ensemble calls each expert on at most `batch_size` rows."""
     if kind == "ensemble":
         from experts.ensemble import load_ensemble
 
-        model = load_ensemble(path, device=device)
+        model = load_ensemble(path, device=device, expert_batch_size=batch_size)
         model.name = name
         return model
     from experts.scoring import HFCausalLM

@@ -98,7 +98,7 @@ class _TrainStage(Stage):
     def train_config(self, tokens: int, **kw):
         from experts.train import TrainConfig
 
-        opts = dict(train_tokens=tokens, seed=self.seed, device=self.device,
+        opts = dict(train_tokens=tokens, seed=self.seed, device=self.device, sharding=self.sharding,
                     global_batch_tokens=self.batch_tokens or None,
                     compile={"auto": None, "on": True, "off": False}[self.compile])
         opts.update(kw)

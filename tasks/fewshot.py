@@ -506,7 +506,7 @@ def score_labels(
     `next_token_logprobs` for models whose `score_tokens` gives no full distributions). Otherwise one row per
     (prompt, label) is scored. Both give the same numbers. Scoring starts at the first label token
     (`score_from` = prompt length), so a routing model routes on the whole prompt, once per prompt.
-    Prompts are batched longest first to limit padding.
+    Prompts are batched longest first to limit padding, `model.pooled_rows(batch_size)` rows per call.
     """
     from tqdm.auto import tqdm
 
@@ -531,8 +531,9 @@ def score_labels(
 
     order = sorted(range(len(rows)), key=lambda j: -len(row_ids(rows[j])))
     bar = tqdm(total=len(rows), desc=desc, unit="row", leave=False, mininterval=2.0)
-    for b in range(0, len(order), batch_size):
-        batch = [rows[j] for j in order[b : b + batch_size]]
+    step = max(1, model.pooled_rows(batch_size))
+    for b in range(0, len(order), step):
+        batch = [rows[j] for j in order[b : b + step]]
         seqs = [row_ids(r) for r in batch]
         ids, mask = _pad(seqs, pad, model.device)  # (B, T)
         starts = torch.tensor([len(prompt_ids[i]) for i, _ in batch])  # (B,) first label position

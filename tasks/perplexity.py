@@ -56,7 +56,10 @@ def evaluate_perplexity(
     `overall` / `per_cluster` / `per_label` (each: perplexity, nll_per_token, bits_per_byte, n_tokens,
     n_bytes, n_docs), n_docs, n_empty_docs, n_tokens, n_windows, max_length, wall_time_s, tokens_per_s, and
     with `per_doc=True` a `docs` list of {id, nll, n_tokens}. Documents are read `chunk_docs` at a time; the
-    windows of a chunk are sorted by length and scored `batch_size` windows per call.
+    windows of a chunk are sorted by length and scored `model.pooled_rows(batch_size)` windows per call
+    (`batch_size` for one model; an ensemble pools k / top_k times as many, so that each expert call gets about
+    `batch_size` rows). Batches stay on the CPU: the model moves them, and an ensemble routes the next batch on
+    the CPU while its experts run on the GPU.
     """
     from tqdm.auto import tqdm
 
@@ -95,15 +98,16 @@ def evaluate_perplexity(
         nll = [0.0] * len(chunk)
         ntok = [0] * len(chunk)
         windows.sort(key=lambda w: -len(w[1]))
-        for b in range(0, len(windows), batch_size):
-            batch = windows[b : b + batch_size]
+        rows = max(1, model.pooled_rows(batch_size))
+        for b in range(0, len(windows), rows):
+            batch = windows[b : b + rows]
             T = len(batch[0][1])
             ids = torch.full((len(batch), T), pad, dtype=torch.long)  # (B, T)
             mask = torch.zeros((len(batch), T), dtype=torch.long)  # (B, T)
             for r, (_, win, _) in enumerate(batch):
                 ids[r, : len(win)] = torch.tensor(win, dtype=torch.long)
                 mask[r, : len(win)] = 1
-            lp = model.token_logprobs(ids.to(model.device), mask.to(model.device), [w[2] for w in batch])
+            lp = model.token_logprobs(ids, mask, [w[2] for w in batch])
             lp = lp.float().cpu()  # (B, T-1)
             valid = mask[:, 1:].bool()  # (B, T-1) targets that are real tokens
             per_row = -(lp.masked_fill(~valid, 0.0)).double().sum(1)  # (B,)

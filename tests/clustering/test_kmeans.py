@@ -149,3 +149,91 @@ def test_dual_steps_converge_and_capped_round_caps():
     sizes = torch.bincount(a, minlength=8)
     near = torch.bincount(d.argmin(1), minlength=8)
     assert (sizes[near > hi] == hi[near > hi]).all() and sizes.sum() == len(x)
+
+
+def test_cpu_selection_and_kth_match_the_sorting_path():
+    """The CPU fast paths (numpy radix sort + partition per group) pick exactly what the CUDA path (two stable
+    sorts + ranks) picks, ties included: each group keeps its quota of largest/smallest keys, earlier items first."""
+    from clustering.kmeans import _group_kth, _group_kth_sorted, _group_order, _select_by_rank, _select_per_group
+
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randint(0, 6, (500,), generator=g).float()  # many ties
+    keys[::37] = float("inf")
+    groups = torch.randint(0, 7, (500,), generator=g)
+    for descending in (False, True):
+        ref = torch.argsort(keys, descending=descending, stable=True)
+        ref = ref[torch.argsort(groups[ref], stable=True)]
+        assert torch.equal(_group_order(keys, groups, descending), ref)
+    quota = torch.tensor([0, 1, 5, 30, 60, 200, 71])  # none, few, about all, more than the group holds
+    for largest in (False, True):
+        fast = _select_per_group(keys, groups, quota, largest)
+        assert torch.equal(fast, _select_by_rank(keys, groups, quota, largest))
+        assert torch.equal(torch.bincount(groups[fast], minlength=7),
+                           torch.minimum(quota, torch.bincount(groups, minlength=7)))
+    values = torch.randn(500, generator=g)
+    ids, kth = torch.tensor([1, 3, 6]), torch.tensor([1, 17, 1000])  # 1000 > group size: clamped to the largest
+    np.testing.assert_array_equal(_group_kth(values, groups, ids, kth, 7),
+                                  _group_kth_sorted(values, groups, ids, kth, 7))
+    assert _group_kth(values, groups, ids, kth, 7)[2] == values[groups == 6].max()
+
+
+def test_relaxed_prices_reach_the_widened_bounds_and_update_sums_rows():
+    """On fixed distances (a dense blob holding 7 of 8 centroids), warm-started relaxed_prices calls bring every
+    size within the bounds ±5% and keep it there; the sparse (CPU) centroid update equals the dense one-hot sum."""
+    from clustering.kmeans import _KMeansBase, _sqdist, relaxed_prices
+
+    x = torch.from_numpy(dense_blob_with_outliers())
+    for c in (x[torch.arange(0, 1840, 230)], x[torch.randperm(1840, generator=torch.Generator().manual_seed(0))[:8]]):
+        d = _sqdist(x, c)  # (1840, 8)
+        lo, hi = (torch.full((8,), v) for v in size_bounds(len(x), 8, 1.02))
+        assert not ((d.argmin(1).bincount(minlength=8) >= lo) & (d.argmin(1).bincount(minlength=8) <= hi)).all()
+        prices, damp = torch.zeros(8), torch.full((8,), 0.5)
+        for _ in range(4):  # warm-started calls, as in the Lloyd loop
+            prices, damp = relaxed_prices(d, prices, damp, lo, hi, 4, 1e-6)
+            sizes = torch.bincount((d + prices).argmin(1), minlength=8)
+            assert (sizes >= 0.95 * lo).all() and (sizes <= 1.05 * hi).all()
+    a = (d + prices).argmin(1)
+    new_c, counts = _KMeansBase._update(x, a, c)
+    onehot = torch.nn.functional.one_hot(a, 8).double()  # (n, 8)
+    ref = (onehot.T @ x.double()) / counts.clamp_min(1)[:, None]
+    torch.testing.assert_close(new_c[counts > 0], ref[counts > 0].float(), rtol=1e-5, atol=1e-5)
+    a[a == 0] = 1  # an empty cluster keeps its old centroid
+    new_c, counts = _KMeansBase._update(x, a, c)
+    assert counts[0] == 0 and torch.equal(new_c[0], c[0])
+
+
+def test_nonfinite_rows_found_without_false_alarms():
+    from clustering.kmeans import _first_nonfinite_row
+
+    x = torch.ones(10, 4)
+    x[2] = 3e38  # finite entries whose row sum overflows to inf
+    assert _first_nonfinite_row(x) is None
+    x[7, 1] = float("nan")
+    x[9, 0] = -float("inf")
+    assert _first_nonfinite_row(x) == 7
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_paths_select_what_the_cpu_paths_select():
+    from clustering.kmeans import _gains, _group_kth, _row_kth, _select_per_group
+
+    g = torch.Generator().manual_seed(1)
+    keys = torch.randint(0, 6, (5000,), generator=g).float()
+    groups = torch.randint(0, 7, (5000,), generator=g)
+    quota = torch.tensor([0, 3, 50, 700, 800, 5000, 711])
+    for largest in (False, True):
+        assert torch.equal(_select_per_group(keys.cuda(), groups.cuda(), quota.cuda(), largest).cpu(),
+                           _select_per_group(keys, groups, quota, largest))
+    values, ids, kth = torch.randn(5000, generator=g), torch.tensor([0, 2, 5]), torch.tensor([1, 40, 9999])
+    assert torch.equal(_group_kth(values.cuda(), groups.cuda(), ids.cuda(), kth.cuda(), 7).cpu(),
+                       _group_kth(values, groups, ids, kth, 7))
+    cost = torch.rand(5000, 7, generator=g)
+    v0, best = cost.min(1)
+    donors, cols, f = best != 3, torch.tensor([3, 5]), torch.tensor([17, 400])
+    assert torch.equal(_row_kth(_gains(cost.cuda(), v0.cuda(), donors.cuda(), cols.cuda()), f.cuda()).cpu(),
+                       _row_kth(_gains(cost, v0, donors, cols), f))
+    x = dense_blob_with_outliers()
+    km = BalancedKMeans(8, n_iter=6, balance=1.02, backend="torch", device="cuda", verbose=False).fit(x)
+    lo, hi = size_bounds(len(x), 8, 1.02)
+    assert sum(km.sizes_) == len(x) and min(km.sizes_) >= lo and max(km.sizes_) <= hi

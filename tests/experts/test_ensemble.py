@@ -219,3 +219,44 @@ def test_empty_prefix_gets_uniform_mixture_of_all_experts(experts, centroids):
     logw = ens.routing_plan(ids, mask)  # (1, T-1, k)
     assert torch.isfinite(logw[0, 0]).all()
     assert torch.isfinite(logw[0, ens.route_every]).sum() == 1
+
+
+def test_routing_plan_matches_chunk_by_chunk_reference(experts, centroids):
+    ens = _ens(experts, centroids, top_k=2, route_every=3)
+    ids, mask = _batch(ens.tokenizer)
+    prefixes, starts = TEXTS[::-1], torch.tensor([1, 4, 2, 7])
+    lengths = mask.sum(1)
+    logw, need = ens._route(ids, lengths, prefixes, starts)  # (B, T-1, k), (B, k)
+    want = torch.full_like(logw, -math.inf)
+    for i in range(len(ids)):
+        L = int(lengths[i])
+        for p in range(int(starts[i]), L, 3):  # routing point p serves targets p .. p+2, routed on x_<p
+            text = prefixes[i] + ens.tokenizer.decode(ids[i, :p].tolist(), skip_special_tokens=True)
+            w = torch.as_tensor(ens.routing_weights([text])[0])  # (k,)
+            want[i, p - 1 : min(p + 3, L) - 1] = w.log()
+    torch.testing.assert_close(logw, want)
+    # need: input length each row must give each expert = its last routed target + 1
+    target_len = torch.arange(2, ids.shape[1] + 1)[None, :, None]  # (1, T-1, 1)
+    assert torch.equal(need, torch.where(torch.isfinite(logw), target_len, 0).amax(1))
+
+
+def test_posterior_updating_conditions_on_prefix_text(experts):
+    ens = PosteriorEnsemble(experts[:3], prior="updating")
+    prefix = random_text(90, 7)  # [BOS] + 90 tokens: two windows of the experts' max_length 64
+    ids, _ = _batch(experts[0].tokenizer, TEXTS[1:2])
+    per_expert = torch.stack([e.token_logprobs(ids) for e in experts[:3]], -1)[0]  # (T-1, 3)
+    evidence = torch.tensor([e.loglikelihood_rolling([prefix])[0] for e in experts[:3]])  # (3,) log p_j(prefix)
+    got = ens.token_logprobs(ids, prefix_texts=[prefix])[0]
+    for t in (0, 6):  # output t predicts x_{t+1}; the posterior has seen the prefix and x_1..x_t
+        post = torch.softmax(evidence.double() + per_expert[:t].double().sum(0), 0)
+        want = torch.log((post * per_expert[t].double().exp()).sum())
+        torch.testing.assert_close(got[t].double(), want, rtol=1e-5, atol=1e-5)
+    nxt = ens.next_token_logprobs(ids, prefix_texts=[prefix])[0]  # after the whole row
+    post = torch.log_softmax(evidence + per_expert.sum(0), 0)
+    dists = torch.stack([e.next_token_logprobs(ids)[0] for e in experts[:3]])  # (3, V)
+    torch.testing.assert_close(nxt, torch.logsumexp(post[:, None] + dists, 0), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(got, ens.token_logprobs(ids)[0])  # the prefix moved the posterior
+    torch.testing.assert_close(ens.token_logprobs(ids, prefix_texts=[""]), ens.token_logprobs(ids))
+    torch.testing.assert_close(ens.token_logprobs(ids, prefix_texts=[prefix])[0], got)  # from cached windows
+    cached = PosteriorEnsemble(experts[:3], prior="cached", prior_weights=[0.2, 0.5, 0.3], top_k=2)
+    torch.testing.assert_close(cached.token_logprobs(ids, prefix_texts=[prefix]), cached.token_logprobs(ids))

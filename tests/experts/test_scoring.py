@@ -53,3 +53,28 @@ def test_padding_does_not_change_scores():
     batched = lm.loglikelihood_rolling(texts, batch_size=2)
     alone = [lm.loglikelihood_rolling([t], batch_size=1)[0] for t in texts]
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(alone), rtol=1e-5, atol=1e-4)
+
+
+def _reference_logprobs(model, ids):  # (B, T-1) log p(x_t | x_<t) from the model's own full logits, in float64
+    logits = model(input_ids=ids).logits.double()
+    return torch.log_softmax(logits, -1)[:, :-1].gather(2, ids[:, 1:, None])[..., 0]
+
+
+def test_chunked_output_layer_equals_full_logits(monkeypatch):
+    import experts.scoring as scoring
+
+    lm = _lm(2)
+    assert lm.split is not None  # llama: the output layer runs on chunks of decoder states
+    monkeypatch.setattr(scoring, "LOGIT_CHUNK_ELEMENTS", 7 * lm.model.config.vocab_size)  # 7 positions per chunk
+    ids = torch.randint(4, lm.model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(0))
+    ref = _reference_logprobs(lm.model, ids)
+    full_at = torch.zeros(3, 11, dtype=torch.bool)
+    full_at[0, 4] = full_at[2, 9] = True
+    for split in (lm.split, None):  # chunked output layer; the model's own forward (other architectures)
+        lm.split = split
+        lp, full = lm.score_tokens(ids, torch.ones_like(ids), full_at=full_at)
+        torch.testing.assert_close(lp.double(), ref, rtol=1e-5, atol=1e-5)
+        want = torch.log_softmax(lm.model(input_ids=ids).logits.double(), -1)[:, :-1][full_at]
+        torch.testing.assert_close(full.double(), want, rtol=1e-5, atol=1e-5)
+        lp, _ = lm.score_tokens(ids, score_from=torch.tensor([9, 6, 8]))  # output layer from target 6 on
+        torch.testing.assert_close(lp[:, 5:].double(), ref[:, 5:], rtol=1e-5, atol=1e-5)

@@ -166,3 +166,72 @@ def test_ddp_two_cpu_processes_equal_one_process(shard, tmp_path):
     a, b = load_file(str(tmp_path / "single" / "model.safetensors")), load_file(str(tmp_path / "ddp" / "model.safetensors"))
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_master_weights_bf16_model_fp32_optimizer():
+    from experts.train import MasterWeights
+
+    model = build_scratch_model(ModelPreset(32, 2, 4, 64, SEQ, True), VOCAB)  # tied embeddings
+    fp32 = dict(model.named_parameters())
+    mw = MasterWeights(model, torch.bfloat16)
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # still tied
+    assert {id(p) for p in mw.masters} == {id(p) for p in fp32.values()} and len(mw.lows) == len(mw.masters)
+    x = torch.randint(0, VOCAB, (2, SEQ))
+    for _ in range(2):  # two micro-batches: gradients are summed into the fp32 masters, bf16 grads freed
+        model(input_ids=x, labels=x).loss.backward()
+    assert all(p.grad is None for p in model.parameters())
+    assert all(m.grad is not None and m.grad.dtype == torch.float32 for m in mw.masters)
+    with torch.no_grad():
+        for m in mw.masters:
+            m.add_(1.0)
+    mw.copy_to_model()
+    for m, low in zip(mw.masters, mw.lows):
+        assert torch.equal(low, m.to(torch.bfloat16))
+    with mw.fp32_model():
+        assert all(v.dtype == torch.float32 for v in model.state_dict().values() if v.is_floating_point())
+    assert model.model.norm.weight.dtype == torch.bfloat16
+    mw.restore()
+    assert all(p is fp32[n] for n, p in model.named_parameters())
+
+
+def test_bf16_params_train_and_resume_exactly(shard, tmp_path):
+    cfg = _cfg(checkpoint_every=2, bf16_params=True)
+    full = train_model(_model(), [shard], tmp_path / "full", cfg)
+    assert full["bf16_params"] and full["loss_curve"][-1][1] < full["loss_curve"][0][1]
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_5(step, state):
+        if step == 5:
+            raise Killed
+
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        train_model(_model(), [shard], out, cfg, on_step=kill_at_5)
+    res = train_model(_model(seed=99), [shard], out, cfg)
+    assert res["resumed_at"] == [4] and res["loss_curve"] == full["loss_curve"]
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "full" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == torch.float32 and torch.equal(a[k], b[k]), k  # the fp32 masters are saved
+    train_model(_model(), [shard], tmp_path / "fp32", _cfg())
+    fp32 = load_file(str(tmp_path / "fp32" / "model.safetensors"))
+    assert any(not torch.equal(a[k], fp32[k]) for k in a)  # bf16 compute really ran
+
+
+def test_cached_rotary_leaves_outputs_unchanged():
+    from experts.train import cache_rotary, restore_rotary
+
+    x = torch.randint(0, VOCAB, (3, SEQ))
+    for dtype in (torch.float32, torch.bfloat16):  # tables are cast to the activations' dtype, as HF does
+        model = _model().to(dtype).eval()
+        ref = model(input_ids=x).logits
+        original = model.model.rotary_emb
+        assert cache_rotary(model, SEQ) is original and model.model.rotary_emb is not original
+        torch.testing.assert_close(model(input_ids=x).logits, ref, rtol=0, atol=0)
+        restore_rotary(model, original)
+        assert model.model.rotary_emb is original
