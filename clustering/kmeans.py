@@ -518,7 +518,6 @@ def balanced_assign(
     calls this once per fit (the last assignment) and once per batch in `assign_balanced`.
     """
     n, k = cand_dist.shape[0], centroids.shape[0]
-    dev = cand_dist.device
     d = _dense(cand_dist, cand_idx, k)  # (n, k), +inf outside the candidates
     # 1. nearest centroid
     dist0, near = d.min(1)  # (n,)

@@ -25,7 +25,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from corpus.io import InputError, atomic_dir, read_json, write_json
+from corpus.io import InputError, write_json
 from experts.average import CheckpointReader, check_expert_dirs, fill_meta_model, save_merged_model
 
 log = logging.getLogger(__name__)

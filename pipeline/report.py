@@ -53,7 +53,7 @@ class Report(Stage):
                    for t, by_model in r["fewshot"].items()}
         budgets = {"plan": compute_budget(self.train_tokens, self.seed_fraction, self.num_clusters),
                    "models": {m: _training_json(self.input_path(t)) for m, t in r["trained"].items()}}
-        report = write_report(out, run_info, cluster_info, perplexity, fewshot, budgets, self.timings())
+        write_report(out, run_info, cluster_info, perplexity, fewshot, budgets, self.timings())
         # the run folder's copy: figure links point into this stage's folder
         md = (out / "report.md").read_text(encoding="utf-8")
         md = re.sub(r"\]\(figures/", f"]({self.out_path().name}/figures/", md)

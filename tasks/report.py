@@ -173,7 +173,7 @@ def _f(x: Any, digits: int = 2) -> str:
 
 def render_markdown(report: dict) -> str:
     run, cl = report["run"], report["clusters"]
-    lines = [f"# c-BTM run report", "", f"Run folder `{run.get('run_dir')}`, written {run.get('created')}.", ""]
+    lines = ["# c-BTM run report", "", f"Run folder `{run.get('run_dir')}`, written {run.get('created')}.", ""]
     corpus = run.get("corpus") or {}
     if corpus:
         n = corpus.get("n_docs") or {}

@@ -7,7 +7,7 @@ import torch
 
 from corpus.io import InputError
 from experts.ensemble import (
-    PosteriorEnsemble, SparseEnsemble, dense_routing_weights, load_ensemble, routing_weights, save_ensemble_config,
+    PosteriorEnsemble, SparseEnsemble, dense_routing_weights, load_ensemble, save_ensemble_config,
 )
 from experts.scoring import HFCausalLM
 from merge_helpers import HashEmbedder, random_text, save_llama, tiny_llama, tiny_tokenizer

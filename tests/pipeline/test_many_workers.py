@@ -9,8 +9,6 @@ import sys
 import time
 from pathlib import Path
 
-import pytest
-
 from pipeline.base import read_stage_log
 from tests.pipeline.conftest import tiny_params, write_tiny_corpus
 

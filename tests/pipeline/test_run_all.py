@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import luigi
-import pytest
 
 from pipeline import RunAll
 from pipeline.base import read_stage_log
