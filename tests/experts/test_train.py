@@ -36,20 +36,26 @@ def _cfg(**kw):
     return TrainConfig(**base)
 
 
+class _Killed(Exception):
+    pass
+
+
+def _train_killed_at(kill_step: int, shard, out, cfg) -> None:
+    """Train into `out`, interrupted by an exception at the end of step `kill_step` (a kill)."""
+    def kill(step, state):
+        if step == kill_step:
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        train_model(_model(), [shard], out, cfg, on_step=kill)
+
+
 def test_resume_after_kill_equals_uninterrupted(shard, tmp_path):
     cfg = _cfg(checkpoint_every=2)
     full = train_model(_model(), [shard], tmp_path / "full", cfg)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_5(step, state):
-        if step == 5:
-            raise Killed
-
     out = tmp_path / "resumed"
-    with pytest.raises(Killed):
-        train_model(_model(), [shard], out, cfg, on_step=kill_at_5)
+    _train_killed_at(5, shard, out, cfg)
     assert not out.exists() and (checkpoint_dir(out) / "trainer_state.json").is_file()
     res = train_model(_model(seed=99), [shard], out, cfg)  # fresh init: everything must come from the checkpoint
     assert res["resumed_at"] == [4]
@@ -200,16 +206,8 @@ def test_bf16_params_train_and_resume_exactly(shard, tmp_path):
     full = train_model(_model(), [shard], tmp_path / "full", cfg)
     assert full["bf16_params"] and full["loss_curve"][-1][1] < full["loss_curve"][0][1]
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_5(step, state):
-        if step == 5:
-            raise Killed
-
     out = tmp_path / "resumed"
-    with pytest.raises(Killed):
-        train_model(_model(), [shard], out, cfg, on_step=kill_at_5)
+    _train_killed_at(5, shard, out, cfg)
     res = train_model(_model(seed=99), [shard], out, cfg)
     assert res["resumed_at"] == [4] and res["loss_curve"] == full["loss_curve"]
     from safetensors.torch import load_file
