@@ -293,27 +293,28 @@ def main():
           f"layers, vocab {shape['vocab_size']}), seq {args.seq}, {args.batch} rows per model call, ensemble batches of "
           f"{args.batch * pool} rows, {args.batches} measured batches, "
           f"{dev_name}, torch {torch.__version__}; build {build_s:.0f}s\n")
-    if calls:
-        print("| one expert: rows per call | ms per call | CPU ms until the call returns | tokens/s |")
-        print("|---:|---:|---:|---:|")
-        for c in calls:
-            print(f"| {c['rows']} | {c['ms_per_call']:.1f} | {c['cpu_ms_per_call']:.1f} | {c['tokens_per_s']:,.0f} |")
-        print()
-    if phases:
-        print("| ensemble (each phase run to completion) | routing ms/batch | expert calls ms/batch | rest ms/batch | total ms/batch |")
-        print("|---|---:|---:|---:|---:|")
-        for ph in phases:
-            print(f"| {ph['model']} | {ph['routing_ms']:.1f} | {ph['experts_ms']:.1f} | {ph['rest_ms']:.1f} | {ph['total_ms']:.1f} |")
-        print()
-    print("| model | tokens/s | cost vs one expert | expert runs per row | expert calls per batch | peak GPU memory (GiB) |")
-    print("|---|---:|---:|---:|---:|---:|")
     def num(x, fmt):
         return "–" if x is None or x != x else format(x, fmt)
 
-    for r in rows:
-        print(f"| {r['model']} | {r['tokens_per_s']:,.0f} | {base / r['tokens_per_s']:.2f}× | "
-              f"{num(r['expert_rows_per_row'], '.2f')} | {num(r.get('expert_calls_per_batch'), '.1f')} | "
-              f"{num(r['peak_gib'], '.2f')} |")
+    def table(header: str, lines: list[str]) -> None:
+        cols = header.count("|") - 1
+        print(header)
+        print("|---" + "|---:" * (cols - 1) + "|")
+        print("\n".join(lines) + "\n")
+
+    if calls:
+        table("| one expert: rows per call | ms per call | CPU ms until the call returns | tokens/s |",
+              [f"| {c['rows']} | {c['ms_per_call']:.1f} | {c['cpu_ms_per_call']:.1f} | {c['tokens_per_s']:,.0f} |"
+               for c in calls])
+    if phases:
+        table("| ensemble (each phase run to completion) | routing ms/batch | expert calls ms/batch | rest ms/batch | "
+              "total ms/batch |",
+              [f"| {ph['model']} | {ph['routing_ms']:.1f} | {ph['experts_ms']:.1f} | {ph['rest_ms']:.1f} | "
+               f"{ph['total_ms']:.1f} |" for ph in phases])
+    table("| model | tokens/s | cost vs one expert | expert runs per row | expert calls per batch | peak GPU memory (GiB) |",
+          [f"| {r['model']} | {r['tokens_per_s']:,.0f} | {base / r['tokens_per_s']:.2f}× | "
+           f"{num(r['expert_rows_per_row'], '.2f')} | {num(r.get('expert_calls_per_batch'), '.1f')} | "
+           f"{num(r['peak_gib'], '.2f')} |" for r in rows])
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"device": dev_name, "params": n_params, "rows": rows, "phases": phases,

@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,9 +47,7 @@ def train_config(args, n_steps: int, n_gpus: int, sharding: str = "ddp"):
     tokens = args.micro * args.seq * n_gpus
     kw = dict(train_tokens=n_steps * tokens, micro_batch_size=args.micro, global_batch_tokens=tokens, warmup_steps=1,
               log_every=0, checkpoint_every=0, device="cpu" if args.cpu else "cuda", compile=not args.cpu,
-              sharding=sharding)
-    if "bf16_params" in {f.name for f in fields(TrainConfig)}:
-        kw["bf16_params"] = False
+              sharding=sharding, bf16_params=False)  # fp32 weights in every row: one- and two-GPU rows alike
     return TrainConfig(**kw)
 
 
@@ -177,7 +174,7 @@ def main():
     ap.add_argument("--max-steps", type=int, default=5000, help="budget of solo/parallel processes (they stop on time)")
     ap.add_argument("--deadline", type=float, default=0, help="start no row after this many seconds (0 = none)")
     ap.add_argument("--row-timeout", type=float, default=240, help="seconds per ddp/fsdp row")
-    ap.add_argument("--cpu", action="store_true", help="dry run of the script's logic on CPU (tiny preset, no compile)")
+    ap.add_argument("--cpu", action="store_true", help="dry run of the script's logic on CPU (no compile; use with --size tiny --micro 2 --seq 64 --vocab 512)")
     ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
     ap.add_argument("--json", default=os.path.join(os.environ.get("OUT", "."), "bench_parallel.json"))
     args = ap.parse_args()
@@ -186,6 +183,7 @@ def main():
 
     import numpy as np
 
+    from experts.launch import _SAFE_ENV
     from experts.model import build_scratch_model, count_params
 
     t_start = time.time()
@@ -200,10 +198,8 @@ def main():
         path = work / f"cluster_{k:03d}.npy"
         np.save(path, rng.integers(0, args.vocab, size=(8 * args.micro, args.seq)).astype(np.uint16))
         shards.append(str(path))
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", "NCCL_NVLS_ENABLE": "0",
-           "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
-    os.environ.update({k: env[k] for k in ("TQDM_DISABLE", "NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST",
-                                          "NVSHMEM_DISABLE_NVLS")})
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "TQDM_DISABLE": "1", **_SAFE_ENV}
+    os.environ.update({"TQDM_DISABLE": "1", **_SAFE_ENV})
     rows = {}
     for name in args.rows.split(","):
         if args.deadline and time.time() - t_start > args.deadline:

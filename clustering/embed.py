@@ -341,7 +341,5 @@ def embed_corpus(
             arr.flush()
             del arr
             stats["n_docs"][split] = len(texts)
-        if embedder == "encoder":  # dim is known only after loading the model
-            emb.save(tmp / "embedder")
     stats["seconds"] = time.perf_counter() - t0
     return stats

@@ -387,7 +387,7 @@ def relaxed_prices(
     Braun 1993): a cluster whose violation changed sign since the step before halves its step, otherwise it
     grows ×1.5 up to 1/2 — Jacobi steps on clusters that share one dense blob otherwise overshoot back and forth.
     Returns (prices (k,), damp (k,)) after the last step (keeping instead the best prices tried was measured
-    worse: 1M × 100 mixture, k = 64, inertia 124.7 vs 119.6, bench/RESULTS.md); the iteration then assigns every
+    worse on CPU: 1M × 100 mixture, k = 64, seeds 0–2, inertia 122.6–125.8 vs 120.1–123.1, bench/RESULTS.md); the iteration then assigns every
     point to argmin_j d_ij + λ_j with no exact repair (`capped_assign`): sizes are close to, not always within,
     the bounds. Only the final assignments (`balanced_assign`) must be exact; the means of a nearly balanced
     partition are as good a centroid step (bench/RESULTS.md)."""

@@ -84,8 +84,8 @@ class TrainConfig:
     """Chunked fused linear + cross-entropy instead of full logits (--no-fused-loss to turn it off)."""
     loss_chunks: int = 1
     """Number of token chunks the fused loss splits each micro-batch into: memory for the bf16 logits and their
-    gradient, 4·micro_batch·seq·V/loss_chunks bytes (2 GiB at 32 × 1024 × 32000 with 1 chunk), vs. kernel size
-    (1 was ≈1% faster than 4 on an H100 at 134M params, bench/RESULTS.md)."""
+    gradient (≈ 4·micro_batch·seq·V/loss_chunks bytes) vs. kernel size. bench/RESULTS.md (H100, 134M params,
+    32 × 1024 tokens, vocab 32000): 1 chunk was ≈1% faster than 4 and took 2.7 GiB more peak memory."""
     eval_every: int = 0
     """Validation loss every N steps (--eval-every); 0 = only at the end. Needs valid shards."""
     eval_tokens: int = 262144

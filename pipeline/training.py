@@ -156,8 +156,16 @@ class TrainExpert(_TrainStage):
     `(1 − seed_fraction) × train_tokens / k` tokens → `experts-<h>/cluster_{id:03d}/`."""
 
     folder = "experts"
-    hashed = ("branch_from",)
     cluster_id = luigi.IntParameter()
+
+    @property
+    def hashed(self) -> tuple[str, ...]:  # the temperature weights the average that later experts branch from
+        return ("branch_from", "temperature") if self.branch_from == "average" else ("branch_from",)
+
+    def validate(self) -> None:
+        super().validate()
+        if not 0 <= self.cluster_id < self.num_clusters:
+            raise InputError(f"--cluster-id {self.cluster_id}: must be in [0, {self.num_clusters})")
 
     @property
     def subpath(self) -> str:
@@ -184,8 +192,6 @@ class TrainExpert(_TrainStage):
         return [r["shards"], r["seed"], r["clusters"]]  # the same for every cluster_id: one experts-<h>/ folder
 
     def build(self, out: Path) -> dict:
-        if not 0 <= self.cluster_id < self.num_clusters:
-            raise InputError(f"--cluster-id {self.cluster_id}: must be in [0, {self.num_clusters})")
         r = self.requires()
         init = self.input_path(r["seed"])
         if self.branches_from_average():

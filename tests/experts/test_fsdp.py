@@ -16,14 +16,11 @@ import torch
 from corpus.io import InputError
 from experts.model import ModelPreset, build_scratch_model
 from experts.train import TrainConfig, _load_checkpoint, checkpoint_dir, train_model
+from tests.experts.train_helpers import Killed, kill_at, train_killed_at
 
 PRESET = ModelPreset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, seq_len=16)
 VOCAB, SEQ = 64, 16
 ROOT = Path(__file__).resolve().parents[2]
-
-
-class _Killed(Exception):
-    pass
 
 
 @pytest.fixture
@@ -54,12 +51,8 @@ def test_sharding_option_is_checked(shards, tmp_path):
     with pytest.raises(InputError, match="--sharding must be ddp or fsdp"):
         _cfg(sharding="zero3")
     # a checkpoint of a one-process run (optimizer keyed by index) is refused by an FSDP resume, clearly
-    def kill_at_2(step, state):
-        if step == 2:
-            raise _Killed
     cfg = _cfg(train_tokens=4 * 8 * SEQ, micro_batch_size=8, global_batch_tokens=None)
-    with pytest.raises(_Killed):
-        train_model(build_scratch_model(PRESET, VOCAB), [shards[0]], tmp_path / "one", cfg, on_step=kill_at_2)
+    train_killed_at(2, build_scratch_model(PRESET, VOCAB), [shards[0]], tmp_path / "one", cfg)
     model = build_scratch_model(PRESET, VOCAB)
     with pytest.raises(InputError, match="written with --sharding ddp"):
         _load_checkpoint(checkpoint_dir(tmp_path / "one"), model, torch.optim.AdamW(model.parameters()), "cpu", fsdp=True)
@@ -112,16 +105,11 @@ def _rank_main(job_path: str) -> None:
     import torch.distributed as dist
 
     job = json.loads(Path(job_path).read_text())
-
-    def kill(step, state):
-        if step == job["kill_at"]:
-            raise _Killed
-
     dist.init_process_group("gloo")
     try:
         train_model(job["init"], job["shards"], job["out"], TrainConfig.from_dict(job["config"]),
-                    valid_paths=job["valid"], on_step=kill)
-    except _Killed:
+                    valid_paths=job["valid"], on_step=kill_at(job["kill_at"]))
+    except Killed:
         pass
     finally:
         dist.destroy_process_group()

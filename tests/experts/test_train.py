@@ -10,6 +10,7 @@ from experts.model import ModelPreset, build_scratch_model
 from experts.train import (
     TrainConfig, branch_weights, checkpoint_dir, compute_budget, make_linear_cross_entropy, plan_training, train_model,
 )
+from tests.experts.train_helpers import train_killed_at
 
 PRESET = ModelPreset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, seq_len=16)
 VOCAB, SEQ = 64, 16
@@ -36,26 +37,12 @@ def _cfg(**kw):
     return TrainConfig(**base)
 
 
-class _Killed(Exception):
-    pass
-
-
-def _train_killed_at(kill_step: int, shard, out, cfg) -> None:
-    """Train into `out`, interrupted by an exception at the end of step `kill_step` (a kill)."""
-    def kill(step, state):
-        if step == kill_step:
-            raise _Killed
-
-    with pytest.raises(_Killed):
-        train_model(_model(), [shard], out, cfg, on_step=kill)
-
-
 def test_resume_after_kill_equals_uninterrupted(shard, tmp_path):
     cfg = _cfg(checkpoint_every=2)
     full = train_model(_model(), [shard], tmp_path / "full", cfg)
 
     out = tmp_path / "resumed"
-    _train_killed_at(5, shard, out, cfg)
+    train_killed_at(5, _model(), [shard], out, cfg)
     assert not out.exists() and (checkpoint_dir(out) / "trainer_state.json").is_file()
     res = train_model(_model(seed=99), [shard], out, cfg)  # fresh init: everything must come from the checkpoint
     assert res["resumed_at"] == [4]
@@ -207,7 +194,7 @@ def test_bf16_params_train_and_resume_exactly(shard, tmp_path):
     assert full["bf16_params"] and full["loss_curve"][-1][1] < full["loss_curve"][0][1]
 
     out = tmp_path / "resumed"
-    _train_killed_at(5, shard, out, cfg)
+    train_killed_at(5, _model(), [shard], out, cfg)
     res = train_model(_model(seed=99), [shard], out, cfg)
     assert res["resumed_at"] == [4] and res["loss_curve"] == full["loss_curve"]
     from safetensors.torch import load_file

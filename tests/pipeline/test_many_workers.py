@@ -66,7 +66,6 @@ def test_two_workers_train_each_expert_once(tmp_path):
         assert len(trained) == 3 and len(set(trained)) == 3  # every expert, exactly once
         for stage in ("PrepareCorpus", "EmbedCorpus", "FitClusters", "AssignClusters", "ShardCorpus", "TrainSeed"):
             assert [r["stage"] for r in runs].count(stage) == 1, stage
-        assert len({r["pid"] for r in runs}) >= 1
         assert sorted(p.name for p in next(run_dir.glob("experts-*")).iterdir()) == [
             "cluster_000", "cluster_001", "cluster_002"]
     finally:

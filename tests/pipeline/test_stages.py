@@ -65,6 +65,15 @@ def test_prepare_corpus_stage_stamp_and_edit_in_place(tmp_path):
     assert fresh.out_path() != stage.out_path() and not fresh.complete()
 
 
+def test_train_expert_checks_cluster_id_and_hashes_branch_temperature(tmp_path):
+    base = dict(corpus="demo", run_dir=str(tmp_path), num_clusters=4)
+    with pytest.raises(InputError, match="--cluster-id 4"):
+        TrainExpert(**base, cluster_id=4)  # refused before anything upstream runs
+    path = lambda **kw: TrainExpert(**base, cluster_id=3, **kw).out_path()  # noqa: E731
+    assert path(temperature=0.5) == path(temperature=0.1)  # branched from the seed: no temperature involved
+    assert path(branch_from="average", temperature=0.5) != path(branch_from="average", temperature=0.1)
+
+
 def test_fewshot_hash_follows_task_files(tmp_path):
     task = tmp_path / "task"
     task.mkdir()
