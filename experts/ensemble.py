@@ -80,15 +80,12 @@ class ExpertSlot:
             self.model = HFCausalLM(model, tokenizer, device=dev, name=str(self.path), max_length=self.max_length)
             log.info("loaded expert %s", self.path)
         if self.offload and isinstance(self.model, HFCausalLM) and self.model.device != self.device:
-            self.model.model.to(self.device)
-            self.model.device = self.device
-            self.model.setup = type(self.model.setup)(self.device, self.model.setup.dtype if self.device.type == "cuda" else torch.float32)
+            self.model.to(self.device)
         return self.model
 
     def release(self) -> None:
         if self.offload and isinstance(self.model, HFCausalLM) and self.model.device.type != "cpu":
-            self.model.model.to("cpu")
-            self.model.device = torch.device("cpu")
+            self.model.to("cpu")
 
 
 def _load_tokenizer(slot: ExpertSlot):
@@ -671,8 +668,7 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
             return self._gen_mix(ids, prompt_len, sel, logw[sel].exp().tolist(), state["caches"]), state
         if state is None:  # prefix log-likelihood of the prompt under each expert
             x = torch.tensor([ids])
-            ll = torch.stack([self.slots[j].get().token_logprobs(x.to(self.slots[j].get().device)).float().sum().to(self.device)
-                              for j in range(k)])
+            ll = torch.stack([self._run_expert(j, x, None, None)[0].sum() for j in range(k)])
             state = {"ll": ll, "caches": {}, "n": len(ids), "last": None}
         elif state["last"] is not None:  # add log p_j of the token appended since the last step
             tok = ids[state["n"]]
@@ -681,6 +677,7 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
         dists = []
         for j in range(k):
             lp, state["caches"][j] = self.slots[j].get().generation_step(ids, prompt_len, state["caches"].get(j))
+            self.slots[j].release()
             dists.append(lp.float().to(self.device))
         state["last"] = dists
         logw = self._top_k_renorm(torch.log_softmax(self._log_prior() + state["ll"], 0))

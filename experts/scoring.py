@@ -250,6 +250,15 @@ class HFCausalLM(ScoringModel):
         if getattr(model.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and decoder is not model and head is not None:
             self.split = (decoder, head)
 
+    def to(self, device: str | torch.device) -> "HFCausalLM":
+        """Move the weights to `device`, with that device's compute setup (bf16 autocast on CUDA)."""
+        from experts.device import resolve_device
+
+        self.setup = resolve_device(device)
+        self.device = self.setup.device
+        self.model.to(self.device)
+        return self
+
     @classmethod
     def from_pretrained(cls, path: str, device: str | torch.device = "cpu", name: str | None = None, **kw):
         from experts.model import load_causal_lm
