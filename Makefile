@@ -13,13 +13,21 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 
-install: $(BIN)/python
+# The packages are installed editable, so code changes need no reinstall: pip runs again only when setup.cfg
+# changes (or after `make clean`).
+$(VENV)/.installed: $(BIN)/python setup.cfg
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[encoder]"
+	touch $@
 
-install-dev: $(BIN)/python
+$(VENV)/.installed-dev: $(BIN)/python setup.cfg
 	$(BIN)/pip install -q "$(TORCH)"
 	$(BIN)/pip install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+install-dev: $(VENV)/.installed-dev
 
 demo: install
 	$(BIN)/luigi --module pipeline RunAll --local-scheduler

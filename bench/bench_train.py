@@ -18,7 +18,8 @@ Loops: `ref_eager`, `ref_compiled`, `ours` (train_model's defaults), and `ours_<
 cos/sin recomputed inside the fused kernels), `backbone`/`whole` (backbone and each loss chunk compiled apart /
 as one graph), `chunksN` (N loss chunks), `nocausal` (HF's own mask building), `flash`/`cudnn`/`efficient`
 (force that SDPA kernel), `autotune` (`max-autotune-no-cudagraphs`), `cudagraphs` (`reduce-overhead`),
-`nofused` (full logits + CE), `eager` (no torch.compile).
+`nofused` (full logits + CE), `eager` (no torch.compile), `eagerupdate` (the optimizer update not compiled: cast,
+clip, fused AdamW, copy), and inductor settings `coordesc` (coordinate_descent_tuning), `combo` (combo_kernels).
 
     python bench/bench_train.py --sizes small,base            # prints a markdown table
     python bench/bench_train.py --runs none --profile base:ours   # torch.profiler of train_model's steps 5–7
@@ -121,6 +122,11 @@ OPTIONS = {
     "autotune": {"compile_mode": "max-autotune-no-cudagraphs"},
     "nofused": {"fused_loss": False},
     "eager": {"compile": False},
+    "eagerupdate": {"compile_update": False},
+}
+INDUCTOR_OPTIONS = {  # loop options that set torch._inductor.config in the row's process
+    "coordesc": {"coordinate_descent_tuning": True},
+    "combo": {"combo_kernels": True},
 }
 
 
@@ -131,6 +137,8 @@ def loop_options(loop: str) -> dict:
     for opt in loop.split("_")[1:]:
         if opt.startswith("chunks") and opt[6:].isdigit():
             kw["loss_chunks"] = int(opt[6:])
+            continue
+        if opt in INDUCTOR_OPTIONS:
             continue
         if opt not in OPTIONS:
             raise SystemExit(f"unknown option {opt!r} in loop {loop!r}; options: {', '.join(OPTIONS)}")
@@ -218,6 +226,11 @@ def child(args) -> None:
 
     torch.backends.cuda.matmul.allow_tf32 = True
     size, loop = args.child.split(":")
+    import torch._inductor.config as inductor_config
+
+    for opt in loop.split("_")[1:]:
+        for k, v in INDUCTOR_OPTIONS.get(opt, {}).items():
+            setattr(inductor_config, k, v)
     if args.profile_out:
         return profile_ours(size, args.vocab, args.seq, args.batch, args.micro, args.profile_out, **loop_options(loop))
     t0 = time.perf_counter()

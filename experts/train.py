@@ -5,8 +5,9 @@ CUDA, SDPA attention with is_causal=True and no materialised mask (`causal_sdpa_
 `torch.compile`, gradient accumulation up to a global batch in tokens, gradient
 clipping, seeded data order. The loss is computed by a chunked fused linear + cross-entropy so the
 (B, T, V) logits are never materialised in fp32 (the same idea as Liger-Kernel's FusedLinearCrossEntropy).
-On one GPU the model computes with bf16 weights while AdamW updates fp32 master weights (`MasterWeights`), RoPE
-reads cos/sin from tables (`cache_rotary`), and backbone + loss compile as one graph (bench/RESULTS.md).
+On one GPU the model computes with bf16 weights while AdamW updates fp32 master weights (`MasterWeights`, whose
+clipping + AdamW + bf16 copy compile into one update), RoPE reads cos/sin from tables (`cache_rotary`), and
+backbone + loss compile as one graph (bench/RESULTS.md).
 
 Resume: every `checkpoint_every` steps the full state (weights, AdamW moments, step/schedule, RNG states,
 data position, loss history) is written atomically to `<out_dir>.ckpt/` as safetensors + JSON (no pickle).
@@ -54,10 +55,10 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Blocks per forward/backward on one device (--micro-batch-size)."""
     global_batch_tokens: int | None = None
-    """Tokens per optimizer step over all devices (--global-batch-tokens); None = one micro-batch per device.
+    """Tokens per optimizer step over all devices (--batch-tokens); None = one micro-batch per device.
     Gradient accumulation = global_batch_tokens // (micro_batch_size · seq_len · world_size)."""
     lr: float = 3e-4
-    """Peak learning rate (--lr)."""
+    """Peak learning rate (--learning-rate)."""
     min_lr: float = 3e-5
     """Learning rate at the end of the decay (--min-lr)."""
     warmup_steps: int | None = None
@@ -117,6 +118,10 @@ class TrainConfig:
     """bf16 model parameters (so bf16 activations and residual stream) with fp32 master weights, gradients and
     AdamW moments in the optimizer (`MasterWeights`; --bf16-params/--no-bf16-params). None = on for one CUDA
     device with bf16, off on CPU and under DDP. Checkpoints and the saved model hold the fp32 master weights."""
+    compile_update: bool | None = None
+    """With bf16_params: compile the optimizer update (gradient clipping, AdamW on the fp32 masters, bf16 copy) into
+    a few fused kernels (`MasterWeights.step`); None = when the model is compiled. Costs ~40–100 s of compilation
+    in a process's first step, which inductor's on-disk cache saves later processes on the same machine."""
     ddp_backend: str | None = None
     """Process-group backend when launched by torchrun: None = nccl on CUDA, gloo on CPU."""
     sharding: str = "ddp"
@@ -131,9 +136,9 @@ class TrainConfig:
             (self.train_tokens > 0, f"--train-tokens must be positive, got {self.train_tokens}"),
             (self.micro_batch_size > 0, f"--micro-batch-size must be positive, got {self.micro_batch_size}"),
             (self.global_batch_tokens is None or self.global_batch_tokens > 0,
-             f"--global-batch-tokens must be positive, got {self.global_batch_tokens}"),
-            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --lr], got {self.min_lr}"),
+             f"--batch-tokens must be positive, got {self.global_batch_tokens}"),
+            (self.lr > 0, f"--learning-rate must be positive, got {self.lr}"),
+            (0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --learning-rate], got {self.min_lr}"),
             (self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (0 <= self.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}"),
             (self.decay in ("cosine", "linear"), f"--decay must be 'cosine' or 'linear', got {self.decay!r}"),
@@ -344,13 +349,14 @@ class MasterWeights:
 
     Every fp32 parameter p of `model` stays what the optimizer and the checkpoint hold (the master); the model
     gets a new parameter p̂ = bf16(p) in its place (tied weights stay tied), so activations and the residual
-    stream are bf16 too. After each backward a post-accumulate-grad hook adds p̂.grad to p.grad in fp32 and frees
-    p̂.grad (gradient accumulation over micro-batches sums in fp32); gradient clipping and AdamW then run on the
-    masters, and `copy_to_model()` sets p̂ = bf16(p) after every optimizer step. `fp32_model()` puts the masters
-    into the model for a while (writing a checkpoint); `restore()` puts them back for good.
+    stream are bf16 too. `step()` clips the gradients, takes one AdamW step on the masters and sets p̂ = bf16(p).
+    With `accumulate` (gradient accumulation over micro-batches) a post-accumulate-grad hook adds each p̂.grad to
+    p.grad in fp32 and frees p̂.grad, so the sum is fp32; without it `step()` reads the bf16 p̂.grad directly.
+    `fp32_model()` puts the masters into the model for a while (writing a checkpoint); `restore()` puts them back
+    for good.
     """
 
-    def __init__(self, model, dtype):
+    def __init__(self, model, dtype, accumulate: bool = True, compile: bool = False):
         import torch
 
         self._slots = []  # (module, name, master, low)
@@ -361,21 +367,78 @@ class MasterWeights:
                     continue
                 if id(p) not in low_of:
                     low = torch.nn.Parameter(p.detach().to(dtype), requires_grad=p.requires_grad)
-                    if p.requires_grad:
+                    if p.requires_grad and accumulate:
                         low.register_post_accumulate_grad_hook(_grad_to_master(p))
                     low_of[id(p)] = low
                 self._slots.append((module, name, p, low_of[id(p)]))
         pairs = {id(m): (m, low) for _, _, m, low in self._slots}.values()
         self.masters = [m for m, _ in pairs]  # fp32, what the optimizer updates
         self.lows = [low for _, low in pairs]  # bf16, what the model computes with
+        self._low_of = {id(m): low for m, low in pairs}
+        self.accumulate = accumulate
+        self.compiled = compile
+        # combo_kernels: inductor packs the per-parameter update kernels into a few launches (bench/RESULTS.md)
+        self._update = (torch.compile(_master_update, dynamic=False, options={"combo_kernels": True}) if compile
+                        else _master_update)
+        self._lrs: list | None = None
         self._use(low=True)
 
     def _use(self, low: bool) -> None:
         for module, name, master, p_low in self._slots:
             module._parameters[name] = p_low if low else master
 
+    def step(self, optimizer, max_norm: float) -> None:
+        """What `clip_grad_norm_(masters, max_norm)` (0 = no clipping), `optimizer.step()` and `copy_to_model()`
+        do in turn, as one update: on CUDA one compiled graph of a few fused kernels that read each bf16 gradient
+        once, instead of a cast per parameter, a clipping pass and the fused AdamW pass (bench/RESULTS.md).
+
+        `optimizer` is the `torch.optim.AdamW` over the masters; its param groups give lr, betas, eps and weight
+        decay, and its state holds the moments and step counts (created as AdamW creates them), so checkpoints
+        are the same either way. Parameters without a gradient are skipped, as AdamW skips them (when compiled, a
+        new set of such parameters compiles a new graph).
+        """
+        import torch
+
+        groups, lr_of, flat = [], [], {k: [] for k in ("grads", "masters", "lows", "exp_avgs", "exp_avg_sqs", "steps")}
+        for group in optimizer.param_groups:
+            start = len(flat["masters"])
+            for m in group["params"]:
+                low = self._low_of[id(m)]
+                g = m.grad if self.accumulate else low.grad
+                if g is None:
+                    continue
+                st = optimizer.state[m]
+                if not st:  # as torch.optim.AdamW initialises its state (fused/capturable: step on the device)
+                    on_device = m.device.type != "cpu"
+                    st["step"] = (torch.zeros((), dtype=torch.float32, device=m.device) if on_device
+                                  else torch.tensor(0.0, dtype=torch.float32))
+                    st["exp_avg"] = torch.zeros_like(m, memory_format=torch.preserve_format)
+                    st["exp_avg_sq"] = torch.zeros_like(m, memory_format=torch.preserve_format)
+                for k, v in (("grads", g), ("masters", m), ("lows", low), ("exp_avgs", st["exp_avg"]),
+                             ("exp_avg_sqs", st["exp_avg_sq"]), ("steps", st["step"])):
+                    flat[k].append(v)
+            if len(flat["masters"]) > start:
+                groups.append((start, len(flat["masters"]), float(group["weight_decay"]), *map(float, group["betas"]),
+                               float(group["eps"])))
+                lr_of.append(float(group["lr"]))
+        if not groups:
+            return
+        impl = "tensor" if self.compiled or flat["masters"][0].device.type == "cpu" else "fused"
+        lrs = lr_of
+        if flat["masters"][0].device.type != "cpu":  # lr as a device tensor: a new lr must not recompile the graph
+            if self._lrs is None or len(self._lrs) < len(lr_of):
+                self._lrs = [torch.zeros((), dtype=torch.float32, device=flat["masters"][0].device) for _ in lr_of]
+            lrs = self._lrs[: len(lr_of)]
+            for t, lr in zip(lrs, lr_of):
+                t.fill_(lr)
+        with torch.no_grad():
+            self._update(flat["grads"], flat["masters"], flat["lows"], flat["exp_avgs"], flat["exp_avg_sqs"],
+                         flat["steps"], lrs, tuple(groups), float(max_norm), impl)
+        for low in self.lows:
+            low.grad = None
+
     def copy_to_model(self) -> None:
-        """p̂ ← bf16(p) for every parameter (after each optimizer step)."""
+        """p̂ ← bf16(p) for every parameter."""
         import torch
 
         with torch.no_grad():
@@ -406,6 +469,47 @@ def _grad_to_master(master):
     return hook
 
 
+def _master_update(grads, masters, lows, exp_avgs, exp_avg_sqs, steps, lrs, groups, max_norm: float, impl: str):
+    """Clip `grads` (bf16 or fp32) to a global norm of `max_norm` (as clip_grad_norm_), take one AdamW step on the
+    fp32 `masters` per group (start, end, weight_decay, beta1, beta2, eps) with learning rates `lrs`, and copy
+    the masters into the bf16 `lows`.
+
+    impl 'tensor': AdamW written out per tensor (torch's single-tensor AdamW, step for step), so that torch.compile
+    fuses each parameter's whole update — read the gradient once, update moments and master, write the bf16 copy —
+    into one kernel; eager on CPU. impl 'fused': torch's fused AdamW kernel (CUDA without compilation)."""
+    import torch
+
+    coef = None
+    if max_norm > 0:
+        norms = torch._foreach_norm(grads, 2, dtype=torch.float32)  # reads the bf16 gradients as they are
+        coef = torch.clamp(max_norm / (torch.linalg.vector_norm(torch.stack(norms)) + 1e-6), max=1.0)
+    if impl == "fused":
+        from torch.optim.adamw import adamw
+
+        grads = [g.float() for g in grads]
+        if coef is not None:
+            grads = torch._foreach_mul(grads, coef)
+        for (start, end, weight_decay, beta1, beta2, eps), lr in zip(groups, lrs):
+            sl = slice(start, end)
+            adamw(masters[sl], grads[sl], exp_avgs[sl], exp_avg_sqs[sl], [], steps[sl], fused=True, amsgrad=False,
+                  beta1=beta1, beta2=beta2, lr=lr, weight_decay=weight_decay, eps=eps, maximize=False)
+        torch._foreach_copy_(lows, masters)
+        return
+    for (start, end, weight_decay, beta1, beta2, eps), lr in zip(groups, lrs):
+        for i in range(start, end):
+            grad = grads[i].float() if coef is None else grads[i].float() * coef
+            param, exp_avg, exp_avg_sq, step = masters[i], exp_avgs[i], exp_avg_sqs[i], steps[i]
+            step.add_(1)
+            param.mul_(1 - lr * weight_decay)
+            exp_avg.lerp_(grad, 1 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+            bias_correction1 = 1 - beta1**step
+            bias_correction2_sqrt = (1 - beta2**step).sqrt()
+            denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
+            param.sub_(exp_avg / denom * (lr / bias_correction1))
+            lows[i].copy_(param)
+
+
 # ---------------------------------------------------------------------------------------------- plan
 @dataclass
 class TrainPlan:
@@ -433,7 +537,7 @@ def plan_training(config: TrainConfig, seq_len: int, world_size: int = 1) -> Tra
         accum = config.global_batch_tokens // micro_tokens
         if accum < 1:
             raise InputError(
-                f"--global-batch-tokens {config.global_batch_tokens} is smaller than one micro-batch on all devices "
+                f"--batch-tokens {config.global_batch_tokens} is smaller than one micro-batch on all devices "
                 f"({config.micro_batch_size} x {seq_len} x {world_size} = {micro_tokens} tokens); lower --micro-batch-size"
             )
     tokens_per_step = accum * micro_tokens
@@ -443,7 +547,7 @@ def plan_training(config: TrainConfig, seq_len: int, world_size: int = 1) -> Tra
     if steps < 1:
         raise InputError(
             f"--train-tokens {config.train_tokens} is less than one global batch ({tokens_per_step} tokens); "
-            "raise the budget or lower --global-batch-tokens/--micro-batch-size"
+            "raise the budget or lower --batch-tokens/--micro-batch-size"
         )
     warmup = config.warmup_steps if config.warmup_steps is not None else int(round(config.warmup_fraction * steps))
     if warmup >= steps and warmup > 0:
@@ -875,7 +979,7 @@ def train_model(
         raise InputError(
             f"shard(s) {', '.join(shard_paths)} hold {data.n_tokens} tokens, fewer than one global batch "
             f"({plan.tokens_per_step} tokens); merge tiny clusters (--min-cluster-tokens), skip this cluster, or "
-            "lower --micro-batch-size/--global-batch-tokens"
+            "lower --micro-batch-size/--batch-tokens"
         )
     valid = PackedBlocks([str(p) for p in valid_paths], seq_len=data.seq_len, shuffle=False) if valid_paths else None
     if valid is not None and valid.n_blocks == 0:
@@ -913,7 +1017,9 @@ def train_model(
         state["resumed_at"].append(state["step"])
         log.info("resuming %s from step %d (%s)", out_dir, state["step"], ckpt)
     state["plan"] = asdict(plan)
-    masters = MasterWeights(model, torch.bfloat16) if use_bf16 else None  # after the fp32 checkpoint is loaded
+    compile_update = config.compile_update if config.compile_update is not None else use_compile
+    masters = (MasterWeights(model, torch.bfloat16, accumulate=plan.grad_accum > 1, compile=compile_update)
+               if use_bf16 else None)  # after the fp32 checkpoint is loaded
 
     def hand_back():  # undo what only training needs: attention name, rotary tables, bf16 weights
         restore_attention(model, prev_attn)
@@ -987,11 +1093,12 @@ def train_model(
                 loss_acc += lm.detach()
                 if router_logits is not None:
                     router_stats.update(router_logits, top_k)
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters() if masters is None else masters.masters, config.grad_clip)
-            optimizer.step()
-            if masters is not None:
-                masters.copy_to_model()
+            if masters is not None:  # clipping, AdamW on the fp32 masters and the bf16 copy in one update
+                masters.step(optimizer, config.grad_clip)
+            else:
+                if config.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             loss_acc /= plan.grad_accum
             if world > 1:

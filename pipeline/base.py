@@ -88,7 +88,11 @@ class RunParams:
     train_tokens = _p(1_200_000, luigi.IntParameter, name="train_tokens",
                       description="whole budget: seed + all experts (= seed + dense)")
     seed_fraction = _p(0.5, luigi.FloatParameter, name="seed_fraction")
-    batch_tokens = _p(0, luigi.IntParameter, name="batch_tokens", description="global batch in tokens; 0 = auto")
+    batch_tokens = _p(0, luigi.IntParameter, name="batch_tokens", description="global batch in tokens; 0 = one "
+                      "micro-batch per GPU")
+    micro_batch_size = _p(8, luigi.IntParameter, name="micro_batch_size", description="blocks per forward/backward "
+                          "on one GPU; gradient accumulation fills --batch-tokens (lower it when CUDA runs out of "
+                          "memory)")
     learning_rate = _p(0.003, luigi.FloatParameter, name="learning_rate", description="peak LR (demo value for the tiny preset; ~3e-4 for small/base); 0 = TrainConfig default")
     branch_from = _p("seed", name="branch_from", description="seed | average (of the seed-branched experts, "
                      "weighted by centroid distances)")
@@ -192,6 +196,8 @@ class RunParams:
             raise InputError(f"--route-every {self.route_every}: must be ≥ 1")
         if self.gpus_per_expert < 1:
             raise InputError(f"--gpus-per-expert {self.gpus_per_expert}: must be ≥ 1")
+        if self.micro_batch_size < 1:
+            raise InputError(f"--micro-batch-size {self.micro_batch_size}: must be ≥ 1")
         if self.eval_batch_size < 1:
             raise InputError(f"--eval-batch-size {self.eval_batch_size}: must be ≥ 1")
         if self.shots < 0:
@@ -229,7 +235,8 @@ class Stage(RunParams, luigi.Task):
     # ---- paths and hashes ------------------------------------------------------------------------------
     @property
     def resources(self) -> dict:
-        return {"gpu": self.gpu_count()} if self.gpu_stage else {}
+        """GPU stages take `gpu_count()` units of the scheduler's `[resources] gpu`; on --device cpu they take none."""
+        return {"gpu": self.gpu_count()} if self.gpu_stage and self.device != "cpu" else {}
 
     def gpu_count(self) -> int:
         return 1

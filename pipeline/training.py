@@ -77,6 +77,12 @@ class _TrainStage(Stage):
     def shards(self) -> Path:
         return self.clone(ShardCorpus).out_path()
 
+    def _hash_value(self, name: str):
+        if name == "batch_tokens" and not self.batch_tokens:
+            # one micro-batch per GPU is then the global batch; the default 8 keeps the hashes runs already have
+            return f"{self.micro_batch_size} blocks per GPU" if self.micro_batch_size != 8 else 0
+        return super()._hash_value(name)
+
     @staticmethod
     def summary(info, keys=("tokens_seen", "steps", "wall_time_s", "gpu_hours", "final_loss")) -> dict:
         """The stage.json `result`: the headline fields of the training result."""
@@ -99,7 +105,7 @@ class _TrainStage(Stage):
         from experts.train import TrainConfig
 
         opts = dict(train_tokens=tokens, seed=self.seed, device=self.device, sharding=self.sharding,
-                    global_batch_tokens=self.batch_tokens or None,
+                    global_batch_tokens=self.batch_tokens or None, micro_batch_size=self.micro_batch_size,
                     compile={"auto": None, "on": True, "off": False}[self.compile])
         opts.update(kw)
         if self.learning_rate:

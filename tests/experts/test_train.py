@@ -188,6 +188,52 @@ def test_master_weights_bf16_model_fp32_optimizer():
     assert all(p is fp32[n] for n, p in model.named_parameters())
 
 
+@pytest.mark.parametrize("accumulate", [False, True])
+def test_master_step_equals_clip_adamw_and_copy(accumulate):
+    """MasterWeights.step = clip_grad_norm_ + torch AdamW.step + bf16 copy, with or without gradient accumulation."""
+    import copy
+
+    from experts.train import MasterWeights
+
+    model = build_scratch_model(ModelPreset(32, 2, 4, 64, SEQ, True), VOCAB)
+    ref = copy.deepcopy(model)
+    names = [n for n, _ in model.named_parameters()]
+    ref_params = dict(ref.named_parameters())
+    mw = MasterWeights(model, torch.bfloat16, accumulate=accumulate)
+
+    def groups(params):
+        return [{"params": [p for p in params if p.dim() >= 2], "weight_decay": 0.1},
+                {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+
+    masters = dict(zip(names, mw.masters))  # named_parameters() and masters follow the same module order
+    opt = torch.optim.AdamW(groups(list(masters.values())), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    ref_opt = torch.optim.AdamW(groups([ref_params[n] for n in names]), lr=1e-2, betas=(0.9, 0.95), eps=1e-8)
+    for step, lr in enumerate([1e-2, 5e-3, 2e-3]):
+        x = torch.randint(0, VOCAB, (2, SEQ), generator=torch.Generator().manual_seed(step))
+        for _ in range(2 if accumulate else 1):
+            model(input_ids=x, labels=x).loss.backward()
+        for n in names:  # the reference sees exactly the fp32 gradients the masters are updated with
+            low = mw._low_of[id(masters[n])]
+            ref_params[n].grad = (masters[n].grad if accumulate else low.grad.float()).clone()
+        for o in (opt, ref_opt):
+            for g in o.param_groups:
+                g["lr"] = lr
+        total = torch.nn.utils.clip_grad_norm_(ref.parameters(), 0.05)
+        assert total > 0.05  # clipping is active
+        ref_opt.step()
+        ref_opt.zero_grad(set_to_none=True)
+        mw.step(opt, 0.05)
+        opt.zero_grad(set_to_none=True)
+        assert all(low.grad is None for low in mw.lows) and all(m.grad is None for m in mw.masters)
+        for n in names:
+            torch.testing.assert_close(masters[n], ref_params[n], rtol=1e-6, atol=1e-7)
+            assert torch.equal(mw._low_of[id(masters[n])], masters[n].to(torch.bfloat16))
+    assert opt.state_dict()["state"].keys() == ref_opt.state_dict()["state"].keys()
+    for a, b in zip(opt.state_dict()["state"].values(), ref_opt.state_dict()["state"].values()):
+        assert a.keys() == b.keys() and float(a["step"]) == float(b["step"]) == 3
+        torch.testing.assert_close(a["exp_avg_sq"], b["exp_avg_sq"], rtol=1e-6, atol=1e-12)
+
+
 def test_bf16_params_train_and_resume_exactly(shard, tmp_path):
     cfg = _cfg(checkpoint_every=2, bf16_params=True)
     full = train_model(_model(), [shard], tmp_path / "full", cfg)

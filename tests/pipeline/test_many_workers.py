@@ -51,10 +51,12 @@ def test_two_workers_train_each_expert_once(tmp_path):
     try:
         _wait_for_port(port, luigid)
         run_dir = tmp_path / "run"
-        params = tiny_params(write_tiny_corpus(tmp_path / "corpus"), run_dir, num_clusters=3)
+        # experts long enough (~2 s each) that a worker polling every 0.2 s takes the next one while the other trains
+        params = tiny_params(write_tiny_corpus(tmp_path / "corpus"), run_dir, num_clusters=3, train_tokens=98304)
         flags = [f"--{k.replace('_', '-')}={v}" for k, v in params.items()]
         cmd = [sys.executable, "-m", "luigi", "--module", "pipeline", "TrainExperts", *flags, "--workers", "1",
-               "--worker-keep-alive", "--no-lock", "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port)]
+               "--worker-keep-alive", "--worker-wait-interval", "0.2", "--worker-wait-jitter", "0.2", "--no-lock",
+               "--scheduler-host", "127.0.0.1", "--scheduler-port", str(port)]
         for i in range(2):
             log = open(tmp_path / f"worker{i}.log", "w")
             workers.append((subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT), log))
@@ -64,6 +66,8 @@ def test_two_workers_train_each_expert_once(tmp_path):
         runs = read_stage_log(run_dir)
         trained = [r["task_id"] for r in runs if r["stage"] == "TrainExpert"]
         assert len(trained) == 3 and len(set(trained)) == 3  # every expert, exactly once
+        expert_pids = {r["pid"] for r in runs if r["stage"] == "TrainExpert"}
+        assert expert_pids == {p.pid for p, _ in workers}, (expert_pids, [r["pid"] for r in runs])  # shared work
         for stage in ("PrepareCorpus", "EmbedCorpus", "FitClusters", "AssignClusters", "ShardCorpus", "TrainSeed"):
             assert [r["stage"] for r in runs].count(stage) == 1, stage
         assert sorted(p.name for p in next(run_dir.glob("experts-*")).iterdir()) == [

@@ -74,6 +74,18 @@ def test_train_expert_checks_cluster_id_and_hashes_branch_temperature(tmp_path):
     assert path(branch_from="average", temperature=0.5) != path(branch_from="average", temperature=0.1)
 
 
+def test_micro_batch_size_reaches_training_and_hashes_only_as_the_global_batch(tmp_path):
+    from pipeline import TrainDense, TrainSeed
+
+    base = dict(corpus="demo", run_dir=str(tmp_path))
+    assert TrainDense(**base, micro_batch_size=4).train_config(1000).micro_batch_size == 4
+    path = lambda **kw: TrainSeed(**base, **kw).out_path()  # noqa: E731
+    assert path(micro_batch_size=4) != path()  # --batch-tokens 0: the micro-batch is the global batch
+    assert path(batch_tokens=8192, micro_batch_size=4) == path(batch_tokens=8192)  # accumulation only
+    with pytest.raises(InputError, match="--micro-batch-size 0"):
+        RunAll(**base, micro_batch_size=0)
+
+
 def test_fewshot_hash_follows_task_files(tmp_path):
     task = tmp_path / "task"
     task.mkdir()
