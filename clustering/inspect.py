@@ -51,7 +51,7 @@ def describe_clusters(
     from sklearn.metrics import normalized_mutual_info_score
 
     from clustering.embed import load_embedder
-    from corpus.io import read_json
+    from corpus.io import read_json, take_rows
 
     corpus_dir, embeddings_dir = Path(corpus_dir), Path(embeddings_dir)
     assignments_dir, clusters_dir, out_dir = Path(assignments_dir), Path(clusters_dir), Path(out_dir)
@@ -59,7 +59,8 @@ def describe_clusters(
     for p in (cpath, apath, clusters_dir / "centroids.npy"):
         if not p.exists():
             raise InputError(f"missing file: {p}")
-    corpus = pq.read_table(cpath).to_pandas()
+    # ids and labels only: the texts of the few example documents are read at the end (`take_rows`)
+    corpus = pq.read_table(cpath, columns=[c for c in ("id", "label") if c in pq.read_schema(cpath).names]).to_pandas()
     assign = pq.read_table(apath).to_pandas()
     if len(corpus) != len(assign) or not (corpus["id"].astype(str).values == assign["id"].astype(str).values).all():
         raise InputError(f"{apath} does not match {cpath} (different documents or order)")
@@ -67,7 +68,6 @@ def describe_clusters(
     k = centroids.shape[0]
     cid = assign["cluster_id"].to_numpy().astype(np.int64)
     dist = assign["distance"].to_numpy()
-    texts = corpus["text"].tolist()
     has_label = "label" in corpus.columns and corpus["label"].notna().any()
     if label_field_present is not True and label_field_present != "auto":
         has_label = False
@@ -94,11 +94,8 @@ def describe_clusters(
         if top_terms is not None:
             info["top_terms"] = top_terms[j]
         if members.size:
-            nearest = members[np.argsort(dist[members], kind="stable")[:n_examples]]
-            info["nearest_documents"] = [{"id": str(corpus["id"].iloc[i]), "text": _snippet(texts[i])}
-                                         for i in nearest]
-            ex = rng.choice(members, size=min(n_examples, members.size), replace=False)
-            info["examples"] = [_snippet(texts[i]) for i in ex]
+            info["nearest_documents"] = members[np.argsort(dist[members], kind="stable")[:n_examples]].tolist()
+            info["examples"] = rng.choice(members, size=min(n_examples, members.size), replace=False).tolist()
             info["mean_distance"] = float(dist[members].mean())
         if labels is not None and members.size:
             vals, cnt = np.unique(labels[members], return_counts=True)
@@ -106,6 +103,13 @@ def describe_clusters(
             info["label_distribution"] = {str(vals[o]): int(cnt[o]) for o in order}
             info["majority_label"] = str(vals[order[0]])
         clusters.append(info)
+    needed = sorted({i for info in clusters for key in ("nearest_documents", "examples") for i in info.get(key, [])})
+    texts = dict(zip(needed, (row["text"] for row in take_rows(cpath, needed, ["text"]))))
+    for info in clusters:  # row indices → snippets
+        if "nearest_documents" in info:
+            info["nearest_documents"] = [{"id": str(corpus["id"].iloc[i]), "text": _snippet(texts[i])}
+                                         for i in info["nearest_documents"]]
+            info["examples"] = [_snippet(texts[i]) for i in info["examples"]]
     result: dict = {"n_clusters": k, "n_docs": int(len(cid)), "sizes": sizes.tolist(),
                     "max_over_min": float(sizes.max() / sizes.min()) if sizes.min() > 0 else float("inf"),
                     "embedder": getattr(embedder, "kind", None), "clusters": clusters}

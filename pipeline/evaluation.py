@@ -51,15 +51,20 @@ class EvaluatePerplexity(_EvaluateModel):
         import numpy as np
         import pyarrow.parquet as pq
 
+        from corpus.io import take_rows
+
         r = self.requires()
-        rows = pq.read_table(self.input_path(r["corpus"]) / f"{split}.parquet").to_pylist()
+        path = self.input_path(r["corpus"]) / f"{split}.parquet"
+        n = pq.ParquetFile(path).metadata.num_rows
+        if self.eval_max_docs and n > self.eval_max_docs:  # read only the sampled documents
+            keep = np.random.default_rng(self.seed).choice(n, self.eval_max_docs, replace=False)
+            rows = take_rows(path, sorted(keep.tolist()))
+        else:
+            rows = pq.read_table(path).to_pylist()
         cluster = dict(zip(*pq.read_table(self.input_path(r["assignments"]) / f"{split}.parquet",
                                           columns=["id", "cluster_id"]).to_pydict().values()))
         for row in rows:
             row["cluster_id"] = int(cluster[row["id"]])
-        if self.eval_max_docs and len(rows) > self.eval_max_docs:
-            keep = np.random.default_rng(self.seed).choice(len(rows), self.eval_max_docs, replace=False)
-            rows = [rows[i] for i in sorted(keep.tolist())]
         return rows
 
     def build(self, out: Path) -> dict:

@@ -93,15 +93,18 @@ class MergeExperts(Stage):
         """Up to `per_cluster` training documents of each cluster (router initialisation from hidden states)."""
         import pyarrow.parquet as pq
 
+        from corpus.io import take_rows
+
         r = self.requires()
-        texts = pq.read_table(self.input_path(r["corpus"]) / "train.parquet", columns=["text"]).column(0).to_pylist()
         ids = pq.read_table(self.input_path(r["assignments"]) / "train.parquet",
                             columns=["cluster_id"]).column(0).to_pylist()
-        groups: list[list[str]] = [[] for _ in range(self.num_clusters)]
-        for text, c in zip(texts, ids):
-            if len(groups[c]) < per_cluster:
-                groups[c].append(text)
-        return groups
+        rows: list[list[int]] = [[] for _ in range(self.num_clusters)]
+        for i, c in enumerate(ids):
+            if len(rows[c]) < per_cluster:
+                rows[c].append(i)
+        flat = [i for group in rows for i in group]
+        texts = iter(row["text"] for row in take_rows(self.input_path(r["corpus"]) / "train.parquet", flat, ["text"]))
+        return [[next(texts) for _ in group] for group in rows]
 
 
 class FinetuneMoE(_TrainStage):

@@ -159,3 +159,20 @@ def test_split_fractions_are_checked(tmp_path):
     src = write_jsonl(tmp_path / "c.jsonl", docs(3))
     with pytest.raises(InputError, match="split"):
         prepare_corpus(src, tmp_path / "out", split=(0.5, 0.1, 0.1))
+
+
+def test_take_rows_reads_the_rows_asked_for_in_order(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from corpus.io import take_rows
+
+    path = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"id": [f"d{i}" for i in range(50)], "text": [f"text {i}" for i in range(50)]}), path,
+                   row_group_size=7)
+    rows = take_rows(path, [42, 3, 3, 49, 0], batch_size=5)  # across batches and row groups, repeats, any order
+    assert [r["id"] for r in rows] == ["d42", "d3", "d3", "d49", "d0"] and rows[0]["text"] == "text 42"
+    assert take_rows(path, [7], columns=["text"]) == [{"text": "text 7"}]
+    assert take_rows(path, []) == []
+    with pytest.raises(InputError, match="has 50 rows"):
+        take_rows(path, [50])
