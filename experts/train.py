@@ -978,8 +978,8 @@ def train_model(
     if data.n_blocks < plan.blocks_per_step:
         raise InputError(
             f"shard(s) {', '.join(shard_paths)} hold {data.n_tokens} tokens, fewer than one global batch "
-            f"({plan.tokens_per_step} tokens); merge tiny clusters (--min-cluster-tokens), skip this cluster, or "
-            "lower --micro-batch-size/--batch-tokens"
+            f"({plan.tokens_per_step} tokens); give small clusters their share with --assign balanced, use fewer "
+            "--num-clusters, or lower --batch-tokens/--micro-batch-size"
         )
     valid = PackedBlocks([str(p) for p in valid_paths], seq_len=data.seq_len, shuffle=False) if valid_paths else None
     if valid is not None and valid.n_blocks == 0:

@@ -114,7 +114,7 @@ def test_branch_weights_softmax_of_negative_squared_distance():
 
 
 def test_bad_inputs_give_clear_messages(shard, tmp_path):
-    with pytest.raises(InputError, match="fewer than one global batch.*min-cluster-tokens"):
+    with pytest.raises(InputError, match="fewer than one global batch.*--assign balanced"):
         train_model(_model(), [shard], tmp_path / "x", _cfg(micro_batch_size=200, train_tokens=10**6))
     with pytest.raises(InputError, match="budget too small for warmup"):
         plan_training(_cfg(train_tokens=3 * 4 * SEQ, warmup_steps=5), SEQ)
