@@ -388,8 +388,8 @@ class MasterWeights:
             module._parameters[name] = p_low if low else master
 
     def step(self, optimizer, max_norm: float) -> None:
-        """What `clip_grad_norm_(masters, max_norm)` (0 = no clipping), `optimizer.step()` and `copy_to_model()`
-        do in turn, as one update: on CUDA one compiled graph of a few fused kernels that read each bf16 gradient
+        """What `clip_grad_norm_(masters, max_norm)` (0 = no clipping), `optimizer.step()` and p̂ = bf16(p) for
+        every parameter do in turn, as one update: on CUDA one compiled graph of a few fused kernels that read each bf16 gradient
         once, instead of a cast per parameter, a clipping pass and the fused AdamW pass (bench/RESULTS.md).
 
         `optimizer` is the `torch.optim.AdamW` over the masters; its param groups give lr, betas, eps and weight
@@ -436,13 +436,6 @@ class MasterWeights:
                          flat["steps"], lrs, tuple(groups), float(max_norm), impl)
         for low in self.lows:
             low.grad = None
-
-    def copy_to_model(self) -> None:
-        """p̂ ← bf16(p) for every parameter."""
-        import torch
-
-        with torch.no_grad():
-            torch._foreach_copy_(self.lows, self.masters)
 
     @contextmanager
     def fp32_model(self):
