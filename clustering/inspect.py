@@ -51,7 +51,8 @@ def describe_clusters(
     from sklearn.metrics import normalized_mutual_info_score
 
     from clustering.embed import load_embedder
-    from corpus.io import read_json, take_rows
+    from corpus.io import read_json
+    from corpus.read import parquet_file, read_columns, take_rows
 
     corpus_dir, embeddings_dir = Path(corpus_dir), Path(embeddings_dir)
     assignments_dir, clusters_dir, out_dir = Path(assignments_dir), Path(clusters_dir), Path(out_dir)
@@ -60,7 +61,7 @@ def describe_clusters(
         if not p.exists():
             raise InputError(f"missing file: {p}")
     # ids and labels only: the texts of the few example documents are read at the end (`take_rows`)
-    corpus = pq.read_table(cpath, columns=[c for c in ("id", "label") if c in pq.read_schema(cpath).names]).to_pandas()
+    corpus = read_columns(cpath, [c for c in ("id", "label") if c in parquet_file(cpath).schema_arrow.names]).to_pandas()
     assign = pq.read_table(apath).to_pandas()
     if len(corpus) != len(assign) or not (corpus["id"].astype(str).values == assign["id"].astype(str).values).all():
         raise InputError(f"{apath} does not match {cpath} (different documents or order)")

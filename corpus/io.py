@@ -85,33 +85,6 @@ def read_json(path: str | os.PathLike) -> Any:
         raise InputError(f"corrupt JSON file {path}: {e}") from None
 
 
-def take_rows(path: str | os.PathLike, indices, columns: list[str] | None = None, batch_size: int = 8192) -> list[dict]:
-    """Rows `indices` (any order, repeats allowed) of a parquet file as dicts, in the order given.
-
-    Reads one record batch at a time and stops after the last row asked for, so memory holds one batch and the
-    rows taken, never the whole file (a corpus split of millions of documents)."""
-    import pyarrow.parquet as pq
-
-    want = sorted({int(i) for i in indices})
-    pf = pq.ParquetFile(path)
-    if want and (want[0] < 0 or want[-1] >= pf.metadata.num_rows):
-        raise InputError(f"{path} has {pf.metadata.num_rows} rows; asked for row {want[0] if want[0] < 0 else want[-1]}")
-    found: dict[int, dict] = {}
-    start = j = 0
-    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
-        if j == len(want):
-            break
-        end = start + batch.num_rows
-        picked = []
-        while j < len(want) and want[j] < end:
-            picked.append(want[j])
-            j += 1
-        if picked:
-            found.update(zip(picked, batch.take([i - start for i in picked]).to_pylist()))
-        start = end
-    return [found[int(i)] for i in indices]
-
-
 def _json_default(o: Any) -> Any:
     import numpy as np
 

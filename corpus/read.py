@@ -386,19 +386,54 @@ def _counts(values: list[str]) -> dict[str, int]:
     return dict(sorted(out.items()))
 
 
-def read_columns(path: str | os.PathLike, columns: list[str]):
-    """The `columns` of a parquet file of a prepared folder as a pyarrow Table; one-line InputError when the file
-    is missing, unreadable or lacks a column."""
+def parquet_file(path: str | os.PathLike, columns: list[str] | None = None):
+    """`pyarrow.parquet.ParquetFile` of a prepared folder's file; one-line InputError when the file is missing,
+    unreadable or lacks one of `columns`."""
     import pyarrow.parquet as pq
 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"missing file: {path}")
     try:
-        names = pq.ParquetFile(path).schema_arrow.names
+        pf = pq.ParquetFile(path)
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for corrupt files
         raise InputError(f"unreadable parquet file {path}: {str(e).splitlines()[0] if str(e) else e}") from None
-    missing = [c for c in columns if c not in names]
+    names = pf.schema_arrow.names
+    missing = [c for c in columns or [] if c not in names]
     if missing:
         raise InputError(f"{path} lacks column(s) {', '.join(missing)} (has {', '.join(names)})")
+    return pf
+
+
+def read_columns(path: str | os.PathLike, columns: list[str]):
+    """The `columns` of a parquet file of a prepared folder as a pyarrow Table (errors as `parquet_file`)."""
+    import pyarrow.parquet as pq
+
+    parquet_file(path, columns)
     return pq.read_table(path, columns=columns)
+
+
+def take_rows(path: str | os.PathLike, indices, columns: list[str] | None = None, batch_size: int = 8192) -> list[dict]:
+    """Rows `indices` (any order, repeats allowed) of a parquet file as dicts, in the order given (errors as
+    `parquet_file`).
+
+    Reads one record batch at a time and stops after the last row asked for, so memory holds one batch and the
+    rows taken, never the whole file (a corpus split of millions of documents)."""
+    pf = parquet_file(path, columns)
+    want = sorted({int(i) for i in indices})
+    if want and (want[0] < 0 or want[-1] >= pf.metadata.num_rows):
+        raise InputError(f"{path} has {pf.metadata.num_rows} rows; asked for row {want[0] if want[0] < 0 else want[-1]}")
+    found: dict[int, dict] = {}
+    start = j = 0
+    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+        if j == len(want):
+            break
+        end = start + batch.num_rows
+        picked = []
+        while j < len(want) and want[j] < end:
+            picked.append(want[j])
+            j += 1
+        if picked:
+            found.update(zip(picked, batch.take([i - start for i in picked]).to_pylist()))
+        start = end
+    return [found[int(i)] for i in indices]

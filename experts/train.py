@@ -389,8 +389,9 @@ class MasterWeights:
 
     def step(self, optimizer, max_norm: float) -> None:
         """What `clip_grad_norm_(masters, max_norm)` (0 = no clipping), `optimizer.step()` and p̂ = bf16(p) for
-        every parameter do in turn, as one update: on CUDA one compiled graph of a few fused kernels that read each bf16 gradient
-        once, instead of a cast per parameter, a clipping pass and the fused AdamW pass (bench/RESULTS.md).
+        every parameter do in turn, as one update: on CUDA one compiled graph of a few fused kernels that read each
+        bf16 gradient once, instead of a cast per parameter, a clipping pass and the fused AdamW pass
+        (bench/bench_optimizer.py, bench/RESULTS.md).
 
         `optimizer` is the `torch.optim.AdamW` over the masters; its param groups give lr, betas, eps and weight
         decay, and its state holds the moments and step counts (created as AdamW creates them), so checkpoints
@@ -399,8 +400,8 @@ class MasterWeights:
         """
         import torch
 
-        groups, lr_of, flat = [], [], {k: [] for k in ("grads", "masters", "lows", "exp_avgs", "exp_avg_sqs", "steps")}
-        for group in optimizer.param_groups:
+        groups, group_ids, flat = [], [], {k: [] for k in ("grads", "masters", "lows", "exp_avgs", "exp_avg_sqs", "steps")}
+        for gi, group in enumerate(optimizer.param_groups):
             start = len(flat["masters"])
             for m in group["params"]:
                 low = self._low_of[id(m)]
@@ -420,17 +421,18 @@ class MasterWeights:
             if len(flat["masters"]) > start:
                 groups.append((start, len(flat["masters"]), float(group["weight_decay"]), *map(float, group["betas"]),
                                float(group["eps"])))
-                lr_of.append(float(group["lr"]))
+                group_ids.append(gi)
         if not groups:
             return
-        impl = "tensor" if self.compiled or flat["masters"][0].device.type == "cpu" else "fused"
-        lrs = lr_of
-        if flat["masters"][0].device.type != "cpu":  # lr as a device tensor: a new lr must not recompile the graph
-            if self._lrs is None or len(self._lrs) < len(lr_of):
-                self._lrs = [torch.zeros((), dtype=torch.float32, device=flat["masters"][0].device) for _ in lr_of]
-            lrs = self._lrs[: len(lr_of)]
-            for t, lr in zip(lrs, lr_of):
-                t.fill_(lr)
+        device = flat["masters"][0].device
+        impl = "tensor" if self.compiled or device.type == "cpu" else "fused"
+        lrs = [float(optimizer.param_groups[gi]["lr"]) for gi in group_ids]
+        if device.type != "cpu":  # lr as a device tensor per param group: a new lr must not recompile the graph
+            if self._lrs is None:
+                self._lrs = [torch.zeros((), dtype=torch.float32, device=device) for _ in optimizer.param_groups]
+            for gi, lr in zip(group_ids, lrs):
+                self._lrs[gi].fill_(lr)
+            lrs = [self._lrs[gi] for gi in group_ids]
         with torch.no_grad():
             self._update(flat["grads"], flat["masters"], flat["lows"], flat["exp_avgs"], flat["exp_avg_sqs"],
                          flat["steps"], lrs, tuple(groups), float(max_norm), impl)

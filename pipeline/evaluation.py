@@ -51,18 +51,18 @@ class EvaluatePerplexity(_EvaluateModel):
         import numpy as np
         import pyarrow.parquet as pq
 
-        from corpus.io import take_rows
+        from corpus.read import parquet_file, read_columns, take_rows
 
         r = self.requires()
         path = self.input_path(r["corpus"]) / f"{split}.parquet"
-        n = pq.ParquetFile(path).metadata.num_rows
+        n = parquet_file(path).metadata.num_rows
         if self.eval_max_docs and n > self.eval_max_docs:  # read only the sampled documents
             keep = np.random.default_rng(self.seed).choice(n, self.eval_max_docs, replace=False)
             rows = take_rows(path, sorted(keep.tolist()))
         else:
             rows = pq.read_table(path).to_pylist()
-        cluster = dict(zip(*pq.read_table(self.input_path(r["assignments"]) / f"{split}.parquet",
-                                          columns=["id", "cluster_id"]).to_pydict().values()))
+        cluster = dict(zip(*read_columns(self.input_path(r["assignments"]) / f"{split}.parquet",
+                                         ["id", "cluster_id"]).to_pydict().values()))
         for row in rows:
             row["cluster_id"] = int(cluster[row["id"]])
         return rows

@@ -91,13 +91,10 @@ class MergeExperts(Stage):
 
     def _cluster_texts(self, per_cluster: int = 32) -> list[list[str]]:
         """Up to `per_cluster` training documents of each cluster (router initialisation from hidden states)."""
-        import pyarrow.parquet as pq
-
-        from corpus.io import take_rows
+        from corpus.read import read_columns, take_rows
 
         r = self.requires()
-        ids = pq.read_table(self.input_path(r["assignments"]) / "train.parquet",
-                            columns=["cluster_id"]).column(0).to_pylist()
+        ids = read_columns(self.input_path(r["assignments"]) / "train.parquet", ["cluster_id"]).column(0).to_pylist()
         rows: list[list[int]] = [[] for _ in range(self.num_clusters)]
         for i, c in enumerate(ids):
             if len(rows[c]) < per_cluster:

@@ -165,7 +165,7 @@ def test_take_rows_reads_the_rows_asked_for_in_order(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from corpus.io import take_rows
+    from corpus.read import take_rows
 
     path = tmp_path / "t.parquet"
     pq.write_table(pa.table({"id": [f"d{i}" for i in range(50)], "text": [f"text {i}" for i in range(50)]}), path,
