@@ -19,8 +19,8 @@ micro-batches of the same global batch and only rank 0 writes. `sharding="ddp"` 
 copy per GPU); `sharding="fsdp"` shards weights, gradients and AdamW moments with FSDP2 (`shard_model`), for
 models that do not fit on one GPU; its checkpoints hold the same full (unsharded) tensors, gathered to rank 0.
 
-Compute matching (`compute_budget`) follows BTM/c-BTM (Li et al. 2022; Gururangan et al. 2023): a seed phase of
-`seed_fraction` of the budget, then k experts sharing the rest equally; the dense baseline gets the same rest.
+Budgets (tokens, steps, global batch of the seed, each expert and the dense baseline) are decided in
+`experts.budget`; `compute_budget` is re-exported here.
 """
 from __future__ import annotations
 
@@ -39,6 +39,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from corpus.io import InputError, atomic_dir, read_json, write_json
+from experts.budget import compute_budget  # noqa: F401  (re-exported: budgets used to live here)
 
 log = logging.getLogger(__name__)
 
@@ -89,6 +90,10 @@ class TrainConfig:
     32 × 1024 tokens, vocab 32000): 1 chunk was ≈1% faster than 4 and took 2.7 GiB more peak memory."""
     eval_every: int = 0
     """Validation loss every N steps (--eval-every); 0 = only at the end. Needs valid shards."""
+    keep_best: bool = False
+    """Overfitting guard (--keep-best): save the weights of the evaluation (every eval_every steps and at the end)
+    with the lowest validation loss instead of the last ones (ties: the earlier). The best weights travel with the
+    resumable checkpoint, so a resumed run keeps the same ones. Without valid shards the last weights are kept."""
     eval_tokens: int = 262144
     """Tokens of the validation shards scored per evaluation (--eval-tokens)."""
     checkpoint_every: int = 200
@@ -178,34 +183,6 @@ class TrainConfig:
 
 
 # ---------------------------------------------------------------------------------------------- budgets
-def compute_budget(train_tokens: int, seed_fraction: float, n_clusters: int) -> dict:
-    """Compute-matched token budgets (issue 2): the whole budget is `train_tokens`.
-
-    seed_tokens = seed_fraction · train_tokens (seed trained on all data, BTM's seed phase);
-    expert_tokens = (1 − seed_fraction) · train_tokens / k for each of the k experts;
-    dense_tokens = (1 − seed_fraction) · train_tokens (the seed continued on all data).
-    So seed + k · expert == seed + dense == train_tokens (up to integer rounding, reported as `rounding`).
-    """
-    if train_tokens <= 0:
-        raise InputError(f"--train-tokens must be positive, got {train_tokens}")
-    if not 0 <= seed_fraction < 1:
-        raise InputError(f"--seed-fraction must be in [0, 1), got {seed_fraction}")
-    if n_clusters < 1:
-        raise InputError(f"--num-clusters must be >= 1, got {n_clusters}")
-    seed_tokens = int(round(seed_fraction * train_tokens))
-    rest = train_tokens - seed_tokens
-    expert_tokens = rest // n_clusters
-    return {
-        "train_tokens": int(train_tokens),
-        "seed_fraction": float(seed_fraction),
-        "n_clusters": int(n_clusters),
-        "seed_tokens": seed_tokens,
-        "expert_tokens": int(expert_tokens),
-        "dense_tokens": int(rest),
-        "rounding": int(rest - expert_tokens * n_clusters),
-    }
-
-
 def branch_weights(centroid_distances: Sequence[float], temperature: float = 0.1, squared: bool = False) -> np.ndarray:
     """Weights for `--branch-from average` (BTM, Li et al. 2022 §4: initialise a new expert from a weighted
     average of existing experts): w_j = softmax_j(−d_j² / T), d_j the distance of the new cluster's centroid to
@@ -508,7 +485,9 @@ def _master_update(grads, masters, lows, exp_avgs, exp_avg_sqs, steps, lrs, grou
 # ---------------------------------------------------------------------------------------------- plan
 @dataclass
 class TrainPlan:
-    """Derived batch geometry and step counts of a run."""
+    """Derived batch geometry and step counts of a run. Each device runs `grad_accum` micro-batches per step:
+    `micro_batch_size` blocks each, the last one `last_micro_batch_size` (smaller when the per-device batch is not
+    a multiple of the micro-batch; 0 = the same)."""
 
     seq_len: int
     micro_batch_size: int
@@ -517,25 +496,39 @@ class TrainPlan:
     tokens_per_step: int
     steps: int
     warmup_steps: int
+    last_micro_batch_size: int = 0
+
+    @property
+    def last_micro(self) -> int:
+        return self.last_micro_batch_size or self.micro_batch_size
+
+    @property
+    def blocks_per_rank(self) -> int:
+        return self.micro_batch_size * (self.grad_accum - 1) + self.last_micro
 
     @property
     def blocks_per_step(self) -> int:
-        return self.micro_batch_size * self.grad_accum * self.world_size
+        return self.blocks_per_rank * self.world_size
 
 
 def plan_training(config: TrainConfig, seq_len: int, world_size: int = 1) -> TrainPlan:
-    """Steps, gradient accumulation and warmup from the config (raises InputError for impossible budgets)."""
-    micro_tokens = config.micro_batch_size * seq_len * world_size
+    """Steps, gradient accumulation and warmup from the config (raises InputError for impossible budgets).
+
+    Per device and step: global_batch_tokens // (seq_len · world_size) blocks (one micro-batch when None), run as
+    micro-batches of min(micro_batch_size, that) blocks, the last one smaller when they do not divide evenly."""
     if config.global_batch_tokens is None:
-        accum = 1
+        per_rank = config.micro_batch_size
     else:
-        accum = config.global_batch_tokens // micro_tokens
-        if accum < 1:
+        per_rank = config.global_batch_tokens // (seq_len * world_size)
+        if per_rank < 1:
             raise InputError(
-                f"--batch-tokens {config.global_batch_tokens} is smaller than one micro-batch on all devices "
-                f"({config.micro_batch_size} x {seq_len} x {world_size} = {micro_tokens} tokens); lower --micro-batch-size"
+                f"--batch-tokens {config.global_batch_tokens} is less than one block of {seq_len} tokens on each of "
+                f"{world_size} device(s); raise --batch-tokens"
             )
-    tokens_per_step = accum * micro_tokens
+    micro = min(config.micro_batch_size, per_rank)
+    accum = -(-per_rank // micro)
+    last = per_rank - micro * (accum - 1)
+    tokens_per_step = per_rank * seq_len * world_size
     steps = config.train_tokens // tokens_per_step
     if config.max_steps is not None:
         steps = min(steps, config.max_steps) if steps else config.max_steps
@@ -550,7 +543,8 @@ def plan_training(config: TrainConfig, seq_len: int, world_size: int = 1) -> Tra
             f"budget too small for warmup: {warmup} warmup steps but --train-tokens {config.train_tokens} gives only "
             f"{steps} steps of {tokens_per_step} tokens; lower --warmup-steps or raise --train-tokens"
         )
-    return TrainPlan(seq_len, config.micro_batch_size, world_size, accum, tokens_per_step, steps, warmup)
+    return TrainPlan(seq_len, micro, world_size, accum, tokens_per_step, steps, warmup,
+                     last if last != micro else 0)
 
 
 def lr_at(step: int, config: TrainConfig, plan: TrainPlan) -> float:
@@ -646,8 +640,21 @@ def _full_state(model, optimizer=None, fsdp: bool = False) -> tuple[dict, dict |
     return model_state, get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
 
 
-def _save_checkpoint(path: Path, model, optimizer, state: dict, fsdp: bool = False) -> None:
-    """Write `path/` (model.safetensors, optimizer.safetensors, rng.safetensors, trainer_state.json) atomically.
+def _tied_like(reference: dict, weights: dict) -> dict:
+    """`weights` with the names that share one tensor in `reference` (tied embeddings) sharing one again."""
+    first: dict[int, str] = {}
+    out = dict(weights)
+    for name, t in reference.items():
+        key = t.data_ptr()
+        if key in first and name in out:
+            out[name] = out[first[key]]
+        first.setdefault(key, name)
+    return out
+
+
+def _save_checkpoint(path: Path, model, optimizer, state: dict, fsdp: bool = False, best: dict | None = None) -> None:
+    """Write `path/` (model.safetensors, optimizer.safetensors, rng.safetensors, trainer_state.json, and
+    best.safetensors = the `best` weights of the overfitting guard when given) atomically.
 
     Under FSDP every rank calls this (the full state is gathered, `_full_state`) and rank 0 writes the same
     files as a single process would, except that the optimizer's state is keyed by parameter name
@@ -661,6 +668,8 @@ def _save_checkpoint(path: Path, model, optimizer, state: dict, fsdp: bool = Fal
         return
     with atomic_dir(path) as tmp:
         save_file({k: v.detach().cpu().clone().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
+        if best is not None:
+            save_file({k: v.clone().contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
         tensors, scalars = {}, {}
         for pid, st in opt["state"].items():
             for name, v in st.items():
@@ -1003,11 +1012,17 @@ def train_model(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=config.betas, eps=config.eps, fused=device.type == "cuda",
     )
-    state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "wall_time_s": 0.0, "loss_curve": [], "valid_curve": [], "resumed_at": []}
+    state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "wall_time_s": 0.0, "loss_curve": [], "valid_curve": [],
+                             "resumed_at": [], "best": None}
+    best_weights: dict | None = None  # overfitting guard: CPU copy of the weights at state["best"]["step"]
     ckpt = checkpoint_dir(out_dir)
     if (ckpt / "trainer_state.json").is_file():
         state = _load_checkpoint(ckpt, model, optimizer, device, fsdp=fsdp)
-        if state.get("plan") and state["plan"] != asdict(plan):
+        if config.keep_best and (ckpt / "best.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            best_weights = load_file(str(ckpt / "best.safetensors"))
+        if state.get("plan") and {"last_micro_batch_size": 0, **state["plan"]} != asdict(plan):
             raise InputError(f"checkpoint {ckpt} was written for a different batch plan {state['plan']}; delete it to restart")
         state["resumed_at"].append(state["step"])
         log.info("resuming %s from step %d (%s)", out_dir, state["step"], ckpt)
@@ -1064,6 +1079,17 @@ def train_model(
             state["loss_curve"].append([s, float(t)])
         pending.clear()
 
+    def snapshot() -> dict:
+        """A CPU copy of the current (fp32) weights: the overfitting guard's best so far. Under FSDP a collective
+        gathering the full state (rank 0 holds it)."""
+        if fsdp:
+            weights = _full_state(model, fsdp=True)[0]
+        else:
+            with masters.fp32_model() if masters is not None else nullcontext():
+                weights = model.state_dict()
+        return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
+
+    ragged = plan.last_micro != plan.micro_batch_size
     t_start = time.perf_counter()
     wall_before = state["wall_time_s"]
     t_measure, steps_measured = None, 0
@@ -1075,8 +1101,9 @@ def train_model(
                 g["lr"] = lr
             loss_acc = torch.zeros((), device=device)
             for m in range(plan.grad_accum):
-                start = step * plan.blocks_per_step + (m * world + rank) * plan.micro_batch_size
-                x = torch.from_numpy(data.blocks(start, plan.micro_batch_size))  # (B, T)
+                size = plan.micro_batch_size if m < plan.grad_accum - 1 else plan.last_micro
+                start = step * plan.blocks_per_step + m * world * plan.micro_batch_size + rank * size
+                x = torch.from_numpy(data.blocks(start, size))  # (B, T)
                 if device.type == "cuda":  # pinned + non_blocking: the copy does not stall the host on queued kernels
                     x = x.pin_memory()
                 x = x.to(device, non_blocking=True)
@@ -1084,8 +1111,11 @@ def train_model(
                 with sync, sdpa_context(config.sdpa_backend):
                     with setup.autocast():
                         total, lm, router_logits = ddp_module(x)
-                    (total / plan.grad_accum).backward()
-                loss_acc += lm.detach()
+                    if ragged:  # micro-batches of unequal size: weight each by its share of the step's blocks
+                        (total * (size / plan.blocks_per_rank)).backward()
+                    else:
+                        (total / plan.grad_accum).backward()
+                loss_acc += lm.detach() * (size / plan.blocks_per_rank) if ragged else lm.detach()
                 if router_logits is not None:
                     router_stats.update(router_logits, top_k)
             if masters is not None:  # clipping, AdamW on the fp32 masters and the bf16 copy in one update
@@ -1095,7 +1125,8 @@ def train_model(
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            loss_acc /= plan.grad_accum
+            if not ragged:
+                loss_acc /= plan.grad_accum
             if world > 1:
                 torch.distributed.all_reduce(loss_acc)
                 loss_acc /= world
@@ -1120,13 +1151,16 @@ def train_model(
                 vl = evaluate()
                 state["valid_curve"].append([done, vl])
                 log.info("step %d valid loss %.4f", done, vl)
+                if config.keep_best and (state.get("best") is None or vl < state["best"]["loss"]):
+                    state["best"], best_weights = {"step": done, "loss": vl}, snapshot()
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < plan.steps:
                 flush_losses()
                 state["wall_time_s"] = wall_before + time.perf_counter() - t_start
                 if rank == 0 or fsdp:  # under FSDP every rank takes part in gathering the full state
                     with masters.fp32_model() if masters is not None else nullcontext():
                         _save_checkpoint(ckpt, model, optimizer, {**state, "data_position": done * plan.blocks_per_step,
-                                                                  "config": config.to_dict()}, fsdp=fsdp)
+                                                                  "config": config.to_dict()}, fsdp=fsdp,
+                                         best=best_weights)
                 if world > 1:
                     torch.distributed.barrier()
             if on_step is not None:
@@ -1147,7 +1181,16 @@ def train_model(
         torch.cuda.synchronize(device)
     tps, mfu = _throughput(t_measure, steps_measured, plan, device, fpt, peak, world)
     valid_loss = evaluate()
+    final_valid = valid_loss
+    kept = state["step"]
+    if config.keep_best and valid_loss is not None:
+        if state.get("best") is not None and state["best"]["loss"] <= valid_loss:
+            kept, valid_loss = state["best"]["step"], state["best"]["loss"]  # an earlier evaluation was better
+        else:
+            best_weights = None  # the last weights are the best
     hand_back()
+    if kept != state["step"] and not fsdp:
+        model.load_state_dict(best_weights)
     wall = wall_before + time.perf_counter() - t_start
     n_gpus = world if device.type == "cuda" else 0
     result = {
@@ -1169,8 +1212,12 @@ def train_model(
         "bf16_params": bool(use_bf16),
         "loss_curve": state["loss_curve"],
         "final_loss": state["loss_curve"][-1][1] if state["loss_curve"] else None,
-        "valid_curve": state["valid_curve"] + ([[state["step"], valid_loss]] if valid_loss is not None else []),
+        "valid_curve": state["valid_curve"] + ([[state["step"], final_valid]] if final_valid is not None else []),
         "valid_loss": valid_loss,
+        "final_valid_loss": final_valid,
+        "keep_best": bool(config.keep_best),
+        "kept_step": kept,
+        "data_tokens": data.n_tokens,
         "resumed_at": state["resumed_at"],
         "plan": asdict(plan),
         "config": config.to_dict(),
@@ -1179,6 +1226,8 @@ def train_model(
     if router is not None:
         result["router"] = router
     full_state = _full_state(model, fsdp=True)[0] if fsdp else None  # a collective: every rank gathers
+    if fsdp and kept != state["step"] and rank == 0:
+        full_state = _tied_like(full_state, best_weights)
     if rank == 0:
         with atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp, state_dict=full_state)

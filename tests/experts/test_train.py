@@ -10,7 +10,7 @@ from experts.model import ModelPreset, build_scratch_model
 from experts.train import (
     TrainConfig, branch_weights, checkpoint_dir, compute_budget, make_linear_cross_entropy, plan_training, train_model,
 )
-from tests.experts.train_helpers import train_killed_at
+from tests.experts.train_helpers import Killed, kill_at, train_killed_at
 
 PRESET = ModelPreset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, seq_len=16)
 VOCAB, SEQ = 64, 16
@@ -262,3 +262,67 @@ def test_cached_rotary_leaves_outputs_unchanged():
         torch.testing.assert_close(model(input_ids=x).logits, ref, rtol=0, atol=0)
         restore_rotary(model, original)
         assert model.model.rotary_emb is original
+
+
+def test_uneven_micro_batches_match_one_big_batch(shard, tmp_path):
+    """A per-device batch that is not a multiple of the micro-batch (an expert's share of the dense batch) ends
+    each step with a smaller micro-batch, weighted by its size: the same update as one batch of all blocks."""
+    one = train_model(_model(), [shard], tmp_path / "one", _cfg(train_tokens=2 * 6 * SEQ, micro_batch_size=6, warmup_steps=0))
+    acc = train_model(_model(), [shard], tmp_path / "acc",
+                      _cfg(train_tokens=2 * 6 * SEQ, micro_batch_size=4, global_batch_tokens=6 * SEQ, warmup_steps=0))
+    assert acc["plan"]["grad_accum"] == 2 and acc["plan"]["last_micro_batch_size"] == 2 and acc["steps"] == 2
+    assert acc["tokens_seen"] == one["tokens_seen"] == 12 * SEQ
+    for (_, a), (_, b) in zip(one["loss_curve"], acc["loss_curve"]):
+        assert abs(a - b) < 1e-5
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "one" / "model.safetensors")), load_file(str(tmp_path / "acc" / "model.safetensors"))
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
+    small = plan_training(_cfg(micro_batch_size=8, global_batch_tokens=3 * SEQ), SEQ)  # below one micro-batch
+    assert (small.micro_batch_size, small.grad_accum, small.tokens_per_step) == (3, 1, 3 * SEQ)
+
+
+@pytest.fixture
+def noise_shard(tmp_path):
+    """Uniform random tokens: the more a model learns the patterned training shard, the worse it does here."""
+    path = tmp_path / "valid_cluster_000.npy"
+    np.save(path, np.random.default_rng(1).integers(0, VOCAB, (8, SEQ)).astype(np.uint16))
+    return str(path)
+
+
+def _valid_loss(model_dir, shard_path) -> float:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    x = torch.from_numpy(np.load(shard_path).astype(np.int64))
+    with torch.no_grad():
+        logits = model(input_ids=x).logits[:, :-1]
+    return float(torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1)))
+
+
+def test_keep_best_saves_the_lowest_validation_loss_and_survives_resume(shard, noise_shard, tmp_path):
+    cfg = _cfg(train_tokens=12 * 4 * SEQ, eval_every=2, keep_best=True, checkpoint_every=4)
+    res = train_model(_model(), [shard], tmp_path / "best", cfg, valid_paths=[noise_shard])
+    curve = res["valid_curve"]
+    assert [s for s, _ in curve] == [2, 4, 6, 8, 10, 12]
+    best_step, best_loss = min(curve, key=lambda t: t[1])  # min keeps the earlier of equal losses
+    assert res["kept_step"] == best_step < 12 and res["valid_loss"] == best_loss  # the guard had work to do
+    assert res["final_valid_loss"] == curve[-1][1] > best_loss
+    assert abs(_valid_loss(tmp_path / "best", noise_shard) - best_loss) < 1e-4  # the saved weights are the best's
+    # without the guard the last weights are saved
+    last = train_model(_model(), [shard], tmp_path / "last", _cfg(train_tokens=12 * 4 * SEQ, eval_every=2),
+                       valid_paths=[noise_shard])
+    assert last["kept_step"] == 12 and last["valid_curve"] == curve
+    assert abs(_valid_loss(tmp_path / "last", noise_shard) - curve[-1][1]) < 1e-4
+    # killed after the best evaluation and a checkpoint, resumed from fresh weights: the same model is kept
+    out = tmp_path / "resumed"
+    with pytest.raises(Killed):
+        train_model(_model(), [shard], out, cfg, valid_paths=[noise_shard], on_step=kill_at(best_step + 5))
+    resumed = train_model(_model(seed=99), [shard], out, cfg, valid_paths=[noise_shard])
+    assert resumed["resumed_at"] and resumed["valid_curve"] == curve and resumed["kept_step"] == best_step
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(tmp_path / "best" / "model.safetensors")), load_file(str(out / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

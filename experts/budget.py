@@ -1,0 +1,198 @@
+"""Budget policy: how many tokens, optimizer steps and what global batch the seed, each expert and the dense
+baseline train with, so that c-BTM and its dense baseline use the same compute.
+
+The whole budget `train_tokens` is split as in BTM/c-BTM (Li et al. 2022; Gururangan et al. 2023): a seed phase
+of `seed_fraction · train_tokens` on all data, then the rest D = (1 − seed_fraction) · train_tokens goes either to
+the dense baseline (the seed continued on all data) or, shared out, to the k experts (`compute_budget`).
+
+How the experts share D (`plan_budgets`):
+
+- shares (`cluster_shares`): `proportional` gives expert j the share s_j = T_j / Σ T of cluster j's training tokens
+  T_j, so every expert passes over its own data as often as dense passes over all data; `uniform` gives s_j = 1/k.
+- compute matching: `steps` (the c-BTM and BTM papers' definition: the c-BTM runs keep clusters × GPUs per expert
+  constant) gives every expert the dense model's S optimizer steps with a global batch of b_j = s_j · B blocks
+  (B = dense batch in blocks), so steps, wall-clock time on k× fewer devices per expert and total tokens all
+  match; `tokens` gives every expert the dense batch B and s_j · S steps, so only the total tokens match.
+  Whole numbers are handed out by largest remainders (Hamilton's method), so Σ_j b_j = B (steps) or
+  Σ_j S_j = S (tokens) and the experts' tokens add up to the dense model's exactly; what cannot be handed out
+  (B not a multiple of the GPUs per expert) is reported as `rounding`. An expert whose share rounds to less than
+  one block (steps) or one step (tokens) is refused with an InputError naming the cluster.
+
+Every model's budget is whole steps of whole blocks: tokens = steps · batch_blocks · seq_len.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from corpus.io import InputError
+
+COMPUTE_MATCH = ("steps", "tokens")
+EXPERT_BUDGETS = ("proportional", "uniform")
+
+
+def compute_budget(train_tokens: int, seed_fraction: float, n_clusters: int) -> dict:
+    """Compute-matched token budgets before batching: the whole budget is `train_tokens`.
+
+    seed_tokens = seed_fraction · train_tokens (seed trained on all data, BTM's seed phase);
+    expert_tokens = (1 − seed_fraction) · train_tokens / k for each of k equal experts;
+    dense_tokens = (1 − seed_fraction) · train_tokens (the seed continued on all data).
+    So seed + k · expert == seed + dense == train_tokens (up to integer rounding, reported as `rounding`).
+    `plan_budgets` turns these into whole steps and batches, with shares per cluster.
+    """
+    if train_tokens <= 0:
+        raise InputError(f"--train-tokens must be positive, got {train_tokens}")
+    if not 0 <= seed_fraction < 1:
+        raise InputError(f"--seed-fraction must be in [0, 1), got {seed_fraction}")
+    if n_clusters < 1:
+        raise InputError(f"--num-clusters must be >= 1, got {n_clusters}")
+    seed_tokens = int(round(seed_fraction * train_tokens))
+    rest = train_tokens - seed_tokens
+    expert_tokens = rest // n_clusters
+    return {
+        "train_tokens": int(train_tokens),
+        "seed_fraction": float(seed_fraction),
+        "n_clusters": int(n_clusters),
+        "seed_tokens": seed_tokens,
+        "expert_tokens": int(expert_tokens),
+        "dense_tokens": int(rest),
+        "rounding": int(rest - expert_tokens * n_clusters),
+    }
+
+
+def dense_batch_blocks(batch_tokens: int, seq_len: int, micro_batch_size: int) -> int:
+    """The dense model's (and seed's) global batch in blocks of seq_len tokens, on its one device:
+    batch_tokens // seq_len, or one micro-batch (`micro_batch_size` blocks) when batch_tokens is 0."""
+    if seq_len < 1:
+        raise InputError(f"--seq-len must be positive, got {seq_len}")
+    if not batch_tokens:
+        return int(micro_batch_size)
+    blocks = batch_tokens // seq_len
+    if blocks < 1:
+        raise InputError(f"--batch-tokens {batch_tokens} is less than one block of {seq_len} tokens")
+    return int(blocks)
+
+
+def model_budget(tokens: int, batch_blocks: int, seq_len: int, what: str = "model") -> dict:
+    """Whole steps of `batch_blocks` blocks within `tokens`: {tokens, steps, batch_blocks, batch_tokens}."""
+    batch_tokens = batch_blocks * seq_len
+    steps = tokens // batch_tokens if batch_tokens > 0 else 0
+    if tokens > 0 and steps < 1:
+        raise InputError(f"the {what}'s budget of {tokens} tokens is less than one global batch ({batch_tokens} "
+                         "tokens); raise --train-tokens or lower --batch-tokens")
+    return {"tokens": steps * batch_tokens, "steps": int(steps), "batch_blocks": int(batch_blocks),
+            "batch_tokens": int(batch_tokens)}
+
+
+def cluster_shares(cluster_tokens: Sequence[int], expert_budget: str = "proportional") -> list[float]:
+    """Each expert's share of the experts' budget: T_j / Σ T (`proportional`, T_j = cluster j's training tokens)
+    or 1/k (`uniform`). Shares sum to 1. A cluster without training tokens cannot train an expert under either
+    policy: InputError naming it."""
+    if expert_budget not in EXPERT_BUDGETS:
+        raise InputError(f"--expert-budget {expert_budget!r}: choose one of {', '.join(EXPERT_BUDGETS)}")
+    tokens = [int(t) for t in cluster_tokens]
+    if not tokens:
+        raise InputError("no clusters to share the budget between")
+    empty = [j for j, t in enumerate(tokens) if t <= 0]
+    if empty:
+        raise InputError(f"cluster(s) {', '.join(map(str, empty))} have no training tokens, so their expert(s) "
+                         f"would train on nothing; use --assign balanced or fewer --num-clusters")
+    if expert_budget == "uniform":
+        return [1.0 / len(tokens)] * len(tokens)
+    total = sum(tokens)
+    return [t / total for t in tokens]
+
+
+def apportion(units: int, shares: Sequence[float]) -> list[int]:
+    """Whole numbers n_j summing to `units`, n_j ∈ {⌊s_j·units⌋, ⌈s_j·units⌉}: largest remainders (Hamilton's
+    method; ties to the lower index). `shares` must sum to 1."""
+    quotas = [s * units for s in shares]
+    counts = [int(math.floor(q)) for q in quotas]
+    left = units - sum(counts)
+    order = sorted(range(len(shares)), key=lambda j: (-(quotas[j] - counts[j]), j))
+    for j in order[:left]:
+        counts[j] += 1
+    return counts
+
+
+def plan_budgets(
+    train_tokens: int,
+    seed_fraction: float,
+    cluster_tokens: Sequence[int],
+    seq_len: int,
+    batch_blocks: int,
+    compute_match: str = "steps",
+    expert_budget: str = "proportional",
+    gpus_per_expert: int = 1,
+    cluster_blocks: Sequence[int] | None = None,
+) -> dict:
+    """Tokens, steps and global batch of the seed, the dense model and each expert (see the module docstring).
+
+    cluster_tokens: training tokens of each cluster (shares); cluster_blocks: its packed training blocks (for the
+    epochs figures; default cluster_tokens // seq_len); batch_blocks: the dense batch B in blocks
+    (`dense_batch_blocks`); an expert's batch is a multiple of gpus_per_expert blocks (one share per GPU).
+    Returns a JSON-able dict: the settings, `seed`, `dense` and `experts` (one per cluster: cluster_id, share,
+    effective_share = its tokens / Σ expert tokens, tokens, steps, batch_blocks, batch_tokens, data_tokens, epochs),
+    `expert_tokens_total`, `rounding` = dense tokens − Σ expert tokens (≥ 0), and compute_budget's train_tokens,
+    seed_fraction, n_clusters, seed_tokens and dense_tokens (the budgets before whole steps).
+    """
+    if compute_match not in COMPUTE_MATCH:
+        raise InputError(f"--compute-match {compute_match!r}: choose one of {', '.join(COMPUTE_MATCH)}")
+    if gpus_per_expert < 1:
+        raise InputError(f"--gpus-per-expert {gpus_per_expert}: must be ≥ 1")
+    k = len(cluster_tokens)
+    base = compute_budget(train_tokens, seed_fraction, k)
+    shares = cluster_shares(cluster_tokens, expert_budget)
+    seed = model_budget(base["seed_tokens"], batch_blocks, seq_len, "seed") if base["seed_tokens"] else \
+        {"tokens": 0, "steps": 0, "batch_blocks": int(batch_blocks), "batch_tokens": int(batch_blocks * seq_len)}
+    dense = model_budget(base["dense_tokens"], batch_blocks, seq_len, "dense model")
+    blocks = list(cluster_blocks) if cluster_blocks is not None else [t // seq_len for t in cluster_tokens]
+    w = gpus_per_expert
+    if compute_match == "steps":
+        units = batch_blocks // w  # an expert's batch is whole blocks on each of its w GPUs
+        short = [(j, s * units) for j, s in enumerate(shares) if s * units < 1]
+        if short:
+            j, q = min(short, key=lambda t: t[1])
+            need = math.ceil(w / min(shares)) * seq_len
+            raise InputError(
+                f"cluster {j}'s share {shares[j]:.3f} of the dense batch ({batch_blocks} blocks of {seq_len} tokens"
+                f"{f' over {w} GPUs per expert' if w > 1 else ''}) is {q * w:.2f} block(s), less than "
+                f"{'one block per GPU' if w > 1 else 'one block'} under --compute-match steps; use --batch-tokens ≥ "
+                f"{need}, fewer --num-clusters, --balance-by tokens, or --compute-match tokens")
+        per_expert = [(dense["steps"], n * w) for n in apportion(units, shares)]
+    else:
+        b = (batch_blocks // w) * w
+        if b < 1:
+            raise InputError(f"the dense batch of {batch_blocks} blocks does not give one block to each of "
+                             f"--gpus-per-expert {w} GPUs; raise --batch-tokens")
+        steps_total = dense["tokens"] // (b * seq_len)
+        short = [(j, s * steps_total) for j, s in enumerate(shares) if s * steps_total < 1]
+        if short:
+            j, q = min(short, key=lambda t: t[1])
+            raise InputError(
+                f"cluster {j}'s share {shares[j]:.3f} of the dense model's {steps_total} steps is {q:.2f} step(s), "
+                "less than one under --compute-match tokens; raise --train-tokens, lower --batch-tokens, or use "
+                "--compute-match steps")
+        per_expert = [(n, b) for n in apportion(steps_total, shares)]
+    experts = []
+    for j, ((steps, bj), share) in enumerate(zip(per_expert, shares)):
+        tokens = steps * bj * seq_len
+        data = int(blocks[j]) * seq_len
+        experts.append({"cluster_id": j, "share": share, "tokens": int(tokens), "steps": int(steps),
+                        "batch_blocks": int(bj), "batch_tokens": int(bj * seq_len), "data_tokens": data,
+                        "epochs": tokens / data if data else None})
+    total = sum(e["tokens"] for e in experts)
+    for e in experts:
+        e["effective_share"] = e["tokens"] / total if total else 0.0
+    return {
+        **{key: v for key, v in base.items() if key not in ("expert_tokens", "rounding")},
+        "compute_match": compute_match,
+        "expert_budget": expert_budget,
+        "seq_len": int(seq_len),
+        "gpus_per_expert": int(w),
+        "seed": seed,
+        "dense": dense,
+        "experts": experts,
+        "expert_tokens_total": int(total),
+        "rounding": int(dense["tokens"] - total),
+    }
