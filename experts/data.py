@@ -1,9 +1,13 @@
-"""Packed token shards (the `shards-<h>/` folder) and a memory-mapped, seeded, resumable reader.
+"""Packed token shards of the whole corpus (`corpus-shards-<h>/`) and per cluster (`shards-<h>/`), and a
+memory-mapped, seeded, resumable reader.
 
-`shard_corpus` tokenizes each split once: every document becomes `[bos] + tokens + [eos]` (no bos when the
-tokenizer has none), each cluster's documents are concatenated in corpus order into one token stream, and the
-stream is cut into blocks of `seq_len` tokens (the tail remainder < seq_len is dropped). No padding anywhere.
-Training then reads blocks with `PackedBlocks`, never re-tokenizing.
+`tokenize_corpus` tokenizes each split once, independently of any clustering: every document becomes
+`[bos] + tokens + [eos]` (no bos when the tokenizer has none), in corpus order, into one token stream per split
+(kept with the offsets of its documents), which is also cut into blocks of `seq_len` tokens (the tail remainder
+< seq_len is dropped): the seed and the dense baseline train on these. `shard_corpus` groups the documents by
+cluster: each cluster's documents are concatenated in corpus order into one stream and cut into blocks the same
+way; with `tokens_dir` it reads the documents' tokens from `tokenize_corpus`'s streams instead of re-tokenizing
+(the shards are identical). No padding anywhere. Training reads blocks with `PackedBlocks`, never re-tokenizing.
 """
 from __future__ import annotations
 
@@ -11,11 +15,11 @@ import logging
 import os
 import shutil
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 
-from corpus.io import InputError, atomic_dir, write_json
+from corpus.io import InputError, atomic_dir, read_json, write_json
 from corpus.read import read_columns
 
 log = logging.getLogger(__name__)
@@ -31,9 +35,120 @@ def shard_name(cluster_id: int, split: str = "train") -> str:
     return f"cluster_{cluster_id:03d}.npy" if split == "train" else f"{split}_cluster_{cluster_id:03d}.npy"
 
 
+def corpus_shard_name(split: str = "train") -> str:
+    """The whole corpus's packed blocks: `corpus.npy` for train, `valid_corpus.npy` for valid."""
+    return "corpus.npy" if split == "train" else f"{split}_corpus.npy"
+
+
 def _encode_batch(args):
     tokenizer, texts = args
     return tokenizer(texts, add_special_tokens=False)["input_ids"]
+
+
+def _load_fast_tokenizer(tokenizer_dir) -> tuple:
+    """(tokenizer, vocab_size, dtype, eos, prefix [bos] or []) with the checks every sharding needs."""
+    from experts.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if not getattr(tokenizer, "is_fast", False):
+        raise InputError(f"tokenizer in {tokenizer_dir} is not a fast tokenizer; shard with a tokenizers-backed one")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise InputError(f"tokenizer in {tokenizer_dir} has no eos token; documents could not be separated")
+    bos = tokenizer.bos_token_id
+    return tokenizer, len(tokenizer), token_dtype(len(tokenizer)), eos, ([bos] if bos is not None else [])
+
+
+def _encode_docs(texts: list[str], tokenizer, dtype, eos: int, prefix: list[int], pool, batch_size: int,
+                 desc: str) -> Iterator[np.ndarray]:
+    """`[bos] + tokens + [eos]` of every text, in order, as `dtype` arrays."""
+    from tqdm.auto import tqdm
+
+    batches = [(tokenizer, texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
+    encoded = pool.imap(_encode_batch, batches) if pool else map(_encode_batch, batches)
+    bar = tqdm(total=len(texts), desc=desc, unit="doc", mininterval=2.0)
+    for ids_batch in encoded:
+        for ids in ids_batch:
+            yield np.asarray(prefix + ids + [eos], dtype=dtype)
+        bar.update(len(ids_batch))
+    bar.close()
+
+
+def _pool(num_proc: int):
+    if num_proc <= 1:
+        return None
+    import multiprocessing as mp
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return mp.get_context("spawn").Pool(num_proc)
+
+
+def _pack(raw: Path, n_tok: int, dtype, seq_len: int, out: Path) -> int:
+    """Cut the token stream in file `raw` into `out` (n_blocks, seq_len) .npy, dropping the tail; → n_blocks."""
+    stream = np.memmap(raw, dtype=dtype, mode="r") if n_tok else np.zeros(0, dtype)
+    n_blocks = int(n_tok // seq_len)
+    blocks = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=(n_blocks, seq_len))
+    if n_blocks:
+        blocks[:] = np.asarray(stream[: n_blocks * seq_len]).reshape(n_blocks, seq_len)
+    blocks.flush()
+    del blocks, stream
+    return n_blocks
+
+
+def tokenize_corpus(
+    corpus_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    seq_len: int,
+    num_proc: int = 1,
+    batch_size: int = 1000,
+    splits: Sequence[str] = ("train", "valid"),
+) -> dict:
+    """Tokenize `corpus_dir/{split}.parquet` once, whatever the clustering, for the seed and dense models.
+
+    Writes into `out_dir` (atomically), per split: `{split}_tokens.npy` (n_tokens,) the stream of every document
+    as `[bos] + tokens + [eos]` in corpus order, `{split}_offsets.npy` (n_docs + 1,) int64 where document i's
+    tokens start, and `corpus.npy` / `valid_corpus.npy` (n_blocks, seq_len) the stream cut into blocks; plus
+    `meta.json` {seq_len, vocab_size, eos_id, bos_id, dtype, tokenizer_dir, splits: {split: {n_docs, n_tokens,
+    n_blocks, n_tokens_in_blocks}}}. Returns the meta dict.
+    """
+    if seq_len < 2:
+        raise InputError(f"--seq-len must be at least 2, got {seq_len}")
+    corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
+    tokenizer, vocab_size, dtype, eos, prefix = _load_fast_tokenizer(tokenizer_dir)
+    meta: dict = {"seq_len": int(seq_len), "vocab_size": int(vocab_size), "eos_id": int(eos),
+                  "bos_id": int(prefix[0]) if prefix else None, "dtype": dtype.name,
+                  "tokenizer_dir": str(tokenizer_dir), "splits": {}}
+    pool = _pool(num_proc)
+    try:
+        with atomic_dir(out_dir) as tmp:
+            for split in splits:
+                texts = read_columns(corpus_dir / f"{split}.parquet", ["text"]).column("text").to_pylist()
+                offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+                raw = tmp / f".{split}.bin"
+                with open(raw, "wb") as f:
+                    for i, arr in enumerate(_encode_docs(texts, tokenizer, dtype, eos, prefix, pool, batch_size,
+                                                         f"tokenize {split}")):
+                        f.write(arr.tobytes())
+                        offsets[i + 1] = offsets[i] + len(arr)
+                n_tok = int(offsets[-1])
+                n_blocks = _pack(raw, n_tok, dtype, seq_len, tmp / corpus_shard_name(split))
+                stream = np.lib.format.open_memmap(tmp / f"{split}_tokens.npy", mode="w+", dtype=dtype, shape=(n_tok,))
+                if n_tok:
+                    stream[:] = np.memmap(raw, dtype=dtype, mode="r")
+                stream.flush()
+                del stream
+                raw.unlink()
+                np.save(tmp / f"{split}_offsets.npy", offsets)
+                meta["splits"][split] = {"n_docs": len(texts), "n_tokens": n_tok, "n_blocks": n_blocks,
+                                         "n_tokens_in_blocks": n_blocks * seq_len}
+                log.info("tokenized %s: %d docs, %d tokens, %d blocks", split, len(texts), n_tok, n_blocks)
+            write_json(tmp / "meta.json", meta)
+    finally:
+        if pool is not None:
+            pool.close()
+            pool.join()
+    return meta
 
 
 def shard_corpus(
@@ -45,37 +160,33 @@ def shard_corpus(
     num_proc: int = 1,
     batch_size: int = 1000,
     splits: Sequence[str] = ("train", "valid"),
+    tokens_dir: str | os.PathLike | None = None,
 ) -> dict:
-    """Tokenize `corpus_dir/{split}.parquet`, group by `assignments_dir/{split}.parquet` cluster_id, pack.
+    """Group `corpus_dir/{split}.parquet` by `assignments_dir/{split}.parquet` cluster_id and pack per cluster.
 
-    Writes into `out_dir` (atomically): `cluster_{id:03d}.npy` and `valid_cluster_{id:03d}.npy`, each
-    (n_blocks, seq_len) uint16/int32, and `meta.json` {seq_len, vocab_size, eos_id, bos_id, dtype, n_clusters,
-    clusters: {id: {split: {n_docs, n_tokens, n_blocks}}}, n_tokens: {id: train tokens in blocks},
-    empty_clusters}. A cluster with no full block gets an empty (0, seq_len) file and is listed, not fatal.
-    Returns the meta dict.
+    The documents' tokens come from `tokens_dir` (a `tokenize_corpus` folder made with the same tokenizer) when
+    given, else from tokenizing the texts here. Writes into `out_dir` (atomically): `cluster_{id:03d}.npy` and
+    `valid_cluster_{id:03d}.npy`, each (n_blocks, seq_len) uint16/int32, and `meta.json` {seq_len, vocab_size,
+    eos_id, bos_id, dtype, n_clusters, clusters: {id: {split: {n_docs, n_tokens, n_blocks}}}, n_tokens: {id: train
+    tokens in blocks}, empty_clusters}. A cluster with no full block gets an empty (0, seq_len) file and is listed,
+    not fatal. Returns the meta dict.
     """
-    from tqdm.auto import tqdm
-
-    from experts.tokenizer import load_tokenizer
-
     if seq_len < 2:
         raise InputError(f"--seq-len must be at least 2, got {seq_len}")
     corpus_dir, assignments_dir, out_dir = Path(corpus_dir), Path(assignments_dir), Path(out_dir)
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if not getattr(tokenizer, "is_fast", False):
-        raise InputError(f"tokenizer in {tokenizer_dir} is not a fast tokenizer; shard with a tokenizers-backed one")
-    vocab_size = len(tokenizer)
-    dtype = token_dtype(vocab_size)
-    eos = tokenizer.eos_token_id
-    if eos is None:
-        raise InputError(f"tokenizer in {tokenizer_dir} has no eos token; documents could not be separated")
-    bos = tokenizer.bos_token_id
-    prefix = [bos] if bos is not None else []
+    tokenizer, vocab_size, dtype, eos, prefix = _load_fast_tokenizer(tokenizer_dir)
+    tok_meta = None
+    if tokens_dir is not None:
+        tokens_dir = Path(tokens_dir)
+        tok_meta = read_json(tokens_dir / "meta.json")
+        if tok_meta["vocab_size"] != vocab_size or tok_meta["dtype"] != dtype.name or tok_meta["eos_id"] != eos:
+            raise InputError(f"token streams in {tokens_dir} were made with another tokenizer than {tokenizer_dir}")
+    bos = prefix[0] if prefix else None
 
     n_clusters = 0
     tables = {}
     for split in splits:
-        docs = read_columns(corpus_dir / f"{split}.parquet", ["id", "text"])
+        docs = read_columns(corpus_dir / f"{split}.parquet", ["id"] if tok_meta else ["id", "text"])
         assign = read_columns(assignments_dir / f"{split}.parquet", ["id", "cluster_id"])
         cid_of = dict(zip(assign.column("id").to_pylist(), assign.column("cluster_id").to_pylist()))
         ids = docs.column("id").to_pylist()
@@ -89,12 +200,13 @@ def shard_corpus(
         if len(cids) and cids.min() < 0:
             raise InputError(f"negative cluster_id in {assignments_dir / f'{split}.parquet'}")
         n_clusters = max(n_clusters, int(cids.max()) + 1 if len(cids) else 0)
-        tables[split] = (docs.column("text").to_pylist(), cids)
+        if tok_meta is not None and tok_meta["splits"].get(split, {}).get("n_docs") != len(ids):
+            raise InputError(f"token streams in {tokens_dir} do not hold the {len(ids)} documents of "
+                             f"{corpus_dir / f'{split}.parquet'}")
+        tables[split] = (None if tok_meta else docs.column("text").to_pylist(), cids)
     summary = assignments_dir / "summary.json"
     if summary.is_file():
-        import json
-
-        n_clusters = max(n_clusters, int(json.loads(summary.read_text()).get("n_clusters", 0) or 0))
+        n_clusters = max(n_clusters, int(read_json(summary).get("n_clusters", 0) or 0))
     if n_clusters == 0:
         raise InputError(f"no documents to shard in {corpus_dir}")
 
@@ -108,12 +220,7 @@ def shard_corpus(
         "tokenizer_dir": str(tokenizer_dir),
         "clusters": {},
     }
-    pool = None
-    if num_proc > 1:
-        import multiprocessing as mp
-
-        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-        pool = mp.get_context("spawn").Pool(num_proc)
+    pool = None if tok_meta else _pool(num_proc)
     try:
         with atomic_dir(out_dir) as tmp:
             raw_dir = tmp / ".raw"
@@ -122,30 +229,22 @@ def shard_corpus(
                 files = [open(raw_dir / f"{split}_{c}.bin", "wb") for c in range(n_clusters)]
                 n_docs = np.bincount(cids, minlength=n_clusters)
                 n_tok = np.zeros(n_clusters, dtype=np.int64)
-                batches = [(tokenizer, texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-                encoded = pool.imap(_encode_batch, batches) if pool else map(_encode_batch, batches)
-                bar = tqdm(total=len(texts), desc=f"shard {split}: tokenizing", unit="doc", mininterval=2.0)
-                start = 0
-                for ids_batch in encoded:
-                    for j, ids in enumerate(ids_batch):
-                        c = int(cids[start + j])
-                        arr = np.asarray(prefix + ids + [eos], dtype=dtype)
-                        files[c].write(arr.tobytes())
-                        n_tok[c] += len(arr)
-                    start += len(ids_batch)
-                    bar.update(len(ids_batch))
-                bar.close()
+                if tok_meta:
+                    stream = np.load(tokens_dir / f"{split}_tokens.npy", mmap_mode="r")
+                    off = np.load(tokens_dir / f"{split}_offsets.npy")
+                    arrays = (stream[off[i] : off[i + 1]] for i in range(len(cids)))
+                else:
+                    arrays = _encode_docs(texts, tokenizer, dtype, eos, prefix, pool, batch_size,
+                                          f"shard {split}: tokenizing")
+                for i, arr in enumerate(arrays):
+                    c = int(cids[i])
+                    files[c].write(np.ascontiguousarray(arr).tobytes())
+                    n_tok[c] += len(arr)
                 for f in files:
                     f.close()
                 for c in range(n_clusters):
                     raw = raw_dir / f"{split}_{c}.bin"
-                    stream = np.memmap(raw, dtype=dtype, mode="r") if n_tok[c] else np.zeros(0, dtype)
-                    n_blocks = int(n_tok[c] // seq_len)
-                    out = np.lib.format.open_memmap(tmp / shard_name(c, split), mode="w+", dtype=dtype, shape=(n_blocks, seq_len))
-                    if n_blocks:
-                        out[:] = np.asarray(stream[: n_blocks * seq_len]).reshape(n_blocks, seq_len)
-                    out.flush()
-                    del out, stream
+                    n_blocks = _pack(raw, int(n_tok[c]), dtype, seq_len, tmp / shard_name(c, split))
                     raw.unlink()
                     meta["clusters"].setdefault(str(c), {})[split] = {
                         "n_docs": int(n_docs[c]),
@@ -153,7 +252,7 @@ def shard_corpus(
                         "n_blocks": n_blocks,
                         "n_tokens_in_blocks": n_blocks * seq_len,
                     }
-                log.info("shard %s: %d docs, %d tokens, %d clusters", split, len(texts), int(n_tok.sum()), n_clusters)
+                log.info("shard %s: %d docs, %d tokens, %d clusters", split, len(cids), int(n_tok.sum()), n_clusters)
             shutil.rmtree(raw_dir)
             meta["n_tokens"] = {c: v["train"]["n_tokens_in_blocks"] for c, v in meta["clusters"].items()} if "train" in tables else {}
             meta["empty_clusters"] = sorted(

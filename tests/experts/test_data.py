@@ -79,3 +79,31 @@ def test_missing_assignment_is_an_input_error(run):
     with pytest.raises(InputError, match="have no cluster"):
         shard_corpus(tmp / "corpus", tmp / "assign", tmp / "tok", tmp / "shards", seq_len=16)
     assert not (tmp / "shards").exists()
+
+
+def test_whole_corpus_tokens_give_the_same_cluster_shards(run):
+    """The seed/dense shards do not depend on the clustering; per-cluster shards cut from their token streams
+    equal those made by tokenizing again."""
+    from experts.data import corpus_shard_name, tokenize_corpus
+
+    tmp, rows = run
+    seq = 16
+    tok_meta = tokenize_corpus(tmp / "corpus", tmp / "tok", tmp / "tokens", seq_len=seq)
+    direct = shard_corpus(tmp / "corpus", tmp / "assign", tmp / "tok", tmp / "a", seq_len=seq)
+    reused = shard_corpus(tmp / "corpus", tmp / "assign", tmp / "tok", tmp / "b", seq_len=seq, tokens_dir=tmp / "tokens")
+    assert direct == {**reused, "tokenizer_dir": direct["tokenizer_dir"]}
+    for p in sorted((tmp / "a").glob("*.npy")):
+        np.testing.assert_array_equal(np.load(p), np.load(tmp / "b" / p.name))
+    # the whole corpus, in corpus order: every cluster's tokens, blocks cut from one stream
+    train = tok_meta["splits"]["train"]
+    assert train["n_docs"] == len(rows) and train["n_tokens"] == sum(v["train"]["n_tokens"] for v in direct["clusters"].values())
+    stream = np.load(tmp / "tokens" / "train_tokens.npy")
+    blocks = np.load(tmp / "tokens" / corpus_shard_name("train"))
+    assert blocks.shape == (len(stream) // seq, seq)
+    np.testing.assert_array_equal(blocks.reshape(-1), stream[: blocks.size])
+    off = np.load(tmp / "tokens" / "train_offsets.npy")
+    assert off[0] == 0 and off[-1] == len(stream) and len(off) == len(rows) + 1
+    with pytest.raises(InputError, match="do not hold the"):
+        pq.write_table(pa.table({"id": ["x"], "text": ["y"]}), tmp / "corpus" / "valid.parquet")
+        pq.write_table(pa.table({"id": ["x"], "cluster_id": pa.array([0], pa.int32())}), tmp / "assign" / "valid.parquet")
+        shard_corpus(tmp / "corpus", tmp / "assign", tmp / "tok", tmp / "c", seq_len=seq, tokens_dir=tmp / "tokens")
