@@ -4,7 +4,8 @@ c-BTM (Gururangan et al. 2023, §2.2) clusters TF-IDF document embeddings with *
 sees about the same amount of data. This module provides:
 
 - `BalancedKMeans`: Lloyd iterations whose assignment step solves the capacitated assignment problem
-  (sizes within a tolerance) with dual prices + exact greedy repair (see `balanced_assign` for the formulas).
+  (sizes within a tolerance) with dual prices + exact greedy repair (see `balanced_assign` for the formulas);
+  with per-point weights (document lengths) the sizes are weighted (`_wbalanced_assign`).
 - `UnbalancedKMeans`: plain Lloyd (one GEMM + argmin per iteration), the speed floor and an ablation.
 - `RandomClusters`: uniform random assignment, the paper's random-cluster control.
 - `fit_clusters` / `assign_clusters`: the stage functions reading and writing the `embeddings-`, `clusters-` and
@@ -572,6 +573,254 @@ def balanced_assign(
 
 
 # ----------------------------------------------------------------------------------------------------------------
+# weighted capacities: sizes are sums of per-point weights (e.g. document lengths), not point counts
+# ----------------------------------------------------------------------------------------------------------------
+def weighted_size_bounds(total: float, max_weight: float, n_clusters: int, balance: float) -> tuple[float, float]:
+    """Bounds (lo, hi) on the weighted size W_j = Σ_{a(i)=j} w_i of points with weights w_i > 0 summing to `total`.
+
+    With W̄ = total/k: lo = max(0, min(W̄/√balance, W̄ − w_max)), hi = max(W̄·√balance, W̄ + w_max). Widening by the
+    largest weight w_max keeps the bounds feasible whatever the weights (cutting the points, in any order, where
+    the running sum crosses a multiple of W̄ gives sizes within W̄ ± w_max) and lets the greedy repair of
+    `balanced_assign` meet them exactly: while a point has no cluster with room for it, every cluster is within
+    w_max of hi, so Σ_j hi_j ≥ total + k·w_max leaves none unplaced."""
+    k = n_clusters
+    avg = total / k
+    s = math.sqrt(balance)
+    return max(0.0, min(avg / s, avg - max_weight)), max(avg * s, avg + max_weight)
+
+
+def _check_weights(weights: Any, n: int) -> np.ndarray:
+    """Per-point weights as float64 (n,), all finite and > 0; InputError otherwise."""
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape[0] != n:
+        raise InputError(f"weights has {w.shape[0]} entries for {n} points")
+    if not np.isfinite(w).all() or (w <= 0).any():
+        raise InputError("weights must be finite and > 0 (a document's weight is its length)")
+    return w
+
+
+def _wcounts(assign: torch.Tensor, w: torch.Tensor, k: int) -> torch.Tensor:
+    """Weighted cluster sizes (k,) float64: Σ of w over the points of each cluster."""
+    return torch.bincount(assign, weights=w.double(), minlength=k)
+
+
+def _wpriced_argmin(d: torch.Tensor, prices: torch.Tensor, w: torch.Tensor, out: torch.Tensor | None = None):
+    """cost = d + w_i·λ_j (n, k) (λ is a price per unit of weight), each point's cheapest cluster and cost, and the
+    weighted sizes. Returns (cost, v0 (n,), a (n,) int64, sizes (k,) float64)."""
+    cost = torch.addcmul(d, w[:, None], prices[None, :], out=out)  # (n, k)
+    v0, a = cost.min(1)
+    return cost, v0, a, _wcounts(a, w, d.shape[1])
+
+
+def _wsorted_groups(keys: torch.Tensor, w: torch.Tensor, groups: torch.Tensor, descending: bool = False):
+    """Items ordered by (group, key) (`_group_order`) → (order, weight of the items of the same group up to and
+    including each ordered item (float64), group of each ordered item)."""
+    order = _group_order(keys, groups, descending).to(keys.device)
+    g = groups[order]
+    cw = torch.cumsum(w[order].double(), 0)  # (s,) running weight over all groups
+    cnt = torch.bincount(g)
+    start = torch.cumsum(cnt, 0) - cnt
+    before = torch.where(start > 0, cw[(start - 1).clamp_min(0)], torch.zeros_like(cw[:1]))  # weight of earlier groups
+    return order, cw - before[g], g
+
+
+def _wselect_per_group(keys: torch.Tensor, w: torch.Tensor, groups: torch.Tensor, quota: torch.Tensor,
+                       largest: bool) -> torch.Tensor:
+    """Mask (s,) of the items kept when every group g keeps its items of largest (or smallest) key for as long as
+    their running weight stays ≤ quota[g] (the weighted `_select_per_group`; ties: the earlier item)."""
+    keep = torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
+    if keys.numel() == 0:
+        return keep
+    order, within, g = _wsorted_groups(keys, w, groups, descending=largest)
+    keep[order[within <= quota[g].double() * (1 + 1e-12)]] = True
+    return keep
+
+
+def _group_wkth(values: torch.Tensor, w: torch.Tensor, groups: torch.Tensor, ids: torch.Tensor,
+                need: torch.Tensor, n_groups: int) -> torch.Tensor:
+    """For each group id in `ids` (ascending), the smallest value t of its members such that the members with value
+    ≤ t weigh ≥ need (clamped to the group's largest value): the weighted `_group_kth`."""
+    asked = torch.zeros(n_groups, dtype=torch.bool, device=values.device)
+    asked[ids] = True
+    sel = asked[groups].nonzero().squeeze(1)
+    order, within, g = _wsorted_groups(values[sel], w[sel], groups[sel])
+    vals = values[sel][order]
+    out = torch.empty(len(ids), dtype=values.dtype, device=values.device)
+    for t, (j, e) in enumerate(zip(ids.tolist(), need.tolist())):  # k groups at most
+        seg = (g == j).nonzero().squeeze(1)
+        pos = int(torch.searchsorted(within[seg], torch.tensor([e], dtype=torch.float64, device=within.device)))
+        out[t] = vals[seg[min(pos, seg.numel() - 1)]]
+    return out
+
+
+def _row_wkth(g: torch.Tensor, w: torch.Tensor, need: torch.Tensor) -> torch.Tensor:
+    """Per row t of g (u, n): the smallest value whose row-sorted running weight (weights w (n,)) reaches need[t]
+    (the weighted `_row_kth`; +inf when the finite values weigh too little)."""
+    order = torch.argsort(g, dim=1, stable=True)  # (u, n)
+    cw = torch.cumsum(w.double()[order], 1)  # (u, n)
+    pos = torch.searchsorted(cw, need.double()[:, None].contiguous()).clamp_max(g.shape[1] - 1)  # (u, 1)
+    return g.gather(1, order.gather(1, pos)).squeeze(1)
+
+
+def _wprice_delta(cost: torch.Tensor, v0: torch.Tensor, best: torch.Tensor, sizes: torch.Tensor, lo: torch.Tensor,
+                  hi: torch.Tensor, eps: float, w: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """`_price_delta` with weighted sizes: raising λ_j by δ costs member i δ·w_i, so i leaves once δ exceeds its
+    regret per unit weight (min_{l∉O} cost_il − cost_ij)/w_i; λ_j of an overfull cluster rises by the smallest such
+    regret at which the members leaving weigh ≥ its excess W_j − hi_j, and λ_j of an underfull one falls by the
+    smallest gain per unit weight (cost_ij − min_l cost_il)/w_i at which the points joining weigh ≥ lo_j − W_j."""
+    k = cost.shape[1]
+    excess, deficit = sizes - hi, lo - sizes
+    is_over, is_under = excess > 0, deficit > 0
+    over, under = is_over.nonzero().squeeze(1), is_under.nonzero().squeeze(1)
+    delta = torch.zeros(k, dtype=cost.dtype, device=cost.device)
+    if (over.numel() == 0 and under.numel() == 0) or k < 2:
+        return delta, True
+    if over.numel() and over.numel() < k:
+        sel = is_over[best].nonzero().squeeze(1)
+        alt = cost[:, (~is_over).nonzero().squeeze(1)].amin(1)[sel]
+        kv = _group_wkth((alt - v0[sel]) / w[sel], w[sel], best[sel], over, excess[over], k)
+        delta[over] = torch.nan_to_num(kv, posinf=0.0) + eps
+    if under.numel() and under.numel() < k:
+        don = (~is_under[best]).nonzero().squeeze(1)
+        g = (cost[don][:, under].T - v0[None, don]) / w[None, don]  # (u, s) gain per unit weight
+        kv = _row_wkth(g, w[don], deficit[under])
+        if not bool(torch.isfinite(kv).all()):
+            fin_max = torch.where(torch.isfinite(g), g, torch.zeros_like(g)).amax(1)
+            kv = torch.where(torch.isfinite(kv), kv, fin_max)
+        delta[under] = -(kv + eps)
+    return delta, False
+
+
+def _wrelaxed_prices(d, prices, damp, lo, hi, max_steps, eps, w, slack=_RELAX_SLACK, scratch=None):
+    """`relaxed_prices` with weighted sizes (weights w (n,) of the sampled points; lo, hi their weighted bounds)."""
+    lo_r, hi_r = lo.double() * (1 - slack), hi.double() * (1 + slack)
+    last = torch.zeros_like(prices)
+    buf = _empty(scratch, "cost", d.shape, d)
+    for s in range(max(1, max_steps)):
+        cost, v0, a, sizes = _wpriced_argmin(d, prices, w, out=buf)
+        delta, feasible = _wprice_delta(cost, v0, a, sizes, lo, hi, eps, w)
+        if feasible or (s > 0 and bool(((sizes >= lo_r) & (sizes <= hi_r)).all())):
+            break
+        sign = torch.sign(delta)
+        flip = sign * last < 0
+        damp = torch.where(flip, damp * 0.5, torch.where(sign != 0, (damp * 1.5).clamp_max(_DAMP), damp))
+        prices = prices + damp * delta
+        last = torch.where(sign != 0, sign, last)
+    return prices, damp
+
+
+def _wcapped_assign(d: torch.Tensor, prices: torch.Tensor, hi: torch.Tensor, w: torch.Tensor,
+                    overwrite: bool = False) -> torch.Tensor:
+    """`capped_assign` with weighted sizes: an overfull cluster keeps its members of largest regret per unit weight
+    while their weight stays ≤ hi_j and sends the others to their best cluster that is not overfull."""
+    k = d.shape[1]
+    cost = torch.addcmul(d, w[:, None], prices[None, :], out=d if overwrite else None)  # (n, k)
+    own, best = cost.min(1)
+    is_over = _wcounts(best, w, k) > hi.double()
+    if not bool(is_over.any()) or bool(is_over.all()):
+        return best
+    sel = is_over[best].nonzero().squeeze(1)
+    alt_v = cost[sel].masked_fill_(is_over[None, :], float("inf")).amin(1)
+    keep = _wselect_per_group((alt_v - own[sel]) / w[sel], w[sel], best[sel], hi, largest=True)
+    moved = sel[~keep]
+    best[moved] = cost[moved].masked_fill_(is_over[None, :], float("inf")).argmin(1)
+    return best
+
+
+def _wgreedy_capacity(cost: torch.Tensor, remaining: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`_greedy_capacity` with weighted capacities: cost (n, k) (overwritten), remaining (k,) float64 room (updated in
+    place), w (n,) weights. Each round every open point proposes to its cheapest cluster with room for it
+    (remaining_j ≥ w_i); a cluster asked for more than its room accepts the proposers of largest regret per unit
+    weight while they fit. The proposer of largest regret always fits, so every round places a point. Returns
+    assign (n,) int64, −1 where no cluster has room left."""
+    n, k = cost.shape
+    dev = cost.device
+    assign = torch.full((n,), -1, dtype=torch.long, device=dev)
+    active = torch.arange(n, device=dev)
+    wa, c = w.double(), cost
+    while active.numel():
+        c.masked_fill_(wa[:, None] > remaining[None, :], float("inf"))  # (a, k) no room for the point
+        v0, p0 = c.min(1)
+        if k < 2:
+            regret = torch.full_like(v0, float("inf"))
+        else:
+            v1 = c.clone().scatter_(1, p0[:, None], float("inf")).amin(1)
+            regret = torch.nan_to_num((v1 - v0) / wa.to(v0.dtype), nan=0.0, posinf=float("inf"))
+        ok = torch.isfinite(v0)
+        prop = torch.where(ok, p0, torch.zeros_like(p0))
+        over = torch.bincount(prop[ok], weights=wa[ok], minlength=k) > remaining
+        accept = ok & ~over[prop]
+        contested = (ok & over[prop]).nonzero().squeeze(1)
+        if contested.numel():
+            won = _wselect_per_group(regret[contested], wa[contested], prop[contested], remaining, largest=True)
+            accept[contested[won]] = True
+        assign[active[accept]] = prop[accept]
+        remaining -= torch.bincount(prop[accept], weights=wa[accept], minlength=k)
+        keep = (ok & ~accept).nonzero().squeeze(1)
+        if keep.numel() == 0:
+            break
+        active, c, wa = active[keep], c[keep], wa[keep]
+    return assign
+
+
+def _wbalanced_assign(x, centroids, cand_dist, cand_idx, lo, hi, prices, w, price_steps=2, x2=None):
+    """`balanced_assign` with weighted sizes: lo_j ≤ Σ_{a(i)=j} w_i ≤ hi_j (bounds from `weighted_size_bounds`),
+    minimising Σ ‖x_i − c_a(i)‖². The LP's dual now prices capacity per unit of weight: each point takes
+    argmin_j d_ij + w_i·λ_j. Same three steps: nearest centroid if feasible; damped dual steps (`_wprice_delta`);
+    exact repair by the weighted greedy (`_wgreedy_capacity`), then every cluster below lo_j pulls the points of
+    cheapest increase per unit weight (d(x, c_j) − d(x, c_a(x)))/w from clusters that stay ≥ their own lo."""
+    n, k = cand_dist.shape[0], centroids.shape[0]
+    lo, hi = lo.double(), hi.double()
+    d = _dense(cand_dist, cand_idx, k)
+    dist0, near = d.min(1)
+    sizes = _wcounts(near, w, k)
+    if bool(((sizes >= lo) & (sizes <= hi)).all()):
+        return near, dist0, torch.zeros_like(prices)
+    eps = (1e-6 * float(dist0.mean()) + 1e-12) / float(w.mean())
+    for _ in range(price_steps):
+        cost, v0, a, sz = _wpriced_argmin(d, prices, w)
+        delta, feasible = _wprice_delta(cost, v0, a, sz, lo, hi, eps, w)
+        if feasible:
+            break
+        prices = prices + _DAMP * delta
+    remaining = hi.clone()
+    assign = _wgreedy_capacity(torch.addcmul(d, w[:, None], prices[None, :]), remaining, w)
+    dist = d.gather(1, assign.clamp_min(0)[:, None]).squeeze(1)
+    lost = (assign < 0).nonzero().squeeze(1)
+    if lost.numel():  # all m candidates full: use every centroid
+        dl = _sqdist(x[lost], centroids)
+        a2 = _wgreedy_capacity(torch.addcmul(dl, w[lost][:, None], prices[None, :]), remaining, w[lost])
+        assign[lost] = a2
+        dist[lost] = dl.gather(1, a2.clamp_min(0)[:, None]).squeeze(1)
+    if bool((assign < 0).any()):  # unreachable with weighted_size_bounds; keep every point placed regardless
+        stray = (assign < 0).nonzero().squeeze(1)
+        dist[stray], assign[stray] = _sqdist(x[stray], centroids).min(1)
+    sizes = _wcounts(assign, w, k)
+    if x2 is None and cand_idx is not None and bool((lo - sizes > 0).any()):
+        x2 = _sqnorms(x)
+    wd = w.double()
+    for j in (lo - sizes > 0).nonzero().squeeze(1).tolist():
+        need = float(lo[j] - sizes[j])
+        slack = sizes - lo  # (k,) weight each cluster can give away
+        donor = (assign != j) & (slack[assign] >= wd)
+        dj = d[:, j] if cand_idx is None else _sqdist(x, centroids[j : j + 1], x2).squeeze(1)
+        inc = ((dj - dist) / w).masked_fill(~donor, float("inf"))  # (n,) cost per unit weight of moving to j
+        cand = torch.isfinite(inc).nonzero().squeeze(1)
+        if cand.numel() == 0:
+            continue
+        order, within, g = _wsorted_groups(inc[cand], w[cand], assign[cand])
+        ok = cand[order[within <= slack[g] * (1 + 1e-12)]]  # donors stay ≥ their own lower bound
+        ok = ok[torch.argsort(inc[ok], stable=True)]
+        cw = torch.cumsum(wd[ok], 0)
+        pick = ok[: int(torch.searchsorted(cw, torch.tensor([need], dtype=torch.float64, device=cw.device))) + 1]
+        sizes -= torch.bincount(assign[pick], weights=wd[pick], minlength=k)
+        sizes[j] += wd[pick].sum()
+        dist[pick] = dj[pick]
+        assign[pick] = j
+    return assign, dist, prices
+
+
+# ----------------------------------------------------------------------------------------------------------------
 # backends: squared distances to the centroids
 # ----------------------------------------------------------------------------------------------------------------
 class _TorchSearch:
@@ -958,6 +1207,10 @@ class BalancedKMeans(_KMeansBase):
     form (e-th smallest regret), which costs a few passes over the (n, k) cost matrix instead of hundreds of
     auction rounds — see bench/RESULTS.md for the measured comparison.
 
+    With per-point weights (fit(x, weights)), the capacities are weighted: lo ≤ Σ_{a(i)=j} w_i ≤ hi
+    (`weighted_size_bounds`), every step above runs its weighted twin (prices per unit of weight, `_w*`
+    functions), and without weights the unit-weight code runs unchanged.
+
     fit(x) fits on a seeded sample of ≤ fit_sample rows; predict(x) streams nearest-centroid assignment;
     assign_balanced(x) streams the capacity-aware assignment of a whole corpus (sizes within `balance` at
     corpus scale, not only on the sample).
@@ -973,28 +1226,36 @@ class BalancedKMeans(_KMeansBase):
         self.balance, self.price_steps = float(balance), int(price_steps)
         self.exact_iters = max(0, int(exact_iters))  # final Lloyd iterations that use the exact balanced_assign
         self.prices_: np.ndarray | None = None  # (k,) final dual prices, a warm start for assign_balanced
+        self.weighted = False  # fitted with per-point weights: prices_ are per unit of weight
+        self.weighted_sizes_: list[float] | None = None  # weighted sizes of the fitted sample
+        self.max_weight_: float | None = None  # largest weight seen in fit (widens the weighted bounds)
         super().__init__(n_clusters, n_iter=n_iter, backend=backend, device=device, seed=seed,
                          fit_sample=fit_sample, n_candidates=n_candidates, batch_size=batch_size, verbose=verbose)
 
-    def fit(self, x: Any) -> "BalancedKMeans":
+    def fit(self, x: Any, weights: Any = None) -> "BalancedKMeans":
         """Fit on x (n, dim) numpy/memmap/torch, float16/32. Sets centroids, labels_ (of the sample), sizes_,
-        inertia_ (mean squared distance of the sample to its assigned centroid), prices_."""
+        inertia_ (mean squared distance of the sample to its assigned centroid), prices_.
+
+        weights (n,) > 0, optional: per-point weights (e.g. document lengths); the balance then holds for the
+        weighted sizes Σ_{a(i)=j} w_i (`weighted_size_bounds`, weighted_sizes_) instead of point counts, with
+        prices per unit of weight. The centroids stay plain means of their points."""
         t0 = time.perf_counter()
-        xs, _ = self._fit_sample(x)  # (n, d) float32 on device
+        if weights is not None:
+            weights = _check_weights(weights, _check_matrix(x).shape[0])
+        xs, idx = self._fit_sample(x)  # (n, d) float32 on device
         n, k = xs.shape[0], self.n_clusters
         x2 = _sqnorms(xs)  # (n,)
         c = self._init_centroids(xs)  # (k, d)
-        lo_, hi_ = size_bounds(n, k, self.balance)
-        lo = torch.full((k,), lo_, dtype=torch.long, device=self.device)
-        hi = torch.full((k,), hi_, dtype=torch.long, device=self.device)
+        w = None if weights is None else torch.from_numpy(weights[idx].astype(np.float32)).to(self.device)  # (n,)
+        self.weighted = w is not None
         prices = torch.zeros(k, dtype=torch.float32, device=self.device)
         # intermediate dual steps on a fixed seeded sample of the fitted points (bounds for that many points)
         ns = min(n, max(16_384, _PRICE_SAMPLE * k))
         sub = None if ns == n else torch.from_numpy(
             np.sort(np.random.default_rng(self.seed + 2).choice(n, ns, replace=False))).to(self.device)
-        lo_s, hi_s = size_bounds(ns, k, self.balance)
-        lo_s = torch.full((k,), lo_s, dtype=torch.long, device=self.device)
-        hi_s = torch.full((k,), hi_s, dtype=torch.long, device=self.device)
+        ws = w if w is None or sub is None else w[sub]
+        lo, hi = self._bounds(n, w)
+        lo_s, hi_s = self._bounds(ns, ws)
         eps, damp = None, torch.full((k,), _DAMP, device=self.device)
         buf = None  # all k distances (n, k) when the searcher computes them: one buffer for every iteration
         scratch = _Scratch()
@@ -1005,31 +1266,64 @@ class BalancedKMeans(_KMeansBase):
             d = _dense(cd, ci, k)  # (n, k)
             if eps is None:
                 eps = 1e-6 * float(d.amin(1).mean()) + 1e-12  # tie-breaking price increment
+                if w is not None:
+                    eps /= float(w.mean())  # prices are per unit of weight
             if it >= self.n_iter - self.exact_iters:  # last iterations: exact bounds, so no centroid is stranded
-                assign, _, prices = balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2, scratch)
-            else:
+                assign, _, prices = self._exact(xs, c, cd, ci, lo, hi, prices, x2, scratch, w)
+            elif w is None:
                 ds = d if sub is None else torch.index_select(d, 0, sub, out=buf_s)
                 prices, damp = relaxed_prices(ds, prices, damp, lo_s, hi_s, _RELAX_STEPS, eps, scratch=scratch)
                 assign = capped_assign(d, prices, hi, overwrite=True, scratch=scratch)  # nearly balanced; d spent
+            else:
+                ds = d if sub is None else torch.index_select(d, 0, sub, out=buf_s)
+                prices, damp = _wrelaxed_prices(ds, prices, damp, lo_s, hi_s, _RELAX_STEPS, eps, ws, scratch=scratch)
+                assign = _wcapped_assign(d, prices, hi, w, overwrite=True)
             del d, cd, ci
             c, counts = self._update(xs, assign, c)
             self._log_iter(it, counts, t0)
         # the final assignment w.r.t. the final centroids is the only one that must meet the bounds exactly
         cd, ci = self._searcher(c).candidates(xs, x2, out=buf)
-        assign, dist, prices = balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2, scratch)
+        assign, dist, prices = self._exact(xs, c, cd, ci, lo, hi, prices, x2, scratch, w)
         self.prices_ = prices.cpu().numpy().astype(np.float32)
+        self.weighted_sizes_ = None if w is None else _wcounts(assign, w, k).cpu().tolist()
+        self.max_weight_ = None if weights is None else float(weights.max())
         self._finish_fit(c, assign, dist, t0)
         return self
 
-    def assign_balanced(self, x: Any, return_distance: bool = False, out_distances: np.ndarray | None = None):
+    def _bounds(self, n: int, w: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Size bounds (lo, hi) (k,) for n points: counts (`size_bounds`, int64), or weighted sizes
+        (`weighted_size_bounds`, float64) when weights w (n,) are given."""
+        k = self.n_clusters
+        if w is None:
+            lo, hi = size_bounds(n, k, self.balance)
+            dtype = torch.long
+        else:
+            lo, hi = weighted_size_bounds(float(w.double().sum()), float(w.max()), k, self.balance)
+            dtype = torch.float64
+        return (torch.full((k,), lo, dtype=dtype, device=self.device),
+                torch.full((k,), hi, dtype=dtype, device=self.device))
+
+    def _exact(self, xs, c, cd, ci, lo, hi, prices, x2=None, scratch=None, w=None):
+        """The exact assignment within the bounds: `balanced_assign`, or `_wbalanced_assign` with weights."""
+        if w is None:
+            return balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2, scratch)
+        return _wbalanced_assign(xs, c, cd, ci, lo, hi, prices, w, self.price_steps, x2)
+
+    def assign_balanced(self, x: Any, return_distance: bool = False, out_distances: np.ndarray | None = None,
+                        weights: Any = None):
         """Capacity-aware assignment of a whole corpus x (n, dim), streamed in batches.
 
         After N documents have been assigned, cluster j holds between LO(N) and HI(N) of them (`size_bounds` for
         N): each batch of b rows gets per-cluster bounds lo_j = max(0, LO(N+b) − count_j), hi_j = HI(N+b) −
         count_j and is solved with `balanced_assign`, warm-started from the fitted prices. So the final sizes obey
-        the tolerance over the whole corpus. Returns labels (n,) int64 [, distance (n,) float32]; fills
+        the tolerance over the whole corpus. With weights (n,) the same holds for weighted sizes: the bounds are
+        `weighted_size_bounds` of the weight assigned so far (widened by the largest weight of x) and each batch
+        is solved by the weighted assignment. Returns labels (n,) int64 [, distance (n,) float32]; fills
         out_distances (n, n_clusters) when given."""
         x = _check_matrix(x)
+        if weights is not None:
+            return self._assign_balanced_weighted(x, _check_weights(weights, x.shape[0]), return_distance,
+                                                  out_distances)
         c = self._centroids_t()
         self._check_dim(x)
         k = self.n_clusters
@@ -1060,10 +1354,47 @@ class BalancedKMeans(_KMeansBase):
         self._stream(x, step, "assign_balanced")
         return (labels, dist) if return_distance else labels
 
+    def _assign_balanced_weighted(self, x, weights: np.ndarray, return_distance: bool, out_distances):
+        c = self._centroids_t()
+        self._check_dim(x)
+        k, n = self.n_clusters, x.shape[0]
+        if k > n:
+            raise InputError(f"n_clusters={k} is larger than the number of documents to assign ({n})")
+        search = self._searcher(c)
+        labels = np.empty(n, dtype=np.int64)
+        dist = np.empty(n, dtype=np.float32)
+        sizes = torch.zeros(k, dtype=torch.float64, device=self.device)
+        cum = np.concatenate([[0.0], np.cumsum(weights)])  # (n + 1,) weight of the first N points
+        w_max = float(weights.max())
+        warm = self.prices_ is not None and self.weighted  # fitted prices are per unit of weight only if weighted
+        state = {"prices": torch.from_numpy(self.prices_ if warm else np.zeros(k, np.float32)).to(self.device)}
+
+        def step(s, e, xb):
+            lo_n, hi_n = weighted_size_bounds(float(cum[e]), w_max, k, self.balance)
+            lo, hi = (lo_n - sizes).clamp_min(0), hi_n - sizes
+            if out_distances is not None:
+                cd, ci = search.full(xb), None
+                out_distances[s:e] = cd.cpu().numpy()
+            else:
+                cd, ci = search.candidates(xb)
+            wb = torch.from_numpy(weights[s:e].astype(np.float32)).to(self.device)
+            a, d, state["prices"] = _wbalanced_assign(xb, c, cd, ci, lo, hi, state["prices"], wb, self.price_steps)
+            sizes.add_(_wcounts(a, wb, k))
+            labels[s:e] = a.cpu().numpy()
+            dist[s:e] = d.cpu().numpy()
+
+        self._stream(x, step, "assign_balanced")
+        return (labels, dist) if return_distance else labels
+
     def _config(self) -> dict:
-        return {**super()._config(), "balance": self.balance, "price_steps": self.price_steps,
-                "size_bounds_fit": None if self.sizes_ is None else
-                list(size_bounds(sum(self.sizes_), self.n_clusters, self.balance))}
+        cfg = {**super()._config(), "balance": self.balance, "price_steps": self.price_steps,
+               "size_bounds_fit": None if self.sizes_ is None else
+               list(size_bounds(sum(self.sizes_), self.n_clusters, self.balance))}
+        if self.weighted:
+            cfg.update(weighted=True, weighted_sizes=self.weighted_sizes_, max_weight=self.max_weight_,
+                       size_bounds_fit=list(weighted_size_bounds(sum(self.weighted_sizes_), self.max_weight_,
+                                                                 self.n_clusters, self.balance)))
+        return cfg
 
     def _extra_arrays(self) -> dict[str, np.ndarray]:
         return {} if self.prices_ is None else {"prices": self.prices_.astype(np.float32)}
@@ -1078,6 +1409,9 @@ class BalancedKMeans(_KMeansBase):
     def _load_extra(self, in_dir: Path) -> None:
         p = in_dir / "prices.npy"
         self.prices_ = np.load(p, allow_pickle=False).astype(np.float32) if p.exists() else None
+        cfg = read_json(in_dir / "config.json")
+        self.weighted = bool(cfg.get("weighted", False))
+        self.weighted_sizes_, self.max_weight_ = cfg.get("weighted_sizes"), cfg.get("max_weight")
 
 
 class UnbalancedKMeans(_KMeansBase):
@@ -1157,6 +1491,21 @@ def _load_npy(path: Path) -> np.ndarray:
     return x
 
 
+BALANCE_BY = ("docs", "tokens")
+
+
+def document_weights(corpus_dir: str | Path, split: str = "train") -> np.ndarray:
+    """A proxy for each document's length in tokens, before any tokenizer exists: its text's UTF-8 bytes (at least
+    1), float64 (n_docs,) in the order of `corpus_dir/{split}.parquet`. Byte-level BPE tokens grow with bytes, so
+    clusters balanced by bytes are balanced by tokens up to how well each cluster's text compresses."""
+    import pyarrow.compute as pc
+
+    from corpus.read import read_columns
+
+    texts = read_columns(Path(corpus_dir) / f"{split}.parquet", ["text"]).column("text")
+    return np.maximum(pc.binary_length(pc.cast(texts, "binary")).to_numpy(zero_copy_only=False), 1).astype(np.float64)
+
+
 def fit_clusters(
     embeddings_dir: str | Path,
     out_dir: str | Path,
@@ -1168,10 +1517,24 @@ def fit_clusters(
     backend: str = "auto",
     seed: int = 0,
     device: str = "auto",
+    balance_by: str = "docs",
+    corpus_dir: str | Path | None = None,
 ) -> dict:
     """Fit a clusterer on `embeddings_dir/train.npy` and write `out_dir/{centroids.npy, config.json[, prices.npy]}`
-    atomically. clusterer: balanced | unbalanced | random. Returns the config dict (sizes during fit, inertia)."""
+    atomically. clusterer: balanced | unbalanced | random. balance_by (balanced only): `docs` balances document
+    counts (c-BTM); `tokens` balances the documents' lengths (`document_weights` of `corpus_dir`'s train split),
+    for corpora whose documents differ in length. Returns the config dict (sizes during fit, inertia)."""
+    if balance_by not in BALANCE_BY:
+        raise InputError(f"balance_by must be docs or tokens, got {balance_by!r}")
     x = _load_npy(Path(embeddings_dir) / "train.npy")
+    weights = None
+    if clusterer == "balanced" and balance_by == "tokens":
+        if corpus_dir is None:
+            raise InputError("balance_by='tokens' needs the corpus folder (corpus_dir) to weigh documents by length")
+        weights = document_weights(corpus_dir)
+        if len(weights) != x.shape[0]:
+            raise InputError(f"{Path(corpus_dir) / 'train.parquet'} has {len(weights)} documents but "
+                             f"{Path(embeddings_dir) / 'train.npy'} has {x.shape[0]} rows")
     common = dict(n_iter=n_iter, backend=backend, device=device, seed=seed, fit_sample=fit_sample)
     if clusterer == "balanced":
         model: _KMeansBase = BalancedKMeans(n_clusters, balance=balance, **common)
@@ -1184,7 +1547,7 @@ def fit_clusters(
     if n_clusters > x.shape[0]:
         raise InputError(f"n_clusters={n_clusters} is larger than the number of training documents "
                          f"({x.shape[0]} in {Path(embeddings_dir) / 'train.npy'})")
-    model.fit(x)
+    model.fit(x) if weights is None else model.fit(x, weights=weights)
     with atomic_dir(out_dir) as tmp:
         model.save(tmp)
         cfg = read_json(tmp / "config.json")
@@ -1212,8 +1575,8 @@ def assign_clusters(
     - `{split}_distances.npy`: float32 (n_docs, n_clusters) squared distances to every centroid;
     - `summary.json`: sizes per split with max/min spread.
     assign="nearest" (the paper's default) takes the nearest centroid; "balanced" uses the streaming
-    capacity-aware assignment on the train split (sizes within the clusterer's tolerance); valid/test always go to
-    the nearest centroid. A random clusterer assigns every split uniformly at random (seeded).
+    capacity-aware assignment on the train split (sizes within the clusterer's tolerance, weighted by
+    `document_weights` when the clusterer was fitted by tokens); valid/test always go to the nearest centroid. A random clusterer assigns every split uniformly at random (seeded).
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -1247,7 +1610,8 @@ def assign_clusters(
                 labels = model.random_labels(x.shape[0], salt=si + 1)
                 dist = np.take_along_axis(np.asarray(dists), labels[:, None], 1)[:, 0]
             elif assign == "balanced" and split == "train":
-                labels, dist = model.assign_balanced(x, return_distance=True, out_distances=dists)
+                weights = document_weights(corpus_dir, split) if getattr(model, "weighted", False) else None
+                labels, dist = model.assign_balanced(x, return_distance=True, out_distances=dists, weights=weights)
             else:
                 labels, dist = model.predict(x, return_distance=True, out_distances=dists)
             dists.flush()
@@ -1257,6 +1621,9 @@ def assign_clusters(
                               "distance": pa.array(dist.astype(np.float32))})
             pq.write_table(table, tmp / f"{split}.parquet")
             summary["splits"][split] = _size_summary(labels, k) if len(labels) else {"n_docs": 0}
+            if getattr(model, "weighted", False) and len(labels):
+                summary["splits"][split]["weighted_sizes"] = np.bincount(
+                    labels, weights=document_weights(corpus_dir, split), minlength=k).tolist()
             log.info("assigned %s: %d docs, sizes %s..%s", split, len(labels),
                      summary["splits"][split].get("min"), summary["splits"][split].get("max"))
         write_json(tmp / "summary.json", summary)

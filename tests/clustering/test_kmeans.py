@@ -237,3 +237,57 @@ def test_cuda_paths_select_what_the_cpu_paths_select():
     km = BalancedKMeans(8, n_iter=6, balance=1.02, backend="torch", device="cuda", verbose=False).fit(x)
     lo, hi = size_bounds(len(x), 8, 1.02)
     assert sum(km.sizes_) == len(x) and min(km.sizes_) >= lo and max(km.sizes_) <= hi
+
+
+def _lengths(x, seed=5):
+    """Document lengths that differ by cluster region (a skewed, heavy-tailed length distribution)."""
+    rng = np.random.default_rng(seed)
+    return np.round(np.exp(rng.normal(5, 1, len(x)) + (x[:, 0] > 0) * 1.0)) + 1
+
+
+@pytest.mark.parametrize("backend", ["torch", "faiss"])
+def test_token_weighted_balance_within_tolerance(backend):
+    from clustering.kmeans import weighted_size_bounds
+
+    x = dense_blob_with_outliers()
+    w = _lengths(x)
+    km = BalancedKMeans(8, n_iter=6, balance=1.1, backend=backend, device="cpu", verbose=False).fit(x, weights=w)
+    lo, hi = weighted_size_bounds(w.sum(), w.max(), 8, 1.1)
+    sizes = np.bincount(km.labels_, weights=w, minlength=8)
+    assert sizes.min() >= lo and sizes.max() <= hi and abs(sizes.sum() - w.sum()) < 1e-6
+    np.testing.assert_allclose(sizes, km.weighted_sizes_)
+    plain = np.bincount(BalancedKMeans(8, n_iter=6, balance=1.1, backend=backend, device="cpu",
+                                       verbose=False).fit(x).labels_, weights=w, minlength=8)
+    assert plain.max() / plain.min() > 2 * sizes.max() / sizes.min()  # balancing docs does not balance tokens
+    # the streaming capacity-aware assignment keeps the weighted bounds over the whole corpus too
+    labels = km.assign_balanced(x, weights=w)
+    streamed = np.bincount(labels, weights=w, minlength=8)
+    assert streamed.min() >= lo and streamed.max() <= hi
+
+
+def test_weighted_backends_agree_and_equal_weights_match_counts():
+    x = blobs(n_per=200, k=5, sep=3.0, seed=2)
+    w = _lengths(x)
+    t = BalancedKMeans(5, n_iter=5, seed=3, device="cpu", backend="torch", verbose=False).fit(x, weights=w)
+    f = BalancedKMeans(5, n_iter=5, seed=3, device="cpu", backend="faiss", verbose=False).fit(x, weights=w)
+    assert (t.labels_ == f.labels_).mean() > 0.99
+    np.testing.assert_allclose(t.centroids, f.centroids, atol=1e-2)
+    # equal weights: the same clustering problem as counting points
+    x = dense_blob_with_outliers()
+    eq = BalancedKMeans(8, n_iter=6, balance=1.1, device="cpu", backend="torch", verbose=False).fit(x, weights=np.full(len(x), 3.0))
+    unit = BalancedKMeans(8, n_iter=6, balance=1.1, device="cpu", backend="torch", verbose=False).fit(x)
+    assert sorted(eq.sizes_) == sorted(unit.sizes_) and (eq.labels_ == unit.labels_).mean() > 0.9
+    assert eq.inertia_ <= 1.05 * unit.inertia_
+
+
+def test_weighted_save_load_and_bad_weights(tmp_path):
+    x = blobs(n_per=50, k=3)
+    w = _lengths(x)
+    km = BalancedKMeans(3, n_iter=3, device="cpu", verbose=False).fit(x, weights=w)
+    km.save(tmp_path / "c")
+    back = load_clusterer(tmp_path / "c", device="cpu")
+    assert back.weighted and back.weighted_sizes_ == km.weighted_sizes_
+    with pytest.raises(InputError, match="weights must be finite and > 0"):
+        BalancedKMeans(3, device="cpu", verbose=False).fit(x, weights=np.zeros(len(x)))
+    with pytest.raises(InputError, match="weights has 3 entries"):
+        BalancedKMeans(3, device="cpu", verbose=False).fit(x, weights=np.ones(3))
