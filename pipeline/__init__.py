@@ -9,7 +9,8 @@ Read in order, this is the table of contents (stage → library function → out
     AssignClusters      clustering.kmeans.assign_clusters        assignments-<h>/
     DescribeClusters    clustering.inspect.describe_clusters     cluster-info-<h>/
     TrainTokenizer      experts.tokenizer.train_tokenizer        tokenizer-<h>/
-    ShardCorpus         experts.data.shard_corpus                shards-<h>/
+    TokenizeCorpus      experts.data.tokenize_corpus             tokens-<h>/   (whole corpus: seed, dense)
+    ShardCorpus         experts.data.shard_corpus                shards-<h>/   (per cluster: experts)
     TrainSeed           experts.launch.launch_training           seed-<h>/
     TrainExpert(c)      experts.launch.launch_training           experts-<h>/cluster_{c:03d}/
     TrainExperts        (wrapper: every TrainExpert)
@@ -27,7 +28,8 @@ Read in order, this is the table of contents (stage → library function → out
 from pipeline.base import install_log_filter
 from pipeline.corpus import WriteDemoCorpus, PrepareCorpus
 from pipeline.clustering import EmbedCorpus, FitClusters, AssignClusters, DescribeClusters
-from pipeline.training import TrainTokenizer, ShardCorpus, TrainSeed, TrainExpert, TrainExperts, TrainDense
+from pipeline.training import (TrainTokenizer, TokenizeCorpus, ShardCorpus, TrainSeed, TrainExpert, TrainExperts,
+                               TrainDense)
 from pipeline.merging import MergeExperts, FinetuneMoE
 from pipeline.evaluation import EvaluatePerplexity, MakeDomainTask, EvaluateFewShot
 from pipeline.report import Report, RunAll
@@ -36,6 +38,6 @@ install_log_filter()
 
 __all__ = [
     "WriteDemoCorpus", "PrepareCorpus", "EmbedCorpus", "FitClusters", "AssignClusters", "DescribeClusters",
-    "TrainTokenizer", "ShardCorpus", "TrainSeed", "TrainExpert", "TrainExperts", "TrainDense", "MergeExperts",
+    "TrainTokenizer", "TokenizeCorpus", "ShardCorpus", "TrainSeed", "TrainExpert", "TrainExperts", "TrainDense", "MergeExperts",
     "FinetuneMoE", "EvaluatePerplexity", "MakeDomainTask", "EvaluateFewShot", "Report", "RunAll",
 ]

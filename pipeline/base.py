@@ -46,7 +46,11 @@ CHOICES = {
     "router_init": ("random", "centroids", "hidden"),
     "compile": ("auto", "on", "off"),
     "sharding": ("ddp", "fsdp"),
+    "compute_match": ("steps", "tokens"),
+    "expert_budget": ("proportional", "uniform"),
+    "balance_by": ("docs", "tokens"),
 }
+EVALS_PER_RUN = 10  # --eval-every 0: validation this many times per training run, evenly spaced
 
 
 def _p(default, kind=luigi.Parameter, name: str = "", **kw):
@@ -80,14 +84,26 @@ class RunParams:
     clusterer = _p("balanced", name="clusterer", description="balanced | unbalanced | random")
     cluster_sample = _p(1_000_000, luigi.IntParameter, name="cluster_sample", description="docs k-means is fitted on")
     assign = _p("nearest", name="assign", description="nearest | balanced (capacity-aware) assignment")
+    balance_by = _p("docs", name="balance_by", description="--clusterer balanced: balance document counts (docs, "
+                    "c-BTM) or document lengths (tokens; UTF-8 bytes as the proxy, known before the tokenizer)")
     # seed model and training
     seed_model = _p("scratch", name="seed_model", description="'scratch' or an HF causal LM dir / hub name")
-    model_size = _p("tiny", name="model_size", description="scratch preset: tiny | small | base | large")
+    model_size = _p("tiny", name="model_size", description="scratch preset: tiny | mini | small | base | large")
     vocab_size = _p(4096, luigi.IntParameter, name="vocab_size", description="BPE vocabulary for scratch seeds")
     seq_len = _p(0, luigi.IntParameter, name="seq_len", description="block length; 0 = the preset's / model's")
     train_tokens = _p(1_200_000, luigi.IntParameter, name="train_tokens",
                       description="whole budget: seed + all experts (= seed + dense)")
     seed_fraction = _p(0.5, luigi.FloatParameter, name="seed_fraction")
+    compute_match = _p("steps", name="compute_match", description="steps (c-BTM/BTM: every expert runs the dense "
+                       "model's steps with the dense batch × its share) | tokens (the dense batch, its share of the "
+                       "steps); total tokens match either way")
+    expert_budget = _p("proportional", name="expert_budget", description="each expert's share of the experts' "
+                       "budget: proportional (its cluster's share of the training tokens) | uniform (1/k)")
+    eval_every = _p(0, luigi.IntParameter, name="eval_every", description="validation loss of seed, dense and every "
+                    "expert on its own valid shard every N steps; 0 = %d times per run" % EVALS_PER_RUN)
+    keep_best = _p(True, luigi.BoolParameter, name="keep_best", description="overfitting guard: seed, dense and "
+                   "experts alike keep the evaluated weights of lowest validation loss (--keep-best false: the last)",
+                   parsing=luigi.BoolParameter.EXPLICIT_PARSING)
     batch_tokens = _p(0, luigi.IntParameter, name="batch_tokens", description="global batch in tokens; 0 = one "
                       "micro-batch per GPU")
     micro_batch_size = _p(8, luigi.IntParameter, name="micro_batch_size", description="blocks per forward/backward "
@@ -198,6 +214,10 @@ class RunParams:
             raise InputError(f"--gpus-per-expert {self.gpus_per_expert}: must be ≥ 1")
         if self.micro_batch_size < 1:
             raise InputError(f"--micro-batch-size {self.micro_batch_size}: must be ≥ 1")
+        if self.eval_every < 0:
+            raise InputError(f"--eval-every {self.eval_every}: must be ≥ 0 (0 = {EVALS_PER_RUN} evaluations per run)")
+        if self.batch_tokens < 0:
+            raise InputError(f"--batch-tokens {self.batch_tokens}: must be ≥ 0 (0 = one micro-batch per GPU)")
         if self.eval_batch_size < 1:
             raise InputError(f"--eval-batch-size {self.eval_batch_size}: must be ≥ 1")
         if self.shots < 0:

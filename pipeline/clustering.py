@@ -34,7 +34,11 @@ class FitClusters(Stage):
     """`clustering.kmeans.fit_clusters` → `clusters-<h>/{centroids.npy, config.json}`."""
 
     folder = "clusters"
-    hashed = ("num_clusters", "clusterer", "cluster_sample", "seed")
+
+    @property
+    def hashed(self) -> tuple[str, ...]:  # the balance only weighs documents for the balanced clusterer
+        base = ("num_clusters", "clusterer", "cluster_sample", "seed")
+        return base + ("balance_by",) if self.clusterer == "balanced" and self.balance_by != "docs" else base
 
     def requires(self):
         return {"corpus": self.clone(PrepareCorpus), "embeddings": self.clone(EmbedCorpus)}
@@ -49,7 +53,7 @@ class FitClusters(Stage):
                              f"({n_train} in {corpus_dir / 'train.parquet'})")
         return fit_clusters(self.input_path(self.requires()["embeddings"]), out, self.num_clusters,
                             clusterer=self.clusterer, fit_sample=self.cluster_sample, seed=self.seed,
-                            device=self.device)
+                            device=self.device, balance_by=self.balance_by, corpus_dir=corpus_dir)
 
 
 class AssignClusters(Stage):

@@ -33,7 +33,7 @@ class Report(Stage):
         }
 
     def build(self, out: Path) -> dict:
-        from experts.train import compute_budget
+        from pipeline.training import TrainDense
         from tasks.report import write_report
 
         r = self.requires()
@@ -51,7 +51,7 @@ class Report(Stage):
         perplexity = {m: read_json(self.input_path(t)) for m, t in r["perplexity"].items()}
         fewshot = {task_slug(t): {m: read_json(self.input_path(s)) for m, s in by_model.items()}
                    for t, by_model in r["fewshot"].items()}
-        budgets = {"plan": compute_budget(self.train_tokens, self.seed_fraction, self.num_clusters),
+        budgets = {"plan": self.clone(TrainDense).budget_plan(),
                    "models": {m: _training_json(self.input_path(t)) for m, t in r["trained"].items()}}
         write_report(out, run_info, cluster_info, perplexity, fewshot, budgets, self.timings())
         # the run folder's copy: figure links point into this stage's folder

@@ -1,5 +1,6 @@
-"""Training stages: tokenizer, packed shards, the seed (BTM's seed phase), one expert per cluster, the dense
-baseline. Budgets follow `experts.train.compute_budget` (compute matching: seed + k experts == seed + dense)."""
+"""Training stages: tokenizer, token streams of the whole corpus, per-cluster shards, the seed (BTM's seed phase),
+one expert per cluster, the dense baseline. Budgets come from `experts.budget` (compute matching: seed + k experts
+== seed + dense); seed and dense train on the whole corpus's blocks and do not depend on the clustering."""
 from __future__ import annotations
 
 import shutil
@@ -40,15 +41,8 @@ class TrainTokenizer(Stage):
         return {"vocab_size": len(tok)}
 
 
-class ShardCorpus(Stage):
-    """`experts.data.shard_corpus` → `shards-<h>/cluster_{id:03d}.npy`, `valid_cluster_{id:03d}.npy`, meta.json."""
-
-    folder = "shards"
-    hashed = ("seq_len", "model_size", "seed_model")
-
-    def requires(self):
-        return {"corpus": self.clone(PrepareCorpus), "assignments": self.clone(AssignClusters),
-                "tokenizer": self.clone(TrainTokenizer)}
+class _SeqLen:
+    """The block length of shards: --seq-len, or the scratch preset's / the HF seed's context (≤ 1024)."""
 
     def resolved_seq_len(self) -> int:
         if self.seq_len:
@@ -61,11 +55,43 @@ class ShardCorpus(Stage):
 
         return int(min(getattr(AutoConfig.from_pretrained(self.seed_model), "max_position_embeddings", 1024), 1024))
 
+
+class TokenizeCorpus(_SeqLen, Stage):
+    """`experts.data.tokenize_corpus` → `tokens-<h>/` the whole corpus's token streams and blocks (`corpus.npy`,
+    `valid_corpus.npy`), independent of the clustering: the seed and dense models train on these, so a grid over
+    --num-clusters reuses one tokenizer, one seed and one dense model."""
+
+    folder = "tokens"
+    hashed = ("seq_len", "model_size", "seed_model")
+
+    def requires(self):
+        return {"corpus": self.clone(PrepareCorpus), "tokenizer": self.clone(TrainTokenizer)}
+
+    def build(self, out: Path) -> dict:
+        from experts.data import tokenize_corpus
+
+        r = {k: self.input_path(t) for k, t in self.requires().items()}
+        meta = tokenize_corpus(r["corpus"], r["tokenizer"], out, self.resolved_seq_len())
+        return {"splits": meta["splits"]}
+
+
+class ShardCorpus(_SeqLen, Stage):
+    """`experts.data.shard_corpus` (from `TokenizeCorpus`'s streams, no second tokenization) →
+    `shards-<h>/cluster_{id:03d}.npy`, `valid_cluster_{id:03d}.npy`, meta.json."""
+
+    folder = "shards"
+    hashed = ("seq_len", "model_size", "seed_model")
+
+    def requires(self):
+        return {"corpus": self.clone(PrepareCorpus), "assignments": self.clone(AssignClusters),
+                "tokenizer": self.clone(TrainTokenizer), "tokens": self.clone(TokenizeCorpus)}
+
     def build(self, out: Path) -> dict:
         from experts.data import shard_corpus
 
         r = {k: self.input_path(t) for k, t in self.requires().items()}
-        return shard_corpus(r["corpus"], r["assignments"], r["tokenizer"], out, self.resolved_seq_len())
+        return shard_corpus(r["corpus"], r["assignments"], r["tokenizer"], out, self.resolved_seq_len(),
+                            tokens_dir=r["tokens"])
 
 
 class _TrainStage(Stage):
@@ -77,18 +103,25 @@ class _TrainStage(Stage):
     def shards(self) -> Path:
         return self.clone(ShardCorpus).out_path()
 
+    def tokens_dir(self) -> Path:
+        return self.clone(TokenizeCorpus).out_path()
+
     def _hash_value(self, name: str):
         if name == "batch_tokens" and not self.batch_tokens:
             # one micro-batch per GPU is then the global batch; the default 8 keeps the hashes runs already have
             return f"{self.micro_batch_size} blocks per GPU" if self.micro_batch_size != 8 else 0
+        if name == "gpus_per_expert":  # experts' batches are whole blocks per GPU; 1 keeps earlier hashes
+            return self.gpus_per_expert if self.gpus_per_expert > 1 else None
         return super()._hash_value(name)
 
     @staticmethod
-    def summary(info, keys=("tokens_seen", "steps", "wall_time_s", "gpu_hours", "final_loss")) -> dict:
+    def summary(info, keys=("tokens_seen", "steps", "wall_time_s", "gpu_hours", "final_loss", "valid_loss",
+                            "kept_step")) -> dict:
         """The stage.json `result`: the headline fields of the training result."""
         return {k: info.get(k) for k in keys} if isinstance(info, dict) else {}
 
     def shard_paths(self, cluster_ids=None, split: str = "train") -> list[str]:
+        """Per-cluster shards (`ShardCorpus`) of `cluster_ids` (default: every cluster with blocks)."""
         from experts.data import shard_name
 
         meta = read_json(self.shards() / "meta.json")
@@ -96,10 +129,40 @@ class _TrainStage(Stage):
         return [str(self.shards() / shard_name(c, split)) for c in ids
                 if meta["clusters"].get(str(c), {}).get(split, {}).get("n_blocks", 0) > 0]
 
-    def budget(self) -> dict:
-        from experts.train import compute_budget
+    def corpus_shard_paths(self, split: str = "train") -> list[str]:
+        """The whole corpus's blocks (`TokenizeCorpus`), whatever the clustering: what seed and dense train on."""
+        from experts.data import corpus_shard_name
 
-        return compute_budget(self.train_tokens, self.seed_fraction, self.num_clusters)
+        meta = read_json(self.tokens_dir() / "meta.json")
+        n = meta["splits"].get(split, {}).get("n_blocks", 0)
+        return [str(self.tokens_dir() / corpus_shard_name(split))] if n > 0 else []
+
+    def seq_len_of_shards(self) -> int:
+        return int(read_json(self.tokens_dir() / "meta.json")["seq_len"])
+
+    def dense_batch_blocks(self) -> int:
+        from experts.budget import dense_batch_blocks
+
+        return dense_batch_blocks(self.batch_tokens, self.seq_len_of_shards(), self.micro_batch_size)
+
+    def model_budget(self, which: str) -> dict:
+        """{tokens, steps, batch_blocks, batch_tokens} of the seed or the dense model (no clustering involved)."""
+        from experts.budget import compute_budget, model_budget
+
+        tokens = compute_budget(self.train_tokens, self.seed_fraction, self.num_clusters)[f"{which}_tokens"]
+        return model_budget(tokens, self.dense_batch_blocks(), self.seq_len_of_shards(),
+                            "seed" if which == "seed" else "dense model")
+
+    def budget_plan(self) -> dict:
+        """`experts.budget.plan_budgets` for this run: seed, dense and every expert (reads the shards' meta)."""
+        from experts.budget import plan_budgets
+
+        meta = read_json(self.shards() / "meta.json")
+        clusters = [meta["clusters"].get(str(c), {}).get("train", {}) for c in range(self.num_clusters)]
+        return plan_budgets(self.train_tokens, self.seed_fraction, [c.get("n_tokens", 0) for c in clusters],
+                            int(meta["seq_len"]), self.dense_batch_blocks(), compute_match=self.compute_match,
+                            expert_budget=self.expert_budget, gpus_per_expert=self.gpus_per_expert,
+                            cluster_blocks=[c.get("n_blocks", 0) for c in clusters])
 
     def train_config(self, tokens: int, **kw):
         from experts.train import TrainConfig
@@ -113,40 +176,52 @@ class _TrainStage(Stage):
             opts["min_lr"] = self.learning_rate / 10
         return TrainConfig(**opts)
 
-    def launch(self, init, out: Path, tokens: int, cluster_ids=None, tokenizer=None) -> dict:
-        """Train `init` on the clusters' shards for `tokens` tokens on this stage's GPUs (none on CPU)."""
+    def guarded_config(self, budget: dict, **kw):
+        """The training config of seed, dense or an expert: its budget (whole steps of its global batch) and the
+        same overfitting guard for all three (validation every --eval-every steps, the best weights kept)."""
+        from pipeline.base import EVALS_PER_RUN
+
+        eval_every = self.eval_every or max(1, budget["steps"] // EVALS_PER_RUN)
+        return self.train_config(budget["tokens"], global_batch_tokens=budget["batch_tokens"],
+                                 eval_every=eval_every, keep_best=self.keep_best, **kw)
+
+    def launch(self, init, out: Path, config, shard_paths: list[str], valid_paths: list[str],
+               tokenizer=None) -> dict:
+        """Train `init` on `shard_paths` with `config` on this stage's GPUs (none on CPU)."""
         from experts.launch import launch_training
 
         with gpu_slots(self.gpu_count() if self.device != "cpu" else 0, Path(self.run_dir) / ".gpu-locks") as gpus:
-            return launch_training(init, self.shard_paths(cluster_ids), out, self.train_config(tokens),
-                                   valid_paths=self.shard_paths(cluster_ids, "valid") or None,
+            return launch_training(init, shard_paths, out, config, valid_paths=valid_paths or None,
                                    tokenizer=tokenizer, gpus=gpus or None)
 
 
+_GUARD = ("eval_every", "keep_best")
+
+
 class TrainSeed(_TrainStage):
-    """BTM's seed phase: `seed_fraction × train_tokens` on all clusters, from a scratch Llama preset or from an HF
-    causal LM → `seed-<h>/` (save_pretrained + training.json)."""
+    """BTM's seed phase: `seed_fraction × train_tokens` on the whole corpus (`TokenizeCorpus`, not the clusters),
+    from a scratch Llama preset or from an HF causal LM → `seed-<h>/` (save_pretrained + training.json)."""
 
     folder = "seed"
-    hashed = ("seed_model", "model_size", "train_tokens", "seed_fraction", "batch_tokens", "learning_rate", "seed")
+    hashed = ("seed_model", "model_size", "train_tokens", "seed_fraction", "batch_tokens", "learning_rate", "seed") + _GUARD
 
     def requires(self):
-        return {"shards": self.clone(ShardCorpus), "tokenizer": self.clone(TrainTokenizer)}
+        return {"tokens": self.clone(TokenizeCorpus), "tokenizer": self.clone(TrainTokenizer)}
 
     def build(self, out: Path) -> dict:
         from experts.model import build_scratch_model, load_causal_lm
         from experts.tokenizer import load_tokenizer
 
         tokenizer_dir = self.input_path(self.requires()["tokenizer"])
-        meta = read_json(self.shards() / "meta.json")
-        tokens = self.budget()["seed_tokens"]
+        meta = read_json(self.tokens_dir() / "meta.json")
         if self.seed_model == "scratch":
             init = build_scratch_model(self.model_size, vocab_size=meta["vocab_size"], seq_len=meta["seq_len"],
                                        seed=self.seed)
         else:
             init = self.seed_model
-        if tokens > 0:
-            return self.launch(init, out, tokens, tokenizer=str(tokenizer_dir))
+        if self.seed_fraction > 0:
+            return self.launch(init, out, self.guarded_config(self.model_budget("seed")), self.corpus_shard_paths(),
+                               self.corpus_shard_paths("valid"), tokenizer=str(tokenizer_dir))
         # --seed-fraction 0: the seed is the initial model itself (no seed phase)
         model = init if self.seed_model == "scratch" else load_causal_lm(init, load_tokenizer=False)[0]
         model.save_pretrained(out)
@@ -158,15 +233,16 @@ class TrainSeed(_TrainStage):
 
 class TrainExpert(_TrainStage):
     """Branch from the seed (or, `--branch-from average`, from the centroid-distance-weighted average of the
-    first half of the experts, BTM's way to add a domain) and train on cluster `cluster_id`'s shard for
-    `(1 − seed_fraction) × train_tokens / k` tokens → `experts-<h>/cluster_{id:03d}/`."""
+    first half of the experts, BTM's way to add a domain) and train on cluster `cluster_id`'s shard with the budget
+    `experts.budget.plan_budgets` gives it (--compute-match, --expert-budget) → `experts-<h>/cluster_{id:03d}/`."""
 
     folder = "experts"
     cluster_id = luigi.IntParameter()
 
     @property
     def hashed(self) -> tuple[str, ...]:  # the temperature weights the average that later experts branch from
-        return ("branch_from", "temperature") if self.branch_from == "average" else ("branch_from",)
+        budget = ("compute_match", "expert_budget", "gpus_per_expert")
+        return ("branch_from", "temperature") + budget if self.branch_from == "average" else ("branch_from",) + budget
 
     def validate(self) -> None:
         super().validate()
@@ -198,6 +274,7 @@ class TrainExpert(_TrainStage):
         return [r["shards"], r["seed"], r["clusters"]]  # the same for every cluster_id: one experts-<h>/ folder
 
     def build(self, out: Path) -> dict:
+        budget = self.budget_plan()["experts"][self.cluster_id]  # InputError for sub-block shares, empty clusters
         r = self.requires()
         init = self.input_path(r["seed"])
         if self.branches_from_average():
@@ -212,23 +289,27 @@ class TrainExpert(_TrainStage):
             weights = branch_weights(d2, temperature=self.temperature, squared=True)
             init = out.parent / f"{out.name}.branch-init"
             average_experts([self.input_path(t) for t in r["experts"]], init, weights=weights.tolist())
-        info = self.launch(str(init), out, self.budget()["expert_tokens"], cluster_ids=[self.cluster_id])
+        info = self.launch(str(init), out, self.guarded_config(budget), self.shard_paths([self.cluster_id]),
+                           self.shard_paths([self.cluster_id], "valid"))
         if init != self.input_path(r["seed"]):
             shutil.rmtree(init, ignore_errors=True)
         return self.summary(info)
 
 
 class TrainDense(_TrainStage):
-    """The compute-matched dense baseline: the same seed continued on all clusters for
-    `(1 − seed_fraction) × train_tokens` tokens → `dense-<h>/`."""
+    """The compute-matched dense baseline: the same seed continued on the whole corpus (`TokenizeCorpus`) for
+    `(1 − seed_fraction) × train_tokens` tokens at the dense batch → `dense-<h>/`. Independent of the clustering."""
 
     folder = "dense"
+    hashed = _GUARD
 
     def requires(self):
-        return {"shards": self.clone(ShardCorpus), "seed": self.clone(TrainSeed)}
+        return {"tokens": self.clone(TokenizeCorpus), "seed": self.clone(TrainSeed)}
 
     def build(self, out: Path) -> dict:
-        info = self.launch(str(self.input_path(self.requires()["seed"])), out, self.budget()["dense_tokens"])
+        info = self.launch(str(self.input_path(self.requires()["seed"])), out,
+                           self.guarded_config(self.model_budget("dense")), self.corpus_shard_paths(),
+                           self.corpus_shard_paths("valid"))
         return self.summary(info)
 
 

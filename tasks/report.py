@@ -17,10 +17,11 @@ report.json schema (version 1); every key is always present, values may be null/
                                    "per_label": {label: ppl}}, "test": {...}}},
   "fewshot":    {task: {model: {"accuracy": {"mean", "std"}, "macro_f1": {"mean", "std"}, "shots", "seeds",
                                "n_test", "baselines": {"majority": {...}, "random": {...}}, "routing"}}},
-  "budgets":    {"plan": {"train_tokens", "seed_tokens", "expert_tokens", "dense_tokens", ...},
-                 "models": {model: {"tokens_seen", "steps", "wall_time_s", "gpu_hours"}},
+  "budgets":    {"plan": experts.budget.plan_budgets dict, "compute_match", "expert_budget",
+                 "models": {model: {"tokens_seen", "steps", "global_batch_tokens", "data_tokens", "epochs",
+                                    "wall_time_s", "gpu_hours", "valid_loss", "kept_step"[, "share"]}},
                  "totals": {"cbtm_tokens": seed + Σ experts, "dense_tokens": seed + dense, "cbtm_gpu_hours",
-                            "dense_gpu_hours"}},
+                            "dense_gpu_hours", "expert_tokens", "rounding"}},
   "timings":    {stage: {"runs", "wall_time_s"}}
 }
 ```
@@ -52,7 +53,7 @@ def write_report(
 
     perplexity: {model: {"valid": evaluate_perplexity result, "test": ...}}; fewshot: {task: {model:
     evaluate_fewshot result}}; cluster_info: describe_clusters' dict, whose "figures" (or "plots") list PNG
-    paths that are copied into `figures/`; budgets: {"plan": compute_budget dict, "models": {model:
+    paths that are copied into `figures/`; budgets: {"plan": experts.budget.plan_budgets dict, "models": {model:
     training.json}}; timings: {stage: {"runs", "wall_time_s"}}.
     """
     out_dir = Path(out_dir)
@@ -143,8 +144,23 @@ def _fewshot_summary(r: dict) -> dict:
 
 
 def _budgets(b: dict) -> dict:
-    models = {m: {k: t.get(k) for k in ("tokens_seen", "steps", "wall_time_s", "gpu_hours")}
-              for m, t in (b.get("models") or {}).items() if t}
+    """Per model: tokens, steps, global batch, epochs over its own data, wall time, GPU-hours, validation loss and
+    the step whose weights were kept; the plan (`experts.budget.plan_budgets`: compute matching, expert budgets,
+    shares); totals for c-BTM (seed + experts) and dense (seed + dense)."""
+    plan = b.get("plan") or {}
+    shares = {f"expert_{e['cluster_id']:03d}": e.get("share") for e in plan.get("experts") or []}
+    planned_data = {f"expert_{e['cluster_id']:03d}": e.get("data_tokens") for e in plan.get("experts") or []}
+    models = {}
+    for m, t in (b.get("models") or {}).items():
+        if not t:
+            continue
+        row = {k: t.get(k) for k in ("tokens_seen", "steps", "wall_time_s", "gpu_hours", "valid_loss", "kept_step")}
+        row["global_batch_tokens"] = (t.get("plan") or {}).get("tokens_per_step")
+        row["data_tokens"] = t.get("data_tokens") or planned_data.get(m)
+        row["epochs"] = (row["tokens_seen"] / row["data_tokens"]) if row["tokens_seen"] and row["data_tokens"] else None
+        if m in shares:
+            row["share"] = shares[m]
+        models[m] = row
 
     def tok(m):
         return (models.get(m) or {}).get("tokens_seen") or 0
@@ -158,8 +174,23 @@ def _budgets(b: dict) -> dict:
         "dense_tokens": tok("seed") + tok("dense"),
         "cbtm_gpu_hours": gpu("seed") + sum(gpu(m) for m in experts),
         "dense_gpu_hours": gpu("seed") + gpu("dense"),
+        "expert_tokens": sum(tok(m) for m in experts),
+        "rounding": plan.get("rounding"),
     }
-    return {"plan": b.get("plan"), "models": models, "totals": totals}
+    return {"plan": plan, "compute_match": plan.get("compute_match"), "expert_budget": plan.get("expert_budget"),
+            "models": models, "totals": totals}
+
+
+_MATCH_TEXT = {
+    "steps": "every expert runs the dense model's number of optimizer steps with a global batch of the dense batch × "
+             "its share (the c-BTM and BTM papers' matching)",
+    "tokens": "every expert trains at the dense batch for its share of the dense model's steps",
+}
+_BUDGET_TEXT = {
+    "proportional": "an expert's share is its cluster's share of the training tokens, so every expert passes over "
+                    "its data about as often as dense over all data",
+    "uniform": "every expert gets 1/k of the experts' budget",
+}
 
 
 # ---- markdown -----------------------------------------------------------------------------------------------
@@ -259,20 +290,28 @@ def render_markdown(report: dict) -> str:
 
     bud = report["budgets"]
     if bud.get("models"):
-        plan = bud.get("plan") or {}
+        plan, tot = bud.get("plan") or {}, bud.get("totals") or {}
         lines += ["## Budgets", ""]
         if plan:
-            lines += [f"Compute matching: budget {plan.get('train_tokens')} tokens = seed {plan.get('seed_tokens')} + "
-                      f"{plan.get('n_clusters')} experts × {plan.get('expert_tokens')} (c-BTM) = seed + dense "
-                      f"{plan.get('dense_tokens')}.", ""]
-        tot = bud.get("totals") or {}
-        lines += [f"Tokens actually seen: c-BTM {tot.get('cbtm_tokens')}, dense {tot.get('dense_tokens')}; GPU-hours: "
-                  f"c-BTM {_f(tot.get('cbtm_gpu_hours'), 4)}, dense {_f(tot.get('dense_gpu_hours'), 4)}.", "",
-                  "| model | tokens | steps | wall time (s) | GPU-hours |", "|---|---:|---:|---:|---:|"]
+            match, policy = plan.get("compute_match"), plan.get("expert_budget")
+            lines += [f"Compute matching `--compute-match {match}`: {_MATCH_TEXT.get(match, match)}. Expert budgets "
+                      f"`--expert-budget {policy}`: {_BUDGET_TEXT.get(policy, policy)}. Budget "
+                      f"{plan.get('train_tokens')} tokens = seed {plan.get('seed_tokens')} + "
+                      f"{plan.get('dense_tokens')} for the dense model or for the {plan.get('n_clusters')} experts "
+                      f"together; in whole steps of whole {plan.get('seq_len')}-token blocks the experts get "
+                      f"{plan.get('expert_tokens_total')} tokens, {plan.get('rounding')} fewer than dense "
+                      f"({(plan.get('dense') or {}).get('tokens')}).", ""]
+        lines += [f"Tokens seen: c-BTM (seed + experts) {tot.get('cbtm_tokens')}, dense (seed + dense) "
+                  f"{tot.get('dense_tokens')}; GPU-hours: c-BTM {_f(tot.get('cbtm_gpu_hours'), 4)}, dense "
+                  f"{_f(tot.get('dense_gpu_hours'), 4)}.", "",
+                  "| model | share | tokens | steps | global batch (tokens) | epochs over its data | valid loss | "
+                  "kept step | wall time (s) | GPU-hours |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m, t in bud["models"].items():
-            lines.append(f"| {m} | {_f(t.get('tokens_seen'))} | {_f(t.get('steps'))} | {_f(t.get('wall_time_s'), 1)} "
-                         f"| {_f(t.get('gpu_hours'), 4)} |")
-        lines.append("")
+            lines.append(f"| {m} | {_f(t.get('share'), 3)} | {_f(t.get('tokens_seen'))} | {_f(t.get('steps'))} | "
+                         f"{_f(t.get('global_batch_tokens'))} | {_f(t.get('epochs'))} | {_f(t.get('valid_loss'), 4)} | "
+                         f"{_f(t.get('kept_step'))} | {_f(t.get('wall_time_s'), 1)} | {_f(t.get('gpu_hours'), 4)} |")
+        lines += ["", "Kept step: the overfitting guard keeps the evaluated weights of lowest validation loss (the "
+                  "same rule for seed, dense and experts); it equals `steps` when the last weights were best.", ""]
     if report["timings"]:
         lines += ["## Timings", "", "| stage | runs | wall time (s) |", "|---|---:|---:|"]
         for stage, t in report["timings"].items():

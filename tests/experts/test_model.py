@@ -54,3 +54,11 @@ def test_load_round_trip_and_bad_paths(tmp_path):
     small = build_scratch_model(ModelPreset(32, 1, 4, 64, 16), 100)
     with pytest.raises(InputError, match="tokenizer/vocab mismatch"):
         check_compatible(small, tok)
+
+
+def test_mini_preset_for_gpu_studies():
+    with torch.device("meta"):
+        mini = build_scratch_model("mini", 16384)
+    c = mini.config
+    assert (c.hidden_size, c.num_hidden_layers, c.num_attention_heads, c.intermediate_size) == (256, 4, 4, 688)
+    assert c.max_position_embeddings == 512 and 6.5e6 < count_params(mini) < 8e6

@@ -1,0 +1,78 @@
+"""Budget flags in the pipeline: what each flag reruns (hashes), a --num-clusters grid that reuses the tokenizer,
+seed and dense model (stage log), and the one-line refusal of a share below one block."""
+from __future__ import annotations
+
+import json
+
+import luigi
+import pytest
+
+from corpus.io import InputError
+from pipeline import (FitClusters, RunAll, ShardCorpus, TokenizeCorpus, TrainDense, TrainExpert, TrainExperts,
+                      TrainSeed)
+from pipeline.base import read_stage_log
+from tests.pipeline.conftest import tiny_params
+
+
+def test_each_flag_reruns_exactly_what_it_affects(tmp_path):
+    base = dict(corpus="demo", run_dir=str(tmp_path))
+
+    def paths(**kw):
+        luigi.task_register.Register.clear_instance_cache()
+        return {s.__name__: s(**base, **kw, **({"cluster_id": 0} if s is TrainExpert else {})).out_path()
+                for s in (TokenizeCorpus, FitClusters, ShardCorpus, TrainSeed, TrainDense, TrainExpert)}
+
+    ref = paths()
+    changed = lambda **kw: {k for k, v in paths(**kw).items() if v != ref[k]}  # noqa: E731
+    assert changed(compute_match="tokens") == {"TrainExpert"}
+    assert changed(expert_budget="uniform") == {"TrainExpert"}
+    assert changed(balance_by="tokens") == {"FitClusters", "ShardCorpus", "TrainExpert"}
+    assert changed(balance_by="tokens", clusterer="random") == changed(clusterer="random")  # no balance to weigh
+    assert changed(eval_every=7) == changed(keep_best=False) == {"TrainSeed", "TrainDense", "TrainExpert"}
+    assert changed(num_clusters=3) == {"FitClusters", "ShardCorpus", "TrainExpert"}  # seed and dense stay
+    assert changed(gpus_per_expert=2) == {"TrainExpert"}
+
+
+@pytest.mark.parametrize("flag,value", [("compute_match", "flops"), ("expert_budget", "equal"),
+                                        ("balance_by", "chars"), ("eval_every", -1)])
+def test_bad_budget_flags_fail_with_the_flag_named(flag, value, tmp_path):
+    with pytest.raises(InputError) as err:
+        RunAll(run_dir=str(tmp_path), **{flag: value})
+    assert f"--{flag.replace('_', '-')}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_num_clusters_grid_reuses_tokenizer_seed_and_dense(tiny_corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    params = tiny_params(tiny_corpus, run_dir, merge_methods="ensemble")
+    wanted = lambda p: [TrainExperts(**p), TrainDense(**p)]  # noqa: E731
+    assert luigi.build(wanted(params), local_scheduler=True, workers=1, log_level="WARNING")
+    first = {r["stage"] for r in read_stage_log(run_dir)}
+    assert {"TrainTokenizer", "TokenizeCorpus", "TrainSeed", "TrainDense", "TrainExpert"} <= first
+    n = len(read_stage_log(run_dir))
+    assert luigi.build(wanted({**params, "num_clusters": 3}), local_scheduler=True, workers=1, log_level="WARNING")
+    rerun = [r["stage"] for r in read_stage_log(run_dir)[n:]]
+    assert sorted(set(rerun)) == ["AssignClusters", "FitClusters", "ShardCorpus", "TrainExpert"]
+    assert rerun.count("TrainExpert") == 3
+    # every expert ran the dense model's steps with its share of the dense batch (--compute-match steps)
+    dense = json.loads(next(run_dir.glob("dense-*/training.json")).read_text())
+    for k in (2, 3):
+        plan = TrainDense(**{**params, "num_clusters": k}).budget_plan()
+        experts = [json.loads((TrainExpert(**{**params, "num_clusters": k}, cluster_id=c).out_path()
+                               / "training.json").read_text()) for c in range(k)]
+        assert all(e["steps"] == dense["steps"] for e in experts)
+        assert sum(e["tokens_seen"] for e in experts) + plan["rounding"] == dense["tokens_seen"]
+        assert [e["plan"]["tokens_per_step"] for e in experts] == [e["batch_tokens"] for e in plan["experts"]]
+        assert all(e["keep_best"] and 1 <= e["kept_step"] <= e["steps"] and len(e["valid_curve"]) >= 5
+                   for e in experts + [dense])
+
+
+def test_share_below_one_block_is_refused_in_one_line(tiny_corpus, tmp_path):
+    # a dense batch of 2 blocks cannot give each of 3 clusters a whole block per step
+    params = tiny_params(tiny_corpus, tmp_path / "run", num_clusters=3, batch_tokens=128)
+    assert luigi.build([ShardCorpus(**params)], local_scheduler=True, workers=1, log_level="WARNING")
+    stage = TrainExpert(**params, cluster_id=1)
+    with pytest.raises(InputError) as err:
+        stage.run()
+    msg = str(err.value)
+    assert "\n" not in msg and "share" in msg and "less than one block under --compute-match steps" in msg
+    assert "--batch-tokens ≥" in msg and "--compute-match tokens" in msg and not stage.out_path().exists()
