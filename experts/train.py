@@ -1057,8 +1057,8 @@ def train_model(
         total = torch.zeros(2, dtype=torch.float64, device=device)
         loss_module.eval()
         with torch.no_grad(), sdpa_context(config.sdpa_backend):
-            for i in range(0, len(mine), plan.micro_batch_size):
-                idx = mine[i : i + plan.micro_batch_size]
+            for i in range(0, len(mine), config.micro_batch_size):  # an expert's small batch: still full calls
+                idx = mine[i : i + config.micro_batch_size]
                 x = torch.from_numpy(np.stack([valid.blocks(j, 1)[0] for j in idx])).to(device)
                 with setup.autocast():
                     _, lm, _ = loss_module(x) if fsdp or not hasattr(loss_module, "_backbone") else _eval_loss(loss_module, x)
