@@ -231,6 +231,14 @@ class Stage(RunParams, luigi.Task):
         # --force-stage: this instance counts as complete only with a stamp written after it was created, so
         # the stage reruns once per invocation; the old output stays in place until the new one replaces it
         self._forced_since = time.time() if self.task_family in _names(self.force_stage) else None
+        # a stage is its output: instances whose parameters differ only in what this output does not depend on
+        # (PrepareCorpus under two Study points with different k) are one task to the scheduler, run once
+        out = self.out_path()
+        self.task_id = luigi.task.task_id_str(self.task_family, {"output": str(out.relative_to(self.run_dir)),
+                                                                 "run_dir": str(self.run_dir)})
+
+    def __hash__(self):  # luigi hashes the task_id it computed from all parameters; keep hash and == consistent
+        return hash(self.task_id)
 
     # ---- paths and hashes ------------------------------------------------------------------------------
     @property
