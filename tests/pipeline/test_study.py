@@ -12,7 +12,7 @@ import luigi
 import pytest
 
 from corpus.io import InputError
-from pipeline import Study, TrainDense
+from pipeline import Study, TrainDense, TrainTokenizer
 from pipeline.base import read_stage_log
 from tests.pipeline.conftest import tiny_params, write_tiny_corpus
 from tests.pipeline.test_stages import ENV
@@ -151,3 +151,8 @@ def test_a_model_trained_by_the_pipeline_seeds_another_run(tmp_path):
     assert expert["vocab_size"] == json.loads((pretrained / "config.json").read_text())["vocab_size"]
     out = json.loads((run_dir / "study.json").read_text())
     assert out["settings"]["seed_model"] == str(pretrained) and out["points"][0]["test"]["ensemble_top1"] > 0
+    # retraining the seed model in place (here: rewriting one of its files) gives new stages downstream of it
+    tokenizer = TrainTokenizer(**{**tiny_params(corpus, run_dir), "seed_model": str(pretrained)}).out_path()
+    (pretrained / "training.json").write_text((pretrained / "training.json").read_text() + "\n")
+    luigi.task_register.Register.clear_instance_cache()
+    assert TrainTokenizer(**{**tiny_params(corpus, run_dir), "seed_model": str(pretrained)}).out_path() != tokenizer
