@@ -2,7 +2,9 @@
 
 Each stage writes one output (a folder, or a file for evaluations) at `<run_dir>/<folder>-<hash>[/<name>]`, where
 `hash = short_hash(stage folder, the stage's significant parameters, its inputs' hashes)`. Changing a parameter
-therefore gives that stage and everything downstream new folders; nothing stale is reused.
+therefore gives that stage and everything downstream new folders; nothing stale is reused. The output is also the
+stage's Luigi task id, so instances that differ only in parameters the output does not depend on (a `Study`'s
+points asking for one corpus) are one task to the scheduler.
 
 Next to its output every stage writes a stamp, `stage.json` (inside an output folder, or `<file>.stage.json`):
 the resolved config (all parameters, the hash, the inputs' paths), a fresh `run_id`, the `run_id`s of its inputs,

@@ -9,8 +9,8 @@ folders are shared wherever a point's inputs are the same as another's (one corp
 per (k, clusterer), one tokenizer, seed and dense model wherever their parameters agree, one evaluation per model).
 
 - `num_clusters` 1 is the dense model: that point evaluates the seed and the dense model and trains no expert.
-- `top_k` values are variants of the c-BTM ensemble evaluated on the same experts, not separate trainings; the
-  BTM posterior ensemble of every point uses `--posterior-top-k`.
+- `top_k` values (default 1,2,all) are variants of the c-BTM ensemble evaluated on the same experts, not separate
+  trainings; the BTM posterior ensemble of every point uses `--posterior-top-k`.
 - Points with k > 1 run the `Report` stage (their own `report-<h>/report.md`, without touching
   `<run_dir>/report.md`); the study is `study-<h>/{study.json, study.md, figures/}`, copied to
   `<run_dir>/study.{json,md}`.
@@ -191,9 +191,10 @@ class Study(Stage):
         return {"points": len(points), "figures": study.get("figures", [])}
 
 
+_DEFAULTS = {"top_k": "1,2,all"}  # the c-BTM variants every run evaluates anyway (pipeline.models.ensemble_variants)
 for _axis in GRID_AXES:  # each axis flag of the Study takes a comma list; its default is RunAll's
     _param = getattr(RunParams, _axis)
-    _grid = luigi.Parameter(default=_param.serialize(_param._default),
+    _grid = luigi.Parameter(default=_DEFAULTS.get(_axis, _param.serialize(_param._default)),
                             description=f"grid axis: comma-separated values of RunAll's {_flag(_axis)}")
     _grid.__set_name__(Study, _axis)  # what a class-body assignment does
     setattr(Study, _axis, _grid)
