@@ -24,6 +24,7 @@ Read in order, this is the table of contents (stage → library function → out
     EvaluateFewShot     tasks.fewshot.evaluate_fewshot           eval-<h>/fewshot/<task>/<model>.json
     Report              tasks.report.write_report                report-<h>/ (+ <run_dir>/report.{json,md})
     RunAll              (wrapper: Report and everything upstream)
+    Study               tasks.study.write_study                  study-<h>/ (+ <run_dir>/study.{json,md}): a grid of RunAlls
 """
 from pipeline.base import install_log_filter
 from pipeline.corpus import WriteDemoCorpus, PrepareCorpus
@@ -33,11 +34,12 @@ from pipeline.training import (TrainTokenizer, TokenizeCorpus, ShardCorpus, Trai
 from pipeline.merging import MergeExperts, FinetuneMoE
 from pipeline.evaluation import EvaluatePerplexity, MakeDomainTask, EvaluateFewShot
 from pipeline.report import Report, RunAll
+from pipeline.study import Study
 
 install_log_filter()
 
 __all__ = [
     "WriteDemoCorpus", "PrepareCorpus", "EmbedCorpus", "FitClusters", "AssignClusters", "DescribeClusters",
     "TrainTokenizer", "TokenizeCorpus", "ShardCorpus", "TrainSeed", "TrainExpert", "TrainExperts", "TrainDense", "MergeExperts",
-    "FinetuneMoE", "EvaluatePerplexity", "MakeDomainTask", "EvaluateFewShot", "Report", "RunAll",
+    "FinetuneMoE", "EvaluatePerplexity", "MakeDomainTask", "EvaluateFewShot", "Report", "RunAll", "Study",
 ]

@@ -2,7 +2,9 @@
 
 Each stage writes one output (a folder, or a file for evaluations) at `<run_dir>/<folder>-<hash>[/<name>]`, where
 `hash = short_hash(stage folder, the stage's significant parameters, its inputs' hashes)`. Changing a parameter
-therefore gives that stage and everything downstream new folders; nothing stale is reused.
+therefore gives that stage and everything downstream new folders; nothing stale is reused. The output is also the
+stage's Luigi task id, so instances that differ only in parameters the output does not depend on (a `Study`'s
+points asking for one corpus) are one task to the scheduler.
 
 Next to its output every stage writes a stamp, `stage.json` (inside an output folder, or `<file>.stage.json`):
 the resolved config (all parameters, the hash, the inputs' paths), a fresh `run_id`, the `run_id`s of its inputs,
@@ -251,6 +253,14 @@ class Stage(RunParams, luigi.Task):
         # --force-stage: this instance counts as complete only with a stamp written after it was created, so
         # the stage reruns once per invocation; the old output stays in place until the new one replaces it
         self._forced_since = time.time() if self.task_family in _names(self.force_stage) else None
+        # a stage is its output: instances whose parameters differ only in what this output does not depend on
+        # (PrepareCorpus under two Study points with different k) are one task to the scheduler, run once
+        out = self.out_path()
+        self.task_id = luigi.task.task_id_str(self.task_family, {"output": str(out.relative_to(self.run_dir)),
+                                                                 "run_dir": str(self.run_dir)})
+
+    def __hash__(self):  # luigi hashes the task_id it computed from all parameters; keep hash and == consistent
+        return hash(self.task_id)
 
     # ---- paths and hashes ------------------------------------------------------------------------------
     @property

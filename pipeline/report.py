@@ -20,6 +20,8 @@ class Report(Stage):
     """`tasks.report.write_report` → `report-<h>/report.{json,md}` + figures; copied to `<run_dir>/report.{json,md}`."""
 
     folder = "report"
+    publish = luigi.BoolParameter(default=True, significant=False, description="also write <run_dir>/report."
+                                  "{json,md} (a Study's points leave them to the Study)")
 
     def requires(self):
         names = model_names(self)
@@ -54,13 +56,13 @@ class Report(Stage):
         budgets = {"plan": self.clone(TrainDense).budget_plan(),
                    "models": {m: _training_json(self.input_path(t)) for m, t in r["trained"].items()}}
         write_report(out, run_info, cluster_info, perplexity, fewshot, budgets, self.timings())
-        # the run folder's copy: figure links point into this stage's folder
-        md = (out / "report.md").read_text(encoding="utf-8")
-        md = re.sub(r"\]\(figures/", f"]({self.out_path().name}/figures/", md)
-        with atomic_file(Path(self.run_dir) / "report.md") as f:
-            f.write(md)
-        with atomic_file(Path(self.run_dir) / "report.json") as f:
-            f.write((out / "report.json").read_text(encoding="utf-8"))
+        if self.publish:  # the run folder's copy: figure links point into this stage's folder
+            md = (out / "report.md").read_text(encoding="utf-8")
+            md = re.sub(r"\]\(figures/", f"]({self.out_path().name}/figures/", md)
+            with atomic_file(Path(self.run_dir) / "report.md") as f:
+                f.write(md)
+            with atomic_file(Path(self.run_dir) / "report.json") as f:
+                f.write((out / "report.json").read_text(encoding="utf-8"))
         return {"models": len(perplexity), "fewshot_tasks": list(fewshot)}
 
     def timings(self) -> dict:

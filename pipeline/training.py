@@ -9,7 +9,7 @@ from pathlib import Path
 import luigi
 
 from corpus.io import InputError, read_json, write_json
-from pipeline.base import RunParams, Stage, gpu_slots
+from pipeline.base import RunParams, Stage, files_fingerprint, gpu_slots
 from pipeline.clustering import AssignClusters, FitClusters
 from pipeline.corpus import PrepareCorpus
 
@@ -23,6 +23,11 @@ class TrainTokenizer(Stage):
 
     def requires(self):
         return self.clone(PrepareCorpus)
+
+    def extra_hash(self):
+        """A local seed model's files (name, size, mtime), e.g. `<other run>/dense-<h>/`: retraining it in place
+        reruns everything built from it (the seed, experts and dense model all hash this stage)."""
+        return None if self.seed_model == "scratch" else files_fingerprint(self.seed_model)
 
     def build(self, out: Path) -> dict:
         if self.seed_model != "scratch":
