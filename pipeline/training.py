@@ -8,7 +8,7 @@ from pathlib import Path
 import luigi
 
 from corpus.io import InputError, read_json, write_json
-from pipeline.base import RunParams, Stage, gpu_slots
+from pipeline.base import RunParams, Stage
 from pipeline.clustering import AssignClusters, FitClusters
 from pipeline.corpus import PrepareCorpus
 
@@ -80,7 +80,8 @@ class _TrainStage(Stage):
     def _hash_value(self, name: str):
         if name == "batch_tokens" and not self.batch_tokens:
             # one micro-batch per GPU is then the global batch; the default 8 keeps the hashes runs already have
-            return f"{self.micro_batch_size} blocks per GPU" if self.micro_batch_size != 8 else 0
+            micro = self.micro_batch_value  # 'auto' means 8 blocks per GPU here, as the old fixed default
+            return f"{micro} blocks per GPU" if micro not in (8, "auto") else 0
         return super()._hash_value(name)
 
     @staticmethod
@@ -105,7 +106,7 @@ class _TrainStage(Stage):
         from experts.train import TrainConfig
 
         opts = dict(train_tokens=tokens, seed=self.seed, device=self.device, sharding=self.sharding,
-                    global_batch_tokens=self.batch_tokens or None, micro_batch_size=self.micro_batch_size,
+                    global_batch_tokens=self.batch_tokens or None, micro_batch_size=self.micro_batch_value,
                     compile={"auto": None, "on": True, "off": False}[self.compile])
         opts.update(kw)
         if self.learning_rate:
@@ -113,12 +114,19 @@ class _TrainStage(Stage):
             opts["min_lr"] = self.learning_rate / 10
         return TrainConfig(**opts)
 
+    def shares_gpu(self) -> bool:
+        """Whether this stage trains in one of --experts-per-gpu slots of a GPU (experts only)."""
+        return False
+
     def launch(self, init, out: Path, tokens: int, cluster_ids=None, tokenizer=None) -> dict:
-        """Train `init` on the clusters' shards for `tokens` tokens on this stage's GPUs (none on CPU)."""
+        """Train `init` on the clusters' shards for `tokens` tokens on this stage's GPUs (none on CPU): whole GPUs,
+        or with --experts-per-gpu N > 1 one slot of a GPU, chosen so the GPUs get similar tokens per step."""
         from experts.launch import launch_training
 
-        with gpu_slots(self.gpu_count() if self.device != "cpu" else 0, Path(self.run_dir) / ".gpu-locks") as gpus:
-            return launch_training(init, self.shard_paths(cluster_ids), out, self.train_config(tokens),
+        shared = self.shares_gpu()
+        config = self.train_config(tokens, **({"experts_per_gpu": self.experts_per_gpu} if shared else {}))
+        with self.gpu_slots(shared=shared, weight=float(tokens)) as gpus:  # weight: this training's work
+            return launch_training(init, self.shard_paths(cluster_ids), out, config,
                                    valid_paths=self.shard_paths(cluster_ids, "valid") or None,
                                    tokenizer=tokenizer, gpus=gpus or None)
 
@@ -179,6 +187,14 @@ class TrainExpert(_TrainStage):
 
     def gpu_count(self) -> int:
         return self.gpus_per_expert
+
+    def shares_gpu(self) -> bool:
+        return self.experts_per_gpu > 1
+
+    def gpu_units(self) -> int:
+        # with --experts-per-gpu > 1 the GPU slots (file locks) share each GPU between expert stages; a Luigi unit
+        # would let only one expert run per GPU
+        return 0 if self.shares_gpu() else self.gpu_count()
 
     def first_phase(self) -> list[int]:
         """Experts that branch from the seed when --branch-from average (the others average these)."""
