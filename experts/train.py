@@ -319,14 +319,17 @@ class CausalLMLoss:
             def __init__(self):
                 super().__init__()
                 self.model = model
+                # dynamic=False: micro-batches of two sizes (an uneven split) get two static graphs, not a dynamic one
                 if fused:
                     whole = compile and config.compile_graph == "whole"
                     parts = compile and not whole
-                    object.__setattr__(self, "_backbone", torch.compile(model.get_decoder(), mode=mode) if parts else model.get_decoder())
+                    object.__setattr__(self, "_backbone", torch.compile(model.get_decoder(), mode=mode, dynamic=False)
+                                       if parts else model.get_decoder())
                     object.__setattr__(self, "_lce", make_linear_cross_entropy(parts, mode))
-                    object.__setattr__(self, "_fused", torch.compile(self._fused_loss, mode=mode) if whole else self._fused_loss)
+                    object.__setattr__(self, "_fused", torch.compile(self._fused_loss, mode=mode, dynamic=False)
+                                       if whole else self._fused_loss)
                 else:
-                    object.__setattr__(self, "_full", torch.compile(model, mode=mode) if compile else model)
+                    object.__setattr__(self, "_full", torch.compile(model, mode=mode, dynamic=False) if compile else model)
 
             def _fused_loss(self, input_ids, targets):
                 h = self._backbone(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T−1, H)
