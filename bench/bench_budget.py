@@ -59,7 +59,7 @@ def main() -> None:
             train_model(model, [str(shard)], Path(tmp) / name.split()[0] / str(b), cfg,
                         on_step=lambda step, state: times.append(time.perf_counter()))
             per_step = (times[-1] - times[args.warmup - 1]) / (len(times) - args.warmup)
-            rows.append((name, b, plan.micro_batch_size, plan.grad_accum, plan.last_micro, b * seq / per_step, per_step))
+            rows.append((name, b, plan.micro_batch_size, plan.grad_accum, plan.micro_batches[-1], b * seq / per_step, per_step))
     print(f"\n{args.preset} on {args.device}, seq {seq}, dense batch {args.batch_blocks} blocks, "
           f"--micro-batch-size {args.micro}, {args.steps} steps ({args.warmup} untimed)\n")
     print("| model | batch (blocks) | micro | accum | last micro | tokens/s | s/step |")

@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 _BATCH_BYTES = 1 << 28  # ~256 MiB of (rows × (dim + n_clusters)) float32 per streamed batch
+_STAGE_BYTES = 1 << 26  # 64 MiB per pinned staging buffer of host → GPU copies (two, used by turns)
 _DAMP = 0.5  # Jacobi damping of the dual steps
 _RELAX_SLACK = 0.05  # intermediate Lloyd iterations: sizes within the bounds ±5% are good enough
 _RELAX_STEPS = 4  # at most this many dual steps per intermediate Lloyd iteration
@@ -72,12 +73,69 @@ def _first_nonfinite_row(xb: torch.Tensor) -> int | None:
     return int(bad[0]) if bad.numel() else None
 
 
+def _host_tensor(x: Any) -> torch.Tensor:
+    """A CPU tensor viewing the numpy array / memmap `x` (no copy; a read-only memmap is only ever read)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "non-writable array": we never write through this view
+        return torch.from_numpy(np.ascontiguousarray(x) if not x.flags.c_contiguous else x)
+
+
+def _host_to_cuda(x: Any, device: torch.device, start: int = 0, stop: int | None = None,
+                  idx: np.ndarray | None = None) -> torch.Tensor:
+    """Rows [start, stop) of a host matrix `x` (numpy, memmap or CPU tensor), or rows `idx`, as float32 on the
+    CUDA `device`, without a pageable (synchronous, staged by the driver) copy: chunks of `_STAGE_BYTES` are
+    gathered by torch's multi-threaded copy/index_select into two pinned buffers by turns, and each goes to the
+    GPU by an asynchronous copy on a side stream, so the host fills one buffer while the other crosses the bus.
+    Returns once the copies are queued; the current stream waits for them."""
+    src = _host_tensor(x)
+    stop = x.shape[0] if stop is None else stop
+    n = len(idx) if idx is not None else stop - start
+    d = x.shape[1]
+    out = torch.empty((n, d), dtype=torch.float32, device=device)
+    if n == 0:
+        return out
+    rows = max(1, _STAGE_BYTES // (4 * max(1, d)))
+    n_bufs = min(2, -(-n // rows))
+    bufs = [torch.empty((min(rows, n), d), dtype=torch.float32, pin_memory=True) for _ in range(n_bufs)]
+    sent: list[torch.cuda.Event | None] = [None] * n_bufs
+    stream = torch.cuda.Stream(device)
+    stream.wait_stream(torch.cuda.current_stream(device))  # `out` is allocated on the current stream
+    for j, s in enumerate(range(0, n, rows)):
+        e = min(n, s + rows)
+        slot = j % n_bufs
+        if sent[slot] is not None:
+            sent[slot].synchronize()  # that buffer's previous chunk has reached the GPU
+        buf = bufs[slot][: e - s]
+        if idx is None:
+            buf.copy_(src[start + s : start + e])  # converts float16 etc. to float32 on the way
+        else:
+            part = torch.from_numpy(np.ascontiguousarray(idx[s:e], dtype=np.int64))
+            if src.dtype == torch.float32:
+                torch.index_select(src, 0, part, out=buf)
+            else:
+                buf.copy_(src[part])
+        with torch.cuda.stream(stream):
+            out[s:e].copy_(buf, non_blocking=True)
+            sent[slot] = torch.cuda.Event()
+            sent[slot].record(stream)
+    torch.cuda.current_stream(device).wait_stream(stream)
+    return out
+
+
 def _rows(x: Any, start: int, stop: int, device: torch.device, name: str = "x") -> torch.Tensor:
     """Rows [start, stop) of `x` as a float32 tensor on `device`; InputError on NaN/inf."""
-    if isinstance(x, torch.Tensor):
+    if isinstance(x, torch.Tensor) and x.device.type != "cpu":
         xb = x[start:stop].to(device=device, dtype=torch.float32, non_blocking=True)
+    elif device.type == "cuda":
+        xb = _host_to_cuda(x, device, start, stop)
+    elif isinstance(x, torch.Tensor):
+        xb = x[start:stop].to(dtype=torch.float32)
     else:
-        xb = torch.from_numpy(np.array(x[start:stop], dtype=np.float32)).to(device, non_blocking=True)
+        xb = torch.from_numpy(np.array(x[start:stop], dtype=np.float32))
     bad = _first_nonfinite_row(xb)
     if bad is not None:
         raise InputError(f"{name} has NaN or infinite values (first at row {start + bad}); fix the embeddings first")
@@ -86,8 +144,10 @@ def _rows(x: Any, start: int, stop: int, device: torch.device, name: str = "x") 
 
 def _take_rows(x: Any, idx: np.ndarray, device: torch.device, name: str = "x") -> torch.Tensor:
     """Rows `idx` (sorted int64) of `x` as float32 on `device`, read in chunks (works on memory-mapped .npy).
-    All rows of a float32 C-contiguous matrix already on `device` are used as they are, without a copy."""
-    if len(idx) == x.shape[0]:
+    All rows of a float32 C-contiguous matrix already on `device` are used as they are, without a copy; a host
+    matrix goes to a CUDA device through pinned, overlapped chunk copies (`_host_to_cuda`)."""
+    everything = len(idx) == x.shape[0]
+    if everything:
         if isinstance(x, np.ndarray) and device.type == "cpu" and x.dtype == np.float32 and \
                 x.flags.c_contiguous and x.flags.writeable:
             x = torch.from_numpy(x)
@@ -96,6 +156,13 @@ def _take_rows(x: Any, idx: np.ndarray, device: torch.device, name: str = "x") -
             if bad is not None:
                 raise InputError(f"{name} has NaN or infinite values (first at row {bad}); fix the embeddings first")
             return x
+    if device.type == "cuda" and not (isinstance(x, torch.Tensor) and x.device.type != "cpu"):
+        out = _host_to_cuda(x, device, idx=None if everything else idx)
+        bad = _first_nonfinite_row(out)  # one check (one sync) over the whole matrix, on the GPU
+        if bad is not None:
+            raise InputError(f"{name} has NaN or infinite values (first at row {int(idx[bad])}); "
+                             "fix the embeddings first")
+        return out
     out = torch.empty((len(idx), x.shape[1]), dtype=torch.float32, device=device)
     step = max(1, _BATCH_BYTES // (4 * max(1, x.shape[1])))
     for s in range(0, len(idx), step):

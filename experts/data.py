@@ -332,3 +332,66 @@ class PackedBlocks:
             epoch, k = divmod(pos, self.n_blocks)
             out[i] = self.block(int(self._order(epoch)[k]))
         return out
+
+
+class Prefetcher:
+    """The blocks of a training run's micro-batches, read ahead of the training loop on a background thread.
+
+    `schedule` yields (start, count) stream positions of `data` in the order the loop consumes them; each becomes
+    an int64 tensor (count, seq_len) — pinned when `pin`, so that its host-to-device copy is asynchronous — and
+    at most `depth` of them wait in a queue. `next()` returns them in order (re-raising the reader's error);
+    `close()` stops the thread. The data are exactly those of `data.blocks(start, count)`: only the time they
+    are read at changes. On CUDA the thread makes `device` its current device before pinning, so that no other
+    GPU of the host gets a context.
+    """
+
+    _END = object()
+
+    def __init__(self, data: "PackedBlocks", schedule, pin: bool = False, depth: int = 4, device=None):
+        import queue
+        import threading
+
+        self._queue: "queue.Queue" = queue.Queue(maxsize=max(1, depth))
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._read, args=(data, iter(schedule), pin, device),
+                                        name="block-prefetch", daemon=True)
+        self._thread.start()
+
+    def _put(self, item) -> bool:
+        import queue
+
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _read(self, data, schedule, pin, device) -> None:
+        import torch
+
+        try:
+            if pin and getattr(device, "type", None) == "cuda" and device.index is not None:
+                torch.cuda.set_device(device)  # a new thread's current device is GPU 0
+            for start, count in schedule:
+                x = torch.from_numpy(data.blocks(start, count))  # (count, seq_len) int64
+                if pin:
+                    x = x.pin_memory()
+                if not self._put(x):
+                    return
+            self._put(self._END)
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer, which re-raises it
+            self._put(e)
+
+    def next(self):
+        item = self._queue.get()
+        if item is self._END:
+            raise RuntimeError("the prefetch schedule is exhausted")
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

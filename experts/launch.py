@@ -1,17 +1,28 @@
-"""Run `experts.train.train_model` on one device in-process, or on several GPUs through torchrun (DDP or FSDP).
+"""Run `experts.train.train_model` on one device in-process, or on several GPUs through torchrun (DDP or FSDP),
+and claim this host's GPUs for it (`gpu_slots`).
 
 `launch_training(..., gpus=[2, 3])` writes the job as JSON beside `out_dir`, then runs
 `python -m torch.distributed.run --standalone --nproc_per_node=2 -m experts.launch <job.json>` with
 `CUDA_VISIBLE_DEVICES=2,3` (and NVLink multicast off: NCCL_NVLS_ENABLE=0), so several experts can train at
 once on one machine, each on its own GPUs, with no communication between them. `python -m experts.launch
 job.json` is the per-rank entry point: it initialises the process group and calls `train_model`.
+
+Several experts per GPU: `gpu_slots(1, lock_dir, slots_per_gpu=N, shared=True, weight=w)` gives one of N slots
+of a GPU to each training process (file locks, so separate worker processes agree), on the GPU with the least
+claimed weight (e.g. the tokens each expert trains), and `TrainConfig.experts_per_gpu = N` makes each process
+allocate at most its share of that GPU's memory. The processes' kernels then share the GPU: time-sliced, or
+run concurrently when the CUDA MPS daemon serves this host (`mps_status`).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
@@ -46,6 +57,12 @@ def launch_training(
 
     gpus = list(gpus or [])
     n = len(gpus) if gpus else cpu_procs
+    if gpus and config.experts_per_gpu > 1:
+        mps = mps_status()
+        log.info("%s shares GPU %s with up to %d other expert(s); CUDA MPS %s", Path(out_dir).name, gpus[0],
+                 config.experts_per_gpu - 1, "serves them (kernels overlap)" if mps["running"] else
+                 "is not running (the GPU time-slices between them; start it with `nvidia-cuda-mps-control -d`)"
+                 if mps["control"] else "is not installed (the GPU time-slices between them)")
     if n <= 1:
         if gpus:
             config = TrainConfig.from_dict({**config.to_dict(), "device": f"cuda:{gpus[0]}"})
@@ -89,6 +106,161 @@ def launch_training(
             raise InputError(lines[-1].split("InputError:", 1)[1].strip())
         raise RuntimeError(f"torchrun training of {out_dir} failed (exit {proc.returncode}):\n" + "\n".join(tail[-30:]))
     return read_json(out_dir / "training.json")
+
+
+def gpu_slots(n: int, lock_dir: str | os.PathLike, slots_per_gpu: int = 1, shared: bool = False,
+              weight: float = 1.0, gpus: Sequence[int] | None = None) -> contextlib.AbstractContextManager:
+    """Claim GPUs of this host for the duration of a block (exclusive file locks under `lock_dir`) and yield
+    their indices, so that processes started independently (Luigi workers) never train on the same GPU slot.
+
+    Every GPU has `slots_per_gpu` slots (`<host>-gpu<g>-slot<s>.lock`). `shared=False`: `n` whole GPUs, i.e.
+    every slot of each. `shared=True` (n = 1): one slot, on the GPU whose held slots carry the least total
+    `weight` (each holder writes its weight into its lock file), ties to the GPU with fewer holders, then the
+    lower index; so experts of unequal size spread their work evenly over the GPUs. Claims are made one at a
+    time under `<host>-claim.lock`, and a claim that cannot be met waits (polling every 2 s).
+    `gpus`: the host's GPU indices; default: nvidia-smi's, or none when CUDA_VISIBLE_DEVICES is already set
+    (the caller chose the GPUs). Yields [] when `n` is 0 or there is no GPU.
+    """
+    return _GpuSlots(n, Path(lock_dir), slots_per_gpu, shared, weight, gpus)
+
+
+class _GpuSlots:
+    def __init__(self, n: int, lock_dir: Path, slots_per_gpu: int, shared: bool, weight: float, gpus):
+        if slots_per_gpu < 1:
+            raise InputError(f"--experts-per-gpu must be >= 1, got {slots_per_gpu}")
+        if shared and n > 1:
+            raise InputError("a shared GPU slot is one slot of one GPU; several GPUs need whole GPUs")
+        self.n, self.lock_dir, self.per_gpu, self.shared, self.weight = n, lock_dir, slots_per_gpu, shared, weight
+        self.gpus_given = None if gpus is None else list(gpus)
+        self.handles: list = []
+
+    def _gpus(self) -> list[int]:
+        if self.n == 0:
+            return []
+        if self.gpus_given is not None:
+            return self.gpus_given
+        if os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
+            return []
+        try:
+            out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=20).stdout
+        except (OSError, subprocess.SubprocessError):
+            return []
+        return [int(line) for line in out.split() if line.strip().isdigit()]
+
+    def _path(self, host: str, g: int, s: int) -> Path:
+        return self.lock_dir / f"{host}-gpu{g}-slot{s}.lock"
+
+    @staticmethod
+    def _try_lock(path: Path):
+        """An open handle holding `path`'s lock, or None when another process holds it."""
+        import fcntl
+
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return f
+        except OSError:
+            f.close()
+            return None
+
+    @staticmethod
+    def _held_weight(path: Path) -> float:
+        try:
+            return float(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return 1.0
+
+    def _claim(self, host: str, gpus: list[int]) -> list[tuple[int, list]] | None:
+        """One attempt (under the claim lock): [(gpu, handles)] or None."""
+        if not self.shared:
+            got = []
+            for g in gpus:
+                hs = [self._try_lock(self._path(host, g, s)) for s in range(self.per_gpu)]
+                if all(h is not None for h in hs):
+                    got.append((g, hs))
+                    if len(got) == self.n:
+                        return got
+                else:
+                    for h in hs:
+                        if h is not None:
+                            h.close()
+            for _, hs in got:
+                for h in hs:
+                    h.close()
+            return None
+        best = None  # (load, holders, gpu, handle of a free slot)
+        for g in gpus:
+            free, load, holders = None, 0.0, 0
+            for s in range(self.per_gpu):
+                path = self._path(host, g, s)
+                h = self._try_lock(path)
+                if h is None:  # held: count its holder's weight
+                    load += self._held_weight(path)
+                    holders += 1
+                elif free is None:
+                    free = h
+                else:
+                    h.close()
+            if free is None:
+                continue
+            if best is None or (load, holders) < best[:2]:
+                if best is not None:
+                    best[3].close()
+                best = (load, holders, g, free)
+            else:
+                free.close()
+        return None if best is None else [(best[2], [best[3]])]
+
+    def __enter__(self) -> list[int]:
+        import fcntl
+
+        gpus = self._gpus()
+        if not gpus:
+            return []
+        if self.n > len(gpus):
+            raise InputError(f"--gpus-per-expert {self.n}, but this host has {len(gpus)} GPU(s)")
+        self.lock_dir.mkdir(parents=True, exist_ok=True)
+        host = socket.gethostname()
+        waited = 0.0
+        while True:
+            with open(self.lock_dir / f"{host}-claim.lock", "a+") as guard:
+                fcntl.flock(guard, fcntl.LOCK_EX)
+                got = self._claim(host, gpus)
+                if got is not None:
+                    for _, hs in got:
+                        for h in hs:
+                            h.seek(0)
+                            h.truncate()
+                            h.write(f"{self.weight if self.shared else 'whole'}\n")
+                            h.flush()
+                fcntl.flock(guard, fcntl.LOCK_UN)
+            if got is not None:
+                break
+            if waited % 60 == 0:
+                log.info("waiting for %s on %s", "a GPU slot" if self.shared else f"{self.n} free GPU(s)", host)
+            time.sleep(2.0)
+            waited += 2.0
+        self.handles = [h for _, hs in got for h in hs]
+        return [g for g, _ in got]
+
+    def __exit__(self, *exc):
+        for f in self.handles:
+            f.close()
+        self.handles = []
+        return False
+
+
+def mps_status() -> dict:
+    """Whether CUDA MPS can serve this host's training processes: {"control": path of
+    nvidia-cuda-mps-control or None, "pipe_dir": the pipe directory clients would use, "running": whether a
+    daemon answers there}. Start one (as the user who runs the training) with
+    `nvidia-cuda-mps-control -d` (pipe and log directories: CUDA_MPS_PIPE_DIRECTORY / CUDA_MPS_LOG_DIRECTORY,
+    default /tmp/nvidia-mps and /var/log/nvidia-mps), stop it with `echo quit | nvidia-cuda-mps-control`."""
+    control = shutil.which("nvidia-cuda-mps-control")
+    pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    running = Path(pipe_dir, "control").exists()
+    return {"control": control, "pipe_dir": pipe_dir, "running": running}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

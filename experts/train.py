@@ -2,9 +2,10 @@
 
 Plain PyTorch: AdamW (fused on CUDA), linear warmup then cosine/linear decay to `min_lr`, bf16 autocast on
 CUDA, SDPA attention with is_causal=True and no materialised mask (`causal_sdpa_attention`), optional
-`torch.compile`, gradient accumulation up to a global batch in tokens, gradient
-clipping, seeded data order. The loss is computed by a chunked fused linear + cross-entropy so the
-(B, T, V) logits are never materialised in fp32 (the same idea as Liger-Kernel's FusedLinearCrossEntropy).
+`torch.compile`, gradient accumulation that covers a global batch in tokens exactly with micro-batches of at
+most `--micro-batch-size` blocks (`auto`: the largest that fits, `experts.microbatch`), gradient clipping, seeded
+data order read ahead on a background thread (`experts.data.Prefetcher`), and no host synchronisation per step.
+The loss is computed by a chunked fused linear + cross-entropy so the (B, T, V) logits are never materialised in fp32 (the same idea as Liger-Kernel's FusedLinearCrossEntropy).
 On one GPU the model computes with bf16 weights while AdamW updates fp32 master weights (`MasterWeights`, whose
 clipping + AdamW + bf16 copy compile into one update), RoPE reads cos/sin from tables (`cache_rotary`), and
 backbone + loss compile as one graph (bench/RESULTS.md).
@@ -32,7 +33,7 @@ import random
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -53,11 +54,13 @@ class TrainConfig:
 
     train_tokens: int
     """Token budget (--train-tokens for this model): steps = train_tokens // global batch tokens."""
-    micro_batch_size: int = 8
-    """Blocks per forward/backward on one device (--micro-batch-size)."""
+    micro_batch_size: int | str = "auto"
+    """Blocks per forward/backward on one device (--micro-batch-size), or 'auto': the largest that fits the
+    device's memory, probed before training (`experts.microbatch`); CPU_MICRO_BATCH (8) on CPU. Either way the
+    global batch is covered exactly (`experts.microbatch.split_blocks`)."""
     global_batch_tokens: int | None = None
-    """Tokens per optimizer step over all devices (--batch-tokens); None = one micro-batch per device.
-    Gradient accumulation = global_batch_tokens // (micro_batch_size · seq_len · world_size)."""
+    """Tokens per optimizer step over all devices (--batch-tokens), rounded down to whole blocks per device;
+    None = one micro-batch per device (8 blocks with micro_batch_size 'auto')."""
     lr: float = 3e-4
     """Peak learning rate (--learning-rate)."""
     min_lr: float = 3e-5
@@ -129,6 +132,9 @@ class TrainConfig:
     in a process's first step, which inductor's on-disk cache saves later processes on the same machine."""
     ddp_backend: str | None = None
     """Process-group backend when launched by torchrun: None = nccl on CUDA, gloo on CPU."""
+    experts_per_gpu: int = 1
+    """Training processes sharing this GPU (--experts-per-gpu): each may allocate 1/N of its memory (what is left
+    after N CUDA contexts), which `micro_batch_size='auto'` then fits into."""
     sharding: str = "ddp"
     """How a model spread over several devices is split (--sharding): 'ddp' (a full copy of weights, gradients
     and AdamW moments per device, gradients all-reduced) or 'fsdp' (FSDP2 `fully_shard` per decoder layer + root:
@@ -137,9 +143,13 @@ class TrainConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)  # type: ignore[assignment]
+        if isinstance(self.micro_batch_size, str) and self.micro_batch_size.strip().isdigit():
+            self.micro_batch_size = int(self.micro_batch_size)
         checks = [
             (self.train_tokens > 0, f"--train-tokens must be positive, got {self.train_tokens}"),
-            (self.micro_batch_size > 0, f"--micro-batch-size must be positive, got {self.micro_batch_size}"),
+            (self.micro_batch_size == "auto" or (isinstance(self.micro_batch_size, int) and self.micro_batch_size > 0),
+             f"--micro-batch-size must be 'auto' or a positive integer, got {self.micro_batch_size!r}"),
+            (self.experts_per_gpu >= 1, f"--experts-per-gpu must be >= 1, got {self.experts_per_gpu}"),
             (self.global_batch_tokens is None or self.global_batch_tokens > 0,
              f"--batch-tokens must be positive, got {self.global_batch_tokens}"),
             (self.lr > 0, f"--learning-rate must be positive, got {self.lr}"),
@@ -286,14 +296,17 @@ class CausalLMLoss:
             def __init__(self):
                 super().__init__()
                 self.model = model
+                # dynamic=False: micro-batches of two sizes (an uneven split) get two static graphs, not a dynamic one
                 if fused:
                     whole = compile and config.compile_graph == "whole"
                     parts = compile and not whole
-                    object.__setattr__(self, "_backbone", torch.compile(model.get_decoder(), mode=mode) if parts else model.get_decoder())
+                    object.__setattr__(self, "_backbone", torch.compile(model.get_decoder(), mode=mode, dynamic=False)
+                                       if parts else model.get_decoder())
                     object.__setattr__(self, "_lce", make_linear_cross_entropy(parts, mode))
-                    object.__setattr__(self, "_fused", torch.compile(self._fused_loss, mode=mode) if whole else self._fused_loss)
+                    object.__setattr__(self, "_fused", torch.compile(self._fused_loss, mode=mode, dynamic=False)
+                                       if whole else self._fused_loss)
                 else:
-                    object.__setattr__(self, "_full", torch.compile(model, mode=mode) if compile else model)
+                    object.__setattr__(self, "_full", torch.compile(model, mode=mode, dynamic=False) if compile else model)
 
             def _fused_loss(self, input_ids, targets):
                 h = self._backbone(input_ids=input_ids, use_cache=False).last_hidden_state[:, :-1]  # (B, T−1, H)
@@ -485,9 +498,8 @@ def _master_update(grads, masters, lows, exp_avgs, exp_avg_sqs, steps, lrs, grou
 # ---------------------------------------------------------------------------------------------- plan
 @dataclass
 class TrainPlan:
-    """Derived batch geometry and step counts of a run. Each device runs `grad_accum` micro-batches per step:
-    `micro_batch_size` blocks each, the last one `last_micro_batch_size` (smaller when the per-device batch is not
-    a multiple of the micro-batch; 0 = the same)."""
+    """Derived batch geometry and step counts of a run. Each device runs the micro-batches `micro_batches`
+    (sizes in blocks; `experts.microbatch.split_blocks`) per optimizer step."""
 
     seq_len: int
     micro_batch_size: int
@@ -496,39 +508,54 @@ class TrainPlan:
     tokens_per_step: int
     steps: int
     warmup_steps: int
-    last_micro_batch_size: int = 0
+    micro_batches: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.micro_batches:
+            self.micro_batches = [self.micro_batch_size] * self.grad_accum
 
     @property
-    def last_micro(self) -> int:
-        return self.last_micro_batch_size or self.micro_batch_size
-
-    @property
-    def blocks_per_rank(self) -> int:
-        return self.micro_batch_size * (self.grad_accum - 1) + self.last_micro
+    def blocks_per_device(self) -> int:
+        return sum(self.micro_batches)
 
     @property
     def blocks_per_step(self) -> int:
-        return self.blocks_per_rank * self.world_size
+        return self.blocks_per_device * self.world_size
+
+    def micro_start(self, step: int, i: int, rank: int) -> int:
+        """Data position of micro-batch i of `step` on `rank`: the step's blocks are dealt out micro-batch by
+        micro-batch, each one rank after rank."""
+        return step * self.blocks_per_step + sum(self.micro_batches[:i]) * self.world_size + rank * self.micro_batches[i]
+
+    def same_schedule(self, other: dict) -> bool:
+        """Whether a checkpoint's plan (a dict) trains the same optimizer steps: block length, tokens per step,
+        steps and warmup. The micro-batch split may differ (e.g. `auto` on another device)."""
+        keys = ("seq_len", "tokens_per_step", "steps", "warmup_steps")
+        return all(other.get(k) == getattr(self, k) for k in keys)
 
 
-def plan_training(config: TrainConfig, seq_len: int, world_size: int = 1) -> TrainPlan:
-    """Steps, gradient accumulation and warmup from the config (raises InputError for impossible budgets).
+def plan_training(config: TrainConfig, seq_len: int, world_size: int = 1, micro_batch_size: int | None = None) -> TrainPlan:
+    """Steps, micro-batches and warmup from the config (raises InputError for impossible budgets).
 
-    Per device and step: global_batch_tokens // (seq_len · world_size) blocks (one micro-batch when None), run as
-    micro-batches of min(micro_batch_size, that) blocks, the last one smaller when they do not divide evenly."""
+    Blocks per device and step: G = global_batch_tokens // (seq_len · world_size), or one micro-batch when
+    global_batch_tokens is None (CPU_MICRO_BATCH blocks with micro_batch_size 'auto'). They are split into
+    micro-batches of at most `micro_batch_size` blocks (the argument: what `auto` chose; else the config's
+    number; else CPU_MICRO_BATCH)."""
+    from experts.microbatch import CPU_MICRO_BATCH, split_blocks
+
+    fixed = config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
+    micro = micro_batch_size or fixed or CPU_MICRO_BATCH
     if config.global_batch_tokens is None:
-        per_rank = config.micro_batch_size
+        per_device = fixed or CPU_MICRO_BATCH
     else:
-        per_rank = config.global_batch_tokens // (seq_len * world_size)
-        if per_rank < 1:
+        per_device = config.global_batch_tokens // (seq_len * world_size)
+        if per_device < 1:
             raise InputError(
-                f"--batch-tokens {config.global_batch_tokens} is less than one block of {seq_len} tokens on each of "
-                f"{world_size} device(s); raise --batch-tokens"
+                f"--batch-tokens {config.global_batch_tokens} is smaller than one block per device "
+                f"({seq_len} tokens x {world_size} device(s)); raise --batch-tokens"
             )
-    micro = min(config.micro_batch_size, per_rank)
-    accum = -(-per_rank // micro)
-    last = per_rank - micro * (accum - 1)
-    tokens_per_step = per_rank * seq_len * world_size
+    sizes = split_blocks(per_device, micro)
+    tokens_per_step = per_device * seq_len * world_size
     steps = config.train_tokens // tokens_per_step
     if config.max_steps is not None:
         steps = min(steps, config.max_steps) if steps else config.max_steps
@@ -543,8 +570,7 @@ def plan_training(config: TrainConfig, seq_len: int, world_size: int = 1) -> Tra
             f"budget too small for warmup: {warmup} warmup steps but --train-tokens {config.train_tokens} gives only "
             f"{steps} steps of {tokens_per_step} tokens; lower --warmup-steps or raise --train-tokens"
         )
-    return TrainPlan(seq_len, micro, world_size, accum, tokens_per_step, steps, warmup,
-                     last if last != micro else 0)
+    return TrainPlan(seq_len, max(sizes), world_size, len(sizes), tokens_per_step, steps, warmup, sizes)
 
 
 def lr_at(step: int, config: TrainConfig, plan: TrainPlan) -> float:
@@ -948,7 +974,8 @@ def train_model(
 
     from experts.device import resolve_device
     from experts.model import check_compatible, count_params, flops_per_token
-    from experts.data import PackedBlocks
+    from experts.data import PackedBlocks, Prefetcher
+    from experts.microbatch import accumulation_weight, describe
 
     world, rank, local_rank = _dist_info()
     setup = resolve_device(config.device)
@@ -958,6 +985,13 @@ def train_model(
         torch.cuda.set_device(device)
     elif device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # compiled kernels and RNG state stay on this GPU when experts share a host
+    elif device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # memory limits and threads need the index
+    if device.type == "cuda" and config.experts_per_gpu > 1:  # this process's share of a GPU several experts use
+        from experts.microbatch import memory_fraction
+
+        total_memory = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_fraction(config.experts_per_gpu, total_memory), device)
     fsdp = world > 1 and config.sharding == "fsdp"
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
     use_bf16 = config.bf16_params if config.bf16_params is not None else (
@@ -1012,6 +1046,13 @@ def train_model(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=config.betas, eps=config.eps, fused=device.type == "cuda",
     )
+    micro_info: dict[str, Any] = {"requested": config.micro_batch_size}
+    if config.micro_batch_size == "auto" and device.type == "cuda":  # before any optimizer state exists
+        micro = _auto_micro_batch(model, config, plan, device, setup, use_bf16, world, fsdp, micro_info)
+        plan = plan_training(config, data.seq_len, world, micro_batch_size=micro)
+    micro_info["micro_batches"] = plan.micro_batches
+    log.info("%s: micro-batches of %s blocks per step and device (--micro-batch-size %s)", out_dir.name,
+             describe(plan.micro_batches), config.micro_batch_size)
     state: dict[str, Any] = {"step": 0, "tokens_seen": 0, "wall_time_s": 0.0, "loss_curve": [], "valid_curve": [],
                              "resumed_at": [], "best": None}
     best_weights: dict | None = None  # overfitting guard: CPU copy of the weights at state["best"]["step"]
@@ -1022,7 +1063,7 @@ def train_model(
             from safetensors.torch import load_file
 
             best_weights = load_file(str(ckpt / "best.safetensors"))
-        if state.get("plan") and {"last_micro_batch_size": 0, **state["plan"]} != asdict(plan):
+        if state.get("plan") and not plan.same_schedule(state["plan"]):
             raise InputError(f"checkpoint {ckpt} was written for a different batch plan {state['plan']}; delete it to restart")
         state["resumed_at"].append(state["step"])
         log.info("resuming %s from step %d (%s)", out_dir, state["step"], ckpt)
@@ -1057,12 +1098,13 @@ def train_model(
         total = torch.zeros(2, dtype=torch.float64, device=device)
         loss_module.eval()
         with torch.no_grad(), sdpa_context(config.sdpa_backend):
-            for i in range(0, len(mine), config.micro_batch_size):  # an expert's small batch: still full calls
-                idx = mine[i : i + config.micro_batch_size]
+            for i in range(0, len(mine), plan.micro_batch_size):  # an expert's small batch: still full calls
+                idx = mine[i : i + plan.micro_batch_size]
                 x = torch.from_numpy(np.stack([valid.blocks(j, 1)[0] for j in idx])).to(device)
                 with setup.autocast():
                     _, lm, _ = loss_module(x) if fsdp or not hasattr(loss_module, "_backbone") else _eval_loss(loss_module, x)
-                total += torch.tensor([float(lm) * len(idx), len(idx)], dtype=torch.float64, device=device)
+                total[0] += lm.detach().double() * len(idx)  # stays on the device: one host sync per evaluation
+                total[1] += len(idx)
         loss_module.train()
         if world > 1:
             torch.distributed.all_reduce(total)
@@ -1072,12 +1114,14 @@ def train_model(
 
     bar = tqdm(total=plan.steps, initial=state["step"], desc=f"train {out_dir.name}", unit="step",
                disable=rank != 0, mininterval=2.0)
-    pending: list[tuple[int, Any]] = []
+    pending: list[tuple[int, Any, Any]] = []  # (step, loss on the device, CUDA event after the step | None)
 
-    def flush_losses():
-        for s, t in pending:
+    def flush_losses(wait: bool = True):
+        """Move step losses to the host: all of them (wait), or only those whose step has finished on the GPU,
+        so that logging never stalls the host on queued kernels."""
+        while pending and (wait or pending[0][2] is None or pending[0][2].query()):
+            s, t, _ = pending.pop(0)
             state["loss_curve"].append([s, float(t)])
-        pending.clear()
 
     def snapshot() -> dict:
         """A CPU copy of the current (fp32) weights: the overfitting guard's best so far. Under FSDP a collective
@@ -1089,33 +1133,31 @@ def train_model(
                 weights = model.state_dict()
         return {k: v.detach().to("cpu", copy=True) for k, v in weights.items()}
 
-    ragged = plan.last_micro != plan.micro_batch_size
     t_start = time.perf_counter()
     wall_before = state["wall_time_s"]
-    t_measure, steps_measured = None, 0
+    t_measure, steps_measured, measure_step = None, 0, 0
     start_step = state["step"]
+    sizes = plan.micro_batches
+    uniform = len(set(sizes)) == 1
+    divisors = [accumulation_weight(sizes, i) for i in range(len(sizes))]  # Σ lossᵢ / divisorᵢ = the batch's mean
+    # the micro-batches of every remaining step, read and pinned ahead of the loop on a background thread
+    batches = Prefetcher(data, ((plan.micro_start(step, i, rank), size) for step in range(start_step, plan.steps)
+                                for i, size in enumerate(sizes)),
+                         pin=device.type == "cuda", depth=max(4, 2 * plan.grad_accum), device=device)
     try:
         for step in range(start_step, plan.steps):
             lr = lr_at(step, config, plan)
             for g in optimizer.param_groups:
                 g["lr"] = lr
             loss_acc = torch.zeros((), device=device)
-            for m in range(plan.grad_accum):
-                size = plan.micro_batch_size if m < plan.grad_accum - 1 else plan.last_micro
-                start = step * plan.blocks_per_step + m * world * plan.micro_batch_size + rank * size
-                x = torch.from_numpy(data.blocks(start, size))  # (B, T)
-                if device.type == "cuda":  # pinned + non_blocking: the copy does not stall the host on queued kernels
-                    x = x.pin_memory()
-                x = x.to(device, non_blocking=True)
-                sync = ddp_module.no_sync() if (world > 1 and not fsdp and m < plan.grad_accum - 1) else nullcontext()
+            for i, size in enumerate(sizes):
+                x = batches.next().to(device, non_blocking=True)  # (size, T); pinned: the copy does not stall the host
+                sync = ddp_module.no_sync() if (world > 1 and not fsdp and i < len(sizes) - 1) else nullcontext()
                 with sync, sdpa_context(config.sdpa_backend):
                     with setup.autocast():
                         total, lm, router_logits = ddp_module(x)
-                    if ragged:  # micro-batches of unequal size: weight each by its share of the step's blocks
-                        (total * (size / plan.blocks_per_rank)).backward()
-                    else:
-                        (total / plan.grad_accum).backward()
-                loss_acc += lm.detach() * (size / plan.blocks_per_rank) if ragged else lm.detach()
+                    (total / divisors[i]).backward()
+                loss_acc += lm.detach() if uniform else lm.detach() * size
                 if router_logits is not None:
                     router_stats.update(router_logits, top_k)
             if masters is not None:  # clipping, AdamW on the fp32 masters and the bf16 copy in one update
@@ -1125,28 +1167,34 @@ def train_model(
                     torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            if not ragged:
-                loss_acc /= plan.grad_accum
+            loss_acc /= plan.grad_accum if uniform else plan.blocks_per_device
             if world > 1:
                 torch.distributed.all_reduce(loss_acc)
                 loss_acc /= world
             done = step + 1
             state["step"] = done
             state["tokens_seen"] = done * plan.tokens_per_step
-            pending.append((done, loss_acc))
+            event = None
+            if device.type == "cuda":
+                event = torch.cuda.Event()
+                event.record()
+            pending.append((done, loss_acc, event))
             if t_measure is None and done - start_step >= (3 if plan.steps - start_step > 6 else 1):
                 if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                t_measure, steps_measured = time.perf_counter(), 0  # throughput excludes the first (compile) steps
+                    torch.cuda.synchronize(device)  # once: the timed window starts with an empty queue
+                t_measure, steps_measured, measure_step = time.perf_counter(), 0, done  # excludes compile steps
             else:
                 steps_measured += 1
             bar.update(1)
             if config.log_every and done % config.log_every == 0:
-                flush_losses()
-                tps, mfu = _throughput(t_measure, steps_measured, plan, device, fpt, peak, world)
-                bar.set_postfix(loss=f"{state['loss_curve'][-1][1]:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-                log.info("step %d/%d loss %.4f lr %.2e %.0f tok/s%s", done, plan.steps, state["loss_curve"][-1][1], lr,
-                         tps, f" MFU {mfu:.1%}" if mfu else "")
+                flush_losses(wait=False)  # the latest finished step's loss; no host sync
+                if state["loss_curve"]:
+                    last_step, last_loss = state["loss_curve"][-1]
+                    tps = _logged_rate(t_measure, measure_step, last_step, plan)
+                    mfu = tps * fpt / (peak * world) if peak and tps else None
+                    bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+                    log.info("step %d/%d loss %.4f (step %d) lr %.2e %.0f tok/s%s", done, plan.steps, last_loss,
+                             last_step, lr, tps, f" MFU {mfu:.1%}" if mfu else "")
             if valid is not None and config.eval_every and done % config.eval_every == 0 and done < plan.steps:
                 vl = evaluate()
                 state["valid_curve"].append([done, vl])
@@ -1168,13 +1216,15 @@ def train_model(
     except torch.OutOfMemoryError:
         hand_back()
         raise InputError(
-            f"CUDA out of memory with --micro-batch-size {config.micro_batch_size} x {data.seq_len} tokens; try "
-            f"--micro-batch-size {max(1, config.micro_batch_size // 2)} (gradient accumulation keeps the global batch)"
+            f"CUDA out of memory with micro-batches of {plan.micro_batch_size} x {data.seq_len} tokens "
+            f"(--micro-batch-size {config.micro_batch_size}); try --micro-batch-size {max(1, plan.micro_batch_size // 2)} "
+            "(gradient accumulation keeps the global batch)"
         ) from None
     except BaseException:
         hand_back()
         raise
     finally:
+        batches.close()
         bar.close()
     flush_losses()
     if device.type == "cuda":
@@ -1220,6 +1270,7 @@ def train_model(
         "data_tokens": data.n_tokens,
         "resumed_at": state["resumed_at"],
         "plan": asdict(plan),
+        "micro_batch": micro_info,
         "config": config.to_dict(),
     }
     router = router_stats.summary()
@@ -1250,6 +1301,60 @@ def _eval_loss(loss_module, x):
     logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # (B, T−1, V)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
     return loss, loss, None
+
+
+def _logged_rate(t_measure, measure_step: int, last_done: int, plan) -> float:
+    """Tokens/s for a log line without a host sync: steps known to be finished since the timed window began,
+    over the host time since then (a lower bound while the GPU runs behind the host)."""
+    if t_measure is None or last_done <= measure_step:
+        return 0.0
+    return (last_done - measure_step) * plan.tokens_per_step / max(1e-9, time.perf_counter() - t_measure)
+
+
+def _auto_micro_batch(model, config: TrainConfig, plan: TrainPlan, device, setup, bf16_params: bool, world: int,
+                      fsdp: bool, info: dict) -> int:
+    """`--micro-batch-size auto` on CUDA: the largest micro-batch (blocks) whose forward + backward fits this
+    process's memory next to the optimizer state (`experts.microbatch`), the same on every rank. Fills `info`
+    (probes, memory limit) for training.json; InputError when not even one block fits."""
+    import torch
+
+    from experts.microbatch import (
+        CPU_MICRO_BATCH, cuda_fits, largest_fitting, memory_fraction, no_fit_message, optimizer_reserve_bytes,
+    )
+    from experts.model import count_params
+
+    per_device = plan.blocks_per_device
+    if fsdp:  # a probe would run FSDP's collectives, which one rank's out-of-memory error would leave hanging
+        info["note"] = "not probed under FSDP"
+        return min(per_device, CPU_MICRO_BATCH)
+    total = torch.cuda.get_device_properties(device).total_memory
+    share = memory_fraction(config.experts_per_gpu, total) if config.experts_per_gpu > 1 else 1.0
+    limit = int(share * total)
+    n_params = count_params(model)
+    reserve = optimizer_reserve_bytes(n_params, bf16_params, ddp=world > 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    probe_module = CausalLMLoss.build(model, config, compile=False)  # eager: no compilation per probed size
+    probes: list[dict] = []
+    fits = cuda_fits(probe_module, params, plan.seq_len, device, setup.autocast, reserve, limit,
+                     sdpa_ctx=lambda: sdpa_context(config.sdpa_backend))
+    micro = largest_fitting(per_device, fits, probes) or 0
+    if world > 1:  # every rank takes the smallest choice (0: some rank fits nothing)
+        t = torch.tensor([micro], device=device)
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
+        micro = int(t)
+    info.update(probes=probes, limit_gib=round(limit / 2**30, 2), reserve_gib=round(reserve / 2**30, 3),
+                experts_per_gpu=config.experts_per_gpu)
+    if micro == 0:
+        need = None
+        if config.experts_per_gpu > 1:  # what one block takes with the whole GPU, for the message
+            torch.cuda.set_per_process_memory_fraction(1.0, device)
+            torch.cuda.reset_peak_memory_stats(device)
+            if cuda_fits(probe_module, params, plan.seq_len, device, setup.autocast, 0, 0)(1):
+                need = torch.cuda.max_memory_allocated(device) + reserve
+            torch.cuda.set_per_process_memory_fraction(share, device)
+        raise InputError(no_fit_message(n_params, plan.seq_len, torch.cuda.get_device_name(device), limit, total,
+                                        config.experts_per_gpu, need))
+    return micro
 
 
 def _throughput(t_measure, steps_measured, plan, device, fpt, peak, world) -> tuple[float, float | None]:

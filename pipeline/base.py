@@ -33,6 +33,7 @@ from typing import Any, Iterator
 import luigi
 
 from corpus.io import InputError, atomic_dir, read_json, short_hash, write_json
+from experts.launch import gpu_slots  # Luigi-free: the bench and the stages claim GPUs the same way
 
 log = logging.getLogger("luigi-interface")
 
@@ -62,6 +63,13 @@ def _p(default, kind=luigi.Parameter, name: str = "", **kw):
     if cfg.has_option(SECTION, name):
         default = kind().parse(cfg.get(SECTION, name))
     return kind(default=default, **kw)
+
+
+class _IntOrAutoParameter(luigi.Parameter):
+    """'auto' or an integer, kept as text ('8' and 8 are the same value); `RunParams.micro_batch_value` reads it."""
+
+    def normalize(self, x):
+        return str(x).strip().lower()
 
 
 class RunParams:
@@ -107,14 +115,17 @@ class RunParams:
                    "experts alike keep the evaluated weights of lowest validation loss (--keep-best false: the last)",
                    parsing=luigi.BoolParameter.EXPLICIT_PARSING)
     batch_tokens = _p(0, luigi.IntParameter, name="batch_tokens", description="global batch in tokens; 0 = one "
-                      "micro-batch per GPU")
-    micro_batch_size = _p(8, luigi.IntParameter, name="micro_batch_size", description="blocks per forward/backward "
-                          "on one GPU; gradient accumulation fills --batch-tokens (lower it when CUDA runs out of "
-                          "memory)")
+                      "micro-batch per GPU (8 blocks with --micro-batch-size auto)")
+    micro_batch_size = _p("auto", _IntOrAutoParameter, name="micro_batch_size", description="blocks per "
+                          "forward/backward on one GPU, or 'auto' (the largest that fits, probed; 8 on CPU); "
+                          "gradient accumulation fills --batch-tokens exactly")
     learning_rate = _p(0.003, luigi.FloatParameter, name="learning_rate", description="peak LR (demo value for the tiny preset; ~3e-4 for small/base); 0 = TrainConfig default")
     branch_from = _p("seed", name="branch_from", description="seed | average (of the seed-branched experts, "
                      "weighted by centroid distances)")
     gpus_per_expert = _p(1, luigi.IntParameter, name="gpus_per_expert")
+    experts_per_gpu = _p(1, luigi.IntParameter, name="experts_per_gpu", description="expert trainings sharing one "
+                         "GPU (each in its own worker process: run with --workers ≥ this × GPUs); each may use "
+                         "1/N of the GPU's memory")
     sharding = _p("ddp", name="sharding", description="with --gpus-per-expert > 1: ddp (a full copy per GPU) | "
                   "fsdp (weights, gradients and AdamW moments sharded per decoder layer, for models that do not "
                   "fit on one GPU)")
@@ -182,6 +193,17 @@ class RunParams:
         return [m for m in names if not wanted or m in wanted]
 
     @property
+    def micro_batch_value(self) -> int | str:
+        """--micro-batch-size as 'auto' or an int (InputError for anything else)."""
+        v = str(self.micro_batch_size).strip().lower()
+        if v == "auto":
+            return "auto"
+        try:
+            return int(v)
+        except ValueError:
+            raise InputError(f"--micro-batch-size {self.micro_batch_size!r}: 'auto' or a positive integer") from None
+
+    @property
     def seed_list(self) -> list[int]:
         return [int(s) for s in self.fewshot_seeds.split(",") if s.strip()]
 
@@ -214,8 +236,13 @@ class RunParams:
             raise InputError(f"--route-every {self.route_every}: must be ≥ 1")
         if self.gpus_per_expert < 1:
             raise InputError(f"--gpus-per-expert {self.gpus_per_expert}: must be ≥ 1")
-        if self.micro_batch_size < 1:
-            raise InputError(f"--micro-batch-size {self.micro_batch_size}: must be ≥ 1")
+        if self.micro_batch_value != "auto" and self.micro_batch_value < 1:
+            raise InputError(f"--micro-batch-size {self.micro_batch_size}: must be 'auto' or ≥ 1")
+        if self.experts_per_gpu < 1:
+            raise InputError(f"--experts-per-gpu {self.experts_per_gpu}: must be ≥ 1")
+        if self.experts_per_gpu > 1 and self.gpus_per_expert > 1:
+            raise InputError(f"--experts-per-gpu {self.experts_per_gpu} shares one GPU between experts; it cannot be "
+                             f"combined with --gpus-per-expert {self.gpus_per_expert}")
         if self.eval_every < 0:
             raise InputError(f"--eval-every {self.eval_every}: must be ≥ 0 (0 = {EVALS_PER_RUN} evaluations per run)")
         if self.batch_tokens < 0:
@@ -265,11 +292,24 @@ class Stage(RunParams, luigi.Task):
     # ---- paths and hashes ------------------------------------------------------------------------------
     @property
     def resources(self) -> dict:
-        """GPU stages take `gpu_count()` units of the scheduler's `[resources] gpu`; on --device cpu they take none."""
-        return {"gpu": self.gpu_count()} if self.gpu_stage and self.device != "cpu" else {}
+        """GPU stages take `gpu_units()` of the scheduler's `[resources] gpu`; on --device cpu they take none."""
+        units = self.gpu_units() if self.gpu_stage and self.device != "cpu" else 0
+        return {"gpu": units} if units else {}
 
     def gpu_count(self) -> int:
         return 1
+
+    def gpu_units(self) -> int:
+        """Units of `[resources] gpu` (one per GPU of the host): `gpu_count()` whole GPUs."""
+        return self.gpu_count()
+
+    def gpu_slots(self, n: int | None = None, shared: bool = False, weight: float = 1.0):
+        """`experts.launch.gpu_slots` for this run: `n` (default `gpu_count()`) whole GPUs of this host, or with
+        `shared` one of the --experts-per-gpu slots of a GPU; none on --device cpu. Lock files live in
+        `<run_dir>/.gpu-locks/`."""
+        n = self.gpu_count() if n is None else n
+        return gpu_slots(n if self.device != "cpu" else 0, Path(self.run_dir) / ".gpu-locks",
+                         slots_per_gpu=self.experts_per_gpu, shared=shared, weight=weight)
 
     def stage_hash(self) -> str:
         if not hasattr(self, "_hash"):
@@ -481,65 +521,3 @@ def install_log_filter() -> None:
     logger = logging.getLogger("luigi-interface")
     if not any(isinstance(f, _OneLineInputErrors) for f in logger.filters):
         logger.addFilter(_OneLineInputErrors())
-
-
-def gpu_slots(n: int, lock_dir: Path) -> contextlib.AbstractContextManager:
-    """Claim `n` GPUs of this host for the duration of a stage (exclusive file locks under `lock_dir`) and yield
-    their indices, so several workers on one machine train experts on disjoint GPUs. Yields [] when `n` is 0,
-    when CUDA_VISIBLE_DEVICES is already set (the caller chose the GPUs), or when there is no nvidia-smi."""
-    return _GpuSlots(n, lock_dir)
-
-
-class _GpuSlots:
-    def __init__(self, n: int, lock_dir: Path):
-        self.n, self.lock_dir, self.handles = n, Path(lock_dir), []
-
-    def _gpus(self) -> list[int]:
-        import subprocess
-
-        if self.n == 0 or os.environ.get("CUDA_VISIBLE_DEVICES") is not None:
-            return []
-        try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=20).stdout
-        except (OSError, subprocess.SubprocessError):
-            return []
-        return [int(line) for line in out.split() if line.strip().isdigit()]
-
-    def __enter__(self) -> list[int]:
-        import fcntl
-
-        gpus = self._gpus()
-        if not gpus:
-            return []
-        if self.n > len(gpus):
-            raise InputError(f"--gpus-per-expert {self.n}, but this host has {len(gpus)} GPU(s)")
-        self.lock_dir.mkdir(parents=True, exist_ok=True)
-        host = socket.gethostname()
-        waited = 0.0
-        while True:
-            claimed = []
-            for g in gpus:
-                f = open(self.lock_dir / f"{host}-gpu{g}.lock", "w")
-                try:
-                    fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    claimed.append((g, f))
-                except OSError:
-                    f.close()
-                if len(claimed) == self.n:
-                    break
-            if len(claimed) == self.n:
-                break
-            for _, f in claimed:
-                f.close()
-            if waited % 60 == 0:
-                log.info("waiting for %d free GPU(s) on %s", self.n, host)
-            time.sleep(2.0)
-            waited += 2.0
-        self.handles = [f for _, f in claimed]
-        return [g for g, _ in claimed]
-
-    def __exit__(self, *exc):
-        for f in self.handles:
-            f.close()
-        return False

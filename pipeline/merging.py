@@ -7,7 +7,7 @@ from pathlib import Path
 import luigi
 
 from corpus.io import InputError
-from pipeline.base import Stage, gpu_slots
+from pipeline.base import Stage
 from pipeline.clustering import AssignClusters, EmbedCorpus, FitClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.training import ShardCorpus, TrainExpert, TrainSeed, _TrainStage
@@ -120,7 +120,7 @@ class FinetuneMoE(_TrainStage):
     def build(self, out: Path) -> dict:
         from experts.moe import finetune_moe
 
-        with gpu_slots(1 if self.device != "cpu" else 0, Path(self.run_dir) / ".gpu-locks") as gpus:
+        with self.gpu_slots(1) as gpus:
             config = self.train_config(self.tokens(), **({"device": f"cuda:{gpus[0]}"} if gpus else {}))
             info = finetune_moe(self.input_path(self.requires()["moe"]), self.shard_paths(), out, config,
                                 valid_paths=self.shard_paths(split="valid") or None)

@@ -9,7 +9,7 @@ from pathlib import Path
 import luigi
 
 from corpus.io import InputError, read_json, write_json
-from pipeline.base import RunParams, Stage, files_fingerprint, gpu_slots
+from pipeline.base import RunParams, Stage, files_fingerprint
 from pipeline.clustering import AssignClusters, FitClusters
 from pipeline.corpus import PrepareCorpus
 
@@ -114,7 +114,8 @@ class _TrainStage(Stage):
     def _hash_value(self, name: str):
         if name == "batch_tokens" and not self.batch_tokens:
             # one micro-batch per GPU is then the global batch; the default 8 keeps the hashes runs already have
-            return f"{self.micro_batch_size} blocks per GPU" if self.micro_batch_size != 8 else 0
+            micro = self.micro_batch_value  # 'auto' means 8 blocks per GPU here, as the old fixed default
+            return f"{micro} blocks per GPU" if micro not in (8, "auto") else 0
         if name == "gpus_per_expert":  # experts' batches are whole blocks per GPU; 1 keeps earlier hashes
             return self.gpus_per_expert if self.gpus_per_expert > 1 else None
         return super()._hash_value(name)
@@ -148,7 +149,8 @@ class _TrainStage(Stage):
     def dense_batch_blocks(self) -> int:
         from experts.budget import dense_batch_blocks
 
-        return dense_batch_blocks(self.batch_tokens, self.seq_len_of_shards(), self.micro_batch_size)
+        micro = self.micro_batch_value  # with --batch-tokens 0, 'auto' means one micro-batch of 8 blocks per GPU
+        return dense_batch_blocks(self.batch_tokens, self.seq_len_of_shards(), 8 if micro == "auto" else micro)
 
     def model_budget(self, which: str) -> dict:
         """{tokens, steps, batch_blocks, batch_tokens} of the seed or the dense model (no clustering involved)."""
@@ -173,7 +175,7 @@ class _TrainStage(Stage):
         from experts.train import TrainConfig
 
         opts = dict(train_tokens=tokens, seed=self.seed, device=self.device, sharding=self.sharding,
-                    global_batch_tokens=self.batch_tokens or None, micro_batch_size=self.micro_batch_size,
+                    global_batch_tokens=self.batch_tokens or None, micro_batch_size=self.micro_batch_value,
                     compile={"auto": None, "on": True, "off": False}[self.compile])
         opts.update(kw)
         if self.learning_rate:
@@ -190,12 +192,21 @@ class _TrainStage(Stage):
         return self.train_config(budget["tokens"], global_batch_tokens=budget["batch_tokens"],
                                  eval_every=eval_every, keep_best=self.keep_best, **kw)
 
+    def shares_gpu(self) -> bool:
+        """Whether this stage trains in one of --experts-per-gpu slots of a GPU (experts only)."""
+        return False
+
     def launch(self, init, out: Path, config, shard_paths: list[str], valid_paths: list[str],
                tokenizer=None) -> dict:
-        """Train `init` on `shard_paths` with `config` on this stage's GPUs (none on CPU)."""
+        """Train `init` on `shard_paths` with `config` on this stage's GPUs (none on CPU): whole GPUs, or with
+        --experts-per-gpu N > 1 one slot of a GPU, chosen so the GPUs get similar tokens per step."""
         from experts.launch import launch_training
+        from experts.train import TrainConfig
 
-        with gpu_slots(self.gpu_count() if self.device != "cpu" else 0, Path(self.run_dir) / ".gpu-locks") as gpus:
+        shared = self.shares_gpu()
+        if shared:
+            config = TrainConfig.from_dict({**config.to_dict(), "experts_per_gpu": self.experts_per_gpu})
+        with self.gpu_slots(shared=shared, weight=float(config.train_tokens)) as gpus:  # weight: this training's work
             return launch_training(init, shard_paths, out, config, valid_paths=valid_paths or None,
                                    tokenizer=tokenizer, gpus=gpus or None)
 
@@ -260,6 +271,14 @@ class TrainExpert(_TrainStage):
 
     def gpu_count(self) -> int:
         return self.gpus_per_expert
+
+    def shares_gpu(self) -> bool:
+        return self.experts_per_gpu > 1
+
+    def gpu_units(self) -> int:
+        # with --experts-per-gpu > 1 the GPU slots (file locks) share each GPU between expert stages; a Luigi unit
+        # would let only one expert run per GPU
+        return 0 if self.shares_gpu() else self.gpu_count()
 
     def first_phase(self) -> list[int]:
         """Experts that branch from the seed when --branch-from average (the others average these)."""

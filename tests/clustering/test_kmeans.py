@@ -291,3 +291,29 @@ def test_weighted_save_load_and_bad_weights(tmp_path):
         BalancedKMeans(3, device="cpu", verbose=False).fit(x, weights=np.zeros(len(x)))
     with pytest.raises(InputError, match="weights has 3 entries"):
         BalancedKMeans(3, device="cpu", verbose=False).fit(x, weights=np.ones(3))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_inputs_reach_the_gpu_as_the_tensor_does(tmp_path, monkeypatch):
+    """numpy arrays and memmaps (float32 and float16) go to the GPU through pinned chunks (several, here) and fit
+    exactly as the same matrix given as a CUDA tensor; a NaN is reported with its row."""
+    import clustering.kmeans as km
+
+    monkeypatch.setattr(km, "_STAGE_BYTES", 4 * 6 * 300)  # 300 rows per chunk: 7 chunks through 2 buffers
+    x = dense_blob_with_outliers()
+    np.save(tmp_path / "x.npy", x)
+    dev = torch.device("cuda")
+    ref = BalancedKMeans(8, n_iter=6, backend="torch", device="cuda", verbose=False).fit(torch.from_numpy(x).to(dev))
+    for inp in (x, np.load(tmp_path / "x.npy", mmap_mode="r"), x.astype(np.float16)):
+        idx = np.sort(np.random.default_rng(0).choice(len(x), 999, replace=False))
+        want = torch.from_numpy(np.asarray(inp, dtype=np.float32))
+        assert torch.equal(km._take_rows(inp, idx, dev).cpu(), want[idx])
+        assert torch.equal(km._rows(inp, 17, 1500, dev).cpu(), want[17:1500])
+        if inp.dtype == np.float32:
+            fit = BalancedKMeans(8, n_iter=6, backend="torch", device="cuda", verbose=False).fit(inp)
+            np.testing.assert_array_equal(fit.centroids, ref.centroids)
+    bad = x.copy()
+    bad[1234, 2] = np.nan
+    with pytest.raises(InputError, match="row 1234"):
+        BalancedKMeans(8, n_iter=2, backend="torch", device="cuda", verbose=False).fit(bad)

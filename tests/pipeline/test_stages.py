@@ -86,6 +86,24 @@ def test_micro_batch_size_reaches_training_and_hashes_only_as_the_global_batch(t
         RunAll(**base, micro_batch_size=0)
 
 
+def test_experts_per_gpu_shares_gpus_through_slots_not_luigi_units(tmp_path):
+    from pipeline import TrainDense, TrainSeed
+
+    base = dict(corpus="demo", run_dir=str(tmp_path), device="cuda")
+    assert TrainExpert(**base, cluster_id=0).resources == {"gpu": 1}
+    assert TrainExpert(**base, cluster_id=0, experts_per_gpu=4).resources == {}  # 4 slots per GPU: file locks
+    assert TrainSeed(**base, experts_per_gpu=4).resources == TrainDense(**base, experts_per_gpu=4).resources == {"gpu": 1}
+    assert TrainExpert(**base, cluster_id=0, experts_per_gpu=4).train_config(1000).micro_batch_size == "auto"
+    path = lambda **kw: TrainExpert(**base, cluster_id=0, **kw).out_path()  # noqa: E731
+    assert path(experts_per_gpu=4) == path() == path(micro_batch_size="8")  # execution only: same folders
+    with pytest.raises(InputError, match="--experts-per-gpu 0"):
+        RunAll(**base, experts_per_gpu=0)
+    with pytest.raises(InputError, match="--experts-per-gpu 2 .* --gpus-per-expert 2"):
+        RunAll(**base, experts_per_gpu=2, gpus_per_expert=2)
+    with pytest.raises(InputError, match="--micro-batch-size 'big'"):
+        RunAll(**base, micro_batch_size="big")
+
+
 def test_fewshot_hash_follows_task_files(tmp_path):
     task = tmp_path / "task"
     task.mkdir()
