@@ -22,7 +22,8 @@ Read in order, this is the table of contents (stage → library function → out
     MakeDomainTask      tasks.fewshot.make_task_from_corpus      task-domains-<h>/
     EvaluateFewShot     tasks.fewshot.evaluate_fewshot           eval-<h>/fewshot/<task>/<model>.json
     Report              tasks.report.write_report                report-<h>/ (+ <run_dir>/report.{json,md})
-    RunAll              (wrapper: Report and everything upstream)
+    WriteModelCards     experts.cards.write_model_card           README.md in every model folder (+ cards-<h>/)
+    RunAll              (wrapper: Report, WriteModelCards and everything upstream)
 """
 from pipeline.base import install_log_filter
 from pipeline.corpus import WriteDemoCorpus, PrepareCorpus
@@ -31,11 +32,12 @@ from pipeline.training import TrainTokenizer, ShardCorpus, TrainSeed, TrainExper
 from pipeline.merging import MergeExperts, FinetuneMoE
 from pipeline.evaluation import EvaluatePerplexity, MakeDomainTask, EvaluateFewShot
 from pipeline.report import Report, RunAll
+from pipeline.cards import WriteModelCards
 
 install_log_filter()
 
 __all__ = [
     "WriteDemoCorpus", "PrepareCorpus", "EmbedCorpus", "FitClusters", "AssignClusters", "DescribeClusters",
     "TrainTokenizer", "ShardCorpus", "TrainSeed", "TrainExpert", "TrainExperts", "TrainDense", "MergeExperts",
-    "FinetuneMoE", "EvaluatePerplexity", "MakeDomainTask", "EvaluateFewShot", "Report", "RunAll",
+    "FinetuneMoE", "EvaluatePerplexity", "MakeDomainTask", "EvaluateFewShot", "Report", "WriteModelCards", "RunAll",
 ]
