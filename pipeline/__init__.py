@@ -24,6 +24,8 @@ Read in order, this is the table of contents (stage → library function → out
     Report              tasks.report.write_report                report-<h>/ (+ <run_dir>/report.{json,md})
     WriteModelCards     experts.cards.write_model_card           README.md in every model folder (+ cards-<h>/)
     RunAll              (wrapper: Report, WriteModelCards and everything upstream)
+
+With --slurm-enabled, the stages that use GPUs run as Slurm jobs (pipeline/slurm.py); Luigi still schedules.
 """
 from pipeline.base import install_log_filter
 from pipeline.corpus import WriteDemoCorpus, PrepareCorpus
@@ -33,6 +35,7 @@ from pipeline.merging import MergeExperts, FinetuneMoE
 from pipeline.evaluation import EvaluatePerplexity, MakeDomainTask, EvaluateFewShot
 from pipeline.report import Report, RunAll
 from pipeline.cards import WriteModelCards
+from pipeline.slurm import slurm  # the [slurm] settings (--slurm-enabled ...): stages as Slurm jobs
 
 install_log_filter()
 
