@@ -167,7 +167,8 @@ def _loading(card: ModelCard) -> list[str]:
     else:
         code += ["", 'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")']
     code += ['tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
-             'out = model.generate(**tokenizer("The", return_tensors="pt"), max_new_tokens=20, do_sample=True, top_p=0.9)',
+             'batch = tokenizer("The", return_tensors="pt")',
+             "out = model.generate(**batch, max_new_tokens=20, do_sample=True, top_p=0.9)",
              "print(tokenizer.decode(out[0]))", "```", "",
              "Evaluate with lm-evaluation-harness (cbtm installed with the `lm-eval` extra):", "",
              "```", "cbtm-lm-eval run --model cbtm --model_args pretrained=path/to/this/folder --tasks <tasks>", "```"]
@@ -176,7 +177,8 @@ def _loading(card: ModelCard) -> list[str]:
                      "`model.save_pretrained(dst, copy_experts=True)` for a self-contained copy. Needs the cbtm "
                      "package."]
     else:
-        code += ["", f"Plain transformers folder: loads with transformers ≥ {MIN_TRANSFORMERS}, no cbtm package needed."]
+        code += ["", f"Plain transformers folder: loads with transformers ≥ {MIN_TRANSFORMERS}, no cbtm package "
+                     "needed."]
     return code
 
 

@@ -6,7 +6,8 @@ transformers 5 writes files that transformers 4.x misreads or rejects:
                          no "clean_up_tokenization_spaces"        (4.x defaults to True: "a , b" decodes as "a, b")
                          model_max_length from the tokenizer       → the model's max_position_embeddings
   config.json            only "rope_parameters"                    (4.x ignores it and takes its default rope_theta,
-                                                                    1e6 for Mixtral) → also "rope_theta" (+ "rope_scaling")
+                                                                    1e6 for Mixtral) → also "rope_theta"
+                                                                    (+ "rope_scaling")
                          "dtype"                                   → also "torch_dtype"
                          "use_cache": false (set for training)     → true, so generation uses the KV cache
   generation_config.json "use_cache": false                        → true

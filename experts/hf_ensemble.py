@@ -40,7 +40,8 @@ SHIMS = {  # remote-code modules written into each folder: the implementation st
     "configuration_cbtm_ensemble.py": "CBTMEnsembleConfig",
     "modeling_cbtm_ensemble.py": "CBTMEnsembleForCausalLM",
 }
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 class CBTMEnsembleConfig(PretrainedConfig):
@@ -83,9 +84,10 @@ class CBTMEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         from experts.ensemble import load_ensemble
 
         folder = _local_folder(pretrained_model_name_or_path, kwargs)
-        check_ensemble_folder(folder)
-        if not isinstance(config, CBTMEnsembleConfig):
-            config = CBTMEnsembleConfig.from_pretrained(folder)
+        cfg = check_ensemble_folder(folder)
+        if not isinstance(config, CBTMEnsembleConfig):  # folders from before write_hf_ensemble have no config.json
+            has_config = (Path(folder) / "config.json").is_file()
+            config = CBTMEnsembleConfig.from_pretrained(folder) if has_config else ensemble_config(Path(folder), cfg)
         if device is None:
             device = device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else None
         if device is None:
@@ -335,6 +337,21 @@ def check_ensemble_folder(folder: str | os.PathLike) -> dict:
     return cfg
 
 
+def ensemble_config(folder: Path, cfg: dict) -> CBTMEnsembleConfig:
+    """The config.json of an ensemble folder whose ensemble.json is `cfg`: vocabulary, context and special ids of
+    its first expert, and the auto_map of the remote-code shims."""
+    experts = _expert_dirs(folder, cfg)
+    first = read_json(experts[0] / "config.json")
+    return CBTMEnsembleConfig(
+        ensemble_kind=cfg.get("kind"), num_experts=len(experts), top_k=cfg.get("top_k"),
+        vocab_size=int(first["vocab_size"]), max_position_embeddings=int(first.get("max_position_embeddings") or 1024),
+        bos_token_id=first.get("bos_token_id"), eos_token_id=first.get("eos_token_id"),
+        pad_token_id=first.get("pad_token_id"), architectures=[CBTMEnsembleForCausalLM.__name__],
+        auto_map={"AutoConfig": "configuration_cbtm_ensemble.CBTMEnsembleConfig",
+                  "AutoModelForCausalLM": "modeling_cbtm_ensemble.CBTMEnsembleForCausalLM"},
+    )
+
+
 def write_hf_ensemble(folder: str | os.PathLike, copy_experts: bool = False) -> Path:
     """Make the ensemble folder holding an `ensemble.json` loadable with `AutoModelForCausalLM.from_pretrained`.
 
@@ -368,16 +385,8 @@ def write_hf_ensemble(folder: str | os.PathLike, copy_experts: bool = False) -> 
         cfg["experts"] = [_relative(d, folder) for d in experts]
     write_json(folder / ENSEMBLE_FILE, cfg)
 
-    first = read_json(experts[0] / "config.json")
-    max_length = int(first.get("max_position_embeddings") or 1024)
-    config = CBTMEnsembleConfig(
-        ensemble_kind=cfg.get("kind"), num_experts=len(experts), top_k=cfg.get("top_k"),
-        vocab_size=int(first["vocab_size"]), max_position_embeddings=max_length,
-        bos_token_id=first.get("bos_token_id"), eos_token_id=first.get("eos_token_id"),
-        pad_token_id=first.get("pad_token_id"), architectures=[CBTMEnsembleForCausalLM.__name__],
-        auto_map={"AutoConfig": "configuration_cbtm_ensemble.CBTMEnsembleConfig",
-                  "AutoModelForCausalLM": "modeling_cbtm_ensemble.CBTMEnsembleForCausalLM"},
-    )
+    config = ensemble_config(folder, cfg)
+    max_length = config.max_position_embeddings
     config.save_pretrained(folder)
     GenerationConfig(bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id,
                      pad_token_id=config.pad_token_id).save_pretrained(folder)

@@ -59,7 +59,8 @@ class WriteModelCards(Stage):
         written = {}
         for name, folder in folders.items():
             kind = "moe-merged" if name == "moe_merged" else model_kind(name)
-            card = ModelCard(name=name, kind=kind, run=run, budget=budget, training=_json_or_none(folder, "training.json"),
+            card = ModelCard(name=name, kind=kind, run=run, budget=budget,
+                             training=_json_or_none(folder, "training.json"),
                              perplexity=perplexity.get(name), dense_perplexity=perplexity.get("dense"),
                              fewshot=fewshot.get(name) or None, clusters=clusters)
             if kind == "expert":

@@ -178,15 +178,12 @@ class CBTMLM(TemplateLM):
             if self.kind == "hf":
                 self._hf = self.model.model
             else:
-                from experts.hf_ensemble import CBTMEnsembleConfig, CBTMEnsembleForCausalLM
+                from experts.hf_ensemble import CBTMEnsembleConfig, CBTMEnsembleForCausalLM, ensemble_config
 
-                cfg_file = self.folder / "config.json"
-                if cfg_file.is_file() and read_json(cfg_file).get("model_type") == CBTMEnsembleConfig.model_type:
+                if (self.folder / "config.json").is_file():
                     config = CBTMEnsembleConfig.from_pretrained(self.folder)
                 else:  # an ensemble folder written before ensembles were HF models
-                    tok = self.tokenizer
-                    config = CBTMEnsembleConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                                                eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+                    config = ensemble_config(self.folder, read_json(self.folder / "ensemble.json"))
                 self._hf = CBTMEnsembleForCausalLM(config, ensemble=self.model, folder=self.folder)
         return self._hf
 

@@ -63,8 +63,9 @@ def offline(monkeypatch):
 
 def _evaluate(folder, task_dir, tasks=(MC, GEN, PPL)):
     return lm_eval.simple_evaluate(model="cbtm", model_args=f"pretrained={folder},device=cpu", tasks=list(tasks),
-                                   task_manager=TaskManager(include_path=str(task_dir), include_defaults=False), batch_size=4,
-                                   log_samples=True, random_seed=0, numpy_random_seed=0, torch_random_seed=0)
+                                   task_manager=TaskManager(include_path=str(task_dir), include_defaults=False),
+                                   batch_size=4, log_samples=True, random_seed=0, numpy_random_seed=0,
+                                   torch_random_seed=0)
 
 
 def _ll_requests(lm, docs):
@@ -149,4 +150,5 @@ def test_cli_knows_cbtm_and_reports_bad_input_in_one_line(task_dir):
            "pretrained=/nonexistent", "--device", "cpu", "--tasks", MC, "--include_path", str(task_dir)]
     bad = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2, bad.stderr[-3000:]
-    assert bad.stderr.strip().splitlines()[-1] == "cbtm-lm-eval: error: model_args pretrained=/nonexistent: no such folder"
+    last = bad.stderr.strip().splitlines()[-1]
+    assert last == "cbtm-lm-eval: error: model_args pretrained=/nonexistent: no such folder"
