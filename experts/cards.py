@@ -231,8 +231,7 @@ def has_weights(folder: Path) -> bool:
 def upload_files(folder: str | os.PathLike) -> list[str]:
     """Paths (relative, sorted) that `HfApi.upload_folder(folder, ignore_patterns=UPLOAD_IGNORE)` sends: the same
     filter huggingface_hub applies (its default ignores plus the pipeline's stamps)."""
-    from huggingface_hub.utils import filter_repo_objects
-    from huggingface_hub.utils._paths import DEFAULT_IGNORE_PATTERNS
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
     folder = Path(folder)
     files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("**/*") if p.is_file())
