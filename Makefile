@@ -7,7 +7,10 @@ BIN := $(VENV)/bin
 # One OpenMP thread per process unless set: concurrent processes must not oversubscribe a small machine.
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: install install-dev demo test clean
+# transformers 4.45.0 (experts.compat.MIN_TRANSFORMERS) in a venv of its own: the tests load saved folders with it
+VENV_MIN ?= .venv-min
+
+.PHONY: install install-dev venv-min demo test clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,15 +28,22 @@ $(VENV)/.installed-dev: $(BIN)/python setup.cfg
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $@
 
+$(VENV_MIN)/.installed:
+	$(PYTHON) -m venv $(VENV_MIN)
+	$(VENV_MIN)/bin/pip install -q "$(TORCH)" transformers==4.45.0
+	touch $@
+
 install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
+venv-min: $(VENV_MIN)/.installed
+
 demo: install
 	$(BIN)/luigi --module pipeline RunAll --local-scheduler
 
-test: install-dev
-	$(BIN)/python -m pytest -q
+test: install-dev venv-min
+	CBTM_MIN_TRANSFORMERS_PYTHON=$(VENV_MIN)/bin/python $(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) $(VENV_MIN) runs

@@ -201,6 +201,8 @@ def save_merged_model(model, tokenizer_dir, out_dir, meta_name: str, meta: dict)
     """`save_pretrained` the model, the tokenizer of `tokenizer_dir` and `meta_name` (JSON) into out_dir, atomically."""
     from transformers import AutoTokenizer
 
+    from experts.compat import make_portable
+
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
@@ -208,5 +210,6 @@ def save_merged_model(model, tokenizer_dir, out_dir, meta_name: str, meta: dict)
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(tmp)
         except Exception as e:  # noqa: BLE001
             log.warning("no tokenizer copied from %s: %s", tokenizer_dir, e)
+        make_portable(tmp)
         write_json(tmp / meta_name, meta)
     return out_dir

@@ -43,6 +43,8 @@ def train_tokenizer(
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from experts.compat import make_portable
+
     if vocab_size < 256 + 3:
         raise InputError(f"--vocab-size {vocab_size} is too small: byte-level BPE needs at least 259 entries")
     tok = Tokenizer(models.BPE())
@@ -65,6 +67,7 @@ def train_tokenizer(
     )
     with atomic_dir(out_dir) as tmp:
         fast.save_pretrained(tmp)
+        make_portable(tmp)  # a tokenizer class that transformers 4.x knows too (experts.compat)
     log.info("tokenizer: %d docs, vocab %d -> %s", n_docs[0], len(fast), out_dir)
     return fast
 

@@ -1280,10 +1280,13 @@ def train_model(
     if fsdp and kept != state["step"] and rank == 0:
         full_state = _tied_like(full_state, best_weights)
     if rank == 0:
+        from experts.compat import make_portable
+
         with atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp, state_dict=full_state)
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
+            make_portable(tmp)  # use_cache back on, files that older transformers read (experts.compat)
             write_json(tmp / "training.json", result)
         shutil.rmtree(ckpt, ignore_errors=True)
         log.info("trained %s: %d steps, %d tokens, %.1f s, final loss %.4f, valid %s", out_dir, result["steps"],

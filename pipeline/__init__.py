@@ -23,8 +23,11 @@ Read in order, this is the table of contents (stage → library function → out
     MakeDomainTask      tasks.fewshot.make_task_from_corpus      task-domains-<h>/
     EvaluateFewShot     tasks.fewshot.evaluate_fewshot           eval-<h>/fewshot/<task>/<model>.json
     Report              tasks.report.write_report                report-<h>/ (+ <run_dir>/report.{json,md})
-    RunAll              (wrapper: Report and everything upstream)
+    WriteModelCards     experts.cards.write_model_card           README.md in every model folder (+ cards-<h>/)
+    RunAll              (wrapper: Report, WriteModelCards and everything upstream)
     Study               tasks.study.write_study                  study-<h>/ (+ <run_dir>/study.{json,md}): a grid of RunAlls
+
+With --slurm-enabled, the stages that use GPUs run as Slurm jobs (pipeline/slurm.py); Luigi still schedules.
 """
 from pipeline.base import install_log_filter
 from pipeline.corpus import WriteDemoCorpus, PrepareCorpus
@@ -35,11 +38,13 @@ from pipeline.merging import MergeExperts, FinetuneMoE
 from pipeline.evaluation import EvaluatePerplexity, MakeDomainTask, EvaluateFewShot
 from pipeline.report import Report, RunAll
 from pipeline.study import Study
+from pipeline.cards import WriteModelCards
+from pipeline.slurm import slurm  # the [slurm] settings (--slurm-enabled ...): stages as Slurm jobs
 
 install_log_filter()
 
 __all__ = [
     "WriteDemoCorpus", "PrepareCorpus", "EmbedCorpus", "FitClusters", "AssignClusters", "DescribeClusters",
     "TrainTokenizer", "TokenizeCorpus", "ShardCorpus", "TrainSeed", "TrainExpert", "TrainExperts", "TrainDense", "MergeExperts",
-    "FinetuneMoE", "EvaluatePerplexity", "MakeDomainTask", "EvaluateFewShot", "Report", "RunAll", "Study",
+    "FinetuneMoE", "EvaluatePerplexity", "MakeDomainTask", "EvaluateFewShot", "Report", "WriteModelCards", "RunAll", "Study",
 ]

@@ -293,7 +293,9 @@ class Stage(RunParams, luigi.Task):
     @property
     def resources(self) -> dict:
         """GPU stages take `gpu_units()` of the scheduler's `[resources] gpu`; on --device cpu they take none."""
-        units = self.gpu_units() if self.gpu_stage and self.device != "cpu" else 0
+        from pipeline.slurm import slurm  # with Slurm, the cluster's scheduler hands out the GPUs
+
+        units = self.gpu_units() if self.gpu_stage and self.device != "cpu" and not slurm().enabled else 0
         return {"gpu": units} if units else {}
 
     def gpu_count(self) -> int:
@@ -395,10 +397,16 @@ class Stage(RunParams, luigi.Task):
         }
 
     def run(self) -> None:
+        from pipeline.slurm import run_as_job, runs_as_job
+
+        if runs_as_job(self):  # --slurm-enabled: this stage runs as a Slurm job (pipeline/slurm.py)
+            run_as_job(self)
+            return
         t0 = time.time()
         log.info("%s → %s", self.task_id, self.out_path())
         stamp = {**self.config(), "inputs_run_ids": {str(t.out_path()): t.run_id() for t in self._inputs()},
                  "run_id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
+                 "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)), "started_unix": t0}
         final = self.out_path()
         if self.output_file and self.stamp_path().exists():
@@ -416,7 +424,7 @@ class Stage(RunParams, luigi.Task):
             else:
                 write_json(work / "stage.json", stamp)
         _append_log(Path(self.run_dir), {k: stamp[k] for k in ("stage", "task_id", "hash", "run_id", "host", "pid",
-                                                                "started", "wall_time_s")}
+                                                                "slurm_job_id", "started", "wall_time_s")}
                     | {"output": str(final)})
         log.info("%s done in %.1f s", self.task_family, stamp["wall_time_s"])
 

@@ -21,7 +21,8 @@ _METHOD_PARAMS = {  # what each method's output depends on, beyond the experts
 
 
 class MergeExperts(Stage):
-    """method=ensemble|posterior → `merged-<h>/<method>/ensemble.json` (`experts.ensemble.save_ensemble_config`);
+    """method=ensemble|posterior → `merged-<h>/<method>/ensemble.json` (`experts.ensemble.save_ensemble_config`)
+    made a Hugging Face model folder by `experts.hf_ensemble.write_hf_ensemble`;
     average → `experts.average.average_experts`; moe → `experts.moe.build_moe`, both `save_pretrained` folders.
     `ensemble_top_k` ('' = --top-k) lets the evaluation build the top-1/2/all variants of the c-BTM ensemble."""
 
@@ -87,6 +88,10 @@ class MergeExperts(Stage):
             build_moe(expert_dirs, out, seed_dir=self.input_path(r["seed"]), router_init=self.router_init,
                       top_k=min(self.moe_top_k, self.num_clusters), centroids=centroids,
                       cluster_texts=self._cluster_texts() if self.router_init != "random" else None, seed=self.seed)
+        if self.method in ("ensemble", "posterior"):  # loadable with AutoModelForCausalLM (experts.hf_ensemble)
+            from experts.hf_ensemble import write_hf_ensemble
+
+            write_hf_ensemble(out)
         return {"method": self.method, "experts": expert_dirs}
 
     def _cluster_texts(self, per_cluster: int = 32) -> list[list[str]]:

@@ -94,7 +94,7 @@ def _training_json(path: Path) -> dict:
 
 
 class RunAll(RunParams, luigi.WrapperTask):
-    """Everything: corpus → clusters → seed → experts + dense → merges → evaluations → report.
+    """Everything: corpus → clusters → seed → experts + dense → merges → evaluations → report and model cards.
 
     `luigi --module pipeline RunAll --local-scheduler` runs the built-in demo with the defaults of luigi.cfg.
     """
@@ -105,4 +105,6 @@ class RunAll(RunParams, luigi.WrapperTask):
         self.validate()
 
     def requires(self):
-        return self.clone(Report)
+        from pipeline.cards import WriteModelCards
+
+        return [self.clone(Report), self.clone(WriteModelCards)]

@@ -242,6 +242,9 @@ class TrainSeed(_TrainStage):
         model = init if self.seed_model == "scratch" else load_causal_lm(init, load_tokenizer=False)[0]
         model.save_pretrained(out)
         load_tokenizer(tokenizer_dir).save_pretrained(out)
+        from experts.compat import make_portable
+
+        make_portable(out)
         info = {"tokens_seen": 0, "steps": 0, "wall_time_s": 0.0, "gpu_hours": 0.0, "note": "no seed phase"}
         write_json(out / "training.json", info)
         return info

@@ -76,11 +76,11 @@ def test_run_all_end_to_end(tiny_corpus, tmp_path):
     assert _build(params) == []
     assert _mtimes(run_dir) == before
 
-    # changing an evaluation parameter reruns only evaluations and the report
+    # changing an evaluation parameter reruns only evaluations, the report and the model cards (which quote them)
     n_log = len(read_stage_log(run_dir))
     _build({**params, "fewshot_seeds": "13"})
     rerun = {r["stage"] for r in read_stage_log(run_dir)[n_log:]}
-    assert rerun == {"EvaluateFewShot", "Report"}
+    assert rerun == {"EvaluateFewShot", "Report", "WriteModelCards"}
 
     # --force-stage reruns that stage and everything downstream of it, in the same folders
     n_log = len(read_stage_log(run_dir))

@@ -1,0 +1,278 @@
+"""Model cards (README.md) for the model folders of a run, and pushing any such folder to the Hugging Face Hub.
+
+`write_model_card(folder, card)` writes `folder/README.md` from a `ModelCard`: what the model is (an expert of
+cluster j with its top terms and size, the seed, the dense baseline, a parameter merge, the BTX MoE, a c-BTM or
+BTM ensemble), its training (tokens, steps, the run's compute budget), its evaluation figures, and how to load it
+(transformers, lm-eval). `push_folder(folder, repo_id)` uploads a folder as it is (card, weights, tokenizer,
+training.json); an ensemble folder is first exported self-contained (its experts copied in); `dry_run=True` returns
+the files that would be uploaded without contacting the hub.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from corpus.io import InputError, atomic_file
+
+KIND_TITLES = {
+    "seed": "seed model",
+    "dense": "dense baseline",
+    "expert": "expert",
+    "average": "parameter average of the experts (BTM)",
+    "merge": "parameter merge of the experts",
+    "moe-merged": "BTX mixture-of-experts, before finetuning",
+    "moe": "BTX mixture-of-experts",
+    "ensemble": "c-BTM sparse ensemble",
+    "posterior": "BTM posterior ensemble",
+}
+# pipeline stamps (local paths, host names) and hidden files stay home
+UPLOAD_IGNORE = ["stage.json", "*/stage.json", "*.stage.json", ".*", "*/.*"]
+
+
+@dataclass
+class ModelCard:
+    """What a card says about one model folder of a run (fields left None are omitted from the card)."""
+
+    name: str  # the model's name in the run: expert_003, dense, ensemble_top2, ...
+    kind: str  # a key of KIND_TITLES
+    run: dict = field(default_factory=dict)  # run parameters: corpus, num_clusters, model_size, seed_model, ...
+    budget: dict | None = None  # experts.train.compute_budget of the run
+    training: dict | None = None  # the folder's training.json (tokens_seen, steps, wall_time_s, final_loss, ...)
+    cluster: dict | None = None  # an expert's cluster: cluster_id, size, fraction, top_terms, majority_label
+    clusters: list[dict] | None = None  # every cluster of the run (ensembles, merges, MoE: one expert each)
+    routing: dict | None = None  # an ensemble's ensemble.json (top_k, temperature, route_every, prior, ...)
+    perplexity: dict | None = None  # {"valid": evaluate_perplexity result, "test": ...}
+    dense_perplexity: dict | None = None  # the dense baseline's, for the compute-matched comparison
+    fewshot: dict | None = None  # {task: evaluate_fewshot result}
+    method: dict | None = None  # a merge's own metadata (average.json, moe.json, ...)
+    notes: list[str] = field(default_factory=list)
+
+
+def _fmt(x, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:,.{digits}f}"
+    if isinstance(x, int):
+        return f"{x:,}"
+    return str(x)
+
+
+def _what(card: ModelCard) -> str:
+    run, c = card.run, card.cluster
+    k = run.get("num_clusters")
+    seed = run.get("seed_model", "scratch")
+    seed_txt = f"a {run.get('model_size', '')} Llama trained from scratch" if seed == "scratch" else f"`{seed}`"
+    if card.kind == "expert" and c is not None:
+        terms = ", ".join(c.get("top_terms", [])[:10])
+        label = f"; most documents labelled `{c['majority_label']}`" if c.get("majority_label") else ""
+        return (f"Expert language model for cluster {c['cluster_id']} of {k} (c-BTM: Gururangan et al. 2023): "
+                f"branched from the run's seed model and trained only on the documents of that cluster "
+                f"({_fmt(c.get('size'))} training documents, {_fmt(100 * c.get('fraction', 0), 1)}% of the corpus"
+                f"{label}). Top terms of the cluster: {terms}.")
+    if card.kind == "seed":
+        return (f"Seed model of the run (BTM's seed phase): {seed_txt}, trained on the whole corpus for "
+                f"{_fmt(run.get('seed_fraction'))} of the token budget; every expert and the dense baseline branch "
+                "from it.")
+    if card.kind == "dense":
+        return ("Compute-matched dense baseline: the seed model trained on the whole corpus for as many tokens as "
+                "all experts together (seed + dense = seed + Σ experts = the run's budget).")
+    if card.kind in ("average", "merge"):
+        return (f"{KIND_TITLES[card.kind].capitalize()}: one model of the experts' shape whose weights merge the "
+                f"{k} experts' weights (method metadata below); no training of its own.")
+    if card.kind in ("moe", "moe-merged"):
+        extra = (" then finetuned on all clusters with the load-balancing loss (extra tokens beyond the "
+                 "compute-matched budget, listed below)." if card.kind == "moe" else "; not yet finetuned.")
+        return (f"Branch-Train-MiX (Sukhbaatar et al. 2024): the {k} experts' feed-forward layers as the experts "
+                f"of a Mixtral-style MoE (attention and embeddings averaged), router initialised from "
+                f"`{run.get('router_init')}`" + extra)
+    if card.kind == "ensemble":
+        r = card.routing or {}
+        return (f"c-BTM sparse ensemble (Gururangan et al. 2023) of the run's {k} experts: each prefix is embedded "
+                f"by the clustering's embedder, the top_k = {r.get('top_k')} experts of the nearest centroids are "
+                f"mixed with weights softmax(−d²/T), T = {r.get('temperature')}, recomputed every "
+                f"{r.get('route_every')} tokens. Only the routed experts run. Not a single network: it loads with "
+                "the cbtm package (below).")
+    if card.kind == "posterior":
+        r = card.routing or {}
+        return (f"BTM ensemble (Li et al. 2022) of the run's {k} experts weighted by the domain posterior "
+                f"p(j | prefix) (prior `{r.get('prior')}`, top_k = {r.get('top_k')}); every expert scores the "
+                "prefix. Loads with the cbtm package (below).")
+    return KIND_TITLES.get(card.kind, card.kind)
+
+
+def _training(card: ModelCard) -> list[str]:
+    t, b = card.training, card.budget
+    lines = []
+    if t:
+        lines += ["| tokens seen | steps | wall time | device | final train loss | valid loss | parameters |",
+                  "|---|---|---|---|---|---|---|",
+                  f"| {_fmt(t.get('tokens_seen'))} | {_fmt(t.get('steps'))} | {_fmt(t.get('wall_time_s'), 0)} s "
+                  f"| {t.get('device', '–')} | {_fmt(t.get('final_loss'), 3)} | {_fmt(t.get('valid_loss'), 3)} "
+                  f"| {_fmt(t.get('n_params'))} |", ""]
+    if b:
+        lines.append(f"Compute budget of the run (compute matching): {_fmt(b.get('train_tokens'))} training tokens "
+                     f"in all = seed {_fmt(b.get('seed_tokens'))} + {b.get('n_clusters')} experts × "
+                     f"{_fmt(b.get('expert_tokens'))} = seed + dense {_fmt(b.get('dense_tokens'))}. A token is one "
+                     "token of the run's tokenizer seen by one forward/backward pass.")
+        lines.append("")
+        if card.kind == "moe" and t:
+            lines.append(f"The MoE's {_fmt(t.get('tokens_seen'))} finetuning tokens come on top of that budget.")
+    if not t and card.kind in ("ensemble", "posterior", "average", "merge", "moe-merged"):
+        lines.append("No training of its own: built from the trained experts.")
+    return lines
+
+
+def _evaluation(card: ModelCard) -> list[str]:
+    lines = []
+    p = card.perplexity or {}
+    if p:
+        lines += ["| split | perplexity | bits per byte | tokens | documents |", "|---|---|---|---|---|"]
+        for split in ("valid", "test"):
+            o = (p.get(split) or {}).get("overall") or p.get(split) or {}
+            if o:
+                lines.append(f"| {split} | {_fmt(o.get('perplexity'), 3)} | {_fmt(o.get('bits_per_byte'), 4)} | "
+                             f"{_fmt(o.get('n_tokens'))} | {_fmt(o.get('n_docs'))} |")
+        dense = ((card.dense_perplexity or {}).get("test") or {}).get("perplexity")
+        mine = (p.get("test") or {}).get("perplexity")
+        if dense and mine and card.kind != "dense":
+            lines += ["", f"Test perplexity {_fmt(mine, 3)} vs {_fmt(dense, 3)} for the compute-matched dense "
+                          f"baseline ({100 * (mine / dense - 1):+.1f}%)."]
+        per = (p.get("test") or {}).get("per_cluster") or {}
+        if per:
+            lines += ["", "Test perplexity per cluster: " + ", ".join(
+                f"{c}: {_fmt(v.get('perplexity') if isinstance(v, dict) else v, 2)}" for c, v in sorted(
+                    per.items(), key=lambda kv: int(kv[0])))]
+    for task, r in (card.fewshot or {}).items():
+        acc = r.get("accuracy") or {}
+        chance = ((r.get("baselines") or {}).get("random") or {}).get("accuracy")
+        cut = r.get("n_truncated_prompts")
+        lines += ["", f"Few-shot `{task}`: accuracy {_fmt(acc.get('mean'), 3)} ± {_fmt(acc.get('std'), 3)} over "
+                      f"seeds {r.get('seeds')}, {r.get('shots')} demonstrations asked"
+                      + (f" ({cut} prompts cut to fit the context)" if cut else "")
+                      + (f"; chance {_fmt(chance, 3)}" if chance is not None else "") + "."]
+    return lines or ["Not evaluated by the run."]
+
+
+def _loading(card: ModelCard) -> list[str]:
+    from experts.compat import MIN_TRANSFORMERS
+
+    ensemble = card.kind in ("ensemble", "posterior")
+    code = ["```python", "from transformers import AutoModelForCausalLM, AutoTokenizer"]
+    if ensemble:
+        code += ["import experts  # the cbtm package: registers the cbtm_ensemble model type",
+                 "", 'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")  # or trust_remote_code=True']
+    else:
+        code += ["", 'model = AutoModelForCausalLM.from_pretrained("path/to/this/folder")']
+    code += ['tokenizer = AutoTokenizer.from_pretrained("path/to/this/folder")',
+             'batch = tokenizer("The", return_tensors="pt")',
+             "out = model.generate(**batch, max_new_tokens=20, do_sample=True, top_p=0.9)",
+             "print(tokenizer.decode(out[0]))", "```", "",
+             "Evaluate with lm-evaluation-harness (cbtm installed with the `lm-eval` extra):", "",
+             "```", "cbtm-lm-eval run --model cbtm --model_args pretrained=path/to/this/folder --tasks <tasks>", "```"]
+    if ensemble:
+        code += ["", "Its experts are referenced by paths relative to this folder: keep the run folder together, or "
+                     "`model.save_pretrained(dst, copy_experts=True)` for a self-contained copy. Needs the cbtm "
+                     "package."]
+    else:
+        code += ["", f"Plain transformers folder: loads with transformers ≥ {MIN_TRANSFORMERS}, no cbtm package "
+                     "needed."]
+    return code
+
+
+def render_model_card(card: ModelCard) -> str:
+    """The README.md text: YAML metadata for the hub, then what / training / evaluation / loading."""
+    tags = ["c-btm", "branch-train-merge", card.kind] + (["mixture-of-experts"] if "moe" in card.kind else [])
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:"]
+    lines += [f"- {t}" for t in tags]
+    lines += ["---", "", f"# {card.name}: {KIND_TITLES.get(card.kind, card.kind)}", "", _what(card), ""]
+    if card.clusters and card.kind != "expert":
+        lines += ["## Experts", "", "| expert (cluster) | training documents | top terms |", "|---|---|---|"]
+        lines += [f"| {c['cluster_id']} | {_fmt(c.get('size'))} | {', '.join(c.get('top_terms', [])[:6])} |"
+                  for c in card.clusters]
+        lines.append("")
+    if card.method:
+        lines += ["## Method", "", "```json", _json(card.method), "```", ""]
+    lines += ["## Training", ""] + _training(card) + [""]
+    lines += ["## Evaluation", ""] + _evaluation(card) + [""]
+    r = card.run
+    lines += ["## Run", "", f"corpus `{r.get('corpus')}`, {r.get('num_clusters')} clusters ({r.get('embedder')} "
+              f"embedder, {r.get('clusterer')} k-means), seed model `{r.get('seed_model')}` "
+              f"({r.get('model_size')}), seed {r.get('seed')}. Made by the cbtm pipeline "
+              "(Cluster-Branch-Train-Merge).", ""]
+    lines += ["## How to load", ""] + _loading(card) + [""]
+    lines += card.notes
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _json(d: dict) -> str:
+    import json
+
+    return json.dumps(d, indent=2, default=str)
+
+
+def write_model_card(folder: str | os.PathLike, card: ModelCard) -> Path:
+    """Write `folder/README.md` (atomically) and return its path."""
+    path = Path(folder) / "README.md"
+    with atomic_file(path) as f:
+        f.write(render_model_card(card))
+    return path
+
+
+# ---- the hub ---------------------------------------------------------------------------------------------
+def has_weights(folder: Path) -> bool:
+    from experts.hf_ensemble import WEIGHT_FILES
+
+    return any((folder / w).is_file() for w in WEIGHT_FILES) or any(folder.glob("model-*.safetensors"))
+
+
+def upload_files(folder: str | os.PathLike) -> list[str]:
+    """Paths (relative, sorted) that `HfApi.upload_folder(folder, ignore_patterns=UPLOAD_IGNORE)` sends: the same
+    filter huggingface_hub applies (its default ignores plus the pipeline's stamps)."""
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+    folder = Path(folder)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("**/*") if p.is_file())
+    return list(filter_repo_objects(files, ignore_patterns=UPLOAD_IGNORE + DEFAULT_IGNORE_PATTERNS))
+
+
+def _check_pushable(folder: Path) -> None:
+    from experts.hf_ensemble import ENSEMBLE_FILE, _expert_dirs, check_ensemble_folder
+
+    if (folder / ENSEMBLE_FILE).is_file():
+        cfg = check_ensemble_folder(folder)
+        for d in _expert_dirs(folder, cfg):
+            if not has_weights(d):
+                raise InputError(f"push_to_hub: expert {d} of the ensemble {folder} holds no weights "
+                                 "(model.safetensors or pytorch_model.bin)")
+    elif not has_weights(folder):
+        raise InputError(f"push_to_hub: {folder} holds no weights (model.safetensors or pytorch_model.bin); "
+                         "push a model folder of the run")
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None, token=None,
+                commit_message: str | None = None, dry_run: bool = False):
+    """Upload a model folder of a run to the hub repo `repo_id` (created if needed). An ensemble folder is exported
+    self-contained first (experts copied in). dry_run=True: only the checks, returning `upload_files` of what
+    would be uploaded (nothing is sent). Otherwise returns huggingface_hub's commit info."""
+    from experts.hf_ensemble import ENSEMBLE_FILE, export_ensemble
+
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"push_to_hub: no such folder {folder}")
+    _check_pushable(folder)
+    with tempfile.TemporaryDirectory(prefix="cbtm-push-") as tmp:
+        staged = folder
+        if (folder / ENSEMBLE_FILE).is_file():
+            staged = export_ensemble(folder, Path(tmp) / folder.name, copy_experts=True)
+        files = upload_files(staged)
+        if dry_run:
+            return files
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(folder_path=str(staged), repo_id=repo_id, ignore_patterns=list(UPLOAD_IGNORE),
+                                 commit_message=commit_message or f"Upload {folder.name} (cbtm)")

@@ -1,0 +1,173 @@
+"""Stages as Slurm jobs, with Luigi still the scheduler: `--slurm-enabled` (or `[slurm] enabled = true`).
+
+A Luigi worker (on a login node, with the local scheduler or a central `luigid`) that reaches a stage to run
+submits it instead: `sbatch` runs `python -m pipeline.slurm <spec>` in a job with the stage's resources, the
+job reconstructs the stage from its parameters (`Task.from_str_params`) and calls its `run()` (the same
+outputs, stamp and `stage_log.jsonl` line, which names the job: `slurm_job_id`), and the worker waits for the
+job and reports its exit. `--workers N` is how many jobs are in flight at once; dependencies, completeness
+and resuming stay Luigi's. A worker killed while waiting cancels its job (`scancel`).
+
+Which stages: `stages = gpu` (default) submits the stages that use GPUs (training: seed, experts, dense, MoE
+finetuning; evaluations; the MoE merge with hidden-state routers) and runs the light ones in the worker;
+`stages = all` submits every stage. A GPU job asks for `--gres=<gres>:<gpu_count()>` (none with --device cpu).
+
+Why not b2luigi's Slurm batch system: its `SendJobWorker` needs b2luigi task classes (it calls
+`task.has_grouped_params()`), and each job re-runs the submitting script (`__main__.__file__ --batch-runner
+--task-id ...`), which `luigi --module pipeline ...` is not; our stages would have to change base class and
+entry point. Here a stage needs nothing but its parameters, which Luigi already serialises.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import luigi
+
+from corpus.io import InputError, read_json, write_json
+
+log = logging.getLogger("luigi-interface")
+IN_JOB = "CBTM_SLURM_JOB"  # set inside the jobs this module submits: their stages run in place
+
+
+class slurm(luigi.Config):  # noqa: N801  (luigi names config sections after the class: [slurm], --slurm-*)
+    """Slurm settings: `[slurm]` in luigi.cfg or `--slurm-<name>` on the command line."""
+
+    enabled = luigi.BoolParameter(default=False, description="submit stages as Slurm jobs (sbatch)")
+    stages = luigi.ChoiceParameter(default="gpu", choices=["gpu", "all"],
+                                   description="gpu: the stages that use GPUs | all: every stage")
+    partition = luigi.Parameter(default="", description="sbatch --partition")
+    time = luigi.Parameter(default="", description="sbatch --time of each job, e.g. 24:00:00")
+    gres = luigi.Parameter(default="gpu", description="GPUs are asked as --gres=<gres>:<n>, e.g. gpu:h100")
+    cpus_per_gpu = luigi.IntParameter(default=0, description="sbatch --cpus-per-task = this × GPUs; 0: unset")
+    cpus = luigi.IntParameter(default=0, description="sbatch --cpus-per-task of jobs without GPUs; 0: unset")
+    mem = luigi.Parameter(default="", description="sbatch --mem, e.g. 64G")
+    sbatch_args = luigi.Parameter(default="", description="more sbatch arguments, e.g. '--account=x --qos=y'")
+    poll_s = luigi.FloatParameter(default=5.0, description="seconds between job state checks (scontrol)")
+
+
+def runs_as_job(stage) -> bool:
+    """Whether `stage.run()` submits the stage instead of running it here."""
+    cfg = slurm()
+    return cfg.enabled and not os.environ.get(IN_JOB) and (cfg.stages == "all" or bool(stage.gpu_stage))
+
+
+def job_gpus(stage) -> int:
+    return stage.gpu_count() if stage.gpu_stage and stage.device != "cpu" else 0
+
+
+def sbatch_command(stage, spec: Path, log_file: Path, cfg: slurm | None = None) -> list[str]:
+    """The sbatch command line that runs `python -m pipeline.slurm <spec>` for `stage`."""
+    cfg = cfg or slurm()
+    gpus = job_gpus(stage)
+    cmd = ["sbatch", "--parsable", f"--job-name=cbtm-{stage.task_family}", f"--output={log_file}",
+           f"--chdir={os.getcwd()}", f"--export=ALL,{IN_JOB}=1"]
+    if cfg.partition:
+        cmd.append(f"--partition={cfg.partition}")
+    if cfg.time:
+        cmd.append(f"--time={cfg.time}")
+    if gpus:
+        cmd.append(f"--gres={cfg.gres}:{gpus}")
+    cpus = cfg.cpus_per_gpu * gpus if gpus else cfg.cpus
+    if cpus:
+        cmd.append(f"--cpus-per-task={cpus}")
+    if cfg.mem:
+        cmd.append(f"--mem={cfg.mem}")
+    cmd += shlex.split(cfg.sbatch_args)
+    cmd.append("--wrap=" + shlex.join([sys.executable, "-m", "pipeline.slurm", str(spec)]))
+    return cmd
+
+
+def run_as_job(stage) -> str:
+    """Submit `stage` and wait for its job; returns the job id. A failed job raises with the end of its log
+    (an InputError inside the job comes back as the same one-line InputError)."""
+    cfg = slurm()
+    jobs = Path(stage.run_dir) / "slurm-jobs"
+    jobs.mkdir(parents=True, exist_ok=True)
+    name = f"{stage.task_id[:150]}-{uuid.uuid4().hex[:6]}"
+    spec, log_file = jobs / f"{name}.json", jobs / f"{name}.log"
+    write_json(spec, {"family": stage.task_family, "params": stage.to_str_params()})
+    cmd = sbatch_command(stage, spec, log_file, cfg)
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"sbatch failed for {stage.task_id}: {out.stderr.strip() or out.stdout.strip()}")
+    job_id = out.stdout.strip().split(";")[0]
+    log.info("%s → Slurm job %s (log %s)", stage.task_id, job_id, log_file)
+    state = _wait(job_id, cfg.poll_s)
+    if state != ("COMPLETED", "0:0"):
+        text = log_file.read_text(errors="replace") if log_file.is_file() else ""
+        errors = [line for line in text.splitlines() if "InputError:" in line]
+        if errors:
+            raise InputError(errors[-1].split("InputError:", 1)[1].strip())
+        tail = "\n".join(text.splitlines()[-30:])
+        raise RuntimeError(f"Slurm job {job_id} ({stage.task_id}) ended {state[0]} (exit {state[1]}); log "
+                           f"{log_file}:\n{tail}")
+    spec.unlink(missing_ok=True)
+    return job_id
+
+
+def _job_state(job_id: str) -> tuple[str, str] | None:
+    """(state, exit code) from `scontrol show job` (kept MinJobAge after the end), None if unknown."""
+    out = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True)
+    if out.returncode != 0:
+        return None
+    fields = dict(f.split("=", 1) for f in out.stdout.split() if "=" in f)
+    return fields.get("JobState", "UNKNOWN"), fields.get("ExitCode", "")
+
+
+def _wait(job_id: str, poll_s: float) -> tuple[str, str]:
+    """Poll the job until it ends; cancel it if this worker is interrupted or terminated."""
+    import time
+
+    done = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
+            "BOOT_FAIL", "DEADLINE"}
+    previous = signal.signal(signal.SIGTERM, _raise_exit) if _main_thread() else None
+    finished, unknown = False, 0
+    try:
+        while True:
+            state = _job_state(job_id)
+            unknown = unknown + 1 if state is None else 0
+            if (state is not None and state[0] in done) or unknown >= 5:  # 5 failed queries: the job is gone
+                finished = True
+                return state or ("UNKNOWN", "")
+            time.sleep(poll_s)
+    finally:
+        if not finished:
+            subprocess.run(["scancel", job_id], capture_output=True)
+            log.info("cancelled Slurm job %s", job_id)
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_exit(signum, frame):
+    raise SystemExit(128 + signum)
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Inside a job: rebuild the stage named by the spec file and run it here."""
+    import pipeline  # noqa: F401  (registers every stage with luigi)
+
+    spec = read_json(Path((argv or sys.argv[1:])[0]))
+    task = luigi.task_register.Register.get_task_cls(spec["family"]).from_str_params(spec["params"])
+    log.info("Slurm job %s runs %s", os.environ.get("SLURM_JOB_ID"), task.task_id)
+    try:
+        task.run()
+    except InputError as e:
+        print(f"InputError: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    main()

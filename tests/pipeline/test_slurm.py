@@ -1,0 +1,77 @@
+"""Stages as Slurm jobs: the sbatch command a stage gets, the job-side round trip of its parameters, and (opt-in,
+CBTM_TEST_SLURM=1 with slurm-wlm and munge installed, as root) a tiny RunAll on a real single-node Slurm."""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import luigi
+import pytest
+
+from pipeline import TrainExpert
+from pipeline.merging import MergeExperts
+from pipeline.slurm import IN_JOB, job_gpus, runs_as_job, sbatch_command, slurm
+from tests.pipeline.conftest import tiny_params
+
+
+@pytest.fixture
+def slurm_cfg():
+    cfg = luigi.configuration.get_config()
+    cfg.set("slurm", "enabled", "true")
+    yield cfg
+    cfg.remove_section("slurm")
+
+
+def _expert(tmp_path, **kw):
+    return TrainExpert(cluster_id=1, **tiny_params(tmp_path / "corpus", tmp_path / "run", **kw))
+
+
+def test_sbatch_command_asks_for_the_stage_resources(tmp_path, slurm_cfg):
+    slurm_cfg.set("slurm", "partition", "gpu")
+    slurm_cfg.set("slurm", "time", "12:00:00")
+    slurm_cfg.set("slurm", "cpus_per_gpu", "8")
+    slurm_cfg.set("slurm", "sbatch_args", "--account=lab --qos=high")
+    stage = _expert(tmp_path, device="cuda", gpus_per_expert=2)
+    cmd = sbatch_command(stage, tmp_path / "spec.json", tmp_path / "job.log")
+    assert cmd[0] == "sbatch" and "--parsable" in cmd
+    for arg in ("--partition=gpu", "--time=12:00:00", "--gres=gpu:2", "--cpus-per-task=16", "--account=lab",
+                "--qos=high", f"--export=ALL,{IN_JOB}=1", f"--output={tmp_path / 'job.log'}"):
+        assert arg in cmd, arg
+    wrapped = shlex.split(cmd[-1].split("=", 1)[1])
+    assert wrapped == [sys.executable, "-m", "pipeline.slurm", str(tmp_path / "spec.json")]
+    cpu = _expert(tmp_path, device="cpu")
+    assert job_gpus(cpu) == 0 and not any(a.startswith("--gres") for a in sbatch_command(cpu, Path("s"), Path("l")))
+    assert stage.resources == {}  # Slurm, not Luigi's [resources] gpu, hands out the GPUs
+
+
+def test_which_stages_become_jobs(tmp_path, slurm_cfg, monkeypatch):
+    expert = _expert(tmp_path)
+    light = MergeExperts(method="average", **tiny_params(tmp_path / "corpus", tmp_path / "run"))
+    assert runs_as_job(expert) and not runs_as_job(light)
+    slurm_cfg.set("slurm", "stages", "all")
+    assert runs_as_job(light)
+    monkeypatch.setenv(IN_JOB, "1")  # inside the job the stage runs in place
+    assert not runs_as_job(expert)
+    slurm_cfg.set("slurm", "enabled", "false")
+    monkeypatch.delenv(IN_JOB)
+    assert not runs_as_job(expert) and slurm().enabled is False
+
+
+def test_job_rebuilds_the_same_stage(tmp_path):
+    stage = _expert(tmp_path, top_k="all", temperature=0.3)
+    again = luigi.task_register.Register.get_task_cls(stage.task_family).from_str_params(stage.to_str_params())
+    assert again.task_id == stage.task_id and again.out_path() == stage.out_path()
+
+
+@pytest.mark.skipif(not (os.environ.get("CBTM_TEST_SLURM") and shutil.which("slurmctld") and os.geteuid() == 0),
+                    reason="opt-in: CBTM_TEST_SLURM=1, slurm-wlm and munge installed, run as root")
+def test_run_all_on_single_node_slurm(tmp_path):
+    script = Path(__file__).resolve().parents[2] / "bench" / "slurm_e2e.sh"
+    out = subprocess.run(["bash", str(script), str(tmp_path / "slurm")], capture_output=True, text=True,
+                         timeout=1800, env={**os.environ, "PYTHON": sys.executable})
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "OK: every expert and every other GPU stage ran as a COMPLETED Slurm job" in out.stdout
