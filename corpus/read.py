@@ -177,7 +177,7 @@ def _load(source: str, cache_dir: str, text_field: str = "text"):
             raise InputError(f"corpus folder {path} holds no .jsonl/.jsonl.gz/.parquet/.txt file")
     elif path.is_file():
         root, files = None, [path]
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise InputError(f"corpus path does not exist: {path}")
     else:
         return _load_hub(source, cache_dir), [source], "corpus"
@@ -235,7 +235,8 @@ def _dict_parts(dd, origin: str) -> dict:
     return parts
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """True when `source` reads as a local path (not a hub dataset name `org/name`)."""
     return (os.sep in source and source.count("/") != 1) or source.startswith((".", "~", "/")) or \
         any(source.lower().endswith(ext) for ext in _BUILDERS)
 
