@@ -1059,8 +1059,14 @@ def train_model(
                disable=rank != 0, mininterval=2.0)
     pending: list[tuple[int, Any]] = []
 
-    def flush_losses():
+    def flush_losses():  # the losses' one trip to the host; a non-finite one stops before any checkpoint of it
         for s, t in pending:
+            if not math.isfinite(float(t)):
+                pending.clear()
+                last = state["loss_curve"][-1][0] if state["loss_curve"] else 0
+                kept = f"last good checkpoint {ckpt} kept" if (ckpt / "trainer_state.json").is_file() else "no checkpoint yet"
+                raise InputError(f"training {out_dir} stopped: loss {float(t)} at step {s} (finite up to step {last}; "
+                                 f"{kept}); lower the learning rate or check the data")
             state["loss_curve"].append([s, float(t)])
         pending.clear()
 

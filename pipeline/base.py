@@ -21,6 +21,7 @@ import contextlib
 import glob as globlib
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -530,10 +531,12 @@ def _upstream_named_in(stage: "Stage", message: str) -> "Stage | None":
             continue
         seen.add(t.task_id)
         todo.extend(t._inputs())
-        path = str(t.out_path())
-        if t.task_family in _MODEL_STAGES and path in message and (best is None or len(path) > len(str(best.out_path()))):
-            best = t
-    return best
+        if t.task_family not in _MODEL_STAGES:
+            continue
+        for path in {str(t.out_path()), str(t.out_path().resolve())}:
+            if re.search(re.escape(path) + r"(?![\w.-])", message) and (best is None or len(path) > best[1]):
+                best = (t, len(path))
+    return best[0] if best else None
 
 
 def rebuild_command(stage: "Stage") -> str:
@@ -632,8 +635,6 @@ class _OneLineInputErrors(logging.Filter):
 
 
 def _error_file(task: "Stage") -> Path:
-    import re
-
     return Path(task.run_dir) / "errors" / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", task.task_id)[:200] + ".txt")
 
 
