@@ -31,11 +31,12 @@ from pipeline.training import TrainTokenizer, ShardCorpus, TrainSeed, TrainExper
 from pipeline.merging import MergeExperts, FinetuneMoE
 from pipeline.evaluation import EvaluatePerplexity, MakeDomainTask, EvaluateFewShot
 from pipeline.report import Report, RunAll
-from pipeline.cli import install_defaults, install_strict_flags
+from pipeline.cli import install_defaults, install_strict_flags, install_task_name_hook
 
 install_log_filter()
 install_defaults()  # exit codes and scheduler settings from code: the same from any folder
-install_strict_flags()  # no abbreviated flags (--num-cluster), one line for a bad flag
+install_strict_flags()  # no abbreviated flags (--num-cluster), one line for a bad flag or task name
+install_task_name_hook()
 
 __all__ = [
     "WriteDemoCorpus", "PrepareCorpus", "EmbedCorpus", "FitClusters", "AssignClusters", "DescribeClusters",

@@ -6,11 +6,12 @@
 - `--run-lock-wait SECONDS` (`pipeline.lock.run_lock`): wait for another run that holds the run folder.
 - Flags must be spelled out: luigi's command-line parser accepts any unambiguous prefix (`--num-cluster 8`
   would set --num-clusters); here an unknown or abbreviated flag stops the command with one line naming it and
-  the flags it may have meant, exit code 2.
+  the flags it may have meant, exit code 2; a misspelled task name is one line too (exit code 1).
 """
 from __future__ import annotations
 
 import difflib
+import os
 import sys
 
 import luigi
@@ -57,6 +58,32 @@ def install_strict_flags() -> None:
 
     strict_build_parser._cbtm_strict = True
     parser_cls._build_parser = staticmethod(strict_build_parser)
+
+
+def install_task_name_hook() -> None:
+    """A misspelled task name (`luigi --module pipeline RunAl`) makes luigi raise before its own error handling:
+    print one line naming the tasks there are instead of a traceback (exit code 1; CBTM_DEBUG=1 keeps it)."""
+    from luigi.task_register import TaskClassNotFoundException
+
+    previous = sys.excepthook
+    if getattr(previous, "_cbtm", False):
+        return
+
+    def hook(kind, value, tb):
+        if issubclass(kind, TaskClassNotFoundException) and not os.environ.get("CBTM_DEBUG"):
+            import pipeline
+
+            text = str(value).strip().splitlines()
+            head = text[0] if text else ""  # "No task RunAl. Did you mean:"
+            name = head[len("No task "):].split(". ")[0].rstrip(".") if head.startswith("No task ") else head
+            close = difflib.get_close_matches(name, pipeline.__all__, n=1)
+            hint = f"did you mean {close[0]}? " if close else ""
+            print(f"luigi: error: no task {name!r}; {hint}tasks: {', '.join(pipeline.__all__)}", file=sys.stderr)
+            return
+        previous(kind, value, tb)
+
+    hook._cbtm = True
+    sys.excepthook = hook
 
 
 def _flag_error(parser, message: str) -> None:

@@ -147,7 +147,17 @@ def hold_until_exit(run_dir: str | os.PathLike, wait: float = 0.0, shared: bool 
     if is_held(run_dir):
         return
     acquire(run_dir, wait=wait, shared=shared)
-    atexit.register(release, run_dir)
+    if not getattr(release_all, "_registered", False):
+        atexit.register(release_all)
+        release_all._registered = True
+
+
+def release_all() -> None:
+    """Release every lock this process took (at exit)."""
+    for key, held in list(_HELD.items()):
+        if held["pid"] == os.getpid():
+            held["depth"] = 1
+            release(key)
 
 
 # ---- helpers ------------------------------------------------------------------------------------------------

@@ -11,7 +11,7 @@ still to run need. `claimed(task)` does the same around a block, for programmati
 
 Stale temporaries: `.<name>.tmp-*` / `.<name>.old-*` (atomic writes cut short), and a training stage's
 `.<name>.partial*` (working folder, checkpoints) whose recorded inputs are no longer the inputs' current
-outputs (the same stage with unchanged inputs resumes from it instead).
+outputs, or whose working folder is gone (the same stage with unchanged inputs resumes from it instead).
 """
 from __future__ import annotations
 
@@ -81,7 +81,8 @@ def clean_stale(run_dir: str | os.PathLike, depth: int = 3) -> list[Path]:
             if e.name.startswith(".") and any(s in e.name for s in _STALE):
                 _remove(p)
                 removed.append(p)
-            elif e.name.startswith(".") and e.name.endswith(".partial-inputs.json") and _partial_is_stale(p, run_dir):
+            elif e.name.startswith(".") and e.name.endswith(".partial-inputs.json") and (
+                    not (folder / e.name[: -len("-inputs.json")]).is_dir() or _partial_is_stale(p, run_dir)):
                 stem = e.name[: -len("-inputs.json")]  # .<name>.partial
                 for q in folder.glob(f"{stem}*"):
                     _remove(q)

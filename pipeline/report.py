@@ -157,8 +157,8 @@ def publish_report(run: RunParams) -> None:
     md = (f"{title}\n\nThe last completed `RunAll` in this folder, published {report['run']['published']['at']}: "
           f"results of `{key['report']}/` (report run id `{key['report_run_id']}`, written "
           f"{report['run']['published']['report_written']}).\n{rest}")
-    with atomic_file(Path(run.run_dir) / "report.json") as f:
-        json.dump(report, f, indent=2)
-        f.write("\n")
     with atomic_file(Path(run.run_dir) / "report.md") as f:
         f.write(md)
+    with atomic_file(Path(run.run_dir) / "report.json") as f:  # last: report.json says which run is published
+        json.dump(report, f, indent=2)
+        f.write("\n")
