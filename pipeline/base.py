@@ -283,6 +283,10 @@ def _check_names_and_paths(p: RunParams) -> None:
     if p.embedder == "encoder" and p.encoder_model and looks_like_path(p.encoder_model) \
             and not Path(p.encoder_model).expanduser().is_dir():
         raise InputError(f"--encoder-model {p.encoder_model}: no such folder")
+    for spec in p.task_list:
+        if spec != "domains" and not spec.startswith("hf:") and (os.sep in spec or "/" in spec) \
+                and not Path(spec).expanduser().is_dir():
+            raise InputError(f"--tasks {spec}: no such task folder")
     unknown = sorted(_names(p.force_stage) - set(_stage_families()))
     if unknown:
         raise InputError(f"--force-stage {', '.join(unknown)}: not a stage; stages: {', '.join(_stage_families())}")
@@ -429,7 +433,7 @@ class Stage(RunParams, luigi.Task):
         final = self.out_path()
         if self.output_file and self.stamp_path().exists():
             self.stamp_path().unlink()  # the stamp is the completion marker: written last, removed first
-        with self._workdir(final, stamp["inputs_run_ids"]) as work, self._naming_corrupt_inputs():
+        with self._clear_failures(), self._workdir(final, stamp["inputs_run_ids"]) as work:
             info = self.build(work)
             stamp["wall_time_s"] = round(time.time() - t0, 3)
             stamp["result"] = info if isinstance(info, dict) else None
@@ -481,9 +485,12 @@ class Stage(RunParams, luigi.Task):
                 yield tmp
 
     @contextlib.contextmanager
-    def _naming_corrupt_inputs(self) -> Iterator[None]:
-        """An InputError that names a model folder made by an upstream training or merge stage (non-finite or
-        unreadable weights) gets the command that rebuilds just that stage."""
+    def _clear_failures(self) -> Iterator[None]:
+        """Failures the user can act on, in one line: an InputError that names a model folder made by an upstream
+        training or merge stage (non-finite or unreadable weights) gets the command that rebuilds just that
+        stage; a full or read-only run folder is named as such (a rerun resumes)."""
+        import errno
+
         try:
             yield
         except InputError as e:
@@ -491,6 +498,16 @@ class Stage(RunParams, luigi.Task):
             if culprit is None or "luigi --module pipeline" in str(e):
                 raise
             raise type(e)(f"{e}; rebuild it with: {rebuild_command(culprit)}") from None
+        except (OSError, RuntimeError) as e:  # libraries writing files themselves raise RuntimeError("... (os error 28)")
+            codes = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+            texts = [os.strerror(c) for c in codes]
+            reason = os.strerror(e.errno) if getattr(e, "errno", None) in codes else \
+                next((t for t in texts if t in str(e)), None)
+            if reason is None:
+                raise
+            raise InputError(f"--run-dir {self.run_dir}: {reason} while {self.task_family} wrote "
+                             f"{getattr(e, 'filename', None) or self.out_path()}; free space (or make it writable) "
+                             "and run again: finished stages are kept") from None
 
     def on_failure(self, exception):
         if isinstance(exception, InputError):

@@ -45,6 +45,7 @@ def claim_for_command_line(task) -> None:
     import luigi.interface
 
     local = bool(luigi.interface.core().local_scheduler)
+    check_tasks(task)
     hold_until_exit(task.run_dir, wait=run_lock().wait, shared=not local)
     if local:
         clean_stale(task.run_dir)
@@ -54,10 +55,25 @@ def claim_for_command_line(task) -> None:
 @contextlib.contextmanager
 def claimed(task, wait: float = 0.0) -> Iterator:
     """Hold `task.run_dir` exclusively for the block, after cleaning stale temporaries and checking disk space."""
+    check_tasks(task)
     with run_dir_lock(task.run_dir, wait=wait):
         clean_stale(task.run_dir)
         check_disk(task)
         yield task
+
+
+def check_tasks(task) -> None:
+    """Every few-shot task given by folder or name loads now (its files, its labels), not after the training."""
+    specs = [t for t in getattr(task, "task_list", []) if t != "domains" and not t.startswith("hf:")]
+    if not specs or not any(t.task_family == "EvaluateFewShot" for t in _graph(task)):
+        return
+    from tasks.fewshot import load_task
+
+    for spec in specs:
+        try:
+            load_task(spec)
+        except InputError as e:
+            raise InputError(f"--tasks {spec}: {e}") from None
 
 
 # ---- stale temporaries ----------------------------------------------------------------------------------------
@@ -139,17 +155,10 @@ def estimate_disk(task) -> tuple[int, dict]:
     and one training checkpoint at a time (weights and AdamW moments: 3× a model)."""
     from pipeline.base import Stage
 
-    stages, seen, todo = {}, set(), [task]
-    while todo:
-        t = todo.pop()
-        if t.task_id in seen:
-            continue
-        seen.add(t.task_id)
+    stages: dict[str, list] = {}
+    for t in _graph(task):
         if isinstance(t, Stage):
             stages.setdefault(t.task_family, []).append(t)
-        import luigi
-
-        todo.extend(luigi.task.flatten(t.requires()))
     memo: dict = {}
     todo_stages = {f: [t for t in ts if not t._fresh(memo)] for f, ts in stages.items()}
     text = _corpus_bytes(task)
@@ -167,6 +176,21 @@ def estimate_disk(task) -> tuple[int, dict]:
         "checkpoints": 3 * model if n_models else 0,
     }
     return sum(parts.values()), parts
+
+
+def _graph(task) -> list:
+    """`task` and every task upstream of it, once each."""
+    import luigi
+
+    out, seen, todo = [], set(), [task]
+    while todo:
+        t = todo.pop()
+        if t.task_id in seen:
+            continue
+        seen.add(t.task_id)
+        out.append(t)
+        todo.extend(luigi.task.flatten(t.requires()))
+    return out
 
 
 def _corpus_bytes(task) -> int:

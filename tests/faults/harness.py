@@ -51,7 +51,7 @@ class Result:
 
     @property
     def error_lines(self) -> list[str]:
-        return [line for line in self.out.splitlines() if "Error:" in line or line.startswith("luigi: error")]
+        return [line for line in self.out.splitlines() if "InputError: " in line or line.startswith("luigi: error:")]
 
 
 def flags(params: dict) -> list[str]:
