@@ -320,12 +320,12 @@ class Stage(RunParams, luigi.Task):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.validate()
-        from pipeline.preflight import claim_for_command_line
-
-        claim_for_command_line(self)  # a stage run alone from the command line: lock, clean, check disk
         # --force-stage: this instance counts as complete only with a stamp written after it was created, so
         # the stage reruns once per invocation; the old output stays in place until the new one replaces it
         self._forced_since = time.time() if self.task_family in _names(self.force_stage) else None
+        from pipeline.preflight import claim_for_command_line
+
+        claim_for_command_line(self)  # a stage run alone from the command line: lock, clean, check disk
 
     # ---- paths and hashes ------------------------------------------------------------------------------
     @property

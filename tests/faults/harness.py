@@ -59,8 +59,9 @@ def flags(params: dict) -> list[str]:
 
 
 def run_cli(args: list[str], cwd: Path, kill: Kill | None = None, count_to: Path | None = None,
-            checkpoint_every: int | None = None, timeout: float = 600) -> Result:
-    """`luigi --module pipeline <args>` in a forked child (module doc); returns its exit code and output."""
+            checkpoint_every: int | None = None, setup=None, timeout: float = 600) -> Result:
+    """`luigi --module pipeline <args>` in a forked child (module doc); returns its exit code and output.
+    `setup()` runs in the child first (a test's fault injection)."""
     log = Path(cwd) / f".luigi-out-{os.getpid()}-{len(list(Path(cwd).glob('.luigi-out-*')))}.txt"
     pid = os.fork()
     if pid == 0:  # child
@@ -75,6 +76,8 @@ def run_cli(args: list[str], cwd: Path, kill: Kill | None = None, count_to: Path
             _fresh_luigi()
             if checkpoint_every:
                 _checkpoint_every(checkpoint_every)
+            if setup is not None:
+                setup()
             if kill is not None or count_to is not None:
                 _install_hooks(kill, count_to)
             from luigi.retcodes import run_with_retcodes
