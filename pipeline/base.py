@@ -9,6 +9,12 @@ the resolved config (all parameters, the hash, the inputs' paths), a fresh `run_
 wall time, host and pid. A stage is complete when its stamp exists, the run_ids it recorded for its inputs are
 still the inputs' current ones, and its inputs are complete in turn; so when one stage is rerun (folder deleted,
 or `--force-stage`), everything downstream of it reruns on the next `RunAll`, although its paths do not change.
+Stamps name inputs by their paths relative to the run folder, so a finished run folder can be moved or copied.
+
+`validate` checks every parameter (types, NaN, ranges, names, local paths) when a stage is built, before any
+work; the root task of a command line also claims the run folder (`pipeline.preflight`: lock, stale
+temporaries, free disk space). Failures are one line: an InputError as it is, anything else as `<Type>:
+<message>` with its traceback in `<run_dir>/errors/` (`CBTM_DEBUG=1` logs it too).
 
 Heavy libraries (torch, transformers, sklearn, datasets) are imported only inside `build`; `requires`,
 `output` and `complete` read small JSON files and never touch CUDA. Every finished run appends one line to

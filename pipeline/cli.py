@@ -87,7 +87,8 @@ def install_task_name_hook() -> None:
 
 
 def _flag_error(parser, message: str) -> None:
-    flags = sorted(s for a in parser._actions for s in a.option_strings)
+    # the run's own flags, not luigi's per-task copies (--RunAll-temperature)
+    flags = sorted(s for a in parser._actions for s in a.option_strings if s[2:3].islower())
     words = [w.split("=", 1)[0] for w in message.replace(",", " ").split() if w.startswith("--")]
     hints = []
     for w in words:

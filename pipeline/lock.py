@@ -75,6 +75,8 @@ def acquire(run_dir: str | os.PathLike, wait: float = 0.0, shared: bool = False)
         held["depth"] += 1
         return
     run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise InputError(f"--run-dir {run_dir} is not a folder")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:

@@ -9,7 +9,7 @@ gives the same weights, and nothing half-written is ever taken for finished.
 Stage kinds: folder stages (an atomic folder), training stages (a `.partial` working folder and checkpoints
 every 2 steps here), evaluation stages (one file plus its stamp) and RunAll's publication of the report. The
 default cases cover every kill point of one stage of each kind (seeded pick among the stages whose downstream is
-short); CBTM_FAULTS_FULL=1 adds a seeded sample of points in every stage (.ci/run runs it as its own step).
+short); CBTM_FAULTS_FULL=1 runs instead a seeded sample of points in every stage (.ci/run: its own step).
 CBTM_FAULT_TABLE=<file> appends one JSON line per case (stage, point, exit codes, identical) for reports.
 """
 from __future__ import annotations
@@ -60,7 +60,7 @@ def _full_cases() -> list[tuple[str, str, float]]:
 
 
 FULL = os.environ.get("CBTM_FAULTS_FULL") == "1"
-CASES = _default_cases() + (_full_cases() if FULL else [])
+CASES = _full_cases() if FULL else _default_cases()
 
 
 def _outputs(reference: dict, family: str) -> list[str]:

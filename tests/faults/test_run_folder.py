@@ -166,3 +166,25 @@ def test_interrupted_training_with_current_inputs_is_kept_for_resuming(reference
     stamp = json.loads((experts / ".cluster_001.partial" / "stage.json").read_text())
     (experts / ".cluster_001.partial-inputs.json").write_text(json.dumps(stamp["inputs_run_ids"]))
     assert clean_stale(run_dir) == []
+
+
+def test_disk_estimate_counts_only_what_is_left_to_do(reference, tmp_path):
+    """A finished folder needs no space; a fresh one needs its models (fp32 tiny Llama: 260,064 parameters each)
+    and checkpoints; without the experts, those and what is downstream of them."""
+    import luigi
+
+    from pipeline import RunAll
+    from pipeline.preflight import estimate_disk
+
+    params = reference["params"]
+    assert estimate_disk(RunAll(**params))[0] == 0
+    luigi.task_register.Register.clear_instance_cache()
+    need, parts = estimate_disk(RunAll(**{**params, "run_dir": str(tmp_path / "fresh")}))
+    model = 4 * 260_064
+    assert parts["models"] == 7 * model and parts["checkpoints"] == 3 * model  # seed, dense, 2 experts, average, moe, moe-finetuned
+    assert parts["corpus"] == parts["shards"] > 0
+    run_dir = copy_run(reference["run_dir"], tmp_path / "run")
+    shutil.rmtree(next(run_dir.glob("experts-*")))
+    luigi.task_register.Register.clear_instance_cache()
+    assert estimate_disk(RunAll(**{**params, "run_dir": str(run_dir)}))[1] == {
+        "corpus": 0, "shards": 0, "models": 5 * model, "checkpoints": 3 * model}  # experts, merges, moe-finetuned
