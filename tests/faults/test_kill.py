@@ -9,7 +9,8 @@ gives the same weights, and nothing half-written is ever taken for finished.
 Stage kinds: folder stages (an atomic folder), training stages (a `.partial` working folder and checkpoints
 every 2 steps here), evaluation stages (one file plus its stamp) and RunAll's publication of the report. The
 default cases cover every kill point of one stage of each kind (seeded pick among the stages whose downstream is
-short); CBTM_FAULTS_FULL=1 runs instead a seeded sample of points in every stage (.ci/run: its own step).
+short); CBTM_FAULTS_FULL=N runs instead every stage at its start, after its publication and at N seeded renames
+(.ci/run: its own step, N = 1).
 CBTM_FAULT_TABLE=<file> appends one JSON line per case (stage, point, exit codes, identical) for reports.
 """
 from __future__ import annotations
@@ -50,17 +51,18 @@ def _default_cases() -> list[tuple[str, str, float]]:
     return cases
 
 
-def _full_cases() -> list[tuple[str, str, float]]:
+def _full_cases(n_commits: int) -> list[tuple[str, str, float]]:
+    """Every stage: start, `n_commits` seeded renames (one in each n-th of its renames), after publish."""
     rng = random.Random(SEED + 1)
     cases = []
     for family in [f for fams in KINDS.values() for f in fams]:
-        cases += [(family, "start", 0.0)] + [(family, "commit", round(rng.random(), 2)) for _ in range(3)] + \
-                 [(family, "after-publish", 0.0)]
+        cases += [(family, "start", 0.0)] + [(family, "commit", round((i + rng.random()) / n_commits, 2))
+                                             for i in range(n_commits)] + [(family, "after-publish", 0.0)]
     return [c for c in cases if c not in _default_cases()]
 
 
-FULL = os.environ.get("CBTM_FAULTS_FULL") == "1"
-CASES = _full_cases() if FULL else _default_cases()
+FULL = int(os.environ.get("CBTM_FAULTS_FULL") or 0)  # N: the full matrix with N rename points per stage
+CASES = _full_cases(FULL) if FULL else _default_cases()
 
 
 def _outputs(reference: dict, family: str) -> list[str]:
