@@ -77,7 +77,7 @@ def check_tasks(task) -> None:
 
 
 # ---- stale temporaries ----------------------------------------------------------------------------------------
-def clean_stale(run_dir: str | os.PathLike, depth: int = 3) -> list[Path]:
+def clean_stale(run_dir: str | os.PathLike, depth: int = 4) -> list[Path]:
     """Remove the temporaries killed runs left under `run_dir` (module doc); returns what was removed.
 
     Call only while holding the run folder exclusively."""

@@ -139,7 +139,9 @@ def test_a_moved_or_copied_run_folder_reruns_nothing(reference, tmp_path, how):
 def test_temporaries_of_killed_runs_are_cleaned(reference, tmp_path):
     run_dir = copy_run(reference["run_dir"], tmp_path / "run")
     ppl = next(run_dir.glob("eval-*/perplexity"))
+    fewshot = next(run_dir.glob("eval-*/fewshot/domains"))
     stale = [run_dir / ".embeddings-00000000.tmp-1a2b3c4d", ppl / ".seed.json.tmp-5e6f7a8b",
+             fewshot / ".moe.json.tmp-0a1b2c3d",
              run_dir / ".clusters-00000000.old-9c0d1e2f"]
     for p in stale:
         p.mkdir()
