@@ -460,7 +460,7 @@ class Stage(RunParams, luigi.Task):
     def _workdir(self, final: Path, inputs_run_ids: dict) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
         for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
-            _remove_path(stale)  # left by a killed run of this stage (luigi runs a stage in one worker at a time)
+            remove_path(stale)  # left by a killed run of this stage (luigi runs a stage in one worker at a time)
         if self.output_file:
             tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
@@ -577,7 +577,8 @@ def rebuild_command(stage: "Stage") -> str:
     return " ".join(shlex.quote(w) for w in words)
 
 
-def _remove_path(p: Path) -> None:
+def remove_path(p: Path) -> None:
+    """Remove a file or a folder tree, whatever is there (nothing when it is gone)."""
     if p.is_dir() and not p.is_symlink():
         shutil.rmtree(p, ignore_errors=True)
     else:

@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Iterator
 
 from corpus.io import InputError
-from pipeline.lock import hold_until_exit, run_dir_lock, run_lock
+from pipeline.base import remove_path
+from pipeline.lock import hold_until_exit, is_held, run_dir_lock, run_lock
 
 log = logging.getLogger("luigi-interface")
 
@@ -36,11 +37,7 @@ def claim_for_command_line(task) -> None:
     from luigi.cmdline_parser import CmdlineParser
 
     cp = CmdlineParser.get_instance()
-    if cp is None or getattr(cp.known_args, "root_task", None) != task.task_family:
-        return
-    from pipeline.lock import is_held
-
-    if is_held(task.run_dir):
+    if cp is None or getattr(cp.known_args, "root_task", None) != task.task_family or is_held(task.run_dir):
         return
     import luigi.interface
 
@@ -95,13 +92,13 @@ def clean_stale(run_dir: str | os.PathLike, depth: int = 4) -> list[Path]:
         for e in entries:
             p = Path(e.path)
             if e.name.startswith(".") and any(s in e.name for s in _STALE):
-                _remove(p)
+                remove_path(p)
                 removed.append(p)
             elif e.name.startswith(".") and e.name.endswith(".partial-inputs.json") and (
                     not (folder / e.name[: -len("-inputs.json")]).is_dir() or _partial_is_stale(p, run_dir)):
                 stem = e.name[: -len("-inputs.json")]  # .<name>.partial
                 for q in folder.glob(f"{stem}*"):
-                    _remove(q)
+                    remove_path(q)
                     removed.append(q)
             elif e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and level + 1 < depth:
                 todo.append((p, level + 1))
@@ -125,14 +122,6 @@ def _partial_is_stale(marker: Path, run_dir: Path) -> bool:
         except (OSError, ValueError):
             return True
     return False
-
-
-def _remove(p: Path) -> None:
-    if p.is_dir() and not p.is_symlink():
-        shutil.rmtree(p, ignore_errors=True)
-    else:
-        with contextlib.suppress(OSError):
-            p.unlink()
 
 
 # ---- disk space ----------------------------------------------------------------------------------------------
