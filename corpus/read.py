@@ -24,7 +24,7 @@ import json
 import logging
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 
 from corpus.io import InputError, atomic_dir, write_json
@@ -64,7 +64,9 @@ def prepare_corpus(
     import datasets
 
     datasets.disable_progress_bars()
-    cache_dir = tempfile.mkdtemp(prefix="cbtm-datasets-")  # arrow cache of this read only; removed below
+    # arrow cache of this read only, removed below; beside out_dir, where a killed run's next one cleans it up
+    cache_dir = str(Path(out_dir).parent / f".{Path(out_dir).name}.tmp-datasets-{uuid.uuid4().hex[:8]}")
+    Path(cache_dir).mkdir(parents=True)
     try:
         parts, files, split_from = _load(str(source), cache_dir, text_field)  # {split or None: [(origin, Dataset)]}
         per_split = {s: _columns(parts, s, text_field, label_field) for s in parts}
@@ -177,7 +179,7 @@ def _load(source: str, cache_dir: str, text_field: str = "text"):
             raise InputError(f"corpus folder {path} holds no .jsonl/.jsonl.gz/.parquet/.txt file")
     elif path.is_file():
         root, files = None, [path]
-    elif _looks_like_path(source):
+    elif looks_like_path(source):
         raise InputError(f"corpus path does not exist: {path}")
     else:
         return _load_hub(source, cache_dir), [source], "corpus"
@@ -187,6 +189,8 @@ def _load(source: str, cache_dir: str, text_field: str = "text"):
             raise InputError(f"unsupported corpus file {f}: expected .jsonl, .jsonl.gz, .json, .parquet or .txt")
         if not os.access(f, os.R_OK):
             raise InputError(f"corpus file is not readable: {f}")
+    files = _drop_empty_files(files, source)
+    _check_fields(files, text_field)
     groups: dict[tuple[str | None, str], list[str]] = {}
     splits = {f: _split_of(f, root) for f in files}
     has_splits = any(s is not None for s in splits.values())
@@ -205,6 +209,7 @@ def _load(source: str, cache_dir: str, text_field: str = "text"):
         except Exception as e:  # noqa: BLE001
             for f in group:
                 _diagnose(f, builder)
+            _diagnose_fields(group)
             raise InputError(f"cannot read corpus files {', '.join(group)}: {_one_line(e)}") from None
         if builder == "text" and text_field != "text":  # a .txt line is a document whatever the field is called
             ds = ds.rename_column("text", text_field)
@@ -235,7 +240,8 @@ def _dict_parts(dd, origin: str) -> dict:
     return parts
 
 
-def _looks_like_path(source: str) -> bool:
+def looks_like_path(source: str) -> bool:
+    """True when `source` reads as a local path (not a hub dataset name `org/name`)."""
     return (os.sep in source and source.count("/") != 1) or source.startswith((".", "~", "/")) or \
         any(source.lower().endswith(ext) for ext in _BUILDERS)
 
@@ -262,6 +268,83 @@ def _check_utf8(path: str) -> None:
                     raise InputError(f"{path}: line {n} is not valid UTF-8 (byte {raw[e.start]:#04x} at column {e.start + 1})") from None
     except (OSError, EOFError) as e:
         raise InputError(f"cannot read corpus file {path}: {_one_line(e)}") from None
+
+
+def _has_documents(path: Path) -> bool:
+    """False for a file with no rows (parquet) or no non-blank line; True when unsure (errors are reported later)."""
+    try:
+        if _suffix(path) == ".parquet":
+            import pyarrow.parquet as pq
+
+            return pq.read_metadata(path).num_rows > 0
+        with _open_text(str(path)) as f:
+            return any(line.strip() for line in f)
+    except Exception:  # noqa: BLE001 - a broken file is diagnosed when it is read
+        return True
+
+
+def _drop_empty_files(files: list[Path], source: str) -> list[Path]:
+    """Leave out files without documents (with a warning); InputError naming them when no file has any."""
+    kept = [f for f in files if _has_documents(f)]
+    if not kept:
+        names = ", ".join(str(f) for f in files[:3]) + (f" and {len(files) - 3} more" if len(files) > 3 else "")
+        raise InputError(f"corpus {source} has no documents: {names} {'is' if len(files) == 1 else 'are'} empty")
+    for f in files:
+        if f not in kept:
+            log.warning("corpus file %s is empty; skipping it", f)
+    return kept
+
+
+def _first_fields(path: Path) -> list[str] | None:
+    """The fields of a file's first document (JSON lines, parquet); None for text files or when unreadable."""
+    try:
+        if _suffix(path) == ".parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(path).names)
+        if _BUILDERS.get(_suffix(path)) != "json":
+            return None
+        with _open_text(str(path)) as f:
+            for raw in f:
+                if raw.strip():
+                    obj = json.loads(raw)
+                    return list(obj) if isinstance(obj, dict) else None
+    except Exception:  # noqa: BLE001 - a broken file is diagnosed when it is read
+        return None
+    return None
+
+
+def _check_fields(files: list[Path], text_field: str) -> None:
+    """Before reading: every JSON-lines/parquet file's first document must have the text field. Files that
+    disagree (`text` in one, `content` in another) are named together, since --text-field cannot fit both."""
+    fields = {f: _first_fields(f) for f in files}
+    known = {f: k for f, k in fields.items() if k is not None}
+    missing = [f for f, k in known.items() if text_field not in k]
+    if not missing:
+        return
+    having = [f for f, k in known.items() if text_field in k]
+    if having:
+        raise InputError(f"corpus files have different fields: {missing[0]} has {', '.join(known[missing[0]])}, "
+                         f"{having[0]} has {', '.join(known[having[0]])}; every file needs the text field "
+                         f"{text_field!r} (--text-field)")
+    if len({tuple(known[f]) for f in missing}) == 1:
+        raise InputError(f"{missing[0]}: documents have no text field {text_field!r} (fields: "
+                         f"{', '.join(known[missing[0]])}); pass --text-field")
+    raise InputError(f"corpus files have different fields and none has {text_field!r}: {missing[0]} has "
+                     f"{', '.join(known[missing[0]])}, {missing[1]} has {', '.join(known[missing[1]])}")
+
+
+def _diagnose_fields(group: list[str]) -> None:
+    """After `datasets` failed on several files: name two whose first documents have different fields."""
+    seen: dict[tuple, str] = {}
+    for f in group:
+        k = _first_fields(Path(f))
+        if k is not None:
+            seen.setdefault(tuple(sorted(k)), f)
+    if len(seen) > 1:
+        (ka, fa), (kb, fb) = list(seen.items())[:2]
+        raise InputError(f"corpus files have different fields: {fa} has {', '.join(ka)}, {fb} has {', '.join(kb)}; "
+                         "give every file the same fields")
 
 
 def _diagnose(path: str, builder: str) -> None:

@@ -430,8 +430,12 @@ def _local_folder(name_or_path, kwargs: dict) -> Path:
 
 
 def register() -> None:
-    """Register `cbtm_ensemble` with AutoConfig and AutoModelForCausalLM (done when `experts` is imported)."""
+    """Register `cbtm_ensemble` with AutoConfig and AutoModelForCausalLM (done when this module is imported,
+    which importing `experts` brings about: see experts/__init__.py)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     AutoConfig.register(MODEL_TYPE, CBTMEnsembleConfig, exist_ok=True)
     AutoModelForCausalLM.register(CBTMEnsembleConfig, CBTMEnsembleForCausalLM, exist_ok=True)
+
+
+register()

@@ -120,6 +120,7 @@ def load_causal_lm(path_or_name: str | os.PathLike, dtype=None, load_tokenizer: 
         model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype) if dtype else AutoModelForCausalLM.from_pretrained(name)
     except Exception as e:  # noqa: BLE001
         raise InputError(f"corrupt or unreadable checkpoint in {name}: {_first_line(e)}") from None
+    check_finite_weights(model, name)
     tokenizer = None
     if load_tokenizer:
         try:
@@ -127,6 +128,22 @@ def load_causal_lm(path_or_name: str | os.PathLike, dtype=None, load_tokenizer: 
         except Exception as e:  # noqa: BLE001
             raise InputError(f"cannot load the tokenizer of {name}: {_first_line(e)}") from None
     return model, tokenizer
+
+
+def check_finite_weights(model, where: str) -> None:
+    """InputError naming `where` when a parameter holds NaN or ±inf: a file overwritten with garbage, or a model
+    saved after its training diverged. One reduction per tensor (a sum is non-finite iff an element is)."""
+    import torch
+
+    bad = {}
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if p.is_floating_point() and not bool(torch.isfinite(p.sum())):
+                bad[pname] = int((~torch.isfinite(p)).sum())
+    if bad:
+        first = next(iter(bad))
+        raise InputError(f"corrupt weights in {where}: {sum(bad.values())} non-finite values in {len(bad)} tensor(s) "
+                         f"(first: {first})")
 
 
 def check_compatible(model, tokenizer) -> None:

@@ -1118,9 +1118,16 @@ def train_model(
 
     def flush_losses(wait: bool = True):
         """Move step losses to the host: all of them (wait), or only those whose step has finished on the GPU,
-        so that logging never stalls the host on queued kernels."""
+        so that logging never stalls the host on queued kernels. The losses' one trip to the host: a non-finite
+        one stops training before any checkpoint of its step is written."""
         while pending and (wait or pending[0][2] is None or pending[0][2].query()):
             s, t, _ = pending.pop(0)
+            if not math.isfinite(float(t)):
+                pending.clear()
+                last = state["loss_curve"][-1][0] if state["loss_curve"] else 0
+                kept = f"last good checkpoint {ckpt} kept" if (ckpt / "trainer_state.json").is_file() else "no checkpoint yet"
+                raise InputError(f"training {out_dir} stopped: loss {float(t)} at step {s} (finite up to step {last}; "
+                                 f"{kept}); lower the learning rate or check the data")
             state["loss_curve"].append([s, float(t)])
 
     def snapshot() -> dict:

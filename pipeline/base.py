@@ -11,6 +11,12 @@ the resolved config (all parameters, the hash, the inputs' paths), a fresh `run_
 wall time, host and pid. A stage is complete when its stamp exists, the run_ids it recorded for its inputs are
 still the inputs' current ones, and its inputs are complete in turn; so when one stage is rerun (folder deleted,
 or `--force-stage`), everything downstream of it reruns on the next `RunAll`, although its paths do not change.
+Stamps name inputs by their paths relative to the run folder, so a finished run folder can be moved or copied.
+
+`validate` checks every parameter (types, NaN, ranges, names, local paths) when a stage is built, before any
+work; the root task of a command line also claims the run folder (`pipeline.preflight`: lock, stale
+temporaries, free disk space). Failures are one line: an InputError as it is, anything else as `<Type>:
+<message>` with its traceback in `<run_dir>/errors/` (`CBTM_DEBUG=1` logs it too).
 
 Heavy libraries (torch, transformers, sklearn, datasets) are imported only inside `build`; `requires`,
 `output` and `complete` read small JSON files and never touch CUDA. Every finished run appends one line to
@@ -23,6 +29,7 @@ import contextlib
 import glob as globlib
 import logging
 import os
+import re
 import shutil
 import socket
 import time
@@ -33,7 +40,6 @@ from typing import Any, Iterator
 import luigi
 
 from corpus.io import InputError, atomic_dir, read_json, short_hash, write_json
-from experts.launch import gpu_slots  # Luigi-free: the bench and the stages claim GPUs the same way
 
 log = logging.getLogger("luigi-interface")
 
@@ -61,8 +67,23 @@ def _p(default, kind=luigi.Parameter, name: str = "", **kw):
     section sets it for every stage; `[<Stage>] <name>` sections and command-line flags still override it."""
     cfg = luigi.configuration.get_config()
     if cfg.has_option(SECTION, name):
-        default = kind().parse(cfg.get(SECTION, name))
-    return kind(default=default, **kw)
+        default = _named_parse(kind().parse, f"luigi.cfg [{SECTION}] {name}")(cfg.get(SECTION, name))
+    param = kind(default=default, **kw)
+    if name:  # a value that does not parse (--num-clusters x) fails with the flag named, in one line
+        param.parse = _named_parse(param.parse, f"--{name.replace('_', '-')}")
+    return param
+
+
+def _named_parse(parse, flag: str):
+    kinds = {"IntParameter": "an integer", "FloatParameter": "a number", "BoolParameter": "true or false"}
+
+    def parse_named(text):
+        try:
+            return parse(text)
+        except (ValueError, TypeError):
+            kind = kinds.get(type(getattr(parse, "__self__", None)).__name__, "a valid value")
+            raise InputError(f"{flag} {text!r}: expected {kind}") from None
+    return parse_named
 
 
 class _IntOrAutoParameter(luigi.Parameter):
@@ -209,6 +230,7 @@ class RunParams:
 
     def validate(self) -> None:
         """Cheap checks of the parameters, each failing with one line that names the flag."""
+        _check_numbers(self)
         for name, allowed in CHOICES.items():
             value = getattr(self, name)
             if value not in allowed:
@@ -257,6 +279,81 @@ class RunParams:
             raise InputError(f"--fewshot-seeds {self.fewshot_seeds!r}: comma-separated integers") from None
         if self.seed_model != "scratch" and self.branch_from == "average" and self.num_clusters < 2:
             raise InputError("--branch-from average needs --num-clusters ≥ 2")
+        _check_names_and_paths(self)
+
+
+# lower bounds of the integer and float parameters (validate); NaN and ±inf are refused for every float
+_AT_LEAST = {"max_docs": 0, "embed_sample": 1, "cluster_sample": 1, "vocab_size": 259, "seq_len": 0,
+             "batch_tokens": 0, "moe_top_k": 1, "moe_tokens": 0, "eval_max_docs": 0, "fewshot_max_test": 0,
+             "learning_rate": 0.0, "seed": 0}
+
+
+def _check_numbers(p: RunParams) -> None:
+    """Types, NaN/inf and lower bounds of every numeric parameter (any added later gets the type and NaN checks)."""
+    import math
+
+    for name, param in p.get_params():
+        value = getattr(p, name, None)
+        flag = f"--{name.replace('_', '-')}"
+        if isinstance(param, luigi.FloatParameter) or isinstance(param, luigi.IntParameter):
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise InputError(f"{flag} {value!r}: expected a number")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise InputError(f"{flag} {value}: must be a finite number")
+            if isinstance(param, luigi.IntParameter) and not float(value).is_integer():
+                raise InputError(f"{flag} {value}: expected an integer")
+        if name in _AT_LEAST and isinstance(value, (int, float)) and value < _AT_LEAST[name]:
+            raise InputError(f"{flag} {value}: must be ≥ {_AT_LEAST[name]}")
+    if 0 < p.max_docs < 3:
+        raise InputError(f"--max-docs {p.max_docs}: 0 (all) or at least 3 (one document per split)")
+    if 0 < p.seq_len < 8:
+        raise InputError(f"--seq-len {p.seq_len}: 0 (the model's) or at least 8 tokens")
+
+
+def _check_names_and_paths(p: RunParams) -> None:
+    """Names that must exist (stages, presets, models) and local paths that must exist, before any work."""
+    from corpus.read import looks_like_path
+
+    if not str(p.run_dir).strip():
+        raise InputError("--run-dir is empty")
+    if not str(p.text_field).strip():
+        raise InputError("--text-field is empty: name the field that holds the documents' text")
+    if p.corpus != "demo" and looks_like_path(p.corpus) and not any(c in p.corpus for c in "*?[") \
+            and not Path(p.corpus).expanduser().exists():
+        raise InputError(f"corpus path does not exist: {Path(p.corpus).expanduser()} (--corpus)")
+    if p.seed_model == "scratch":
+        from experts.model import PRESETS
+
+        if p.model_size not in PRESETS:
+            raise InputError(f"--model-size {p.model_size!r}: choose one of {', '.join(PRESETS)}")
+    else:
+        seed = Path(p.seed_model).expanduser()
+        if seed.exists() or looks_like_path(p.seed_model) or str(p.seed_model).count("/") > 1:
+            if not seed.is_dir():
+                raise InputError(f"--seed-model {p.seed_model}: no such folder (a Hugging Face model folder, a hub "
+                                 "name or 'scratch')")
+            if not (seed / "config.json").is_file():
+                raise InputError(f"--seed-model {p.seed_model}: not a Hugging Face model folder (no config.json)")
+    if p.embedder == "encoder" and p.encoder_model and looks_like_path(p.encoder_model) \
+            and not Path(p.encoder_model).expanduser().is_dir():
+        raise InputError(f"--encoder-model {p.encoder_model}: no such folder")
+    for spec in p.task_list:
+        if spec != "domains" and not spec.startswith("hf:") and (os.sep in spec or "/" in spec) \
+                and not Path(spec).expanduser().is_dir():
+            raise InputError(f"--tasks {spec}: no such task folder")
+    unknown = sorted(_names(p.force_stage) - set(_stage_families()))
+    if unknown:
+        raise InputError(f"--force-stage {', '.join(unknown)}: not a stage; stages: {', '.join(_stage_families())}")
+    from pipeline.models import model_names
+
+    p.fewshot_model_names(model_names(p))
+
+
+def _stage_families() -> list[str]:
+    import pipeline
+
+    return [n for n in pipeline.__all__ if isinstance(getattr(pipeline, n, None), type)
+            and issubclass(getattr(pipeline, n), Stage)]
 
 
 class Stage(RunParams, luigi.Task):
@@ -286,6 +383,10 @@ class Stage(RunParams, luigi.Task):
         self.task_id = luigi.task.task_id_str(self.task_family, {"output": str(out.relative_to(self.run_dir)),
                                                                  "run_dir": str(self.run_dir)})
 
+        from pipeline.preflight import claim_for_command_line
+
+        claim_for_command_line(self)  # a stage run alone from the command line: lock, clean, check disk
+
     def __hash__(self):  # luigi hashes the task_id it computed from all parameters; keep hash and == consistent
         return hash(self.task_id)
 
@@ -310,6 +411,8 @@ class Stage(RunParams, luigi.Task):
         `shared` one of the --experts-per-gpu slots of a GPU; none on --device cpu. Lock files live in
         `<run_dir>/.gpu-locks/`."""
         n = self.gpu_count() if n is None else n
+        from experts.launch import gpu_slots  # Luigi-free: the bench and the stages claim GPUs the same way
+
         return gpu_slots(n if self.device != "cpu" else 0, Path(self.run_dir) / ".gpu-locks",
                          slots_per_gpu=self.experts_per_gpu, shared=shared, weight=weight)
 
@@ -351,6 +454,11 @@ class Stage(RunParams, luigi.Task):
     def input_path(self, task: "Stage") -> Path:
         return task.out_path()
 
+    def rel_path(self, task: "Stage | None" = None) -> str:
+        """`task`'s (default: this stage's) output path relative to --run-dir: how stamps name inputs, so a run
+        folder can be moved or copied."""
+        return (task or self).out_path().relative_to(Path(self.run_dir)).as_posix()
+
     # ---- completeness --------------------------------------------------------------------------------
     def run_id(self) -> str | None:
         try:
@@ -369,13 +477,13 @@ class Stage(RunParams, luigi.Task):
         if ok:
             try:
                 stamp = read_json(self.stamp_path())
-                recorded = stamp.get("inputs_run_ids", {})
-            except InputError:
+                recorded = relative_run_ids(stamp.get("inputs_run_ids", {}), (stamp.get("params") or {}).get("run_dir"))
+            except (InputError, AttributeError, TypeError):
                 stamp, recorded, ok = {}, {}, False
             if self._forced_since is not None and stamp.get("started_unix", 0) < self._forced_since:
                 ok = False
             for t in self._inputs():
-                if not t._fresh(memo) or recorded.get(str(t.out_path())) != t.run_id():
+                if not t._fresh(memo) or recorded.get(self.rel_path(t)) != t.run_id():
                     ok = False
                     break
         memo[self.task_id] = ok
@@ -393,7 +501,7 @@ class Stage(RunParams, luigi.Task):
             "hash": self.stage_hash(),
             "hashed": list(self.hashed),
             "params": {name: getattr(self, name) for name, _ in self.get_params()},
-            "inputs": {t.task_id: str(t.out_path()) for t in self._inputs()},
+            "inputs": {t.task_id: self.rel_path(t) for t in self._inputs()},
         }
 
     def run(self) -> None:
@@ -404,14 +512,14 @@ class Stage(RunParams, luigi.Task):
             return
         t0 = time.time()
         log.info("%s → %s", self.task_id, self.out_path())
-        stamp = {**self.config(), "inputs_run_ids": {str(t.out_path()): t.run_id() for t in self._inputs()},
+        stamp = {**self.config(), "inputs_run_ids": {self.rel_path(t): t.run_id() for t in self._inputs()},
                  "run_id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
                  "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
                  "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)), "started_unix": t0}
         final = self.out_path()
         if self.output_file and self.stamp_path().exists():
             self.stamp_path().unlink()  # the stamp is the completion marker: written last, removed first
-        with self._workdir(final, stamp["inputs_run_ids"]) as work:
+        with self._clear_failures(), self._workdir(final, stamp["inputs_run_ids"]) as work:
             info = self.build(work)
             stamp["wall_time_s"] = round(time.time() - t0, 3)
             stamp["result"] = info if isinstance(info, dict) else None
@@ -431,6 +539,8 @@ class Stage(RunParams, luigi.Task):
     @contextlib.contextmanager
     def _workdir(self, final: Path, inputs_run_ids: dict) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
+        for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
+            remove_path(stale)  # left by a killed run of this stage (luigi runs a stage in one worker at a time)
         if self.output_file:
             tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
             tmp.mkdir()
@@ -442,7 +552,7 @@ class Stage(RunParams, luigi.Task):
             # stable folder: a killed run resumes from its checkpoints (`<work>.ckpt`), unless its inputs changed
             work = final.parent / f".{final.name}.partial"
             marker = final.parent / f".{final.name}.partial-inputs.json"
-            if marker.is_file() and read_json(marker) != inputs_run_ids:
+            if marker.is_file() and relative_run_ids(read_json(marker), self.run_dir) != inputs_run_ids:
                 log.info("inputs of %s changed since the interrupted run; not resuming it", final)
                 for stale in final.parent.glob(f".{final.name}.partial*"):
                     if stale.is_dir():
@@ -460,10 +570,100 @@ class Stage(RunParams, luigi.Task):
             with atomic_dir(final) as tmp:
                 yield tmp
 
+    @contextlib.contextmanager
+    def _clear_failures(self) -> Iterator[None]:
+        """Failures the user can act on, in one line: an InputError that names a model folder made by an upstream
+        training or merge stage (non-finite or unreadable weights) gets the command that rebuilds just that
+        stage; a full or read-only run folder is named as such (a rerun resumes)."""
+        import errno
+
+        try:
+            yield
+        except InputError as e:
+            culprit = _upstream_named_in(self, str(e))
+            if culprit is None or "luigi --module pipeline" in str(e):
+                raise
+            raise type(e)(f"{e}; rebuild it with: {rebuild_command(culprit)}") from None
+        except (OSError, RuntimeError) as e:  # libraries writing files themselves raise RuntimeError("... (os error 28)")
+            codes = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
+            texts = [os.strerror(c) for c in codes]
+            reason = os.strerror(e.errno) if getattr(e, "errno", None) in codes else \
+                next((t for t in texts if t in str(e)), None)
+            if reason is None:
+                raise
+            raise InputError(f"--run-dir {self.run_dir}: {reason} while {self.task_family} wrote "
+                             f"{getattr(e, 'filename', None) or self.out_path()}; free space (or make it writable) "
+                             "and run again: finished stages are kept") from None
+
     def on_failure(self, exception):
         if isinstance(exception, InputError):
             return f"InputError: {exception}"
+        import traceback
+
+        with contextlib.suppress(OSError):  # the log shows one line (CBTM_DEBUG=1: all of it); the file keeps it
+            path = _error_file(self)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(traceback.format_exc())
         return super().on_failure(exception)
+
+
+def relative_run_ids(recorded: dict, run_dir_then: str | None) -> dict:
+    """Stamp keys (input paths) relative to the run folder; stamps written before they were relative hold
+    absolute (or cwd-relative) paths under the run folder of their time, `run_dir_then`."""
+    out = {}
+    for key, run_id in recorded.items():
+        p = Path(key)
+        if run_dir_then and (p.is_absolute() == Path(run_dir_then).is_absolute()):
+            try:
+                p = p.relative_to(Path(run_dir_then))
+            except ValueError:
+                pass
+        out[p.as_posix()] = run_id
+    return out
+
+
+_MODEL_STAGES = ("TrainSeed", "TrainExpert", "TrainDense", "MergeExperts", "FinetuneMoE")
+
+
+def _upstream_named_in(stage: "Stage", message: str) -> "Stage | None":
+    """The training/merge stage upstream of `stage` (or `stage` itself) whose output folder `message` names."""
+    seen, todo, best = set(), [stage], None
+    while todo:
+        t = todo.pop()
+        if t.task_id in seen:
+            continue
+        seen.add(t.task_id)
+        todo.extend(t._inputs())
+        if t.task_family not in _MODEL_STAGES:
+            continue
+        for path in {str(t.out_path()), str(t.out_path().resolve())}:
+            if re.search(re.escape(path) + r"(?![\w.-])", message) and (best is None or len(path) > best[1]):
+                best = (t, len(path))
+    return best[0] if best else None
+
+
+def rebuild_command(stage: "Stage") -> str:
+    """`luigi --module pipeline <Stage> ... --force-stage <Stage>`: rebuilds `stage` alone with the parameters it
+    has now (those different from their defaults), replacing its output when the new one is complete."""
+    import shlex
+
+    words = ["luigi", "--module", "pipeline", stage.task_family, "--local-scheduler"]
+    for name, param in stage.get_params():
+        value = getattr(stage, name)
+        if name == "force_stage" or (name != "run_dir" and value == param._default):
+            continue
+        words += [f"--{name.replace('_', '-')}", str(value)]
+    words += ["--force-stage", stage.task_family]
+    return " ".join(shlex.quote(w) for w in words)
+
+
+def remove_path(p: Path) -> None:
+    """Remove a file or a folder tree, whatever is there (nothing when it is gone)."""
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            p.unlink()
 
 
 def files_fingerprint(spec: str) -> list | None:
@@ -514,15 +714,32 @@ def read_stage_log(run_dir: str | os.PathLike) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+DEBUG_ENV = "CBTM_DEBUG"  # CBTM_DEBUG=1: luigi's log keeps the tracebacks of every failure
+
+
 class _OneLineInputErrors(logging.Filter):
-    """Luigi logs task failures with a traceback; for bad user input (InputError) one line says it all."""
+    """Luigi logs failures with a traceback; for bad user input (InputError) one line says it all, and any other
+    failure is one line too, `<Type>: <message>`, unless CBTM_DEBUG=1 (a failed stage also keeps its traceback
+    in `<run_dir>/errors/<task id>.txt`)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, InputError):
-            record.msg = f"{record.getMessage()}\nInputError: {exc}"
+            head = record.getMessage()  # luigi's "Uncaught exception in luigi" adds nothing to a bad flag's line
+            record.msg = f"InputError: {exc}" if head == "Uncaught exception in luigi" else f"{head}\nInputError: {exc}"
+            record.args, record.exc_info, record.exc_text = (), None, None
+        elif exc is not None and not isinstance(exc, KeyboardInterrupt) and not os.environ.get(DEBUG_ENV):
+            task = next((a for a in (record.args or ()) if isinstance(a, Stage)), None) \
+                if isinstance(record.args, tuple) else None
+            where = f"traceback in {_error_file(task)}" if task is not None else f"{DEBUG_ENV}=1 shows the traceback"
+            lines = str(exc).strip().splitlines()
+            record.msg = f"{record.getMessage()}\n{type(exc).__name__}: {lines[0] if lines else ''} ({where})"
             record.args, record.exc_info, record.exc_text = (), None, None
         return True
+
+
+def _error_file(task: "Stage") -> Path:
+    return Path(task.run_dir) / "errors" / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", task.task_id)[:200] + ".txt")
 
 
 def install_log_filter() -> None:

@@ -1,7 +1,11 @@
 """The report stage and `RunAll`, the wrapper that runs every stage of c-BTM for one corpus."""
 from __future__ import annotations
 
+import json
+import os
 import re
+import socket
+import time
 from pathlib import Path
 
 import luigi
@@ -17,11 +21,10 @@ TRAINED = ("seed", "dense", "moe")  # models with a training.json (plus every ex
 
 
 class Report(Stage):
-    """`tasks.report.write_report` → `report-<h>/report.{json,md}` + figures; copied to `<run_dir>/report.{json,md}`."""
+    """`tasks.report.write_report` → `report-<h>/report.{json,md}` + figures; `RunAll` publishes them to
+    `<run_dir>/report.{json,md}` (a Study's points are not published)."""
 
     folder = "report"
-    publish = luigi.BoolParameter(default=True, significant=False, description="also write <run_dir>/report."
-                                  "{json,md} (a Study's points leave them to the Study)")
 
     def requires(self):
         names = model_names(self)
@@ -56,13 +59,6 @@ class Report(Stage):
         budgets = {"plan": self.clone(TrainDense).budget_plan(),
                    "models": {m: _training_json(self.input_path(t)) for m, t in r["trained"].items()}}
         write_report(out, run_info, cluster_info, perplexity, fewshot, budgets, self.timings())
-        if self.publish:  # the run folder's copy: figure links point into this stage's folder
-            md = (out / "report.md").read_text(encoding="utf-8")
-            md = re.sub(r"\]\(figures/", f"]({self.out_path().name}/figures/", md)
-            with atomic_file(Path(self.run_dir) / "report.md") as f:
-                f.write(md)
-            with atomic_file(Path(self.run_dir) / "report.json") as f:
-                f.write((out / "report.json").read_text(encoding="utf-8"))
         return {"models": len(perplexity), "fewshot_tasks": list(fewshot)}
 
     def timings(self) -> dict:
@@ -97,14 +93,75 @@ class RunAll(RunParams, luigi.WrapperTask):
     """Everything: corpus → clusters → seed → experts + dense → merges → evaluations → report and model cards.
 
     `luigi --module pipeline RunAll --local-scheduler` runs the built-in demo with the defaults of luigi.cfg.
+    When the report is done, `<run_dir>/report.{json,md}` is this RunAll's (`publish_report`), also when
+    every stage was already complete: the run folder's report always describes the last completed RunAll.
     """
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         install_log_filter()
         self.validate()
+        from pipeline.preflight import claim_for_command_line
+
+        claim_for_command_line(self)  # lock the run folder, clean what killed runs left, check the disk
 
     def requires(self):
         from pipeline.cards import WriteModelCards
 
         return [self.clone(Report), self.clone(WriteModelCards)]
+
+    def complete(self) -> bool:
+        return super().complete() and published_report(self) == _publication_key(self)
+
+    def run(self) -> None:
+        publish_report(self)
+
+
+PUBLISHED = ("report.json", "report.md")
+
+
+def _publication_key(run: RunParams) -> dict:
+    """What the run folder's report must say to be this RunAll's: the Report stage's folder and run id, and
+    the parameters (the execution ones too: the report lists them)."""
+    report = run.clone(Report)
+    return {"report": report.out_path().name, "report_run_id": report.run_id(),
+            "params": json.loads(json.dumps({name: getattr(run, name) for name, _ in _run_params()}, default=str))}
+
+
+def published_report(run: RunParams) -> dict | None:
+    """The publication key of `<run_dir>/report.json` (None when missing, unreadable or unpublished)."""
+    try:
+        info = json.loads((Path(run.run_dir) / "report.json").read_text(encoding="utf-8"))["run"]
+        if not (Path(run.run_dir) / "report.md").is_file():
+            return None
+        return {"report": info["published"]["report"], "report_run_id": info["published"]["report_run_id"],
+                "params": info["params"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def publish_report(run: RunParams) -> None:
+    """Copy `report-<h>/report.{json,md}` to `<run_dir>/`, saying which run it is: this RunAll's parameters,
+    the Report stage's folder and run id, and when it was published (figure links point into report-<h>/)."""
+    from tasks.report import render_markdown
+
+    key = _publication_key(run)
+    src = run.clone(Report).out_path()
+    report = json.loads((src / "report.json").read_text(encoding="utf-8"))
+    stamp = read_json(run.clone(Report).stamp_path())
+    report["run"]["run_dir"] = str(run.run_dir)
+    report["run"]["params"] = key["params"]
+    report["run"]["published"] = {"report": key["report"], "report_run_id": key["report_run_id"],
+                                  "report_written": stamp.get("started"), "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                  "host": socket.gethostname(), "pid": os.getpid()}
+    md = render_markdown(report)
+    md = re.sub(r"\]\(figures/", f"]({src.name}/figures/", md)
+    title, _, rest = md.partition("\n")
+    md = (f"{title}\n\nThe last completed `RunAll` in this folder, published {report['run']['published']['at']}: "
+          f"results of `{key['report']}/` (report run id `{key['report_run_id']}`, written "
+          f"{report['run']['published']['report_written']}).\n{rest}")
+    with atomic_file(Path(run.run_dir) / "report.md") as f:
+        f.write(md)
+    with atomic_file(Path(run.run_dir) / "report.json") as f:  # last: report.json says which run is published
+        json.dump(report, f, indent=2)
+        f.write("\n")

@@ -158,7 +158,7 @@ class Study(Stage):
                 if m in TRAINED or m.startswith("expert_"):
                     req["trained"][m] = model_stage(run, m)[0]
             if params["num_clusters"] > 1:
-                req["report"] = Report(**params, publish=False)
+                req["report"] = Report(**params)
             out[self.point_name(axes)] = req
         return out
 

@@ -348,6 +348,9 @@ class TrainExperts(RunParams, luigi.WrapperTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.validate()
+        from pipeline.preflight import claim_for_command_line
+
+        claim_for_command_line(self)
 
     def requires(self):
         return [self.clone(TrainExpert, cluster_id=c) for c in range(self.num_clusters)]

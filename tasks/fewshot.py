@@ -560,6 +560,10 @@ def score_labels(
                 scores[i, y] = float(lp[r, n_p - 1 : n_p - 1 + n_c].double().sum())
         bar.update(len(batch))
     bar.close()
+    if not np.isfinite(scores).all():  # a NaN never wins (argmax) nor scores: the model is broken
+        i = int(np.nonzero(~np.isfinite(scores).all(1))[0][0])
+        raise InputError(f"model {getattr(model, 'name', '?')} gave a non-finite log-probability to a label of prompt "
+                         f"{i} ({desc}): its weights are corrupt or its training diverged")
     return scores
 
 

@@ -110,6 +110,12 @@ def evaluate_perplexity(
             lp = model.token_logprobs(ids, mask, [w[2] for w in batch])
             lp = lp.float().cpu()  # (B, T-1)
             valid = mask[:, 1:].bool()  # (B, T-1) targets that are real tokens
+            bad = valid & ~torch.isfinite(lp)  # a NaN or ±inf log-probability of a real token is an error, never a score
+            if bool(bad.any()):
+                r = int(bad.any(1).nonzero()[0])
+                raise InputError(f"model {getattr(model, 'name', '?')} gave a non-finite log-probability "
+                                 f"({float(lp[r][bad[r]][0])}) to a token of document {chunk[batch[r][0]].get('id', '?')!r}: "
+                                 "its weights are corrupt or its training diverged")
             per_row = -(lp.masked_fill(~valid, 0.0)).double().sum(1)  # (B,)
             for r, (j, win, _) in enumerate(batch):
                 nll[j] += float(per_row[r])

@@ -27,6 +27,7 @@ def slurm_cfg():
 
 
 def _expert(tmp_path, **kw):
+    (tmp_path / "corpus").mkdir(exist_ok=True)  # parameters are checked at construction: the corpus must exist
     return TrainExpert(cluster_id=1, **tiny_params(tmp_path / "corpus", tmp_path / "run", **kw))
 
 

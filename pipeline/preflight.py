@@ -1,0 +1,226 @@
+"""Before any work: claim the run folder, clean what killed runs left in it, and check its free disk space.
+
+`claim_for_command_line(task)` runs when the root task of a `luigi --module pipeline <Task> ...` command is
+built (RunAll, a stage run alone, TrainExperts): it takes the run folder's lock for the rest of the process
+(`pipeline.lock`: exclusive with `--local-scheduler`, shared under a central luigid), removes stale temporary
+folders (exclusive holders only: nobody else writes the folder then), and estimates the disk space the stages
+still to run need. `claimed(task)` does the same around a block, for programmatic runs:
+
+    with claimed(RunAll(**params)) as run:
+        luigi.build([run], local_scheduler=True)
+
+Stale temporaries: `.<name>.tmp-*` / `.<name>.old-*` (atomic writes cut short), and a training stage's
+`.<name>.partial*` (working folder, checkpoints) whose recorded inputs are no longer the inputs' current
+outputs, or whose working folder is gone (the same stage with unchanged inputs resumes from it instead).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Iterator
+
+from corpus.io import InputError
+from pipeline.base import remove_path
+from pipeline.lock import hold_until_exit, is_held, run_dir_lock, run_lock
+
+log = logging.getLogger("luigi-interface")
+
+_STALE = (".tmp-", ".old-")
+
+
+def claim_for_command_line(task) -> None:
+    """When `task` is the root task of this process's luigi command line: lock, clean, check (see module doc)."""
+    from luigi.cmdline_parser import CmdlineParser
+
+    cp = CmdlineParser.get_instance()
+    if cp is None or getattr(cp.known_args, "root_task", None) != task.task_family or is_held(task.run_dir):
+        return
+    import luigi.interface
+
+    local = bool(luigi.interface.core().local_scheduler)
+    check_tasks(task)
+    hold_until_exit(task.run_dir, wait=run_lock().wait, shared=not local)
+    if local:
+        clean_stale(task.run_dir)
+    check_disk(task)
+
+
+@contextlib.contextmanager
+def claimed(task, wait: float = 0.0) -> Iterator:
+    """Hold `task.run_dir` exclusively for the block, after cleaning stale temporaries and checking disk space."""
+    check_tasks(task)
+    with run_dir_lock(task.run_dir, wait=wait):
+        clean_stale(task.run_dir)
+        check_disk(task)
+        yield task
+
+
+def check_tasks(task) -> None:
+    """Every few-shot task given by folder or name loads now (its files, its labels), not after the training."""
+    specs = [t for t in getattr(task, "task_list", []) if t != "domains" and not t.startswith("hf:")]
+    if not specs or not any(t.task_family == "EvaluateFewShot" for t in _graph(task)):
+        return
+    from tasks.fewshot import load_task
+
+    for spec in specs:
+        try:
+            load_task(spec)
+        except InputError as e:
+            raise InputError(f"--tasks {spec}: {e}") from None
+
+
+# ---- stale temporaries ----------------------------------------------------------------------------------------
+def clean_stale(run_dir: str | os.PathLike, depth: int = 4) -> list[Path]:
+    """Remove the temporaries killed runs left under `run_dir` (module doc); returns what was removed.
+
+    Call only while holding the run folder exclusively."""
+    run_dir = Path(run_dir)
+    removed: list[Path] = []
+    if not run_dir.is_dir():
+        return removed
+    todo = [(run_dir, 0)]
+    while todo:
+        folder, level = todo.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for e in entries:
+            p = Path(e.path)
+            if e.name.startswith(".") and any(s in e.name for s in _STALE):
+                remove_path(p)
+                removed.append(p)
+            elif e.name.startswith(".") and e.name.endswith(".partial-inputs.json") and (
+                    not (folder / e.name[: -len("-inputs.json")]).is_dir() or _partial_is_stale(p, run_dir)):
+                stem = e.name[: -len("-inputs.json")]  # .<name>.partial
+                for q in folder.glob(f"{stem}*"):
+                    remove_path(q)
+                    removed.append(q)
+            elif e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and level + 1 < depth:
+                todo.append((p, level + 1))
+    for p in removed:
+        log.info("removed stale temporary %s", p)
+    return removed
+
+
+def _partial_is_stale(marker: Path, run_dir: Path) -> bool:
+    """A `.partial` is stale when an input it recorded was rebuilt or removed since (its run_id changed)."""
+    try:
+        recorded = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return True
+    for key, run_id in recorded.items():
+        path = Path(key) if Path(key).is_absolute() else run_dir / key
+        stamp = path.with_name(path.name + ".stage.json") if path.suffix == ".json" else path / "stage.json"
+        try:
+            if json.loads(stamp.read_text()).get("run_id") != run_id:
+                return True
+        except (OSError, ValueError):
+            return True
+    return False
+
+
+# ---- disk space ----------------------------------------------------------------------------------------------
+def check_disk(task) -> None:
+    """InputError when the run folder's filesystem has less free space than the stages still to run need."""
+    need, parts = estimate_disk(task)
+    try:
+        free = shutil.disk_usage(task.run_dir).free
+    except OSError:
+        return
+    if need > free:
+        detail = ", ".join(f"{k} ~{_size(v)}" for k, v in parts.items() if v)
+        raise InputError(f"--run-dir {task.run_dir}: about {_size(need)} of disk needed by the stages still to run "
+                         f"({detail}) but only {_size(free)} free there; free space or use another --run-dir")
+
+
+def estimate_disk(task) -> tuple[int, dict]:
+    """(bytes, {what: bytes}) a run writes for the stages of `task`'s graph that are not complete yet: the
+    corpus copy and token shards (about one byte per byte of text), every trained or merged model (fp32 weights)
+    and one training checkpoint at a time (weights and AdamW moments: 3× a model)."""
+    from pipeline.base import Stage
+
+    stages: dict[str, list] = {}
+    for t in _graph(task):
+        if isinstance(t, Stage):
+            stages.setdefault(t.task_family, []).append(t)
+    memo: dict = {}
+    todo_stages = {f: [t for t in ts if not t._fresh(memo)] for f, ts in stages.items()}
+    text = _corpus_bytes(task)
+    model = _model_bytes(task)
+    k = max(1, int(task.num_clusters))
+    n_models = sum(len(todo_stages.get(f, [])) for f in ("TrainSeed", "TrainDense", "TrainExpert", "FinetuneMoE"))
+    merged = [t for t in todo_stages.get("MergeExperts", []) if t.method in ("average", "moe")]
+    n_models += sum(1 if t.method == "average" else max(1, k // 2) for t in merged)  # a MoE ≈ k/2 dense models
+    if todo_stages.get("FinetuneMoE"):
+        n_models += max(1, k // 2) - 1
+    parts = {
+        "corpus": text if todo_stages.get("PrepareCorpus") else 0,
+        "shards": text if todo_stages.get("ShardCorpus") else 0,
+        "models": n_models * model,
+        "checkpoints": 3 * model if n_models else 0,
+    }
+    return sum(parts.values()), parts
+
+
+def _graph(task) -> list:
+    """`task` and every task upstream of it, once each."""
+    import luigi
+
+    out, seen, todo = [], set(), [task]
+    while todo:
+        t = todo.pop()
+        if t.task_id in seen:
+            continue
+        seen.add(t.task_id)
+        out.append(t)
+        todo.extend(luigi.task.flatten(t.requires()))
+    return out
+
+
+def _corpus_bytes(task) -> int:
+    """Bytes of text behind --corpus (compressed files count 3×); 0 when unknown (a hub dataset)."""
+    from pipeline.base import files_fingerprint
+
+    if task.corpus == "demo":
+        return 8 << 20
+    total = 0
+    for path, size, _ in files_fingerprint(task.corpus) or []:
+        total += size * (3 if str(path).endswith((".gz", ".parquet")) else 1)
+    return total
+
+
+def _model_bytes(task) -> int:
+    """fp32 bytes of one model of the run: a scratch preset's parameter count, or the seed folder's weights."""
+    if task.seed_model == "scratch":
+        from experts.model import PRESETS
+
+        p = PRESETS.get(task.model_size)
+        if p is None:
+            return 0
+        H, L, inter, V = p.hidden_size, p.num_hidden_layers, p.intermediate_size, task.vocab_size
+        kv = H * (p.num_key_value_heads or p.num_attention_heads) // p.num_attention_heads
+        per_layer = 2 * H * H + 2 * H * kv + 3 * H * inter + 2 * H
+        n = V * H * (1 if p.tie_word_embeddings else 2) + L * per_layer + H
+        return 4 * n
+    seed = Path(task.seed_model).expanduser()
+    if not seed.is_dir():
+        return 0  # a hub name: its size is not known before the download
+    size = sum(f.stat().st_size for f in seed.glob("*.safetensors")) or sum(f.stat().st_size for f in seed.glob("*.bin"))
+    try:
+        dtype = str(json.loads((seed / "config.json").read_text()).get("torch_dtype") or "float32")
+    except (OSError, ValueError):
+        dtype = "float32"
+    return size * (2 if "16" in dtype else 1)
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1024 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TB"
