@@ -19,7 +19,8 @@ report.json schema (version 1); every key is always present, values may be null/
                                "n_test", "baselines": {"majority": {...}, "random": {...}}, "routing"}}},
   "budgets":    {"plan": experts.budget.plan_budgets dict, "compute_match", "expert_budget",
                  "models": {model: {"tokens_seen", "steps", "global_batch_tokens", "data_tokens", "epochs",
-                                    "wall_time_s", "gpu_hours", "valid_loss", "kept_step"[, "share"]}},
+                                    "wall_time_s", "gpu_hours", "valid_loss", "kept_step"[, "share",
+                                    "effective_share"]}},
                  "totals": {"cbtm_tokens": seed + Σ experts, "dense_tokens": seed + dense, "cbtm_gpu_hours",
                             "dense_gpu_hours", "expert_tokens", "rounding"}},
   "timings":    {stage: {"runs", "wall_time_s"}}
@@ -148,7 +149,8 @@ def _budgets(b: dict) -> dict:
     the step whose weights were kept; the plan (`experts.budget.plan_budgets`: compute matching, expert budgets,
     shares); totals for c-BTM (seed + experts) and dense (seed + dense)."""
     plan = b.get("plan") or {}
-    shares = {f"expert_{e['cluster_id']:03d}": e.get("share") for e in plan.get("experts") or []}
+    shares = {f"expert_{e['cluster_id']:03d}": (e.get("share"), e.get("effective_share"))
+              for e in plan.get("experts") or []}
     planned_data = {f"expert_{e['cluster_id']:03d}": e.get("data_tokens") for e in plan.get("experts") or []}
     models = {}
     for m, t in (b.get("models") or {}).items():
@@ -159,7 +161,7 @@ def _budgets(b: dict) -> dict:
         row["data_tokens"] = t.get("data_tokens") or planned_data.get(m)
         row["epochs"] = (row["tokens_seen"] / row["data_tokens"]) if row["tokens_seen"] and row["data_tokens"] else None
         if m in shares:
-            row["share"] = shares[m]
+            row["share"], row["effective_share"] = shares[m]
         models[m] = row
 
     def tok(m):
@@ -304,10 +306,11 @@ def render_markdown(report: dict) -> str:
         lines += [f"Tokens seen: c-BTM (seed + experts) {tot.get('cbtm_tokens')}, dense (seed + dense) "
                   f"{tot.get('dense_tokens')}; GPU-hours: c-BTM {_f(tot.get('cbtm_gpu_hours'), 4)}, dense "
                   f"{_f(tot.get('dense_gpu_hours'), 4)}.", "",
-                  "| model | share | tokens | steps | global batch (tokens) | epochs over its data | valid loss | "
+                  "| model | share → in whole blocks | tokens | steps | global batch (tokens) | epochs over its data | valid loss | "
                   "kept step | wall time (s) | GPU-hours |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m, t in bud["models"].items():
-            lines.append(f"| {m} | {_f(t.get('share'), 3)} | {_f(t.get('tokens_seen'))} | {_f(t.get('steps'))} | "
+            share = f"{_f(t.get('share'), 3)} → {_f(t.get('effective_share'), 3)}" if t.get("share") is not None else "–"
+            lines.append(f"| {m} | {share} | {_f(t.get('tokens_seen'))} | {_f(t.get('steps'))} | "
                          f"{_f(t.get('global_batch_tokens'))} | {_f(t.get('epochs'))} | {_f(t.get('valid_loss'), 4)} | "
                          f"{_f(t.get('kept_step'))} | {_f(t.get('wall_time_s'), 1)} | {_f(t.get('gpu_hours'), 4)} |")
         lines += ["", "Kept step: the overfitting guard keeps the evaluated weights of lowest validation loss (the "

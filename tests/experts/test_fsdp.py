@@ -100,6 +100,30 @@ def test_fsdp_two_cpu_processes_equal_one_process_and_resume(shards, tmp_path):
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+@pytest.mark.skipif(not os.environ.get("CBTM_TEST_DDP"), reason="a torchrun launch of 2 CPU ranks; set CBTM_TEST_DDP=1")
+def test_fsdp_keeps_the_same_best_weights_as_one_process(shards, tmp_path):
+    """The overfitting guard under FSDP: the best weights are gathered from the shards and saved as one process
+    would save them (validation on random tokens, so an early evaluation is best)."""
+    from safetensors.torch import load_file
+
+    from experts.launch import launch_training
+
+    train, _ = shards
+    noise = tmp_path / "valid_noise.npy"
+    np.save(noise, np.random.default_rng(1).integers(0, VOCAB, (6, SEQ)).astype(np.uint16))
+    init = tmp_path / "init"
+    build_scratch_model(PRESET, VOCAB).save_pretrained(init)
+    cfg = _cfg(eval_every=1, keep_best=True, grad_clip=1.0)
+    single = train_model(str(init), [train], tmp_path / "single", cfg, valid_paths=[str(noise)])
+    res = launch_training(str(init), [train], tmp_path / "fsdp", cfg, valid_paths=[str(noise)], cpu_procs=2,
+                          timeout=180)
+    assert res["world_size"] == 2 and res["kept_step"] == single["kept_step"] < 6
+    a, b = load_file(str(tmp_path / "single" / "model.safetensors")), load_file(str(tmp_path / "fsdp" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
 def _rank_main(job_path: str) -> None:
     """One torchrun rank: sharded `train_model` that raises after `kill_at` steps (the test's simulated kill)."""
     import torch.distributed as dist

@@ -76,3 +76,33 @@ def test_share_below_one_block_is_refused_in_one_line(tiny_corpus, tmp_path):
     msg = str(err.value)
     assert "\n" not in msg and "share" in msg and "less than one block under --compute-match steps" in msg
     assert "--batch-tokens ≥" in msg and "--compute-match tokens" in msg and not stage.out_path().exists()
+
+
+def test_balance_by_tokens_balances_document_lengths(tmp_path):
+    """Clusters balanced by length: the fitted and the assigned (--assign balanced) clusters hold about the same
+    number of bytes, within the weighted bounds, on a corpus whose domains differ in document length."""
+    import gzip
+
+    import numpy as np
+
+    from clustering.kmeans import document_weights, weighted_size_bounds
+    from pipeline import AssignClusters, PrepareCorpus
+    from tests.pipeline.conftest import tiny_docs
+
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    for split, n, seed in (("train", 60, 0), ("valid", 6, 1), ("test", 6, 2)):
+        rows = tiny_docs(n, seed)
+        for r in rows:  # code documents 4× longer than the others
+            r["text"] = " ".join([r["text"]] * (4 if r["source"] == "code" else 1))
+        (folder / f"{split}.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode(), mtime=0))
+    params = tiny_params(folder, tmp_path / "run", num_clusters=4, balance_by="tokens", assign="balanced")
+    assert luigi.build([AssignClusters(**params)], local_scheduler=True, workers=1, log_level="WARNING")
+    clusters = json.loads((FitClusters(**params).out_path() / "config.json").read_text())
+    summary = json.loads((AssignClusters(**params).out_path() / "summary.json").read_text())
+    w = document_weights(PrepareCorpus(**params).out_path())
+    lo, hi = weighted_size_bounds(w.sum(), w.max(), 4, 1.02)
+    assert clusters["weighted"] and lo <= min(clusters["weighted_sizes"]) and max(clusters["weighted_sizes"]) <= hi
+    sizes = np.asarray(summary["splits"]["train"]["weighted_sizes"])
+    assert sizes.min() >= lo and sizes.max() <= hi
+    assert max(summary["splits"]["train"]["sizes"]) > 1.5 * min(summary["splits"]["train"]["sizes"])  # not by docs

@@ -23,4 +23,4 @@ def test_budgets_table_accounts_every_model_and_the_definitions():
     md = render_markdown(report)
     assert "`--compute-match steps`" in md and "`--expert-budget proportional`" in md
     assert "| dense | – | 50000 | 125 | 400 | 12.50 | 1.0000 | 100 |" in md
-    assert md.count("| expert_") == 2
+    assert md.count("| expert_") == 2 and "| expert_000 | 0.750 → 0.750 |" in md
