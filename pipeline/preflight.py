@@ -152,7 +152,7 @@ def estimate_disk(task) -> tuple[int, dict]:
     todo_stages = {f: [t for t in ts if not t._fresh(memo)] for f, ts in stages.items()}
     text = _corpus_bytes(task)
     model = _model_bytes(task)
-    k = max(1, int(task.num_clusters))
+    k = max([1] + [int(v) for v in str(task.num_clusters).split(",") if v.strip()])  # a Study: its largest k
     n_models = sum(len(todo_stages.get(f, [])) for f in ("TrainSeed", "TrainDense", "TrainExpert", "FinetuneMoE"))
     merged = [t for t in todo_stages.get("MergeExperts", []) if t.method in ("average", "moe")]
     n_models += sum(1 if t.method == "average" else max(1, k // 2) for t in merged)  # a MoE ≈ k/2 dense models

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# The c-BTM Study on corpus_dev on one GPU (docs/RESULTS.md): c-BTM against the compute-matched dense model over
+# k, budgets, top-k, k-means vs random clusters and every merge method, with the pipeline's defaults for compute
+# matching (steps), expert budgets (proportional) and routing.
+#
+#   bash bench/study_corpus_dev.sh smoke    # ~2 min: the same flags on a 3000-document sample, tiny budgets
+#   bash bench/study_corpus_dev.sh study    # the Study (resumes: call it again after a time limit)
+#   bash bench/study_corpus_dev.sh moe      # the BTX MoE of the main point (k=8, balanced, largest budget)
+#
+# CORPUS (default .devdata/corpus_dev: a copy of ../shared/data/corpus_dev), RUN (runs/study-dev), OUT (bench/out),
+# WORKERS (8: Luigi workers; experts share the GPU, --experts-per-gpu 8) may be overridden. On the GPU machine
+# the GPU slots of evaluations come from [resources] gpu = WORKERS (they share the one GPU).
+set -euo pipefail
+CORPUS=${CORPUS:-.devdata/corpus_dev}
+RUN=${RUN:-runs/study-dev}
+OUT=${OUT:-bench/out}
+WORKERS=${WORKERS:-8}
+mkdir -p "$OUT"
+cfg=$(mktemp /tmp/luigi-study-XXXX.cfg)
+printf '[resources]\ngpu = %s\n' "$WORKERS" > "$cfg"
+export LUIGI_CONFIG_PATH=$cfg
+# the ~7M Llama of the issue (hidden 256, 4 layers, blocks of 512), its learning rate at a 65,536-token batch
+model=(--model-size mini --vocab-size 16384 --learning-rate 1e-3 --batch-tokens 65536)
+common=(--local-scheduler --corpus "$CORPUS" --label-field source --device cuda --compile off --tasks none
+        --experts-per-gpu "$WORKERS" --workers "$WORKERS" --eval-max-docs 400 --eval-batch-size 32)
+case "${1:-study}" in
+  smoke)
+    time luigi --module pipeline Study "${common[@]}" "${model[@]}" --run-dir "$RUN-smoke" --max-docs 3000 \
+      --num-clusters 1,4 --train-tokens 2000000 --top-k 1,2,all --clusterer balanced --eval-max-docs 60 \
+      --merge-methods "${MERGES:-ensemble,posterior,average,ties,moe}"
+    cp "$RUN-smoke/study.md" "$OUT/study_smoke.md" ;;
+  study)
+    time luigi --module pipeline Study "${common[@]}" "${model[@]}" --run-dir "$RUN" \
+      --num-clusters 1,4,8 --train-tokens 24000000,80000000 --top-k 1,2,all --clusterer balanced,random \
+      --merge-methods ensemble,posterior,average,task_arithmetic,ties
+    cp "$RUN/study.md" "$RUN/study.json" "$OUT/" ;;
+  moe)
+    time luigi --module pipeline RunAll "${common[@]}" "${model[@]}" --run-dir "$RUN" \
+      --num-clusters 8 --train-tokens 80000000 --clusterer balanced \
+      --merge-methods ensemble,posterior,average,task_arithmetic,ties,moe
+    cp "$RUN/report.md" "$RUN/report.json" "$OUT/" ;;
+  *) echo "usage: $0 smoke|study|moe" >&2; exit 2 ;;
+esac
