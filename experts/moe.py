@@ -2,7 +2,10 @@
 
 Layer l of the MoE has one feed-forward expert per branch: expert j's (gate_proj, up_proj, down_proj) of
 layer l become MoE expert j of layer l (optionally the seed's FFN as one more expert, as BTX did). Everything
-else — attention, RMSNorms, embeddings, lm_head — is the uniform average of the experts. Per token the router
+else — attention, RMSNorms, embeddings, lm_head — is the uniform average of the experts (BTX), or, with
+`shared_dir`, taken from one checkpoint of the same architecture: the seed, or a task-arithmetic / TIES merge of
+the experts (`experts.merge`). Experts trained with only their FFNs against a frozen seed (FlexOlmo, Shi et al.
+2025; `TrainConfig.trainable="ffn"`) share these weights exactly, so all three agree. Per token the router
 picks the top_k experts, h ↦ Σ_{j∈top_k} softmax(W_r h)_j · FFN_j(h) (renormalised over the top_k).
 
 Router initialisation: "random" (N(0, router_std²)); "hidden": row j = mean post-norm hidden state (the MLP
@@ -223,11 +226,14 @@ def build_moe(
     embedder=None,
     cluster_texts: Sequence | None = None,
     seed: int = 0,
+    shared_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Merge Llama experts into a `MixtralForCausalLM` saved in `out_dir` (atomic; `save_pretrained` + tokenizer +
     `moe.json`). Returns `out_dir`, loadable with `AutoModelForCausalLM`.
 
     num_local_experts = k (+1 with keep_seed_expert, the seed's FFN last), num_experts_per_tok = top_k.
+    Non-FFN weights: the experts' uniform average, or those of `shared_dir` when given (InputError naming the
+    tensor when it lacks one or shapes it differently).
     """
     from transformers import MixtralForCausalLM
 
@@ -250,15 +256,26 @@ def build_moe(
     L, H = llama["num_hidden_layers"], llama["hidden_size"]
 
     readers = [CheckpointReader(d) for d in all_dirs]
-    n_avg = len(expert_dirs)  # attention, norms, embeddings: average of the experts (not the seed)
+    shared = None
+    if shared_dir is not None:
+        if not Path(shared_dir).is_dir():
+            raise InputError(f"directory of the MoE's shared (non-FFN) weights does not exist: {shared_dir}")
+        shared = CheckpointReader(shared_dir)
+    n_avg = len(expert_dirs)  # attention, norms, embeddings: average of the experts (not the seed), or `shared`
     state: dict[str, torch.Tensor] = {}
     mlp_names = ("gate_proj", "up_proj", "down_proj")
     for key in readers[0].keys():
         parts = key.split(".")
         if len(parts) > 4 and parts[3] == "mlp" and parts[4] in mlp_names:
             continue
-        acc = sum(r.get(key).float() for r in readers[:n_avg]) / n_avg
-        state[key] = acc
+        if shared is None:
+            state[key] = sum(r.get(key).float() for r in readers[:n_avg]) / n_avg
+            continue
+        if key not in shared.where or shared.shape(key) != readers[0].shape(key):
+            found = f"shape {shared.shape(key)}" if key in shared.where else "no such tensor"
+            raise InputError(f"tensor {key} has shape {readers[0].shape(key)} in the experts but {found} in "
+                             f"{shared_dir}; the MoE's shared weights must come from a model of the experts' architecture")
+        state[key] = shared.get(key).float()
     for layer in range(L):
         w = {n: torch.stack([r.get(f"model.layers.{layer}.mlp.{n}.weight").float() for r in readers]) for n in mlp_names}
         for suffix, t in to_layout(w["gate_proj"], w["up_proj"], w["down_proj"]).items():
@@ -274,6 +291,7 @@ def build_moe(
     fill_meta_model(model, state, "the experts")
     out_dir = save_merged_model(model, expert_dirs[0], out_dir, "moe.json", {
         "experts": [str(d) for d in expert_dirs], "seed": str(seed_dir) if seed_dir else None,
+        "shared": str(shared_dir) if shared_dir is not None else "average of the experts",
         "keep_seed_expert": keep_seed_expert, "router_init": router_init, "top_k": top_k, "router_std": router_std,
         "num_local_experts": E, "layout": layout})
     log.info("built MoE with %d experts per layer (top-%d, router %s) in %s", E, top_k, router_init, out_dir)
