@@ -334,8 +334,10 @@ def routing_stats(model, blocks: torch.Tensor, batch_size: int = 8) -> dict:
 def finetune_moe(moe_dir: str | os.PathLike, shard_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                  config=None, router_aux_loss_coef: float = 0.01, stat_blocks: int = 32, **train_kw) -> dict:
     """BTX finetuning: `experts.train.train_model` on a mix of all clusters' shards with the load-balancing loss
-    (`router_aux_loss_coef`, BTX used 0.01), then routing entropy / per-expert load over `stat_blocks` blocks
-    written to `out_dir/routing.json`. Returns train_model's result with a "routing" entry."""
+    (`router_aux_loss_coef`, BTX used 0.01), then `routing_stats` (per layer: per-token routing entropy, entropy
+    of the mean router distribution, per-expert load) over `stat_blocks` blocks of the validation shards
+    (`valid_paths`; the training shards without them) written to `out_dir/routing.json`. Returns train_model's
+    result with a "routing" entry."""
     import dataclasses
 
     from experts.model import load_causal_lm
@@ -354,8 +356,9 @@ def finetune_moe(moe_dir: str | os.PathLike, shard_paths: Sequence[str | os.Path
     from experts.device import resolve_device
 
     model.to(resolve_device(config.device).device)
-    per_shard = max(1, stat_blocks // max(1, len(shard_paths)))
-    blocks = np.concatenate([np.asarray(np.load(p, mmap_mode="r")[:per_shard]) for p in shard_paths])
+    stat_paths = list(train_kw.get("valid_paths") or shard_paths)  # held-out blocks when there are some
+    per_shard = max(1, stat_blocks // max(1, len(stat_paths)))
+    blocks = np.concatenate([np.asarray(np.load(p, mmap_mode="r")[:per_shard]) for p in stat_paths])
     stats = routing_stats(model, torch.as_tensor(blocks.astype(np.int64)))
     stats["router_aux_loss_coef"] = config.router_aux_loss_coef
     write_json(Path(out_dir) / "routing.json", stats)
