@@ -106,7 +106,7 @@ class RunParams:
                   "fsdp (weights, gradients and AdamW moments sharded per decoder layer, for models that do not "
                   "fit on one GPU)")
     # merging
-    merge_methods = _p("ensemble,posterior,average,moe", name="merge_methods")
+    merge_methods = _p("ensemble,posterior,average,task_arithmetic,ties,moe", name="merge_methods")
     top_k = _p("2", name="top_k", description="experts per prefix in the ensemble; an integer or 'all'")
     temperature = _p(0.1, luigi.FloatParameter, name="temperature", description="T in softmax(-d²/T)")
     route_every = _p(16, luigi.IntParameter, name="route_every", description="c-BTM ensemble: recompute the "
@@ -114,7 +114,7 @@ class RunParams:
     moe_top_k = _p(2, luigi.IntParameter, name="moe_top_k")
     router_init = _p("centroids", name="router_init", description="random | centroids | hidden")
     moe_tokens = _p(0, luigi.IntParameter, name="moe_tokens", description="MoE finetuning tokens, on top of the "
-                    "compute-matched budget; 0 = 10%% of --train-tokens")
+                    "compute-matched budget; 0 = 25%% of --train-tokens")
     moe_shared = _p("average", name="moe_shared", description="where the MoE's attention, norms and embeddings "
                     "come from: average (of the experts, BTX) | seed | a parameter merge (task_arithmetic, ties, "
                     "dare_linear, dare_ties)")
