@@ -87,6 +87,7 @@ def main() -> None:
     ap.add_argument("--moe-shared", nargs="*", default=["average", "seed", "ties"])
     ap.add_argument("--moe-fractions", type=float, nargs="*", default=[0.0, 0.1, 0.25],
                     help="MoE finetune tokens as fractions of the run's --train-tokens (0 = not finetuned)")
+    ap.add_argument("--moe-lr", type=float, default=0.0, help="peak LR of the MoE finetune (0 = the run's)")
     ap.add_argument("--expert-tokens", type=int, default=0, help="train new experts from the seed, N tokens each")
     ap.add_argument("--expert-trainable", choices=("all", "ffn"), default="all")
     ap.add_argument("--no-ensemble", action="store_true")
@@ -116,9 +117,9 @@ def main() -> None:
     lr = stage.get("learning_rate") or 3e-4
 
     def train_config(tokens: int, **kw) -> TrainConfig:
-        return TrainConfig(train_tokens=tokens, lr=lr, min_lr=lr / 10, seed=args.seed, device=args.device,
-                           micro_batch_size=stage.get("micro_batch_size", 8),
-                           global_batch_tokens=stage.get("batch_tokens") or None, **kw)
+        opts = dict(lr=lr, min_lr=lr / 10, seed=args.seed, device=args.device,
+                    micro_batch_size=stage.get("micro_batch_size", 8), global_batch_tokens=stage.get("batch_tokens") or None)
+        return TrainConfig(train_tokens=tokens, **{**opts, **kw})
 
     if args.expert_tokens:
         expert_root = work / f"experts-{args.expert_tokens}-{args.expert_trainable}"
@@ -197,11 +198,12 @@ def main() -> None:
                 score(f"moe {shared} (no finetune)", hf(moe))
                 continue
             tokens = int(frac * train_tokens)
-            ft = work / f"{tag}-moe-{shared}-ft{tokens}"
+            ft = work / (f"{tag}-moe-{shared}-ft{tokens}" + (f"-lr{args.moe_lr:g}" if args.moe_lr else ""))
+            lr_kw = {"lr": args.moe_lr, "min_lr": args.moe_lr / 10} if args.moe_lr else {}
             if not (ft / "training.json").is_file():
-                finetune_moe(moe, train_shards, ft, train_config(tokens), valid_paths=valid_shards)
+                finetune_moe(moe, train_shards, ft, train_config(tokens, **lr_kw), valid_paths=valid_shards)
             routing = json.loads((ft / "routing.json").read_text())
-            score(f"moe {shared} + finetune {frac:g}×budget", hf(ft),
+            score(f"moe {shared} + finetune {frac:g}×budget" + (f" lr {args.moe_lr:g}" if args.moe_lr else ""), hf(ft),
                   {"finetune_tokens": tokens, "per_token_entropy": routing["per_token_entropy"],
                    "per_expert_load": routing["per_expert_load"]})
 

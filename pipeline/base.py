@@ -37,7 +37,8 @@ log = logging.getLogger("luigi-interface")
 
 _WARNED: dict[str, bool] = {}
 SECTION = "cbtm"  # luigi.cfg section that holds the defaults of every stage's parameters
-PARAMETER_MERGES = ("average", "task_arithmetic", "ties", "dare_linear", "dare_ties")  # keys of experts.merge.METHODS
+TASK_VECTOR_MERGES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")  # merges against the seed
+PARAMETER_MERGES = ("average",) + TASK_VECTOR_MERGES  # the keys of experts.merge.METHODS
 MERGE_METHODS = ("ensemble", "posterior") + PARAMETER_MERGES + ("moe",)
 CHOICES = {
     "embedder": ("tfidf", "encoder"),
@@ -47,7 +48,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "router_init": ("random", "centroids", "hidden"),
     "merge_weights": ("uniform", "sizes"),
-    "moe_shared": ("average", "seed") + PARAMETER_MERGES[1:],
+    "moe_shared": ("average", "seed") + TASK_VECTOR_MERGES,
     "expert_trainable": ("all", "ffn"),
     "compile": ("auto", "on", "off"),
     "sharding": ("ddp", "fsdp"),

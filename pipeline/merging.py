@@ -10,10 +10,11 @@ from typing import Callable
 import luigi
 
 from corpus.io import InputError, read_json
-from pipeline.base import MERGE_METHODS, PARAMETER_MERGES, Stage, gpu_slots
+from pipeline.base import MERGE_METHODS, PARAMETER_MERGES, TASK_VECTOR_MERGES, Stage, gpu_slots
 from pipeline.clustering import AssignClusters, EmbedCorpus, FitClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.training import ShardCorpus, TrainExpert, TrainSeed, _TrainStage
+
 
 @dataclass(frozen=True)
 class MergeMethod:
@@ -128,7 +129,7 @@ class MergeExperts(Stage):
             return False
         if self.method == "moe":
             return self.router_init == "hidden"
-        return self.method in PARAMETER_MERGES[1:] and self.merge_lambda == "auto"  # λ chosen by forward passes
+        return self.method in TASK_VECTOR_MERGES and self.merge_lambda == "auto"  # λ chosen by forward passes
 
     def requires(self):
         req = {"experts": [self.clone(TrainExpert, cluster_id=c) for c in range(self.num_clusters)]}
@@ -136,12 +137,12 @@ class MergeExperts(Stage):
             req.update(clusters=self.clone(FitClusters), embeddings=self.clone(EmbedCorpus))
         if self.method in PARAMETER_MERGES:
             req.update(assignments=self.clone(AssignClusters))
-        if self.method in PARAMETER_MERGES[1:]:
+        if self.method in TASK_VECTOR_MERGES:
             req.update(seed=self.clone(TrainSeed), shards=self.clone(ShardCorpus))
         if self.method == "moe":
             req.update(seed=self.clone(TrainSeed), corpus=self.clone(PrepareCorpus),
                        assignments=self.clone(AssignClusters))
-            if self.moe_shared in PARAMETER_MERGES[1:]:
+            if self.moe_shared in TASK_VECTOR_MERGES:
                 req.update(shared=self.clone(MergeExperts, method=self.moe_shared))
         return req
 
