@@ -1,9 +1,11 @@
-"""BTM parameter averaging (Li et al. 2022, "Branch-Train-Merge", §5 "parameter averaging").
+"""What every merge of expert checkpoints shares, and BTM parameter averaging (Li et al. 2022, "Branch-Train-Merge",
+§5 "parameter averaging").
 
 θ_avg = Σ_j w_j θ_j with w_j ≥ 0, Σ_j w_j = 1: uniform, or weights from centroid distances
-(`weights_from_distances`) or from a corpus's domain posterior (`weights_from_posterior`). Tensors are read
-memory-mapped from each expert's safetensors and averaged one at a time in fp32, so only the output model
-(plus one tensor per expert) is ever in RAM.
+(`weights_from_distances`) or from a corpus's domain posterior (`weights_from_posterior`); `average_experts` is
+the `average` entry of `experts.merge` (which also holds the task-arithmetic merges). `CheckpointReader` reads the
+tensors of a `save_pretrained` folder one at a time (memory-mapped safetensors); `check_expert_dirs` refuses
+experts of different architectures or tokenizers; `save_merged_model` writes a merged model atomically.
 """
 from __future__ import annotations
 
@@ -93,17 +95,27 @@ class CheckpointReader:
         return list(self.where)
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         name = self.where[key]
         if name == "":
             return self._state[key]
+        return self._file(name).get_tensor(key)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        """The tensor's shape, read from the file header (no data)."""
+        name = self.where[key]
+        if name == "":
+            return tuple(self._state[key].shape)
+        return tuple(self._file(name).get_slice(key).get_shape())
+
+    def _file(self, name: str):
+        from safetensors import safe_open
+
         if name not in self._files:
             try:
                 self._files[name] = safe_open(self.dir / name, "pt")
             except Exception as e:  # noqa: BLE001
                 raise InputError(f"corrupt checkpoint file {self.dir / name}: {str(e).splitlines()[0][:200]}") from None
-        return self._files[name].get_tensor(key)
+        return self._files[name]
 
 
 def normalise_weights(weights: Sequence[float] | None, k: int) -> np.ndarray:
@@ -147,42 +159,15 @@ def weights_from_posterior(expert_dirs: Sequence[str | os.PathLike], texts: Sequ
 
 def average_experts(expert_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                     weights: Sequence[float] | None = None) -> Path:
-    """Average the experts' parameters into `out_dir` (atomic): model weights via `save_pretrained`, the first
-    expert's tokenizer, and `average.json` (experts, weights). Returns `out_dir`.
+    """Average the experts' parameters into `out_dir` (atomic): `experts.merge.merge_experts` with method
+    `average` (model weights via `save_pretrained`, the first expert's tokenizer, `merge.json`). Returns `out_dir`.
 
     Loadable with `AutoModelForCausalLM.from_pretrained(out_dir)`. Experts must share architecture, shapes
     and tokenizer (InputError naming the mismatch and the directories otherwise).
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from experts.merge import merge_experts
 
-    expert_dirs = [Path(d) for d in expert_dirs]
-    check_expert_dirs(expert_dirs)
-    w = normalise_weights(weights, len(expert_dirs))
-    readers = [CheckpointReader(d) for d in expert_dirs]
-    keys = readers[0].keys()
-    for r in readers[1:]:
-        if set(r.keys()) != set(keys):
-            diff = sorted(set(r.keys()) ^ set(keys))[:3]
-            raise InputError(f"experts {expert_dirs[0]} and {r.dir} have different parameters (e.g. {diff})")
-    state: dict[str, torch.Tensor] = {}
-    for n, key in enumerate(keys):
-        first = readers[0].get(key)
-        acc = torch.zeros(first.shape, dtype=torch.float32)
-        for wj, r in zip(w, readers):
-            t = r.get(key)
-            if t.shape != first.shape:
-                raise InputError(f"parameter {key} has shape {tuple(first.shape)} in {expert_dirs[0]} "
-                                 f"but {tuple(t.shape)} in {r.dir}")
-            acc.add_(t.float(), alpha=float(wj))
-        state[key] = acc.to(first.dtype) if first.is_floating_point() else first
-        if n % 50 == 0:
-            log.info("averaged %d/%d tensors", n + 1, len(keys))
-    config = AutoConfig.from_pretrained(expert_dirs[0])
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    fill_meta_model(model, state, f"checkpoint {expert_dirs[0]}")
-    return save_merged_model(model, expert_dirs[0], out_dir, "average.json",
-                             {"experts": [str(d) for d in expert_dirs], "weights": w.tolist()})
+    return merge_experts(expert_dirs, out_dir, "average", weights=weights)
 
 
 def fill_meta_model(model, state: dict[str, torch.Tensor], source: str) -> None:

@@ -2,7 +2,10 @@
 
 Layer l of the MoE has one feed-forward expert per branch: expert j's (gate_proj, up_proj, down_proj) of
 layer l become MoE expert j of layer l (optionally the seed's FFN as one more expert, as BTX did). Everything
-else — attention, RMSNorms, embeddings, lm_head — is the uniform average of the experts. Per token the router
+else — attention, RMSNorms, embeddings, lm_head — is the uniform average of the experts (BTX), or, with
+`shared_dir`, taken from one checkpoint of the same architecture: the seed, or a task-arithmetic / TIES merge of
+the experts (`experts.merge`). Experts trained with only their FFNs against a frozen seed (FlexOlmo, Shi et al.
+2025; `TrainConfig.trainable="ffn"`) share these weights exactly, so all three agree. Per token the router
 picks the top_k experts, h ↦ Σ_{j∈top_k} softmax(W_r h)_j · FFN_j(h) (renormalised over the top_k).
 
 Router initialisation: "random" (N(0, router_std²)); "hidden": row j = mean post-norm hidden state (the MLP
@@ -223,11 +226,14 @@ def build_moe(
     embedder=None,
     cluster_texts: Sequence | None = None,
     seed: int = 0,
+    shared_dir: str | os.PathLike | None = None,
 ) -> Path:
     """Merge Llama experts into a `MixtralForCausalLM` saved in `out_dir` (atomic; `save_pretrained` + tokenizer +
     `moe.json`). Returns `out_dir`, loadable with `AutoModelForCausalLM`.
 
     num_local_experts = k (+1 with keep_seed_expert, the seed's FFN last), num_experts_per_tok = top_k.
+    Non-FFN weights: the experts' uniform average, or those of `shared_dir` when given (InputError naming the
+    tensor when it lacks one or shapes it differently).
     """
     from transformers import MixtralForCausalLM
 
@@ -250,15 +256,26 @@ def build_moe(
     L, H = llama["num_hidden_layers"], llama["hidden_size"]
 
     readers = [CheckpointReader(d) for d in all_dirs]
-    n_avg = len(expert_dirs)  # attention, norms, embeddings: average of the experts (not the seed)
+    shared = None
+    if shared_dir is not None:
+        if not Path(shared_dir).is_dir():
+            raise InputError(f"directory of the MoE's shared (non-FFN) weights does not exist: {shared_dir}")
+        shared = CheckpointReader(shared_dir)
+    n_avg = len(expert_dirs)  # attention, norms, embeddings: average of the experts (not the seed), or `shared`
     state: dict[str, torch.Tensor] = {}
     mlp_names = ("gate_proj", "up_proj", "down_proj")
     for key in readers[0].keys():
         parts = key.split(".")
         if len(parts) > 4 and parts[3] == "mlp" and parts[4] in mlp_names:
             continue
-        acc = sum(r.get(key).float() for r in readers[:n_avg]) / n_avg
-        state[key] = acc
+        if shared is None:
+            state[key] = sum(r.get(key).float() for r in readers[:n_avg]) / n_avg
+            continue
+        if key not in shared.where or shared.shape(key) != readers[0].shape(key):
+            found = f"shape {shared.shape(key)}" if key in shared.where else "no such tensor"
+            raise InputError(f"tensor {key} has shape {readers[0].shape(key)} in the experts but {found} in "
+                             f"{shared_dir}; the MoE's shared weights must come from a model of the experts' architecture")
+        state[key] = shared.get(key).float()
     for layer in range(L):
         w = {n: torch.stack([r.get(f"model.layers.{layer}.mlp.{n}.weight").float() for r in readers]) for n in mlp_names}
         for suffix, t in to_layout(w["gate_proj"], w["up_proj"], w["down_proj"]).items():
@@ -274,6 +291,7 @@ def build_moe(
     fill_meta_model(model, state, "the experts")
     out_dir = save_merged_model(model, expert_dirs[0], out_dir, "moe.json", {
         "experts": [str(d) for d in expert_dirs], "seed": str(seed_dir) if seed_dir else None,
+        "shared": str(shared_dir) if shared_dir is not None else "average of the experts",
         "keep_seed_expert": keep_seed_expert, "router_init": router_init, "top_k": top_k, "router_std": router_std,
         "num_local_experts": E, "layout": layout})
     log.info("built MoE with %d experts per layer (top-%d, router %s) in %s", E, top_k, router_init, out_dir)
@@ -316,8 +334,10 @@ def routing_stats(model, blocks: torch.Tensor, batch_size: int = 8) -> dict:
 def finetune_moe(moe_dir: str | os.PathLike, shard_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                  config=None, router_aux_loss_coef: float = 0.01, stat_blocks: int = 32, **train_kw) -> dict:
     """BTX finetuning: `experts.train.train_model` on a mix of all clusters' shards with the load-balancing loss
-    (`router_aux_loss_coef`, BTX used 0.01), then routing entropy / per-expert load over `stat_blocks` blocks
-    written to `out_dir/routing.json`. Returns train_model's result with a "routing" entry."""
+    (`router_aux_loss_coef`, BTX used 0.01), then `routing_stats` (per layer: per-token routing entropy, entropy
+    of the mean router distribution, per-expert load) over `stat_blocks` blocks of the validation shards
+    (`valid_paths`; the training shards without them) written to `out_dir/routing.json`. Returns train_model's
+    result with a "routing" entry."""
     import dataclasses
 
     from experts.model import load_causal_lm
@@ -336,8 +356,9 @@ def finetune_moe(moe_dir: str | os.PathLike, shard_paths: Sequence[str | os.Path
     from experts.device import resolve_device
 
     model.to(resolve_device(config.device).device)
-    per_shard = max(1, stat_blocks // max(1, len(shard_paths)))
-    blocks = np.concatenate([np.asarray(np.load(p, mmap_mode="r")[:per_shard]) for p in shard_paths])
+    stat_paths = list(train_kw.get("valid_paths") or shard_paths)  # held-out blocks when there are some
+    per_shard = max(1, stat_blocks // max(1, len(stat_paths)))
+    blocks = np.concatenate([np.asarray(np.load(p, mmap_mode="r")[:per_shard]) for p in stat_paths])
     stats = routing_stats(model, torch.as_tensor(blocks.astype(np.int64)))
     stats["router_aux_loss_coef"] = config.router_aux_loss_coef
     write_json(Path(out_dir) / "routing.json", stats)

@@ -135,6 +135,10 @@ class TrainConfig:
     experts_per_gpu: int = 1
     """Training processes sharing this GPU (--experts-per-gpu): each may allocate 1/N of its memory (what is left
     after N CUDA contexts), which `micro_batch_size='auto'` then fits into."""
+    trainable: str = "all"
+    """Which parameters train: 'all', or 'ffn' = only the decoder layers' feed-forward blocks (`.mlp.`), the
+    seed's attention, norms and embeddings frozen (FlexOlmo, Shi et al. 2025: experts trained so against one
+    frozen seed share every non-FFN weight, so an MoE of their FFNs loses nothing at the merge)."""
     sharding: str = "ddp"
     """How a model spread over several devices is split (--sharding): 'ddp' (a full copy of weights, gradients
     and AdamW moments per device, gradients all-reduced) or 'fsdp' (FSDP2 `fully_shard` per decoder layer + root:
@@ -173,6 +177,7 @@ class TrainConfig:
             (self.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
              f"--compile-mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {self.compile_mode!r}"),
             (self.sharding in ("ddp", "fsdp"), f"--sharding must be ddp or fsdp, got {self.sharding!r}"),
+            (self.trainable in ("all", "ffn"), f"--expert-trainable must be all or ffn, got {self.trainable!r}"),
         ]
         for ok, msg in checks:
             if not ok:
@@ -1039,9 +1044,13 @@ def train_model(
     if fsdp:  # before the optimizer is built: sharding replaces every parameter by a DTensor
         shard_model(loss_module, model, device, setup.dtype)
     decay, no_decay = [], []
-    for _, p in model.named_parameters():
+    for name, p in model.named_parameters():
+        if config.trainable == "ffn" and ".mlp." not in name:
+            p.requires_grad_(False)  # FlexOlmo: the seed's attention, norms and embeddings stay as they are
         if p.requires_grad:
             (decay if p.dim() >= 2 else no_decay).append(p)
+    if not decay + no_decay:
+        raise InputError(f"--expert-trainable {config.trainable}: {type(model).__name__} has no such parameters to train")
     optimizer = torch.optim.AdamW(
         [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=config.lr, betas=config.betas, eps=config.eps, fused=device.type == "cuda",

@@ -15,8 +15,8 @@ Read in order, this is the table of contents (stage → library function → out
     TrainExpert(c)      experts.launch.launch_training           experts-<h>/cluster_{c:03d}/
     TrainExperts        (wrapper: every TrainExpert)
     TrainDense          experts.launch.launch_training           dense-<h>/
-    MergeExperts(m)     experts.ensemble.save_ensemble_config |  merged-<h>/{ensemble,posterior,average,moe}/
-                        experts.average.average_experts |
+    MergeExperts(m)     experts.ensemble.save_ensemble_config |  merged-<h>/<m>/ (m: ensemble, posterior, average,
+                        experts.merge.merge_experts |              task_arithmetic, ties, dare_linear, dare_ties, moe)
                         experts.moe.build_moe
     FinetuneMoE         experts.moe.finetune_moe                 moe-finetuned-<h>/
     EvaluatePerplexity  tasks.perplexity.evaluate_perplexity     eval-<h>/perplexity/<model>.json

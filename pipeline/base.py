@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import glob as globlib
 import logging
+import math
 import os
 import re
 import shutil
@@ -45,7 +46,9 @@ log = logging.getLogger("luigi-interface")
 
 _WARNED: dict[str, bool] = {}
 SECTION = "cbtm"  # luigi.cfg section that holds the defaults of every stage's parameters
-MERGE_METHODS = ("ensemble", "posterior", "average", "moe")
+TASK_VECTOR_MERGES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")  # merges against the seed
+PARAMETER_MERGES = ("average",) + TASK_VECTOR_MERGES  # the keys of experts.merge.METHODS
+MERGE_METHODS = ("ensemble", "posterior") + PARAMETER_MERGES + ("moe",)
 CHOICES = {
     "embedder": ("tfidf", "encoder"),
     "clusterer": ("balanced", "unbalanced", "random"),
@@ -53,6 +56,9 @@ CHOICES = {
     "branch_from": ("seed", "average"),
     "device": ("auto", "cpu", "cuda"),
     "router_init": ("random", "centroids", "hidden"),
+    "merge_weights": ("uniform", "sizes"),
+    "moe_shared": ("average", "seed") + TASK_VECTOR_MERGES,
+    "expert_trainable": ("all", "ffn"),
     "compile": ("auto", "on", "off"),
     "sharding": ("ddp", "fsdp"),
     "compute_match": ("steps", "tokens"),
@@ -151,15 +157,28 @@ class RunParams:
                   "fsdp (weights, gradients and AdamW moments sharded per decoder layer, for models that do not "
                   "fit on one GPU)")
     # merging
-    merge_methods = _p("ensemble,posterior,average,moe", name="merge_methods")
+    merge_methods = _p("ensemble,posterior,average,task_arithmetic,ties,moe", name="merge_methods")
     top_k = _p("2", name="top_k", description="experts per prefix in the ensemble; an integer or 'all'")
     temperature = _p(0.1, luigi.FloatParameter, name="temperature", description="T in softmax(-d²/T)")
     route_every = _p(16, luigi.IntParameter, name="route_every", description="c-BTM ensemble: recompute the "
                      "routing from the prefix every n tokens")
     moe_top_k = _p(2, luigi.IntParameter, name="moe_top_k")
     router_init = _p("centroids", name="router_init", description="random | centroids | hidden")
-    moe_tokens = _p(0, luigi.IntParameter, name="moe_tokens", description="MoE finetuning tokens; 0 = 10%% of "
-                    "--train-tokens")
+    moe_tokens = _p(0, luigi.IntParameter, name="moe_tokens", description="MoE finetuning tokens, on top of the "
+                    "compute-matched budget; 0 = 25%% of --train-tokens")
+    moe_shared = _p("average", name="moe_shared", description="where the MoE's attention, norms and embeddings "
+                    "come from: average (of the experts, BTX) | seed | a parameter merge (task_arithmetic, ties, "
+                    "dare_linear, dare_ties)")
+    merge_weights = _p("sizes", name="merge_weights", description="expert weights w_j of the parameter merges: "
+                       "uniform | sizes (share of the training documents in cluster j)")
+    merge_lambda = _p("auto", name="merge_lambda", description="λ of θ_seed + λ·τ in task_arithmetic / ties / dare_*: "
+                      "a number, or auto (the value of least validation loss among 0.1 … 1.5)")
+    ties_density = _p(0.2, luigi.FloatParameter, name="ties_density", description="fraction of each task vector's "
+                      "entries TIES keeps (largest magnitudes), in (0, 1]")
+    dare_drop_rate = _p(0.5, luigi.FloatParameter, name="dare_drop_rate", description="DARE: probability p of "
+                        "dropping a task-vector entry (the rest are scaled by 1/(1−p)), in [0, 1)")
+    expert_trainable = _p("all", name="expert_trainable", description="all | ffn: experts train only their "
+                          "feed-forward blocks against the seed's frozen attention, norms and embeddings (FlexOlmo)")
     # evaluation
     eval_max_docs = _p(80, luigi.IntParameter, name="eval_max_docs", description="seeded sample of docs per split; 0 = all")
     eval_batch_size = _p(16, luigi.IntParameter, name="eval_batch_size", description="windows per model call in "
@@ -240,6 +259,17 @@ class RunParams:
         bad = [m for m in self.methods if m not in MERGE_METHODS]
         if bad:
             raise InputError(f"--merge-methods: unknown {', '.join(bad)}; choose from {', '.join(MERGE_METHODS)}")
+        if self.merge_lambda != "auto":
+            try:
+                ok = math.isfinite(float(self.merge_lambda))
+            except ValueError:
+                ok = False
+            if not ok:
+                raise InputError(f"--merge-lambda {self.merge_lambda!r}: a finite number or 'auto'")
+        if not 0 < self.ties_density <= 1:
+            raise InputError(f"--ties-density {self.ties_density}: must be in (0, 1]")
+        if not 0 <= self.dare_drop_rate < 1:
+            raise InputError(f"--dare-drop-rate {self.dare_drop_rate}: must be in [0, 1)")
         if str(self.top_k).lower() != "all" and not str(self.top_k).isdigit():
             raise InputError(f"--top-k {self.top_k!r}: an integer ≥ 1 or 'all'")
         if self.top_k_value is not None and not 1 <= self.top_k_value:

@@ -1,29 +1,109 @@
-"""Merging stages: the c-BTM sparse ensemble, the BTM posterior ensemble, parameter averaging, the BTX MoE
-(`MergeExperts(method)`), and BTX finetuning of the MoE (`FinetuneMoE`)."""
+"""Merging stages: the c-BTM sparse ensemble, the BTM posterior ensemble, parameter averaging and the task-arithmetic
+merges (task arithmetic, TIES, DARE), the BTX MoE (`MergeExperts(method)`, one entry of `METHODS` each), and BTX
+finetuning of the MoE (`FinetuneMoE`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import luigi
 
-from corpus.io import InputError
-from pipeline.base import Stage
+from corpus.io import InputError, read_json
+from pipeline.base import MERGE_METHODS, PARAMETER_MERGES, TASK_VECTOR_MERGES, Stage
 from pipeline.clustering import AssignClusters, EmbedCorpus, FitClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.training import ShardCorpus, TrainExpert, TrainSeed, _TrainStage
 
-_METHOD_PARAMS = {  # what each method's output depends on, beyond the experts
-    "ensemble": ("ensemble_top_k", "temperature", "route_every"),
-    "posterior": ("top_k",),
-    "average": (),
-    "moe": ("moe_top_k", "router_init", "seed"),
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """One `--merge-methods` value: `build(stage, out, expert_dirs)` writes the merged model into `out` and returns
+    the stamp's result; `hashed` are the run parameters its output depends on beyond the experts (mergekit's
+    registry pattern: a method is one entry, not a branch of an if/elif)."""
+
+    build: Callable[["MergeExperts", Path, list[str]], dict]
+    hashed: tuple[str, ...]
+
+
+def _ensemble(stage: "MergeExperts", out: Path, expert_dirs: list[str]) -> dict:
+    from experts.ensemble import save_ensemble_config
+    from experts.hf_ensemble import write_hf_ensemble
+
+    r = stage.requires()
+    top_k = stage.ensemble_top_k or str(stage.top_k)
+    save_ensemble_config(out, expert_dirs, kind="sparse",
+                         centroids_path=stage.input_path(r["clusters"]) / "centroids.npy",
+                         embedder_dir=stage.input_path(r["embeddings"]) / "embedder",
+                         top_k=None if top_k == "all" else int(top_k), temperature=stage.temperature,
+                         route_every=stage.route_every, name=f"ensemble_top{top_k}")
+    write_hf_ensemble(out)  # loadable with AutoModelForCausalLM
+    return {}
+
+
+def _posterior(stage: "MergeExperts", out: Path, expert_dirs: list[str]) -> dict:
+    from experts.ensemble import save_ensemble_config
+    from experts.hf_ensemble import write_hf_ensemble
+
+    save_ensemble_config(out, expert_dirs, kind="posterior", prior="updating", top_k=stage.top_k_value,
+                         name="posterior")
+    write_hf_ensemble(out)  # loadable with AutoModelForCausalLM
+    return {}
+
+
+def _parameter_merge(stage: "MergeExperts", out: Path, expert_dirs: list[str]) -> dict:
+    """`experts.merge.merge_experts`: weights from --merge-weights; λ from --merge-lambda (auto: chosen on the
+    valid shards)."""
+    from experts.device import resolve_device
+    from experts.merge import LAMBDAS, METHODS, MergeRecipe, merge_experts, sample_blocks
+
+    r = stage.requires()
+    uses_seed = METHODS[stage.method].uses_seed
+    auto = uses_seed and stage.merge_lambda == "auto"
+    recipe = MergeRecipe(lam=1.0 if stage.merge_lambda == "auto" else float(stage.merge_lambda),
+                         density=stage.ties_density, drop_rate=stage.dare_drop_rate, seed=stage.seed)
+    blocks = sample_blocks(stage.valid_shards()) if auto else None
+    merge_experts(expert_dirs, out, stage.method, seed_dir=stage.input_path(r["seed"]) if uses_seed else None,
+                  weights=stage.expert_weights(), recipe=recipe, lambdas=LAMBDAS if auto else None,
+                  valid_blocks=blocks, device=str(resolve_device(stage.device).device))
+    meta = read_json(out / "merge.json")
+    return {"recipe": meta["recipe"], "weights": meta["weights"]}
+
+
+def _moe(stage: "MergeExperts", out: Path, expert_dirs: list[str]) -> dict:
+    import numpy as np
+
+    from experts.moe import build_moe
+
+    r = stage.requires()
+    centroids = np.load(stage.input_path(r["clusters"]) / "centroids.npy")  # (k, dim)
+    shared = {"average": None, "seed": r["seed"]}.get(stage.moe_shared, r.get("shared"))
+    build_moe(expert_dirs, out, seed_dir=stage.input_path(r["seed"]), router_init=stage.router_init,
+              top_k=min(stage.moe_top_k, stage.num_clusters), centroids=centroids,
+              cluster_texts=stage.cluster_texts() if stage.router_init != "random" else None, seed=stage.seed,
+              shared_dir=None if shared is None else stage.input_path(shared))
+    return {"shared": stage.moe_shared}
+
+
+RECIPE_FLAGS = {"lam": "merge_lambda", "density": "ties_density", "drop_rate": "dare_drop_rate", "seed": "seed"}
+"""The run parameter behind each `experts.merge.MergeRecipe` field."""
+_MERGE_PARAMS = {  # the flags behind experts.merge.METHODS[m].params (a test keeps the two in step)
+    "average": (), "task_arithmetic": ("merge_lambda",), "ties": ("merge_lambda", "ties_density"),
+    "dare_linear": ("merge_lambda", "dare_drop_rate", "seed"), "dare_ties": ("merge_lambda", "dare_drop_rate", "seed")}
+METHODS: dict[str, MergeMethod] = {
+    "ensemble": MergeMethod(_ensemble, ("ensemble_top_k", "temperature", "route_every")),
+    "posterior": MergeMethod(_posterior, ("top_k",)),
+    **{m: MergeMethod(_parameter_merge, ("merge_weights",) + p) for m, p in _MERGE_PARAMS.items()},
+    "moe": MergeMethod(_moe, ("moe_top_k", "router_init", "seed", "moe_shared")),
 }
+assert tuple(METHODS) == MERGE_METHODS, "pipeline.base.MERGE_METHODS lists the methods of this registry"
 
 
 class MergeExperts(Stage):
-    """method=ensemble|posterior → `merged-<h>/<method>/ensemble.json` (`experts.ensemble.save_ensemble_config`)
-    made a Hugging Face model folder by `experts.hf_ensemble.write_hf_ensemble`;
-    average → `experts.average.average_experts`; moe → `experts.moe.build_moe`, both `save_pretrained` folders.
+    """One `--merge-methods` value (an entry of `METHODS`) → `merged-<h>/<method>/`: ensemble|posterior →
+    `ensemble.json` (`experts.ensemble.save_ensemble_config`) made a Hugging Face model folder by
+    `experts.hf_ensemble.write_hf_ensemble`; average|task_arithmetic|ties|dare_linear|dare_ties →
+    `experts.merge.merge_experts`; moe → `experts.moe.build_moe`; the last two are `save_pretrained` folders.
     `ensemble_top_k` ('' = --top-k) lets the evaluation build the top-1/2/all variants of the c-BTM ensemble."""
 
     folder = "merged"
@@ -32,7 +112,7 @@ class MergeExperts(Stage):
 
     @property
     def hashed(self):
-        return ("method",) + _METHOD_PARAMS.get(self.method, ())
+        return ("method",) + (METHODS[self.method].hashed if self.method in METHODS else ())
 
     @property
     def subpath(self) -> str:
@@ -43,58 +123,60 @@ class MergeExperts(Stage):
             return self.ensemble_top_k or str(self.top_k)
         return super()._hash_value(name)
 
+    def validate(self) -> None:
+        super().validate()
+        if self.method not in METHODS:
+            raise InputError(f"unknown merge method {self.method!r}; choose one of {', '.join(METHODS)}")
+
     @property
     def gpu_stage(self) -> bool:
-        return self.method == "moe" and self.router_init == "hidden" and self.device != "cpu"
+        if self.device == "cpu":
+            return False
+        if self.method == "moe":
+            return self.router_init == "hidden"
+        return self.method in TASK_VECTOR_MERGES and self.merge_lambda == "auto"  # λ chosen by forward passes
 
     def requires(self):
         req = {"experts": [self.clone(TrainExpert, cluster_id=c) for c in range(self.num_clusters)]}
         if self.method in ("ensemble", "moe"):
             req.update(clusters=self.clone(FitClusters), embeddings=self.clone(EmbedCorpus))
+        if self.method in PARAMETER_MERGES:
+            req.update(assignments=self.clone(AssignClusters))
+        if self.method in TASK_VECTOR_MERGES:
+            req.update(seed=self.clone(TrainSeed), shards=self.clone(ShardCorpus))
         if self.method == "moe":
             req.update(seed=self.clone(TrainSeed), corpus=self.clone(PrepareCorpus),
                        assignments=self.clone(AssignClusters))
+            if self.moe_shared in TASK_VECTOR_MERGES:
+                req.update(shared=self.clone(MergeExperts, method=self.moe_shared))
         return req
 
     def build(self, out: Path) -> dict:
-        if self.method not in _METHOD_PARAMS:
-            raise InputError(f"unknown merge method {self.method!r}; choose one of {', '.join(_METHOD_PARAMS)}")
-        r = self.requires()
-        expert_dirs = [str(self.input_path(t)) for t in r["experts"]]
-        if self.method == "ensemble":
-            from experts.ensemble import save_ensemble_config
+        expert_dirs = [str(self.input_path(t)) for t in self.requires()["experts"]]
+        return {"method": self.method, "experts": expert_dirs, **METHODS[self.method].build(self, out, expert_dirs)}
 
-            top_k = self.ensemble_top_k or str(self.top_k)
-            save_ensemble_config(out, expert_dirs, kind="sparse",
-                                 centroids_path=self.input_path(r["clusters"]) / "centroids.npy",
-                                 embedder_dir=self.input_path(r["embeddings"]) / "embedder",
-                                 top_k=None if top_k == "all" else int(top_k), temperature=self.temperature,
-                                 route_every=self.route_every, name=f"ensemble_top{top_k}")
-        elif self.method == "posterior":
-            from experts.ensemble import save_ensemble_config
+    def expert_weights(self) -> list[float] | None:
+        """--merge-weights: None (uniform) or each cluster's share of the training documents."""
+        if self.merge_weights == "uniform":
+            return None
+        from corpus.read import read_columns
 
-            save_ensemble_config(out, expert_dirs, kind="posterior", prior="updating", top_k=self.top_k_value,
-                                 name="posterior")
-        elif self.method == "average":
-            from experts.average import average_experts
+        ids = read_columns(self.input_path(self.requires()["assignments"]) / "train.parquet", ["cluster_id"]).column(0)
+        counts = [0] * self.num_clusters
+        for c in ids.to_pylist():
+            counts[c] += 1
+        return [n / max(1, sum(counts)) for n in counts]
 
-            average_experts(expert_dirs, out)
-        else:
-            import numpy as np
+    def valid_shards(self) -> list[str]:
+        """The non-empty validation shards of the clusters (`ShardCorpus`)."""
+        from experts.data import shard_name
 
-            from experts.moe import build_moe
+        shards = self.input_path(self.requires()["shards"])
+        meta = read_json(shards / "meta.json")
+        return [str(shards / shard_name(int(c), "valid")) for c, m in sorted(meta["clusters"].items(), key=lambda x: int(x[0]))
+                if m.get("valid", {}).get("n_blocks", 0) > 0]
 
-            centroids = np.load(self.input_path(r["clusters"]) / "centroids.npy")  # (k, dim)
-            build_moe(expert_dirs, out, seed_dir=self.input_path(r["seed"]), router_init=self.router_init,
-                      top_k=min(self.moe_top_k, self.num_clusters), centroids=centroids,
-                      cluster_texts=self._cluster_texts() if self.router_init != "random" else None, seed=self.seed)
-        if self.method in ("ensemble", "posterior"):  # loadable with AutoModelForCausalLM (experts.hf_ensemble)
-            from experts.hf_ensemble import write_hf_ensemble
-
-            write_hf_ensemble(out)
-        return {"method": self.method, "experts": expert_dirs}
-
-    def _cluster_texts(self, per_cluster: int = 32) -> list[list[str]]:
+    def cluster_texts(self, per_cluster: int = 32) -> list[list[str]]:
         """Up to `per_cluster` training documents of each cluster (router initialisation from hidden states)."""
         from corpus.read import read_columns, take_rows
 
@@ -111,7 +193,9 @@ class MergeExperts(Stage):
 
 class FinetuneMoE(_TrainStage):
     """BTX: `experts.moe.finetune_moe` trains the merged MoE on all clusters with the load-balancing loss for
-    `--moe-tokens` (default 10% of --train-tokens, on top of the compute-matched budget) → `moe-finetuned-<h>/`."""
+    `--moe-tokens` (default 25% of --train-tokens) → `moe-finetuned-<h>/`. This is compute beyond the matched
+    budget that c-BTM and dense get; the report says how much. bench/RESULTS.md ("Merges that survive
+    specialization") has the measurements behind the default."""
 
     folder = "moe-finetuned"
     hashed = ("moe_tokens", "train_tokens", "batch_tokens", "learning_rate", "seed")
@@ -120,7 +204,12 @@ class FinetuneMoE(_TrainStage):
         return {"moe": self.clone(MergeExperts, method="moe"), "shards": self.clone(ShardCorpus)}
 
     def tokens(self) -> int:
-        return self.moe_tokens or max(1, self.train_tokens // 10)
+        return self.moe_tokens or max(1, self.train_tokens // 4)
+
+    def _hash_value(self, name: str):
+        if name == "moe_tokens":  # the resolved budget, so that a new default never reuses an old finetune
+            return self.tokens()
+        return super()._hash_value(name)
 
     def build(self, out: Path) -> dict:
         from experts.moe import finetune_moe

@@ -2,11 +2,13 @@
 
 Model names: `seed`, `dense`, `expert_003`, `ensemble_top1` / `ensemble_top2` / `ensemble_topall` (c-BTM, top_k
 1, 2, all, and --top-k when it is another value; duplicates dropped when k is small), `posterior` (BTM, updating prior, --top-k), `average` (BTM
-parameter average), `moe` (BTX MoE after finetuning).
+parameter average), `task_arithmetic` / `ties` / `dare_linear` / `dare_ties` (merges against the seed), `moe` (BTX
+MoE after finetuning).
 """
 from __future__ import annotations
 
 from corpus.io import InputError
+from pipeline.base import PARAMETER_MERGES
 
 
 def ensemble_variants(num_clusters: int, top_k: str = "2") -> list[str]:
@@ -40,8 +42,8 @@ def model_stage(p, name: str):
         return p.clone(MergeExperts, method="ensemble", ensemble_top_k=name[len("ensemble_top"):]), "ensemble"
     if name == "posterior":
         return p.clone(MergeExperts, method="posterior"), "ensemble"
-    if name == "average":
-        return p.clone(MergeExperts, method="average"), "hf"
+    if name in PARAMETER_MERGES:
+        return p.clone(MergeExperts, method=name), "hf"
     if name == "moe":
         return p.clone(FinetuneMoE), "hf"
     raise InputError(f"unknown model {name!r}; models of this run: {', '.join(model_names(p))}")

@@ -11,10 +11,11 @@ from pathlib import Path
 import luigi
 
 from corpus.io import atomic_file, read_json
-from pipeline.base import RunParams, Stage, install_log_filter
+from pipeline.base import PARAMETER_MERGES, RunParams, Stage, install_log_filter
 from pipeline.clustering import DescribeClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
+from pipeline.merging import MergeExperts
 from pipeline.models import model_names, model_stage
 
 TRAINED = ("seed", "dense", "moe")  # models with a training.json (plus every expert_*)
@@ -35,6 +36,8 @@ class Report(Stage):
             "fewshot": {t: {m: self.clone(EvaluateFewShot, task=t, model=m) for m in self.fewshot_model_names(names)}
                         for t in self.task_list},
             "trained": {m: model_stage(self, m)[0] for m in names if m in TRAINED or m.startswith("expert_")},
+            "merges": {m: model_stage(self, m)[0] for m in names if m in PARAMETER_MERGES},
+            "moe_build": [self.clone(MergeExperts, method="moe")] if "moe" in names else [],
         }
 
     def build(self, out: Path) -> dict:
@@ -58,7 +61,12 @@ class Report(Stage):
                    for t, by_model in r["fewshot"].items()}
         budgets = {"plan": self.clone(TrainDense).budget_plan(),
                    "models": {m: _training_json(self.input_path(t)) for m, t in r["trained"].items()}}
-        write_report(out, run_info, cluster_info, perplexity, fewshot, budgets, self.timings())
+        merges = {"parameter": {m: _json(self.input_path(t) / "merge.json") for m, t in r["merges"].items()}}
+        if r["moe_build"]:
+            finetuned = self.input_path(r["trained"]["moe"])
+            merges["moe"] = {"build": _json(self.input_path(r["moe_build"][0]) / "moe.json"),
+                             "routing": _json(finetuned / "routing.json"), "training": _training_json(finetuned)}
+        write_report(out, run_info, cluster_info, perplexity, fewshot, budgets, self.timings(), merges)
         return {"models": len(perplexity), "fewshot_tasks": list(fewshot)}
 
     def timings(self) -> dict:
@@ -85,8 +93,11 @@ def _run_params():
 
 
 def _training_json(path: Path) -> dict:
-    f = Path(path) / "training.json"
-    return read_json(f) if f.is_file() else {}
+    return _json(Path(path) / "training.json")
+
+
+def _json(f: Path) -> dict:
+    return read_json(f) if Path(f).is_file() else {}
 
 
 class RunAll(RunParams, luigi.WrapperTask):

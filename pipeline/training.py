@@ -253,7 +253,8 @@ class TrainSeed(_TrainStage):
 class TrainExpert(_TrainStage):
     """Branch from the seed (or, `--branch-from average`, from the centroid-distance-weighted average of the
     first half of the experts, BTM's way to add a domain) and train on cluster `cluster_id`'s shard with the budget
-    `experts.budget.plan_budgets` gives it (--compute-match, --expert-budget) → `experts-<h>/cluster_{id:03d}/`."""
+    `experts.budget.plan_budgets` gives it (--compute-match, --expert-budget) → `experts-<h>/cluster_{id:03d}/`;
+    with `--expert-trainable ffn` only the feed-forward blocks train (FlexOlmo)."""
 
     folder = "experts"
     cluster_id = luigi.IntParameter()
@@ -261,7 +262,11 @@ class TrainExpert(_TrainStage):
     @property
     def hashed(self) -> tuple[str, ...]:  # the temperature weights the average that later experts branch from
         budget = ("compute_match", "expert_budget", "gpus_per_expert")
-        return ("branch_from", "temperature") + budget if self.branch_from == "average" else ("branch_from",) + budget
+        h = ("branch_from", "temperature") if self.branch_from == "average" else ("branch_from",)
+        return h + budget + (("expert_trainable",) if self.expert_trainable != "all" else ())
+
+    def train_config(self, tokens: int, **kw):
+        return super().train_config(tokens, trainable=self.expert_trainable, **kw)
 
     def validate(self) -> None:
         super().validate()

@@ -22,8 +22,13 @@ report.json schema (version 1); every key is always present, values may be null/
                                     "wall_time_s", "gpu_hours", "valid_loss", "kept_step"[, "share",
                                     "effective_share"]}},
                  "totals": {"cbtm_tokens": seed + Σ experts, "dense_tokens": seed + dense, "cbtm_gpu_hours",
-                            "dense_gpu_hours", "expert_tokens", "rounding"}},
-  "timings":    {stage: {"runs", "wall_time_s"}}
+                           "dense_gpu_hours", "expert_tokens", "rounding"}},
+  "timings":    {stage: {"runs", "wall_time_s"}},
+  "merges":     {"parameter": {method: {"recipe", "weights", "lambda_search": {λ: validation NLL} | null}},
+                 "moe": {"shared", "router_init", "top_k", "num_local_experts", "finetune_tokens",
+                         "extra_tokens_fraction": finetune tokens / compute-matched budget,
+                         "routing": {"tokens", "max_entropy", "per_layer": [{"layer", "per_token_entropy",
+                                     "mean_router_entropy", "load": [fraction of routed slots per expert]}]}} | null}
 }
 ```
 Perplexities are exp(mean NLL per token) under each model's own tokenizer (all models of a run share one).
@@ -49,13 +54,15 @@ def write_report(
     fewshot: dict[str, dict[str, dict]] | None = None,
     budgets: dict | None = None,
     timings: dict[str, dict] | None = None,
+    merges: dict | None = None,
 ) -> dict:
     """Write `out_dir/{report.json, report.md, figures/}` and return the report.json dict.
 
     perplexity: {model: {"valid": evaluate_perplexity result, "test": ...}}; fewshot: {task: {model:
     evaluate_fewshot result}}; cluster_info: describe_clusters' dict, whose "figures" (or "plots") list PNG
     paths that are copied into `figures/`; budgets: {"plan": experts.budget.plan_budgets dict, "models": {model:
-    training.json}}; timings: {stage: {"runs", "wall_time_s"}}.
+    training.json}}; timings: {stage: {"runs", "wall_time_s"}}; merges: {"parameter": {method: merge.json},
+    "moe": {"build": moe.json, "routing": routing.json, "training": training.json}} (see `_merges`).
     """
     out_dir = Path(out_dir)
     report = {
@@ -66,6 +73,7 @@ def write_report(
         "fewshot": {t: {m: _fewshot_summary(r) for m, r in by_model.items()} for t, by_model in (fewshot or {}).items()},
         "budgets": _budgets(budgets or {}),
         "timings": timings or {},
+        "merges": _merges(merges or {}, budgets or {}),
     }
     with atomic_dir(out_dir) as tmp:
         figures = tmp / "figures"
@@ -315,6 +323,7 @@ def render_markdown(report: dict) -> str:
                          f"{_f(t.get('kept_step'))} | {_f(t.get('wall_time_s'), 1)} | {_f(t.get('gpu_hours'), 4)} |")
         lines += ["", "Kept step: the overfitting guard keeps the evaluated weights of lowest validation loss (the "
                   "same rule for seed, dense and experts); it equals `steps` when the last weights were best.", ""]
+    lines += _merges_markdown(report)
     if report["timings"]:
         lines += ["## Timings", "", "| stage | runs | wall time (s) |", "|---|---:|---:|"]
         for stage, t in report["timings"].items():
@@ -384,3 +393,79 @@ def _perplexity_chart(ppl: dict, path: Path) -> str | None:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return f"figures/{path.name}"
+
+
+# ---- merges: parameter merges and the BTX MoE ----------------------------------------------------------------
+def _merges(m: dict, budgets: dict) -> dict:
+    """The merge recipes and the MoE's routing statistics, per layer (see the schema above)."""
+    params = {name: {k: meta.get(k) for k in ("recipe", "weights", "lambda_search")}
+              for name, meta in (m.get("parameter") or {}).items() if meta}
+    moe = m.get("moe") or {}
+    if not moe:
+        return {"parameter": params, "moe": None}
+    build, routing, training = moe.get("build") or {}, moe.get("routing") or {}, moe.get("training") or {}
+    budget = ((budgets.get("plan") or {}).get("train_tokens")) or None
+    tokens = training.get("tokens_seen")
+    entropy, mean_entropy = routing.get("per_token_entropy") or [], routing.get("mean_router_entropy") or []
+    per_layer = [{"layer": i, "per_token_entropy": entropy[i] if i < len(entropy) else None,
+                  "mean_router_entropy": mean_entropy[i] if i < len(mean_entropy) else None, "load": load}
+                 for i, load in enumerate(routing.get("per_expert_load") or [])]
+    return {"parameter": params, "moe": {
+        "shared": build.get("shared"), "router_init": build.get("router_init"), "top_k": build.get("top_k"),
+        "num_local_experts": build.get("num_local_experts"), "finetune_tokens": tokens,
+        "extra_tokens_fraction": tokens / budget if tokens and budget else None,
+        "routing": {"tokens": routing.get("tokens"), "max_entropy": routing.get("max_entropy"),
+                    "per_layer": per_layer} if routing else None}}
+
+
+def _merges_markdown(report: dict) -> list[str]:
+    merges, ppl = report.get("merges") or {}, report.get("perplexity") or {}
+    params, moe = merges.get("parameter") or {}, merges.get("moe")
+    if not params and not moe:
+        return []
+
+    def test(m):
+        return ((ppl.get(m) or {}).get("test") or {}).get("perplexity")
+
+    def ratio(a, b):
+        return _f(a / b) + "×" if a and b else "–"
+
+    lines = ["## Merges", ""]
+    if params:
+        lines += [f"One static model each; test perplexity of dense {_f(test('dense'))}, seed {_f(test('seed'))}. "
+                  "λ scales the merged task vector (θ = θ_seed + λ·τ; λ = 1 with these weights is the plain average);"
+                  " 'auto' picks it on the valid shards, so report the test column.", "",
+                  "| merge | recipe | expert weights | λ search (valid NLL) | test ppl | × dense | × average |",
+                  "|---|---|---|---|---:|---:|---:|"]
+        for name, r in params.items():
+            recipe = ", ".join(f"{k} {v}" for k, v in (r.get("recipe") or {}).items()) or "–"
+            weights = ", ".join(f"{w:.2f}" for w in r.get("weights") or []) or "–"
+            search = ", ".join(f"{k}: {v:.3f}" for k, v in (r.get("lambda_search") or {}).items()) or "–"
+            lines.append(f"| {name} | {recipe} | {weights} | {search} | {_f(test(name))} | "
+                         f"{ratio(test(name), test('dense'))} | {ratio(test(name), test('average'))} |")
+        lines.append("")
+    if moe:
+        frac = moe.get("extra_tokens_fraction")
+        lines += [f"BTX MoE: {moe.get('num_local_experts')} experts per layer, top-{moe.get('top_k')}, router "
+                  f"{moe.get('router_init')}, attention / norms / embeddings from: {moe.get('shared')}. "
+                  f"Test perplexity {_f(test('moe'))} ({ratio(test('moe'), test('ensemble_top2'))} the c-BTM top-2 "
+                  f"ensemble, {ratio(test('moe'), test('dense'))} dense).", ""]
+        if moe.get("finetune_tokens"):
+            lines += [f"**Extra compute:** the MoE finetune read {moe['finetune_tokens']} tokens beyond the "
+                      f"compute-matched budget (+{100 * frac:.0f}% of it), which c-BTM and dense do not get." if frac
+                      else f"**Extra compute:** the MoE finetune read {moe['finetune_tokens']} tokens beyond the "
+                      "compute-matched budget.", ""]
+        routing = moe.get("routing") or {}
+        layers = routing.get("per_layer") or []
+        if layers:
+            n_e = max(len(r.get("load") or []) for r in layers)
+            lines += [f"Routing over {routing.get('tokens')} validation tokens (entropies in nats; uniform routing "
+                      f"is {_f(routing.get('max_entropy'))}):", "",
+                      "| layer | per-token entropy | entropy of the mean routing | "
+                      + " | ".join(f"load e{e}" for e in range(n_e)) + " |", "|---:|---:|---:|" + "---:|" * n_e]
+            for r in layers:
+                load = r.get("load") or []
+                lines.append(f"| {r['layer']} | {_f(r.get('per_token_entropy'), 3)} | "
+                             f"{_f(r.get('mean_router_entropy'), 3)} | " + " | ".join(_f(x, 3) for x in load) + " |")
+            lines.append("")
+    return lines

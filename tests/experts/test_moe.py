@@ -73,3 +73,49 @@ def test_bad_input(experts, tmp_path):
     with pytest.raises(InputError, match="cluster_texts"):
         build_moe(experts[:2], tmp_path / "x", router_init="hidden")
     assert not (tmp_path / "x").exists()
+
+
+def test_ffn_only_experts_share_the_seed_and_lose_nothing_in_the_moe(tmp_path):
+    """FlexOlmo: experts trained with trainable='ffn' keep every non-FFN tensor of the seed bit for bit, so the
+    MoE's shared weights are the seed's whichever source they come from; with identical routing rows (top-1 of
+    one expert per cluster is then a tie) the MoE of one such expert equals it."""
+    from safetensors.torch import load_file
+
+    from experts.model import ModelPreset, build_scratch_model
+    from experts.train import TrainConfig, train_model
+
+    preset = ModelPreset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, seq_len=16)
+    seed_dir = tmp_path / "seed"
+    build_scratch_model(preset, 64, seed=0).save_pretrained(seed_dir)
+    rng = np.random.default_rng(0)
+    experts = []
+    for c in range(2):
+        shard = tmp_path / f"cluster_{c}.npy"
+        np.save(shard, rng.integers(8 * c, 8 * c + 8, (32, 16)).astype(np.uint16))
+        cfg = TrainConfig(train_tokens=4 * 4 * 16, micro_batch_size=4, lr=1e-2, device="cpu", compile=False,
+                          log_every=0, checkpoint_every=0, trainable="ffn")
+        train_model(str(seed_dir), [str(shard)], tmp_path / f"e{c}", cfg)
+        experts.append(tmp_path / f"e{c}")
+    seed = load_file(str(seed_dir / "model.safetensors"))
+    for e in experts:
+        trained = load_file(str(e / "model.safetensors"))
+        for k, v in seed.items():
+            assert torch.equal(trained[k], v) != (".mlp." in k), k  # only the FFNs moved
+    by_avg = build_moe(experts, tmp_path / "avg", top_k=1).joinpath("model.safetensors")
+    by_seed = build_moe(experts, tmp_path / "seed_shared", top_k=1, shared_dir=seed_dir).joinpath("model.safetensors")
+    a, b = load_file(str(by_avg)), load_file(str(by_seed))
+    for k in seed:
+        if ".mlp." not in k:
+            assert torch.equal(a[k], b[k]) and torch.equal(a[k], seed[k]), k
+    one = build_moe([experts[0]] * 2, tmp_path / "one", top_k=1, router_std=0.0, shared_dir=seed_dir)
+    x = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(_load(one)(x).logits, _load(experts[0])(x).logits, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_weights_of_another_architecture_are_refused(experts, tmp_path):
+    wide = save_llama(tmp_path / "wide", seed=0, hidden=32)
+    with pytest.raises(InputError, match=r"tensor \S+ has shape \(64, 24\) in the experts but shape \(64, 32\)"):
+        build_moe(experts[:2], tmp_path / "x", shared_dir=wide)
+    with pytest.raises(InputError, match="does not exist"):
+        build_moe(experts[:2], tmp_path / "x", shared_dir=tmp_path / "missing")
+    assert not (tmp_path / "x").exists()

@@ -38,7 +38,8 @@ def _mtimes(run_dir: Path) -> dict[str, int]:
 
 def test_run_all_end_to_end(tiny_corpus, tmp_path):
     run_dir = tmp_path / "run"
-    params = tiny_params(tiny_corpus, run_dir)
+    # the methods of before task-arithmetic merges joined the default (tests/pipeline/test_merges.py runs those)
+    params = tiny_params(tiny_corpus, run_dir, merge_methods="ensemble,posterior,average,moe")
     first = _build(params)
     assert any(t.startswith("TrainExpert") for t in first) and any(t.startswith("Report") for t in first)
 
