@@ -11,7 +11,7 @@ from pipeline.base import RunParams, Stage, install_log_filter
 from pipeline.clustering import DescribeClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
-from pipeline.models import model_names, model_stage
+from pipeline.models import model_names, model_stage, perplexity_names
 
 TRAINED = ("seed", "dense", "moe")  # models with a training.json (plus every expert_*)
 
@@ -26,7 +26,7 @@ class Report(Stage):
         return {
             "corpus": self.clone(PrepareCorpus),
             "clusters": self.clone(DescribeClusters),
-            "perplexity": {m: self.clone(EvaluatePerplexity, model=m) for m in names},
+            "perplexity": {m: self.clone(EvaluatePerplexity, model=m) for m in perplexity_names(self)},
             "fewshot": {t: {m: self.clone(EvaluateFewShot, task=t, model=m) for m in self.fewshot_model_names(names)}
                         for t in self.task_list},
             "trained": {m: model_stage(self, m)[0] for m in names if m in TRAINED or m.startswith("expert_")},
