@@ -13,7 +13,7 @@ from pipeline.corpus import PrepareCorpus
 from pipeline.training import ShardCorpus, TrainExpert, TrainSeed, _TrainStage
 
 _METHOD_PARAMS = {  # what each method's output depends on, beyond the experts
-    "ensemble": ("ensemble_top_k", "temperature", "route_every"),
+    "ensemble": ("ensemble_top_k", "temperature", "route_every", "route_early", "route_weights"),
     "posterior": ("top_k",),
     "average": (),
     "moe": ("moe_top_k", "router_init", "seed"),
@@ -68,7 +68,8 @@ class MergeExperts(Stage):
                                  centroids_path=self.input_path(r["clusters"]) / "centroids.npy",
                                  embedder_dir=self.input_path(r["embeddings"]) / "embedder",
                                  top_k=None if top_k == "all" else int(top_k), temperature=self.temperature,
-                                 route_every=self.route_every, name=f"ensemble_top{top_k}")
+                                 route_every=self.route_every, route_early=self.route_early_list,
+                                 route_weights=self.route_weights, name=f"ensemble_top{top_k}")
         elif self.method == "posterior":
             from experts.ensemble import save_ensemble_config
 
