@@ -378,6 +378,9 @@ class _ExpertsMixin:
             logw = posterior_weights(logw, lp_all, valid)
         self.last_weights = logw  # (B, T-1, k) what this call mixed with: for diagnostics and tests
         mixed = torch.logsumexp(logw + lp_all, -1)  # (B, T-1)
+        # a non-finite expert score at a routed target makes the mixture NaN there, even before it is raised
+        broken = (~torch.isfinite(lp_all) & torch.isfinite(logw)).any(-1)  # (B, T-1)
+        mixed = torch.where(broken, torch.full_like(mixed, math.nan), mixed)
         mixed = torch.where(routed, mixed, torch.zeros_like(mixed))  # unrouted targets are undefined: 0
         acc_full = None
         if fulls:
