@@ -100,7 +100,6 @@ def main():
     centroids = np.load((cfg_path.parent / cfg["centroids"]).resolve())
     embedder = load_embedder((cfg_path.parent / cfg["embedder"]).resolve())
     route_every = args.route_every or cfg["route_every"]
-    n_target_tokens = None
     rows, results = [], {}
 
     def record(name, top_k, res, expert_tokens=None):
@@ -115,7 +114,8 @@ def main():
     oracle = oracle_perplexity(singles)
     record("oracle", None, oracle)
     btm = PosteriorEnsemble(experts, prior="updating", device=args.device, name="posterior")
-    record("BTM posterior, all experts (dense)", None, evaluate_perplexity(btm, docs, batch_size=args.batch_size), float(k))
+    res = evaluate_perplexity(btm, docs, batch_size=args.batch_size)
+    record("BTM posterior, all experts (dense)", None, res, float(k))
     for top in args.top_k:
         top_k = k if top == "all" else int(top)
         if top_k > k:
@@ -130,7 +130,8 @@ def main():
             res = evaluate_perplexity(ens, docs, batch_size=args.batch_size)
             ens.check_finite()
             run_tokens = sum(ens.stats["tokens"].values())  # input tokens given to experts
-            record(variant, "all" if top_k == k else top_k, res, run_tokens / max(1, res["n_tokens"] + res["n_windows"]))
+            per_token = run_tokens / max(1, res["n_tokens"] + res["n_windows"])  # windows' input tokens
+            record(variant, "all" if top_k == k else top_k, res, per_token)
     wall = time.perf_counter() - t0
 
     clusters = sorted(oracle["per_cluster"], key=int)
@@ -140,11 +141,11 @@ def main():
           + " | expert tokens / token |")
     print("|---|---:|---:|---:|" + "---:|" * len(clusters) + "---:|")
     for r in rows:
-        o = oracle
-        pcs = " | ".join(f"{r['per_cluster'].get(c, math.nan):.3f} ({r['per_cluster'].get(c, math.nan) / o['per_cluster'][c]['perplexity']:.3f})"
-                         for c in clusters)
+        ppl = {c: r["per_cluster"].get(c, math.nan) for c in clusters}
+        pcs = " | ".join(f"{ppl[c]:.3f} ({ppl[c] / oracle['per_cluster'][c]['perplexity']:.3f})" for c in clusters)
         cost = "–" if r["expert_tokens_per_token"] is None else f"{r['expert_tokens_per_token']:.2f}"
-        print(f"| {r['model']} | {r['top_k'] or '–'} | {r['ppl']:.3f} | {r['ppl'] / o['perplexity']:.3f} | {pcs} | {cost} |")
+        print(f"| {r['model']} | {r['top_k'] or '–'} | {r['ppl']:.3f} | {r['ppl'] / oracle['perplexity']:.3f} | {pcs} "
+              f"| {cost} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"run": str(run), "split": args.split, "n_docs": len(docs),
                                                "route_every": route_every, "rows": rows}, indent=2))
