@@ -231,29 +231,39 @@ def posterior_weights(logw: torch.Tensor, lp: torch.Tensor, valid: torch.Tensor)
 
 def expert_calls(needs: Sequence[int], max_rows: int, T: int) -> list[int]:
     """Sizes of consecutive expert calls over rows sorted by need, longest first (needs[i]: input length row i
-    needs). A call of n rows whose longest needs L costs n × L tokens and may hold max_rows × T (max_rows full
-    rows, or proportionally more short ones, e.g. rows that need an expert only for their first chunk). As few
-    calls as that allows, as even as possible: 41 equal rows with max_rows = 32 run as 21 + 20, not 32 + 9."""
+    needs). A call runs its rows padded to its longest need L, so it holds only rows needing more than L / 2 (a row
+    is never computed past twice its need: rows that need an expert only for their first chunk do not ride along
+    with full-length ones), and at most max_rows × T tokens (max_rows full rows, or proportionally more short
+    ones). Within each such length class, as few calls as the cap allows, as even as possible: 41 equal rows with
+    max_rows = 32 run as 21 + 20, not 32 + 9, since a small call costs as much host time as a full one."""
     needs = [max(int(x), 1) for x in needs]
+    cap = max(1, int(max_rows)) * max([int(T)] + needs[:1])
 
-    def greedy(budget: int) -> list[int]:
+    def greedy(seg: list[int], budget: int) -> list[int]:
         sizes, i = [], 0
-        while i < len(needs):
-            n = max(1, min(budget // needs[i], len(needs) - i))
+        while i < len(seg):
+            n = max(1, min(budget // seg[i], len(seg) - i))
             sizes.append(n)
             i += n
         return sizes
 
-    cap = max(1, int(max_rows)) * max(int(T), needs[0] if needs else 1)
-    fewest = len(greedy(cap))
-    lo, hi = needs[0] if needs else 1, cap  # smallest budget that still needs only `fewest` calls
-    while lo < hi:
-        mid = (lo + hi) // 2
-        if len(greedy(mid)) <= fewest:
-            hi = mid
-        else:
-            lo = mid + 1
-    return greedy(lo)
+    sizes, i = [], 0
+    while i < len(needs):
+        j = i
+        while j < len(needs) and 2 * needs[j] > needs[i]:
+            j += 1
+        seg = needs[i:j]
+        fewest = len(greedy(seg, cap))
+        lo, hi = seg[0], cap  # the smallest budget that still needs only `fewest` calls
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(greedy(seg, mid)) <= fewest:
+                hi = mid
+            else:
+                lo = mid + 1
+        sizes += greedy(seg, lo)
+        i = j
+    return sizes
 
 
 class _ExpertsMixin:

@@ -420,13 +420,15 @@ def test_expert_calls_pack_rows_by_tokens():
     assert expert_calls([1024] * 41, 32, 1024) == [21, 20]  # as few calls as the cap allows, even sizes
     assert expert_calls([1024] * 32, 32, 1024) == [32]
     assert expert_calls([5] * 7, 7, 5) == [7]
-    # rows that need the expert only for a short first chunk share one call
-    needs = [1024] * 30 + [17] * 200
-    sizes = expert_calls(needs, 32, 1024)
-    assert sum(sizes) == len(needs) and len(sizes) == 2
+    # rows that need the expert only for a short first chunk share one call, apart from the full-length ones
+    assert expert_calls([1024] * 30 + [17] * 200, 32, 1024) == [30, 200]
+    assert expert_calls([137, 102, 92, 89, 84] + [17] * 15, 16, 256) == [5, 15]
+    needs = sorted(np.random.default_rng(0).integers(2, 300, 97).tolist(), reverse=True)
+    sizes = expert_calls(needs, 8, 300)
+    assert sum(sizes) == len(needs)
     start = 0
-    for n in sizes:
-        assert n * needs[start] <= 32 * 1024
+    for n in sizes:  # within the token cap; no row computed past twice its need
+        assert n * needs[start] <= 8 * 300 and 2 * needs[start + n - 1] > needs[start]
         start += n
 
 
