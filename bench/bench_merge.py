@@ -1,8 +1,10 @@
 """Inference cost of merged models: perplexity-evaluation throughput (tokens/s) and peak GPU memory.
 
 Compares, in one run on one device: one expert; the c-BTM SparseEnsemble of n experts with top_k = 1, 2, n
-(routing once per window from the document prefix, and top-2 re-routed every 128 tokens) on pooled batches of
-pool × batch rows, each expert called on at most `batch` rows; the BTX MoE built
+(routing once per window from the document prefix, with the default posterior weights; top-2 also with the
+paper's distance weights, re-routed every 128 tokens, and on windows without a prefix text, i.e. the first window
+of a document, whose first 128 tokens go to all n experts) on pooled batches of pool × batch rows, each expert
+called on at most `batch` full rows (more when they are short); the BTX MoE built
 from the same experts (top-2). Experts are random-init Llama models of one architecture; documents are random
 token windows with a random prefix text; routing uses a fixed random-projection bag-of-words embedder (the
 cost of a TF-IDF-like embedder, not its quality). Prints a markdown table; ratios are against one expert.
@@ -248,25 +250,33 @@ def main():
     embedder = ProjectionEmbedder()
     centroids = embedder.transform([" ".join(f"w{i}" for i in rng.integers(0, 1000, 50)) for _ in range(args.n_experts)])
     n = args.n_experts
-    configs = [(1, args.seq, pool), (2, args.seq, pool), (n, args.seq, pool), (2, 128, pool)]
-    configs += [(2, args.seq, p) for p in args.pool[1:]]
-    for top_k, route_every, p in configs:
+    # (top_k, route_every, pool, route_weights, prefix texts given)
+    configs = [(1, args.seq, pool, "posterior", True), (2, args.seq, pool, "posterior", True),
+               (n, args.seq, pool, "posterior", True), (2, args.seq, pool, "distance", True),
+               (2, 128, pool, "posterior", True), (2, 128, pool, "posterior", False)]
+    configs += [(2, args.seq, p, "posterior", True) for p in args.pool[1:]]
+    for top_k, route_every, p, route_weights, with_prefix in configs:
         if p not in batches:
             batches[p] = make_batches(args.batch * p)
         ens = SparseEnsemble(experts, centroids, embedder, top_k=top_k, temperature=0.1, route_every=route_every,
-                             device=device, max_length=args.seq, expert_batch_size=args.batch)
+                             route_weights=route_weights, device=device, max_length=args.seq,
+                             expert_batch_size=args.batch)
         ens.reset_stats()
-        r = measure(lambda i, m, pr: ens.token_logprobs(i, m, pr), batches[p], device)
-        label = f"c-BTM top-{top_k}/{n}" + ("" if route_every == args.seq else f", re-route every {route_every}")
+        data = batches[p] if with_prefix else [(i, m, [""] * len(i)) for i, m, _ in batches[p]]
+        r = measure(lambda i, m, pr: ens.token_logprobs(i, m, pr), data, device)
+        ens.check_finite()
+        label = f"c-BTM top-{top_k}/{n}" + ("" if route_weights == "posterior" else f", {route_weights} weights")
+        label += "" if route_every == args.seq else f", re-route every {route_every}"
+        label += "" if with_prefix else ", no prefix text"
         label += "" if p == pool else f" ({args.batch * p}-row batches)"
         n_batches = args.batches + 1
         rows.append({"model": label, **r,
                      "expert_rows_per_row": sum(ens.stats["rows"].values()) / (args.batch * p * n_batches),
                      "expert_calls_per_batch": sum(ens.stats["expert_calls"].values()) / n_batches})
         if profile is not None and route_every == args.seq:
-            phases.append({"model": label, **phase_times(ens, batches[p], device)})
-            if top_k == 2 and p == pool:
-                torch_profile(lambda i, m, pr: ens.token_logprobs(i, m, pr), batches[p][1], profile, label)
+            phases.append({"model": label, **phase_times(ens, data, device)})
+            if top_k == 2 and p == pool and route_weights == "posterior":
+                torch_profile(lambda i, m, pr: ens.token_logprobs(i, m, pr), data[1], profile, label)
     free(*experts)
     del experts
 

@@ -8,13 +8,24 @@ Discovery"): for each position t,
 
 e(·) is the clusterer's embedder applied to the *prefix* text, c_j the cluster centroids, T the temperature.
 The official c-BTM code passes an already-squared distance into its d² (i.e. it uses ‖·‖⁴); we use d².
-Routing is recomputed every `route_every` tokens: chunk c of a row predicts targets t ∈ [p_c, p_c + R) and
-is routed on x_<p_c (plus the row's `prefix_texts`), so routing never sees a token it predicts. The
-mixture is of probabilities (logsumexp of log w + log p), not of logits. Execution is truly sparse: routing
-is computed first, then each expert runs once on just the rows (truncated after their last chunk that
-needs it) that routed to it; unselected experts never run. A prefix with no routing signal (its embedding
-is the zero vector: empty text at the start of a document, or no word the embedder knows) gets the uniform
-mixture of all experts, the prior; it costs the extra experts only that first chunk.
+Routing is recomputed on a schedule (`RoutingSchedule`): after o tokens of a row for o ∈ {0} ∪ route_early ∪
+{R, 2R, …} (R = `route_every`; e.g. route_early = 1, 2, 4, 8 refreshes a young prefix often). The chunk that
+starts at routing point p predicts the targets up to the next point and is routed on x_<p (plus the row's
+`prefix_texts`), so routing never sees a token it predicts. The mixture is of probabilities (logsumexp of
+log w + log p), not of logits. Execution is truly sparse: routing is computed first, then each expert runs
+once on just the rows (truncated after their last chunk that needs it) that routed to it; unselected experts
+never run. A prefix with no routing signal (its embedding is the zero vector: empty text at the start of a
+document, or no word the embedder knows) gets all experts, weighted by the `prior` (uniform by default); it
+costs the extra experts only that first chunk.
+
+`route_weights="posterior"` (the default) multiplies those weights by the routed experts' likelihood of the row
+so far, BTM's domain posterior restricted to the experts routing selected (`posterior_weights`):
+
+    w_j(t) ∝ w_j(x_<p) · Π_{1≤s<t} p_j(x_s | x_<s)        over the experts routed at target t
+
+Each routed expert runs from position 0 of its rows anyway, so the likelihood costs no expert call; in the
+no-signal first chunk every expert runs, so there it is BTM's full posterior from the prior. Routing stays
+causal and sparse; `route_weights="distance"` keeps the c-BTM weights alone.
 
 `PosteriorEnsemble` (BTM; Li et al. 2022, "Branch-Train-Merge"): weights from the domain posterior
 p(j | x_<t) ∝ p(j) · Π_{s<t} p_j(x_s | x_<s); `prior="cached"` fixes the weights to a prior estimated once
@@ -150,11 +161,109 @@ def _check_top_k(top_k: int | None, k: int) -> int:
     return top_k
 
 
+def _check_prior(prior, k: int) -> list[float]:
+    """k non-negative numbers with a positive sum, normalised to sum to 1."""
+    w = np.asarray(prior, dtype=np.float64)
+    if w.shape != (k,) or not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise InputError(f"the routing prior must be {k} non-negative numbers with a positive sum, got {list(prior)}")
+    return (w / w.sum()).tolist()
+
+
 def _row_lengths(attention_mask, B: int, T: int) -> torch.Tensor:
     """(B,) real tokens per right-padded row, on the CPU (waits for the device only if the mask lives there)."""
     if attention_mask is None:
         return torch.full((B,), T, dtype=torch.long)
     return attention_mask.sum(1).cpu().long()
+
+
+ROUTE_WEIGHTS = ("distance", "posterior")
+
+
+class RoutingSchedule:
+    """Where a row's routing is recomputed: after n tokens of the row's scored part, for n in
+    {0} ∪ {e ∈ early : e < every} ∪ {every, 2·every, …}. `early` refreshes a young prefix (e.g. 1, 2, 4, 8), when a
+    few more words change the routing most; `every` is the steady refresh interval."""
+
+    def __init__(self, every: int, early: Sequence[int] = ()):
+        if isinstance(every, bool) or int(every) != every or int(every) < 1:
+            raise InputError(f"route_every must be an integer ≥ 1 (tokens), got {every!r}")
+        bad = [e for e in early if isinstance(e, bool) or int(e) != e or int(e) < 1]
+        if bad:
+            raise InputError(f"route_early values must be integers ≥ 1 (tokens into the row), got {bad[0]!r}")
+        self.every = int(every)
+        self.early = tuple(sorted({int(e) for e in early if int(e) < self.every}))
+        self._starts = torch.tensor((0,) + self.early)  # chunk starts before `every`
+
+    def offsets(self, n: int) -> list[int]:
+        """Routing offsets o < n (n = scored targets of a row), ascending."""
+        head = [o for o in (0,) + self.early if o < n]
+        return head + list(range(self.every, n, self.every))
+
+    def last(self, n: int) -> int:
+        """The latest routing offset ≤ n: the one that serves the target n tokens into the row."""
+        if n >= self.every:
+            return (n // self.every) * self.every
+        return max(o for o in (0,) + self.early if o <= n)
+
+    def chunk_index(self, o: torch.Tensor) -> torch.Tensor:
+        """Index of the chunk serving offset o ≥ 0 among a row's chunks (`offsets` order); any shape."""
+        starts = self._starts.to(o.device)
+        head = torch.searchsorted(starts, o.contiguous(), right=True) - 1
+        return torch.where(o < self.every, head, len(starts) - 1 + torch.div(o, self.every, rounding_mode="floor"))
+
+
+def posterior_weights(logw: torch.Tensor, lp: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """BTM's domain posterior restricted to the routed experts (Li et al. 2022, eq. 3, with a routing prior):
+
+        log w'_j(t) = log_softmax_j ( log w_j(t) + Σ_{1≤s<t} log p_j(x_s | x_<s) )   over j with w_j(t) > 0
+
+    logw (B, T-1, k): routing log-weights of target t = 1..T-1 (−inf: expert j not routed there); lp (B, T-1, k):
+    log p_j(x_t | x_<t), read only where expert j is routed at a later target of the row (it ran from position 0);
+    valid (B, T-1): real targets. Target t reads lp of targets s < t only (causal). Returns (B, T-1, k).
+    """
+    lp = torch.where(valid[..., None], lp, torch.zeros_like(lp))
+    prefix_ll = torch.cumsum(lp, 1) - lp  # (B, T-1, k) Σ_{s<t}
+    routed = torch.isfinite(logw)
+    score = torch.where(routed, logw + prefix_ll, torch.full_like(logw, -math.inf))
+    out = torch.log_softmax(score, -1)  # NaN where nothing is routed
+    return torch.where(routed, out, torch.full_like(out, -math.inf))
+
+
+def expert_calls(needs: Sequence[int], max_rows: int, T: int) -> list[int]:
+    """Sizes of consecutive expert calls over rows sorted by need, longest first (needs[i]: input length row i
+    needs). A call runs its rows padded to its longest need L, so it holds only rows needing more than L / 2 (a row
+    is never computed past twice its need: rows that need an expert only for their first chunk do not ride along
+    with full-length ones), and at most max_rows × T tokens (max_rows full rows, or proportionally more short
+    ones). Within each such length class, as few calls as the cap allows, as even as possible: 41 equal rows with
+    max_rows = 32 run as 21 + 20, not 32 + 9, since a small call costs as much host time as a full one."""
+    needs = [max(int(x), 1) for x in needs]
+    cap = max(1, int(max_rows)) * max([int(T)] + needs[:1])
+
+    def greedy(seg: list[int], budget: int) -> list[int]:
+        sizes, i = [], 0
+        while i < len(seg):
+            n = max(1, min(budget // seg[i], len(seg) - i))
+            sizes.append(n)
+            i += n
+        return sizes
+
+    sizes, i = [], 0
+    while i < len(needs):
+        j = i
+        while j < len(needs) and 2 * needs[j] > needs[i]:
+            j += 1
+        seg = needs[i:j]
+        fewest = len(greedy(seg, cap))
+        lo, hi = seg[0], cap  # the smallest budget that still needs only `fewest` calls
+        while lo < hi:
+            mid = (lo + hi) // 2
+            if len(greedy(seg, mid)) <= fewest:
+                hi = mid
+            else:
+                lo = mid + 1
+        sizes += greedy(seg, lo)
+        i = j
+    return sizes
 
 
 class _ExpertsMixin:
@@ -187,6 +296,34 @@ class _ExpertsMixin:
         """stats: expert_calls / rows / tokens per expert index, routing_texts embedded."""
         self.stats = {"expert_calls": Counter(), "rows": Counter(), "tokens": Counter(), "routing_texts": 0}
 
+    # ---- non-finite scores are errors ----
+    def _flag_nonfinite(self, j, lp, mask, distribution: bool = False) -> None:
+        """Record (on the device, without waiting for it) whether expert j gave a non-finite log-probability to
+        a real target of this call (padding targets, mask 0, are excluded), or a NaN in a full distribution
+        (`distribution=True`: there −inf, probability 0, is a legal value)."""
+        bad = torch.isnan(lp) if distribution else ~torch.isfinite(lp)  # (n, L-1) or (n, V)
+        if mask is not None:
+            bad &= mask[:, 1:].to(bad.device).bool()
+        if getattr(self, "_nonfinite", None) is None or self._nonfinite.device != lp.device:
+            self._nonfinite = torch.zeros(len(self.slots), dtype=torch.bool, device=lp.device)
+        self._nonfinite[j] |= bad.any()
+
+    def check_finite(self) -> None:
+        """Raise a one-line error naming each expert that gave a NaN/inf log-probability to a real target since
+        the last check. Waits for the device; the ensembles call it at the end of a call on the CPU, and at the
+        start of the next call's expert phase elsewhere (so a GPU call never waits; call this after the last one)."""
+        flags = getattr(self, "_nonfinite", None)
+        if flags is None or not bool(flags.any()):
+            return
+        bad = [self.slots[j].name for j in torch.nonzero(flags.cpu()).flatten().tolist()]
+        self._nonfinite = None
+        raise InputError(f"expert {', '.join(bad)} gave non-finite (NaN/inf) log-probabilities to real tokens: its "
+                         f"weights are corrupt or its training diverged; retrain it")
+
+    def _check_finite_if_cheap(self) -> None:
+        if self.device.type == "cpu":
+            self.check_finite()
+
     def _run_expert(self, j, ids, mask, full_at):
         """Expert j on rows ids (n, L) (mask None: no padding); log-probs (n, L-1) and full distributions."""
         expert = self.slots[j].get()
@@ -198,76 +335,126 @@ class _ExpertsMixin:
         self.stats["expert_calls"][j] += 1
         self.stats["rows"][j] += int(ids.shape[0])
         self.stats["tokens"][j] += int(ids.numel())
-        return lp.float().to(self.device), None if full is None else full.float().to(self.device)
+        lp = lp.float().to(self.device)
+        self._flag_nonfinite(j, lp, mask)
+        if full is not None:
+            full = full.float().to(self.device)
+            self._flag_nonfinite(j, full, None, distribution=True)
+        return lp, full
 
-    def _mix(self, input_ids, attention_mask, logw, need, lengths, full_at):
+    def _mix(self, input_ids, attention_mask, logw, need, lengths, full_at, posterior: bool = False):
         """Σ_j w_j p_j where logw (B, T-1, k) is −inf for unused (row, target, expert); sparse execution.
 
         need (B, k), CPU: the input length row i needs from expert j (its last target routed to j, plus 1; 0 if
-        none); lengths (B,), CPU: real tokens per row. Expert j runs on its rows, longest need first, in calls of
-        at most `expert_batch_size` rows (as few calls as that allows, of equal sizes: 41 rows with a cap of 32 run
-        as 21 + 20, not 32 + 9, since a small call costs as much host time as a full one), each truncated to its
-        longest need (no attention mask when no row is padded there). The plan is on the CPU, so nothing here waits for the device: routing the next batch on
-        the CPU overlaps these expert calls when the caller passes CPU tensors.
+        none); lengths (B,), CPU: real tokens per row. Expert j runs on its rows from position 0, in the calls
+        `expert_calls` plans (longest need first, each call truncated to its longest need; no attention mask
+        when no row is padded there). With `posterior`, the weights of target t become
+        log_softmax_j(log w_j + Σ_{1≤s<t} log p_j(x_s | x_<s)) over the experts routed there (`posterior_weights`):
+        each expert runs from position 0 of its rows anyway, so its likelihood of the row's prefix costs nothing.
+        The plan is on the CPU, so nothing here waits for the device (a non-finite score of the previous call is
+        raised here, `check_finite`): routing the next batch on the CPU overlaps these expert calls when the
+        caller passes CPU tensors. Targets no expert was routed to (padding, before score_from) are 0. The weights
+        used are kept in `self.last_weights` (B, T-1, k).
         """
         B, T = input_ids.shape
-        acc = torch.full((B, T - 1), -math.inf, device=self.device)  # log Σ_j w_j p_j so far
-        acc_full = flat_index = None
+        k = need.shape[1]
+        self.check_finite()  # the previous call's flags: its device work is done or nearly so
+        lp_all = torch.zeros((B, T - 1, k), device=self.device)  # log p_j(x_t | x_<t) where expert j ran
+        fulls = []  # (j, rows, positions (n_j, L-1) bool, full (N_j, V))
         if full_at is not None:
             full_at = full_at.to(self.device)
-            flat_index = torch.cumsum(full_at.flatten().long(), 0).view(B, T - 1) - 1  # (B, T-1)
-        mb = self.expert_batch_size or B
-        for j in range(need.shape[1]):
+        for j in range(k):
             rows_j = torch.nonzero(need[:, j] > 0).flatten()
             if len(rows_j) == 0:
                 continue
             rows_j = rows_j[torch.argsort(need[rows_j, j], descending=True, stable=True)]  # similar lengths together
-            for rows in torch.tensor_split(rows_j, -(-len(rows_j) // mb)):  # fewest calls, sizes within one row
+            sizes = expert_calls(need[rows_j, j].tolist(), self.expert_batch_size or len(rows_j), T)
+            for rows in torch.split(rows_j, sizes):
                 L = int(need[rows, j].max())
                 padded = bool((lengths[rows] < L).any())
                 rows_dev = rows.to(self.device, non_blocking=True)
                 sub_ids = input_ids[rows_dev, :L]  # (n_j, L)
                 sub_mask = attention_mask[rows_dev, :L] if padded else None
-                sub_w = logw[rows_dev, : L - 1, j]  # (n_j, L-1)
-                sub_full = None if full_at is None else full_at[rows_dev, : L - 1] & torch.isfinite(sub_w)
+                sub_full = None
+                if full_at is not None:
+                    sub_full = full_at[rows_dev, : L - 1] & torch.isfinite(logw[rows_dev, : L - 1, j])
                 lp, full = self._run_expert(j, sub_ids, sub_mask, sub_full)  # (n_j, L-1)
-                acc[rows_dev, : L - 1] = torch.logaddexp(acc[rows_dev, : L - 1], sub_w + lp)
+                lp_all[rows_dev, : L - 1, j] = lp
                 if full is not None:
-                    if acc_full is None:
-                        acc_full = torch.full((int(full_at.sum()), full.shape[1]), -math.inf, device=self.device)
-                    g = flat_index[rows_dev, : L - 1][sub_full]  # (N_j,)
-                    acc_full[g] = torch.logaddexp(acc_full[g], sub_w[sub_full][:, None] + full)
-        acc = torch.where(torch.isfinite(acc), acc, torch.zeros_like(acc))  # undefined positions → 0
-        return acc, acc_full
+                    fulls.append((j, rows_dev, sub_full, full))
+        routed = torch.isfinite(logw).any(-1)  # (B, T-1)
+        if posterior:
+            valid = torch.arange(1, T, device=self.device)[None, :] < lengths.to(self.device)[:, None]  # (B, T-1)
+            logw = posterior_weights(logw, lp_all, valid)
+        self.last_weights = logw  # (B, T-1, k) what this call mixed with: for diagnostics and tests
+        mixed = torch.logsumexp(logw + lp_all, -1)  # (B, T-1)
+        # a non-finite expert score at a routed target makes the mixture NaN there, even before it is raised
+        broken = (~torch.isfinite(lp_all) & torch.isfinite(logw)).any(-1)  # (B, T-1)
+        mixed = torch.where(broken, torch.full_like(mixed, math.nan), mixed)
+        mixed = torch.where(routed, mixed, torch.zeros_like(mixed))  # unrouted targets are undefined: 0
+        acc_full = None
+        if fulls:
+            flat_index = torch.cumsum(full_at.flatten().long(), 0).view(B, T - 1) - 1  # (B, T-1)
+            acc_full = torch.full((int(full_at.sum()), fulls[0][3].shape[1]), -math.inf, device=self.device)
+            for j, rows_dev, pos, full in fulls:
+                g = flat_index[rows_dev, : pos.shape[1]][pos]  # (N_j,)
+                w = logw[rows_dev, : pos.shape[1], j][pos]  # (N_j,)
+                acc_full[g] = torch.logaddexp(acc_full[g], w[:, None] + full)
+        self._check_finite_if_cheap()
+        return mixed, acc_full
 
-    def _mix_next(self, input_ids, attention_mask, idx, w):
-        """Full next-token distributions mixed over the selected experts; idx, w (B, top_k)."""
+    def _mix_next(self, input_ids, attention_mask, idx, w, posterior: bool = False):
+        """Full next-token distributions mixed over the selected experts; idx, w (B, m) (zero weights skipped).
+
+        With `posterior`, w_j is multiplied by p_j(row) (the likelihood of the row's tokens under expert j) and
+        renormalised over the row's selected experts, as `_mix` does for every target."""
         B = input_ids.shape[0]
-        out = None
+        mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+        score = torch.full(idx.shape, -math.inf, device=self.device)  # (B, m) log weights
+        dists: dict[int, tuple] = {}
         for j in torch.unique(idx).tolist():
-            rows, col = torch.nonzero(idx == j, as_tuple=True)
+            rows, col = torch.nonzero((idx == j) & (w > 0), as_tuple=True)
+            if len(rows) == 0:
+                continue
             expert = self.slots[j].get()
-            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-            lp = expert.next_token_logprobs(input_ids[rows].to(expert.device), mask[rows].to(expert.device))
+            ids_j, mask_j = input_ids[rows].to(expert.device), mask[rows].to(expert.device)
+            lp = expert.next_token_logprobs(ids_j, mask_j).float().to(self.device)  # (n_j, V)
+            ll = 0.0
+            if posterior:
+                tok = expert.token_logprobs(ids_j, mask_j).float().to(self.device)  # (n_j, T-1)
+                self._flag_nonfinite(j, tok, mask_j)
+                ll = torch.where(mask_j[:, 1:].to(self.device).bool(), tok, torch.zeros_like(tok)).sum(1)
             self.slots[j].release()
             self.stats["expert_calls"][j] += 1
             self.stats["rows"][j] += len(rows)
-            lp = lp.float().to(self.device)  # (n_j, V)
+            self._flag_nonfinite(j, lp, None, distribution=True)
+            score[rows, col] = torch.log(w[rows, col].to(self.device)) + ll
+            dists[j] = (rows, col, lp)
+        logw = torch.log_softmax(score, -1)  # (B, m)
+        out = None
+        for j, (rows, col, lp) in dists.items():
             if out is None:
                 out = torch.full((B, lp.shape[1]), -math.inf, device=self.device)
-            out[rows] = torch.logaddexp(out[rows], torch.log(w[rows, col].to(self.device))[:, None] + lp)
+            out[rows] = torch.logaddexp(out[rows], logw[rows, col][:, None] + lp)
+        self._check_finite_if_cheap()
         return out
 
     def _gen_mix(self, ids, prompt_len, selected, weights, caches):
-        """One generation step mixing the selected experts (KV caches per expert kept in `caches`)."""
-        parts = []
-        for j, wj in zip(selected, weights):
+        """One generation step mixing the selected experts (KV caches per expert kept in `caches`); weights are
+        probabilities, or log-weights when given as a tensor. Also returns each expert's distribution (dict)."""
+        parts, dists = [], {}
+        logw = weights if isinstance(weights, torch.Tensor) else torch.tensor(weights).log()
+        for j, lw in zip(selected, logw.tolist()):
             expert = self.slots[j].get()
             lp, caches[j] = expert.generation_step(ids, prompt_len, caches.get(j))
             self.slots[j].release()
             self.stats["expert_calls"][j] += 1
-            parts.append(math.log(wj) + lp.float().to(self.device))
-        return torch.logsumexp(torch.stack(parts), 0)  # (V,)
+            lp = lp.float().to(self.device)
+            self._flag_nonfinite(j, lp, None, distribution=True)
+            dists[j] = lp
+            parts.append(lw + lp)
+        self._check_finite_if_cheap()
+        return torch.logsumexp(torch.stack(parts), 0), dists  # (V,)
 
 
 # ---- c-BTM sparse ensemble --------------------------------------------------------------------------------
@@ -276,10 +463,13 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
 
     experts: ScoringModels or expert directories (loaded lazily on `devices`, one per expert or one for all;
     `offload=True` keeps weights on the CPU between calls). centroids (k, d) with k = number of experts, row j
-    is expert j's cluster. embedder: anything with `.transform(texts) -> (n, d)`. `expert_batch_size` caps the
-    rows of one expert call (rows sorted by how far they need the expert, so micro-batches are truncated
-    tightly); give the ensemble large batches (≈ batch × k / top_k) so each expert still sees full batches.
-    `stats` counts expert calls, rows and tokens per expert (reset with `reset_stats()`).
+    is expert j's cluster. embedder: anything with `.transform(texts) -> (n, d)`.
+    Routing options (module docstring): `route_every` and `route_early` (`RoutingSchedule`), `route_weights`
+    ("posterior": BTM's posterior over the routed experts, "distance": the c-BTM weights alone), `prior` (k,)
+    for prefixes without routing signal (None: uniform; e.g. the clusters' training sizes).
+    `expert_batch_size` caps one expert call at that many full rows (`expert_calls`: rows sorted by how far they
+    need the expert; more rows when they are short); give the ensemble large batches (≈ batch × k / top_k) so each
+    expert still sees full batches. `stats` counts expert calls, rows and tokens per expert (`reset_stats()`).
     """
 
     def __init__(
@@ -290,6 +480,9 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         top_k: int = 1,
         temperature: float = 0.1,
         route_every: int = 128,
+        route_early: Sequence[int] = (),
+        route_weights: str = "posterior",
+        prior: Sequence[float] | None = None,
         device: str | torch.device = "cpu",
         devices: Sequence[str | torch.device] | str | None = None,
         offload: bool = False,
@@ -305,14 +498,24 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
             raise InputError(f"{centroids.shape[0]} centroids but {len(experts)} experts; they must match one to one")
         if not temperature > 0:
             raise InputError(f"temperature must be > 0, got {temperature}")
-        if int(route_every) < 1:
-            raise InputError(f"route_every must be ≥ 1 token, got {route_every}")
+        if route_weights not in ROUTE_WEIGHTS:
+            raise InputError(f"route_weights must be one of {', '.join(ROUTE_WEIGHTS)}, got {route_weights!r}")
+        self.schedule = RoutingSchedule(route_every, route_early)
         self.top_k = _check_top_k(top_k, len(experts))
+        self.prior = None if prior is None else _check_prior(prior, len(experts))
         self._setup_experts(experts, device, devices, offload, dtype, max_length, expert_batch_size, name)
         self.centroids = centroids
         self.embedder = embedder
         self.temperature = float(temperature)
-        self.route_every = int(route_every)
+        self.route_weights = route_weights
+
+    @property
+    def route_every(self) -> int:
+        return self.schedule.every
+
+    @property
+    def posterior(self) -> bool:
+        return self.route_weights == "posterior"
 
     # ---- routing ----
     def pooled_rows(self, rows_per_call: int) -> int:
@@ -320,7 +523,8 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         return rows_per_call * len(self.slots) // self.top_k
 
     def routing_weights(self, texts: Sequence[str]) -> np.ndarray:
-        """Dense (n, k) routing weights of texts (≥ 0, rows sum to 1, zero outside the top_k)."""
+        """Dense (n, k) routing weights of texts (≥ 0, rows sum to 1, zero outside the top_k), before any
+        likelihood term (`route_weights="posterior"` reweights them by the experts' likelihood of the row)."""
         idx, w = self.route_texts(texts)
         return torch.zeros(len(texts), len(self.slots)).scatter_(1, idx, w).numpy()
 
@@ -336,7 +540,9 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         self.fixed_routing = None
 
     def route_texts(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """(idx (n, top_k), w (n, top_k)) for routing texts; identical texts are embedded once."""
+        """(idx (n, m), w (n, m)) for routing texts, m = top_k, or k when a text has no routing signal (its
+        embedding is zero: it gets the prior over all k experts; the other rows pad with zero weights).
+        Identical texts are embedded once."""
         if getattr(self, "fixed_routing", None) is not None:
             idx, w = self.fixed_routing
             return idx.expand(len(texts), -1), w.expand(len(texts), -1)
@@ -346,16 +552,16 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
             raise InputError(f"embedder gives shape {emb.shape}, centroids have dimension {self.centroids.shape[1]}")
         self.stats["routing_texts"] += len(uniq)
         idx, w = routing_weights(emb, self.centroids, self.top_k, self.temperature)
-        empty = np.linalg.norm(emb, axis=1) < 1e-8  # (n_unique,) no routing signal
+        empty = torch.as_tensor(np.linalg.norm(emb, axis=1) < 1e-8)  # (n_unique,) no routing signal
         k = len(self.slots)
-        if empty.any() and self.top_k < k:
-            # uniform over all experts for those rows; the others keep their top_k (zero-weight padding)
-            idx_all, _ = routing_weights(emb, self.centroids, k, self.temperature)  # (n_unique, k)
-            w_all = torch.zeros(len(uniq), k)
-            w_all[:, : self.top_k] = w
-            e = torch.as_tensor(empty)
-            w_all[e] = 1.0 / k
-            idx, w = idx_all, w_all
+        if empty.any():
+            if self.top_k < k:  # all k experts for those rows; the others keep their top_k (zero-weight padding)
+                idx_all, _ = routing_weights(emb, self.centroids, k, self.temperature)  # (n_unique, k)
+                w_all = torch.zeros(len(uniq), k)
+                w_all[:, : self.top_k] = w
+                idx, w = idx_all, w_all
+            prior = torch.full((k,), 1.0 / k) if self.prior is None else torch.tensor(self.prior, dtype=torch.float32)
+            w[empty] = prior[idx[empty]]
         where = {t: i for i, t in enumerate(uniq)}
         sel = torch.tensor([where[t] for t in texts], dtype=torch.long)
         return idx[sel], w[sel]
@@ -364,10 +570,12 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         return prefix + (self.tokenizer.decode(ids.tolist(), skip_special_tokens=True) if len(ids) else "")
 
     def routing_plan(self, input_ids, attention_mask=None, prefix_texts=None, score_from=None) -> torch.Tensor:
-        """log w as a (B, T-1, k) tensor: entry [i, t-1, j] is log w_j for target x_t of row i (−inf if unused).
+        """Routing log-weights as a (B, T-1, k) tensor: entry [i, t-1, j] is log w_j for target x_t of row i (−inf
+        if unused), before the posterior's likelihood term.
 
-        Row i's routing points are p_c = a_i + c·R (a_i = score_from[i], default 1); targets t ∈ [p_c, p_c + R)
-        use the prefix prefix_texts[i] + decode(x_<p_c). Targets before a_i and past the row end stay −inf.
+        Row i's routing points are p = a_i + o for the schedule's offsets o (a_i = score_from[i], default 1);
+        targets from p to the next point use the prefix prefix_texts[i] + decode(x_<p). Targets before a_i and past
+        the row end stay −inf.
         """
         B, T = input_ids.shape
         return self._route(input_ids, _row_lengths(attention_mask, B, T), prefix_texts, score_from)[0]
@@ -376,20 +584,22 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         """(logw (B, T-1, k) on self.device, need (B, k) on the CPU: input length each row needs per expert).
 
         One routing text per chunk; the (n_chunks, k) weight table is spread over targets on the device by each
-        target's chunk index c = first_i + ⌊(t − a_i) / R⌋, so no (B, T-1, k) tensor is built on the CPU.
+        target's chunk index c = first_i + schedule.chunk_index(t − a_i), so no (B, T-1, k) tensor is built on
+        the CPU.
         """
         B, T = input_ids.shape
-        k, R = len(self.slots), self.route_every
+        k = len(self.slots)
         cpu_ids = input_ids.cpu()
         starts = torch.ones(B, dtype=torch.long) if score_from is None else score_from.cpu().long().clamp_min(1)
         prefix_texts = prefix_texts or [""] * B
         texts, rows, ends = [], [], []  # per chunk: routing text, row, end target (exclusive)
         for i in range(B):
-            L = int(lengths[i])
-            for p in range(int(starts[i]), L, R):
-                texts.append(self._prefix_text(prefix_texts[i] or "", cpu_ids[i, :p]))
+            a, L = int(starts[i]), int(lengths[i])
+            offsets = self.schedule.offsets(L - a)
+            for c, o in enumerate(offsets):
+                texts.append(self._prefix_text(prefix_texts[i] or "", cpu_ids[i, : a + o]))
                 rows.append(i)
-                ends.append(min(p + R, L))
+                ends.append(a + offsets[c + 1] if c + 1 < len(offsets) else L)
         n = len(texts)
         table = torch.full((n + 1, k), -math.inf)  # (n_chunks + 1, k); the last row serves unrouted targets
         need = torch.zeros((B, k), dtype=torch.long)
@@ -404,7 +614,8 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         a, L = starts.to(dev, non_blocking=True), lengths.to(dev, non_blocking=True)
         t = torch.arange(1, T, device=dev)  # target positions
         inside = (t[None, :] >= a[:, None]) & (t[None, :] < L[:, None])  # (B, T-1)
-        chunk = torch.where(inside, first[:, None] + torch.div(t[None, :] - a[:, None], R, rounding_mode="floor"), n)
+        offset = (t[None, :] - a[:, None]).clamp_min(0)  # (B, T-1)
+        chunk = torch.where(inside, first[:, None] + self.schedule.chunk_index(offset), n)
         return table.to(dev, non_blocking=True)[chunk], need
 
     # ---- scoring ----
@@ -417,7 +628,7 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         logw, need = self._route(input_ids, lengths, prefix_texts, score_from)  # (B, T-1, k), (B, k)
         dev = self.device
         mask = None if attention_mask is None else attention_mask.to(dev, non_blocking=True)
-        return self._mix(input_ids.to(dev, non_blocking=True), mask, logw, need, lengths, full_at)
+        return self._mix(input_ids.to(dev, non_blocking=True), mask, logw, need, lengths, full_at, self.posterior)
 
     @torch.no_grad()
     def next_token_logprobs(self, input_ids, attention_mask=None, prefix_texts=None):
@@ -427,40 +638,62 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         prefix_texts = prefix_texts or [""] * B
         texts = []
         for i in range(B):
-            L = int(lengths[i])
-            p = 1 + ((L - 1) // self.route_every) * self.route_every
+            p = 1 + self.schedule.last(int(lengths[i]) - 1)
             texts.append(self._prefix_text(prefix_texts[i] or "", input_ids[i, :p].cpu()))
         idx, w = self.route_texts(texts)
-        return self._mix_next(input_ids.to(self.device), attention_mask, idx, w)
+        self.check_finite()
+        return self._mix_next(input_ids.to(self.device), attention_mask, idx, w, self.posterior)
 
     @torch.no_grad()
     def generation_step(self, ids, prompt_len, state=None):
-        """Routing from the prompt, refreshed every route_every generated tokens; per-expert KV caches."""
-        p = prompt_len + ((len(ids) - prompt_len) // self.route_every) * self.route_every
+        """Routing from the prompt, refreshed on the schedule as tokens are generated; per-expert KV caches. With
+        posterior weights, each selected expert's log-likelihood of ids[1:] is kept up to date in the state."""
+        p = prompt_len + self.schedule.last(len(ids) - prompt_len)
         if state is None or state["point"] != p:
             idx, w = self.route_texts([self._prefix_text("", torch.tensor(ids[:p]))])
-            caches = state["caches"] if state is not None else {}
-            state = {"point": p, "selected": idx[0].tolist(), "weights": w[0].tolist(), "caches": caches}
-        lp = self._gen_mix(ids, prompt_len, state["selected"], state["weights"], state["caches"])
+            keep = w[0] > 0
+            old = state or {"caches": {}, "ll": {}, "last": {}}
+            state = {"point": p, "selected": idx[0][keep].tolist(), "logw": w[0][keep].log(), "caches": old["caches"],
+                     "ll": old["ll"], "last": old["last"]}
+        self.check_finite()
+        logw = state["logw"]
+        if self.posterior:
+            ll = torch.stack([self._prefix_ll(j, ids, state) for j in state["selected"]])  # (m,)
+            logw = torch.log_softmax(logw + ll, 0)
+        lp, state["last"] = self._gen_mix(ids, prompt_len, state["selected"], logw, state["caches"])
         return lp, state
+
+    def _prefix_ll(self, j, ids, state) -> torch.Tensor:
+        """Σ_{1≤s<len(ids)} log p_j(x_s | x_<s): extended by the last step's distribution when expert j ran at the
+        previous length, else recomputed in one pass (an expert newly selected at a routing point)."""
+        ll, n = state["ll"].get(j, (None, 0))
+        if ll is not None and n == len(ids) - 1 and j in state["last"]:
+            ll = ll + state["last"][j][ids[-1]].cpu()
+        elif ll is None or n != len(ids):
+            row = torch.tensor([ids[-self.max_length :]])
+            ll = self._run_expert(j, row, None, None)[0].sum().cpu() if row.shape[1] > 1 else torch.tensor(0.0)
+        state["ll"][j] = (ll, len(ids))
+        return ll
 
     # ---- config ----
     @classmethod
     def from_config(cls, path: str | os.PathLike, device="cpu", devices=None, offload=False, **kw) -> "SparseEnsemble":
-        """Build from an `ensemble.json` (a file or its folder) written by `save_ensemble_config`."""
+        """Build from an `ensemble.json` (a file or its folder) written by `save_ensemble_config`; keyword
+        arguments override its routing options. Configs written before the routing options existed load with
+        the routing they were written for (`route_weights="distance"`, no early refresh, uniform prior)."""
         cfg, base = _read_config(path, "sparse")
         from clustering.embed import load_embedder
 
         centroids_path = _resolve(base, cfg["centroids"])
         if not centroids_path.is_file():
             raise InputError(f"centroids file missing: {centroids_path} (named in {base / CONFIG_NAME})")
-        return cls(
-            [_resolve(base, e) for e in cfg["experts"]],
-            np.load(centroids_path),
-            load_embedder(_resolve(base, cfg["embedder"])),
-            top_k=cfg["top_k"], temperature=cfg["temperature"], route_every=cfg["route_every"],
-            device=device, devices=devices, offload=offload, name=cfg.get("name", "ensemble"), **kw,
-        )
+        options = {"top_k": cfg["top_k"], "temperature": cfg["temperature"], "route_every": cfg["route_every"],
+                   "route_early": cfg.get("route_early", ()), "route_weights": cfg.get("route_weights", "distance"),
+                   "prior": cfg.get("prior_weights"), "name": cfg.get("name", "ensemble")}
+        options.update(kw)
+        return cls([_resolve(base, e) for e in cfg["experts"]], np.load(centroids_path),
+                   load_embedder(_resolve(base, cfg["embedder"])), device=device, devices=devices, offload=offload,
+                   **options)
 
 
 # ---- BTM posterior ensemble -------------------------------------------------------------------------------
@@ -665,7 +898,7 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
             logw = self._cached_selection()
             sel = torch.nonzero(torch.isfinite(logw)).flatten().tolist()
             state = state or {"caches": {}}
-            return self._gen_mix(ids, prompt_len, sel, logw[sel].exp().tolist(), state["caches"]), state
+            return self._gen_mix(ids, prompt_len, sel, logw[sel].exp().tolist(), state["caches"])[0], state
         if state is None:  # prefix log-likelihood of the prompt under each expert
             x = torch.tensor([ids])
             ll = torch.stack([self._run_expert(j, x, None, None)[0].sum() for j in range(k)])
@@ -727,10 +960,13 @@ def save_ensemble_config(
     prior_weights: Sequence[float] | None = None,
     alpha: float = 0.3,
     name: str | None = None,
+    route_early: Sequence[int] = (),
+    route_weights: str = "posterior",
 ) -> Path:
     """Write `out_dir/ensemble.json` atomically and return its path.
 
-    kind="sparse": expert dirs, centroids .npy path, embedder dir, top_k, temperature, route_every.
+    kind="sparse": expert dirs, centroids .npy path, embedder dir, top_k, temperature, route_every, route_early,
+    route_weights, prior_weights (k,) or null (the routing prior of `SparseEnsemble`; null = uniform).
     kind="posterior": expert dirs, prior ("cached"|"updating"), prior_weights (k,) or null, alpha, top_k.
     Paths are stored relative to `out_dir` so a run folder can move. Inputs are checked now, not at load.
     """
@@ -750,8 +986,13 @@ def save_ensemble_config(
             raise InputError(f"{centroids_path} has {n_centroids} centroids but {k} experts were given")
         if not temperature > 0:
             raise InputError(f"temperature must be > 0, got {temperature}")
+        if route_weights not in ROUTE_WEIGHTS:
+            raise InputError(f"route_weights must be one of {', '.join(ROUTE_WEIGHTS)}, got {route_weights!r}")
+        schedule = RoutingSchedule(route_every, route_early)
         cfg.update(centroids=_rel(out_dir, centroids_path), embedder=_rel(out_dir, embedder_dir),
-                   top_k=_check_top_k(top_k, k), temperature=float(temperature), route_every=int(route_every))
+                   top_k=_check_top_k(top_k, k), temperature=float(temperature), route_every=schedule.every,
+                   route_early=list(schedule.early), route_weights=route_weights,
+                   prior_weights=None if prior_weights is None else _check_prior(prior_weights, k))
     elif kind == "posterior":
         if prior not in ("cached", "updating"):
             raise InputError(f"prior must be 'cached' or 'updating', got {prior!r}")

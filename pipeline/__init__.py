@@ -20,6 +20,7 @@ Read in order, this is the table of contents (stage → library function → out
                         experts.moe.build_moe
     FinetuneMoE         experts.moe.finetune_moe                 moe-finetuned-<h>/
     EvaluatePerplexity  tasks.perplexity.evaluate_perplexity     eval-<h>/perplexity/<model>.json
+                        tasks.perplexity.oracle_perplexity       eval-<h>/perplexity/oracle.json (model oracle)
     MakeDomainTask      tasks.fewshot.make_task_from_corpus      task-domains-<h>/
     EvaluateFewShot     tasks.fewshot.evaluate_fewshot           eval-<h>/fewshot/<task>/<model>.json
     Report              tasks.report.write_report                report-<h>/ (+ <run_dir>/report.{json,md})

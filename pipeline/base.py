@@ -64,6 +64,7 @@ CHOICES = {
     "compute_match": ("steps", "tokens"),
     "expert_budget": ("proportional", "uniform"),
     "balance_by": ("docs", "tokens"),
+    "route_weights": ("posterior", "distance"),
 }
 EVALS_PER_RUN = 10  # --eval-every 0: validation this many times per training run, evenly spaced
 
@@ -162,6 +163,11 @@ class RunParams:
     temperature = _p(0.1, luigi.FloatParameter, name="temperature", description="T in softmax(-d²/T)")
     route_every = _p(16, luigi.IntParameter, name="route_every", description="c-BTM ensemble: recompute the "
                      "routing from the prefix every n tokens")
+    route_early = _p("", name="route_early", description="c-BTM ensemble: extra routing refreshes after these "
+                     "numbers of tokens of a row, before the first --route-every (e.g. 1,2,4,8); '' = none")
+    route_weights = _p("posterior", name="route_weights", description="c-BTM ensemble weights: posterior (the "
+                       "routing weights × the routed experts' likelihood of the prefix: BTM's posterior over the top-k, "
+                       "no extra expert runs) | distance (softmax(-d²/T) alone, as in the c-BTM paper)")
     moe_top_k = _p(2, luigi.IntParameter, name="moe_top_k")
     router_init = _p("centroids", name="router_init", description="random | centroids | hidden")
     moe_tokens = _p(0, luigi.IntParameter, name="moe_tokens", description="MoE finetuning tokens, on top of the "
@@ -244,6 +250,11 @@ class RunParams:
             raise InputError(f"--micro-batch-size {self.micro_batch_size!r}: 'auto' or a positive integer") from None
 
     @property
+    def route_early_list(self) -> list[int]:
+        """--route-early as integers (validated by `validate`)."""
+        return [int(v) for v in str(self.route_early).split(",") if v.strip()]
+
+    @property
     def seed_list(self) -> list[int]:
         return [int(s) for s in self.fewshot_seeds.split(",") if s.strip()]
 
@@ -286,6 +297,13 @@ class RunParams:
             raise InputError(f"--train-tokens {self.train_tokens}: must be > 0")
         if self.route_every < 1:
             raise InputError(f"--route-every {self.route_every}: must be ≥ 1")
+        try:
+            early = self.route_early_list
+        except ValueError:
+            early = [0]
+        if any(v < 1 for v in early):
+            raise InputError(f"--route-early {self.route_early!r}: comma-separated token counts ≥ 1 (e.g. 1,2,4,8), "
+                             "or '' for none")
         if self.gpus_per_expert < 1:
             raise InputError(f"--gpus-per-expert {self.gpus_per_expert}: must be ≥ 1")
         if self.micro_batch_value != "auto" and self.micro_batch_value < 1:

@@ -11,7 +11,7 @@ from corpus.io import write_json
 from pipeline.base import Stage, files_fingerprint
 from pipeline.clustering import AssignClusters
 from pipeline.corpus import PrepareCorpus
-from pipeline.models import load_scoring_model, model_stage
+from pipeline.models import ORACLE, load_scoring_model, model_stage
 
 
 class _EvaluateModel(Stage):
@@ -34,7 +34,8 @@ class _EvaluateModel(Stage):
 
 class EvaluatePerplexity(_EvaluateModel):
     """`tasks.perplexity.evaluate_perplexity` on the valid and test splits →
-    `eval-<h>/perplexity/<model>.json` = {model, valid: {...}, test: {...}}."""
+    `eval-<h>/perplexity/<model>.json` = {model, valid: {...}, test: {...}}. model=oracle: the oracle-routing
+    reference, `tasks.perplexity.oracle_perplexity` of the experts' evaluations (no model runs)."""
 
     hashed = ("model", "eval_max_docs", "seed")
 
@@ -42,7 +43,13 @@ class EvaluatePerplexity(_EvaluateModel):
     def subpath(self) -> str:
         return f"perplexity/{self.model}.json"
 
+    @property
+    def gpu_stage(self) -> bool:
+        return self.model != ORACLE
+
     def requires(self):
+        if self.model == ORACLE:
+            return {"experts": [self.clone(EvaluatePerplexity, model=f"expert_{c:03d}") for c in range(self.num_clusters)]}
         return {"model": model_stage(self, self.model)[0], "corpus": self.clone(PrepareCorpus),
                 "assignments": self.clone(AssignClusters)}
 
@@ -68,12 +75,25 @@ class EvaluatePerplexity(_EvaluateModel):
         return rows
 
     def build(self, out: Path) -> dict:
+        if self.model == ORACLE:
+            return self.build_oracle(out)
         from tasks.perplexity import evaluate_perplexity
 
         model, kind, path = self.scoring_model()
         result = {"model": self.model, "kind": kind, "path": str(path)}
         for split in ("valid", "test"):
             result[split] = evaluate_perplexity(model, self.docs(split), batch_size=self.eval_batch_size)
+        write_json(out / self.output_file, result)
+        return {split: result[split].get("perplexity") for split in ("valid", "test")}
+
+    def build_oracle(self, out: Path) -> dict:
+        from corpus.io import read_json
+        from tasks.perplexity import oracle_perplexity
+
+        experts = [read_json(self.input_path(t)) for t in self.requires()["experts"]]
+        result = {"model": ORACLE, "kind": ORACLE, "path": None}
+        for split in ("valid", "test"):
+            result[split] = oracle_perplexity([e[split] for e in experts])
         write_json(out / self.output_file, result)
         return {split: result[split].get("perplexity") for split in ("valid", "test")}
 

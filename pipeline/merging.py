@@ -36,7 +36,8 @@ def _ensemble(stage: "MergeExperts", out: Path, expert_dirs: list[str]) -> dict:
                          centroids_path=stage.input_path(r["clusters"]) / "centroids.npy",
                          embedder_dir=stage.input_path(r["embeddings"]) / "embedder",
                          top_k=None if top_k == "all" else int(top_k), temperature=stage.temperature,
-                         route_every=stage.route_every, name=f"ensemble_top{top_k}")
+                         route_every=stage.route_every, route_early=stage.route_early_list,
+                         route_weights=stage.route_weights, name=f"ensemble_top{top_k}")
     write_hf_ensemble(out)  # loadable with AutoModelForCausalLM
     return {}
 
@@ -91,7 +92,8 @@ _MERGE_PARAMS = {  # the flags behind experts.merge.METHODS[m].params (a test ke
     "average": (), "task_arithmetic": ("merge_lambda",), "ties": ("merge_lambda", "ties_density"),
     "dare_linear": ("merge_lambda", "dare_drop_rate", "seed"), "dare_ties": ("merge_lambda", "dare_drop_rate", "seed")}
 METHODS: dict[str, MergeMethod] = {
-    "ensemble": MergeMethod(_ensemble, ("ensemble_top_k", "temperature", "route_every")),
+    "ensemble": MergeMethod(_ensemble, ("ensemble_top_k", "temperature", "route_every", "route_early",
+                                        "route_weights")),
     "posterior": MergeMethod(_posterior, ("top_k",)),
     **{m: MergeMethod(_parameter_merge, ("merge_weights",) + p) for m, p in _MERGE_PARAMS.items()},
     "moe": MergeMethod(_moe, ("moe_top_k", "router_init", "seed", "moe_shared")),

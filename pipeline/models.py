@@ -3,7 +3,8 @@
 Model names: `seed`, `dense`, `expert_003`, `ensemble_top1` / `ensemble_top2` / `ensemble_topall` (c-BTM, top_k
 1, 2, all, and --top-k when it is another value; duplicates dropped when k is small), `posterior` (BTM, updating prior, --top-k), `average` (BTM
 parameter average), `task_arithmetic` / `ties` / `dare_linear` / `dare_ties` (merges against the seed), `moe` (BTX
-MoE after finetuning).
+MoE after finetuning). `oracle` is a perplexity-only reference, not a model: each document scored by the expert of
+its own cluster (`tasks.perplexity.oracle_perplexity`).
 """
 from __future__ import annotations
 
@@ -27,6 +28,14 @@ def model_names(p) -> list[str]:
     return names
 
 
+ORACLE = "oracle"
+
+
+def perplexity_names(p) -> list[str]:
+    """What the perplexity evaluation reports: every model, plus the oracle-routing reference."""
+    return model_names(p) + [ORACLE]
+
+
 def model_stage(p, name: str):
     """(stage producing the model, 'hf' | 'ensemble')."""
     from pipeline.merging import FinetuneMoE, MergeExperts
@@ -46,6 +55,9 @@ def model_stage(p, name: str):
         return p.clone(MergeExperts, method=name), "hf"
     if name == "moe":
         return p.clone(FinetuneMoE), "hf"
+    if name == ORACLE:
+        raise InputError("'oracle' is a perplexity reference assembled from the experts' evaluations, not a model "
+                         "(EvaluatePerplexity --model oracle); it has no few-shot evaluation")
     raise InputError(f"unknown model {name!r}; models of this run: {', '.join(model_names(p))}")
 
 

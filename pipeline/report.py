@@ -16,7 +16,7 @@ from pipeline.clustering import DescribeClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
 from pipeline.merging import MergeExperts
-from pipeline.models import model_names, model_stage
+from pipeline.models import model_names, model_stage, perplexity_names
 
 TRAINED = ("seed", "dense", "moe")  # models with a training.json (plus every expert_*)
 
@@ -32,7 +32,7 @@ class Report(Stage):
         return {
             "corpus": self.clone(PrepareCorpus),
             "clusters": self.clone(DescribeClusters),
-            "perplexity": {m: self.clone(EvaluatePerplexity, model=m) for m in names},
+            "perplexity": {m: self.clone(EvaluatePerplexity, model=m) for m in perplexity_names(self)},
             "fewshot": {t: {m: self.clone(EvaluateFewShot, task=t, model=m) for m in self.fewshot_model_names(names)}
                         for t in self.task_list},
             "trained": {m: model_stage(self, m)[0] for m in names if m in TRAINED or m.startswith("expert_")},

@@ -8,6 +8,9 @@ window w−1's last prediction was made, so predicted tokens never overlap); win
 windows only as text through `prefix_texts` (so a routing model such as the c-BTM ensemble routes on the
 whole document prefix, Gururangan et al. 2023 §2.3), not as attention context. Windows of many documents are
 batched together, longest first.
+
+`oracle_perplexity` assembles the oracle-routing reference (each document scored by its own cluster's expert)
+from the experts' evaluations, without scoring anything again.
 """
 from __future__ import annotations
 
@@ -17,7 +20,7 @@ import math
 import os
 import time
 from collections import defaultdict
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -178,3 +181,51 @@ def evaluate_perplexity(
     if out_path is not None:
         write_json(out_path, result)
     return result
+
+
+ORACLE = "oracle"
+
+
+def oracle_perplexity(expert_results: Sequence[dict]) -> dict:
+    """Oracle routing, a diagnostic that reads the future: every document scored by the expert of the cluster its
+    full text is assigned to. Assembled from the experts' own evaluations on the same documents: cluster c's
+    group is expert c's `per_cluster[c]`, and the overall figures pool those groups,
+
+        PPL_oracle = exp( Σ_c NLL_c(expert c) / Σ_c n_tokens_c )
+
+    expert_results[c]: `evaluate_perplexity` result of expert c (with per_cluster groups). Returns the same keys
+    as `evaluate_perplexity` (model "oracle"; `per_label` is empty: labels cut across clusters, and the
+    per-cluster totals do not say which label each document has; documents without a cluster_id are left out).
+    """
+    if not expert_results:
+        raise InputError("the oracle needs the evaluation of at least one expert")
+    def sizes(res):
+        return {c: (g["n_tokens"], g["n_docs"]) for c, g in (res.get("per_cluster") or {}).items()}
+
+    first = expert_results[0]
+    groups, totals = {}, {"nll": 0.0, "n_tokens": 0, "n_bytes": 0, "n_docs": 0}
+    for c, res in enumerate(expert_results):
+        if sizes(res) != sizes(first):  # the experts must have scored the same documents
+            raise InputError(f"the oracle needs every expert evaluated on the same documents; {first.get('model')} "
+                             f"and {res.get('model')} saw different ones")
+        g = (res.get("per_cluster") or {}).get(str(c))
+        if not g or not g.get("n_tokens"):
+            continue  # no document of this split is in cluster c
+        nll = g["nll_per_token"] * g["n_tokens"]
+        groups[str(c)] = _group_metrics(nll, g["n_tokens"], g["n_bytes"], g["n_docs"])
+        for key, value in (("nll", nll), ("n_tokens", g["n_tokens"]), ("n_bytes", g["n_bytes"]), ("n_docs", g["n_docs"])):
+            totals[key] += value
+    overall = _group_metrics(totals["nll"], totals["n_tokens"], totals["n_bytes"], totals["n_docs"])
+    return {
+        "model": ORACLE,
+        "perplexity": overall["perplexity"],
+        "bits_per_byte": overall["bits_per_byte"],
+        "overall": overall,
+        "per_cluster": groups,
+        "per_label": {},
+        "n_docs": overall["n_docs"],
+        "n_empty_docs": first.get("n_empty_docs", 0),
+        "n_tokens": overall["n_tokens"],
+        "max_length": first.get("max_length"),
+        "experts": [res.get("model") for res in expert_results],
+    }

@@ -14,7 +14,8 @@ report.json schema (version 1); every key is always present, values may be null/
                  [[term, ...] per cluster], "nmi", "purity", "label_distribution": {cluster_id: {label: n}},
                  "figures": [relative png paths], ...everything else describe_clusters returned},
   "perplexity": {model: {"valid": {"perplexity", "bits_per_byte", "n_tokens", "per_cluster": {id: ppl},
-                                   "per_label": {label: ppl}}, "test": {...}}},
+                                   "per_label": {label: ppl}}, "test": {...}}},   (model "oracle": oracle routing)
+  "oracle_ratio": {ensemble: {split: {"overall": ppl / oracle ppl, "per_cluster": {id: ratio}}}},
   "fewshot":    {task: {model: {"accuracy": {"mean", "std"}, "macro_f1": {"mean", "std"}, "shots", "seeds",
                                "n_test", "baselines": {"majority": {...}, "random": {...}}, "routing"}}},
   "budgets":    {"plan": experts.budget.plan_budgets dict, "compute_match", "expert_budget",
@@ -70,6 +71,7 @@ def write_report(
         "run": {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), **run_info},
         "clusters": _clusters(cluster_info or {}),
         "perplexity": {m: {s: _ppl_summary(r.get(s)) for s in ("valid", "test") if r.get(s)} for m, r in perplexity.items()},
+        "oracle_ratio": _oracle_ratio(perplexity),
         "fewshot": {t: {m: _fewshot_summary(r) for m, r in by_model.items()} for t, by_model in (fewshot or {}).items()},
         "budgets": _budgets(budgets or {}),
         "timings": timings or {},
@@ -145,6 +147,31 @@ def _ppl_summary(r: dict | None) -> dict | None:
         "per_label": {str(k): v.get("perplexity") for k, v in (r.get("per_label") or {}).items()},
         "tokens_per_s": r.get("tokens_per_s"),
     }
+
+
+def _oracle_ratio(perplexity: dict[str, dict]) -> dict:
+    """Perplexity of every ensemble (evaluation kind 'ensemble') over that of oracle routing, overall and per
+    cluster: 1.00 means the ensemble does as well as each document's own expert. Empty without an oracle."""
+    oracle = perplexity.get("oracle") or {}
+    out = {}
+    for m, r in perplexity.items():
+        if r.get("kind") != "ensemble":
+            continue
+        for split in ("valid", "test"):
+            e, o = r.get(split) or {}, oracle.get(split) or {}
+            if not e or not o:
+                continue
+            o_pc = {c: g.get("perplexity") for c, g in (o.get("per_cluster") or {}).items()}
+            e_pc = {c: g.get("perplexity") for c, g in (e.get("per_cluster") or {}).items()}
+            out.setdefault(m, {})[split] = {
+                "overall": _ratio(e.get("perplexity"), o.get("perplexity")),
+                "per_cluster": {c: _ratio(e_pc.get(c), o_pc[c]) for c in o_pc},
+            }
+    return out
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
 
 
 def _fewshot_summary(r: dict) -> dict:
@@ -273,6 +300,18 @@ def render_markdown(report: dict) -> str:
             for m, r in ppl.items():
                 pl = (r.get("test") or {}).get("per_label") or {}
                 lines.append(f"| {m} | " + " | ".join(_f(pl.get(lab)) for lab in labels) + " |")
+            lines.append("")
+        ratio = report.get("oracle_ratio") or {}
+        if ratio:
+            lines += ["Ensembles against oracle routing (`oracle`: each document scored by the expert of the cluster "
+                      "its full text is assigned to, a reference that reads the future): test perplexity ÷ oracle "
+                      "test perplexity, 1.00 = as good as each document's own expert.", "",
+                      "| model | test | " + " | ".join(f"test c{c}" for c in clusters) + " |",
+                      "|---|---:|" + "---:|" * len(clusters)]
+            for m, r in ratio.items():
+                t = r.get("test") or {}
+                pc = t.get("per_cluster") or {}
+                lines.append(f"| {m} | {_f(t.get('overall'), 3)} | " + " | ".join(_f(pc.get(c), 3) for c in clusters) + " |")
             lines.append("")
         if "figures/perplexity.png" in report.get("figures", []):
             lines += ["![perplexity](figures/perplexity.png)", ""]

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import luigi
+import pytest
 
 from pipeline import RunAll
 from pipeline.base import read_stage_log
@@ -59,12 +60,20 @@ def test_run_all_end_to_end(tiny_corpus, tmp_path):
     assert merged == {"ensemble", "posterior", "average", "moe"}
     ppl = {p.stem for p in run_dir.glob("eval-*/perplexity/*.json") if not p.name.endswith(".stage.json")}
     assert ppl == {"seed", "dense", "expert_000", "expert_001", "ensemble_top1", "ensemble_topall", "posterior",
-                   "average", "moe"}
+                   "average", "moe", "oracle"}
     fewshot = {p.stem for p in run_dir.glob("eval-*/fewshot/domains/*.json") if not p.name.endswith(".stage.json")}
-    assert fewshot == ppl
+    assert fewshot == ppl - {"oracle"}  # the oracle is a perplexity reference, not a model
+    evals = {p.stem: json.loads(p.read_text()) for p in run_dir.glob("eval-*/perplexity/*.json")
+             if not p.name.endswith(".stage.json")}
+    assert evals["oracle"]["test"]["per_cluster"]
+    for c, group in evals["oracle"]["test"]["per_cluster"].items():  # the oracle scores cluster c with expert c
+        assert group == pytest.approx(evals[f"expert_{int(c):03d}"]["test"]["per_cluster"][c])
     report = json.loads((run_dir / "report.json").read_text())
-    assert set(report) >= {"schema_version", "run", "clusters", "perplexity", "fewshot", "budgets", "timings"}
+    assert set(report) >= {"schema_version", "run", "clusters", "perplexity", "fewshot", "budgets", "timings",
+                           "oracle_ratio"}
     assert set(report["perplexity"]) == ppl
+    assert set(report["oracle_ratio"]) == {"ensemble_top1", "ensemble_topall", "posterior"}
+    assert "Ensembles against oracle routing" in (run_dir / "report.md").read_text()
     assert set(report["perplexity"]["dense"]["test"]["per_label"]) == {"cooking", "sports", "code", "medicine"}
     assert report["budgets"]["totals"]["cbtm_tokens"] == report["budgets"]["totals"]["dense_tokens"]
     assert (run_dir / "report.md").read_text().count("| dense |") >= 1

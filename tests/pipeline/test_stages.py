@@ -171,3 +171,22 @@ def test_task_list_none_and_fewshot_models_filter(tmp_path):
     assert run.fewshot_model_names(["seed", "dense", "expert_000", "moe"]) == ["dense", "moe"]
     with pytest.raises(InputError, match="--fewshot-models"):
         run.fewshot_model_names(["dense"])
+
+
+@pytest.mark.parametrize("flag,value", [("route_early", "1,0,4"), ("route_early", "-2"), ("route_early", "1,x"),
+                                        ("route_every", 0), ("route_weights", "likelihood")])
+def test_bad_routing_flags_fail_with_the_flag_named(flag, value, tmp_path):
+    with pytest.raises(InputError) as err:
+        RunAll(run_dir=str(tmp_path), **{flag: value})
+    assert f"--{flag.replace('_', '-')}" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_routing_flags_enter_the_ensemble_hash_only(tmp_path):
+    from pipeline.merging import MergeExperts
+
+    base = dict(corpus="demo", run_dir=str(tmp_path))
+    paths = {MergeExperts(**base, method="ensemble", **kw).out_path()
+             for kw in ({}, {"route_weights": "distance"}, {"route_early": "1,2,4,8"})}
+    assert len(paths) == 3
+    assert (MergeExperts(**base, method="average").out_path()
+            == MergeExperts(**base, method="average", route_weights="distance", route_early="1,2").out_path())

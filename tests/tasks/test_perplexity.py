@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from corpus.io import InputError
+from experts.scoring import HFCausalLM
 from tasks.perplexity import evaluate_perplexity
 from tests.tasks.conftest import FixedModel, ToyModel, make_tokenizer
 
@@ -101,3 +102,26 @@ def test_max_docs_empty_docs_and_bad_input():
         evaluate_perplexity(model, [{"id": "x", "body": "hi"}])
     with pytest.raises(InputError, match="no documents"):
         evaluate_perplexity(model, [])
+
+
+def test_oracle_equals_each_documents_own_expert(hf_model_factory):
+    """Oracle routing = every document scored by the expert of its cluster, assembled from the experts' results."""
+    from tasks.perplexity import oracle_perplexity
+    from tests.tasks.conftest import tiny_llama
+
+    base = hf_model_factory([d["text"] for d in DOCS])
+    experts = [base, HFCausalLM(tiny_llama(len(base.tokenizer), 256, seed=7), base.tokenizer, name="other")]
+    results = [evaluate_perplexity(e, DOCS, batch_size=2, per_doc=True) for e in experts]
+    oracle = oracle_perplexity(results)
+    assert oracle["model"] == "oracle" and oracle["n_docs"] == len(DOCS) and oracle["per_label"] == {}
+    for c in ("0", "1"):
+        for key in ("perplexity", "n_tokens", "n_docs", "n_bytes"):
+            assert oracle["per_cluster"][c][key] == pytest.approx(results[int(c)]["per_cluster"][c][key], rel=1e-9)
+    own = {d["id"]: int(d["cluster_id"]) for d in DOCS}  # by hand: each document under its own expert
+    nll = sum(row["nll"] for c, r in enumerate(results) for row in r["docs"] if own[row["id"]] == c)
+    n = sum(row["n_tokens"] for row in results[0]["docs"])
+    assert oracle["perplexity"] == pytest.approx(math.exp(nll / n), rel=1e-6) and oracle["n_tokens"] == n
+    assert oracle["perplexity"] != pytest.approx(results[0]["perplexity"], rel=1e-3)
+    other = evaluate_perplexity(experts[1], DOCS[:3], batch_size=2)
+    with pytest.raises(InputError, match="same documents"):
+        oracle_perplexity([results[0], other])
