@@ -312,7 +312,7 @@ def main():
     p.add_argument("--out", default=None)
     args = p.parse_args()
     OUT = args.out
-    from experts.device import resolve_device
+    from corpus.device import resolve_device
 
     device = resolve_device(args.device).device
     args.backends = [b for b in args.backends.split(",") if b]

@@ -1006,7 +1006,7 @@ class _KMeansBase:
 
     # -- device / backend ------------------------------------------------------------------------------------
     def _resolve(self) -> None:
-        from experts.device import resolve_device
+        from corpus.device import resolve_device
 
         self.device = resolve_device(self.device_request).device
         backend = self.backend_request

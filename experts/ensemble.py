@@ -274,7 +274,7 @@ class _ExpertsMixin:
 
     def _setup_experts(self, experts, device, devices, offload, dtype, max_length, expert_batch_size, name) -> None:
         """Slots (lazily loaded experts), the shared tokenizer, max_length, stats: what both ensembles need."""
-        from experts.device import resolve_device
+        from corpus.device import resolve_device
 
         self.device = resolve_device(device).device
         self.slots = _make_slots(experts, devices if devices is not None else self.device, offload, dtype, max_length)

@@ -353,7 +353,7 @@ def finetune_moe(moe_dir: str | os.PathLike, shard_paths: Sequence[str | os.Path
         raise InputError(f"MoE directory missing or incomplete: {moe_dir}")
     result = train_model(str(moe_dir), list(shard_paths), out_dir, config, **train_kw)
     model, _ = load_causal_lm(out_dir)
-    from experts.device import resolve_device
+    from corpus.device import resolve_device
 
     model.to(resolve_device(config.device).device)
     stat_paths = list(train_kw.get("valid_paths") or shard_paths)  # held-out blocks when there are some

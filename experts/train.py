@@ -977,7 +977,7 @@ def train_model(
     """
     import torch
 
-    from experts.device import resolve_device
+    from corpus.device import resolve_device
     from experts.model import check_compatible, count_params, flops_per_token
     from experts.data import PackedBlocks, Prefetcher
     from experts.microbatch import accumulation_weight, describe
