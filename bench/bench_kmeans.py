@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from clustering.kmeans import BalancedKMeans, UnbalancedKMeans, size_bounds  # noqa: E402
+from clustering import BalancedKMeans, UnbalancedKMeans, size_bounds  # noqa: E402
 
 ROWS: list[dict] = []
 OUT = None
