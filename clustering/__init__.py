@@ -9,16 +9,19 @@ Modules, from the bottom up:
 - `clusterers`: `BalancedKMeans`, `UnbalancedKMeans`, `RandomClusters`, save / load.
 - `io`: the stages' functions `fit_clusters` and `assign_clusters`, which read and write run folders.
 - `inspect`: `describe_clusters` (sizes, purity, examples, plots).
+- `router`: `CentroidRouter`, the routing formula softmax(−d²/T) over the top_k nearest centroids, and nearest-centroid
+  assignment; `experts/` routes through it.
 """
 from clustering.balanced import size_bounds, weighted_size_bounds
 from clustering.clusterers import BalancedKMeans, Clusterer, RandomClusters, UnbalancedKMeans, load_clusterer
 from clustering.embed import EncoderEmbedder, TfidfEmbedder, embed_corpus, load_embedder
 from clustering.inspect import describe_clusters
 from clustering.io import assign_clusters, document_weights, fit_clusters
+from clustering.router import CentroidRouter
 from clustering.search import faiss_has_gpu
 
 __all__ = [
-    "BalancedKMeans", "Clusterer", "EncoderEmbedder", "RandomClusters", "TfidfEmbedder", "UnbalancedKMeans",
-    "assign_clusters", "describe_clusters", "document_weights", "embed_corpus", "faiss_has_gpu", "fit_clusters",
-    "load_clusterer", "load_embedder", "size_bounds", "weighted_size_bounds",
+    "BalancedKMeans", "CentroidRouter", "Clusterer", "EncoderEmbedder", "RandomClusters", "TfidfEmbedder",
+    "UnbalancedKMeans", "assign_clusters", "describe_clusters", "document_weights", "embed_corpus", "faiss_has_gpu",
+    "fit_clusters", "load_clusterer", "load_embedder", "size_bounds", "weighted_size_bounds",
 ]
