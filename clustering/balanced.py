@@ -410,7 +410,7 @@ def wrelaxed_prices(d, prices, damp, lo, hi, max_steps, eps, w, slack=_RELAX_SLA
 
 
 def wcapped_assign(d: torch.Tensor, prices: torch.Tensor, hi: torch.Tensor, w: torch.Tensor,
-                    overwrite: bool = False) -> torch.Tensor:
+                   overwrite: bool = False) -> torch.Tensor:
     """`capped_assign` with weighted sizes: an overfull cluster keeps its members of largest regret per unit weight
     while their weight stays ≤ hi_j and sends the others to their best cluster that is not overfull."""
     k = d.shape[1]

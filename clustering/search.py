@@ -14,7 +14,7 @@ def sqnorms(x: torch.Tensor) -> torch.Tensor:
 
 
 def sqdist(x: torch.Tensor, c: torch.Tensor, x2: torch.Tensor | None = None,
-            out: torch.Tensor | None = None) -> torch.Tensor:
+           out: torch.Tensor | None = None) -> torch.Tensor:
     """Squared L2 distances ‖x−c‖² = ‖x‖² − 2x·c + ‖c‖², clamped at 0. x (n, d), c (k, d) → (n, k), written into
     `out` (n, k) when given (a reused buffer: on CPU a fresh 10+ MB tensor costs page faults on every call)."""
     if x2 is None:

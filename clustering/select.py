@@ -94,7 +94,7 @@ def _group_kth_sorted(values: torch.Tensor, groups: torch.Tensor, ids: torch.Ten
 
 
 def group_kth(values: torch.Tensor, groups: torch.Tensor, ids: torch.Tensor, kth: torch.Tensor,
-               n_groups: int) -> torch.Tensor:
+              n_groups: int) -> torch.Tensor:
     """For each group id in `ids` (ascending), the kth-smallest (1-based, clamped to the group's size) of `values`
     over its members. values, groups (s,) with groups < n_groups; every group in `ids` has a member. On CUDA the
     members of the asked groups are sorted by (group, value) (`group_order`) and each answer is read at its
@@ -137,7 +137,7 @@ def wsorted_groups(keys: torch.Tensor, w: torch.Tensor, groups: torch.Tensor, de
 
 
 def wselect_per_group(keys: torch.Tensor, w: torch.Tensor, groups: torch.Tensor, quota: torch.Tensor,
-                       largest: bool) -> torch.Tensor:
+                      largest: bool) -> torch.Tensor:
     """Mask (s,) of the items kept when every group g keeps its items of largest (or smallest) key for as long as
     their running weight stays ≤ quota[g] (the weighted `select_per_group`; ties: the earlier item)."""
     keep = torch.zeros(keys.shape, dtype=torch.bool, device=keys.device)
@@ -149,7 +149,7 @@ def wselect_per_group(keys: torch.Tensor, w: torch.Tensor, groups: torch.Tensor,
 
 
 def group_wkth(values: torch.Tensor, w: torch.Tensor, groups: torch.Tensor, ids: torch.Tensor,
-                need: torch.Tensor, n_groups: int) -> torch.Tensor:
+               need: torch.Tensor, n_groups: int) -> torch.Tensor:
     """For each group id in `ids` (ascending), the smallest value t of its members such that the members with value
     ≤ t weigh ≥ need (clamped to the group's largest value): the weighted `group_kth`."""
     asked = torch.zeros(n_groups, dtype=torch.bool, device=values.device)
