@@ -29,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from clustering.kmeans import BalancedKMeans, UnbalancedKMeans, size_bounds  # noqa: E402
+from clustering import BalancedKMeans, UnbalancedKMeans, size_bounds  # noqa: E402
 
 ROWS: list[dict] = []
 OUT = None
@@ -312,7 +312,7 @@ def main():
     p.add_argument("--out", default=None)
     args = p.parse_args()
     OUT = args.out
-    from experts.device import resolve_device
+    from corpus.device import resolve_device
 
     device = resolve_device(args.device).device
     args.backends = [b for b in args.backends.split(",") if b]

@@ -34,7 +34,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clustering.kmeans import BalancedKMeans  # noqa: E402
+from clustering import BalancedKMeans  # noqa: E402
 
 
 def mixture(n: int, d: int = 100, comps: int = 32) -> np.ndarray:

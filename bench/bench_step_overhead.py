@@ -33,7 +33,7 @@ def main():
     import torch
     from torch.utils._python_dispatch import TorchDispatchMode
 
-    from experts.device import resolve_device
+    from corpus.device import resolve_device
     from experts.model import ModelPreset, build_scratch_model, count_params
     from experts.train import CausalLMLoss, MasterWeights, TrainConfig, cache_rotary, use_causal_sdpa
 

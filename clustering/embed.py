@@ -193,7 +193,7 @@ class EncoderEmbedder:
         import torch
         from transformers import AutoModel, AutoTokenizer
 
-        from experts.device import resolve_device
+        from corpus.device import resolve_device
 
         os.environ["HF_HUB_OFFLINE"] = "1"
         os.environ["TRANSFORMERS_OFFLINE"] = "1"

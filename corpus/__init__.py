@@ -1,1 +1,1 @@
-"""Corpus input/output shared by every stage: reading user corpora, the built-in demo, atomic files."""
+"""What every package shares: reading user corpora, the built-in demo, atomic files, the device choice."""

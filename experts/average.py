@@ -1,11 +1,11 @@
 """What every merge of expert checkpoints shares, and BTM parameter averaging (Li et al. 2022, "Branch-Train-Merge",
 §5 "parameter averaging").
 
-θ_avg = Σ_j w_j θ_j with w_j ≥ 0, Σ_j w_j = 1: uniform, or weights from centroid distances
-(`weights_from_distances`) or from a corpus's domain posterior (`weights_from_posterior`); `average_experts` is
-the `average` entry of `experts.merge` (which also holds the task-arithmetic merges). `CheckpointReader` reads the
-tensors of a `save_pretrained` folder one at a time (memory-mapped safetensors); `check_expert_dirs` refuses
-experts of different architectures or tokenizers; `save_merged_model` writes a merged model atomically.
+θ_avg = Σ_j w_j θ_j with w_j ≥ 0, Σ_j w_j = 1: uniform, given weights, or, for a new expert to branch from, weights
+from centroid distances (`branch_average`); `average_experts` is the `average` entry of `experts.merge` (which
+also holds the task-arithmetic merges). `CheckpointReader` reads the tensors of a `save_pretrained` folder one at a
+time (memory-mapped safetensors); `check_expert_dirs` refuses experts of different architectures or tokenizers;
+`save_merged_model` writes a merged model atomically.
 """
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from clustering.router import CentroidRouter
 from corpus.io import InputError, atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -130,33 +131,6 @@ def normalise_weights(weights: Sequence[float] | None, k: int) -> np.ndarray:
     return w / w.sum()
 
 
-def weights_from_distances(distances: np.ndarray, temperature: float) -> np.ndarray:
-    """(k,) weights from squared centroid distances: softmax(−d²/T) per document, averaged over documents.
-
-    distances: (n_docs, k) or (k,) squared distances (e.g. `assignments-*/{split}_distances.npy`).
-    """
-    if not temperature > 0:
-        raise InputError(f"temperature must be > 0, got {temperature}")
-    d = np.asarray(distances, dtype=np.float64)
-    d = d[None, :] if d.ndim == 1 else d
-    if d.ndim != 2 or d.shape[0] == 0:
-        raise InputError(f"distances must be (n_docs, k) or (k,), got shape {np.asarray(distances).shape}")
-    z = -d / temperature
-    z -= z.max(1, keepdims=True)
-    p = np.exp(z)
-    p /= p.sum(1, keepdims=True)
-    return p.mean(0)
-
-
-def weights_from_posterior(expert_dirs: Sequence[str | os.PathLike], texts: Sequence[str], alpha: float = 0.3,
-                           max_sequences: int = 100, device: str = "cpu") -> np.ndarray:
-    """(k,) weights = the BTM cached domain prior of `texts` (EMA of posteriors, see PosteriorEnsemble)."""
-    from experts.ensemble import PosteriorEnsemble
-
-    ens = PosteriorEnsemble(list(expert_dirs), prior="cached", alpha=alpha, device=device)
-    return np.asarray(ens.estimate_cached_prior(texts, max_sequences=max_sequences))
-
-
 def average_experts(expert_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                     weights: Sequence[float] | None = None) -> Path:
     """Average the experts' parameters into `out_dir` (atomic): `experts.merge.merge_experts` with method
@@ -168,6 +142,18 @@ def average_experts(expert_dirs: Sequence[str | os.PathLike], out_dir: str | os.
     from experts.merge import merge_experts
 
     return merge_experts(expert_dirs, out_dir, "average", weights=weights)
+
+
+def branch_average(expert_dirs: Sequence[str | os.PathLike], expert_centroids: np.ndarray, centroid: np.ndarray,
+                   temperature: float, out_dir: str | os.PathLike) -> Path:
+    """The model a new expert branches from (BTM, Li et al. 2022 §4: a weighted average of existing experts):
+    `average_experts` of expert_dirs with w_j = softmax_j(−‖c − c_j‖² / T), the routing weights
+    (`CentroidRouter.weights`, over all of them) of the new cluster's centroid c (d,) among the experts' centroids
+    c_j, expert_centroids (n_experts, d) in the order of expert_dirs. Writes out_dir (atomic) and returns it; it is
+    then the `init` of the new expert's training."""
+    router = CentroidRouter(None, expert_centroids, temperature)  # top_k: every expert
+    weights = router.weights(np.asarray(centroid)[None, :])[0]  # (n_experts,)
+    return average_experts(expert_dirs, out_dir, weights=weights.tolist())
 
 
 def fill_meta_model(model, state: dict[str, torch.Tensor], source: str) -> None:

@@ -6,8 +6,8 @@ Discovery"): for each position t,
     p(x_t | x_<t) = Σ_j w_j(x_<t) · p_j(x_t | x_<t)
     w(x_<t)       = softmax_j(−‖e(x_<t) − c_j‖² / T)   over the top_k nearest centroids only (zero elsewhere)
 
-e(·) is the clusterer's embedder applied to the *prefix* text, c_j the cluster centroids, T the temperature.
-The official c-BTM code passes an already-squared distance into its d² (i.e. it uses ‖·‖⁴); we use d².
+e(·) is the clusterer's embedder applied to the *prefix* text, c_j the cluster centroids, T the temperature: the
+routing of `clustering.router.CentroidRouter`, which holds the formula.
 Routing is recomputed on a schedule (`RoutingSchedule`): after o tokens of a row for o ∈ {0} ∪ route_early ∪
 {R, 2R, …} (R = `route_every`; e.g. route_early = 1, 2, 4, 8 refreshes a young prefix often). The chunk that
 starts at routing point p predicts the targets up to the next point and is routed on x_<p (plus the row's
@@ -47,6 +47,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from clustering.router import CentroidRouter
 from corpus.io import InputError, read_json, write_json
 from experts.scoring import HFCausalLM, ScoringModel, document_windows
 
@@ -128,32 +129,6 @@ def _make_slots(experts, devices, offload, dtype, max_length) -> list[ExpertSlot
 
 
 # ---- routing ---------------------------------------------------------------------------------------------
-def routing_weights(
-    embeddings: np.ndarray | torch.Tensor,  # (n, d)
-    centroids: np.ndarray | torch.Tensor,  # (k, d)
-    top_k: int,
-    temperature: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """c-BTM weights: indices (n, top_k) of the nearest centroids (nearest first) and weights (n, top_k).
-
-    w = softmax(−d² / T) over the top_k nearest centroids, d² = ‖e − c_j‖² (squared Euclidean distance).
-    """
-    e = torch.as_tensor(np.asarray(embeddings, dtype=np.float64))
-    c = torch.as_tensor(np.asarray(centroids, dtype=np.float64))
-    d2 = (e * e).sum(1, keepdim=True) - 2 * e @ c.T + (c * c).sum(1)[None, :]  # (n, k)
-    d2 = d2.clamp_min(0)
-    neg, idx = torch.topk(-d2, top_k, dim=1)  # (n, top_k), nearest first
-    w = torch.softmax(neg / temperature, dim=1)
-    return idx, w.float()
-
-
-def dense_routing_weights(embeddings, centroids, top_k: int, temperature: float) -> torch.Tensor:
-    """The same weights as a dense (n, k) matrix: ≥ 0, rows sum to 1, zero outside the top_k."""
-    idx, w = routing_weights(embeddings, centroids, top_k, temperature)
-    out = torch.zeros(idx.shape[0], np.asarray(centroids).shape[0])
-    return out.scatter_(1, idx, w)
-
-
 def _check_top_k(top_k: int | None, k: int) -> int:
     top_k = k if top_k is None else int(top_k)
     if top_k < 1 or top_k > k:
@@ -274,7 +249,7 @@ class _ExpertsMixin:
 
     def _setup_experts(self, experts, device, devices, offload, dtype, max_length, expert_batch_size, name) -> None:
         """Slots (lazily loaded experts), the shared tokenizer, max_length, stats: what both ensembles need."""
-        from experts.device import resolve_device
+        from corpus.device import resolve_device
 
         self.device = resolve_device(device).device
         self.slots = _make_slots(experts, devices if devices is not None else self.device, offload, dtype, max_length)
@@ -496,17 +471,13 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
             raise InputError(f"centroids must be a (k, d) matrix, got shape {centroids.shape}")
         if centroids.shape[0] != len(experts):
             raise InputError(f"{centroids.shape[0]} centroids but {len(experts)} experts; they must match one to one")
-        if not temperature > 0:
-            raise InputError(f"temperature must be > 0, got {temperature}")
+        self.router = CentroidRouter(embedder, centroids, temperature, top_k)
         if route_weights not in ROUTE_WEIGHTS:
             raise InputError(f"route_weights must be one of {', '.join(ROUTE_WEIGHTS)}, got {route_weights!r}")
         self.schedule = RoutingSchedule(route_every, route_early)
-        self.top_k = _check_top_k(top_k, len(experts))
+        self.top_k = self.router.top_k
         self.prior = None if prior is None else _check_prior(prior, len(experts))
         self._setup_experts(experts, device, devices, offload, dtype, max_length, expert_batch_size, name)
-        self.centroids = centroids
-        self.embedder = embedder
-        self.temperature = float(temperature)
         self.route_weights = route_weights
 
     @property
@@ -547,16 +518,14 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
             idx, w = self.fixed_routing
             return idx.expand(len(texts), -1), w.expand(len(texts), -1)
         uniq = list(dict.fromkeys(texts))
-        emb = np.asarray(self.embedder.transform(uniq), dtype=np.float32)  # (n_unique, d)
-        if emb.ndim != 2 or emb.shape[1] != self.centroids.shape[1]:
-            raise InputError(f"embedder gives shape {emb.shape}, centroids have dimension {self.centroids.shape[1]}")
+        emb = self.router.embed(uniq)  # (n_unique, d)
         self.stats["routing_texts"] += len(uniq)
-        idx, w = routing_weights(emb, self.centroids, self.top_k, self.temperature)
+        idx, w = self.router.route(emb)
         empty = torch.as_tensor(np.linalg.norm(emb, axis=1) < 1e-8)  # (n_unique,) no routing signal
         k = len(self.slots)
         if empty.any():
             if self.top_k < k:  # all k experts for those rows; the others keep their top_k (zero-weight padding)
-                idx_all, _ = routing_weights(emb, self.centroids, k, self.temperature)  # (n_unique, k)
+                idx_all = self.router.ranking(emb)  # (n_unique, k)
                 w_all = torch.zeros(len(uniq), k)
                 w_all[:, : self.top_k] = w
                 idx, w = idx_all, w_all
@@ -981,16 +950,15 @@ def save_ensemble_config(
             raise InputError("a sparse ensemble config needs centroids_path and embedder_dir")
         if not Path(centroids_path).is_file():
             raise InputError(f"centroids file missing: {centroids_path}")
-        n_centroids = np.load(centroids_path, mmap_mode="r").shape[0]
-        if n_centroids != k:
-            raise InputError(f"{centroids_path} has {n_centroids} centroids but {k} experts were given")
-        if not temperature > 0:
-            raise InputError(f"temperature must be > 0, got {temperature}")
+        centroids = np.load(centroids_path, mmap_mode="r")  # (k, d)
+        if centroids.shape[0] != k:
+            raise InputError(f"{centroids_path} has {centroids.shape[0]} centroids but {k} experts were given")
+        router = CentroidRouter(None, centroids, temperature, top_k)
         if route_weights not in ROUTE_WEIGHTS:
             raise InputError(f"route_weights must be one of {', '.join(ROUTE_WEIGHTS)}, got {route_weights!r}")
         schedule = RoutingSchedule(route_every, route_early)
         cfg.update(centroids=_rel(out_dir, centroids_path), embedder=_rel(out_dir, embedder_dir),
-                   top_k=_check_top_k(top_k, k), temperature=float(temperature), route_every=schedule.every,
+                   top_k=router.top_k, temperature=router.temperature, route_every=schedule.every,
                    route_early=list(schedule.early), route_weights=route_weights,
                    prior_weights=None if prior_weights is None else _check_prior(prior_weights, k))
     elif kind == "posterior":

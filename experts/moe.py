@@ -28,6 +28,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
+from clustering.router import CentroidRouter
 from corpus.io import InputError, write_json
 from experts.average import CheckpointReader, check_expert_dirs, fill_meta_model, save_merged_model
 
@@ -169,11 +170,10 @@ def _group_texts(cluster_texts, k, centroids, embedder) -> list[list[str]]:
     if len(cluster_texts) and isinstance(cluster_texts[0], str):  # flat list: assign by nearest centroid
         if embedder is None or centroids is None:
             raise InputError("a flat cluster_texts list needs embedder and centroids to assign texts to clusters")
-        from experts.ensemble import routing_weights
-
-        idx, _ = routing_weights(embedder.transform(list(cluster_texts)), centroids, 1, 1.0)
+        router = CentroidRouter(embedder, centroids)
+        cluster_ids = router.assign(router.embed(cluster_texts))  # (n,)
         groups = [[] for _ in range(k)]
-        for t, j in zip(cluster_texts, idx[:, 0].tolist()):
+        for t, j in zip(cluster_texts, cluster_ids.tolist()):
             groups[j].append(t)
         cluster_texts = groups
     if len(cluster_texts) != k:
@@ -353,7 +353,7 @@ def finetune_moe(moe_dir: str | os.PathLike, shard_paths: Sequence[str | os.Path
         raise InputError(f"MoE directory missing or incomplete: {moe_dir}")
     result = train_model(str(moe_dir), list(shard_paths), out_dir, config, **train_kw)
     model, _ = load_causal_lm(out_dir)
-    from experts.device import resolve_device
+    from corpus.device import resolve_device
 
     model.to(resolve_device(config.device).device)
     stat_paths = list(train_kw.get("valid_paths") or shard_paths)  # held-out blocks when there are some

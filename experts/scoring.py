@@ -236,7 +236,7 @@ class HFCausalLM(ScoringModel):
     """
 
     def __init__(self, model, tokenizer, device: str | torch.device = "cpu", name: str = "model", max_length: int | None = None):
-        from experts.device import resolve_device
+        from corpus.device import resolve_device
 
         self.setup = resolve_device(device)
         self.device = self.setup.device
@@ -252,7 +252,7 @@ class HFCausalLM(ScoringModel):
 
     def to(self, device: str | torch.device) -> "HFCausalLM":
         """Move the weights to `device`, with that device's compute setup (bf16 autocast on CUDA)."""
-        from experts.device import resolve_device
+        from corpus.device import resolve_device
 
         self.setup = resolve_device(device)
         self.device = self.setup.device

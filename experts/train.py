@@ -197,23 +197,6 @@ class TrainConfig:
         return cls(**d)
 
 
-# ---------------------------------------------------------------------------------------------- budgets
-def branch_weights(centroid_distances: Sequence[float], temperature: float = 0.1, squared: bool = False) -> np.ndarray:
-    """Weights for `--branch-from average` (BTM, Li et al. 2022 §4: initialise a new expert from a weighted
-    average of existing experts): w_j = softmax_j(−d_j² / T), d_j the distance of the new cluster's centroid to
-    expert j's centroid (pass `squared=True` when the distances are already squared). The weighted average is
-    built by `experts.average.average_experts(expert_dirs, out_dir, weights)`; that folder is then the `init`
-    of `train_model`."""
-    d = np.asarray(centroid_distances, dtype=np.float64)
-    if d.ndim != 1 or len(d) == 0:
-        raise InputError("branch_weights needs a non-empty 1-D list of centroid distances")
-    if temperature <= 0:
-        raise InputError(f"--temperature must be positive, got {temperature}")
-    from experts.average import weights_from_distances
-
-    return weights_from_distances(d if squared else d * d, temperature)
-
-
 # ---------------------------------------------------------------------------------------------- loss
 def _ce_chunk(h, w, targets):
     """Loss sum and gradients for one chunk of rows. h (n, H), w (V, H), targets (n,) → (scalar, (n,H), (V,H))."""
@@ -977,7 +960,7 @@ def train_model(
     """
     import torch
 
-    from experts.device import resolve_device
+    from corpus.device import resolve_device
     from experts.model import check_compatible, count_params, flops_per_token
     from experts.data import PackedBlocks, Prefetcher
     from experts.microbatch import accumulation_weight, describe

@@ -5,8 +5,8 @@ Read in order, this is the table of contents (stage → library function → out
     WriteDemoCorpus     corpus.demo.write_demo_corpus            demo-corpus-<h>/   (only for --corpus demo)
     PrepareCorpus       corpus.read.prepare_corpus               corpus-<h>/
     EmbedCorpus         clustering.embed.embed_corpus            embeddings-<h>/
-    FitClusters         clustering.kmeans.fit_clusters           clusters-<h>/
-    AssignClusters      clustering.kmeans.assign_clusters        assignments-<h>/
+    FitClusters         clustering.io.fit_clusters               clusters-<h>/
+    AssignClusters      clustering.io.assign_clusters            assignments-<h>/
     DescribeClusters    clustering.inspect.describe_clusters     cluster-info-<h>/
     TrainTokenizer      experts.tokenizer.train_tokenizer        tokenizer-<h>/
     TokenizeCorpus      experts.data.tokenize_corpus             tokens-<h>/   (whole corpus: seed, dense)

@@ -31,7 +31,7 @@ class EmbedCorpus(Stage):
 
 
 class FitClusters(Stage):
-    """`clustering.kmeans.fit_clusters` → `clusters-<h>/{centroids.npy, config.json}`."""
+    """`clustering.io.fit_clusters` → `clusters-<h>/{centroids.npy, config.json}`."""
 
     folder = "clusters"
 
@@ -44,7 +44,7 @@ class FitClusters(Stage):
         return {"corpus": self.clone(PrepareCorpus), "embeddings": self.clone(EmbedCorpus)}
 
     def build(self, out: Path) -> dict:
-        from clustering.kmeans import fit_clusters
+        from clustering.io import fit_clusters
 
         corpus_dir = self.input_path(self.requires()["corpus"])
         n_train = read_json(corpus_dir / "stats.json")["n_docs"]["train"]
@@ -57,7 +57,7 @@ class FitClusters(Stage):
 
 
 class AssignClusters(Stage):
-    """`clustering.kmeans.assign_clusters` → `assignments-<h>/{split}.parquet` (id, cluster_id, distance) etc."""
+    """`clustering.io.assign_clusters` → `assignments-<h>/{split}.parquet` (id, cluster_id, distance) etc."""
 
     folder = "assignments"
     hashed = ("assign",)
@@ -67,7 +67,7 @@ class AssignClusters(Stage):
                 "clusters": self.clone(FitClusters)}
 
     def build(self, out: Path) -> dict:
-        from clustering.kmeans import assign_clusters
+        from clustering.io import assign_clusters
 
         r = self.requires()
         return assign_clusters(self.input_path(r["embeddings"]), self.input_path(r["clusters"]), out,

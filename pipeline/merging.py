@@ -55,7 +55,7 @@ def _posterior(stage: "MergeExperts", out: Path, expert_dirs: list[str]) -> dict
 def _parameter_merge(stage: "MergeExperts", out: Path, expert_dirs: list[str]) -> dict:
     """`experts.merge.merge_experts`: weights from --merge-weights; λ from --merge-lambda (auto: chosen on the
     valid shards)."""
-    from experts.device import resolve_device
+    from corpus.device import resolve_device
     from experts.merge import LAMBDAS, METHODS, MergeRecipe, merge_experts, sample_blocks
 
     r = stage.requires()

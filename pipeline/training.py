@@ -312,15 +312,11 @@ class TrainExpert(_TrainStage):
         if self.branches_from_average():
             import numpy as np
 
-            from experts.average import average_experts
-            from experts.train import branch_weights
+            from experts.average import branch_average
 
             centroids = np.load(self.input_path(r["clusters"]) / "centroids.npy")  # (k, dim)
-            sources = self.first_phase()
-            d2 = ((centroids[sources] - centroids[self.cluster_id]) ** 2).sum(-1)  # (n_sources,)
-            weights = branch_weights(d2, temperature=self.temperature, squared=True)
-            init = out.parent / f"{out.name}.branch-init"
-            average_experts([self.input_path(t) for t in r["experts"]], init, weights=weights.tolist())
+            init = branch_average([self.input_path(t) for t in r["experts"]], centroids[self.first_phase()],
+                                  centroids[self.cluster_id], self.temperature, out.parent / f"{out.name}.branch-init")
         info = self.launch(str(init), out, self.guarded_config(budget), self.shard_paths([self.cluster_id]),
                            self.shard_paths([self.cluster_id], "valid"))
         if init != self.input_path(r["seed"]):

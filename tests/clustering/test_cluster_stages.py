@@ -8,7 +8,7 @@ import pytest
 
 from clustering.embed import embed_corpus
 from clustering.inspect import describe_clusters
-from clustering.kmeans import assign_clusters, fit_clusters
+from clustering.io import assign_clusters, fit_clusters
 from corpus.io import InputError
 
 DOMAINS = {

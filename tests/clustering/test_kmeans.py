@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from clustering.kmeans import (BalancedKMeans, RandomClusters, UnbalancedKMeans, load_clusterer, size_bounds,
-                               faiss_has_gpu)
+from clustering import (BalancedKMeans, RandomClusters, UnbalancedKMeans, faiss_has_gpu, load_clusterer,
+                        size_bounds)
 from corpus.io import InputError
 
 faiss = pytest.importorskip("faiss")
@@ -132,11 +132,12 @@ def test_bad_input():
 def test_dual_steps_converge_and_capped_round_caps():
     """Dual steps on fixed distances reach near-balance (two overfull neighbours must not stall), and the capped
     round leaves every overfull cluster at exactly hi."""
-    from clustering.kmeans import _sqdist, capped_assign, dual_step
+    from clustering.balanced import capped_assign, dual_step
+    from clustering.search import sqdist
 
     x = torch.from_numpy(dense_blob_with_outliers())
     c = x[torch.arange(0, 1840, 230)]  # 8 centroids, 7 in the blob
-    d = _sqdist(x, c)  # (1840, 8)
+    d = sqdist(x, c)  # (1840, 8)
     lo, hi = (torch.full((8,), v) for v in size_bounds(len(x), 8, 1.1))
     prices = torch.zeros(8)
     for _ in range(60):
@@ -154,7 +155,7 @@ def test_dual_steps_converge_and_capped_round_caps():
 def test_cpu_selection_and_kth_match_the_sorting_path():
     """The CPU fast paths (numpy radix sort + partition per group) pick exactly what the CUDA path (two stable
     sorts + ranks) picks, ties included: each group keeps its quota of largest/smallest keys, earlier items first."""
-    from clustering.kmeans import _group_kth, _group_kth_sorted, _group_order, _select_by_rank, _select_per_group
+    from clustering.select import _group_kth_sorted, _select_by_rank, group_kth, group_order, select_per_group
 
     g = torch.Generator().manual_seed(0)
     keys = torch.randint(0, 6, (500,), generator=g).float()  # many ties
@@ -163,28 +164,30 @@ def test_cpu_selection_and_kth_match_the_sorting_path():
     for descending in (False, True):
         ref = torch.argsort(keys, descending=descending, stable=True)
         ref = ref[torch.argsort(groups[ref], stable=True)]
-        assert torch.equal(_group_order(keys, groups, descending), ref)
+        assert torch.equal(group_order(keys, groups, descending), ref)
     quota = torch.tensor([0, 1, 5, 30, 60, 200, 71])  # none, few, about all, more than the group holds
     for largest in (False, True):
-        fast = _select_per_group(keys, groups, quota, largest)
+        fast = select_per_group(keys, groups, quota, largest)
         assert torch.equal(fast, _select_by_rank(keys, groups, quota, largest))
         assert torch.equal(torch.bincount(groups[fast], minlength=7),
                            torch.minimum(quota, torch.bincount(groups, minlength=7)))
     values = torch.randn(500, generator=g)
     ids, kth = torch.tensor([1, 3, 6]), torch.tensor([1, 17, 1000])  # 1000 > group size: clamped to the largest
-    np.testing.assert_array_equal(_group_kth(values, groups, ids, kth, 7),
+    np.testing.assert_array_equal(group_kth(values, groups, ids, kth, 7),
                                   _group_kth_sorted(values, groups, ids, kth, 7))
-    assert _group_kth(values, groups, ids, kth, 7)[2] == values[groups == 6].max()
+    assert group_kth(values, groups, ids, kth, 7)[2] == values[groups == 6].max()
 
 
 def test_relaxed_prices_reach_the_widened_bounds_and_update_sums_rows():
     """On fixed distances (a dense blob holding 7 of 8 centroids), warm-started relaxed_prices calls bring every
     size within the bounds ±5% and keep it there; the sparse (CPU) centroid update equals the dense one-hot sum."""
-    from clustering.kmeans import _KMeansBase, _sqdist, relaxed_prices
+    from clustering import Clusterer
+    from clustering.balanced import relaxed_prices
+    from clustering.search import sqdist
 
     x = torch.from_numpy(dense_blob_with_outliers())
     for c in (x[torch.arange(0, 1840, 230)], x[torch.randperm(1840, generator=torch.Generator().manual_seed(0))[:8]]):
-        d = _sqdist(x, c)  # (1840, 8)
+        d = sqdist(x, c)  # (1840, 8)
         lo, hi = (torch.full((8,), v) for v in size_bounds(len(x), 8, 1.02))
         assert not ((d.argmin(1).bincount(minlength=8) >= lo) & (d.argmin(1).bincount(minlength=8) <= hi)).all()
         prices, damp = torch.zeros(8), torch.full((8,), 0.5)
@@ -193,46 +196,47 @@ def test_relaxed_prices_reach_the_widened_bounds_and_update_sums_rows():
             sizes = torch.bincount((d + prices).argmin(1), minlength=8)
             assert (sizes >= 0.95 * lo).all() and (sizes <= 1.05 * hi).all()
     a = (d + prices).argmin(1)
-    new_c, counts = _KMeansBase._update(x, a, c)
+    new_c, counts = Clusterer._update(x, a, c)
     onehot = torch.nn.functional.one_hot(a, 8).double()  # (n, 8)
     ref = (onehot.T @ x.double()) / counts.clamp_min(1)[:, None]
     torch.testing.assert_close(new_c[counts > 0], ref[counts > 0].float(), rtol=1e-5, atol=1e-5)
     a[a == 0] = 1  # an empty cluster keeps its old centroid
-    new_c, counts = _KMeansBase._update(x, a, c)
+    new_c, counts = Clusterer._update(x, a, c)
     assert counts[0] == 0 and torch.equal(new_c[0], c[0])
 
 
 def test_nonfinite_rows_found_without_false_alarms():
-    from clustering.kmeans import _first_nonfinite_row
+    from clustering.inputs import first_nonfinite_row
 
     x = torch.ones(10, 4)
     x[2] = 3e38  # finite entries whose row sum overflows to inf
-    assert _first_nonfinite_row(x) is None
+    assert first_nonfinite_row(x) is None
     x[7, 1] = float("nan")
     x[9, 0] = -float("inf")
-    assert _first_nonfinite_row(x) == 7
+    assert first_nonfinite_row(x) == 7
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_cuda_paths_select_what_the_cpu_paths_select():
-    from clustering.kmeans import _gains, _group_kth, _row_kth, _select_per_group
+    from clustering.balanced import _gains
+    from clustering.select import group_kth, row_kth, select_per_group
 
     g = torch.Generator().manual_seed(1)
     keys = torch.randint(0, 6, (5000,), generator=g).float()
     groups = torch.randint(0, 7, (5000,), generator=g)
     quota = torch.tensor([0, 3, 50, 700, 800, 5000, 711])
     for largest in (False, True):
-        assert torch.equal(_select_per_group(keys.cuda(), groups.cuda(), quota.cuda(), largest).cpu(),
-                           _select_per_group(keys, groups, quota, largest))
+        assert torch.equal(select_per_group(keys.cuda(), groups.cuda(), quota.cuda(), largest).cpu(),
+                           select_per_group(keys, groups, quota, largest))
     values, ids, kth = torch.randn(5000, generator=g), torch.tensor([0, 2, 5]), torch.tensor([1, 40, 9999])
-    assert torch.equal(_group_kth(values.cuda(), groups.cuda(), ids.cuda(), kth.cuda(), 7).cpu(),
-                       _group_kth(values, groups, ids, kth, 7))
+    assert torch.equal(group_kth(values.cuda(), groups.cuda(), ids.cuda(), kth.cuda(), 7).cpu(),
+                       group_kth(values, groups, ids, kth, 7))
     cost = torch.rand(5000, 7, generator=g)
     v0, best = cost.min(1)
     donors, cols, f = best != 3, torch.tensor([3, 5]), torch.tensor([17, 400])
-    assert torch.equal(_row_kth(_gains(cost.cuda(), v0.cuda(), donors.cuda(), cols.cuda()), f.cuda()).cpu(),
-                       _row_kth(_gains(cost, v0, donors, cols), f))
+    assert torch.equal(row_kth(_gains(cost.cuda(), v0.cuda(), donors.cuda(), cols.cuda()), f.cuda()).cpu(),
+                       row_kth(_gains(cost, v0, donors, cols), f))
     x = dense_blob_with_outliers()
     km = BalancedKMeans(8, n_iter=6, balance=1.02, backend="torch", device="cuda", verbose=False).fit(x)
     lo, hi = size_bounds(len(x), 8, 1.02)
@@ -247,7 +251,7 @@ def _lengths(x, seed=5):
 
 @pytest.mark.parametrize("backend", ["torch", "faiss"])
 def test_token_weighted_balance_within_tolerance(backend):
-    from clustering.kmeans import weighted_size_bounds
+    from clustering import weighted_size_bounds
 
     x = dense_blob_with_outliers()
     w = _lengths(x)
@@ -298,9 +302,9 @@ def test_weighted_save_load_and_bad_weights(tmp_path):
 def test_host_inputs_reach_the_gpu_as_the_tensor_does(tmp_path, monkeypatch):
     """numpy arrays and memmaps (float32 and float16) go to the GPU through pinned chunks (several, here) and fit
     exactly as the same matrix given as a CUDA tensor; a NaN is reported with its row."""
-    import clustering.kmeans as km
+    import clustering.inputs as inputs
 
-    monkeypatch.setattr(km, "_STAGE_BYTES", 4 * 6 * 300)  # 300 rows per chunk: 7 chunks through 2 buffers
+    monkeypatch.setattr(inputs, "_STAGE_BYTES", 4 * 6 * 300)  # 300 rows per chunk: 7 chunks through 2 buffers
     x = dense_blob_with_outliers()
     np.save(tmp_path / "x.npy", x)
     dev = torch.device("cuda")
@@ -308,8 +312,8 @@ def test_host_inputs_reach_the_gpu_as_the_tensor_does(tmp_path, monkeypatch):
     for inp in (x, np.load(tmp_path / "x.npy", mmap_mode="r"), x.astype(np.float16)):
         idx = np.sort(np.random.default_rng(0).choice(len(x), 999, replace=False))
         want = torch.from_numpy(np.asarray(inp, dtype=np.float32))
-        assert torch.equal(km._take_rows(inp, idx, dev).cpu(), want[idx])
-        assert torch.equal(km._rows(inp, 17, 1500, dev).cpu(), want[17:1500])
+        assert torch.equal(inputs.take_rows(inp, idx, dev).cpu(), want[idx])
+        assert torch.equal(inputs.rows_to_device(inp, 17, 1500, dev).cpu(), want[17:1500])
         if inp.dtype == np.float32:
             fit = BalancedKMeans(8, n_iter=6, backend="torch", device="cuda", verbose=False).fit(inp)
             np.testing.assert_array_equal(fit.centroids, ref.centroids)

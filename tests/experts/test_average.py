@@ -1,11 +1,10 @@
 """Parameter averaging: copies of one expert give it back, one-hot weights pick an expert, bad input refused."""
-import numpy as np
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
 from corpus.io import InputError
-from experts.average import average_experts, weights_from_distances
+from experts.average import average_experts, branch_average
 from merge_helpers import save_llama
 
 X = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -38,11 +37,14 @@ def test_uniform_average_is_the_parameter_mean(experts, tmp_path):
         torch.testing.assert_close(m[2][k], (m[0][k] + m[1][k]) / 2)
 
 
-def test_weights_from_distances():
-    w = weights_from_distances(np.array([[0.1, 2.0, 3.0], [0.2, 0.1, 3.0]]), temperature=0.5)
-    assert w.shape == (3,) and np.all(w >= 0) and abs(w.sum() - 1) < 1e-9 and w[0] > w[2]
-    with pytest.raises(InputError):
-        weights_from_distances(np.ones(3), temperature=0)
+def test_branch_average_weighs_experts_by_centroid_distance(experts, tmp_path):
+    """The new cluster's centroid is at squared distances 1 and 4 from the experts' centroids: w ∝ exp(−d²/T)."""
+    centroids = torch.tensor([[0.0, 0.0], [3.0, 0.0]]).numpy()
+    out = branch_average(experts[:2], centroids, torch.tensor([1.0, 0.0]).numpy(), 1.0, tmp_path / "branch")
+    w = torch.softmax(torch.tensor([-1.0, -4.0]), 0)
+    m = [AutoModelForCausalLM.from_pretrained(p).state_dict() for p in (experts[0], experts[1], out)]
+    for k in m[2]:
+        torch.testing.assert_close(m[2][k], w[0] * m[0][k] + w[1] * m[1][k])
 
 
 def test_bad_input(experts, tmp_path):

@@ -5,10 +5,11 @@ import numpy as np
 import pytest
 import torch
 
+from clustering.router import CentroidRouter
 from corpus.io import InputError
 from experts.ensemble import (
-    PosteriorEnsemble, RoutingSchedule, SparseEnsemble, dense_routing_weights, expert_calls, load_ensemble,
-    posterior_weights, save_ensemble_config,
+    PosteriorEnsemble, RoutingSchedule, SparseEnsemble, expert_calls, load_ensemble, posterior_weights,
+    save_ensemble_config,
 )
 from experts.scoring import HFCausalLM
 from merge_helpers import HashEmbedder, random_text, save_llama, tiny_llama, tiny_tokenizer
@@ -81,7 +82,7 @@ def test_permuting_clusters_with_experts_changes_nothing(experts, centroids):
 
 def test_weights_nonnegative_sum_to_one_zero_outside_top_k(centroids):
     emb = HashEmbedder(D).transform(TEXTS)
-    w = dense_routing_weights(emb, centroids, top_k=2, temperature=0.3)
+    w = CentroidRouter(None, centroids, top_k=2, temperature=0.3).weights(emb)
     assert (w >= 0).all() and torch.allclose(w.sum(1), torch.ones(len(TEXTS)))
     assert ((w > 0).sum(1) <= 2).all()
     d2 = ((emb[:, None, :] - centroids[None]) ** 2).sum(-1)

@@ -8,7 +8,7 @@ import torch
 from corpus.io import InputError
 from experts.model import ModelPreset, build_scratch_model
 from experts.train import (
-    TrainConfig, branch_weights, checkpoint_dir, compute_budget, make_linear_cross_entropy, plan_training, train_model,
+    TrainConfig, checkpoint_dir, compute_budget, make_linear_cross_entropy, plan_training, train_model,
 )
 from tests.experts.train_helpers import Killed, kill_at, train_killed_at
 
@@ -104,13 +104,6 @@ def test_compute_budget_matches_dense_and_experts():
     assert b["dense_tokens"] - 7 * b["expert_tokens"] == b["rounding"] < 7
     with pytest.raises(InputError, match="--seed-fraction"):
         compute_budget(1000, 1.0, 2)
-
-
-def test_branch_weights_softmax_of_negative_squared_distance():
-    w = branch_weights([0.0, 1.0, 2.0], temperature=1.0)
-    e = np.exp([0.0, -1.0, -4.0])
-    np.testing.assert_allclose(w, e / e.sum())
-    np.testing.assert_allclose(branch_weights([1.0, 1.0], 0.5), [0.5, 0.5])
 
 
 def test_bad_inputs_give_clear_messages(shard, tmp_path):

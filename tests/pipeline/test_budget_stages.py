@@ -85,7 +85,7 @@ def test_balance_by_tokens_balances_document_lengths(tmp_path):
 
     import numpy as np
 
-    from clustering.kmeans import document_weights, weighted_size_bounds
+    from clustering import document_weights, weighted_size_bounds
     from pipeline import AssignClusters, PrepareCorpus
     from tests.pipeline.conftest import tiny_docs
 

@@ -1,10 +1,12 @@
-"""One place where device and dtype are decided."""
+"""One place where device and dtype are decided, for every package (clustering, experts, tasks, pipeline)."""
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
 
 import torch
+
+from corpus.io import InputError
 
 
 @dataclass(frozen=True)
@@ -25,8 +27,6 @@ def resolve_device(device: str | torch.device = "auto") -> DeviceSetup:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        from corpus.io import InputError
-
         raise InputError(f"--device {device} asked for CUDA, but torch sees no GPU (torch {torch.__version__})")
     dev = torch.device(name)
     dtype = torch.float32
