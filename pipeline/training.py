@@ -178,9 +178,9 @@ class _TrainStage(Stage):
                     global_batch_tokens=self.batch_tokens or None, micro_batch_size=self.micro_batch_value,
                     compile={"auto": None, "on": True, "off": False}[self.compile])
         opts.update(kw)
-        if self.learning_rate:
-            opts["lr"] = self.learning_rate
-            opts["min_lr"] = self.learning_rate / 10
+        if self.learning_rate_value:
+            opts["lr"] = self.learning_rate_value
+            opts["min_lr"] = self.learning_rate_value / 10
         return TrainConfig(**opts)
 
     def guarded_config(self, budget: dict, **kw):
