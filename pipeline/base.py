@@ -41,6 +41,7 @@ from typing import Any, Iterator
 import luigi
 
 from corpus.io import InputError, atomic_dir, read_json, short_hash, write_json
+from corpus.layout import STAGE_STAMP
 
 log = logging.getLogger("luigi-interface")
 
@@ -513,7 +514,7 @@ class Stage(RunParams, luigi.Task):
 
     def stamp_path(self) -> Path:
         p = self.out_path()
-        return p.with_name(p.name + ".stage.json") if self.output_file else p / "stage.json"
+        return p.with_name(p.name + ".stage.json") if self.output_file else p / STAGE_STAMP
 
     def output(self):
         return luigi.LocalTarget(str(self.out_path()))
@@ -600,7 +601,7 @@ class Stage(RunParams, luigi.Task):
                 os.replace(produced, final)
                 write_json(self.stamp_path(), stamp)
             else:
-                write_json(work / "stage.json", stamp)
+                write_json(work / STAGE_STAMP, stamp)
         _append_log(Path(self.run_dir), {k: stamp[k] for k in ("stage", "task_id", "hash", "run_id", "host", "pid",
                                                                 "slurm_job_id", "started", "wall_time_s")}
                     | {"output": str(final)})
