@@ -46,7 +46,7 @@ from corpus.layout import STAGE_STAMP
 log = logging.getLogger("luigi-interface")
 
 _WARNED: dict[str, bool] = {}
-SECTION = "cbtm"  # luigi.cfg section that holds the defaults of every stage's parameters
+SECTION = "cbtm"  # luigi.cfg section that overrides the defaults of every stage's parameters
 TASK_VECTOR_MERGES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")  # merges against the seed
 PARAMETER_MERGES = ("average",) + TASK_VECTOR_MERGES  # the keys of experts.merge.METHODS
 MERGE_METHODS = ("ensemble", "posterior") + PARAMETER_MERGES + ("moe",)

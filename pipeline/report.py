@@ -104,7 +104,7 @@ def _json(f: Path) -> dict:
 class RunAll(RunParams, luigi.WrapperTask):
     """Everything: corpus → clusters → seed → experts + dense → merges → evaluations → report and model cards.
 
-    `luigi --module pipeline RunAll --local-scheduler` runs the built-in demo with the defaults of luigi.cfg.
+    `luigi --module pipeline RunAll --local-scheduler` runs the built-in demo with the default parameters.
     When the report is done, `<run_dir>/report.{json,md}` is this RunAll's (`publish_report`), also when
     every stage was already complete: the run folder's report always describes the last completed RunAll.
     """
