@@ -24,12 +24,13 @@ class ModelPreset:
     seq_len: int  # default context length (max_position_embeddings) and shard block length
     tie_word_embeddings: bool = True
     num_key_value_heads: int | None = None
+    lr: float = 3e-4  # peak learning rate this size trains with (min lr = lr / 10)
     doc: str = ""
 
 
 PRESETS: dict[str, ModelPreset] = {
-    "tiny": ModelPreset(96, 2, 4, 256, 256, True, doc="~1.0M params at vocab 8192; trains in about a minute on 2 CPU cores (demo, tests)"),
-    "mini": ModelPreset(256, 4, 4, 688, 512, True, doc="~7.4M params at vocab 16384 (3.2M non-embedding), tied embeddings; GPU studies and benchmarks"),
+    "tiny": ModelPreset(96, 2, 4, 256, 256, True, lr=3e-3, doc="~1.0M params at vocab 8192; trains in about a minute on 2 CPU cores (demo, tests)"),
+    "mini": ModelPreset(256, 4, 4, 688, 512, True, lr=3e-3, doc="~7.4M params at vocab 16384 (3.2M non-embedding), tied embeddings; GPU studies and benchmarks"),
     "small": ModelPreset(512, 6, 8, 1408, 1024, True, doc="~36M params at vocab 32000 (19.3M non-embedding), tied embeddings"),
     "base": ModelPreset(768, 12, 12, 2048, 1024, False, doc="~134M params at vocab 32000 (85M non-embedding), GPT-2-small sized Llama"),
     "large": ModelPreset(1024, 24, 16, 2816, 1024, True, doc="~341M params at vocab 32000 (308M non-embedding)"),

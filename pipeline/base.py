@@ -41,11 +41,12 @@ from typing import Any, Iterator
 import luigi
 
 from corpus.io import InputError, atomic_dir, read_json, short_hash, write_json
+from corpus.layout import STAGE_STAMP
 
 log = logging.getLogger("luigi-interface")
 
 _WARNED: dict[str, bool] = {}
-SECTION = "cbtm"  # luigi.cfg section that holds the defaults of every stage's parameters
+SECTION = "cbtm"  # luigi.cfg section that overrides the defaults of every stage's parameters
 TASK_VECTOR_MERGES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")  # merges against the seed
 PARAMETER_MERGES = ("average",) + TASK_VECTOR_MERGES  # the keys of experts.merge.METHODS
 MERGE_METHODS = ("ensemble", "posterior") + PARAMETER_MERGES + ("moe",)
@@ -93,8 +94,9 @@ def _named_parse(parse, flag: str):
     return parse_named
 
 
-class _IntOrAutoParameter(luigi.Parameter):
-    """'auto' or an integer, kept as text ('8' and 8 are the same value); `RunParams.micro_batch_value` reads it."""
+class _AutoParameter(luigi.Parameter):
+    """'auto' or a number, kept as text ('8' and 8 are the same value); `RunParams.micro_batch_value` and
+    `RunParams.learning_rate_value` read it."""
 
     def normalize(self, x):
         return str(x).strip().lower()
@@ -144,10 +146,12 @@ class RunParams:
                    parsing=luigi.BoolParameter.EXPLICIT_PARSING)
     batch_tokens = _p(0, luigi.IntParameter, name="batch_tokens", description="global batch in tokens; 0 = one "
                       "micro-batch per GPU (8 blocks with --micro-batch-size auto)")
-    micro_batch_size = _p("auto", _IntOrAutoParameter, name="micro_batch_size", description="blocks per "
+    micro_batch_size = _p("auto", _AutoParameter, name="micro_batch_size", description="blocks per "
                           "forward/backward on one GPU, or 'auto' (the largest that fits, probed; 8 on CPU); "
                           "gradient accumulation fills --batch-tokens exactly")
-    learning_rate = _p(0.003, luigi.FloatParameter, name="learning_rate", description="peak LR (demo value for the tiny preset; ~3e-4 for small/base); 0 = TrainConfig default")
+    learning_rate = _p("auto", _AutoParameter, name="learning_rate", description="peak LR (min LR = a tenth of it), or auto: the "
+                       "--model-size preset's (experts.model.PRESETS: 3e-3 for tiny and mini, 3e-4 above) for a scratch "
+                       "seed, TrainConfig's otherwise; 0 = TrainConfig's")
     branch_from = _p("seed", name="branch_from", description="seed | average (of the seed-branched experts, "
                      "weighted by centroid distances)")
     gpus_per_expert = _p(1, luigi.IntParameter, name="gpus_per_expert")
@@ -237,6 +241,20 @@ class RunParams:
         if unknown:
             raise InputError(f"--fewshot-models names unknown models {unknown}; this run has {names}")
         return [m for m in names if not wanted or m in wanted]
+
+    @property
+    def learning_rate_value(self) -> float:
+        """--learning-rate as a number: 'auto' is the --model-size preset's for a scratch seed, 0 otherwise
+        (0 = TrainConfig's default); InputError for text that is neither."""
+        from experts.model import PRESETS
+
+        v = str(self.learning_rate).strip().lower()
+        if v == "auto":
+            return PRESETS[self.model_size].lr if self.seed_model == "scratch" and self.model_size in PRESETS else 0.0
+        try:
+            return float(v)
+        except ValueError:
+            raise InputError(f"--learning-rate {self.learning_rate!r}: expected a number or 'auto'") from None
 
     @property
     def micro_batch_value(self) -> int | str:
@@ -333,13 +351,11 @@ class RunParams:
 # lower bounds of the integer and float parameters (validate); NaN and ±inf are refused for every float
 _AT_LEAST = {"max_docs": 0, "embed_sample": 1, "cluster_sample": 1, "vocab_size": 259, "seq_len": 0,
              "batch_tokens": 0, "moe_top_k": 1, "moe_tokens": 0, "eval_max_docs": 0, "fewshot_max_test": 0,
-             "learning_rate": 0.0, "seed": 0}
+             "seed": 0}
 
 
 def _check_numbers(p: RunParams) -> None:
     """Types, NaN/inf and lower bounds of every numeric parameter (any added later gets the type and NaN checks)."""
-    import math
-
     for name, param in p.get_params():
         value = getattr(p, name, None)
         flag = f"--{name.replace('_', '-')}"
@@ -352,6 +368,11 @@ def _check_numbers(p: RunParams) -> None:
                 raise InputError(f"{flag} {value}: expected an integer")
         if name in _AT_LEAST and isinstance(value, (int, float)) and value < _AT_LEAST[name]:
             raise InputError(f"{flag} {value}: must be ≥ {_AT_LEAST[name]}")
+    lr = p.learning_rate_value
+    if not math.isfinite(lr):
+        raise InputError(f"--learning-rate {p.learning_rate}: must be a finite number")
+    if lr < 0:
+        raise InputError(f"--learning-rate {p.learning_rate}: must be ≥ 0")
     if 0 < p.max_docs < 3:
         raise InputError(f"--max-docs {p.max_docs}: 0 (all) or at least 3 (one document per split)")
     if 0 < p.seq_len < 8:
@@ -479,6 +500,8 @@ class Stage(RunParams, luigi.Task):
         return self._inputs()
 
     def _hash_value(self, name: str):
+        if name == "learning_rate":  # the resolved number: auto and the preset's value are one stage
+            return self.learning_rate_value
         return getattr(self, name)
 
     def extra_hash(self) -> Any:
@@ -491,7 +514,7 @@ class Stage(RunParams, luigi.Task):
 
     def stamp_path(self) -> Path:
         p = self.out_path()
-        return p.with_name(p.name + ".stage.json") if self.output_file else p / "stage.json"
+        return p.with_name(p.name + ".stage.json") if self.output_file else p / STAGE_STAMP
 
     def output(self):
         return luigi.LocalTarget(str(self.out_path()))
@@ -578,7 +601,7 @@ class Stage(RunParams, luigi.Task):
                 os.replace(produced, final)
                 write_json(self.stamp_path(), stamp)
             else:
-                write_json(work / "stage.json", stamp)
+                write_json(work / STAGE_STAMP, stamp)
         _append_log(Path(self.run_dir), {k: stamp[k] for k in ("stage", "task_id", "hash", "run_id", "host", "pid",
                                                                 "slurm_job_id", "started", "wall_time_s")}
                     | {"output": str(final)})

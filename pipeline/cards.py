@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from corpus.io import read_json, write_json
+from corpus.layout import TRAINING_INFO
 from pipeline.base import Stage
 from pipeline.clustering import DescribeClusters
 from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
@@ -60,7 +61,7 @@ class WriteModelCards(Stage):
         for name, folder in folders.items():
             kind = "moe-merged" if name == "moe_merged" else model_kind(name)
             card = ModelCard(name=name, kind=kind, run=run, budget=budget,
-                             training=_json_or_none(folder, "training.json"),
+                             training=_json_or_none(folder, TRAINING_INFO),
                              perplexity=perplexity.get(name), dense_perplexity=perplexity.get("dense"),
                              fewshot=fewshot.get(name) or None, clusters=clusters)
             if kind == "expert":

@@ -10,6 +10,7 @@ from typing import Callable
 import luigi
 
 from corpus.io import InputError, read_json
+from corpus.layout import CENTROIDS, MERGE_INFO, SHARDS_META, TRAIN_SPLIT
 from pipeline.base import MERGE_METHODS, PARAMETER_MERGES, TASK_VECTOR_MERGES, Stage
 from pipeline.clustering import AssignClusters, EmbedCorpus, FitClusters
 from pipeline.corpus import PrepareCorpus
@@ -33,7 +34,7 @@ def _ensemble(stage: "MergeExperts", out: Path, expert_dirs: list[str]) -> dict:
     r = stage.requires()
     top_k = stage.ensemble_top_k or str(stage.top_k)
     save_ensemble_config(out, expert_dirs, kind="sparse",
-                         centroids_path=stage.input_path(r["clusters"]) / "centroids.npy",
+                         centroids_path=stage.input_path(r["clusters"]) / CENTROIDS,
                          embedder_dir=stage.input_path(r["embeddings"]) / "embedder",
                          top_k=None if top_k == "all" else int(top_k), temperature=stage.temperature,
                          route_every=stage.route_every, route_early=stage.route_early_list,
@@ -67,7 +68,7 @@ def _parameter_merge(stage: "MergeExperts", out: Path, expert_dirs: list[str]) -
     merge_experts(expert_dirs, out, stage.method, seed_dir=stage.input_path(r["seed"]) if uses_seed else None,
                   weights=stage.expert_weights(), recipe=recipe, lambdas=LAMBDAS if auto else None,
                   valid_blocks=blocks, device=str(resolve_device(stage.device).device))
-    meta = read_json(out / "merge.json")
+    meta = read_json(out / MERGE_INFO)
     return {"recipe": meta["recipe"], "weights": meta["weights"]}
 
 
@@ -77,7 +78,7 @@ def _moe(stage: "MergeExperts", out: Path, expert_dirs: list[str]) -> dict:
     from experts.moe import build_moe
 
     r = stage.requires()
-    centroids = np.load(stage.input_path(r["clusters"]) / "centroids.npy")  # (k, dim)
+    centroids = np.load(stage.input_path(r["clusters"]) / CENTROIDS)  # (k, dim)
     shared = {"average": None, "seed": r["seed"]}.get(stage.moe_shared, r.get("shared"))
     build_moe(expert_dirs, out, seed_dir=stage.input_path(r["seed"]), router_init=stage.router_init,
               top_k=min(stage.moe_top_k, stage.num_clusters), centroids=centroids,
@@ -163,7 +164,7 @@ class MergeExperts(Stage):
             return None
         from corpus.read import read_columns
 
-        ids = read_columns(self.input_path(self.requires()["assignments"]) / "train.parquet", ["cluster_id"]).column(0)
+        ids = read_columns(self.input_path(self.requires()["assignments"]) / TRAIN_SPLIT, ["cluster_id"]).column(0)
         counts = [0] * self.num_clusters
         for c in ids.to_pylist():
             counts[c] += 1
@@ -174,7 +175,7 @@ class MergeExperts(Stage):
         from experts.data import shard_name
 
         shards = self.input_path(self.requires()["shards"])
-        meta = read_json(shards / "meta.json")
+        meta = read_json(shards / SHARDS_META)
         return [str(shards / shard_name(int(c), "valid")) for c, m in sorted(meta["clusters"].items(), key=lambda x: int(x[0]))
                 if m.get("valid", {}).get("n_blocks", 0) > 0]
 
@@ -183,13 +184,13 @@ class MergeExperts(Stage):
         from corpus.read import read_columns, take_rows
 
         r = self.requires()
-        ids = read_columns(self.input_path(r["assignments"]) / "train.parquet", ["cluster_id"]).column(0).to_pylist()
+        ids = read_columns(self.input_path(r["assignments"]) / TRAIN_SPLIT, ["cluster_id"]).column(0).to_pylist()
         rows: list[list[int]] = [[] for _ in range(self.num_clusters)]
         for i, c in enumerate(ids):
             if len(rows[c]) < per_cluster:
                 rows[c].append(i)
         flat = [i for group in rows for i in group]
-        texts = iter(row["text"] for row in take_rows(self.input_path(r["corpus"]) / "train.parquet", flat, ["text"]))
+        texts = iter(row["text"] for row in take_rows(self.input_path(r["corpus"]) / TRAIN_SPLIT, flat, ["text"]))
         return [[next(texts) for _ in group] for group in rows]
 
 

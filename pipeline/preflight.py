@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Iterator
 
 from corpus.io import InputError
+from corpus.layout import STAGE_STAMP
 from pipeline.base import remove_path
 from pipeline.lock import hold_until_exit, is_held, run_dir_lock, run_lock
 
@@ -115,7 +116,7 @@ def _partial_is_stale(marker: Path, run_dir: Path) -> bool:
         return True
     for key, run_id in recorded.items():
         path = Path(key) if Path(key).is_absolute() else run_dir / key
-        stamp = path.with_name(path.name + ".stage.json") if path.suffix == ".json" else path / "stage.json"
+        stamp = path.with_name(path.name + ".stage.json") if path.suffix == ".json" else path / STAGE_STAMP
         try:
             if json.loads(stamp.read_text()).get("run_id") != run_id:
                 return True

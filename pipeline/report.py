@@ -11,6 +11,7 @@ from pathlib import Path
 import luigi
 
 from corpus.io import atomic_file, read_json
+from corpus.layout import MERGE_INFO, REPORT_JSON, REPORT_MD, TRAINING_INFO
 from pipeline.base import PARAMETER_MERGES, RunParams, Stage, install_log_filter
 from pipeline.clustering import DescribeClusters
 from pipeline.corpus import PrepareCorpus
@@ -61,7 +62,7 @@ class Report(Stage):
                    for t, by_model in r["fewshot"].items()}
         budgets = {"plan": self.clone(TrainDense).budget_plan(),
                    "models": {m: _training_json(self.input_path(t)) for m, t in r["trained"].items()}}
-        merges = {"parameter": {m: _json(self.input_path(t) / "merge.json") for m, t in r["merges"].items()}}
+        merges = {"parameter": {m: _json(self.input_path(t) / MERGE_INFO) for m, t in r["merges"].items()}}
         if r["moe_build"]:
             finetuned = self.input_path(r["trained"]["moe"])
             merges["moe"] = {"build": _json(self.input_path(r["moe_build"][0]) / "moe.json"),
@@ -93,7 +94,7 @@ def _run_params():
 
 
 def _training_json(path: Path) -> dict:
-    return _json(Path(path) / "training.json")
+    return _json(Path(path) / TRAINING_INFO)
 
 
 def _json(f: Path) -> dict:
@@ -103,7 +104,7 @@ def _json(f: Path) -> dict:
 class RunAll(RunParams, luigi.WrapperTask):
     """Everything: corpus → clusters → seed → experts + dense → merges → evaluations → report and model cards.
 
-    `luigi --module pipeline RunAll --local-scheduler` runs the built-in demo with the defaults of luigi.cfg.
+    `luigi --module pipeline RunAll --local-scheduler` runs the built-in demo with the default parameters.
     When the report is done, `<run_dir>/report.{json,md}` is this RunAll's (`publish_report`), also when
     every stage was already complete: the run folder's report always describes the last completed RunAll.
     """
@@ -128,7 +129,7 @@ class RunAll(RunParams, luigi.WrapperTask):
         publish_report(self)
 
 
-PUBLISHED = ("report.json", "report.md")
+PUBLISHED = (REPORT_JSON, REPORT_MD)
 
 
 def _publication_key(run: RunParams) -> dict:
@@ -142,8 +143,8 @@ def _publication_key(run: RunParams) -> dict:
 def published_report(run: RunParams) -> dict | None:
     """The publication key of `<run_dir>/report.json` (None when missing, unreadable or unpublished)."""
     try:
-        info = json.loads((Path(run.run_dir) / "report.json").read_text(encoding="utf-8"))["run"]
-        if not (Path(run.run_dir) / "report.md").is_file():
+        info = json.loads((Path(run.run_dir) / REPORT_JSON).read_text(encoding="utf-8"))["run"]
+        if not (Path(run.run_dir) / REPORT_MD).is_file():
             return None
         return {"report": info["published"]["report"], "report_run_id": info["published"]["report_run_id"],
                 "params": info["params"]}
@@ -158,7 +159,7 @@ def publish_report(run: RunParams) -> None:
 
     key = _publication_key(run)
     src = run.clone(Report).out_path()
-    report = json.loads((src / "report.json").read_text(encoding="utf-8"))
+    report = json.loads((src / REPORT_JSON).read_text(encoding="utf-8"))
     stamp = read_json(run.clone(Report).stamp_path())
     report["run"]["run_dir"] = str(run.run_dir)
     report["run"]["params"] = key["params"]
@@ -171,8 +172,8 @@ def publish_report(run: RunParams) -> None:
     md = (f"{title}\n\nThe last completed `RunAll` in this folder, published {report['run']['published']['at']}: "
           f"results of `{key['report']}/` (report run id `{key['report_run_id']}`, written "
           f"{report['run']['published']['report_written']}).\n{rest}")
-    with atomic_file(Path(run.run_dir) / "report.md") as f:
+    with atomic_file(Path(run.run_dir) / REPORT_MD) as f:
         f.write(md)
-    with atomic_file(Path(run.run_dir) / "report.json") as f:  # last: report.json says which run is published
+    with atomic_file(Path(run.run_dir) / REPORT_JSON) as f:  # last: report.json says which run is published
         json.dump(report, f, indent=2)
         f.write("\n")

@@ -25,6 +25,7 @@ from pathlib import Path
 import luigi
 
 from corpus.io import InputError, atomic_file, read_json
+from corpus.layout import STUDY_JSON, STUDY_MD, TRAINING_INFO
 from pipeline.base import SECTION, RunParams, Stage
 from pipeline.evaluation import EvaluatePerplexity
 from pipeline.models import model_names, model_stage
@@ -169,7 +170,7 @@ class Study(Stage):
         for axes, (name, req) in zip(self.points(), self.requires().items()):
             training = {}
             for m, t in req["trained"].items():
-                f = self.input_path(t) / "training.json"
+                f = self.input_path(t) / TRAINING_INFO
                 training[m] = read_json(f) if f.is_file() else {}
             points.append({
                 "name": name,
@@ -182,12 +183,12 @@ class Study(Stage):
         settings = {**self.shared(), "posterior_top_k": self.posterior_top_k}
         study = write_study(out, points, self.grid(), settings=settings, run_dir=str(self.run_dir))
         # the run folder's copy: links point into this stage's folder
-        md = (out / "study.md").read_text(encoding="utf-8")
+        md = (out / STUDY_MD).read_text(encoding="utf-8")
         md = re.sub(r"\]\(figures/", f"]({self.out_path().name}/figures/", md).replace("](../", "](")
-        with atomic_file(Path(self.run_dir) / "study.md") as f:
+        with atomic_file(Path(self.run_dir) / STUDY_MD) as f:
             f.write(md)
-        with atomic_file(Path(self.run_dir) / "study.json") as f:
-            f.write((out / "study.json").read_text(encoding="utf-8"))
+        with atomic_file(Path(self.run_dir) / STUDY_JSON) as f:
+            f.write((out / STUDY_JSON).read_text(encoding="utf-8"))
         return {"points": len(points), "figures": study.get("figures", [])}
 
 

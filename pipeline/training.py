@@ -9,6 +9,7 @@ from pathlib import Path
 import luigi
 
 from corpus.io import InputError, read_json, write_json
+from corpus.layout import SHARDS_META, TRAINING_INFO, TRAIN_SPLIT
 from pipeline.base import RunParams, Stage, files_fingerprint
 from pipeline.clustering import AssignClusters, FitClusters
 from pipeline.corpus import PrepareCorpus
@@ -39,7 +40,7 @@ class TrainTokenizer(Stage):
 
         from experts.tokenizer import train_tokenizer
 
-        path = self.input_path(self.requires()) / "train.parquet"
+        path = self.input_path(self.requires()) / TRAIN_SPLIT
         texts = (t for batch in pq.ParquetFile(path).iter_batches(columns=["text"], batch_size=1024)
                  for t in batch.column(0).to_pylist())
         tok = train_tokenizer(texts, out, vocab_size=self.vocab_size)
@@ -130,7 +131,7 @@ class _TrainStage(Stage):
         """Per-cluster shards (`ShardCorpus`) of `cluster_ids` (default: every cluster with blocks)."""
         from experts.data import shard_name
 
-        meta = read_json(self.shards() / "meta.json")
+        meta = read_json(self.shards() / SHARDS_META)
         ids = sorted(int(c) for c in meta["clusters"]) if cluster_ids is None else list(cluster_ids)
         return [str(self.shards() / shard_name(c, split)) for c in ids
                 if meta["clusters"].get(str(c), {}).get(split, {}).get("n_blocks", 0) > 0]
@@ -139,12 +140,12 @@ class _TrainStage(Stage):
         """The whole corpus's blocks (`TokenizeCorpus`), whatever the clustering: what seed and dense train on."""
         from experts.data import corpus_shard_name
 
-        meta = read_json(self.tokens_dir() / "meta.json")
+        meta = read_json(self.tokens_dir() / SHARDS_META)
         n = meta["splits"].get(split, {}).get("n_blocks", 0)
         return [str(self.tokens_dir() / corpus_shard_name(split))] if n > 0 else []
 
     def seq_len_of_shards(self) -> int:
-        return int(read_json(self.tokens_dir() / "meta.json")["seq_len"])
+        return int(read_json(self.tokens_dir() / SHARDS_META)["seq_len"])
 
     def dense_batch_blocks(self) -> int:
         from experts.budget import dense_batch_blocks
@@ -164,7 +165,7 @@ class _TrainStage(Stage):
         """`experts.budget.plan_budgets` for this run: seed, dense and every expert (reads the shards' meta)."""
         from experts.budget import plan_budgets
 
-        meta = read_json(self.shards() / "meta.json")
+        meta = read_json(self.shards() / SHARDS_META)
         clusters = [meta["clusters"].get(str(c), {}).get("train", {}) for c in range(self.num_clusters)]
         return plan_budgets(self.train_tokens, self.seed_fraction, [c.get("n_tokens", 0) for c in clusters],
                             int(meta["seq_len"]), self.dense_batch_blocks(), compute_match=self.compute_match,
@@ -178,9 +179,9 @@ class _TrainStage(Stage):
                     global_batch_tokens=self.batch_tokens or None, micro_batch_size=self.micro_batch_value,
                     compile={"auto": None, "on": True, "off": False}[self.compile])
         opts.update(kw)
-        if self.learning_rate:
-            opts["lr"] = self.learning_rate
-            opts["min_lr"] = self.learning_rate / 10
+        if self.learning_rate_value:
+            opts["lr"] = self.learning_rate_value
+            opts["min_lr"] = self.learning_rate_value / 10
         return TrainConfig(**opts)
 
     def guarded_config(self, budget: dict, **kw):
@@ -229,7 +230,7 @@ class TrainSeed(_TrainStage):
         from experts.tokenizer import load_tokenizer
 
         tokenizer_dir = self.input_path(self.requires()["tokenizer"])
-        meta = read_json(self.tokens_dir() / "meta.json")
+        meta = read_json(self.tokens_dir() / SHARDS_META)
         if self.seed_model == "scratch":
             init = build_scratch_model(self.model_size, vocab_size=meta["vocab_size"], seq_len=meta["seq_len"],
                                        seed=self.seed)
@@ -246,7 +247,7 @@ class TrainSeed(_TrainStage):
 
         make_portable(out)
         info = {"tokens_seen": 0, "steps": 0, "wall_time_s": 0.0, "gpu_hours": 0.0, "note": "no seed phase"}
-        write_json(out / "training.json", info)
+        write_json(out / TRAINING_INFO, info)
         return info
 
 
