@@ -696,15 +696,22 @@ def relative_run_ids(recorded: dict, run_dir_then: str | None) -> dict:
 _MODEL_STAGES = ("TrainSeed", "TrainExpert", "TrainDense", "MergeExperts", "FinetuneMoE")
 
 
-def _upstream_named_in(stage: "Stage", message: str) -> "Stage | None":
-    """The training/merge stage upstream of `stage` (or `stage` itself) whose output folder `message` names."""
-    seen, todo, best = set(), [stage], None
+def upstream(stages) -> "Iterator[Stage]":
+    """`stages` and every stage they depend on, transitively, each once (depth first)."""
+    seen, todo = set(), list(stages)
     while todo:
         t = todo.pop()
         if t.task_id in seen:
             continue
         seen.add(t.task_id)
         todo.extend(t._inputs())
+        yield t
+
+
+def _upstream_named_in(stage: "Stage", message: str) -> "Stage | None":
+    """The training/merge stage upstream of `stage` (or `stage` itself) whose output folder `message` names."""
+    best = None
+    for t in upstream([stage]):
         if t.task_family not in _MODEL_STAGES:
             continue
         for path in {str(t.out_path()), str(t.out_path().resolve())}:

@@ -12,7 +12,7 @@ import luigi
 
 from corpus.io import atomic_file, read_json
 from corpus.layout import MERGE_INFO, REPORT_JSON, REPORT_MD, TRAINING_INFO
-from pipeline.base import PARAMETER_MERGES, RunParams, Stage, install_log_filter
+from pipeline.base import PARAMETER_MERGES, RunParams, Stage, install_log_filter, upstream
 from pipeline.clustering import DescribeClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
@@ -72,13 +72,8 @@ class Report(Stage):
 
     def timings(self) -> dict:
         """Wall time per stage family, summed over the stamps of every stage this report depends on."""
-        seen, out, todo = set(), {}, list(self._inputs())
-        while todo:
-            t = todo.pop()
-            if t.task_id in seen:
-                continue
-            seen.add(t.task_id)
-            todo.extend(t._inputs())
+        out = {}
+        for t in upstream(self._inputs()):
             try:
                 wall = read_json(t.stamp_path()).get("wall_time_s") or 0.0
             except Exception:  # noqa: BLE001 - a missing stamp just has no time

@@ -40,6 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from corpus.io import atomic_dir, write_json
+from tasks.report import _f
 
 SCHEMA_VERSION = 1
 K, BUDGET = "num_clusters", "train_tokens"
@@ -208,14 +209,6 @@ def _headlines(points: list[dict], grid: dict, methods: list[str]) -> list[str]:
 
 
 # ---- formatting -------------------------------------------------------------------------------------------------
-def _f(x: Any, digits: int = 2) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:.{digits}f}"
-    return str(x)
-
-
 def _pct(ratio: float) -> str:
     """0.959 → '−4.1%' (negative = lower perplexity than dense = better)."""
     return f"{(ratio - 1) * 100:+.1f}%".replace("-", "−")

@@ -10,19 +10,12 @@ from experts.microbatch import (
     CPU_MICRO_BATCH, candidate_sizes, largest_fitting, memory_fraction, no_fit_message, split_blocks,
 )
 from experts.model import ModelPreset, build_scratch_model
+from tests.experts.train_helpers import PRESET, SEQ, VOCAB, write_shard
 from experts.train import TrainConfig, plan_training, train_model
-
-PRESET = ModelPreset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, seq_len=16)
-VOCAB, SEQ = 64, 16
-
 
 @pytest.fixture
 def shard(tmp_path):
-    rng = np.random.default_rng(0)
-    base = np.tile(np.arange(8), 200)[: 96 * SEQ] + rng.integers(0, 3, 96 * SEQ)
-    path = tmp_path / "cluster_000.npy"
-    np.save(path, (base % VOCAB).astype(np.uint16).reshape(96, SEQ))
-    return str(path)
+    return write_shard(tmp_path)
 
 
 def _cfg(**kw):

@@ -10,20 +10,11 @@ from experts.model import ModelPreset, build_scratch_model
 from experts.train import (
     TrainConfig, checkpoint_dir, compute_budget, make_linear_cross_entropy, plan_training, train_model,
 )
-from tests.experts.train_helpers import Killed, kill_at, train_killed_at
-
-PRESET = ModelPreset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, seq_len=16)
-VOCAB, SEQ = 64, 16
-
+from tests.experts.train_helpers import PRESET, SEQ, VOCAB, write_shard, Killed, kill_at, train_killed_at
 
 @pytest.fixture
 def shard(tmp_path):
-    rng = np.random.default_rng(0)
-    # a learnable stream: repeated short patterns with noise
-    base = np.tile(np.arange(8), 200)[: 96 * SEQ] + rng.integers(0, 3, 96 * SEQ)
-    path = tmp_path / "cluster_000.npy"
-    np.save(path, (base % VOCAB).astype(np.uint16).reshape(96, SEQ))
-    return str(path)
+    return write_shard(tmp_path)
 
 
 def _model(seed=0):

@@ -1,9 +1,23 @@
 """A simulated kill for the resume tests: `train_model`'s on_step callback raises `Killed` after a given step."""
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
+from experts.model import ModelPreset
 from experts.train import train_model
+
+PRESET = ModelPreset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, seq_len=16)
+VOCAB, SEQ = 64, 16
+
+
+def write_shard(tmp_path) -> str:
+    """A learnable token stream (repeated short patterns with noise) as one (96, SEQ) uint16 shard."""
+    rng = np.random.default_rng(0)
+    base = np.tile(np.arange(8), 200)[: 96 * SEQ] + rng.integers(0, 3, 96 * SEQ)
+    path = tmp_path / "cluster_000.npy"
+    np.save(path, (base % VOCAB).astype(np.uint16).reshape(96, SEQ))
+    return str(path)
 
 
 class Killed(Exception):
