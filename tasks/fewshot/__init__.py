@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
-import random
 import time
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -31,6 +29,7 @@ import torch
 from corpus.io import InputError, write_json
 from tasks.fewshot.build import make_task_from_corpus
 from tasks.fewshot.load import Task, load_task, subsample
+from tasks.fewshot.prompts import build_prompts, encode, sample_demonstrations
 
 log = logging.getLogger(__name__)
 
@@ -39,141 +38,14 @@ DEFAULT_SEEDS = (13, 21, 42, 87, 100)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Prompts
-# ---------------------------------------------------------------------------------------------------------
-def _norm(text: str) -> str:
-    return " ".join(text.split()).lower()
-
-
-def sample_demonstrations(task: Task, shots: int, seed: int, balanced: bool = True) -> list[int]:
-    """Indices into `task.train` of `shots` demonstrations for this seed, in prompt order.
-
-    Balanced: ⌊k/L⌋ per label, the remainder spread over labels picked at random (a label with too few
-    examples is topped up from the others); random: k examples drawn uniformly. Deterministic in `seed`.
-    """
-    n = len(task.train)
-    if shots == 0:
-        return []
-    if n == 0:
-        raise InputError(f"task {task.name}: the train pool is empty")
-    if shots > n:
-        raise InputError(f"task {task.name}: train pool has {n} examples, fewer than shots={shots}")
-    rng = random.Random(seed)
-    if not balanced:
-        idx = rng.sample(range(n), shots)
-        rng.shuffle(idx)
-        return idx
-    n_labels = len(task.labels)
-    pools = [[] for _ in range(n_labels)]
-    for i, ex in enumerate(task.train):
-        pools[ex["label"]].append(i)
-    quota = [shots // n_labels] * n_labels
-    for y in rng.sample(range(n_labels), shots % n_labels):
-        quota[y] += 1
-    picked: list[int] = []
-    for y in range(n_labels):
-        picked += rng.sample(pools[y], min(quota[y], len(pools[y])))
-    if len(picked) < shots:  # some label ran short: top up from the rest of the pool
-        taken = set(picked)
-        picked += rng.sample([i for i in range(n) if i not in taken], shots - len(picked))
-    rng.shuffle(picked)
-    return picked
-
-
-def demonstrations_for(task: Task, demos: list[int], test_text: str, seed: int, test_index: int) -> list[int]:
-    """The seed's demonstrations for one test example: any demo whose text equals the test text is replaced
-    by another train example (same label when possible) chosen with `(seed, test_index)`."""
-    target = _norm(test_text)
-    if all(_norm(task.train[i]["text"]) != target for i in demos):
-        return demos
-    rng = random.Random(f"{seed}:{test_index}")
-    out, used = list(demos), set(demos)
-    for pos, i in enumerate(out):
-        if _norm(task.train[i]["text"]) != target:
-            continue
-        label = task.train[i]["label"]
-        cands = [j for j, ex in enumerate(task.train)
-                 if j not in used and _norm(ex["text"]) != target and ex["label"] == label]
-        if not cands:
-            cands = [j for j, ex in enumerate(task.train) if j not in used and _norm(ex["text"]) != target]
-        if not cands:
-            raise InputError(f"task {task.name}: no train example differs from test example {test_index}")
-        j = rng.choice(cands)
-        out[pos] = j
-        used.add(j)
-    return out
-
-
-def format_prompt(task: Task, demos: Sequence[int], text: str) -> str:
-    """instruction + demo_1 + sep + ... + demo_k + sep + query (the query ends with the answer cue)."""
-    t = task.template
-    parts = [t.format_demo(task.train[i]["text"], task.verbalizer[task.train[i]["label"]]) for i in demos]
-    parts.append(t.format_input(text))
-    return t.instruction + t.sep.join(parts)
-
-
-@dataclass
-class PromptSet:
-    """Token ids of every test example's prompt for one seed (BOS first), fitted to the model context."""
-
-    ids: list[list[int]]
-    texts: list[str]
-    n_demos: list[int]  # demonstrations kept per prompt
-    n_truncated: int  # prompts that lost demonstrations (or, rarely, the start of the input)
-    n_demos_dropped: int
-
-
-def build_prompts(model, task: Task, test: list[dict], shots: int, seed: int, balanced: bool,
-                  budget: int, add_bos: bool = True) -> PromptSet:
-    """Prompts for one seed. A prompt longer than `budget` tokens drops demonstrations from the front; with
-    none left, the start of the prompt is cut (left truncation)."""
-    demos = sample_demonstrations(task, shots, seed, balanced)
-    bos = model.bos_ids() if add_bos else []
-    budget = budget - len(bos)
-    per_test = [demonstrations_for(task, demos, ex["text"], seed, i) for i, ex in enumerate(test)]
-    texts = [format_prompt(task, d, ex["text"]) for d, ex in zip(per_test, test)]
-    enc = _encode_batch(model, texts)
-    n_trunc = n_dropped = 0
-    n_demos = [len(d) for d in per_test]
-    for i, ids in enumerate(enc):
-        if len(ids) <= budget:
-            continue
-        n_trunc += 1
-        d = per_test[i]
-        while len(ids) > budget and d:
-            d = d[1:]
-            n_dropped += 1
-            texts[i] = format_prompt(task, d, test[i]["text"])
-            ids = _encode(model, texts[i])
-        if len(ids) > budget:
-            ids = ids[-budget:]
-        enc[i] = ids
-        n_demos[i] = len(d)
-    if n_trunc:
-        log.warning("task %s seed %d: %d of %d prompts longer than the context (%d tokens): dropped %d "
-                    "demonstrations from the front", task.name, seed, n_trunc, len(test), budget + len(bos), n_dropped)
-    return PromptSet([bos + ids for ids in enc], texts, n_demos, n_trunc, n_dropped)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # Scoring
 # ---------------------------------------------------------------------------------------------------------
-def _encode(model, text: str) -> list[int]:
-    return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-
-def _encode_batch(model, texts: list[str]) -> list[list[int]]:
-    if not texts:
-        return []
-    return [list(x) for x in model.tokenizer(texts, add_special_tokens=False)["input_ids"]]
-
-
 def label_token_ids(model, task: Task) -> list[list[int]]:
     """Token ids of `" " + word` for each label word; InputError when a word tokenizes to nothing or two
     words tokenize identically."""
     out = []
     for word in task.verbalizer:
-        ids = _encode(model, " " + word)
+        ids = encode(model, " " + word)
         if not ids or not word.strip():
             raise InputError(f"task {task.name}: label word {word!r} tokenizes to nothing with this model's tokenizer")
         out.append(ids)
@@ -400,7 +272,7 @@ def evaluate_fewshot(
     try:
         bos = model.bos_ids() if add_bos else []
         premise = task.template.domain_premise()
-        premise_ids = [bos + _encode(model, premise)]
+        premise_ids = [bos + encode(model, premise)]
         premise_scores = score_labels(model, premise_ids, label_ids, batch_size, single_pass, desc="premise")[0]
         per_seed, n_rows = [], 0
         seed_weights = []
