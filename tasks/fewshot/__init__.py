@@ -28,6 +28,7 @@ import numpy as np
 from corpus.io import InputError, write_json
 from tasks.fewshot.build import make_task_from_corpus
 from tasks.fewshot.load import Task, load_task, subsample
+from tasks.fewshot.metrics import baselines, classification_metrics
 from tasks.fewshot.prompts import build_prompts, encode, sample_demonstrations
 from tasks.fewshot.scoring import SCORINGS, apply_scoring, label_token_ids, score_labels
 
@@ -37,42 +38,13 @@ DEFAULT_SEEDS = (13, 21, 42, 87, 100)
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Metrics
+# Evaluation
 # ---------------------------------------------------------------------------------------------------------
-def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int) -> dict:
-    from sklearn.metrics import confusion_matrix, f1_score
-
-    labels = list(range(n_labels))
-    return {
-        "accuracy": float(np.mean(y_true == y_pred)) if len(y_true) else 0.0,
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
-        "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),  # rows: true, cols: predicted
-    }
-
-
 def _mean_std(values: list[float]) -> dict:
     a = np.asarray(values, dtype=np.float64)
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0}
 
 
-def baselines(task: Task, y_true: np.ndarray, seeds: Sequence[int]) -> dict:
-    """Majority class (the most frequent train label, predicted for every test example) and uniform random
-    guessing (accuracy 1/L exactly; macro-F1 averaged over one random draw per seed)."""
-    n_labels = len(task.labels)
-    counts = np.bincount([ex["label"] for ex in task.train], minlength=n_labels)
-    majority = int(counts.argmax())
-    maj = classification_metrics(y_true, np.full_like(y_true, majority), n_labels)
-    f1s = [classification_metrics(y_true, np.random.default_rng(s).integers(0, n_labels, len(y_true)), n_labels)["macro_f1"]
-           for s in seeds]
-    return {
-        "majority": {"label": task.labels[majority], "accuracy": maj["accuracy"], "macro_f1": maj["macro_f1"]},
-        "random": {"accuracy": 1.0 / n_labels, "macro_f1": float(np.mean(f1s))},
-    }
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Evaluation
-# ---------------------------------------------------------------------------------------------------------
 def _routing_summary(weights) -> dict:
     w = np.asarray(weights, dtype=np.float64)  # (n, n_experts)
     top = np.bincount(w.argmax(1), minlength=w.shape[1]) if len(w) else np.zeros(w.shape[1], int)
