@@ -21,8 +21,8 @@ Read in order, this is the table of contents (stage → library function → out
     FinetuneMoE         experts.moe.finetune_moe                 moe-finetuned-<h>/
     EvaluatePerplexity  tasks.perplexity.evaluate_perplexity     eval-<h>/perplexity/<model>.json
                         tasks.perplexity.oracle_perplexity       eval-<h>/perplexity/oracle.json (model oracle)
-    MakeDomainTask      tasks.fewshot.make_task_from_corpus      task-domains-<h>/
-    EvaluateFewShot     tasks.fewshot.evaluate_fewshot           eval-<h>/fewshot/<task>/<model>.json
+    MakeDomainTask      tasks.fewshot.build.make_task_from_corpus  task-domains-<h>/
+    EvaluateFewShot     tasks.fewshot.evaluate.evaluate_fewshot  eval-<h>/fewshot/<task>/<model>.json
     Report              tasks.report.write_report                report-<h>/ (+ <run_dir>/report.{json,md})
     WriteModelCards     experts.cards.write_model_card           README.md in every model folder (+ cards-<h>/)
     RunAll              (wrapper: Report, WriteModelCards and everything upstream)

@@ -103,7 +103,7 @@ def task_slug(task: str) -> str:
 
 
 class MakeDomainTask(Stage):
-    """`tasks.fewshot.make_task_from_corpus`: the built-in few-shot task `domains` (classify a document's label
+    """`tasks.fewshot.build.make_task_from_corpus`: the built-in few-shot task `domains` (classify a document's label
     field, e.g. the demo's domain) → `task-domains-<h>/{train,test}.jsonl, labels.json, task.json}`."""
 
     folder = "task-domains"
@@ -113,7 +113,7 @@ class MakeDomainTask(Stage):
         return self.clone(PrepareCorpus)
 
     def build(self, out: Path) -> dict:
-        from tasks.fewshot import make_task_from_corpus
+        from tasks.fewshot.build import make_task_from_corpus
 
         make_task_from_corpus(self.input_path(self.requires()), out, label_field="label", seed=self.seed,
                               max_chars=160, name="domains")
@@ -121,8 +121,8 @@ class MakeDomainTask(Stage):
 
 
 class EvaluateFewShot(_EvaluateModel):
-    """`tasks.fewshot.evaluate_fewshot`: k-shot classification of `task` (a folder, a built-in name, hf:<dataset>,
-    or `domains`) by `model` over --fewshot-seeds → `eval-<h>/fewshot/<task>/<model>.json`."""
+    """`tasks.fewshot.evaluate.evaluate_fewshot`: k-shot classification of `task` (a folder, a built-in name,
+    hf:<dataset>, or `domains`) by `model` over --fewshot-seeds → `eval-<h>/fewshot/<task>/<model>.json`."""
 
     hashed = ("task", "model", "shots", "fewshot_seeds", "fewshot_max_test")
     task = luigi.Parameter()
@@ -142,7 +142,8 @@ class EvaluateFewShot(_EvaluateModel):
         return None if self.task == "domains" else files_fingerprint(self.task)
 
     def build(self, out: Path) -> dict:
-        from tasks.fewshot import evaluate_fewshot, load_task
+        from tasks.fewshot.evaluate import evaluate_fewshot
+        from tasks.fewshot.load import load_task
 
         model, _, _ = self.scoring_model()
         spec = str(self.input_path(self.requires()["task"])) if self.task == "domains" else self.task

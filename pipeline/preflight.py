@@ -65,7 +65,7 @@ def check_tasks(task) -> None:
     specs = [t for t in getattr(task, "task_list", []) if t != "domains" and not t.startswith("hf:")]
     if not specs or not any(t.task_family == "EvaluateFewShot" for t in _graph(task)):
         return
-    from tasks.fewshot import load_task
+    from tasks.fewshot.load import load_task
 
     for spec in specs:
         try:
