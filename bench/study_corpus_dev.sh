@@ -4,9 +4,10 @@
 # matching (steps), expert budgets (proportional) and routing.
 #
 #   bash bench/study_corpus_dev.sh smoke    # ~2 min: the same flags on a 3000-document sample, tiny budgets
-#   bash bench/study_corpus_dev.sh study    # the Study of docs/RESULTS.md, ~7 min (resumes after a time limit)
+#   bash bench/study_corpus_dev.sh study    # the Study of docs/RESULTS.md, ~8 min (resumes after a time limit)
 #   bash bench/study_corpus_dev.sh full     # + the 24M budget and parameter merges (did not fit 30 device-minutes)
 #   bash bench/study_corpus_dev.sh moe      # the BTX MoE of the main point (k=8, balanced, largest budget)
+#   bash bench/study_corpus_dev.sh seed     # seed fraction 0.5 against 0.8 (k = 1, 8)
 #
 # CORPUS (default .devdata/corpus_dev: a copy of ../shared/data/corpus_dev), RUN (runs/study-dev), OUT (bench/out),
 # WORKERS (8: Luigi workers; experts share the GPU, --experts-per-gpu 8) may be overridden. On the GPU machine
@@ -34,7 +35,12 @@ case "${1:-study}" in
     time luigi --module pipeline Study "${common[@]}" "${model[@]}" --run-dir "$RUN" --eval-max-docs 300 \
       --num-clusters 1,4,8 --train-tokens 80000000 --top-k 1,2,all --clusterer balanced,random \
       --merge-methods ensemble,posterior,average
-    cp "$RUN/study.md" "$RUN/study.json" "$OUT/" ;;
+    cp "$RUN/study.md" "$RUN/study.json" "$OUT/"
+    # the smaller budget, k-means clusters only, in the same run folder (its tokenizer is shared)
+    time luigi --module pipeline Study "${common[@]}" "${model[@]}" --run-dir "$RUN" --eval-max-docs 300 \
+      --num-clusters 1,4,8 --train-tokens 24000000 --top-k 1,2,all --clusterer balanced \
+      --merge-methods ensemble,posterior,average
+    cp "$RUN/study.md" "$OUT/study_24m.md"; cp "$RUN/study.json" "$OUT/study_24m.json" ;;
   full)
     time luigi --module pipeline Study "${common[@]}" "${model[@]}" --run-dir "$RUN" \
       --num-clusters 1,4,8 --train-tokens 24000000,80000000 --top-k 1,2,all --clusterer balanced,random \
@@ -45,5 +51,10 @@ case "${1:-study}" in
       --num-clusters 8 --train-tokens 80000000 --clusterer balanced \
       --merge-methods ensemble,posterior,average,task_arithmetic,ties,moe
     cp "$RUN/report.md" "$RUN/report.json" "$OUT/" ;;
-  *) echo "usage: $0 smoke|study|full|moe" >&2; exit 2 ;;
+  seed)
+    time luigi --module pipeline Study "${common[@]}" "${model[@]}" --run-dir "$RUN" --eval-max-docs 300 \
+      --num-clusters 1,8 --train-tokens 80000000 --seed-fraction 0.5,0.8 --top-k 1,2,all --clusterer balanced \
+      --merge-methods ensemble,posterior
+    cp "$RUN/study.md" "$RUN/study.json" "$OUT/" ;;
+  *) echo "usage: $0 smoke|study|full|moe|seed" >&2; exit 2 ;;
 esac

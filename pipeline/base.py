@@ -133,7 +133,8 @@ class RunParams:
     seq_len = _p(0, luigi.IntParameter, name="seq_len", description="block length; 0 = the preset's / model's")
     train_tokens = _p(1_200_000, luigi.IntParameter, name="train_tokens",
                       description="whole budget: seed + all experts (= seed + dense)")
-    seed_fraction = _p(0.5, luigi.FloatParameter, name="seed_fraction")
+    seed_fraction = _p(0.8, luigi.FloatParameter, name="seed_fraction", description="share of --train-tokens "
+                       "for the seed phase on all data; the rest goes to the experts (or the dense model)")
     compute_match = _p("steps", name="compute_match", description="steps (c-BTM/BTM: every expert runs the dense "
                        "model's steps with the dense batch × its share) | tokens (the dense batch, its share of the "
                        "steps); total tokens match either way")

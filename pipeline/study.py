@@ -38,6 +38,7 @@ AXES = {
     "train_tokens": "train",
     "clusterer": "experts",
     "compute_match": "experts",
+    "seed_fraction": "train",
     "top_k": "eval",
 }
 GRID_AXES = tuple(a for a in AXES if isinstance(getattr(RunParams, a, None), luigi.Parameter))
