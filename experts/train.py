@@ -21,7 +21,7 @@ copy per GPU); `sharding="fsdp"` shards weights, gradients and AdamW moments wit
 models that do not fit on one GPU; its checkpoints hold the same full (unsharded) tensors, gathered to rank 0.
 
 Budgets (tokens, steps, global batch of the seed, each expert and the dense baseline) are decided in
-`experts.budget`; `compute_budget` is re-exported here.
+`experts.budget`.
 """
 from __future__ import annotations
 
@@ -40,7 +40,6 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from corpus.io import InputError, atomic_dir, read_json, write_json
-from experts.budget import compute_budget  # noqa: F401  (re-exported: budgets used to live here)
 
 log = logging.getLogger(__name__)
 

@@ -6,10 +6,9 @@ import pytest
 import torch
 
 from corpus.io import InputError
+from experts.budget import compute_budget
 from experts.model import ModelPreset, build_scratch_model
-from experts.train import (
-    TrainConfig, checkpoint_dir, compute_budget, make_linear_cross_entropy, plan_training, train_model,
-)
+from experts.train import TrainConfig, checkpoint_dir, make_linear_cross_entropy, plan_training, train_model
 from tests.experts.train_helpers import PRESET, SEQ, VOCAB, write_shard, Killed, kill_at, train_killed_at
 
 @pytest.fixture
