@@ -33,167 +33,20 @@ import random
 import shutil
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
 
 from corpus.io import InputError, atomic_dir, read_json, write_json
+from experts.training.config import TrainConfig
+from experts.training.schedule import TrainPlan, _logged_rate, _throughput, lr_at, peak_flops, plan_training
 
 log = logging.getLogger(__name__)
 
 # Model types whose logits are exactly lm_head(last_hidden_state): the fused loss may be used for them.
 _FUSED_LOSS_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "mixtral", "qwen2_moe", "phi3"}
-
-
-@dataclass
-class TrainConfig:
-    """Hyper-parameters of one training run; flags named in messages are the pipeline's."""
-
-    train_tokens: int
-    """Token budget (--train-tokens for this model): steps = train_tokens // global batch tokens."""
-    micro_batch_size: int | str = "auto"
-    """Blocks per forward/backward on one device (--micro-batch-size), or 'auto': the largest that fits the
-    device's memory, probed before training (`experts.microbatch`); CPU_MICRO_BATCH (8) on CPU. Either way the
-    global batch is covered exactly (`experts.microbatch.split_blocks`)."""
-    global_batch_tokens: int | None = None
-    """Tokens per optimizer step over all devices (--batch-tokens), rounded down to whole blocks per device;
-    None = one micro-batch per device (8 blocks with micro_batch_size 'auto')."""
-    lr: float = 3e-4
-    """Peak learning rate (--learning-rate)."""
-    min_lr: float = 3e-5
-    """Learning rate at the end of the decay (--min-lr)."""
-    warmup_steps: int | None = None
-    """Linear warmup steps (--warmup-steps); None = round(warmup_fraction · steps)."""
-    warmup_fraction: float = 0.02
-    """Fraction of steps used for warmup when warmup_steps is None (--warmup-fraction)."""
-    decay: str = "cosine"
-    """Decay after warmup: 'cosine' or 'linear' (--decay)."""
-    weight_decay: float = 0.1
-    """AdamW decoupled weight decay on matrices (not on norms/biases) (--weight-decay)."""
-    betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas (--betas)."""
-    eps: float = 1e-8
-    """AdamW epsilon."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables (--grad-clip)."""
-    seed: int = 0
-    """Seeds torch/numpy/python RNGs and the data order (--seed)."""
-    device: str = "auto"
-    """'auto', 'cpu', 'cuda' or 'cuda:N' (--device); under torchrun each rank uses cuda:LOCAL_RANK."""
-    compile: bool | None = None
-    """torch.compile the model and loss (--compile/--no-compile); None = on for CUDA, off on CPU."""
-    fused_loss: bool = True
-    """Chunked fused linear + cross-entropy instead of full logits (--no-fused-loss to turn it off)."""
-    loss_chunks: int = 1
-    """Number of token chunks the fused loss splits each micro-batch into: memory for the bf16 logits and their
-    gradient (≈ 4·micro_batch·seq·V/loss_chunks bytes) vs. kernel size. bench/RESULTS.md (H100, 134M params,
-    32 × 1024 tokens, vocab 32000): 1 chunk was ≈1% faster than 4 and took 2.7 GiB more peak memory."""
-    eval_every: int = 0
-    """Validation loss every N steps (--eval-every); 0 = only at the end. Needs valid shards."""
-    keep_best: bool = False
-    """Overfitting guard (--keep-best): save the weights of the evaluation (every eval_every steps and at the end)
-    with the lowest validation loss instead of the last ones (ties: the earlier). The best weights travel with the
-    resumable checkpoint, so a resumed run keeps the same ones. Without valid shards the last weights are kept."""
-    eval_tokens: int = 262144
-    """Tokens of the validation shards scored per evaluation (--eval-tokens)."""
-    checkpoint_every: int = 200
-    """Write a resumable checkpoint every N steps (--checkpoint-every); 0 = never."""
-    log_every: int = 10
-    """Log loss, tokens/s and MFU every N steps (--log-every)."""
-    router_aux_loss_coef: float = 0.0
-    """BTX MoE finetuning: add coef × load-balancing aux loss (Switch/Mixtral) to the LM loss; 0 = none."""
-    max_steps: int | None = None
-    """Stop after this many steps whatever the budget says (--max-steps)."""
-    sdpa_backend: str | None = None
-    """Force one SDPA attention kernel: 'flash', 'cudnn', 'efficient' or 'math' (--sdpa-backend); None = torch's pick."""
-    causal_sdpa: bool = True
-    """Attention as SDPA with is_causal=True and no materialised (B, 1, T, T) mask, for models whose HF attention
-    is plain causal SDPA (no padding in packed blocks, no sliding window shorter than the block); --no-causal-sdpa
-    keeps HF's own mask building (which, under torch.compile on torch < 2.14, always materialises the mask, so
-    the kernel cannot skip the masked upper triangle)."""
-    compile_mode: str | None = None
-    """torch.compile mode (--compile-mode), e.g. 'max-autotune-no-cudagraphs'; None = the default mode."""
-    compile_graph: str = "whole"
-    """What one torch.compile graph covers with the fused loss (--compile-graph): 'whole' = backbone + final
-    slice + chunked linear cross-entropy as one graph; 'backbone' = the backbone, and each loss chunk apart."""
-    cache_rope: bool = True
-    """Look RoPE's cos/sin up in tables computed once (`cache_rotary`) instead of recomputing them in every layer's
-    fused kernels (--no-cache-rope); outputs are unchanged."""
-    bf16_params: bool | None = None
-    """bf16 model parameters (so bf16 activations and residual stream) with fp32 master weights, gradients and
-    AdamW moments in the optimizer (`MasterWeights`; --bf16-params/--no-bf16-params). None = on for one CUDA
-    device with bf16, off on CPU and under DDP. Checkpoints and the saved model hold the fp32 master weights."""
-    compile_update: bool | None = None
-    """With bf16_params: compile the optimizer update (gradient clipping, AdamW on the fp32 masters, bf16 copy) into
-    a few fused kernels (`MasterWeights.step`); None = when the model is compiled. Costs ~40–100 s of compilation
-    in a process's first step, which inductor's on-disk cache saves later processes on the same machine."""
-    ddp_backend: str | None = None
-    """Process-group backend when launched by torchrun: None = nccl on CUDA, gloo on CPU."""
-    experts_per_gpu: int = 1
-    """Training processes sharing this GPU (--experts-per-gpu): each may allocate 1/N of its memory (what is left
-    after N CUDA contexts), which `micro_batch_size='auto'` then fits into."""
-    trainable: str = "all"
-    """Which parameters train: 'all', or 'ffn' = only the decoder layers' feed-forward blocks (`.mlp.`), the
-    seed's attention, norms and embeddings frozen (FlexOlmo, Shi et al. 2025: experts trained so against one
-    frozen seed share every non-FFN weight, so an MoE of their FFNs loses nothing at the merge)."""
-    sharding: str = "ddp"
-    """How a model spread over several devices is split (--sharding): 'ddp' (a full copy of weights, gradients
-    and AdamW moments per device, gradients all-reduced) or 'fsdp' (FSDP2 `fully_shard` per decoder layer + root:
-    each device holds 1/world of them, weights all-gathered per layer; for models that do not fit on one GPU).
-    Ignored on one device."""
-
-    def __post_init__(self):
-        self.betas = tuple(self.betas)  # type: ignore[assignment]
-        if isinstance(self.micro_batch_size, str) and self.micro_batch_size.strip().isdigit():
-            self.micro_batch_size = int(self.micro_batch_size)
-        checks = [
-            (self.train_tokens > 0, f"--train-tokens must be positive, got {self.train_tokens}"),
-            (self.micro_batch_size == "auto" or (isinstance(self.micro_batch_size, int) and self.micro_batch_size > 0),
-             f"--micro-batch-size must be 'auto' or a positive integer, got {self.micro_batch_size!r}"),
-            (self.experts_per_gpu >= 1, f"--experts-per-gpu must be >= 1, got {self.experts_per_gpu}"),
-            (self.global_batch_tokens is None or self.global_batch_tokens > 0,
-             f"--batch-tokens must be positive, got {self.global_batch_tokens}"),
-            (self.lr > 0, f"--learning-rate must be positive, got {self.lr}"),
-            (0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --learning-rate], got {self.min_lr}"),
-            (self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
-            (0 <= self.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}"),
-            (self.decay in ("cosine", "linear"), f"--decay must be 'cosine' or 'linear', got {self.decay!r}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"--betas must be two numbers in [0, 1), got {self.betas}"),
-            (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
-            (self.loss_chunks >= 1, f"loss_chunks must be >= 1, got {self.loss_chunks}"),
-            (self.eval_every >= 0 and self.checkpoint_every >= 0 and self.log_every >= 0,
-             "--eval-every, --checkpoint-every and --log-every must be >= 0"),
-            (self.eval_tokens > 0, f"--eval-tokens must be positive, got {self.eval_tokens}"),
-            (self.router_aux_loss_coef >= 0, f"--router-aux-loss-coef must be >= 0, got {self.router_aux_loss_coef}"),
-            (self.sdpa_backend in (None, "flash", "cudnn", "efficient", "math"),
-             f"--sdpa-backend must be flash, cudnn, efficient or math, got {self.sdpa_backend!r}"),
-            (self.compile_graph in ("backbone", "whole"),
-             f"--compile-graph must be 'backbone' or 'whole', got {self.compile_graph!r}"),
-            (self.max_steps is None or self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}"),
-            (self.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-             f"--compile-mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {self.compile_mode!r}"),
-            (self.sharding in ("ddp", "fsdp"), f"--sharding must be ddp or fsdp, got {self.sharding!r}"),
-            (self.trainable in ("all", "ffn"), f"--expert-trainable must be all or ffn, got {self.trainable!r}"),
-        ]
-        for ok, msg in checks:
-            if not ok:
-                raise InputError(msg)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d["betas"] = list(self.betas)
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = set(d) - names
-        if unknown:
-            raise InputError(f"unknown training option(s): {', '.join(sorted(unknown))}")
-        return cls(**d)
 
 
 # ---------------------------------------------------------------------------------------------- loss
@@ -480,115 +333,6 @@ def _master_update(grads, masters, lows, exp_avgs, exp_avg_sqs, steps, lrs, grou
             denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(eps)
             param.sub_(exp_avg / denom * (lr / bias_correction1))
             lows[i].copy_(param)
-
-
-# ---------------------------------------------------------------------------------------------- plan
-@dataclass
-class TrainPlan:
-    """Derived batch geometry and step counts of a run. Each device runs the micro-batches `micro_batches`
-    (sizes in blocks; `experts.microbatch.split_blocks`) per optimizer step."""
-
-    seq_len: int
-    micro_batch_size: int
-    world_size: int
-    grad_accum: int
-    tokens_per_step: int
-    steps: int
-    warmup_steps: int
-    micro_batches: list[int] = field(default_factory=list)
-
-    def __post_init__(self):
-        if not self.micro_batches:
-            self.micro_batches = [self.micro_batch_size] * self.grad_accum
-
-    @property
-    def blocks_per_device(self) -> int:
-        return sum(self.micro_batches)
-
-    @property
-    def blocks_per_step(self) -> int:
-        return self.blocks_per_device * self.world_size
-
-    def micro_start(self, step: int, i: int, rank: int) -> int:
-        """Data position of micro-batch i of `step` on `rank`: the step's blocks are dealt out micro-batch by
-        micro-batch, each one rank after rank."""
-        return step * self.blocks_per_step + sum(self.micro_batches[:i]) * self.world_size + rank * self.micro_batches[i]
-
-    def same_schedule(self, other: dict) -> bool:
-        """Whether a checkpoint's plan (a dict) trains the same optimizer steps: block length, tokens per step,
-        steps and warmup. The micro-batch split may differ (e.g. `auto` on another device)."""
-        keys = ("seq_len", "tokens_per_step", "steps", "warmup_steps")
-        return all(other.get(k) == getattr(self, k) for k in keys)
-
-
-def plan_training(config: TrainConfig, seq_len: int, world_size: int = 1, micro_batch_size: int | None = None) -> TrainPlan:
-    """Steps, micro-batches and warmup from the config (raises InputError for impossible budgets).
-
-    Blocks per device and step: G = global_batch_tokens // (seq_len · world_size), or one micro-batch when
-    global_batch_tokens is None (CPU_MICRO_BATCH blocks with micro_batch_size 'auto'). They are split into
-    micro-batches of at most `micro_batch_size` blocks (the argument: what `auto` chose; else the config's
-    number; else CPU_MICRO_BATCH)."""
-    from experts.microbatch import CPU_MICRO_BATCH, split_blocks
-
-    fixed = config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
-    micro = micro_batch_size or fixed or CPU_MICRO_BATCH
-    if config.global_batch_tokens is None:
-        per_device = fixed or CPU_MICRO_BATCH
-    else:
-        per_device = config.global_batch_tokens // (seq_len * world_size)
-        if per_device < 1:
-            raise InputError(
-                f"--batch-tokens {config.global_batch_tokens} is smaller than one block per device "
-                f"({seq_len} tokens x {world_size} device(s)); raise --batch-tokens"
-            )
-    sizes = split_blocks(per_device, micro)
-    tokens_per_step = per_device * seq_len * world_size
-    steps = config.train_tokens // tokens_per_step
-    if config.max_steps is not None:
-        steps = min(steps, config.max_steps) if steps else config.max_steps
-    if steps < 1:
-        raise InputError(
-            f"--train-tokens {config.train_tokens} is less than one global batch ({tokens_per_step} tokens); "
-            "raise the budget or lower --batch-tokens/--micro-batch-size"
-        )
-    warmup = config.warmup_steps if config.warmup_steps is not None else int(round(config.warmup_fraction * steps))
-    if warmup >= steps and warmup > 0:
-        raise InputError(
-            f"budget too small for warmup: {warmup} warmup steps but --train-tokens {config.train_tokens} gives only "
-            f"{steps} steps of {tokens_per_step} tokens; lower --warmup-steps or raise --train-tokens"
-        )
-    return TrainPlan(seq_len, max(sizes), world_size, len(sizes), tokens_per_step, steps, warmup, sizes)
-
-
-def lr_at(step: int, config: TrainConfig, plan: TrainPlan) -> float:
-    """LR of optimizer step `step` (0-based): linear warmup to lr, then cosine or linear decay to min_lr."""
-    if step < plan.warmup_steps:
-        return config.lr * (step + 1) / plan.warmup_steps
-    span = max(1, plan.steps - plan.warmup_steps)
-    progress = min(1.0, (step - plan.warmup_steps) / span)
-    if config.decay == "cosine":
-        return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
-    return config.lr - (config.lr - config.min_lr) * progress
-
-
-def peak_flops(device) -> float | None:
-    """Dense bf16 peak FLOP/s of the GPU, by name (H100/H200 SXM 989e12, H100 PCIe 756e12, A100 312e12)."""
-    import torch
-
-    if getattr(device, "type", str(device)) != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    if "H100" in name and "PCIe" in name:
-        return 756e12
-    if "H100" in name or "H200" in name or "H800" in name:
-        return 989e12
-    if "A100" in name or "A800" in name:
-        return 312e12
-    if "L40S" in name:
-        return 362e12
-    if "4090" in name:
-        return 165e12
-    return None
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
@@ -1304,14 +1048,6 @@ def _eval_loss(loss_module, x):
     return loss, loss, None
 
 
-def _logged_rate(t_measure, measure_step: int, last_done: int, plan) -> float:
-    """Tokens/s for a log line without a host sync: steps known to be finished since the timed window began,
-    over the host time since then (a lower bound while the GPU runs behind the host)."""
-    if t_measure is None or last_done <= measure_step:
-        return 0.0
-    return (last_done - measure_step) * plan.tokens_per_step / max(1e-9, time.perf_counter() - t_measure)
-
-
 def _auto_micro_batch(model, config: TrainConfig, plan: TrainPlan, device, setup, bf16_params: bool, world: int,
                       fsdp: bool, info: dict) -> int:
     """`--micro-batch-size auto` on CUDA: the largest micro-batch (blocks) whose forward + backward fits this
@@ -1356,15 +1092,3 @@ def _auto_micro_batch(model, config: TrainConfig, plan: TrainPlan, device, setup
         raise InputError(no_fit_message(n_params, plan.seq_len, torch.cuda.get_device_name(device), limit, total,
                                         config.experts_per_gpu, need))
     return micro
-
-
-def _throughput(t_measure, steps_measured, plan, device, fpt, peak, world) -> tuple[float, float | None]:
-    import torch
-
-    if t_measure is None or steps_measured == 0:
-        return 0.0, None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    tps = steps_measured * plan.tokens_per_step / (time.perf_counter() - t_measure)
-    mfu = tps * fpt / (peak * world) if peak else None
-    return tps, mfu
