@@ -90,7 +90,7 @@ def test_auto_micro_batch_reproduces_the_global_batch(shard, tmp_path):
 
 def test_unequal_micro_batches_accumulate_the_global_mean_gradient(shard):
     from experts.microbatch import accumulation_weight
-    from experts.train import CausalLMLoss
+    from experts.training.loss import CausalLMLoss
 
     model = build_scratch_model(PRESET, VOCAB)
     loss = CausalLMLoss.build(model, _cfg(), compile=False)

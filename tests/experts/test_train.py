@@ -8,7 +8,8 @@ import torch
 from corpus.io import InputError
 from experts.budget import compute_budget
 from experts.model import ModelPreset, build_scratch_model
-from experts.train import TrainConfig, checkpoint_dir, make_linear_cross_entropy, plan_training, train_model
+from experts.train import TrainConfig, checkpoint_dir, plan_training, train_model
+from experts.training.loss import make_linear_cross_entropy
 from tests.experts.train_helpers import PRESET, SEQ, VOCAB, write_shard, Killed, kill_at, train_killed_at
 
 @pytest.fixture
@@ -145,7 +146,7 @@ def test_ddp_two_cpu_processes_equal_one_process(shard, tmp_path):
 
 
 def test_master_weights_bf16_model_fp32_optimizer():
-    from experts.train import MasterWeights
+    from experts.training.optim import MasterWeights
 
     model = build_scratch_model(ModelPreset(32, 2, 4, 64, SEQ, True), VOCAB)  # tied embeddings
     fp32 = dict(model.named_parameters())
@@ -172,7 +173,7 @@ def test_master_step_equals_clip_adamw_and_copy(accumulate):
     """MasterWeights.step = clip_grad_norm_ + torch AdamW.step + bf16 copy, with or without gradient accumulation."""
     import copy
 
-    from experts.train import MasterWeights
+    from experts.training.optim import MasterWeights
 
     model = build_scratch_model(ModelPreset(32, 2, 4, 64, SEQ, True), VOCAB)
     ref = copy.deepcopy(model)
