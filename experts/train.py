@@ -39,297 +39,17 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from corpus.io import InputError, atomic_dir, read_json, write_json
+from corpus.io import InputError, atomic_dir, write_json
+from experts.training.checkpoint import _full_state, _tied_like, checkpoint_dir, load_checkpoint, save_checkpoint
 from experts.training.config import TrainConfig
+from experts.training.distributed import _dist_info, shard_model
 from experts.training.loss import CausalLMLoss
+from experts.training.metrics import RouterStats
 from experts.training.optim import MasterWeights
+from experts.training.patches import cache_rotary, restore_attention, restore_rotary, sdpa_context, use_causal_sdpa
 from experts.training.schedule import TrainPlan, _logged_rate, _throughput, lr_at, peak_flops, plan_training
 
 log = logging.getLogger(__name__)
-
-
-# ---------------------------------------------------------------------------------------------- checkpoints
-def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
-    """Where resumable state of `out_dir` lives while training: `<out_dir>.ckpt/`."""
-    out_dir = Path(out_dir)
-    return out_dir.parent / f"{out_dir.name}.ckpt"
-
-
-def shard_model(loss_module, model, device, dtype) -> None:
-    """Shard `model` in place with FSDP2 (`torch.distributed.fsdp.fully_shard`; Zhao et al. 2023, "PyTorch FSDP").
-
-    One FSDP unit per decoder layer, then `loss_module` (the `CausalLMLoss` around `model`) as the root unit,
-    which holds the embeddings, the final norm and lm_head (tied or not). Every parameter becomes a DTensor of
-    which each of the `world` ranks keeps one dim-0 chunk, and so do its gradient and AdamW moments: memory per
-    GPU ≈ 16·N/world bytes + one unsharded layer. A unit's weights are all-gathered just before its forward and
-    backward and freed after; gradients are reduce-scattered. On CUDA the gathered weights are `dtype` (bf16)
-    and gradients are reduced in fp32 (`MixedPrecisionPolicy`); on CPU (gloo, tests) everything stays fp32.
-    The root is the loss module, not the model, because the fused loss reads lm_head's weight outside the
-    model's forward. Parameters move from wherever they are (CPU) to `device` one unit at a time, so the full
-    model never has to fit on one GPU.
-    """
-    import torch
-    from torch.distributed.device_mesh import init_device_mesh
-
-    try:
-        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    except ImportError:
-        raise InputError(f"--sharding fsdp needs torch >= 2.6 (FSDP2 fully_shard); this is torch {torch.__version__}") from None
-    layers = getattr(model.get_decoder(), "layers", None) if hasattr(model, "get_decoder") else None
-    if layers is None:
-        raise InputError(f"--sharding fsdp needs a decoder with a `layers` list; {type(model).__name__} has none (use --sharding ddp)")
-    mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    kw = {"mesh": mesh}
-    if device.type == "cuda" and dtype != torch.float32:
-        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
-    for layer in layers:
-        fully_shard(layer, **kw)
-    fully_shard(loss_module, **kw)
-
-
-def _full_state(model, optimizer=None, fsdp: bool = False) -> tuple[dict, dict | None]:
-    """(model state dict, optimizer state dict) with whole CPU tensors.
-
-    Plain/DDP: `state_dict()`, optimizer state keyed by parameter index. FSDP: gathered from the shards with
-    `torch.distributed.checkpoint.state_dict` (full_state_dict, cpu_offload) and keyed by parameter name; a
-    collective that every rank must call, of which only rank 0 gets the tensors (the others get empty dicts).
-    """
-    if not fsdp:
-        return model.state_dict(), optimizer.state_dict() if optimizer is not None else None
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-
-    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    model_state = get_model_state_dict(model, options=opts)
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    for tied in names.values():  # tied weights (embeddings = lm_head) share one tensor, as in state_dict()
-        for name in tied[1:]:
-            if tied[0] in model_state and name in model_state:
-                model_state[name] = model_state[tied[0]]
-    return model_state, get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
-
-
-def _tied_like(reference: dict, weights: dict) -> dict:
-    """`weights` with the names that share one tensor in `reference` (tied embeddings) sharing one again."""
-    first: dict[int, str] = {}
-    out = dict(weights)
-    for name, t in reference.items():
-        key = t.data_ptr()
-        if key in first and name in out:
-            out[name] = out[first[key]]
-        first.setdefault(key, name)
-    return out
-
-
-def _save_checkpoint(path: Path, model, optimizer, state: dict, fsdp: bool = False, best: dict | None = None) -> None:
-    """Write `path/` (model.safetensors, optimizer.safetensors, rng.safetensors, trainer_state.json, and
-    best.safetensors = the `best` weights of the overfitting guard when given) atomically.
-
-    Under FSDP every rank calls this (the full state is gathered, `_full_state`) and rank 0 writes the same
-    files as a single process would, except that the optimizer's state is keyed by parameter name
-    ("optimizer_keys": "names") instead of index; a resume must then use FSDP again (any world size).
-    """
-    import torch
-    from safetensors.torch import save_file
-
-    model_state, opt = _full_state(model, optimizer, fsdp)
-    if fsdp and torch.distributed.get_rank() != 0:
-        return
-    with atomic_dir(path) as tmp:
-        save_file({k: v.detach().cpu().clone().contiguous() for k, v in model_state.items()}, str(tmp / "model.safetensors"))
-        if best is not None:
-            save_file({k: v.clone().contiguous() for k, v in best.items()}, str(tmp / "best.safetensors"))
-        tensors, scalars = {}, {}
-        for pid, st in opt["state"].items():
-            for name, v in st.items():
-                if torch.is_tensor(v):
-                    tensors[f"{pid}.{name}"] = v.detach().cpu().clone().contiguous()
-                else:
-                    scalars[f"{pid}.{name}"] = v
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        rng = {"torch_cpu": torch.get_rng_state()}
-        if torch.cuda.is_available() and torch.cuda.is_initialized():
-            rng["torch_cuda"] = torch.cuda.get_rng_state()  # this process's GPU only: others are not touched
-        save_file(rng, str(tmp / "rng.safetensors"))
-        np_state = np.random.get_state()
-        py_state = random.getstate()
-        write_json(tmp / "trainer_state.json", {
-            **state,
-            "optimizer_keys": "names" if fsdp else "ids",
-            "optimizer_param_groups": opt["param_groups"],
-            "optimizer_scalars": scalars,
-            "numpy_rng": [np_state[0], np_state[1].tolist(), *np_state[2:]],
-            "python_rng": [py_state[0], list(py_state[1]), py_state[2]],
-        })
-
-
-def _load_checkpoint(path: Path, model, optimizer, device, fsdp: bool = False) -> dict:
-    """Restore model, optimizer and RNG states from `_save_checkpoint`'s folder; return the trainer state.
-
-    Under FSDP every rank reads the whole files and keeps its own shards (`set_model_state_dict` /
-    `set_optimizer_state_dict` with full_state_dict).
-    """
-    import torch
-    from safetensors.torch import load_file
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict, set_optimizer_state_dict
-
-    def corrupt(e: BaseException) -> InputError:
-        return InputError(f"corrupt training checkpoint {path} ({str(e).splitlines()[0]}); delete it to restart")
-
-    try:
-        state = read_json(path / "trainer_state.json")
-    except (OSError, InputError) as e:
-        raise corrupt(e) from None
-    keys = state.pop("optimizer_keys", "ids")
-    if keys != ("names" if fsdp else "ids"):
-        raise InputError(f"training checkpoint {path} was written with --sharding {'fsdp' if keys == 'names' else 'ddp'}; "
-                         "resume with the same --sharding, or delete it to restart")
-    try:
-        weights = load_file(str(path / "model.safetensors"), device="cpu" if fsdp else str(device))
-        if fsdp:
-            set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True))
-        else:
-            model.load_state_dict(weights)
-        tensors = load_file(str(path / "optimizer.safetensors"))
-        rng = load_file(str(path / "rng.safetensors"))
-    except (OSError, RuntimeError, KeyError) as e:
-        raise corrupt(e) from None
-    opt_state: dict[int | str, dict] = {}
-    for key, v in [*tensors.items(), *state.pop("optimizer_scalars").items()]:
-        pid, name = key.rsplit(".", 1)  # "<index>.<name>" or, under FSDP, "<parameter name>.<name>"
-        opt_state.setdefault(int(pid) if pid.isdigit() else pid, {})[name] = v
-    opt_sd = {"state": opt_state, "param_groups": state.pop("optimizer_param_groups")}
-    if fsdp:
-        set_optimizer_state_dict(model, optimizer, opt_sd, options=StateDictOptions(full_state_dict=True))
-    else:
-        optimizer.load_state_dict(opt_sd)
-    torch.set_rng_state(rng["torch_cpu"])
-    if "torch_cuda" in rng and torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.set_rng_state(rng["torch_cuda"])
-    npr = state.pop("numpy_rng")
-    np.random.set_state((npr[0], np.asarray(npr[1], dtype=np.uint32), *npr[2:]))
-    pyr = state.pop("python_rng")
-    random.setstate((pyr[0], tuple(pyr[1]), pyr[2]))
-    return state
-
-
-# ---------------------------------------------------------------------------------------------- attention
-CAUSAL_SDPA = "cbtm_causal_sdpa"
-"""Name under which `causal_sdpa_attention` is registered in transformers' AttentionInterface."""
-_CAUSAL_SDPA_TYPES = {"llama", "mistral", "qwen2", "qwen3", "olmo", "olmo2", "mixtral", "qwen2_moe", "phi3"}
-
-
-def causal_sdpa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
-    """Causal self-attention softmax(q kᵀ · scaling + causal) v through `F.scaled_dot_product_attention(is_causal=True)`.
-
-    query (B, nh, T, hd), key/value (B, n_kv, T, hd) → ((B, T, nh, hd), None), the contract of transformers'
-    AttentionInterface. Because this name has no entry in transformers' mask interface, the model builds no
-    (B, 1, T, T) mask and the flash/cuDNN kernels skip the masked upper triangle (half the FLOPs of a dense mask).
-    Only valid for full-length causal self-attention without padding — what training on packed blocks does; any
-    other call (a mask, a KV cache) is handed to transformers' own SDPA function.
-    """
-    import torch.nn.functional as F
-
-    T, S = query.shape[2], key.shape[2]
-    if attention_mask is not None or T != S or T == 1:
-        from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-    groups = query.shape[1] // key.shape[1]
-    if groups > 1:  # grouped-query attention: repeat each kv head for its query heads
-        key = key.repeat_interleave(groups, dim=1)  # (B, nh, T, hd)
-        value = value.repeat_interleave(groups, dim=1)
-    out = F.scaled_dot_product_attention(query, key, value, dropout_p=dropout, scale=scaling, is_causal=True)  # (B, nh, T, hd)
-    return out.transpose(1, 2).contiguous(), None
-
-
-def use_causal_sdpa(model, seq_len: int) -> str | None:
-    """Switch `model` to `causal_sdpa_attention` when its attention is plain causal SDPA over `seq_len` tokens.
-
-    Returns the previous `config._attn_implementation` (to restore before saving), or None when the model was
-    left alone (another implementation, an unsupported architecture, or a sliding window shorter than seq_len).
-    """
-    from transformers import AttentionInterface
-
-    cfg = model.config
-    if getattr(cfg, "_attn_implementation", None) != "sdpa" or cfg.model_type not in _CAUSAL_SDPA_TYPES:
-        return None
-    window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
-    if window is not None and window < seq_len:
-        return None
-    if CAUSAL_SDPA not in AttentionInterface._global_mapping:
-        AttentionInterface.register(CAUSAL_SDPA, causal_sdpa_attention)
-    cfg._attn_implementation = CAUSAL_SDPA
-    return "sdpa"
-
-
-def restore_attention(model, previous: str | None) -> None:
-    """Undo `use_causal_sdpa` (so the saved config and later users see HF's own implementation)."""
-    if previous is not None:
-        model.config._attn_implementation = previous
-
-
-def cache_rotary(model, seq_len: int):
-    """Replace the decoder's rotary embedding by a lookup in its own cos/sin tables for positions 0..seq_len−1.
-
-    HF recomputes cos(p·θ) and sin(p·θ) (p position, θ = inv_freq) in every forward; under torch.compile inductor
-    fuses them into every layer's RoPE kernels, so each of the B·nh·T·hd elements of q and k evaluates a sine and
-    a cosine, in the forward and again in the backward. The tables are what the module itself returns in fp32 for
-    those positions, cast to the activations' dtype at lookup as HF does, so outputs are unchanged. Returns the
-    original module (for `restore_rotary`), or None when the model is left alone (no `rotary_emb`, an architecture
-    not in _CAUSAL_SDPA_TYPES, or a dynamic RoPE whose frequencies depend on the input's length).
-    """
-    import torch
-
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
-    rotary = getattr(decoder, "rotary_emb", None)
-    inv_freq = getattr(rotary, "inv_freq", None)
-    if (model.config.model_type not in _CAUSAL_SDPA_TYPES or inv_freq is None
-            or getattr(rotary, "rope_type", "default") in ("dynamic", "longrope")):
-        return None
-
-    class CachedRotary(torch.nn.Module):
-        def __init__(self):
-            super().__init__()
-            positions = torch.arange(seq_len, device=inv_freq.device)[None]  # (1, T)
-            with torch.no_grad():
-                cos, sin = rotary(torch.zeros(1, device=inv_freq.device), positions)  # (1, T, hd) fp32
-            self.register_buffer("cos", cos[0], persistent=False)  # (T, hd)
-            self.register_buffer("sin", sin[0], persistent=False)
-
-        def forward(self, x, position_ids):  # position_ids (B or 1, T) → cos, sin (B or 1, T, hd) in x's dtype
-            cos, sin = self.cos.to(x.device), self.sin.to(x.device)
-            return cos[position_ids].to(x.dtype), sin[position_ids].to(x.dtype)
-
-    decoder.rotary_emb = CachedRotary()
-    return rotary
-
-
-def restore_rotary(model, previous) -> None:
-    """Undo `cache_rotary`."""
-    if previous is not None:
-        model.get_decoder().rotary_emb = previous
-
-
-# ---------------------------------------------------------------------------------------------- helpers
-def sdpa_context(backend: str | None):
-    """Context manager restricting scaled_dot_product_attention to one kernel (None: no restriction)."""
-    if not backend:
-        return nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    names = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
-             "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
-    return sdpa_kernel([names[backend]])
-
-
-def _dist_info() -> tuple[int, int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))
-    return 1, 0, 0
 
 
 def _load_init(init, tokenizer):
@@ -358,41 +78,6 @@ def _check_shard_vocab(shard_paths: Sequence[str], model) -> None:
                     f"tokenizer/vocab mismatch: shards in {p} use a {vocab}-token vocabulary but the model embeds "
                     f"only {n_embed}; reshard with the seed model's tokenizer"
                 )
-
-
-class _RouterStats:
-    """Per-layer expert load (fraction of top-k assignments) and mean routing entropy (nats)."""
-
-    def __init__(self):
-        self.counts = None  # (n_layers, n_experts)
-        self.entropy_sum, self.n = 0.0, 0
-
-    def update(self, router_logits, top_k: int) -> None:
-        import torch
-
-        with torch.no_grad():
-            layers = [r.float() for r in router_logits if r is not None]
-            if not layers:
-                return
-            counts = []
-            for r in layers:  # r (B·T, E)
-                p = torch.softmax(r, dim=-1)
-                sel = p.topk(min(top_k, p.shape[-1]), dim=-1).indices  # (B·T, k)
-                counts.append(torch.bincount(sel.reshape(-1), minlength=p.shape[-1]).double().cpu())
-                self.entropy_sum += float(-(p * torch.log(p.clamp_min(1e-12))).sum(-1).mean())
-                self.n += 1
-            c = torch.stack(counts)
-            self.counts = c if self.counts is None else self.counts + c
-
-    def summary(self) -> dict | None:
-        if self.counts is None:
-            return None
-        load = self.counts / self.counts.sum(-1, keepdim=True)  # (n_layers, n_experts)
-        return {
-            "expert_load_per_layer": load.tolist(),
-            "expert_load": load.mean(0).tolist(),
-            "routing_entropy": self.entropy_sum / max(1, self.n),
-        }
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -506,7 +191,7 @@ def train_model(
     best_weights: dict | None = None  # overfitting guard: CPU copy of the weights at state["best"]["step"]
     ckpt = checkpoint_dir(out_dir)
     if (ckpt / "trainer_state.json").is_file():
-        state = _load_checkpoint(ckpt, model, optimizer, device, fsdp=fsdp)
+        state = load_checkpoint(ckpt, model, optimizer, device, fsdp=fsdp)
         if config.keep_best and (ckpt / "best.safetensors").is_file():
             from safetensors.torch import load_file
 
@@ -532,7 +217,7 @@ def train_model(
 
         ddp_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
     top_k = int(getattr(model.config, "num_experts_per_tok", 2) or 2)
-    router_stats = _RouterStats()
+    router_stats = RouterStats()
     fpt = flops_per_token(model.config, data.seq_len)
     peak = peak_flops(device)
 
@@ -661,7 +346,7 @@ def train_model(
                 state["wall_time_s"] = wall_before + time.perf_counter() - t_start
                 if rank == 0 or fsdp:  # under FSDP every rank takes part in gathering the full state
                     with masters.fp32_model() if masters is not None else nullcontext():
-                        _save_checkpoint(ckpt, model, optimizer, {**state, "data_position": done * plan.blocks_per_step,
+                        save_checkpoint(ckpt, model, optimizer, {**state, "data_position": done * plan.blocks_per_step,
                                                                   "config": config.to_dict()}, fsdp=fsdp,
                                          best=best_weights)
                 if world > 1:

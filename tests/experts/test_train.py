@@ -235,7 +235,7 @@ def test_bf16_params_train_and_resume_exactly(shard, tmp_path):
 
 
 def test_cached_rotary_leaves_outputs_unchanged():
-    from experts.train import cache_rotary, restore_rotary
+    from experts.training.patches import cache_rotary, restore_rotary
 
     x = torch.randint(0, VOCAB, (3, SEQ))
     for dtype in (torch.float32, torch.bfloat16):  # tables are cast to the activations' dtype, as HF does
