@@ -15,7 +15,7 @@ import torch
 
 from corpus.io import InputError
 from experts.model import ModelPreset, build_scratch_model
-from experts.train import TrainConfig, train_model
+from experts.training import TrainConfig, train_model
 from experts.training.checkpoint import checkpoint_dir, load_checkpoint
 from tests.experts.train_helpers import Killed, kill_at, train_killed_at
 

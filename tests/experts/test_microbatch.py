@@ -11,7 +11,7 @@ from experts.microbatch import (
 )
 from experts.model import ModelPreset, build_scratch_model
 from tests.experts.train_helpers import PRESET, SEQ, VOCAB, write_shard
-from experts.train import TrainConfig, plan_training, train_model
+from experts.training import TrainConfig, plan_training, train_model
 
 @pytest.fixture
 def shard(tmp_path):

@@ -8,7 +8,7 @@ import torch
 from corpus.io import InputError
 from experts.budget import compute_budget
 from experts.model import ModelPreset, build_scratch_model
-from experts.train import TrainConfig, checkpoint_dir, plan_training, train_model
+from experts.training import TrainConfig, checkpoint_dir, plan_training, train_model
 from experts.training.loss import make_linear_cross_entropy
 from tests.experts.train_helpers import PRESET, SEQ, VOCAB, write_shard, Killed, kill_at, train_killed_at
 

@@ -1,27 +1,17 @@
-"""The training loop for seeds, experts and the dense baseline (also BTX MoE finetuning).
+"""`train_model`: the training loop for seeds, experts and the dense baseline (also BTX MoE finetuning), as one
+recipe that calls the package's components.
 
-Plain PyTorch: AdamW (fused on CUDA), linear warmup then cosine/linear decay to `min_lr`, bf16 autocast on
-CUDA, SDPA attention with is_causal=True and no materialised mask (`causal_sdpa_attention`), optional
+Plain PyTorch: AdamW (fused on CUDA), linear warmup then cosine/linear decay to `min_lr` (`schedule`), bf16
+autocast on CUDA, SDPA attention with is_causal=True and no materialised mask (`patches`), optional
 `torch.compile`, gradient accumulation that covers a global batch in tokens exactly with micro-batches of at
-most `--micro-batch-size` blocks (`auto`: the largest that fits, `experts.microbatch`), gradient clipping, seeded
-data order read ahead on a background thread (`experts.data.Prefetcher`), and no host synchronisation per step.
-The loss is computed by a chunked fused linear + cross-entropy so the (B, T, V) logits are never materialised in fp32 (the same idea as Liger-Kernel's FusedLinearCrossEntropy).
-On one GPU the model computes with bf16 weights while AdamW updates fp32 master weights (`MasterWeights`, whose
-clipping + AdamW + bf16 copy compile into one update), RoPE reads cos/sin from tables (`cache_rotary`), and
-backbone + loss compile as one graph (bench/RESULTS.md).
-
-Resume: every `checkpoint_every` steps the full state (weights, AdamW moments, step/schedule, RNG states,
-data position, loss history) is written atomically to `<out_dir>.ckpt/` as safetensors + JSON (no pickle).
-Calling `train_model` again with the same arguments continues from there; on CPU the loss curve and final
-weights equal those of an uninterrupted run bit for bit. The folder is removed once `out_dir` is complete.
-
-Multi-GPU: when `torch.distributed` is initialised (torchrun, see `experts.launch`), each rank reads its own
-micro-batches of the same global batch and only rank 0 writes. `sharding="ddp"` wraps the model in DDP (a full
-copy per GPU); `sharding="fsdp"` shards weights, gradients and AdamW moments with FSDP2 (`shard_model`), for
-models that do not fit on one GPU; its checkpoints hold the same full (unsharded) tensors, gathered to rank 0.
-
-Budgets (tokens, steps, global batch of the seed, each expert and the dense baseline) are decided in
-`experts.budget`.
+most `TrainConfig.micro_batch_size` blocks (`auto`: the largest that fits, `experts.microbatch`), gradient
+clipping, seeded data order read ahead on a background thread (`experts.data.Prefetcher`), and no host
+synchronisation per step. The loss is a chunked fused linear + cross-entropy that never materialises the
+(B, T, V) logits in fp32 (`loss`). On one GPU the model computes with bf16 weights while AdamW updates fp32
+master weights (`optim.MasterWeights`, whose clipping + AdamW + bf16 copy compile into one update), RoPE reads
+cos/sin from tables (`patches.cache_rotary`), and backbone + loss compile as one graph (bench/RESULTS.md).
+Resumable checkpoints: `checkpoint`; several GPUs (DDP, FSDP2): `distributed`. Budgets (tokens, steps, global
+batch of the seed, each expert and the dense baseline) are decided in `experts.budget`.
 """
 from __future__ import annotations
 
@@ -38,8 +28,22 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm.auto import tqdm
 
+from corpus.device import resolve_device
 from corpus.io import InputError, atomic_dir, write_json
+from experts.compat import make_portable
+from experts.data import PackedBlocks, Prefetcher
+from experts.microbatch import (
+    CPU_MICRO_BATCH, accumulation_weight, cuda_fits, describe, largest_fitting, memory_fraction, no_fit_message,
+    optimizer_reserve_bytes,
+)
+from experts.model import check_compatible, count_params, flops_per_token, load_causal_lm
+from experts.tokenizer import load_tokenizer
 from experts.training.checkpoint import _full_state, _tied_like, checkpoint_dir, load_checkpoint, save_checkpoint
 from experts.training.config import TrainConfig
 from experts.training.distributed import _dist_info, shard_model
@@ -52,35 +56,6 @@ from experts.training.schedule import TrainPlan, _logged_rate, _throughput, lr_a
 log = logging.getLogger(__name__)
 
 
-def _load_init(init, tokenizer):
-    from experts.model import load_causal_lm
-    from experts.tokenizer import load_tokenizer
-
-    if isinstance(init, (str, os.PathLike)):
-        model, _ = load_causal_lm(init, load_tokenizer=False)
-        if tokenizer is None and any((Path(init) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
-            tokenizer = load_tokenizer(init)
-    else:
-        model = init
-    if isinstance(tokenizer, (str, os.PathLike)):
-        tokenizer = load_tokenizer(tokenizer)
-    return model, tokenizer
-
-
-def _check_shard_vocab(shard_paths: Sequence[str], model) -> None:
-    n_embed = model.get_input_embeddings().weight.shape[0]
-    for p in {Path(p).parent for p in shard_paths}:
-        meta = p / "meta.json"
-        if meta.is_file():
-            vocab = int(json.loads(meta.read_text()).get("vocab_size", 0))
-            if vocab > n_embed:
-                raise InputError(
-                    f"tokenizer/vocab mismatch: shards in {p} use a {vocab}-token vocabulary but the model embeds "
-                    f"only {n_embed}; reshard with the seed model's tokenizer"
-                )
-
-
-# ---------------------------------------------------------------------------------------------- training
 def train_model(
     init,
     shard_paths: Sequence[str | os.PathLike],
@@ -99,13 +74,6 @@ def train_model(
     Writes `out_dir/` (save_pretrained model + tokenizer + training.json) atomically; resumes from
     `<out_dir>.ckpt/` when present. Returns the training.json dict.
     """
-    import torch
-
-    from corpus.device import resolve_device
-    from experts.model import check_compatible, count_params, flops_per_token
-    from experts.data import PackedBlocks, Prefetcher
-    from experts.microbatch import accumulation_weight, describe
-
     world, rank, local_rank = _dist_info()
     setup = resolve_device(config.device)
     device = setup.device
@@ -117,8 +85,6 @@ def train_model(
     elif device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())  # memory limits and threads need the index
     if device.type == "cuda" and config.experts_per_gpu > 1:  # this process's share of a GPU several experts use
-        from experts.microbatch import memory_fraction
-
         total_memory = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(memory_fraction(config.experts_per_gpu, total_memory), device)
     fsdp = world > 1 and config.sharding == "fsdp"
@@ -193,8 +159,6 @@ def train_model(
     if (ckpt / "trainer_state.json").is_file():
         state = load_checkpoint(ckpt, model, optimizer, device, fsdp=fsdp)
         if config.keep_best and (ckpt / "best.safetensors").is_file():
-            from safetensors.torch import load_file
-
             best_weights = load_file(str(ckpt / "best.safetensors"))
         if state.get("plan") and not plan.same_schedule(state["plan"]):
             raise InputError(f"checkpoint {ckpt} was written for a different batch plan {state['plan']}; delete it to restart")
@@ -213,8 +177,6 @@ def train_model(
 
     ddp_module = loss_module
     if world > 1 and not fsdp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         ddp_module = DDP(loss_module, device_ids=[device.index] if device.type == "cuda" else None)
     top_k = int(getattr(model.config, "num_experts_per_tok", 2) or 2)
     router_stats = RouterStats()
@@ -242,8 +204,6 @@ def train_model(
         if world > 1:
             torch.distributed.all_reduce(total)
         return float(total[0] / total[1]) if total[1] > 0 else None
-
-    from tqdm.auto import tqdm
 
     bar = tqdm(total=plan.steps, initial=state["step"], desc=f"train {out_dir.name}", unit="step",
                disable=rank != 0, mininterval=2.0)
@@ -420,8 +380,6 @@ def train_model(
     if fsdp and kept != state["step"] and rank == 0:
         full_state = _tied_like(full_state, best_weights)
     if rank == 0:
-        from experts.compat import make_portable
-
         with atomic_dir(out_dir) as tmp:
             model.save_pretrained(tmp, state_dict=full_state)
             if tokenizer is not None:
@@ -436,10 +394,36 @@ def train_model(
     return result
 
 
+def _load_init(init, tokenizer):
+    """(model, tokenizer) from `init` (a folder, a hub name or a model) and `tokenizer` (object, folder or None)."""
+    if isinstance(init, (str, os.PathLike)):
+        model, _ = load_causal_lm(init, load_tokenizer=False)
+        if tokenizer is None and any((Path(init) / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+            tokenizer = load_tokenizer(init)
+    else:
+        model = init
+    if isinstance(tokenizer, (str, os.PathLike)):
+        tokenizer = load_tokenizer(tokenizer)
+    return model, tokenizer
+
+
+def _check_shard_vocab(shard_paths: Sequence[str], model) -> None:
+    """InputError when the shards' meta.json declares a larger vocabulary than `model` embeds."""
+    n_embed = model.get_input_embeddings().weight.shape[0]
+    for p in {Path(p).parent for p in shard_paths}:
+        meta = p / "meta.json"
+        if meta.is_file():
+            vocab = int(json.loads(meta.read_text()).get("vocab_size", 0))
+            if vocab > n_embed:
+                raise InputError(
+                    f"tokenizer/vocab mismatch: shards in {p} use a {vocab}-token vocabulary but the model embeds "
+                    f"only {n_embed}; reshard with the seed model's tokenizer"
+                )
+
+
+# ---------------------------------------------------------------------------------------------- training
 def _eval_loss(loss_module, x):
     """Validation forward without the fused loss's gradient work: full logits, mean CE."""
-    import torch.nn.functional as F
-
     model = loss_module.model
     logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # (B, T−1, V)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
@@ -451,13 +435,6 @@ def _auto_micro_batch(model, config: TrainConfig, plan: TrainPlan, device, setup
     """`--micro-batch-size auto` on CUDA: the largest micro-batch (blocks) whose forward + backward fits this
     process's memory next to the optimizer state (`experts.microbatch`), the same on every rank. Fills `info`
     (probes, memory limit) for training.json; InputError when not even one block fits."""
-    import torch
-
-    from experts.microbatch import (
-        CPU_MICRO_BATCH, cuda_fits, largest_fitting, memory_fraction, no_fit_message, optimizer_reserve_bytes,
-    )
-    from experts.model import count_params
-
     per_device = plan.blocks_per_device
     if fsdp:  # a probe would run FSDP's collectives, which one rank's out-of-memory error would leave hanging
         info["note"] = "not probed under FSDP"
