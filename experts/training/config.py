@@ -8,10 +8,12 @@ from corpus.io import InputError
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one training run; flags named in messages are the pipeline's."""
+    """Hyper-parameters of one training run. A field's docstring names the pipeline flag that sets it, where one
+    does; the checks' messages name every field as a flag (`min_lr` as --min-lr)."""
 
     train_tokens: int
-    """Token budget (--train-tokens for this model): steps = train_tokens // global batch tokens."""
+    """Token budget of this run (the pipeline splits --train-tokens into the seed's, the dense model's and each
+    expert's, `experts.budget`): steps = train_tokens // global batch tokens."""
     micro_batch_size: int | str = "auto"
     """Blocks per forward/backward on one device (--micro-batch-size), or 'auto': the largest that fits the
     device's memory, probed before training (`experts.microbatch`); CPU_MICRO_BATCH (8) on CPU. Either way the
@@ -22,33 +24,32 @@ class TrainConfig:
     lr: float = 3e-4
     """Peak learning rate (--learning-rate)."""
     min_lr: float = 3e-5
-    """Learning rate at the end of the decay (--min-lr)."""
+    """Learning rate at the end of the decay (the pipeline sets lr / 10 with --learning-rate)."""
     warmup_steps: int | None = None
-    """Linear warmup steps (--warmup-steps); None = round(warmup_fraction · steps)."""
+    """Linear warmup steps; None = round(warmup_fraction · steps)."""
     warmup_fraction: float = 0.02
-    """Fraction of steps used for warmup when warmup_steps is None (--warmup-fraction)."""
+    """Fraction of steps used for warmup when warmup_steps is None."""
     decay: str = "cosine"
-    """Decay after warmup: 'cosine' or 'linear' (--decay)."""
+    """Decay after warmup: 'cosine' or 'linear'."""
     weight_decay: float = 0.1
-    """AdamW decoupled weight decay on matrices (not on norms/biases) (--weight-decay)."""
+    """AdamW decoupled weight decay on matrices (not on norms/biases)."""
     betas: tuple[float, float] = (0.9, 0.95)
-    """AdamW betas (--betas)."""
+    """AdamW betas."""
     eps: float = 1e-8
     """AdamW epsilon."""
     grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables (--grad-clip)."""
+    """Clip the global gradient norm to this value; 0 disables."""
     seed: int = 0
     """Seeds torch/numpy/python RNGs and the data order (--seed)."""
     device: str = "auto"
     """'auto', 'cpu', 'cuda' or 'cuda:N' (--device); under torchrun each rank uses cuda:LOCAL_RANK."""
     compile: bool | None = None
-    """torch.compile the model and loss (--compile/--no-compile); None = on for CUDA, off on CPU."""
+    """torch.compile the model and loss (--compile on/off); None (--compile auto) = on for CUDA, off on CPU."""
     fused_loss: bool = True
-    """Chunked fused linear + cross-entropy instead of full logits (--no-fused-loss to turn it off)."""
+    """Chunked fused linear + cross-entropy instead of full logits (`experts.training.loss`)."""
     loss_chunks: int = 1
     """Number of token chunks the fused loss splits each micro-batch into: memory for the bf16 logits and their
-    gradient (≈ 4·micro_batch·seq·V/loss_chunks bytes) vs. kernel size. bench/RESULTS.md (H100, 134M params,
-    32 × 1024 tokens, vocab 32000): 1 chunk was ≈1% faster than 4 and took 2.7 GiB more peak memory."""
+    gradient (≈ 4·micro_batch·seq·V/loss_chunks bytes) vs. kernel size (measured in bench/RESULTS.md)."""
     eval_every: int = 0
     """Validation loss every N steps (--eval-every); 0 = only at the end. Needs valid shards."""
     keep_best: bool = False
@@ -56,45 +57,46 @@ class TrainConfig:
     with the lowest validation loss instead of the last ones (ties: the earlier). The best weights travel with the
     resumable checkpoint, so a resumed run keeps the same ones. Without valid shards the last weights are kept."""
     eval_tokens: int = 262144
-    """Tokens of the validation shards scored per evaluation (--eval-tokens)."""
+    """Tokens of the validation shards scored per evaluation."""
     checkpoint_every: int = 200
-    """Write a resumable checkpoint every N steps (--checkpoint-every); 0 = never."""
+    """Write a resumable checkpoint every N steps (`experts.training.checkpoint`); 0 = never."""
     log_every: int = 10
-    """Log loss, tokens/s and MFU every N steps (--log-every)."""
+    """Log loss, tokens/s and MFU every N steps."""
     router_aux_loss_coef: float = 0.0
     """BTX MoE finetuning: add coef × load-balancing aux loss (Switch/Mixtral) to the LM loss; 0 = none."""
     max_steps: int | None = None
-    """Stop after this many steps whatever the budget says (--max-steps)."""
+    """Stop after this many steps whatever the budget says."""
     sdpa_backend: str | None = None
-    """Force one SDPA attention kernel: 'flash', 'cudnn', 'efficient' or 'math' (--sdpa-backend); None = torch's pick."""
+    """Force one SDPA attention kernel: 'flash', 'cudnn', 'efficient' or 'math'; None = torch's pick."""
     causal_sdpa: bool = True
     """Attention as SDPA with is_causal=True and no materialised (B, 1, T, T) mask, for models whose HF attention
-    is plain causal SDPA (no padding in packed blocks, no sliding window shorter than the block); --no-causal-sdpa
-    keeps HF's own mask building (which, under torch.compile on torch < 2.14, always materialises the mask, so
+    is plain causal SDPA (no padding in packed blocks, no sliding window shorter than the block); False keeps
+    HF's own mask building (which, under torch.compile on torch < 2.14, always materialises the mask, so
     the kernel cannot skip the masked upper triangle)."""
     compile_mode: str | None = None
-    """torch.compile mode (--compile-mode), e.g. 'max-autotune-no-cudagraphs'; None = the default mode."""
+    """torch.compile mode, e.g. 'max-autotune-no-cudagraphs'; None = the default mode."""
     compile_graph: str = "whole"
-    """What one torch.compile graph covers with the fused loss (--compile-graph): 'whole' = backbone + final
+    """What one torch.compile graph covers with the fused loss: 'whole' = backbone + final
     slice + chunked linear cross-entropy as one graph; 'backbone' = the backbone, and each loss chunk apart."""
     cache_rope: bool = True
     """Look RoPE's cos/sin up in tables computed once (`cache_rotary`) instead of recomputing them in every layer's
-    fused kernels (--no-cache-rope); outputs are unchanged."""
+    fused kernels; outputs are unchanged."""
     bf16_params: bool | None = None
     """bf16 model parameters (so bf16 activations and residual stream) with fp32 master weights, gradients and
-    AdamW moments in the optimizer (`MasterWeights`; --bf16-params/--no-bf16-params). None = on for one CUDA
-    device with bf16, off on CPU and under DDP. Checkpoints and the saved model hold the fp32 master weights."""
+    AdamW moments in the optimizer (`MasterWeights`). None = on for one CUDA device with bf16, off on CPU and
+    under DDP. Checkpoints and the saved model hold the fp32 master weights."""
     compile_update: bool | None = None
     """With bf16_params: compile the optimizer update (gradient clipping, AdamW on the fp32 masters, bf16 copy) into
-    a few fused kernels (`MasterWeights.step`); None = when the model is compiled. Costs ~40–100 s of compilation
-    in a process's first step, which inductor's on-disk cache saves later processes on the same machine."""
+    a few fused kernels (`MasterWeights.step`); None = when the model is compiled. The compilation runs
+    in a process's first step (its cost: bench/RESULTS.md); inductor's on-disk cache saves it later processes on
+    the same machine."""
     ddp_backend: str | None = None
     """Process-group backend when launched by torchrun: None = nccl on CUDA, gloo on CPU."""
     experts_per_gpu: int = 1
     """Training processes sharing this GPU (--experts-per-gpu): each may allocate 1/N of its memory (what is left
     after N CUDA contexts), which `micro_batch_size='auto'` then fits into."""
     trainable: str = "all"
-    """Which parameters train: 'all', or 'ffn' = only the decoder layers' feed-forward blocks (`.mlp.`), the
+    """Which parameters train (--expert-trainable, experts only): 'all', or 'ffn' = only the decoder layers' feed-forward blocks (`.mlp.`), the
     seed's attention, norms and embeddings frozen (FlexOlmo, Shi et al. 2025: experts trained so against one
     frozen seed share every non-FFN weight, so an MoE of their FFNs loses nothing at the merge)."""
     sharding: str = "ddp"
