@@ -75,18 +75,7 @@ def train_model(
     `<out_dir>.ckpt/` when present. Returns the training.json dict.
     """
     world, rank, local_rank = _dist_info()
-    setup = resolve_device(config.device)
-    device = setup.device
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    elif device.type == "cuda" and device.index is not None:
-        torch.cuda.set_device(device)  # compiled kernels and RNG state stay on this GPU when experts share a host
-    elif device.type == "cuda":
-        device = torch.device("cuda", torch.cuda.current_device())  # memory limits and threads need the index
-    if device.type == "cuda" and config.experts_per_gpu > 1:  # this process's share of a GPU several experts use
-        total_memory = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(memory_fraction(config.experts_per_gpu, total_memory), device)
+    setup, device = _setup_device(config, world, local_rank)
     fsdp = world > 1 and config.sharding == "fsdp"
     use_compile = config.compile if config.compile is not None else device.type == "cuda"
     use_bf16 = config.bf16_params if config.bf16_params is not None else (
@@ -102,22 +91,7 @@ def train_model(
     if tokenizer is not None:
         check_compatible(model, tokenizer)
     shard_paths = [str(p) for p in shard_paths]
-    _check_shard_vocab(shard_paths, model)
-    data = PackedBlocks(shard_paths, seed=config.seed)
-    plan = plan_training(config, data.seq_len, world)
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    if max_pos is not None and data.seq_len > max_pos:
-        raise InputError(f"shards have blocks of {data.seq_len} tokens but the model's context is {max_pos}; reshard with --seq-len {max_pos}")
-    if data.n_blocks < plan.blocks_per_step:
-        raise InputError(
-            f"shard(s) {', '.join(shard_paths)} hold {data.n_tokens} tokens, fewer than one global batch "
-            f"({plan.tokens_per_step} tokens); give small clusters their share with --assign balanced, use fewer "
-            "--num-clusters, or lower --batch-tokens/--micro-batch-size"
-        )
-    valid = PackedBlocks([str(p) for p in valid_paths], seq_len=data.seq_len, shuffle=False) if valid_paths else None
-    if valid is not None and valid.n_blocks == 0:
-        log.warning("validation shards %s hold no full block; no validation loss", valid_paths)
-        valid = None
+    data, valid, plan = _open_shards(shard_paths, valid_paths, model, config, world)
 
     torch.manual_seed(config.seed)
     np.random.seed(config.seed % 2**32)
@@ -133,18 +107,7 @@ def train_model(
     loss_module = CausalLMLoss.build(model, config, use_compile)
     if fsdp:  # before the optimizer is built: sharding replaces every parameter by a DTensor
         shard_model(loss_module, model, device, setup.dtype)
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if config.trainable == "ffn" and ".mlp." not in name:
-            p.requires_grad_(False)  # FlexOlmo: the seed's attention, norms and embeddings stay as they are
-        if p.requires_grad:
-            (decay if p.dim() >= 2 else no_decay).append(p)
-    if not decay + no_decay:
-        raise InputError(f"--expert-trainable {config.trainable}: {type(model).__name__} has no such parameters to train")
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=config.lr, betas=config.betas, eps=config.eps, fused=device.type == "cuda",
-    )
+    optimizer = _build_optimizer(model, config, device)
     micro_info: dict[str, Any] = {"requested": config.micro_batch_size}
     if config.micro_batch_size == "auto" and device.type == "cuda":  # before any optimizer state exists
         micro = _auto_micro_batch(model, config, plan, device, setup, use_bf16, world, fsdp, micro_info)
@@ -394,6 +357,24 @@ def train_model(
     return result
 
 
+def _setup_device(config: TrainConfig, world: int, local_rank: int):
+    """(device setup, device) of this process: `config.device`, or under torchrun cuda:`local_rank`; a CUDA device
+    becomes the current one and, with `config.experts_per_gpu` > 1, caps this process's share of its memory."""
+    setup = resolve_device(config.device)
+    device = setup.device
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    elif device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)  # compiled kernels and RNG state stay on this GPU when experts share a host
+    elif device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())  # memory limits and threads need the index
+    if device.type == "cuda" and config.experts_per_gpu > 1:  # this process's share of a GPU several experts use
+        total_memory = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(memory_fraction(config.experts_per_gpu, total_memory), device)
+    return setup, device
+
+
 def _load_init(init, tokenizer):
     """(model, tokenizer) from `init` (a folder, a hub name or a model) and `tokenizer` (object, folder or None)."""
     if isinstance(init, (str, os.PathLike)):
@@ -405,6 +386,28 @@ def _load_init(init, tokenizer):
     if isinstance(tokenizer, (str, os.PathLike)):
         tokenizer = load_tokenizer(tokenizer)
     return model, tokenizer
+
+
+def _open_shards(shard_paths: list[str], valid_paths, model, config: TrainConfig, world: int):
+    """(training blocks, validation blocks or None, plan) of the shards, with InputErrors for shards that do not
+    fit `model` (vocabulary, context) or hold less than one global batch over `world` devices."""
+    _check_shard_vocab(shard_paths, model)
+    data = PackedBlocks(shard_paths, seed=config.seed)
+    plan = plan_training(config, data.seq_len, world)
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    if max_pos is not None and data.seq_len > max_pos:
+        raise InputError(f"shards have blocks of {data.seq_len} tokens but the model's context is {max_pos}; reshard with --seq-len {max_pos}")
+    if data.n_blocks < plan.blocks_per_step:
+        raise InputError(
+            f"shard(s) {', '.join(shard_paths)} hold {data.n_tokens} tokens, fewer than one global batch "
+            f"({plan.tokens_per_step} tokens); give small clusters their share with --assign balanced, use fewer "
+            "--num-clusters, or lower --batch-tokens/--micro-batch-size"
+        )
+    valid = PackedBlocks([str(p) for p in valid_paths], seq_len=data.seq_len, shuffle=False) if valid_paths else None
+    if valid is not None and valid.n_blocks == 0:
+        log.warning("validation shards %s hold no full block; no validation loss", valid_paths)
+        valid = None
+    return data, valid, plan
 
 
 def _check_shard_vocab(shard_paths: Sequence[str], model) -> None:
@@ -421,13 +424,20 @@ def _check_shard_vocab(shard_paths: Sequence[str], model) -> None:
                 )
 
 
-# ---------------------------------------------------------------------------------------------- training
-def _eval_loss(loss_module, x):
-    """Validation forward without the fused loss's gradient work: full logits, mean CE."""
-    model = loss_module.model
-    logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # (B, T−1, V)
-    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
-    return loss, loss, None
+def _build_optimizer(model, config: TrainConfig, device):
+    """AdamW over `model`'s trainable parameters (`config.trainable`), weight decay on matrices only; fused on CUDA."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if config.trainable == "ffn" and ".mlp." not in name:
+            p.requires_grad_(False)  # FlexOlmo: the seed's attention, norms and embeddings stay as they are
+        if p.requires_grad:
+            (decay if p.dim() >= 2 else no_decay).append(p)
+    if not decay + no_decay:
+        raise InputError(f"--expert-trainable {config.trainable}: {type(model).__name__} has no such parameters to train")
+    return torch.optim.AdamW(
+        [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=config.lr, betas=config.betas, eps=config.eps, fused=device.type == "cuda",
+    )
 
 
 def _auto_micro_batch(model, config: TrainConfig, plan: TrainPlan, device, setup, bf16_params: bool, world: int,
@@ -467,3 +477,11 @@ def _auto_micro_batch(model, config: TrainConfig, plan: TrainPlan, device, setup
         raise InputError(no_fit_message(n_params, plan.seq_len, torch.cuda.get_device_name(device), limit, total,
                                         config.experts_per_gpu, need))
     return micro
+
+
+def _eval_loss(loss_module, x):
+    """Validation forward without the fused loss's gradient work: full logits, mean CE."""
+    model = loss_module.model
+    logits = model(input_ids=x, use_cache=False).logits[:, :-1]  # (B, T−1, V)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), x[:, 1:].reshape(-1))
+    return loss, loss, None
