@@ -37,7 +37,7 @@ def main() -> None:
 
     from experts.budget import apportion
     from experts.model import build_scratch_model, get_preset
-    from experts.train import TrainConfig, plan_training, train_model
+    from experts.training import TrainConfig, plan_training, train_model
 
     seq = args.seq or get_preset(args.preset).seq_len
     shares = [float(s) for s in args.shares.split(",")]

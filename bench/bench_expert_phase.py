@@ -81,7 +81,7 @@ def train_worker(spec_path: str) -> None:
     import torch
 
     from experts.launch import gpu_slots, launch_training
-    from experts.train import TrainConfig
+    from experts.training import TrainConfig
 
     t_imported = time.time()
     stamps = {}
@@ -111,7 +111,7 @@ def micro_worker(spec_path: str) -> None:
     import torch
 
     from experts.launch import launch_training
-    from experts.train import TrainConfig
+    from experts.training import TrainConfig
 
     rows = []
     for job in spec["jobs"]:

@@ -100,7 +100,7 @@ def main() -> None:
     from experts.merge import LAMBDAS, MergeRecipe, merge_experts, sample_blocks
     from experts.moe import build_moe, finetune_moe
     from experts.scoring import HFCausalLM
-    from experts.train import TrainConfig, train_model
+    from experts.training import TrainConfig, train_model
     from tasks.perplexity import evaluate_perplexity
 
     run = Path(args.run_dir)

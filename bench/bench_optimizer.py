@@ -5,7 +5,7 @@ gradients; every row runs the same number of steps from the same state, so the l
 compute the same update (relative to the largest master entry). Rows:
 - `previous`: what train_model did before: a bf16→fp32 cast per parameter (the gradient hook),
   `clip_grad_norm_`, fused AdamW, `_foreach_copy_` into the bf16 weights;
-- `fused`: `experts.train._master_update(impl='fused')`, the eager CUDA path (same kernels, one call);
+- `fused`: `experts.training.optim._master_update(impl='fused')`, the eager CUDA path (same kernels, one call);
 - `tensor, compiled`: `_master_update(impl='tensor')` under torch.compile (one fused kernel per parameter);
 - `tensor, compiled, combo`: the same with inductor's combo_kernels (what MasterWeights uses when compiling).
 Wall ms is host-bound for the compiled rows (dynamo guards over ~110 tensors); in training the host runs ahead
@@ -33,7 +33,7 @@ def main():
     args = ap.parse_args()
 
     from experts.model import build_scratch_model
-    from experts.train import _master_update
+    from experts.training.optim import _master_update
 
     dev = torch.device("cuda")
     params = [p.detach().to(dev) for p in build_scratch_model(args.preset, args.vocab, seq_len=1024).parameters()]

@@ -42,7 +42,7 @@ class _Stop(Exception):
 
 
 def train_config(args, n_steps: int, n_gpus: int, sharding: str = "ddp"):
-    from experts.train import TrainConfig
+    from experts.training import TrainConfig
 
     tokens = args.micro * args.seq * n_gpus
     kw = dict(train_tokens=n_steps * tokens, micro_batch_size=args.micro, global_batch_tokens=tokens, warmup_steps=1,

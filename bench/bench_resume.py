@@ -42,7 +42,7 @@ def child(args) -> None:
     import torch
 
     from experts.model import build_scratch_model
-    from experts.train import TrainConfig, train_model
+    from experts.training import TrainConfig, train_model
 
     cfg = TrainConfig(train_tokens=args.steps * args.batch * args.seq, micro_batch_size=args.micro,
                       global_batch_tokens=args.batch * args.seq, lr=1e-3, min_lr=1e-4, warmup_steps=5, log_every=0,

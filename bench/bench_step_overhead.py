@@ -35,7 +35,10 @@ def main():
 
     from corpus.device import resolve_device
     from experts.model import ModelPreset, build_scratch_model, count_params
-    from experts.train import CausalLMLoss, MasterWeights, TrainConfig, cache_rotary, use_causal_sdpa
+    from experts.training import TrainConfig
+    from experts.training.loss import CausalLMLoss
+    from experts.training.optim import MasterWeights
+    from experts.training.patches import cache_rotary, use_causal_sdpa
 
     setup = resolve_device(args.device)
     dev = setup.device

@@ -1,4 +1,4 @@
-"""Training throughput: our loop (`experts.train.train_model`) vs a plain HF Llama loop, on one GPU.
+"""Training throughput: our loop (`experts.training.train_model`) vs a plain HF Llama loop, on one GPU.
 
 Same model (HF LlamaForCausalLM, vocab 32000, seq 1024), same global batch (default 32 × 1024 tokens), random
 tokens. Reference = the plain loop of issue 4: `loss = model(input_ids, labels=input_ids).loss`, bf16 autocast,
@@ -149,7 +149,7 @@ def loop_options(loop: str) -> dict:
 def _train_random(preset, vocab, seq, batch, n_steps, micro, on_step, **kw) -> tuple[dict, dict]:
     """`train_model` for n_steps on random tokens (a fresh scratch model); returns (training.json, model config)."""
     from experts.model import build_scratch_model
-    from experts.train import TrainConfig, train_model
+    from experts.training import TrainConfig, train_model
 
     tmp = Path(tempfile.mkdtemp())
     rng = np.random.default_rng(0)
@@ -221,7 +221,7 @@ def run_one(size, loop, args, lock) -> dict:
 def child(args) -> None:
     """One (size, loop) in this fresh process; prints one JSON line prefixed with RESULT."""
     from experts.model import flops_per_token
-    from experts.train import peak_flops
+    from experts.training.schedule import peak_flops
     from transformers import LlamaConfig
 
     torch.backends.cuda.matmul.allow_tf32 = True

@@ -38,7 +38,7 @@ class ModelCard:
     name: str  # the model's name in the run: expert_003, dense, ensemble_top2, ...
     kind: str  # a key of KIND_TITLES
     run: dict = field(default_factory=dict)  # run parameters: corpus, num_clusters, model_size, seed_model, ...
-    budget: dict | None = None  # experts.train.compute_budget of the run
+    budget: dict | None = None  # experts.budget.compute_budget of the run
     training: dict | None = None  # the folder's training.json (tokens_seen, steps, wall_time_s, final_loss, ...)
     cluster: dict | None = None  # an expert's cluster: cluster_id, size, fraction, top_terms, majority_label
     clusters: list[dict] | None = None  # every cluster of the run (ensembles, merges, MoE: one expert each)

@@ -1,4 +1,4 @@
-"""Run `experts.train.train_model` on one device in-process, or on several GPUs through torchrun (DDP or FSDP),
+"""Run `experts.training.train_model` on one device in-process, or on several GPUs through torchrun (DDP or FSDP),
 and claim this host's GPUs for it (`gpu_slots`).
 
 `launch_training(..., gpus=[2, 3])` writes the job as JSON beside `out_dir`, then runs
@@ -53,7 +53,7 @@ def launch_training(
     device, DDP or FSDP after `config.sharding`; the job (init, shards, config) travels as
     `<out_dir>.launch.json`, removed afterwards.
     """
-    from experts.train import TrainConfig, train_model
+    from experts.training import TrainConfig, train_model
 
     gpus = list(gpus or [])
     n = len(gpus) if gpus else cpu_procs
@@ -268,7 +268,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     import torch
     import torch.distributed as dist
 
-    from experts.train import TrainConfig, train_model
+    from experts.training import TrainConfig, train_model
 
     argv = list(sys.argv[1:] if argv is None else argv)
     if len(argv) != 1:

@@ -333,7 +333,7 @@ def routing_stats(model, blocks: torch.Tensor, batch_size: int = 8) -> dict:
 
 def finetune_moe(moe_dir: str | os.PathLike, shard_paths: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
                  config=None, router_aux_loss_coef: float = 0.01, stat_blocks: int = 32, **train_kw) -> dict:
-    """BTX finetuning: `experts.train.train_model` on a mix of all clusters' shards with the load-balancing loss
+    """BTX finetuning: `experts.training.train_model` on a mix of all clusters' shards with the load-balancing loss
     (`router_aux_loss_coef`, BTX used 0.01), then `routing_stats` (per layer: per-token routing entropy, entropy
     of the mean router distribution, per-expert load) over `stat_blocks` blocks of the validation shards
     (`valid_paths`; the training shards without them) written to `out_dir/routing.json`. Returns train_model's
@@ -341,7 +341,7 @@ def finetune_moe(moe_dir: str | os.PathLike, shard_paths: Sequence[str | os.Path
     import dataclasses
 
     from experts.model import load_causal_lm
-    from experts.train import TrainConfig, train_model
+    from experts.training import TrainConfig, train_model
 
     if config is None:
         raise InputError("finetune_moe needs a TrainConfig (at least train_tokens)")

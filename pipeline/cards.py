@@ -45,7 +45,7 @@ class WriteModelCards(Stage):
 
     def build(self, out: Path) -> dict:
         from experts.cards import ModelCard, write_model_card
-        from experts.train import compute_budget
+        from experts.budget import compute_budget
 
         r = self.requires()
         clusters = read_json(self.input_path(r["clusters"]) / "clusters.json").get("clusters", [])

@@ -173,7 +173,7 @@ class _TrainStage(Stage):
                             cluster_blocks=[c.get("n_blocks", 0) for c in clusters])
 
     def train_config(self, tokens: int, **kw):
-        from experts.train import TrainConfig
+        from experts.training import TrainConfig
 
         opts = dict(train_tokens=tokens, seed=self.seed, device=self.device, sharding=self.sharding,
                     global_batch_tokens=self.batch_tokens or None, micro_batch_size=self.micro_batch_value,
@@ -202,7 +202,7 @@ class _TrainStage(Stage):
         """Train `init` on `shard_paths` with `config` on this stage's GPUs (none on CPU): whole GPUs, or with
         --experts-per-gpu N > 1 one slot of a GPU, chosen so the GPUs get similar tokens per step."""
         from experts.launch import launch_training
-        from experts.train import TrainConfig
+        from experts.training import TrainConfig
 
         shared = self.shares_gpu()
         if shared:

@@ -2,14 +2,13 @@
 import pytest
 
 from corpus.io import InputError
-from experts.budget import apportion, cluster_shares, dense_batch_blocks, plan_budgets
-from experts.train import compute_budget as reexported
+from experts.budget import apportion, cluster_shares, compute_budget, dense_batch_blocks, plan_budgets
 
 SEQ = 64
 
 
-def test_compute_budget_still_importable_from_train():
-    b = reexported(1_000_000, 0.5, 4)
+def test_compute_budget_splits_every_token():
+    b = compute_budget(1_000_000, 0.5, 4)
     assert b["seed_tokens"] + 4 * b["expert_tokens"] + b["rounding"] == 1_000_000
 
 

@@ -15,7 +15,8 @@ import torch
 
 from corpus.io import InputError
 from experts.model import ModelPreset, build_scratch_model
-from experts.train import TrainConfig, _load_checkpoint, checkpoint_dir, train_model
+from experts.training import TrainConfig, train_model
+from experts.training.checkpoint import checkpoint_dir, load_checkpoint
 from tests.experts.train_helpers import Killed, kill_at, train_killed_at
 
 PRESET = ModelPreset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, seq_len=16)
@@ -55,7 +56,7 @@ def test_sharding_option_is_checked(shards, tmp_path):
     train_killed_at(2, build_scratch_model(PRESET, VOCAB), [shards[0]], tmp_path / "one", cfg)
     model = build_scratch_model(PRESET, VOCAB)
     with pytest.raises(InputError, match="written with --sharding ddp"):
-        _load_checkpoint(checkpoint_dir(tmp_path / "one"), model, torch.optim.AdamW(model.parameters()), "cpu", fsdp=True)
+        load_checkpoint(checkpoint_dir(tmp_path / "one"), model, torch.optim.AdamW(model.parameters()), "cpu", fsdp=True)
 
 
 @pytest.mark.skipif(

@@ -14,7 +14,7 @@ import torch
 
 from experts.launch import gpu_slots
 from experts.model import ModelPreset, build_scratch_model
-from experts.train import TrainConfig, checkpoint_dir, train_model
+from experts.training import TrainConfig, checkpoint_dir, train_model
 
 ROOT = Path(__file__).resolve().parents[2]
 PRESET = ModelPreset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, seq_len=16)
@@ -56,7 +56,7 @@ def test_a_whole_gpu_waits_for_its_shared_slots(tmp_path):
 _CHILD = """
 import json, os, signal, sys
 from experts.launch import gpu_slots, launch_training
-from experts.train import TrainConfig
+from experts.training import TrainConfig
 job = json.loads(sys.argv[1])
 def on_step(step, state):
     if step == job["kill_at"]:

@@ -11,7 +11,7 @@ from experts.microbatch import (
 )
 from experts.model import ModelPreset, build_scratch_model
 from tests.experts.train_helpers import PRESET, SEQ, VOCAB, write_shard
-from experts.train import TrainConfig, plan_training, train_model
+from experts.training import TrainConfig, plan_training, train_model
 
 @pytest.fixture
 def shard(tmp_path):
@@ -90,7 +90,7 @@ def test_auto_micro_batch_reproduces_the_global_batch(shard, tmp_path):
 
 def test_unequal_micro_batches_accumulate_the_global_mean_gradient(shard):
     from experts.microbatch import accumulation_weight
-    from experts.train import CausalLMLoss
+    from experts.training.loss import CausalLMLoss
 
     model = build_scratch_model(PRESET, VOCAB)
     loss = CausalLMLoss.build(model, _cfg(), compile=False)

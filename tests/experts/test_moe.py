@@ -82,7 +82,7 @@ def test_ffn_only_experts_share_the_seed_and_lose_nothing_in_the_moe(tmp_path):
     from safetensors.torch import load_file
 
     from experts.model import ModelPreset, build_scratch_model
-    from experts.train import TrainConfig, train_model
+    from experts.training import TrainConfig, train_model
 
     preset = ModelPreset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, seq_len=16)
     seed_dir = tmp_path / "seed"

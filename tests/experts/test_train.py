@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from corpus.io import InputError
+from experts.budget import compute_budget
 from experts.model import ModelPreset, build_scratch_model
-from experts.train import (
-    TrainConfig, checkpoint_dir, compute_budget, make_linear_cross_entropy, plan_training, train_model,
-)
+from experts.training import TrainConfig, checkpoint_dir, plan_training, train_model
+from experts.training.loss import make_linear_cross_entropy
 from tests.experts.train_helpers import PRESET, SEQ, VOCAB, write_shard, Killed, kill_at, train_killed_at
 
 @pytest.fixture
@@ -146,7 +146,7 @@ def test_ddp_two_cpu_processes_equal_one_process(shard, tmp_path):
 
 
 def test_master_weights_bf16_model_fp32_optimizer():
-    from experts.train import MasterWeights
+    from experts.training.optim import MasterWeights
 
     model = build_scratch_model(ModelPreset(32, 2, 4, 64, SEQ, True), VOCAB)  # tied embeddings
     fp32 = dict(model.named_parameters())
@@ -173,7 +173,7 @@ def test_master_step_equals_clip_adamw_and_copy(accumulate):
     """MasterWeights.step = clip_grad_norm_ + torch AdamW.step + bf16 copy, with or without gradient accumulation."""
     import copy
 
-    from experts.train import MasterWeights
+    from experts.training.optim import MasterWeights
 
     model = build_scratch_model(ModelPreset(32, 2, 4, 64, SEQ, True), VOCAB)
     ref = copy.deepcopy(model)
@@ -235,7 +235,7 @@ def test_bf16_params_train_and_resume_exactly(shard, tmp_path):
 
 
 def test_cached_rotary_leaves_outputs_unchanged():
-    from experts.train import cache_rotary, restore_rotary
+    from experts.training.patches import cache_rotary, restore_rotary
 
     x = torch.randint(0, VOCAB, (3, SEQ))
     for dtype in (torch.float32, torch.bfloat16):  # tables are cast to the activations' dtype, as HF does

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from experts.model import ModelPreset
-from experts.train import train_model
+from experts.training import train_model
 
 PRESET = ModelPreset(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, seq_len=16)
 VOCAB, SEQ = 64, 16

@@ -30,7 +30,7 @@ def _poison_at(step: int):
 
 def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path):
     from experts.model import ModelPreset, build_scratch_model
-    from experts.train import TrainConfig, checkpoint_dir, train_model
+    from experts.training import TrainConfig, checkpoint_dir, train_model
 
     rng = np.random.default_rng(0)
     shard = tmp_path / "cluster_000.npy"

@@ -1,0 +1,19 @@
+"""Training of seeds, experts, the dense baseline and BTX MoE finetuning: `train_model(init, shard_paths, out_dir,
+config)` with a `TrainConfig`. Inside, one file per concern, and the loop that calls them:
+
+- `config`: `TrainConfig`, the hyper-parameters of one run, checked once
+- `schedule`: `plan_training` (budget → `TrainPlan`: micro-batches, steps, warmup), `lr_at`, throughput and MFU
+- `loss`: `CausalLMLoss`, the chunked fused linear + cross-entropy (`make_linear_cross_entropy`)
+- `optim`: `MasterWeights`, fp32 master weights and one fused clip + AdamW + bf16-copy update
+- `patches`: causal SDPA without a mask, RoPE from tables, `sdpa_context`; undone before saving
+- `checkpoint`: the resumable `<out_dir>.ckpt/` folder (`checkpoint_dir`, `save_checkpoint`, `load_checkpoint`)
+- `distributed`: several devices (DDP, FSDP2 `shard_model`)
+- `metrics`: `RouterStats`, an MoE's expert load and routing entropy
+- `loop`: `train_model`, the recipe
+"""
+from experts.training.checkpoint import checkpoint_dir
+from experts.training.config import TrainConfig
+from experts.training.loop import train_model
+from experts.training.schedule import TrainPlan, plan_training
+
+__all__ = ["TrainConfig", "TrainPlan", "checkpoint_dir", "plan_training", "train_model"]

@@ -1,0 +1,137 @@
+"""What a run's budget becomes: batch geometry and step counts (`TrainPlan`), the learning-rate schedule, and the
+throughput and MFU that the loop logs."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from corpus.io import InputError
+from experts.microbatch import CPU_MICRO_BATCH, split_blocks
+from experts.training.config import TrainConfig
+
+
+@dataclass
+class TrainPlan:
+    """Derived batch geometry and step counts of a run. Each device runs the micro-batches `micro_batches`
+    (sizes in blocks; `experts.microbatch.split_blocks`) per optimizer step."""
+
+    seq_len: int
+    micro_batch_size: int
+    world_size: int
+    grad_accum: int
+    tokens_per_step: int
+    steps: int
+    warmup_steps: int
+    micro_batches: list[int] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.micro_batches:
+            self.micro_batches = [self.micro_batch_size] * self.grad_accum
+
+    @property
+    def blocks_per_device(self) -> int:
+        return sum(self.micro_batches)
+
+    @property
+    def blocks_per_step(self) -> int:
+        return self.blocks_per_device * self.world_size
+
+    def micro_start(self, step: int, i: int, rank: int) -> int:
+        """Data position of micro-batch i of `step` on `rank`: the step's blocks are dealt out micro-batch by
+        micro-batch, each one rank after rank."""
+        return step * self.blocks_per_step + sum(self.micro_batches[:i]) * self.world_size + rank * self.micro_batches[i]
+
+    def same_schedule(self, other: dict) -> bool:
+        """Whether a checkpoint's plan (a dict) trains the same optimizer steps: block length, tokens per step,
+        steps and warmup. The micro-batch split may differ (e.g. `auto` on another device)."""
+        keys = ("seq_len", "tokens_per_step", "steps", "warmup_steps")
+        return all(other.get(k) == getattr(self, k) for k in keys)
+
+
+def plan_training(config: TrainConfig, seq_len: int, world_size: int = 1, micro_batch_size: int | None = None) -> TrainPlan:
+    """Steps, micro-batches and warmup from the config (raises InputError for impossible budgets).
+
+    Blocks per device and step: G = global_batch_tokens // (seq_len · world_size), or one micro-batch when
+    global_batch_tokens is None (CPU_MICRO_BATCH blocks with micro_batch_size 'auto'). They are split into
+    micro-batches of at most `micro_batch_size` blocks (the argument: what `auto` chose; else the config's
+    number; else CPU_MICRO_BATCH)."""
+    fixed = config.micro_batch_size if isinstance(config.micro_batch_size, int) else None
+    micro = micro_batch_size or fixed or CPU_MICRO_BATCH
+    if config.global_batch_tokens is None:
+        per_device = fixed or CPU_MICRO_BATCH
+    else:
+        per_device = config.global_batch_tokens // (seq_len * world_size)
+        if per_device < 1:
+            raise InputError(
+                f"--batch-tokens {config.global_batch_tokens} is smaller than one block per device "
+                f"({seq_len} tokens x {world_size} device(s)); raise --batch-tokens"
+            )
+    sizes = split_blocks(per_device, micro)
+    tokens_per_step = per_device * seq_len * world_size
+    steps = config.train_tokens // tokens_per_step
+    if config.max_steps is not None:
+        steps = min(steps, config.max_steps) if steps else config.max_steps
+    if steps < 1:
+        raise InputError(
+            f"--train-tokens {config.train_tokens} is less than one global batch ({tokens_per_step} tokens); "
+            "raise the budget or lower --batch-tokens/--micro-batch-size"
+        )
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(round(config.warmup_fraction * steps))
+    if warmup >= steps and warmup > 0:
+        raise InputError(
+            f"budget too small for warmup: {warmup} warmup steps but --train-tokens {config.train_tokens} gives only "
+            f"{steps} steps of {tokens_per_step} tokens; lower --warmup-steps or raise --train-tokens"
+        )
+    return TrainPlan(seq_len, max(sizes), world_size, len(sizes), tokens_per_step, steps, warmup, sizes)
+
+
+def lr_at(step: int, config: TrainConfig, plan: TrainPlan) -> float:
+    """LR of optimizer step `step` (0-based): linear warmup to lr, then cosine or linear decay to min_lr."""
+    if step < plan.warmup_steps:
+        return config.lr * (step + 1) / plan.warmup_steps
+    span = max(1, plan.steps - plan.warmup_steps)
+    progress = min(1.0, (step - plan.warmup_steps) / span)
+    if config.decay == "cosine":
+        return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
+    return config.lr - (config.lr - config.min_lr) * progress
+
+
+def peak_flops(device) -> float | None:
+    """Dense bf16 peak FLOP/s of the GPU, by name (H100/H200 SXM 989e12, H100 PCIe 756e12, A100 312e12)."""
+    if getattr(device, "type", str(device)) != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    if "H100" in name and "PCIe" in name:
+        return 756e12
+    if "H100" in name or "H200" in name or "H800" in name:
+        return 989e12
+    if "A100" in name or "A800" in name:
+        return 312e12
+    if "L40S" in name:
+        return 362e12
+    if "4090" in name:
+        return 165e12
+    return None
+
+
+def _logged_rate(t_measure, measure_step: int, last_done: int, plan) -> float:
+    """Tokens/s for a log line without a host sync: steps known to be finished since the timed window began,
+    over the host time since then (a lower bound while the GPU runs behind the host)."""
+    if t_measure is None or last_done <= measure_step:
+        return 0.0
+    return (last_done - measure_step) * plan.tokens_per_step / max(1e-9, time.perf_counter() - t_measure)
+
+
+def _throughput(t_measure, steps_measured, plan, device, fpt, peak, world) -> tuple[float, float | None]:
+    """(tokens/s, MFU or None) of the `steps_measured` steps since `t_measure`, after waiting for the GPU;
+    MFU = tokens/s · `fpt` (FLOPs per token) / (`peak` FLOP/s · `world` devices)."""
+    if t_measure is None or steps_measured == 0:
+        return 0.0, None
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    tps = steps_measured * plan.tokens_per_step / (time.perf_counter() - t_measure)
+    mfu = tps * fpt / (peak * world) if peak else None
+    return tps, mfu
