@@ -8,6 +8,9 @@
 #   bash bench/study_corpus_dev.sh full     # + the 24M budget and parameter merges (did not fit 30 device-minutes)
 #   bash bench/study_corpus_dev.sh moe      # the BTX MoE of the main point (k=8, balanced, largest budget)
 #   bash bench/study_corpus_dev.sh seed     # seed fraction 0.5 against 0.8 (k = 1, 8)
+#   bash bench/study_corpus_dev.sh pretrained  # a seed pretrained on other text (PRETRAIN_CORPUS, default
+#                                           # .devdata/tasks_text: the few-shot tasks' texts), then c-BTM on
+#                                           # corpus_dev branching from it (--seed-fraction 0, the c-BTM paper's way)
 #
 # CORPUS (default .devdata/corpus_dev: a copy of ../shared/data/corpus_dev), RUN (runs/study-dev), OUT (bench/out),
 # WORKERS (8: Luigi workers; experts share the GPU, --experts-per-gpu 8) may be overridden. On the GPU machine
@@ -56,5 +59,13 @@ case "${1:-study}" in
       --num-clusters 1,8 --train-tokens 80000000 --seed-fraction 0.5,0.8 --top-k 1,2,all --clusterer balanced \
       --merge-methods ensemble,posterior
     cp "$RUN/study.md" "$RUN/study.json" "$OUT/" ;;
-  *) echo "usage: $0 smoke|study|full|moe|seed" >&2; exit 2 ;;
+  pretrained)
+    time luigi --module pipeline TrainDense "${common[@]}" "${model[@]}" --corpus "${PRETRAIN_CORPUS:-.devdata/tasks_text}" \
+      --run-dir "$RUN-other" --train-tokens 12000000 --seed-fraction 0.5
+    seed=$(ls -d "$RUN-other"/dense-*)
+    time luigi --module pipeline Study "${common[@]}" "${model[@]}" --run-dir "$RUN-pretrained" --eval-max-docs 300 \
+      --seed-model "$seed" --seed-fraction 0 --num-clusters 1,8 --train-tokens 24000000 --top-k 1,2,all \
+      --clusterer balanced --merge-methods ensemble,posterior
+    cp "$RUN-pretrained/study.md" "$OUT/study_pretrained.md"; cp "$RUN-pretrained/study.json" "$OUT/study_pretrained.json" ;;
+  *) echo "usage: $0 smoke|study|full|moe|seed|pretrained" >&2; exit 2 ;;
 esac
