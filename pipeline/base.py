@@ -42,23 +42,21 @@ import luigi
 
 from corpus.io import InputError, atomic_dir, read_json, short_hash, write_json
 from corpus.layout import STAGE_STAMP
+from experts.merging import MERGE_METHODS, MERGE_WEIGHTS, MOE_SHARED, ROUTER_INITS
 
 log = logging.getLogger("luigi-interface")
 
 _WARNED: dict[str, bool] = {}
 SECTION = "cbtm"  # luigi.cfg section that overrides the defaults of every stage's parameters
-TASK_VECTOR_MERGES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")  # merges against the seed
-PARAMETER_MERGES = ("average",) + TASK_VECTOR_MERGES  # the keys of experts.merge.METHODS
-MERGE_METHODS = ("ensemble", "posterior") + PARAMETER_MERGES + ("moe",)
 CHOICES = {
     "embedder": ("tfidf", "encoder"),
     "clusterer": ("balanced", "unbalanced", "random"),
     "assign": ("nearest", "balanced"),
     "branch_from": ("seed", "average"),
     "device": ("auto", "cpu", "cuda"),
-    "router_init": ("random", "centroids", "hidden"),
-    "merge_weights": ("uniform", "sizes"),
-    "moe_shared": ("average", "seed") + TASK_VECTOR_MERGES,
+    "router_init": ROUTER_INITS,
+    "merge_weights": MERGE_WEIGHTS,
+    "moe_shared": MOE_SHARED,
     "expert_trainable": ("all", "ffn"),
     "compile": ("auto", "on", "off"),
     "sharding": ("ddp", "fsdp"),

@@ -129,20 +129,15 @@ class _TrainStage(Stage):
 
     def shard_paths(self, cluster_ids=None, split: str = "train") -> list[str]:
         """Per-cluster shards (`ShardCorpus`) of `cluster_ids` (default: every cluster with blocks)."""
-        from experts.data import shard_name
+        from experts.data import shard_paths
 
-        meta = read_json(self.shards() / SHARDS_META)
-        ids = sorted(int(c) for c in meta["clusters"]) if cluster_ids is None else list(cluster_ids)
-        return [str(self.shards() / shard_name(c, split)) for c in ids
-                if meta["clusters"].get(str(c), {}).get(split, {}).get("n_blocks", 0) > 0]
+        return shard_paths(self.shards(), cluster_ids, split)
 
     def corpus_shard_paths(self, split: str = "train") -> list[str]:
         """The whole corpus's blocks (`TokenizeCorpus`), whatever the clustering: what seed and dense train on."""
-        from experts.data import corpus_shard_name
+        from experts.data import corpus_shard_paths
 
-        meta = read_json(self.tokens_dir() / SHARDS_META)
-        n = meta["splits"].get(split, {}).get("n_blocks", 0)
-        return [str(self.tokens_dir() / corpus_shard_name(split))] if n > 0 else []
+        return corpus_shard_paths(self.tokens_dir(), split)
 
     def seq_len_of_shards(self) -> int:
         return int(read_json(self.tokens_dir() / SHARDS_META)["seq_len"])
