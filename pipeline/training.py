@@ -8,8 +8,8 @@ from pathlib import Path
 
 import luigi
 
-from corpus.io import InputError, read_json, write_json
-from corpus.layout import SHARDS_META, TRAINING_INFO, TRAIN_SPLIT
+from corpus.io import InputError, read_json
+from corpus.layout import CENTROIDS, SHARDS_META
 from pipeline.base import RunParams, Stage, files_fingerprint
 from pipeline.clustering import AssignClusters, FitClusters
 from pipeline.corpus import PrepareCorpus
@@ -31,20 +31,9 @@ class TrainTokenizer(Stage):
         return None if self.seed_model == "scratch" else files_fingerprint(self.seed_model)
 
     def build(self, out: Path) -> dict:
-        if self.seed_model != "scratch":
-            from experts.tokenizer import load_tokenizer
+        from experts.tokenizer import tokenizer_for_corpus
 
-            load_tokenizer(self.seed_model).save_pretrained(out)
-            return {"from": self.seed_model}
-        import pyarrow.parquet as pq
-
-        from experts.tokenizer import train_tokenizer
-
-        path = self.input_path(self.requires()) / TRAIN_SPLIT
-        texts = (t for batch in pq.ParquetFile(path).iter_batches(columns=["text"], batch_size=1024)
-                 for t in batch.column(0).to_pylist())
-        tok = train_tokenizer(texts, out, vocab_size=self.vocab_size)
-        return {"vocab_size": len(tok)}
+        return tokenizer_for_corpus(self.input_path(self.requires()), out, self.seed_model, self.vocab_size)
 
 
 class _SeqLen:
@@ -221,8 +210,7 @@ class TrainSeed(_TrainStage):
         return {"tokens": self.clone(TokenizeCorpus), "tokenizer": self.clone(TrainTokenizer)}
 
     def build(self, out: Path) -> dict:
-        from experts.model import build_scratch_model, load_causal_lm
-        from experts.tokenizer import load_tokenizer
+        from experts.model import build_scratch_model, save_initial_seed
 
         tokenizer_dir = self.input_path(self.requires()["tokenizer"])
         meta = read_json(self.tokens_dir() / SHARDS_META)
@@ -231,19 +219,10 @@ class TrainSeed(_TrainStage):
                                        seed=self.seed)
         else:
             init = self.seed_model
-        if self.seed_fraction > 0:
-            return self.launch(init, out, self.guarded_config(self.model_budget("seed")), self.corpus_shard_paths(),
-                               self.corpus_shard_paths("valid"), tokenizer=str(tokenizer_dir))
-        # --seed-fraction 0: the seed is the initial model itself (no seed phase)
-        model = init if self.seed_model == "scratch" else load_causal_lm(init, load_tokenizer=False)[0]
-        model.save_pretrained(out)
-        load_tokenizer(tokenizer_dir).save_pretrained(out)
-        from experts.compat import make_portable
-
-        make_portable(out)
-        info = {"tokens_seen": 0, "steps": 0, "wall_time_s": 0.0, "gpu_hours": 0.0, "note": "no seed phase"}
-        write_json(out / TRAINING_INFO, info)
-        return info
+        if self.seed_fraction == 0:  # the seed is the initial model itself (no seed phase)
+            return save_initial_seed(init, out, tokenizer_dir)
+        return self.launch(init, out, self.guarded_config(self.model_budget("seed")), self.corpus_shard_paths(),
+                           self.corpus_shard_paths("valid"), tokenizer=str(tokenizer_dir))
 
 
 class TrainExpert(_TrainStage):
@@ -310,7 +289,7 @@ class TrainExpert(_TrainStage):
 
             from experts.average import branch_average
 
-            centroids = np.load(self.input_path(r["clusters"]) / "centroids.npy")  # (k, dim)
+            centroids = np.load(self.input_path(r["clusters"]) / CENTROIDS)  # (k, dim)
             init = branch_average([self.input_path(t) for t in r["experts"]], centroids[self.first_phase()],
                                   centroids[self.cluster_id], self.temperature, out.parent / f"{out.name}.branch-init")
         info = self.launch(str(init), out, self.guarded_config(budget), self.shard_paths([self.cluster_id]),
