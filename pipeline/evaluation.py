@@ -19,7 +19,8 @@ class _EvaluateModel(Stage):
 
     folder = "eval"
     gpu_stage = True
-    model = luigi.Parameter()
+    model = luigi.Parameter(description="the evaluated model: seed, dense, expert_003, ensemble_top2, posterior, "
+                            "a parameter merge or moe (pipeline.models)")
 
     @property
     def output_file(self) -> str:
@@ -107,7 +108,7 @@ class EvaluateFewShot(_EvaluateModel):
     hf:<dataset>, or `domains`) by `model` over --fewshot-seeds → `eval-<h>/fewshot/<task>/<model>.json`."""
 
     hashed = ("task", "model", "shots", "fewshot_seeds", "fewshot_max_test")
-    task = luigi.Parameter()
+    task = luigi.Parameter(description="the few-shot task: a folder, a built-in name, hf:<dataset> or domains")
 
     @property
     def subpath(self) -> str:

@@ -48,8 +48,9 @@ class MergeExperts(Stage):
     of the c-BTM ensemble."""
 
     folder = "merged"
-    method = luigi.Parameter(default="ensemble")
-    ensemble_top_k = luigi.Parameter(default="")
+    method = luigi.Parameter(default="ensemble", description="one of " + ", ".join(MERGE_METHODS))
+    ensemble_top_k = luigi.Parameter(default="", description="method ensemble: experts per prefix, an integer or "
+                                     "'all'; '' = --top-k")
 
     @property
     def hashed(self):

@@ -232,7 +232,7 @@ class TrainExpert(_TrainStage):
     with `--expert-trainable ffn` only the feed-forward blocks train (FlexOlmo)."""
 
     folder = "experts"
-    cluster_id = luigi.IntParameter()
+    cluster_id = luigi.IntParameter(description="the cluster this expert trains on, in [0, --num-clusters)")
 
     @property
     def hashed(self) -> tuple[str, ...]:  # the temperature weights the average that later experts branch from
