@@ -106,8 +106,9 @@ class RunFolderParams:
     run_dir = _p("runs/demo", name="run_dir", description="the run folder: every stage's output lives here")
     seed = _p(0, luigi.IntParameter, name="seed", description="seed of every random choice: samples, k-means, "
               "model initialisation, data order, DARE masks")
-    force_stage = _p("", name="force_stage", description="comma-separated stage names rebuilt once in this "
-                     "invocation (downstream stages follow); the old output is replaced only when the new one is done")
+    force_stage = _p("", name="force_stage", significant=False, description="comma-separated stage names rebuilt "
+                     "once in this invocation (downstream stages follow); the old output is replaced only when the "
+                     "new one is done")
 
 
 class CorpusParams:
@@ -220,19 +221,23 @@ class EvaluationParams:
 
 
 class ExecutionParams:
-    """execution: where and how stages run; these do not change results beyond floating-point noise."""
+    """execution: where and how stages run; these do not change results beyond floating-point noise.
 
-    device = _p("auto", name="device", description="auto | cpu | cuda")
-    compile = _p("auto", name="compile", description="torch.compile the training step: auto (on for CUDA) | on | off")
-    experts_per_gpu = _p(1, luigi.IntParameter, name="experts_per_gpu", description="expert trainings sharing one "
-                         "GPU (each in its own worker process: run with --workers ≥ this × GPUs); each may use "
-                         "1/N of the GPU's memory")
-    sharding = _p("ddp", name="sharding", description="with --gpus-per-expert > 1: ddp (a full copy per GPU) | "
-                  "fsdp (weights, gradients and AdamW moments sharded per decoder layer, for models that do not "
-                  "fit on one GPU)")
-    eval_batch_size = _p(16, luigi.IntParameter, name="eval_batch_size", description="windows per model call in "
-                         "evaluations (a c-BTM ensemble pools k/top_k times as many and calls each expert on at most "
-                         "this many)")
+    `significant=False`: luigi leaves them out of a task's name in its logs and scheduler; no stage hashes them
+    (stage folders and Luigi task ids come from the output paths, `Stage.stage_hash`)."""
+
+    device = _p("auto", name="device", significant=False, description="auto | cpu | cuda")
+    compile = _p("auto", name="compile", significant=False,
+                 description="torch.compile the training step: auto (on for CUDA) | on | off")
+    experts_per_gpu = _p(1, luigi.IntParameter, name="experts_per_gpu", significant=False,
+                         description="expert trainings sharing one GPU (each in its own worker process: run with "
+                         "--workers ≥ this × GPUs); each may use 1/N of the GPU's memory")
+    sharding = _p("ddp", name="sharding", significant=False, description="with --gpus-per-expert > 1: ddp (a full "
+                  "copy per GPU) | fsdp (weights, gradients and AdamW moments sharded per decoder layer, for models "
+                  "that do not fit on one GPU)")
+    eval_batch_size = _p(16, luigi.IntParameter, name="eval_batch_size", significant=False,
+                         description="windows per model call in evaluations (a c-BTM ensemble pools k/top_k times as "
+                         "many and calls each expert on at most this many)")
 
 
 PARAMETER_GROUPS = (RunFolderParams, CorpusParams, ClusteringParams, TrainingParams, MergingParams, EvaluationParams,

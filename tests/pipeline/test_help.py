@@ -42,4 +42,5 @@ def test_help_lists_every_flag_once_with_its_default(stage):
         described = re.sub(r"\s+", " ", entry[len(flag):]).strip()
         assert "(default: " in described and not described.split(" ", 1)[1].startswith("(default"), entry
     groups = [line.rstrip(":") for line in text.splitlines() if re.fullmatch(r"[a-z]+:", line)]
-    assert groups == ["options", "run", "corpus", "clustering", "training", "merging", "evaluation", "execution", "slurm"]
+    assert groups == ["options", "run", "corpus", "clustering", "training", "merging", "evaluation", "execution",
+                      "slurm"]
