@@ -9,7 +9,7 @@ from pathlib import Path
 import luigi
 
 from corpus.io import InputError
-from experts.merging import MERGE_METHODS, PARAMETER_MERGES, TASK_VECTOR_MERGES, MergeInputs, merge, needs
+from experts.merging import MERGE_METHODS, TASK_VECTOR_MERGES, MergeInputs, merge, needs
 from pipeline.base import Stage
 from pipeline.clustering import AssignClusters, EmbedCorpus, FitClusters
 from pipeline.corpus import PrepareCorpus
