@@ -1,6 +1,7 @@
 """Model cards (README.md) for the model folders of a run, and pushing any such folder to the Hugging Face Hub.
 
-`write_model_card(folder, card)` writes `folder/README.md` from a `ModelCard`: what the model is (an expert of
+`write_model_card(folder, card)` writes `folder/README.md` from a `ModelCard`, and `write_run_cards` one card into
+every model folder of a run: what the model is (an expert of
 cluster j with its top terms and size, the seed, the dense baseline, a parameter merge, the BTX MoE, a c-BTM or
 BTM ensemble), its training (tokens, steps, the run's compute budget), its evaluation figures, and how to load it
 (transformers, lm-eval). `push_folder(folder, repo_id)` uploads a folder as it is (card, weights, tokenizer,
@@ -14,7 +15,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from corpus.io import InputError, atomic_file
+from corpus.io import InputError, atomic_file, read_json
+from corpus.layout import TRAINING_INFO
 
 KIND_TITLES = {
     "seed": "seed model",
@@ -219,6 +221,60 @@ def write_model_card(folder: str | os.PathLike, card: ModelCard) -> Path:
     with atomic_file(path) as f:
         f.write(render_model_card(card))
     return path
+
+
+def card_kind(name: str) -> str:
+    """The `KIND_TITLES` key of a model name of a run (`moe_merged`: the MoE before finetuning)."""
+    if name == "moe_merged":
+        return "moe-merged"
+    if name.startswith("expert_"):
+        return "expert"
+    if name.startswith("ensemble_top"):
+        return "ensemble"
+    return name if name in ("seed", "dense", "average", "moe", "posterior") else "merge"
+
+
+def names_only(value):
+    """Metadata with local paths cut to their last two parts (cards are uploaded; paths are this machine's)."""
+    if isinstance(value, dict):
+        return {k: names_only(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [names_only(v) for v in value]
+    if isinstance(value, str) and value.startswith("/"):
+        return "/".join(Path(value).parts[-2:])
+    return value
+
+
+def write_run_cards(folders: dict[str, Path], run: dict, budget: dict, perplexity: dict, fewshot: dict,
+                    clusters: list[dict]) -> dict[str, str]:
+    """A card in each of `folders` ({model name: folder}): `run` (the run's parameters; local paths cut by
+    `names_only`), `budget` (`experts.budget.compute_budget`), `perplexity` and `fewshot` ({model name: results}),
+    `clusters` (`describe_clusters`' clusters). Reads each folder's training.json, ensemble.json and merge metadata.
+    Returns {model name: path of its README.md}."""
+    written = {}
+    for name, folder in folders.items():
+        folder = Path(folder)
+        kind = card_kind(name)
+        card = ModelCard(name=name, kind=kind, run=names_only(run), budget=budget,
+                         training=_json_or_none(folder, TRAINING_INFO),
+                         perplexity=perplexity.get(name), dense_perplexity=perplexity.get("dense"),
+                         fewshot=fewshot.get(name) or None, clusters=clusters)
+        if kind == "expert":
+            card.cluster = next((c for c in clusters if c.get("cluster_id") == int(name[7:])), None)
+            card.clusters = None
+        if kind in ("ensemble", "posterior"):
+            card.routing = _json_or_none(folder, "ensemble.json")
+        method = next((_json_or_none(folder, f) for f in ("average.json", "moe.json", "merge.json")
+                       if (folder / f).is_file()), None)
+        card.method = names_only(method) if method else None
+        if card.training:  # the card keeps the headline figures, not the curves
+            card.training = {k: v for k, v in card.training.items() if not isinstance(v, (list, dict))}
+        written[name] = str(write_model_card(folder, card))
+    return written
+
+
+def _json_or_none(folder: Path, name: str) -> dict | None:
+    return read_json(folder / name) if (folder / name).is_file() else None
 
 
 # ---- the hub ---------------------------------------------------------------------------------------------

@@ -20,6 +20,7 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from corpus.io import InputError, atomic_dir, read_json, write_json
+from corpus.layout import SHARDS_META
 from corpus.read import read_columns
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,23 @@ def shard_name(cluster_id: int, split: str = "train") -> str:
 def corpus_shard_name(split: str = "train") -> str:
     """The whole corpus's packed blocks: `corpus.npy` for train, `valid_corpus.npy` for valid."""
     return "corpus.npy" if split == "train" else f"{split}_corpus.npy"
+
+
+def shard_paths(shards_dir: str | os.PathLike, cluster_ids=None, split: str = "train") -> list[str]:
+    """The `split` shards in `shards_dir` (`shard_corpus`) of `cluster_ids` (default: every cluster), leaving out
+    those without a block."""
+    shards_dir = Path(shards_dir)
+    clusters = read_json(shards_dir / SHARDS_META)["clusters"]
+    ids = sorted(int(c) for c in clusters) if cluster_ids is None else list(cluster_ids)
+    return [str(shards_dir / shard_name(c, split)) for c in ids
+            if clusters.get(str(c), {}).get(split, {}).get("n_blocks", 0) > 0]
+
+
+def corpus_shard_paths(tokens_dir: str | os.PathLike, split: str = "train") -> list[str]:
+    """The whole corpus's `split` blocks in `tokens_dir` (`tokenize_corpus`): one file, or none when empty."""
+    tokens_dir = Path(tokens_dir)
+    n = read_json(tokens_dir / SHARDS_META)["splits"].get(split, {}).get("n_blocks", 0)
+    return [str(tokens_dir / corpus_shard_name(split))] if n > 0 else []
 
 
 def _encode_batch(args):
@@ -143,7 +161,7 @@ def tokenize_corpus(
                 meta["splits"][split] = {"n_docs": len(texts), "n_tokens": n_tok, "n_blocks": n_blocks,
                                          "n_tokens_in_blocks": n_blocks * seq_len}
                 log.info("tokenized %s: %d docs, %d tokens, %d blocks", split, len(texts), n_tok, n_blocks)
-            write_json(tmp / "meta.json", meta)
+            write_json(tmp / SHARDS_META, meta)
     finally:
         if pool is not None:
             pool.close()
@@ -178,7 +196,7 @@ def shard_corpus(
     tok_meta = None
     if tokens_dir is not None:
         tokens_dir = Path(tokens_dir)
-        tok_meta = read_json(tokens_dir / "meta.json")
+        tok_meta = read_json(tokens_dir / SHARDS_META)
         if tok_meta["vocab_size"] != vocab_size or tok_meta["dtype"] != dtype.name or tok_meta["eos_id"] != eos:
             raise InputError(f"token streams in {tokens_dir} were made with another tokenizer than {tokenizer_dir}")
     bos = prefix[0] if prefix else None
@@ -260,7 +278,7 @@ def shard_corpus(
             )
             if meta["empty_clusters"]:
                 log.warning("clusters with no full %d-token block: %s", seq_len, meta["empty_clusters"])
-            write_json(tmp / "meta.json", meta)
+            write_json(tmp / SHARDS_META, meta)
     finally:
         if pool is not None:
             pool.close()

@@ -10,7 +10,10 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from corpus.io import InputError
+from corpus.io import InputError, write_json
+from corpus.layout import TRAINING_INFO
+from experts.compat import make_portable
+from experts.tokenizer import load_tokenizer
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,18 @@ def build_scratch_model(
         torch.manual_seed(seed)
         model = LlamaForCausalLM(config)
     return model
+
+
+def save_initial_seed(init, out_dir: str | os.PathLike, tokenizer_dir: str | os.PathLike) -> dict:
+    """The seed without a seed phase: `init` (a model, or a Hugging Face folder / hub name) saved to `out_dir` as it
+    is, with the tokenizer of `tokenizer_dir` and a `training.json` of zero steps, which it also returns."""
+    model = load_causal_lm(init, load_tokenizer=False)[0] if isinstance(init, (str, os.PathLike)) else init
+    model.save_pretrained(out_dir)
+    load_tokenizer(tokenizer_dir).save_pretrained(out_dir)
+    make_portable(out_dir)
+    info = {"tokens_seen": 0, "steps": 0, "wall_time_s": 0.0, "gpu_hours": 0.0, "note": "no seed phase"}
+    write_json(Path(out_dir) / TRAINING_INFO, info)
+    return info
 
 
 def _first_line(e: BaseException) -> str:

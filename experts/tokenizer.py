@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 from corpus.io import InputError, atomic_dir
+from corpus.layout import TRAIN_SPLIT
 
 log = logging.getLogger(__name__)
 
@@ -81,3 +82,18 @@ def load_tokenizer(path: str | os.PathLike):
     except Exception as e:  # noqa: BLE001 - any library failure becomes one clear line
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise InputError(f"cannot load a tokenizer from {Path(path)}: {first}") from None
+
+
+def tokenizer_for_corpus(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, seed_model: str = "scratch",
+                         vocab_size: int = 8192) -> dict:
+    """The tokenizer of a run in `out_dir`: for `seed_model` 'scratch', byte-level BPE of `vocab_size` trained on
+    `<corpus_dir>/train.parquet`'s text column (`train_tokenizer`); otherwise the seed model's own tokenizer, copied.
+    Returns {"vocab_size"} or {"from": seed_model}."""
+    if seed_model != "scratch":
+        load_tokenizer(seed_model).save_pretrained(out_dir)
+        return {"from": seed_model}
+    import pyarrow.parquet as pq  # heavy: only when a tokenizer is trained
+
+    batches = pq.ParquetFile(Path(corpus_dir) / TRAIN_SPLIT).iter_batches(columns=["text"], batch_size=1024)
+    texts = (t for batch in batches for t in batch.column(0).to_pylist())
+    return {"vocab_size": len(train_tokenizer(texts, out_dir, vocab_size=vocab_size))}

@@ -8,23 +8,22 @@ Read in order, this is the table of contents (stage → library function → out
     FitClusters         clustering.io.fit_clusters               clusters-<h>/
     AssignClusters      clustering.io.assign_clusters            assignments-<h>/
     DescribeClusters    clustering.inspect.describe_clusters     cluster-info-<h>/
-    TrainTokenizer      experts.tokenizer.train_tokenizer        tokenizer-<h>/
+    TrainTokenizer      experts.tokenizer.tokenizer_for_corpus   tokenizer-<h>/
     TokenizeCorpus      experts.data.tokenize_corpus             tokens-<h>/   (whole corpus: seed, dense)
     ShardCorpus         experts.data.shard_corpus                shards-<h>/   (per cluster: experts)
     TrainSeed           experts.launch.launch_training           seed-<h>/
     TrainExpert(c)      experts.launch.launch_training           experts-<h>/cluster_{c:03d}/
     TrainExperts        (wrapper: every TrainExpert)
     TrainDense          experts.launch.launch_training           dense-<h>/
-    MergeExperts(m)     experts.ensemble.save_ensemble_config |  merged-<h>/<m>/ (m: ensemble, posterior, average,
-                        experts.merge.merge_experts |              task_arithmetic, ties, dare_linear, dare_ties, moe)
-                        experts.moe.build_moe
+    MergeExperts(m)     experts.merging.merge                    merged-<h>/<m>/ (m: ensemble, posterior, average,
+                                                                   task_arithmetic, ties, dare_linear, dare_ties, moe)
     FinetuneMoE         experts.moe.finetune_moe                 moe-finetuned-<h>/
     EvaluatePerplexity  tasks.perplexity.evaluate_perplexity     eval-<h>/perplexity/<model>.json
                         tasks.perplexity.oracle_perplexity       eval-<h>/perplexity/oracle.json (model oracle)
     MakeDomainTask      tasks.fewshot.build.make_task_from_corpus  task-domains-<h>/
     EvaluateFewShot     tasks.fewshot.evaluate.evaluate_fewshot  eval-<h>/fewshot/<task>/<model>.json
     Report              tasks.report.write_report                report-<h>/ (+ <run_dir>/report.{json,md})
-    WriteModelCards     experts.cards.write_model_card           README.md in every model folder (+ cards-<h>/)
+    WriteModelCards     experts.cards.write_run_cards            README.md in every model folder (+ cards-<h>/)
     RunAll              (wrapper: Report, WriteModelCards and everything upstream)
     Study               tasks.study.write_study                  study-<h>/ (+ <run_dir>/study.{json,md}): a grid of RunAlls
 

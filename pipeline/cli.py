@@ -4,18 +4,23 @@
   a failure exits non-zero from any folder (luigi reads `luigi.cfg` from the working directory only, and its
   own exit codes are all 0). A luigi.cfg that sets one of them still wins.
 - `--run-lock-wait SECONDS` (`pipeline.lock.run_lock`): wait for another run that holds the run folder.
+- `--help` of a stage lists its flags once each, grouped by concern (`pipeline.base.PARAMETER_GROUPS`: run,
+  corpus, clustering, training, merging, evaluation, execution; then the Slurm settings), each with its default
+  (after luigi.cfg's `[cbtm]` overrides); `--help-all` is luigi's own listing.
 - Flags must be spelled out: luigi's command-line parser accepts any unambiguous prefix (`--num-cluster 8`
   would set --num-clusters); here an unknown or abbreviated flag stops the command with one line naming it and
   the flags it may have meant, exit code 2; a misspelled task name is one line too (exit code 1).
 """
 from __future__ import annotations
 
+import argparse
 import difflib
 import os
 import sys
 
 import luigi
 import luigi.cmdline_parser
+import luigi.interface
 
 from pipeline.lock import run_lock  # noqa: F401 - registers --run-lock-wait with luigi's parser
 
@@ -50,10 +55,12 @@ def install_strict_flags() -> None:
         return
     build = parser_cls._build_parser
 
-    def strict_build_parser(*args, **kwargs):
-        parser = build(*args, **kwargs)
+    def strict_build_parser(root_task=None, help_all=False):
+        parser = build(root_task=root_task, help_all=help_all)
         parser.allow_abbrev = False
         parser.error = lambda message: _flag_error(parser, message)
+        if root_task and not help_all:
+            _group_help(parser, root_task)
         return parser
 
     strict_build_parser._cbtm_strict = True
@@ -84,6 +91,79 @@ def install_task_name_hook() -> None:
 
     hook._cbtm = True
     sys.excepthook = hook
+
+
+def help_sections(task_cls) -> list[tuple[str, str, dict]]:
+    """(title, description, {flag: parameter}) of each section of `task_cls`'s --help: the stage's own parameters,
+    the groups of `pipeline.base.PARAMETER_GROUPS` (execution with luigi's --local-scheduler, --workers and
+    --run-lock-wait), and the Slurm settings."""
+    from pipeline.base import PARAMETER_GROUPS
+    from pipeline.slurm import slurm
+
+    params = dict(task_cls.get_params())
+    grouped = {n for g in PARAMETER_GROUPS for n in vars(g)}
+    sections = [(task_cls.__name__, (task_cls.__doc__ or "").strip().split("\n\n")[0],
+                 {_flag(n): p for n, p in params.items() if n not in grouped})]
+    core = dict(luigi.interface.core.get_params())
+    for g in PARAMETER_GROUPS:
+        title, _, text = (g.__doc__ or "").partition(":")
+        section = {_flag(n): params[n] for n in vars(g) if n in params}
+        if title == "execution":
+            section.update({"--local-scheduler": core["local_scheduler"], "--workers": core["workers"],
+                            "--run-lock-wait": dict(run_lock.get_params())["wait"]})
+        sections.append((title, text.strip(), section))
+    sections.append(("slurm", (slurm.__doc__ or "").strip(), {_flag(f"slurm_{n}"): p for n, p in slurm.get_params()}))
+    return sections
+
+
+def _group_help(parser: argparse.ArgumentParser, root_task: str) -> None:
+    """Regroup the help of `root_task` (a stage) into `help_sections`, each flag once (luigi lists every one twice,
+    as --x and --<Task>-x, which stays accepted) with its default."""
+    from luigi.task_register import Register, TaskClassNotFoundException
+
+    from pipeline.base import RunParams
+
+    try:
+        task_cls = Register.get_task_cls(root_task)
+    except TaskClassNotFoundException:
+        return
+    if not issubclass(task_cls, RunParams):
+        return
+    by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
+    for flag, action in by_flag.items():
+        if flag.startswith(f"--{root_task}-"):
+            action.help = argparse.SUPPRESS
+    moved = set()
+    for title, text, section in help_sections(task_cls):
+        group = parser.add_argument_group(title, text)
+        for flag, param in section.items():
+            action = by_flag.get(flag)
+            if action is not None:
+                action.help, action.metavar = _with_default(param), _metavar(param)
+                group._group_actions.append(action)
+                moved.add(action)
+    for group in parser._action_groups[:2]:  # argparse's positional and optional sections: what is left there
+        group._group_actions[:] = [a for a in group._group_actions if a not in moved]
+    parser.usage = f"luigi --module pipeline {root_task} [--local-scheduler] [--workers N] [FLAG VALUE ...]"
+    parser.formatter_class = lambda prog: argparse.HelpFormatter(prog, max_help_position=26)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _metavar(param) -> str:
+    kinds = ((luigi.BoolParameter, "BOOL"), (luigi.IntParameter, "N"), (luigi.FloatParameter, "X"))
+    return next((name for kind, name in kinds if isinstance(param, kind)), "TEXT")
+
+
+def _with_default(param) -> str:
+    """The parameter's description and its default (after luigi.cfg's overrides), for --help."""
+    text, default = param.description or "", param._default
+    if default is luigi.parameter._no_value:
+        return f"{text} (required)"
+    shown = param.serialize(default) if default is not None else ""
+    return f"{text} (default: {shown!r})" if shown == "" else f"{text} (default: {shown})"
 
 
 def _flag_error(parser, message: str) -> None:

@@ -19,7 +19,8 @@ class _EvaluateModel(Stage):
 
     folder = "eval"
     gpu_stage = True
-    model = luigi.Parameter()
+    model = luigi.Parameter(description="the evaluated model: seed, dense, expert_003, ensemble_top2, posterior, "
+                            "a parameter merge or moe (pipeline.models)")
 
     @property
     def output_file(self) -> str:
@@ -53,36 +54,18 @@ class EvaluatePerplexity(_EvaluateModel):
         return {"model": model_stage(self, self.model)[0], "corpus": self.clone(PrepareCorpus),
                 "assignments": self.clone(AssignClusters)}
 
-    def docs(self, split: str) -> list[dict]:
-        """The split's documents with their cluster_id (a seeded sample of --eval-max-docs when set)."""
-        import numpy as np
-        import pyarrow.parquet as pq
-
-        from corpus.read import parquet_file, read_columns, take_rows
-
-        r = self.requires()
-        path = self.input_path(r["corpus"]) / f"{split}.parquet"
-        n = parquet_file(path).metadata.num_rows
-        if self.eval_max_docs and n > self.eval_max_docs:  # read only the sampled documents
-            keep = np.random.default_rng(self.seed).choice(n, self.eval_max_docs, replace=False)
-            rows = take_rows(path, sorted(keep.tolist()))
-        else:
-            rows = pq.read_table(path).to_pylist()
-        cluster = dict(zip(*read_columns(self.input_path(r["assignments"]) / f"{split}.parquet",
-                                         ["id", "cluster_id"]).to_pydict().values()))
-        for row in rows:
-            row["cluster_id"] = int(cluster[row["id"]])
-        return rows
-
     def build(self, out: Path) -> dict:
         if self.model == ORACLE:
             return self.build_oracle(out)
-        from tasks.perplexity import evaluate_perplexity
+        from tasks.perplexity import evaluate_perplexity, evaluation_docs
 
+        r = self.requires()
         model, kind, path = self.scoring_model()
         result = {"model": self.model, "kind": kind, "path": str(path)}
         for split in ("valid", "test"):
-            result[split] = evaluate_perplexity(model, self.docs(split), batch_size=self.eval_batch_size)
+            docs = evaluation_docs(self.input_path(r["corpus"]), self.input_path(r["assignments"]), split,
+                                   max_docs=self.eval_max_docs, seed=self.seed)
+            result[split] = evaluate_perplexity(model, docs, batch_size=self.eval_batch_size)
         write_json(out / self.output_file, result)
         return {split: result[split].get("perplexity") for split in ("valid", "test")}
 
@@ -125,7 +108,7 @@ class EvaluateFewShot(_EvaluateModel):
     hf:<dataset>, or `domains`) by `model` over --fewshot-seeds → `eval-<h>/fewshot/<task>/<model>.json`."""
 
     hashed = ("task", "model", "shots", "fewshot_seeds", "fewshot_max_test")
-    task = luigi.Parameter()
+    task = luigi.Parameter(description="the few-shot task: a folder, a built-in name, hf:<dataset> or domains")
 
     @property
     def subpath(self) -> str:

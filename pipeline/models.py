@@ -9,7 +9,7 @@ its own cluster (`tasks.perplexity.oracle_perplexity`).
 from __future__ import annotations
 
 from corpus.io import InputError
-from pipeline.base import PARAMETER_MERGES
+from experts.merging import PARAMETER_MERGES
 
 
 def ensemble_variants(num_clusters: int, top_k: str = "2") -> list[str]:

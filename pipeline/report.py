@@ -12,7 +12,8 @@ import luigi
 
 from corpus.io import atomic_file, read_json
 from corpus.layout import MERGE_INFO, REPORT_JSON, REPORT_MD, TRAINING_INFO
-from pipeline.base import PARAMETER_MERGES, RunParams, Stage, install_log_filter, upstream
+from experts.merging import PARAMETER_MERGES
+from pipeline.base import RunParams, Stage, install_log_filter, upstream
 from pipeline.clustering import DescribeClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import luigi
 
-from corpus.io import InputError, read_json, write_json
-from corpus.layout import SHARDS_META, TRAINING_INFO, TRAIN_SPLIT
+from corpus.io import InputError, read_json
+from corpus.layout import CENTROIDS, SHARDS_META
 from pipeline.base import RunParams, Stage, files_fingerprint
 from pipeline.clustering import AssignClusters, FitClusters
 from pipeline.corpus import PrepareCorpus
@@ -31,20 +31,9 @@ class TrainTokenizer(Stage):
         return None if self.seed_model == "scratch" else files_fingerprint(self.seed_model)
 
     def build(self, out: Path) -> dict:
-        if self.seed_model != "scratch":
-            from experts.tokenizer import load_tokenizer
+        from experts.tokenizer import tokenizer_for_corpus
 
-            load_tokenizer(self.seed_model).save_pretrained(out)
-            return {"from": self.seed_model}
-        import pyarrow.parquet as pq
-
-        from experts.tokenizer import train_tokenizer
-
-        path = self.input_path(self.requires()) / TRAIN_SPLIT
-        texts = (t for batch in pq.ParquetFile(path).iter_batches(columns=["text"], batch_size=1024)
-                 for t in batch.column(0).to_pylist())
-        tok = train_tokenizer(texts, out, vocab_size=self.vocab_size)
-        return {"vocab_size": len(tok)}
+        return tokenizer_for_corpus(self.input_path(self.requires()), out, self.seed_model, self.vocab_size)
 
 
 class _SeqLen:
@@ -129,20 +118,15 @@ class _TrainStage(Stage):
 
     def shard_paths(self, cluster_ids=None, split: str = "train") -> list[str]:
         """Per-cluster shards (`ShardCorpus`) of `cluster_ids` (default: every cluster with blocks)."""
-        from experts.data import shard_name
+        from experts.data import shard_paths
 
-        meta = read_json(self.shards() / SHARDS_META)
-        ids = sorted(int(c) for c in meta["clusters"]) if cluster_ids is None else list(cluster_ids)
-        return [str(self.shards() / shard_name(c, split)) for c in ids
-                if meta["clusters"].get(str(c), {}).get(split, {}).get("n_blocks", 0) > 0]
+        return shard_paths(self.shards(), cluster_ids, split)
 
     def corpus_shard_paths(self, split: str = "train") -> list[str]:
         """The whole corpus's blocks (`TokenizeCorpus`), whatever the clustering: what seed and dense train on."""
-        from experts.data import corpus_shard_name
+        from experts.data import corpus_shard_paths
 
-        meta = read_json(self.tokens_dir() / SHARDS_META)
-        n = meta["splits"].get(split, {}).get("n_blocks", 0)
-        return [str(self.tokens_dir() / corpus_shard_name(split))] if n > 0 else []
+        return corpus_shard_paths(self.tokens_dir(), split)
 
     def seq_len_of_shards(self) -> int:
         return int(read_json(self.tokens_dir() / SHARDS_META)["seq_len"])
@@ -226,8 +210,7 @@ class TrainSeed(_TrainStage):
         return {"tokens": self.clone(TokenizeCorpus), "tokenizer": self.clone(TrainTokenizer)}
 
     def build(self, out: Path) -> dict:
-        from experts.model import build_scratch_model, load_causal_lm
-        from experts.tokenizer import load_tokenizer
+        from experts.model import build_scratch_model, save_initial_seed
 
         tokenizer_dir = self.input_path(self.requires()["tokenizer"])
         meta = read_json(self.tokens_dir() / SHARDS_META)
@@ -236,19 +219,10 @@ class TrainSeed(_TrainStage):
                                        seed=self.seed)
         else:
             init = self.seed_model
-        if self.seed_fraction > 0:
-            return self.launch(init, out, self.guarded_config(self.model_budget("seed")), self.corpus_shard_paths(),
-                               self.corpus_shard_paths("valid"), tokenizer=str(tokenizer_dir))
-        # --seed-fraction 0: the seed is the initial model itself (no seed phase)
-        model = init if self.seed_model == "scratch" else load_causal_lm(init, load_tokenizer=False)[0]
-        model.save_pretrained(out)
-        load_tokenizer(tokenizer_dir).save_pretrained(out)
-        from experts.compat import make_portable
-
-        make_portable(out)
-        info = {"tokens_seen": 0, "steps": 0, "wall_time_s": 0.0, "gpu_hours": 0.0, "note": "no seed phase"}
-        write_json(out / TRAINING_INFO, info)
-        return info
+        if self.seed_fraction == 0:  # the seed is the initial model itself (no seed phase)
+            return save_initial_seed(init, out, tokenizer_dir)
+        return self.launch(init, out, self.guarded_config(self.model_budget("seed")), self.corpus_shard_paths(),
+                           self.corpus_shard_paths("valid"), tokenizer=str(tokenizer_dir))
 
 
 class TrainExpert(_TrainStage):
@@ -258,7 +232,7 @@ class TrainExpert(_TrainStage):
     with `--expert-trainable ffn` only the feed-forward blocks train (FlexOlmo)."""
 
     folder = "experts"
-    cluster_id = luigi.IntParameter()
+    cluster_id = luigi.IntParameter(description="the cluster this expert trains on, in [0, --num-clusters)")
 
     @property
     def hashed(self) -> tuple[str, ...]:  # the temperature weights the average that later experts branch from
@@ -315,7 +289,7 @@ class TrainExpert(_TrainStage):
 
             from experts.average import branch_average
 
-            centroids = np.load(self.input_path(r["clusters"]) / "centroids.npy")  # (k, dim)
+            centroids = np.load(self.input_path(r["clusters"]) / CENTROIDS)  # (k, dim)
             init = branch_average([self.input_path(t) for t in r["experts"]], centroids[self.first_phase()],
                                   centroids[self.cluster_id], self.temperature, out.parent / f"{out.name}.branch-init")
         info = self.launch(str(init), out, self.guarded_config(budget), self.shard_paths([self.cluster_id]),

@@ -22,12 +22,34 @@ import time
 from collections import defaultdict
 from typing import Iterable, Sequence
 
+import numpy as np
+import pyarrow.parquet as pq
 import torch
 
 from corpus.io import InputError, write_json
+from corpus.read import parquet_file, read_columns, take_rows
 from experts.scoring import document_windows
 
 log = logging.getLogger(__name__)
+
+
+def evaluation_docs(corpus_dir: str | os.PathLike, assignments_dir: str | os.PathLike, split: str,
+                    max_docs: int = 0, seed: int = 0) -> list[dict]:
+    """The documents of `<corpus_dir>/<split>.parquet` with their `cluster_id` from `<assignments_dir>/<split>.parquet`
+    (`evaluate_perplexity`'s input): all of them, or a sample of `max_docs` drawn with `seed` (in file order; only
+    the sampled rows are read)."""
+    path = os.path.join(corpus_dir, f"{split}.parquet")
+    n = parquet_file(path).metadata.num_rows
+    if max_docs and n > max_docs:
+        keep = np.random.default_rng(seed).choice(n, max_docs, replace=False)
+        rows = take_rows(path, sorted(keep.tolist()))
+    else:
+        rows = pq.read_table(path).to_pylist()
+    cluster = dict(zip(*read_columns(os.path.join(assignments_dir, f"{split}.parquet"),
+                                     ["id", "cluster_id"]).to_pydict().values()))
+    for row in rows:
+        row["cluster_id"] = int(cluster[row["id"]])
+    return rows
 
 
 def _group_metrics(nll: float, n_tokens: int, n_bytes: int, n_docs: int) -> dict:

@@ -11,7 +11,7 @@ import torch
 
 from corpus.io import InputError
 from pipeline import MergeExperts, RunAll, TrainExpert
-from pipeline.merging import METHODS, RECIPE_FLAGS
+from pipeline.merging import FLAGS, RECIPE_FLAGS
 from tests.pipeline.conftest import tiny_params
 
 
@@ -69,7 +69,7 @@ def test_merge_hashes(tmp_path):
     from experts.merge import METHODS as LIBRARY
 
     for name, method in LIBRARY.items():
-        assert set(METHODS[name].hashed) == {"merge_weights"} | {RECIPE_FLAGS[p] for p in method.params}
+        assert set(FLAGS[name].hashed) == {"merge_weights"} | {RECIPE_FLAGS[p] for p in method.params}
 
 
 @pytest.mark.parametrize("flag,value,message", [
