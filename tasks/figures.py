@@ -152,23 +152,27 @@ def fewshot_figure(fs: dict, path: Path, colours: dict) -> str | None:
     if not tasks:
         return None
     n_models = max(len(fs[t]) for t in tasks)
-    fig, axes = plt.subplots(1, len(tasks), figsize=(5.5 * len(tasks), 0.3 * n_models + 1.6), squeeze=False)
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 0.3 * n_models + 1.6), squeeze=False)
     for ax, t in zip(axes[0], tasks):
         models = list(fs[t])
         y = np.arange(len(models))[::-1]
         acc = [((fs[t][m].get("accuracy") or {}).get("mean")) or 0.0 for m in models]
         std = [((fs[t][m].get("accuracy") or {}).get("std")) or 0.0 for m in models]
         ax.barh(y, acc, xerr=std, color=[colours.get(m, "tab:blue") for m in models], capsize=2)
+        for yi, a, sd in zip(y, acc, std):
+            ax.text(a + sd, yi, f" {a:.2f}", va="center", fontsize=7)
         ax.set_yticks(y, models, fontsize=8)
         base = next((r.get("baselines") for r in fs[t].values() if r.get("baselines")), None) or {}
+        lines = []
         for name, style in (("random", "--"), ("majority", ":")):
             b = (base.get(name) or {}).get("accuracy")
             b = b.get("mean") if isinstance(b, dict) else b
             if b is not None:
                 ax.axvline(b, color="black", ls=style, lw=1, label=f"{'chance' if name == 'random' else name} {b:.2f}")
-        ax.set_xlim(0, min(1.0, 1.25 * max([a + s for a, s in zip(acc, std)] + [0.2])))
+                lines.append(b)
+        ax.set_xlim(0, min(1.0, 1.25 * max([a + s for a, s in zip(acc, std)] + lines + [0.2])))
         ax.set_xlabel("accuracy (mean ± std over seeds)")
-        ax.legend(fontsize=7, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
         ax.set_title(f"{t}: {shots_text(next(iter(fs[t].values())))}", fontsize=9)
     fig.suptitle("Few-shot in-context classification", fontsize=10)
     return _save(fig, path)
