@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from corpus.io import atomic_dir, write_json
-from tasks import figures as fig
+from tasks import figures
 
 SCHEMA_VERSION = 1
 
@@ -88,25 +88,25 @@ def write_report(
     }
     report["headline"] = _headline(report)
     with atomic_dir(out_dir) as tmp:
-        figures = tmp / "figures"
-        figures.mkdir()
+        fig_dir = tmp / "figures"
+        fig_dir.mkdir()
         copied = []
         for src in _figure_paths(cluster_info or {}):
-            dst = figures / Path(src).name
+            dst = fig_dir / Path(src).name
             shutil.copyfile(src, dst)
             copied.append(f"figures/{dst.name}")
         report["clusters"]["figures"] = copied
         ppl, cl = report["perplexity"], report["clusters"]
-        colours = fig.model_colours(list(dict.fromkeys([*ppl, *(m for t in report["fewshot"].values() for m in t),
-                                                        *((budgets or {}).get("models") or {})])))
+        models = [*ppl, *(m for t in report["fewshot"].values() for m in t), *((budgets or {}).get("models") or {})]
+        colours = figures.model_colours(list(dict.fromkeys(models)))
         drawn = [
-            fig.perplexity_figure(ppl, figures / "perplexity.png", colours),
-            fig.cluster_heatmap(ppl, figures / "perplexity_clusters.png"),
-            fig.routing_matrix(cl.get("label_distribution") or {}, figures / "routing_labels.png",
-                               (run_info.get("corpus") or {}).get("label_field")),
-            fig.fewshot_figure(report["fewshot"], figures / "fewshot.png", colours),
-            fig.moe_routing_figure(report["merges"]["moe"], figures / "moe_routing.png"),
-            fig.training_curves((budgets or {}).get("models") or {}, figures / "training_curves.png", colours),
+            figures.perplexity_figure(ppl, fig_dir / "perplexity.png", colours),
+            figures.cluster_heatmap(ppl, fig_dir / "perplexity_clusters.png"),
+            figures.routing_matrix(cl.get("label_distribution") or {}, fig_dir / "routing_labels.png",
+                                   (run_info.get("corpus") or {}).get("label_field")),
+            figures.fewshot_figure(report["fewshot"], fig_dir / "fewshot.png", colours),
+            figures.moe_routing_figure(report["merges"]["moe"], fig_dir / "moe_routing.png"),
+            figures.training_curves((budgets or {}).get("models") or {}, fig_dir / "training_curves.png", colours),
         ]
         report["figures"] = copied + [d for d in drawn if d]
         write_json(tmp / "report.json", report)
