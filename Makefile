@@ -20,7 +20,7 @@ $(BIN)/python:
 # changes (or after `make clean`).
 $(VENV)/.installed: $(BIN)/python setup.cfg
 	$(BIN)/pip install -q "$(TORCH)"
-	$(BIN)/pip install -q -e ".[encoder]"
+	$(BIN)/pip install -q -e ".[encoder,tensorboard]"
 	touch $@
 
 $(VENV)/.installed-dev: $(BIN)/python setup.cfg

@@ -2,7 +2,7 @@
 
 `describe_clusters` reads the corpus-, embeddings-, assignments- and clusters- folders and writes into out_dir:
 `clusters.json` (the returned dict), `cluster_sizes.png` (bar chart of train sizes) and `projection.png` (2-D PCA
-projection of a sample of train embeddings coloured by cluster_id, centroids marked).
+projection of a sample of train embeddings coloured by cluster_id, with a legend, centroids marked).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from corpus.io import InputError, atomic_file, write_json
+from corpus.palette import distinct_colours
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def _plot_sizes(sizes: np.ndarray, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(4, 0.25 * len(sizes) + 2), 3), dpi=120)
-    ax.bar(np.arange(len(sizes)), sizes, color="tab:blue")
+    ax.bar(np.arange(len(sizes)), sizes, color=distinct_colours(len(sizes)))  # as in the projection
     ax.axhline(sizes.mean(), color="k", lw=0.8, ls="--", label="mean")
     ax.set_xlabel("cluster_id")
     ax.set_ylabel("train documents")
@@ -168,13 +169,22 @@ def _plot_projection(x: np.ndarray, cid: np.ndarray, centroids: np.ndarray, path
     c = pca.transform(centroids.astype(np.float32))
     if n_comp == 1:
         p, c = np.c_[p, np.zeros(len(p))], np.c_[c, np.zeros(len(c))]
-    fig, ax = plt.subplots(figsize=(5, 4), dpi=120)
-    sc = ax.scatter(p[:, 0], p[:, 1], c=cid, s=3, cmap="tab20", alpha=0.6, linewidths=0)
+    k = len(c)
+    colours = distinct_colours(k)
+    fig, ax = plt.subplots(figsize=(6.2 if k <= 40 else 5, 4), dpi=120)
+    for j in range(k):  # one scatter per cluster: categorical colours and a legend entry per cluster_id
+        sel = cid == j
+        ax.scatter(p[sel, 0], p[sel, 1], color=colours[j], s=3, alpha=0.6, linewidths=0, label=str(j))
     ax.scatter(c[:, 0], c[:, 1], c="white", edgecolors="black", s=40, linewidths=1.2)
     for j, (a, b) in enumerate(c):
         ax.annotate(str(j), (a, b), fontsize=6, ha="center", va="center")
-    ax.set_title("train embeddings, PCA projection (colour = cluster_id)")
-    fig.colorbar(sc, ax=ax, label="cluster_id")
+    var = pca.explained_variance_ratio_
+    ax.set_xlabel(f"principal component 1 ({100 * var[0]:.0f}% of the variance)")
+    ax.set_ylabel(f"principal component 2 ({100 * var[1]:.0f}% of the variance)" if n_comp > 1 else "(one dimension)")
+    ax.set_title("train embeddings, PCA projection; circles: centroids", fontsize=9)
+    if k <= 40:
+        ax.legend(title="cluster_id", fontsize=6, title_fontsize=7, markerscale=3, loc="center left",
+                  bbox_to_anchor=(1.0, 0.5), ncol=1 + k // 20)
     fig.tight_layout()
     with atomic_file(path, "wb") as f:
         fig.savefig(f, format="png")

@@ -1,13 +1,18 @@
 """The run report: `report.json` (machine-readable) and `report.md` (tables and figures) of one pipeline run.
 
 `write_report(out_dir, run_info, cluster_info, perplexity, fewshot, budgets, timings)` writes into `out_dir`
-(atomically): `report.json`, `report.md` and `figures/*.png` (the cluster plots handed in by
-`clustering.inspect.describe_clusters`, plus a few-shot bar chart and a perplexity bar chart drawn here).
+(atomically): `report.json`, `report.md` and `figures/*.png`: the cluster plots handed in by
+`clustering.inspect.describe_clusters`, and those `tasks.figures` draws (perplexity ÷ dense, model × cluster
+heat map, label × cluster routing matrix, few-shot accuracy with its chance line, MoE routing load, training
+curves). report.md opens with the headline (`headline`): c-BTM against dense at equal compute, the best model,
+and the MoE's extra finetuning tokens.
 
 report.json schema (version 1); every key is always present, values may be null/empty:
 ```
 {
   "schema_version": 1,
+  "headline":   {"sentences": [str], "best": model of lowest test perplexity (oracle excluded) | null,
+                 "vs_dense": {model: test perplexity ÷ dense − 1}},
   "run":        {"run_dir", "created", "params": {flag: value}, "corpus": {"source", "n_docs": {split: n},
                  "label_field", "n_empty_dropped"}, "models": [model names]},
   "clusters":   {"n_clusters", "algorithm", "embedder", "sizes": {split: [n per cluster]}, "top_terms":
@@ -17,7 +22,9 @@ report.json schema (version 1); every key is always present, values may be null/
                                    "per_label": {label: ppl}}, "test": {...}}},   (model "oracle": oracle routing)
   "oracle_ratio": {ensemble: {split: {"overall": ppl / oracle ppl, "per_cluster": {id: ratio}}}},
   "fewshot":    {task: {model: {"accuracy": {"mean", "std"}, "macro_f1": {"mean", "std"}, "shots", "seeds",
-                               "n_test", "baselines": {"majority": {...}, "random": {...}}, "routing"}}},
+                               "n_test", "baselines": {"majority": {...}, "random": {...}}, "routing",
+                               "mean_demos": demonstrations per prompt, mean over seeds (< shots: prompts were
+                               cut to fit the context), "n_truncated_prompts", "n_prompts"}}},
   "budgets":    {"plan": experts.budget.plan_budgets dict, "compute_match", "expert_budget",
                  "models": {model: {"tokens_seen", "steps", "global_batch_tokens", "data_tokens", "epochs",
                                     "wall_time_s", "gpu_hours", "valid_loss", "kept_step"[, "share",
@@ -43,6 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from corpus.io import atomic_dir, write_json
+from tasks import figures
 
 SCHEMA_VERSION = 1
 
@@ -62,8 +70,9 @@ def write_report(
     perplexity: {model: {"valid": evaluate_perplexity result, "test": ...}}; fewshot: {task: {model:
     evaluate_fewshot result}}; cluster_info: describe_clusters' dict, whose "figures" (or "plots") list PNG
     paths that are copied into `figures/`; budgets: {"plan": experts.budget.plan_budgets dict, "models": {model:
-    training.json}}; timings: {stage: {"runs", "wall_time_s"}}; merges: {"parameter": {method: merge.json},
-    "moe": {"build": moe.json, "routing": routing.json, "training": training.json}} (see `_merges`).
+    training.json}} (their loss curves are plotted); timings: {stage: {"runs", "wall_time_s"}}; merges:
+    {"parameter": {method: merge.json}, "moe": {"build": moe.json, "routing": routing.json, "training":
+    training.json}} (see `_merges`).
     """
     out_dir = Path(out_dir)
     report = {
@@ -77,21 +86,29 @@ def write_report(
         "timings": timings or {},
         "merges": _merges(merges or {}, budgets or {}),
     }
+    report["headline"] = _headline(report)
     with atomic_dir(out_dir) as tmp:
-        figures = tmp / "figures"
-        figures.mkdir()
+        fig_dir = tmp / "figures"
+        fig_dir.mkdir()
         copied = []
         for src in _figure_paths(cluster_info or {}):
-            dst = figures / Path(src).name
+            dst = fig_dir / Path(src).name
             shutil.copyfile(src, dst)
             copied.append(f"figures/{dst.name}")
         report["clusters"]["figures"] = copied
-        extra = []
-        if report["fewshot"]:
-            extra.append(_fewshot_chart(report["fewshot"], figures / "fewshot.png"))
-        if report["perplexity"]:
-            extra.append(_perplexity_chart(report["perplexity"], figures / "perplexity.png"))
-        report["figures"] = copied + [e for e in extra if e]
+        ppl, cl = report["perplexity"], report["clusters"]
+        models = [*ppl, *(m for t in report["fewshot"].values() for m in t), *((budgets or {}).get("models") or {})]
+        colours = figures.model_colours(list(dict.fromkeys(models)))
+        drawn = [
+            figures.perplexity_figure(ppl, fig_dir / "perplexity.png", colours),
+            figures.cluster_heatmap(ppl, fig_dir / "perplexity_clusters.png"),
+            figures.routing_matrix(cl.get("label_distribution") or {}, fig_dir / "routing_labels.png",
+                                   (run_info.get("corpus") or {}).get("label_field")),
+            figures.fewshot_figure(report["fewshot"], fig_dir / "fewshot.png", colours),
+            figures.moe_routing_figure(report["merges"]["moe"], fig_dir / "moe_routing.png"),
+            figures.training_curves((budgets or {}).get("models") or {}, fig_dir / "training_curves.png", colours),
+        ]
+        report["figures"] = copied + [d for d in drawn if d]
         write_json(tmp / "report.json", report)
         (tmp / "report.md").write_text(render_markdown(report), encoding="utf-8")
     return report
@@ -170,13 +187,54 @@ def _oracle_ratio(perplexity: dict[str, dict]) -> dict:
     return out
 
 
+def _headline(report: dict) -> dict:
+    """The run in a few sentences: each c-BTM ensemble (`ensemble_top<k>`) against dense, and whether that is
+    at equal compute (c-BTM's seed + experts tokens against dense's seed + dense tokens); the best model (oracle
+    routing excluded: it reads the future); the MoE with its extra finetuning tokens flagged."""
+    test = {m: ((r.get("test") or {}).get("perplexity")) for m, r in report["perplexity"].items()}
+    test = {m: v for m, v in test.items() if v and m != "oracle"}
+    dense = test.get("dense")
+    vs = {m: v / dense - 1 for m, v in test.items() if dense and m != "dense"}
+    totals = report["budgets"].get("totals") or {}
+    c, d = totals.get("cbtm_tokens"), totals.get("dense_tokens")
+    compute = ("at equal compute" if c and d and abs(c - d) <= 0.005 * d else
+               f"at {100 * c / d:.1f}% of dense's training tokens" if c and d else "(training tokens unknown)")
+    moe = (report.get("merges") or {}).get("moe") or {}
+    extra = ""
+    if moe.get("finetune_tokens"):
+        frac = moe.get("extra_tokens_fraction")
+        extra = (f"{moe['finetune_tokens']} extra finetuning tokens"
+                 + (f" (+{100 * frac:.0f}% of the compute-matched budget)" if frac else ""))
+
+    def pct(m):
+        return f"{100 * vs[m]:+.1f}%".replace("-", "−")
+
+    sentences = []
+    for m in [m for m in test if m.startswith("ensemble_top") and m in vs]:
+        k = m[len("ensemble_top"):]
+        sentences.append(f"c-BTM top-{k} vs dense: {pct(m)} test perplexity {compute} "
+                         f"({test[m]:.2f} vs {dense:.2f}).")
+    best = min(test, key=test.get) if test else None
+    if best is not None:
+        flag = f", with {extra} that c-BTM and dense do not get" if best == "moe" and extra else ""
+        sentences.append(f"Best model: {best}, test perplexity {test[best]:.2f}"
+                         + (f" ({pct(best)} vs dense)" if best in vs else "") + f"{flag}.")
+    if "moe" in vs and best != "moe":
+        sentences.append(f"BTX MoE vs dense: {pct('moe')} test perplexity" + (f", with {extra}." if extra else "."))
+    return {"sentences": sentences, "best": best, "vs_dense": vs}
+
+
 def _ratio(a, b):
     return a / b if a is not None and b else None
 
 
 def _fewshot_summary(r: dict) -> dict:
-    return {k: r.get(k) for k in ("accuracy", "macro_f1", "shots", "seeds", "n_test", "scoring", "baselines",
-                                   "routing", "wall_time_s")}
+    out = {k: r.get(k) for k in ("accuracy", "macro_f1", "shots", "seeds", "n_test", "scoring", "baselines",
+                                  "routing", "wall_time_s", "n_truncated_prompts")}
+    demos = [e["mean_demos"] for e in r.get("per_seed") or [] if e.get("mean_demos") is not None]
+    out["mean_demos"] = sum(demos) / len(demos) if demos else None
+    out["n_prompts"] = r["n_test"] * len(r["seeds"]) if r.get("n_test") and r.get("seeds") else None
+    return out
 
 
 def _budgets(b: dict) -> dict:
@@ -241,7 +299,9 @@ def _f(x: Any, digits: int = 2) -> str:
 
 def render_markdown(report: dict) -> str:
     run, cl = report["run"], report["clusters"]
-    lines = ["# c-BTM run report", "", f"Run folder `{run.get('run_dir')}`, written {run.get('created')}.", ""]
+    lines = ["# c-BTM run report", ""]
+    lines += [f"- {h}" for h in (report.get("headline") or {}).get("sentences") or []]
+    lines += ["", f"Run folder `{run.get('run_dir')}`, written {run.get('created')}.", ""]
     corpus = run.get("corpus") or {}
     if corpus:
         n = corpus.get("n_docs") or {}
@@ -278,6 +338,7 @@ def render_markdown(report: dict) -> str:
             for c, d in dist.items():
                 lines.append(f"| {c} | " + " | ".join(str(d.get(lab, 0)) for lab in labels) + " |")
             lines.append("")
+    lines += _figure(report, "routing_labels.png", "label × cluster routing")
     for fig in cl.get("figures") or []:
         lines += [f"![{Path(fig).stem}]({fig})", ""]
 
@@ -313,29 +374,40 @@ def render_markdown(report: dict) -> str:
                 pc = t.get("per_cluster") or {}
                 lines.append(f"| {m} | {_f(t.get('overall'), 3)} | " + " | ".join(_f(pc.get(c), 3) for c in clusters) + " |")
             lines.append("")
-        if "figures/perplexity.png" in report.get("figures", []):
-            lines += ["![perplexity](figures/perplexity.png)", ""]
+        lines += _figure(report, "perplexity.png", "test perplexity relative to dense")
+        lines += _figure(report, "perplexity_clusters.png", "model × cluster test perplexity relative to dense")
 
     fs = report["fewshot"]
     if fs:
-        lines += ["## Few-shot classification", "", "| task | model | shots | accuracy | macro-F1 |",
-                  "|---|---|---:|---:|---:|"]
+        lines += ["## Few-shot classification", "", "| task | model | shots | demonstrations used | accuracy | macro-F1 |",
+                  "|---|---|---:|---:|---:|---:|"]
+        cut = []
         for task, by_model in fs.items():
             base = None
             for m, r in by_model.items():
                 acc, f1 = r.get("accuracy") or {}, r.get("macro_f1") or {}
-                lines.append(f"| {task} | {m} | {r.get('shots')} | {_f(acc.get('mean'), 3)} ± {_f(acc.get('std'), 3)} "
+                lines.append(f"| {task} | {m} | {r.get('shots')} | {_f(r.get('mean_demos'), 1)} | "
+                             f"{_f(acc.get('mean'), 3)} ± {_f(acc.get('std'), 3)} "
                              f"| {_f(f1.get('mean'), 3)} ± {_f(f1.get('std'), 3)} |")
                 base = base or r.get("baselines")
+                if r.get("n_truncated_prompts"):
+                    cut.append((task, m, r))
             for name, b in (base or {}).items():
                 acc = b.get("accuracy")
                 acc = acc.get("mean") if isinstance(acc, dict) else acc
                 f1 = b.get("macro_f1")
                 f1 = f1.get("mean") if isinstance(f1, dict) else f1
-                lines.append(f"| {task} | *{name} baseline* | – | {_f(acc, 3)} | {_f(f1, 3)} |")
+                title = "random guess (chance)" if name == "random" else name
+                lines.append(f"| {task} | *{title} baseline* | – | – | {_f(acc, 3)} | {_f(f1, 3)} |")
         lines.append("")
-        if "figures/fewshot.png" in report.get("figures", []):
-            lines += ["![few-shot accuracy](figures/fewshot.png)", ""]
+        if cut:
+            task, m, r = cut[0]
+            lines += [f"**Prompts cut to fit the context:** {len(cut)} of {sum(len(b) for b in fs.values())} "
+                      f"evaluations dropped demonstrations from the front of prompts longer than the model's context "
+                      f"(e.g. {task} / {m}: {r['n_truncated_prompts']} of {_f(r.get('n_prompts'))} prompts, "
+                      f"{_f(r.get('mean_demos'), 1)} of {r.get('shots')} demonstrations kept on average); the "
+                      "'demonstrations used' column is what the models saw.", ""]
+        lines += _figure(report, "fewshot.png", "few-shot accuracy")
 
     bud = report["budgets"]
     if bud.get("models"):
@@ -362,6 +434,9 @@ def render_markdown(report: dict) -> str:
                          f"{_f(t.get('kept_step'))} | {_f(t.get('wall_time_s'), 1)} | {_f(t.get('gpu_hours'), 4)} |")
         lines += ["", "Kept step: the overfitting guard keeps the evaluated weights of lowest validation loss (the "
                   "same rule for seed, dense and experts); it equals `steps` when the last weights were best.", ""]
+        lines += _figure(report, "training_curves.png", "training curves")
+        lines += ["Every trained model also has TensorBoard event files (`<model folder>/tensorboard/`, written "
+                  f"while it trains): `tensorboard --logdir {run.get('run_dir')}`.", ""]
     lines += _merges_markdown(report)
     if report["timings"]:
         lines += ["## Timings", "", "| stage | runs | wall time (s) |", "|---|---:|---:|"]
@@ -369,6 +444,11 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {stage} | {t.get('runs')} | {_f(t.get('wall_time_s'), 1)} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _figure(report: dict, name: str, alt: str) -> list[str]:
+    """The markdown lines embedding `figures/<name>`, when the report drew it."""
+    return [f"![{alt}](figures/{name})", ""] if f"figures/{name}" in report.get("figures", []) else []
 
 
 def _nearest(cl: dict, c: int) -> str:
@@ -381,57 +461,6 @@ def _nearest(cl: dict, c: int) -> str:
 
 def _num(s: str):
     return (0, int(s)) if str(s).isdigit() else (1, str(s))
-
-
-# ---- figures --------------------------------------------------------------------------------------------------
-def _fewshot_chart(fs: dict, path: Path) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-
-    tasks = list(fs)
-    models = list(dict.fromkeys(m for t in tasks for m in fs[t]))
-    if not tasks or not models:
-        return None
-    width = 0.8 / len(models)
-    fig, ax = plt.subplots(figsize=(max(6, 1.2 * len(tasks) * max(1, len(models) / 4)), 4))
-    x = np.arange(len(tasks))
-    for i, m in enumerate(models):
-        means = [((fs[t].get(m) or {}).get("accuracy") or {}).get("mean") or 0.0 for t in tasks]
-        stds = [((fs[t].get(m) or {}).get("accuracy") or {}).get("std") or 0.0 for t in tasks]
-        ax.bar(x + i * width - 0.4 + width / 2, means, width, yerr=stds, label=m, capsize=2)
-    ax.set_xticks(x, tasks)
-    ax.set_ylabel("accuracy (mean ± std over seeds)")
-    ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, ncol=2)
-    ax.set_title("Few-shot in-context classification")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"figures/{path.name}"
-
-
-def _perplexity_chart(ppl: dict, path: Path) -> str | None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = [m for m in ppl if (ppl[m].get("test") or {}).get("perplexity")]
-    if not models:
-        return None
-    values = [ppl[m]["test"]["perplexity"] for m in models]
-    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(models)), 3.5))
-    ax.bar(range(len(models)), values, color=["tab:gray" if m in ("seed", "dense") else "tab:blue" for m in models])
-    ax.set_xticks(range(len(models)), models, rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("test perplexity")
-    ax.set_title("Perplexity by model (lower is better)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return f"figures/{path.name}"
 
 
 # ---- merges: parameter merges and the BTX MoE ----------------------------------------------------------------
@@ -507,4 +536,5 @@ def _merges_markdown(report: dict) -> list[str]:
                 lines.append(f"| {r['layer']} | {_f(r.get('per_token_entropy'), 3)} | "
                              f"{_f(r.get('mean_router_entropy'), 3)} | " + " | ".join(_f(x, 3) for x in load) + " |")
             lines.append("")
+            lines += _figure(report, "moe_routing.png", "MoE routing load and entropy")
     return lines

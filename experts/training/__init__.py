@@ -9,6 +9,7 @@ config)` with a `TrainConfig`. Inside, one file per concern, and the loop that c
 - `checkpoint`: the resumable `<out_dir>.ckpt/` folder (`checkpoint_dir`, `save_checkpoint`, `load_checkpoint`)
 - `distributed`: several devices (DDP, FSDP2 `shard_model`)
 - `metrics`: `RouterStats`, an MoE's expert load and routing entropy
+- `events`: `LiveMetrics`, TensorBoard event files written while training (`<out_dir>/tensorboard/`)
 - `loop`: `train_model`, the recipe
 """
 from experts.training.checkpoint import checkpoint_dir

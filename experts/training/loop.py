@@ -47,6 +47,7 @@ from experts.tokenizer import load_tokenizer
 from experts.training.checkpoint import _full_state, _tied_like, checkpoint_dir, load_checkpoint, save_checkpoint
 from experts.training.config import TrainConfig
 from experts.training.distributed import _dist_info, shard_model
+from experts.training.events import LiveMetrics
 from experts.training.loss import CausalLMLoss
 from experts.training.metrics import RouterStats
 from experts.training.optim import MasterWeights
@@ -128,11 +129,13 @@ def train_model(
         state["resumed_at"].append(state["step"])
         log.info("resuming %s from step %d (%s)", out_dir, state["step"], ckpt)
     state["plan"] = asdict(plan)
+    metrics = LiveMetrics(out_dir, resume_step=state["step"], enabled=rank == 0)  # TensorBoard scalars, live
     compile_update = config.compile_update if config.compile_update is not None else use_compile
     masters = (MasterWeights(model, torch.bfloat16, accumulate=plan.grad_accum > 1, compile=compile_update)
                if use_bf16 else None)  # after the fp32 checkpoint is loaded
 
-    def hand_back():  # undo what only training needs: attention name, rotary tables, bf16 weights
+    def hand_back():  # undo what only training needs: attention name, rotary tables, bf16 weights, event writer
+        metrics.close()
         restore_attention(model, prev_attn)
         restore_rotary(model, prev_rotary)
         if masters is not None:
@@ -185,6 +188,7 @@ def train_model(
                 raise InputError(f"training {out_dir} stopped: loss {float(t)} at step {s} (finite up to step {last}; "
                                  f"{kept}); lower the learning rate or check the data")
             state["loss_curve"].append([s, float(t)])
+            metrics.scalar("train/loss", state["loss_curve"][-1][1], s)
 
     def snapshot() -> dict:
         """A CPU copy of the current (fp32) weights: the overfitting guard's best so far. Under FSDP a collective
@@ -242,6 +246,7 @@ def train_model(
                 event = torch.cuda.Event()
                 event.record()
             pending.append((done, loss_acc, event))
+            metrics.scalar("train/lr", lr, done)
             if t_measure is None and done - start_step >= (3 if plan.steps - start_step > 6 else 1):
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)  # once: the timed window starts with an empty queue
@@ -256,12 +261,15 @@ def train_model(
                     tps = _logged_rate(t_measure, measure_step, last_step, plan)
                     mfu = tps * fpt / (peak * world) if peak and tps else None
                     bar.set_postfix(loss=f"{last_loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+                    metrics.scalar("train/tokens_per_s", tps or None, last_step)
                     log.info("step %d/%d loss %.4f (step %d) lr %.2e %.0f tok/s%s", done, plan.steps, last_loss,
                              last_step, lr, tps, f" MFU {mfu:.1%}" if mfu else "")
             if valid is not None and config.eval_every and done % config.eval_every == 0 and done < plan.steps:
                 vl = evaluate()
                 state["valid_curve"].append([done, vl])
                 log.info("step %d valid loss %.4f", done, vl)
+                metrics.scalar("valid/loss", vl, done)
+                metrics.flush()
                 if config.keep_best and (state.get("best") is None or vl < state["best"]["loss"]):
                     state["best"], best_weights = {"step": done, "loss": vl}, snapshot()
             if config.checkpoint_every and done % config.checkpoint_every == 0 and done < plan.steps:
@@ -295,6 +303,8 @@ def train_model(
     tps, mfu = _throughput(t_measure, steps_measured, plan, device, fpt, peak, world)
     valid_loss = evaluate()
     final_valid = valid_loss
+    metrics.scalar("valid/loss", final_valid, state["step"])
+    metrics.scalar("train/tokens_per_s", tps or None, state["step"])
     kept = state["step"]
     if config.keep_best and valid_loss is not None:
         if state.get("best") is not None and state["best"]["loss"] <= valid_loss:
@@ -349,6 +359,7 @@ def train_model(
                 tokenizer.save_pretrained(tmp)
             make_portable(tmp)  # use_cache back on, files that older transformers read (experts.compat)
             write_json(tmp / "training.json", result)
+            metrics.move_into(tmp)  # the event files, closed by hand_back(), become <out_dir>/tensorboard/
         shutil.rmtree(ckpt, ignore_errors=True)
         log.info("trained %s: %d steps, %d tokens, %.1f s, final loss %.4f, valid %s", out_dir, result["steps"],
                  result["tokens_seen"], wall, result["final_loss"] or float("nan"), valid_loss)
