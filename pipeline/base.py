@@ -62,6 +62,7 @@ CHOICES = {
     "sharding": ("ddp", "fsdp"),
     "compute_match": ("steps", "tokens"),
     "expert_budget": ("proportional", "uniform"),
+    "branch_schedule": ("restart", "continue"),
     "balance_by": ("docs", "tokens"),
     "route_weights": ("posterior", "distance"),
 }
@@ -155,6 +156,9 @@ class TrainingParams:
                        "budget: proportional (its cluster's share of the training tokens) | uniform (1/k)")
     eval_every = _p(0, luigi.IntParameter, name="eval_every", description="validation loss of seed, dense and every "
                     "expert on its own valid shard every N steps; 0 = %d times per run" % EVALS_PER_RUN)
+    branch_schedule = _p("continue", name="branch_schedule", description="learning-rate schedule across the branch: "
+                         "continue (seed, then dense or each expert, are one warmup and one decay over the whole "
+                         "budget) | restart (dense and every expert warm up to the peak LR and decay again)")
     keep_best = _p(True, luigi.BoolParameter, name="keep_best", description="overfitting guard: seed, dense and "
                    "experts alike keep the evaluated weights of lowest validation loss (--keep-best false: the last)",
                    parsing=luigi.BoolParameter.EXPLICIT_PARSING)

@@ -177,6 +177,15 @@ class _TrainStage(Stage):
         return self.train_config(budget["tokens"], global_batch_tokens=budget["batch_tokens"],
                                  eval_every=eval_every, keep_best=self.keep_best, **kw)
 
+    def branch_schedule_kw(self, branch_steps: int, branch: bool = True) -> dict:
+        """TrainConfig's schedule fields under --branch-schedule continue: the seed phase's steps and a branch's
+        (dense or expert) `branch_steps` are one schedule; the seed starts it (`branch=False`), the branch goes on
+        from where the seed stopped. {} with restart, or without a seed phase."""
+        seed_steps = self.model_budget("seed")["steps"] if self.seed_fraction > 0 else 0
+        if self.branch_schedule == "restart" or seed_steps == 0:
+            return {}
+        return {"schedule_steps": seed_steps + branch_steps, "schedule_start": seed_steps if branch else 0}
+
     def shares_gpu(self) -> bool:
         """Whether this stage trains in one of --experts-per-gpu slots of a GPU (experts only)."""
         return False
@@ -204,7 +213,13 @@ class TrainSeed(_TrainStage):
     from a scratch Llama preset or from an HF causal LM → `seed-<h>/` (save_pretrained + training.json)."""
 
     folder = "seed"
-    hashed = ("seed_model", "model_size", "train_tokens", "seed_fraction", "batch_tokens", "learning_rate", "seed") + _GUARD
+
+    @property
+    def hashed(self) -> tuple[str, ...]:
+        # --branch-schedule continue decays the seed's LR over the whole budget; restart (the schedule of earlier
+        # versions) keeps the folders those runs have
+        h = ("seed_model", "model_size", "train_tokens", "seed_fraction", "batch_tokens", "learning_rate", "seed")
+        return h + _GUARD + (("branch_schedule",) if self.branch_schedule != "restart" else ())
 
     def requires(self):
         return {"tokens": self.clone(TokenizeCorpus), "tokenizer": self.clone(TrainTokenizer)}
@@ -221,8 +236,9 @@ class TrainSeed(_TrainStage):
             init = self.seed_model
         if self.seed_fraction == 0:  # the seed is the initial model itself (no seed phase)
             return save_initial_seed(init, out, tokenizer_dir)
-        return self.launch(init, out, self.guarded_config(self.model_budget("seed")), self.corpus_shard_paths(),
-                           self.corpus_shard_paths("valid"), tokenizer=str(tokenizer_dir))
+        schedule = self.branch_schedule_kw(self.model_budget("dense")["steps"], branch=False)
+        return self.launch(init, out, self.guarded_config(self.model_budget("seed"), **schedule),
+                           self.corpus_shard_paths(), self.corpus_shard_paths("valid"), tokenizer=str(tokenizer_dir))
 
 
 class TrainExpert(_TrainStage):
@@ -292,8 +308,8 @@ class TrainExpert(_TrainStage):
             centroids = np.load(self.input_path(r["clusters"]) / CENTROIDS)  # (k, dim)
             init = branch_average([self.input_path(t) for t in r["experts"]], centroids[self.first_phase()],
                                   centroids[self.cluster_id], self.temperature, out.parent / f"{out.name}.branch-init")
-        info = self.launch(str(init), out, self.guarded_config(budget), self.shard_paths([self.cluster_id]),
-                           self.shard_paths([self.cluster_id], "valid"))
+        info = self.launch(str(init), out, self.guarded_config(budget, **self.branch_schedule_kw(budget["steps"])),
+                           self.shard_paths([self.cluster_id]), self.shard_paths([self.cluster_id], "valid"))
         if init != self.input_path(r["seed"]):
             shutil.rmtree(init, ignore_errors=True)
         return self.summary(info)
@@ -310,9 +326,10 @@ class TrainDense(_TrainStage):
         return {"tokens": self.clone(TokenizeCorpus), "seed": self.clone(TrainSeed)}
 
     def build(self, out: Path) -> dict:
+        budget = self.model_budget("dense")
         info = self.launch(str(self.input_path(self.requires()["seed"])), out,
-                           self.guarded_config(self.model_budget("dense")), self.corpus_shard_paths(),
-                           self.corpus_shard_paths("valid"))
+                           self.guarded_config(budget, **self.branch_schedule_kw(budget["steps"])),
+                           self.corpus_shard_paths(), self.corpus_shard_paths("valid"))
         return self.summary(info)
 
 

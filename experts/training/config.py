@@ -31,6 +31,11 @@ class TrainConfig:
     """Fraction of steps used for warmup when warmup_steps is None."""
     decay: str = "cosine"
     """Decay after warmup: 'cosine' or 'linear'."""
+    schedule_steps: int | None = None
+    """Steps of the whole learning-rate schedule this run is a part of; None = this run's own steps. A seed that
+    trains the first part of a schedule and a branch that trains the rest give one warmup and one decay."""
+    schedule_start: int = 0
+    """The schedule's step at this run's first step (0: the run starts the schedule, warmup included)."""
     weight_decay: float = 0.1
     """AdamW decoupled weight decay on matrices (not on norms/biases)."""
     betas: tuple[float, float] = (0.9, 0.95)
@@ -121,6 +126,9 @@ class TrainConfig:
             (self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
             (0 <= self.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}"),
             (self.decay in ("cosine", "linear"), f"--decay must be 'cosine' or 'linear', got {self.decay!r}"),
+            (self.schedule_steps is None or self.schedule_steps >= 1,
+             f"schedule_steps must be >= 1, got {self.schedule_steps}"),
+            (self.schedule_start >= 0, f"schedule_start must be >= 0, got {self.schedule_start}"),
             (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
             (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"--betas must be two numbers in [0, 1), got {self.betas}"),
             (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),

@@ -79,8 +79,9 @@ def plan_training(config: TrainConfig, seq_len: int, world_size: int = 1, micro_
             f"--train-tokens {config.train_tokens} is less than one global batch ({tokens_per_step} tokens); "
             "raise the budget or lower --batch-tokens/--micro-batch-size"
         )
-    warmup = config.warmup_steps if config.warmup_steps is not None else int(round(config.warmup_fraction * steps))
-    if warmup >= steps and warmup > 0:
+    total = config.schedule_steps or steps  # the whole schedule this run is part of
+    warmup = config.warmup_steps if config.warmup_steps is not None else int(round(config.warmup_fraction * total))
+    if config.schedule_start == 0 and warmup >= steps and warmup > 0:
         raise InputError(
             f"budget too small for warmup: {warmup} warmup steps but --train-tokens {config.train_tokens} gives only "
             f"{steps} steps of {tokens_per_step} tokens; lower --warmup-steps or raise --train-tokens"
@@ -89,11 +90,13 @@ def plan_training(config: TrainConfig, seq_len: int, world_size: int = 1, micro_
 
 
 def lr_at(step: int, config: TrainConfig, plan: TrainPlan) -> float:
-    """LR of optimizer step `step` (0-based): linear warmup to lr, then cosine or linear decay to min_lr."""
-    if step < plan.warmup_steps:
-        return config.lr * (step + 1) / plan.warmup_steps
-    span = max(1, plan.steps - plan.warmup_steps)
-    progress = min(1.0, (step - plan.warmup_steps) / span)
+    """LR of optimizer step `step` (0-based) of this run: linear warmup to lr, then cosine or linear decay to
+    min_lr, over the schedule's `config.schedule_steps` steps (default: this run's) from `config.schedule_start`."""
+    s = step + config.schedule_start
+    if s < plan.warmup_steps:
+        return config.lr * (s + 1) / plan.warmup_steps
+    span = max(1, (config.schedule_steps or plan.steps) - plan.warmup_steps)
+    progress = min(1.0, (s - plan.warmup_steps) / span)
     if config.decay == "cosine":
         return config.min_lr + 0.5 * (config.lr - config.min_lr) * (1 + math.cos(math.pi * progress))
     return config.lr - (config.lr - config.min_lr) * progress

@@ -10,6 +10,7 @@ from experts.budget import compute_budget
 from experts.model import ModelPreset, build_scratch_model
 from experts.training import TrainConfig, checkpoint_dir, plan_training, train_model
 from experts.training.loss import make_linear_cross_entropy
+from experts.training.schedule import lr_at
 from tests.experts.train_helpers import PRESET, SEQ, VOCAB, write_shard, Killed, kill_at, train_killed_at
 
 @pytest.fixture
@@ -95,6 +96,26 @@ def test_compute_budget_matches_dense_and_experts():
     assert b["dense_tokens"] - 7 * b["expert_tokens"] == b["rounding"] < 7
     with pytest.raises(InputError, match="--seed-fraction"):
         compute_budget(1000, 1.0, 2)
+
+
+@pytest.mark.parametrize("decay", ["cosine", "linear"])
+def test_seed_then_branch_on_one_schedule_is_one_uninterrupted_schedule(decay):
+    """--branch-schedule continue: the seed's S steps and a branch's D steps (at another batch) together give the
+    LR sequence of a single run of S + D steps: one warmup, one decay, no restart at the branch."""
+    seed_steps, branch_steps, block = 30, 10, 4 * SEQ
+    whole = _cfg(train_tokens=(seed_steps + branch_steps) * block, warmup_steps=None, warmup_fraction=0.1,
+                 decay=decay)
+    seed = _cfg(train_tokens=seed_steps * block, warmup_steps=None, warmup_fraction=0.1, decay=decay,
+                schedule_steps=seed_steps + branch_steps)
+    branch = _cfg(train_tokens=branch_steps * SEQ, global_batch_tokens=SEQ, warmup_steps=None, warmup_fraction=0.1,
+                  decay=decay, schedule_steps=seed_steps + branch_steps, schedule_start=seed_steps)
+    plans = [plan_training(c, SEQ) for c in (whole, seed, branch)]
+    assert (plans[1].steps, plans[2].steps) == (seed_steps, branch_steps)
+    one = [lr_at(i, whole, plans[0]) for i in range(seed_steps + branch_steps)]
+    two = [lr_at(i, seed, plans[1]) for i in range(seed_steps)] + [lr_at(i, branch, plans[2]) for i in range(branch_steps)]
+    assert two == pytest.approx(one, rel=1e-12)
+    assert max(two[seed_steps:]) < two[seed_steps - 1]  # the branch does not warm up again
+    assert two[-1] > whole.min_lr and one[-1] == pytest.approx(two[-1])
 
 
 def test_bad_inputs_give_clear_messages(shard, tmp_path):

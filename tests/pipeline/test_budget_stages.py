@@ -31,10 +31,12 @@ def test_each_flag_reruns_exactly_what_it_affects(tmp_path):
     assert changed(eval_every=7) == changed(keep_best=False) == {"TrainSeed", "TrainDense", "TrainExpert"}
     assert changed(num_clusters=3) == {"FitClusters", "ShardCorpus", "TrainExpert"}  # seed and dense stay
     assert changed(gpus_per_expert=2) == {"TrainExpert"}
+    assert changed(branch_schedule="restart") == {"TrainSeed", "TrainDense", "TrainExpert"}  # via the seed
 
 
 @pytest.mark.parametrize("flag,value", [("compute_match", "flops"), ("expert_budget", "equal"),
-                                        ("balance_by", "chars"), ("eval_every", -1)])
+                                        ("balance_by", "chars"), ("eval_every", -1),
+                                        ("branch_schedule", "cosine")])
 def test_bad_budget_flags_fail_with_the_flag_named(flag, value, tmp_path):
     with pytest.raises(InputError) as err:
         RunAll(run_dir=str(tmp_path), **{flag: value})

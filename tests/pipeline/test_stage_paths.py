@@ -14,6 +14,7 @@ from pipeline.base import upstream
 GOLDEN = Path(__file__).with_name("stage_paths.json")
 VARIANTS = {
     "defaults": {},
+    "branch_schedule_restart": {"branch_schedule": "restart"},  # the schedule of earlier versions: their folders
     "num_clusters": {"num_clusters": 8},
     "temperature": {"temperature": 0.5},
     "branch_from_average": {"branch_from": "average", "temperature": 0.5},
