@@ -3,7 +3,7 @@ merges (task arithmetic, TIES, DARE), the BTX MoE (`MergeExperts(method)`, one e
 `experts.merging.MERGE_METHODS` each), and BTX finetuning of the MoE (`FinetuneMoE`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import luigi
@@ -104,11 +104,16 @@ class MergeExperts(Stage):
 class FinetuneMoE(_TrainStage):
     """BTX: `experts.moe.finetune_moe` trains the merged MoE on all clusters with the load-balancing loss for
     `--moe-tokens` (default 25% of --train-tokens) → `moe-finetuned-<h>/`. This is compute beyond the matched
-    budget that c-BTM and dense get; the report says how much. bench/RESULTS.md ("Merges that survive
+    budget that c-BTM and dense get; the report says how much. With --branch-schedule continue its peak learning
+    rate is the one the branches started at (`branch_lr`), not the seed's. bench/RESULTS.md ("Merges that survive
     specialization") has the measurements behind the default."""
 
     folder = "moe-finetuned"
-    hashed = ("moe_tokens", "train_tokens", "batch_tokens", "learning_rate", "seed")
+
+    @property
+    def hashed(self) -> tuple[str, ...]:  # continue: the finetune peaks at the branches' starting LR
+        h = ("moe_tokens", "train_tokens", "batch_tokens", "learning_rate", "seed")
+        return h + (("branch_schedule",) if self.branch_schedule != "restart" else ())
 
     def requires(self):
         return {"moe": self.clone(MergeExperts, method="moe"), "shards": self.clone(ShardCorpus)}
@@ -126,6 +131,9 @@ class FinetuneMoE(_TrainStage):
 
         with self.gpu_slots(1) as gpus:
             config = self.train_config(self.tokens(), **({"device": f"cuda:{gpus[0]}"} if gpus else {}))
+            lr = self.branch_lr()  # --branch-schedule continue: no warmup back to the seed's peak LR
+            if lr is not None:
+                config = replace(config, lr=lr, min_lr=lr / 10)
             info = finetune_moe(self.input_path(self.requires()["moe"]), self.shard_paths(), out, config,
                                 valid_paths=self.shard_paths(split="valid") or None)
         return self.summary(info, ("tokens_seen", "steps", "wall_time_s", "gpu_hours", "routing"))

@@ -186,6 +186,18 @@ class _TrainStage(Stage):
             return {}
         return {"schedule_steps": seed_steps + branch_steps, "schedule_start": seed_steps if branch else 0}
 
+    def branch_lr(self) -> float | None:
+        """The learning rate the branches (dense, experts) start at under --branch-schedule continue: the seed's
+        schedule one step past the seed phase. None with restart or without a seed phase."""
+        from experts.training.schedule import lr_at, plan_training
+
+        schedule = self.branch_schedule_kw(self.model_budget("dense")["steps"], branch=False)
+        if not schedule:
+            return None
+        seed = self.model_budget("seed")
+        config = self.guarded_config(seed, **schedule)
+        return lr_at(seed["steps"], config, plan_training(config, self.seq_len_of_shards()))
+
     def shares_gpu(self) -> bool:
         """Whether this stage trains in one of --experts-per-gpu slots of a GPU (experts only)."""
         return False

@@ -66,6 +66,11 @@ def test_num_clusters_grid_reuses_tokenizer_seed_and_dense(tiny_corpus, tmp_path
         assert [e["plan"]["tokens_per_step"] for e in experts] == [e["batch_tokens"] for e in plan["experts"]]
         assert all(e["keep_best"] and 1 <= e["kept_step"] <= e["steps"] and len(e["valid_curve"]) >= 5
                    for e in experts + [dense])
+        # --branch-schedule continue (default): seed, then dense or each expert, are one schedule of seed + S steps
+        seed = json.loads(next(run_dir.glob("seed-*/training.json")).read_text())
+        assert seed["config"]["schedule_steps"] == seed["steps"] + dense["steps"] and seed["config"]["schedule_start"] == 0
+        assert all((e["config"]["schedule_start"], e["config"]["schedule_steps"]) == (seed["steps"],
+                   seed["steps"] + e["steps"]) for e in experts + [dense])
 
 
 def test_share_below_one_block_is_refused_in_one_line(tiny_corpus, tmp_path):

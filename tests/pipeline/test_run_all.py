@@ -8,6 +8,8 @@ from pathlib import Path
 import luigi
 import pytest
 
+from experts.training import TrainConfig
+from experts.training.schedule import lr_at, plan_training
 from pipeline import RunAll
 from pipeline.base import read_stage_log
 from tests.pipeline.conftest import tiny_params
@@ -58,6 +60,11 @@ def test_run_all_end_to_end(tiny_corpus, tmp_path):
         assert (one("experts") / e / "training.json").is_file() and (one("experts") / e / "stage.json").is_file()
     merged = {p.name for d in run_dir.glob("merged-*") for p in d.iterdir()}
     assert merged == {"ensemble", "posterior", "average", "moe"}
+    # --branch-schedule continue: the MoE finetune peaks at the LR the branches started at, below the seed's peak
+    dense, moe = (json.loads((one(p) / "training.json").read_text()) for p in ("dense", "moe-finetuned"))
+    cfg = TrainConfig.from_dict(dense["config"])
+    start = lr_at(0, cfg, plan_training(cfg, dense["plan"]["seq_len"]))
+    assert moe["config"]["lr"] == pytest.approx(start) and start < cfg.lr
     ppl = {p.stem for p in run_dir.glob("eval-*/perplexity/*.json") if not p.name.endswith(".stage.json")}
     assert ppl == {"seed", "dense", "expert_000", "expert_001", "ensemble_top1", "ensemble_topall", "posterior",
                    "average", "moe", "oracle"}
