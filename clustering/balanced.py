@@ -161,12 +161,17 @@ def relaxed_prices(
         delta, feasible = _price_delta(cost, v0, a, counts, lo, hi, eps, d_t, prices, scratch)
         if feasible or (s > 0 and bool(((counts >= lo_r) & (counts <= hi_r)).all())):
             break  # the prices that gave these sizes are good enough
-        sign = torch.sign(delta)
-        flip = sign * last < 0
-        damp = torch.where(flip, damp * 0.5, torch.where(sign != 0, (damp * 1.5).clamp_max(DAMP), damp))
-        prices = prices + damp * delta
-        last = torch.where(sign != 0, sign, last)
+        prices, damp, last = _damped_step(prices, delta, damp, last)
     return prices, damp
+
+
+def _damped_step(prices: torch.Tensor, delta: torch.Tensor, damp: torch.Tensor, last: torch.Tensor):
+    """One price update with per-cluster damping: halved where the step's sign flips, grown ×1.5 (up to DAMP)
+    where it keeps its sign. Returns (prices, damp, last sign)."""
+    sign = torch.sign(delta)
+    flip = sign * last < 0
+    damp = torch.where(flip, damp * 0.5, torch.where(sign != 0, (damp * 1.5).clamp_max(DAMP), damp))
+    return prices + damp * delta, damp, torch.where(sign != 0, sign, last)
 
 
 def capped_assign(d: torch.Tensor, prices: torch.Tensor, hi: torch.Tensor, overwrite: bool = False,
@@ -401,11 +406,7 @@ def wrelaxed_prices(d, prices, damp, lo, hi, max_steps, eps, w, slack=_RELAX_SLA
         delta, feasible = _wprice_delta(cost, v0, a, sizes, lo, hi, eps, w)
         if feasible or (s > 0 and bool(((sizes >= lo_r) & (sizes <= hi_r)).all())):
             break
-        sign = torch.sign(delta)
-        flip = sign * last < 0
-        damp = torch.where(flip, damp * 0.5, torch.where(sign != 0, (damp * 1.5).clamp_max(DAMP), damp))
-        prices = prices + damp * delta
-        last = torch.where(sign != 0, sign, last)
+        prices, damp, last = _damped_step(prices, delta, damp, last)
     return prices, damp
 
 

@@ -31,6 +31,7 @@ from clustering.inputs import BATCH_BYTES, check_matrix, check_weights, rows_to_
 from clustering.search import FaissSearch, TorchSearch, cluster_of, faiss_has_gpu, sqnorms, to_dense
 from corpus.device import resolve_device
 from corpus.io import InputError, read_json, write_json
+from corpus.layout import CENTROIDS
 
 log = logging.getLogger(__name__)
 
@@ -278,7 +279,7 @@ class Clusterer:
             raise InputError(f"{type(self).__name__} is not fitted yet: nothing to save")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        np.save(out_dir / "centroids.npy", self.centroids.astype(np.float32))
+        np.save(out_dir / CENTROIDS, self.centroids.astype(np.float32))
         extra = self._extra_arrays()
         for name, arr in extra.items():
             np.save(out_dir / f"{name}.npy", arr)
@@ -299,7 +300,7 @@ class Clusterer:
         if cls is not Clusterer and not issubclass(kind, cls):
             raise InputError(f"{in_dir} holds a {kind.__name__}, not a {cls.__name__}")
         try:
-            centroids = np.load(in_dir / "centroids.npy", allow_pickle=False).astype(np.float32)
+            centroids = np.load(in_dir / CENTROIDS, allow_pickle=False).astype(np.float32)
         except (OSError, ValueError) as e:
             raise InputError(f"cannot read {in_dir / 'centroids.npy'}: {e}") from None
         if centroids.ndim != 2 or centroids.shape[0] != cfg["n_clusters"]:

@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from corpus.io import InputError, atomic_dir, read_json, write_json
+from corpus.layout import TRAIN_SPLIT
 
 log = logging.getLogger(__name__)
 
@@ -304,7 +305,7 @@ def embed_corpus(
     into a memory-mapped .npy. Returns {"embedder", "dim", "n_docs": {split: n}, "fit_docs", "seconds"}.
     """
     corpus_dir = Path(corpus_dir)
-    if not (corpus_dir / "train.parquet").exists():
+    if not (corpus_dir / TRAIN_SPLIT).exists():
         raise InputError(f"missing corpus split {corpus_dir / 'train.parquet'}")
     t0 = time.perf_counter()
     if embedder == "tfidf":
@@ -313,7 +314,7 @@ def embed_corpus(
         emb = EncoderEmbedder(model=model, device=device, **({"batch_size": batch_size} if batch_size else {}))
     else:
         raise InputError(f"embedder must be tfidf or encoder, got {embedder!r}")
-    train = _read_texts(corpus_dir / "train.parquet")
+    train = _read_texts(corpus_dir / TRAIN_SPLIT)
     if not train:
         raise InputError(f"{corpus_dir / 'train.parquet'} has no documents")
     rng = np.random.default_rng(seed)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from corpus.io import InputError, atomic_file, write_json
+from corpus.layout import CENTROIDS, TRAIN_SPLIT
 from corpus.palette import distinct_colours
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,8 @@ def describe_clusters(
 
     corpus_dir, embeddings_dir = Path(corpus_dir), Path(embeddings_dir)
     assignments_dir, clusters_dir, out_dir = Path(assignments_dir), Path(clusters_dir), Path(out_dir)
-    cpath, apath = corpus_dir / "train.parquet", assignments_dir / "train.parquet"
-    for p in (cpath, apath, clusters_dir / "centroids.npy"):
+    cpath, apath = corpus_dir / TRAIN_SPLIT, assignments_dir / TRAIN_SPLIT
+    for p in (cpath, apath, clusters_dir / CENTROIDS):
         if not p.exists():
             raise InputError(f"missing file: {p}")
     # ids and labels only: the texts of the few example documents are read at the end (`take_rows`)
@@ -66,7 +67,7 @@ def describe_clusters(
     assign = pq.read_table(apath).to_pandas()
     if len(corpus) != len(assign) or not (corpus["id"].astype(str).values == assign["id"].astype(str).values).all():
         raise InputError(f"{apath} does not match {cpath} (different documents or order)")
-    centroids = np.load(clusters_dir / "centroids.npy", allow_pickle=False)
+    centroids = np.load(clusters_dir / CENTROIDS, allow_pickle=False)
     k = centroids.shape[0]
     cid = assign["cluster_id"].to_numpy().astype(np.int64)
     dist = assign["distance"].to_numpy()

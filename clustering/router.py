@@ -20,6 +20,14 @@ import torch
 from corpus.io import InputError
 
 
+def check_top_k(top_k: int | None, k: int) -> int:
+    """top_k as an int in [1, k] (None: all k experts); InputError otherwise."""
+    top_k = k if top_k is None else int(top_k)
+    if top_k < 1 or top_k > k:
+        raise InputError(f"top_k must be between 1 and the number of experts ({k}), got {top_k}")
+    return top_k
+
+
 class CentroidRouter:
     """Routes embeddings (or texts, through `embedder`) to centroids.
 
@@ -34,10 +42,7 @@ class CentroidRouter:
             raise InputError(f"centroids must be a non-empty (k, d) matrix, got shape {centroids.shape}")
         if not temperature > 0:
             raise InputError(f"temperature must be > 0, got {temperature}")
-        k = centroids.shape[0]
-        top_k = k if top_k is None else int(top_k)
-        if top_k < 1 or top_k > k:
-            raise InputError(f"top_k must be between 1 and the number of experts ({k}), got {top_k}")
+        top_k = check_top_k(top_k, centroids.shape[0])
         self.embedder = embedder
         self.centroids = centroids  # (k, d) float32
         self.temperature = float(temperature)

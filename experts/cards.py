@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from corpus.io import InputError, atomic_file, read_json
-from corpus.layout import TRAINING_INFO
+from corpus.layout import ENSEMBLE_CONFIG, MERGE_INFO, MOE_INFO, TRAINING_INFO
 
 KIND_TITLES = {
     "seed": "seed model",
@@ -48,7 +48,7 @@ class ModelCard:
     perplexity: dict | None = None  # {"valid": evaluate_perplexity result, "test": ...}
     dense_perplexity: dict | None = None  # the dense baseline's, for the compute-matched comparison
     fewshot: dict | None = None  # {task: evaluate_fewshot result}
-    method: dict | None = None  # a merge's own metadata (average.json, moe.json, ...)
+    method: dict | None = None  # a merge's own metadata (moe.json, merge.json)
     notes: list[str] = field(default_factory=list)
 
 
@@ -263,8 +263,8 @@ def write_run_cards(folders: dict[str, Path], run: dict, budget: dict, perplexit
             card.cluster = next((c for c in clusters if c.get("cluster_id") == int(name[7:])), None)
             card.clusters = None
         if kind in ("ensemble", "posterior"):
-            card.routing = _json_or_none(folder, "ensemble.json")
-        method = next((_json_or_none(folder, f) for f in ("average.json", "moe.json", "merge.json")
+            card.routing = _json_or_none(folder, ENSEMBLE_CONFIG)
+        method = next((_json_or_none(folder, f) for f in (MOE_INFO, MERGE_INFO)
                        if (folder / f).is_file()), None)
         card.method = names_only(method) if method else None
         if card.training:  # the card keeps the headline figures, not the curves
@@ -295,9 +295,9 @@ def upload_files(folder: str | os.PathLike) -> list[str]:
 
 
 def _check_pushable(folder: Path) -> None:
-    from experts.hf_ensemble import ENSEMBLE_FILE, _expert_dirs, check_ensemble_folder
+    from experts.hf_ensemble import _expert_dirs, check_ensemble_folder
 
-    if (folder / ENSEMBLE_FILE).is_file():
+    if (folder / ENSEMBLE_CONFIG).is_file():
         cfg = check_ensemble_folder(folder)
         for d in _expert_dirs(folder, cfg):
             if not has_weights(d):
@@ -313,7 +313,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = 
     """Upload a model folder of a run to the hub repo `repo_id` (created if needed). An ensemble folder is exported
     self-contained first (experts copied in). dry_run=True: only the checks, returning `upload_files` of what
     would be uploaded (nothing is sent). Otherwise returns huggingface_hub's commit info."""
-    from experts.hf_ensemble import ENSEMBLE_FILE, export_ensemble
+    from experts.hf_ensemble import export_ensemble
 
     folder = Path(folder)
     if not folder.is_dir():
@@ -321,7 +321,7 @@ def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = 
     _check_pushable(folder)
     with tempfile.TemporaryDirectory(prefix="cbtm-push-") as tmp:
         staged = folder
-        if (folder / ENSEMBLE_FILE).is_file():
+        if (folder / ENSEMBLE_CONFIG).is_file():
             staged = export_ensemble(folder, Path(tmp) / folder.name, copy_experts=True)
         files = upload_files(staged)
         if dry_run:

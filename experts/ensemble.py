@@ -47,13 +47,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from clustering.router import CentroidRouter
+from clustering.router import CentroidRouter, check_top_k
 from corpus.io import InputError, read_json, write_json
+from corpus.layout import ENSEMBLE_CONFIG
 from experts.scoring import HFCausalLM, ScoringModel, document_windows
 
 log = logging.getLogger(__name__)
 
-CONFIG_NAME = "ensemble.json"
 
 
 # ---- experts: loaded lazily, optionally offloaded ---------------------------------------------------------
@@ -129,13 +129,6 @@ def _make_slots(experts, devices, offload, dtype, max_length) -> list[ExpertSlot
 
 
 # ---- routing ---------------------------------------------------------------------------------------------
-def _check_top_k(top_k: int | None, k: int) -> int:
-    top_k = k if top_k is None else int(top_k)
-    if top_k < 1 or top_k > k:
-        raise InputError(f"top_k must be between 1 and the number of experts ({k}), got {top_k}")
-    return top_k
-
-
 def _check_prior(prior, k: int) -> list[float]:
     """k non-negative numbers with a positive sum, normalised to sum to 1."""
     w = np.asarray(prior, dtype=np.float64)
@@ -655,7 +648,7 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
 
         centroids_path = _resolve(base, cfg["centroids"])
         if not centroids_path.is_file():
-            raise InputError(f"centroids file missing: {centroids_path} (named in {base / CONFIG_NAME})")
+            raise InputError(f"centroids file missing: {centroids_path} (named in {base / ENSEMBLE_CONFIG})")
         options = {"top_k": cfg["top_k"], "temperature": cfg["temperature"], "route_every": cfg["route_every"],
                    "route_early": cfg.get("route_early", ()), "route_weights": cfg.get("route_weights", "distance"),
                    "prior": cfg.get("prior_weights"), "name": cfg.get("name", "ensemble")}
@@ -702,7 +695,7 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
         if not 0 < alpha <= 1:
             raise InputError(f"alpha must be in (0, 1], got {alpha}")
         self._setup_experts(experts, device, devices, offload, dtype, max_length, expert_batch_size, name)
-        self.top_k = _check_top_k(top_k, len(self.slots))
+        self.top_k = check_top_k(top_k, len(self.slots))
         self.prior = prior
         self.alpha = float(alpha)
         self.prior_weights = None
@@ -909,7 +902,7 @@ def _resolve(base: Path, p: str) -> Path:
 
 def _read_config(path, kind: str) -> tuple[dict, Path]:
     path = Path(path)
-    file = path / CONFIG_NAME if path.is_dir() else path
+    file = path / ENSEMBLE_CONFIG if path.is_dir() else path
     cfg = read_json(file)
     if cfg.get("kind") != kind:
         raise InputError(f"{file} describes a {cfg.get('kind')!r} ensemble, not a {kind!r} one")
@@ -965,18 +958,18 @@ def save_ensemble_config(
         if prior not in ("cached", "updating"):
             raise InputError(f"prior must be 'cached' or 'updating', got {prior!r}")
         cfg.update(prior=prior, prior_weights=None if prior_weights is None else [float(x) for x in prior_weights],
-                   alpha=float(alpha), top_k=_check_top_k(top_k, k))
+                   alpha=float(alpha), top_k=check_top_k(top_k, k))
     else:
         raise InputError(f"unknown ensemble kind {kind!r}; use 'sparse' or 'posterior'")
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / CONFIG_NAME, cfg)
-    return out_dir / CONFIG_NAME
+    write_json(out_dir / ENSEMBLE_CONFIG, cfg)
+    return out_dir / ENSEMBLE_CONFIG
 
 
 def load_ensemble(path: str | os.PathLike, **kw) -> ScoringModel:
     """SparseEnsemble or PosteriorEnsemble from an `ensemble.json` (or its folder), by its "kind"."""
     path = Path(path)
-    cfg = read_json(path / CONFIG_NAME if path.is_dir() else path)
+    cfg = read_json(path / ENSEMBLE_CONFIG if path.is_dir() else path)
     cls = {"sparse": SparseEnsemble, "posterior": PosteriorEnsemble}.get(cfg.get("kind"))
     if cls is None:
         raise InputError(f"{path}: unknown ensemble kind {cfg.get('kind')!r}")

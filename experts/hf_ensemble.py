@@ -32,9 +32,9 @@ from transformers import GenerationConfig, GenerationMixin, PretrainedConfig, Pr
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from corpus.io import InputError, read_json, write_json
+from corpus.layout import CENTROIDS, ENSEMBLE_CONFIG, STAGE_STAMP
 
 MODEL_TYPE = "cbtm_ensemble"
-ENSEMBLE_FILE = "ensemble.json"  # = experts.ensemble.CONFIG_NAME
 PATH_KEYS = ("centroids", "embedder")  # ensemble.json entries that name files beside the experts
 SHIMS = {  # remote-code modules written into each folder: the implementation stays in the installed package
     "configuration_cbtm_ensemble.py": "CBTMEnsembleConfig",
@@ -315,16 +315,16 @@ def check_ensemble_folder(folder: str | os.PathLike) -> dict:
     """ensemble.json of `folder`, after checking that every expert folder exists and that the experts share one
     vocabulary size; InputError (one line naming the folder) otherwise."""
     folder = Path(folder)
-    if not (folder / ENSEMBLE_FILE).is_file():
-        raise InputError(f"{folder} is not an ensemble folder (no {ENSEMBLE_FILE})")
-    cfg = read_json(folder / ENSEMBLE_FILE)
+    if not (folder / ENSEMBLE_CONFIG).is_file():
+        raise InputError(f"{folder} is not an ensemble folder (no {ENSEMBLE_CONFIG})")
+    cfg = read_json(folder / ENSEMBLE_CONFIG)
     experts = _expert_dirs(folder, cfg)
     if not experts:
-        raise InputError(f"{folder / ENSEMBLE_FILE} lists no experts")
+        raise InputError(f"{folder / ENSEMBLE_CONFIG} lists no experts")
     sizes = []
     for name, d in zip(cfg["experts"], experts):
         if not (d / "config.json").is_file():
-            raise InputError(f"expert folder {d} (\"{name}\" in {folder / ENSEMBLE_FILE}) is missing: copy the whole "
+            raise InputError(f"expert folder {d} (\"{name}\" in {folder / ENSEMBLE_CONFIG}) is missing: copy the whole "
                              "run folder, or save the ensemble with copy_experts=True")
         sizes.append(read_json(d / "config.json").get("vocab_size"))
     for d, v in zip(experts[1:], sizes[1:]):
@@ -333,7 +333,7 @@ def check_ensemble_folder(folder: str | os.PathLike) -> dict:
                              f"{sizes[0]}, {d} has {v}")
     for key in PATH_KEYS:
         if key in cfg and not _resolve(folder, cfg[key]).exists():
-            raise InputError(f"{key} {_resolve(folder, cfg[key])} named in {folder / ENSEMBLE_FILE} is missing")
+            raise InputError(f"{key} {_resolve(folder, cfg[key])} named in {folder / ENSEMBLE_CONFIG} is missing")
     return cfg
 
 
@@ -367,7 +367,7 @@ def write_hf_ensemble(folder: str | os.PathLike, copy_experts: bool = False) -> 
     folder = Path(folder)
     cfg = check_ensemble_folder(folder)
     experts = _expert_dirs(folder, cfg)
-    for key, name in (("centroids", "centroids.npy"), ("embedder", "embedder")):
+    for key, name in (("centroids", CENTROIDS), ("embedder", "embedder")):
         if key in cfg:
             src = _resolve(folder, cfg[key])
             if src != (folder / name).resolve():
@@ -378,12 +378,12 @@ def write_hf_ensemble(folder: str | os.PathLike, copy_experts: bool = False) -> 
             dst = folder / "experts" / f"expert_{j:03d}"
             if src != dst.resolve():
                 _place(src, dst)
-                (dst / "stage.json").unlink(missing_ok=True)  # the training stage's stamp: local paths, host
+                (dst / STAGE_STAMP).unlink(missing_ok=True)  # the training stage's stamp: local paths, host
             cfg["experts"][j] = f"experts/expert_{j:03d}"
             experts[j] = dst
     else:
         cfg["experts"] = [_relative(d, folder) for d in experts]
-    write_json(folder / ENSEMBLE_FILE, cfg)
+    write_json(folder / ENSEMBLE_CONFIG, cfg)
 
     config = ensemble_config(folder, cfg)
     max_length = config.max_position_embeddings
@@ -410,7 +410,7 @@ def export_ensemble(src: str | os.PathLike, dst: str | os.PathLike, copy_experts
         for key in PATH_KEYS:
             if key in cfg:
                 cfg[key] = _relative(_resolve(src, cfg[key]), dst)
-        write_json(dst / ENSEMBLE_FILE, cfg)
+        write_json(dst / ENSEMBLE_CONFIG, cfg)
         if (src / "README.md").is_file():
             shutil.copy2(src / "README.md", dst / "README.md")
     return write_hf_ensemble(dst, copy_experts=copy_experts)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Sequence
 
 from corpus.io import InputError, read_json, write_json
+from corpus.layout import TRAINING_INFO
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +106,7 @@ def launch_training(
         if lines:
             raise InputError(lines[-1].split("InputError:", 1)[1].strip())
         raise RuntimeError(f"torchrun training of {out_dir} failed (exit {proc.returncode}):\n" + "\n".join(tail[-30:]))
-    return read_json(out_dir / "training.json")
+    return read_json(out_dir / TRAINING_INFO)
 
 
 def gpu_slots(n: int, lock_dir: str | os.PathLike, slots_per_gpu: int = 1, shared: bool = False,

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from corpus.io import InputError
+from corpus.layout import MERGE_INFO
 from experts.average import (CheckpointReader, check_expert_dirs, fill_meta_model, normalise_weights,
                              save_merged_model)
 
@@ -314,7 +315,7 @@ def merge_experts(expert_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
     state = combine_state(seed_state, merged, recipe.lam)
     del seed_state, merged
     w = normalise_weights(weights, len(expert_dirs))
-    return save_merged_model(_model_like(source, state), source, out_dir, "merge.json", {
+    return save_merged_model(_model_like(source, state), source, out_dir, MERGE_INFO, {
         "method": method, "paper": m.paper, "experts": [str(d) for d in expert_dirs],
         "seed": str(seed_dir) if m.uses_seed else None, "weights": w.tolist(), "recipe": recipe_dict(method, recipe),
         "lambda_search": {str(k): v for k, v in search.items()} if search else None,

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from corpus.io import InputError, read_json
 from corpus.layout import CENTROIDS, MERGE_INFO, TRAIN_SPLIT
 from corpus.read import read_columns, take_rows
@@ -112,7 +114,7 @@ def _parameter_merge(method: str) -> Callable[[Path, MergeInputs], dict]:
         recipe = MergeRecipe(lam=1.0 if inputs.lam is None else inputs.lam, density=inputs.density,
                              drop_rate=inputs.drop_rate, seed=inputs.seed)
         blocks = sample_blocks(shard_paths(inputs.folders["shards"], split="valid")) if auto else None
-        weights = cluster_shares(inputs.folders["assignments"], len(inputs.expert_dirs)) \
+        weights = document_shares(inputs.folders["assignments"], len(inputs.expert_dirs)) \
             if inputs.weights == "sizes" else None
         merge_experts(inputs.expert_dirs, out, method, seed_dir=inputs.folders["seed"] if uses_seed else None,
                       weights=weights, recipe=recipe, lambdas=LAMBDAS if auto else None, valid_blocks=blocks,
@@ -123,8 +125,6 @@ def _parameter_merge(method: str) -> Callable[[Path, MergeInputs], dict]:
 
 
 def _moe(out: Path, inputs: MergeInputs) -> dict:
-    import numpy as np
-
     from experts.moe import build_moe  # torch, transformers: loaded when a merge runs
 
     k = len(inputs.expert_dirs)
@@ -164,12 +164,12 @@ def merge(method: str, out: Path, inputs: MergeInputs) -> dict:
     return get_method(method).build(Path(out), inputs)
 
 
-def cluster_shares(assignments_dir: Path, k: int) -> list[float]:
-    """Each cluster's share of the training documents, from `<assignments_dir>/train.parquet` (cluster_id)."""
-    counts = [0] * k
-    for c in read_columns(Path(assignments_dir) / TRAIN_SPLIT, ["cluster_id"]).column(0).to_pylist():
-        counts[c] += 1
-    return [n / max(1, sum(counts)) for n in counts]
+def document_shares(assignments_dir: Path, k: int) -> list[float]:
+    """Each cluster's share of the training documents, from `<assignments_dir>/train.parquet` (cluster_id); the
+    token shares of the budgets are `experts.budget.cluster_shares`."""
+    ids = read_columns(Path(assignments_dir) / TRAIN_SPLIT, ["cluster_id"]).column(0).to_numpy()
+    counts = np.bincount(ids, minlength=k)
+    return (counts / max(1, int(counts.sum()))).tolist()
 
 
 def cluster_texts(corpus_dir: Path, assignments_dir: Path, k: int,

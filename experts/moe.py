@@ -30,6 +30,7 @@ import torch
 
 from clustering.router import CentroidRouter
 from corpus.io import InputError, write_json
+from corpus.layout import MOE_INFO
 from experts.average import CheckpointReader, check_expert_dirs, fill_meta_model, save_merged_model
 
 log = logging.getLogger(__name__)
@@ -289,7 +290,7 @@ def build_moe(
     with torch.device("meta"):
         model = MixtralForCausalLM(config)
     fill_meta_model(model, state, "the experts")
-    out_dir = save_merged_model(model, expert_dirs[0], out_dir, "moe.json", {
+    out_dir = save_merged_model(model, expert_dirs[0], out_dir, MOE_INFO, {
         "experts": [str(d) for d in expert_dirs], "seed": str(seed_dir) if seed_dir else None,
         "shared": str(shared_dir) if shared_dir is not None else "average of the experts",
         "keep_seed_expert": keep_seed_expert, "router_init": router_init, "top_k": top_k, "router_std": router_std,

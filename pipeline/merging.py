@@ -3,7 +3,7 @@ merges (task arithmetic, TIES, DARE), the BTX MoE (`MergeExperts(method)`, one e
 `experts.merging.MERGE_METHODS` each), and BTX finetuning of the MoE (`FinetuneMoE`)."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 
 import luigi
@@ -20,23 +20,16 @@ INPUT_STAGES = {"clusters": FitClusters, "embeddings": EmbedCorpus, "assignments
 """The stage behind each folder `experts.merging.needs` names (`shared` is another MergeExperts)."""
 
 
-@dataclass(frozen=True)
-class MethodFlags:
-    """The run parameters the output of one `experts.merging.MERGE_METHODS` entry depends on beyond the experts."""
-
-    hashed: tuple[str, ...]
-
-
 RECIPE_FLAGS = {"lam": "merge_lambda", "density": "ties_density", "drop_rate": "dare_drop_rate", "seed": "seed"}
 """The run parameter behind each `experts.merge.MergeRecipe` field."""
 _MERGE_PARAMS = {  # the flags behind experts.merge.METHODS[m].params (a test keeps the two in step)
     "average": (), "task_arithmetic": ("merge_lambda",), "ties": ("merge_lambda", "ties_density"),
     "dare_linear": ("merge_lambda", "dare_drop_rate", "seed"), "dare_ties": ("merge_lambda", "dare_drop_rate", "seed")}
-FLAGS: dict[str, MethodFlags] = {
-    "ensemble": MethodFlags(("ensemble_top_k", "temperature", "route_every", "route_early", "route_weights")),
-    "posterior": MethodFlags(("top_k",)),
-    **{m: MethodFlags(("merge_weights",) + p) for m, p in _MERGE_PARAMS.items()},
-    "moe": MethodFlags(("moe_top_k", "router_init", "seed", "moe_shared")),
+FLAGS: dict[str, tuple[str, ...]] = {  # the run parameters each merge method's output depends on beyond the experts
+    "ensemble": ("ensemble_top_k", "temperature", "route_every", "route_early", "route_weights"),
+    "posterior": ("top_k",),
+    **{m: ("merge_weights",) + p for m, p in _MERGE_PARAMS.items()},
+    "moe": ("moe_top_k", "router_init", "seed", "moe_shared"),
 }
 assert tuple(FLAGS) == tuple(MERGE_METHODS), "every merge method of experts.merging has its flags here"
 
@@ -54,7 +47,7 @@ class MergeExperts(Stage):
 
     @property
     def hashed(self):
-        return ("method",) + (FLAGS[self.method].hashed if self.method in FLAGS else ())
+        return ("method",) + FLAGS.get(self.method, ())
 
     @property
     def subpath(self) -> str:

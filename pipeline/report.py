@@ -11,7 +11,7 @@ from pathlib import Path
 import luigi
 
 from corpus.io import atomic_file, read_json
-from corpus.layout import MERGE_INFO, REPORT_JSON, REPORT_MD, TRAINING_INFO
+from corpus.layout import MERGE_INFO, MOE_INFO, REPORT_JSON, REPORT_MD, TRAINING_INFO
 from experts.merging import PARAMETER_MERGES
 from pipeline.base import RunParams, Stage, install_log_filter, upstream
 from pipeline.clustering import DescribeClusters
@@ -66,7 +66,7 @@ class Report(Stage):
         merges = {"parameter": {m: _json(self.input_path(t) / MERGE_INFO) for m, t in r["merges"].items()}}
         if r["moe_build"]:
             finetuned = self.input_path(r["trained"]["moe"])
-            merges["moe"] = {"build": _json(self.input_path(r["moe_build"][0]) / "moe.json"),
+            merges["moe"] = {"build": _json(self.input_path(r["moe_build"][0]) / MOE_INFO),
                              "routing": _json(finetuned / "routing.json"), "training": _training_json(finetuned)}
         write_report(out, run_info, cluster_info, perplexity, fewshot, budgets, self.timings(), merges)
         return {"models": len(perplexity), "fewshot_tasks": list(fewshot)}

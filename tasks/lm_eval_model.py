@@ -32,6 +32,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
 from corpus.io import InputError, read_json
+from corpus.layout import ENSEMBLE_CONFIG
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def model_kind(folder: str | Path, kind: str = "auto") -> str:
         raise InputError(f"model_args kind={kind!r} is not a model kind; use one of {', '.join(KINDS)}")
     if not folder.is_dir():
         raise InputError(f"model_args pretrained={folder}: no such folder")
-    found = "ensemble" if (folder / "ensemble.json").is_file() else "hf" if (folder / "config.json").is_file() else None
+    found = "ensemble" if (folder / ENSEMBLE_CONFIG).is_file() else "hf" if (folder / "config.json").is_file() else None
     if found is None:
         raise InputError(f"model_args pretrained={folder} is not a model folder of a cbtm run (no ensemble.json, "
                          "no config.json)")
@@ -183,7 +184,7 @@ class CBTMLM(TemplateLM):
                 if (self.folder / "config.json").is_file():
                     config = CBTMEnsembleConfig.from_pretrained(self.folder)
                 else:  # an ensemble folder written before ensembles were HF models
-                    config = ensemble_config(self.folder, read_json(self.folder / "ensemble.json"))
+                    config = ensemble_config(self.folder, read_json(self.folder / ENSEMBLE_CONFIG))
                 self._hf = CBTMEnsembleForCausalLM(config, ensemble=self.model, folder=self.folder)
         return self._hf
 

@@ -50,7 +50,6 @@ from pathlib import Path
 from typing import Any
 
 from corpus.io import atomic_dir, write_json
-from tasks import figures
 
 SCHEMA_VERSION = 1
 
@@ -87,6 +86,8 @@ def write_report(
         "merges": _merges(merges or {}, budgets or {}),
     }
     report["headline"] = _headline(report)
+    from tasks import figures  # matplotlib: only when figures are drawn, not for render_markdown (publish_report)
+
     with atomic_dir(out_dir) as tmp:
         fig_dir = tmp / "figures"
         fig_dir.mkdir()

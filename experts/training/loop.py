@@ -36,6 +36,7 @@ from tqdm.auto import tqdm
 
 from corpus.device import resolve_device
 from corpus.io import InputError, atomic_dir, write_json
+from corpus.layout import TRAINING_INFO
 from experts.compat import make_portable
 from experts.data import PackedBlocks, Prefetcher
 from experts.microbatch import (
@@ -358,7 +359,7 @@ def train_model(
             if tokenizer is not None:
                 tokenizer.save_pretrained(tmp)
             make_portable(tmp)  # use_cache back on, files that older transformers read (experts.compat)
-            write_json(tmp / "training.json", result)
+            write_json(tmp / TRAINING_INFO, result)
             metrics.move_into(tmp)  # the event files, closed by hand_back(), become <out_dir>/tensorboard/
         shutil.rmtree(ckpt, ignore_errors=True)
         log.info("trained %s: %d steps, %d tokens, %.1f s, final loss %.4f, valid %s", out_dir, result["steps"],

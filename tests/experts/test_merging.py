@@ -7,7 +7,7 @@ import pytest
 
 from corpus.io import InputError
 from experts.merge import METHODS as PARAMETER_METHODS
-from experts.merging import (MERGE_METHODS, PARAMETER_MERGES, TASK_VECTOR_MERGES, cluster_shares, cluster_texts,
+from experts.merging import (MERGE_METHODS, PARAMETER_MERGES, TASK_VECTOR_MERGES, cluster_texts, document_shares,
                              get_method, needs)
 
 
@@ -27,12 +27,12 @@ def test_needs():
     assert needs("moe", "ties") == needs("moe") + ("shared",)
 
 
-def test_cluster_shares_and_texts(tmp_path):
+def test_document_shares_and_cluster_texts(tmp_path):
     ids = [1, 0, 1, 1, 2, 1]
     pq.write_table(pa.table({"id": [f"d{i}" for i in range(6)], "cluster_id": ids}), tmp_path / "train.parquet")
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     pq.write_table(pa.table({"id": [f"d{i}" for i in range(6)], "text": [f"t{i}" for i in range(6)]}),
                    corpus / "train.parquet")
-    assert cluster_shares(tmp_path, 4) == [1 / 6, 4 / 6, 1 / 6, 0.0]
+    assert document_shares(tmp_path, 4) == [1 / 6, 4 / 6, 1 / 6, 0.0]
     assert cluster_texts(corpus, tmp_path, 4, per_cluster=2) == [["t1"], ["t0", "t2"], ["t4"], []]

@@ -69,7 +69,7 @@ def test_merge_hashes(tmp_path):
     from experts.merge import METHODS as LIBRARY
 
     for name, method in LIBRARY.items():
-        assert set(FLAGS[name].hashed) == {"merge_weights"} | {RECIPE_FLAGS[p] for p in method.params}
+        assert set(FLAGS[name]) == {"merge_weights"} | {RECIPE_FLAGS[p] for p in method.params}
 
 
 @pytest.mark.parametrize("flag,value,message", [
