@@ -9,6 +9,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
@@ -17,6 +18,24 @@ from typing import Any, Iterator
 
 class InputError(ValueError):
     """Bad user input (a path, a parameter, a file): the message is one clear line naming the problem."""
+
+
+# Temporaries: `.<name>.cbtm-tmp-<8 hex>` (being written) and `.<name>.cbtm-old-<8 hex>` (being replaced). Only
+# names of exactly this form are ever removed as leftovers of an interrupted run (pipeline.preflight.clean_stale),
+# and only inside a folder that carries the run-folder marker (corpus.layout.RUN_MARKER).
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.cbtm-(?:tmp|old)-[0-9a-f]{8}$")
+
+
+def temporary_path(final: str | os.PathLike, kind: str = "tmp") -> Path:
+    """A fresh temporary name beside `final`: `.<name>.cbtm-<kind>-<8 hex>` (kind: tmp or old)."""
+    final = Path(final)
+    return final.parent / f".{final.name}.cbtm-{kind}-{uuid.uuid4().hex[:8]}"
+
+
+def temporary_of(name: str) -> str | None:
+    """The final name a temporary name (from `temporary_path`) stands for; None for any other name."""
+    m = _TEMPORARY.match(name)
+    return m["name"] if m else None
 
 
 def short_hash(obj: Any, length: int = 8) -> str:
@@ -34,7 +53,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_path(final)
     tmp.mkdir()
     try:
         yield tmp
@@ -42,7 +61,7 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     if final.exists():
-        old = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+        old = temporary_path(final, "old")
         os.replace(final, old)
         os.replace(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
@@ -55,7 +74,7 @@ def atomic_file(final: str | os.PathLike, mode: str = "w") -> Iterator[Any]:
     """Open a temporary file beside `final` for writing; rename it over `final` on success."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp = temporary_path(final)
     try:
         with open(tmp, mode) as f:
             yield f

@@ -24,10 +24,9 @@ import json
 import logging
 import os
 import shutil
-import uuid
 from pathlib import Path
 
-from corpus.io import InputError, atomic_dir, write_json
+from corpus.io import InputError, atomic_dir, temporary_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +64,7 @@ def prepare_corpus(
 
     datasets.disable_progress_bars()
     # arrow cache of this read only, removed below; beside out_dir, where a killed run's next one cleans it up
-    cache_dir = str(Path(out_dir).parent / f".{Path(out_dir).name}.tmp-datasets-{uuid.uuid4().hex[:8]}")
+    cache_dir = str(temporary_path(Path(out_dir).with_name(Path(out_dir).name + "-datasets")))
     Path(cache_dir).mkdir(parents=True)
     try:
         parts, files, split_from = _load(str(source), cache_dir, text_field)  # {split or None: [(origin, Dataset)]}

@@ -40,7 +40,7 @@ from typing import Any, Iterator
 
 import luigi
 
-from corpus.io import InputError, atomic_dir, read_json, short_hash, write_json
+from corpus.io import InputError, atomic_dir, read_json, short_hash, temporary_of, temporary_path, write_json
 from corpus.layout import STAGE_STAMP
 from experts.merging import MERGE_METHODS, MERGE_WEIGHTS, MOE_SHARED, ROUTER_INITS
 
@@ -107,6 +107,9 @@ class RunFolderParams:
     run_dir = _p("runs/demo", name="run_dir", description="the run folder: every stage's output lives here")
     seed = _p(0, luigi.IntParameter, name="seed", description="seed of every random choice: samples, k-means, "
               "model initialisation, data order, DARE masks")
+    adopt_run_dir = _p(False, luigi.BoolParameter, name="adopt_run_dir", significant=False,
+                       description="use a --run-dir that exists, is not empty and is not a run folder (the "
+                       "pipeline still removes only what it wrote)")
     force_stage = _p("", name="force_stage", significant=False, description="comma-separated stage names rebuilt "
                      "once in this invocation (downstream stages follow); the old output is replaced only when the "
                      "new one is done")
@@ -656,10 +659,12 @@ class Stage(RunParams, luigi.Task):
     @contextlib.contextmanager
     def _workdir(self, final: Path, inputs_run_ids: dict) -> Iterator[Path]:
         final.parent.mkdir(parents=True, exist_ok=True)
-        for stale in [*final.parent.glob(f".{final.name}.tmp-*"), *final.parent.glob(f".{final.name}.old-*")]:
-            remove_path(stale)  # left by a killed run of this stage (luigi runs a stage in one worker at a time)
+        for stale in final.parent.glob(f".{globlib.escape(final.name)}.cbtm-*"):
+            if temporary_of(stale.name) == final.name:  # left by a killed run of this stage (one worker at a time)
+                log.info("removing %s, left by an interrupted run of %s", stale, self.task_family)
+                remove_path(stale)
         if self.output_file:
-            tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+            tmp = temporary_path(final)
             tmp.mkdir()
             try:
                 yield tmp

@@ -9,9 +9,17 @@ still to run need. `claimed(task)` does the same around a block, for programmati
     with claimed(RunAll(**params)) as run:
         luigi.build([run], local_scheduler=True)
 
-Stale temporaries: `.<name>.tmp-*` / `.<name>.old-*` (atomic writes cut short), and a training stage's
-`.<name>.partial*` (working folder, checkpoints) whose recorded inputs are no longer the inputs' current
-outputs, or whose working folder is gone (the same stage with unchanged inputs resumes from it instead).
+The run folder is ours only when it carries the marker `corpus.layout.RUN_MARKER` (`.cbtm-run.json`), written
+when the pipeline first claims it. A `--run-dir` that exists, is not empty and has no marker is refused, unless
+`--adopt-run-dir` says to use it anyway (a run folder of an earlier version, one with `stage_log.jsonl`,
+is adopted). Nothing is ever removed from a folder without the marker.
+
+Stale temporaries, removed inside a marked run folder only, each logged: names of exactly the form
+`corpus.io.temporary_path` makes (`.<name>.cbtm-tmp-<8 hex>`, `.<name>.cbtm-old-<8 hex>`: atomic writes cut
+short), and a training stage's `.<name>.partial` working folder with its `.ckpt`, `.tensorboard` and
+`.launch.json` siblings, next to the `.<name>.partial-inputs.json` the pipeline wrote for it, when the recorded
+inputs are no longer the inputs' current outputs, or its working folder is gone (the same stage with unchanged
+inputs resumes from it instead).
 """
 from __future__ import annotations
 
@@ -20,17 +28,20 @@ import json
 import logging
 import os
 import shutil
+import time
 from pathlib import Path
 from typing import Iterator
 
-from corpus.io import InputError
-from corpus.layout import STAGE_STAMP
+from corpus.io import InputError, temporary_of, write_json
+from corpus.layout import RUN_MARKER, STAGE_STAMP
 from pipeline.base import remove_path
 from pipeline.lock import hold_until_exit, is_held, run_dir_lock, run_lock
 
 log = logging.getLogger("luigi-interface")
 
-_STALE = (".tmp-", ".old-")
+# what a resumable training stage keeps beside its `.<name>.partial` working folder (pipeline.base.Stage._workdir,
+# experts.training.checkpoint_dir, experts.training.events.events_dir, experts.launch)
+_PARTIAL_SIBLINGS = ("", ".ckpt", ".tensorboard", ".launch.json", "-inputs.json")
 
 
 def claim_for_command_line(task) -> None:
@@ -44,7 +55,9 @@ def claim_for_command_line(task) -> None:
 
     local = bool(luigi.interface.core().local_scheduler)
     check_tasks(task)
+    check_run_dir(task.run_dir, adopt=task.adopt_run_dir)
     hold_until_exit(task.run_dir, wait=run_lock().wait, shared=not local)
+    mark_run_dir(task.run_dir)
     if local:
         clean_stale(task.run_dir)
     check_disk(task)
@@ -54,7 +67,9 @@ def claim_for_command_line(task) -> None:
 def claimed(task, wait: float = 0.0) -> Iterator:
     """Hold `task.run_dir` exclusively for the block, after cleaning stale temporaries and checking disk space."""
     check_tasks(task)
+    check_run_dir(task.run_dir, adopt=task.adopt_run_dir)
     with run_dir_lock(task.run_dir, wait=wait):
+        mark_run_dir(task.run_dir)
         clean_stale(task.run_dir)
         check_disk(task)
         yield task
@@ -74,14 +89,40 @@ def check_tasks(task) -> None:
             raise InputError(f"--tasks {spec}: {e}") from None
 
 
+# ---- the run folder ------------------------------------------------------------------------------------------
+def check_run_dir(run_dir: str | os.PathLike, adopt: bool = False) -> None:
+    """InputError when `run_dir` exists, is not empty and is not a run folder (module doc), unless `adopt`
+    or it is an earlier version's run folder (it has `stage_log.jsonl`). Writes nothing."""
+    from pipeline.lock import LOCK_NAME
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir() or (run_dir / RUN_MARKER).is_file():
+        return
+    entries = sorted(e.name for e in os.scandir(run_dir) if e.name != LOCK_NAME)
+    if entries and "stage_log.jsonl" not in entries and not adopt:
+        shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+        raise InputError(f"--run-dir {run_dir} is not empty ({shown}) and is not a run folder (it has no "
+                         f"{RUN_MARKER}); choose a new or empty folder, or pass --adopt-run-dir to use it "
+                         "(the pipeline then removes only what it wrote itself)")
+
+
+def mark_run_dir(run_dir: str | os.PathLike) -> None:
+    """Write the run-folder marker into `run_dir` (which exists: its lock is held) unless it is there."""
+    marker = Path(run_dir) / RUN_MARKER
+    if not marker.is_file():
+        write_json(marker, {"created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                            "note": "a cbtm run folder: the pipeline removes only its own temporaries under it"})
+
+
 # ---- stale temporaries ----------------------------------------------------------------------------------------
 def clean_stale(run_dir: str | os.PathLike, depth: int = 4) -> list[Path]:
-    """Remove the temporaries killed runs left under `run_dir` (module doc); returns what was removed.
+    """Remove the temporaries killed runs left under `run_dir` (module doc), logging each; returns what was removed.
+    A folder without the run-folder marker is left alone.
 
     Call only while holding the run folder exclusively."""
     run_dir = Path(run_dir)
     removed: list[Path] = []
-    if not run_dir.is_dir():
+    if not (run_dir / RUN_MARKER).is_file():
         return removed
     todo = [(run_dir, 0)]
     while todo:
@@ -90,21 +131,20 @@ def clean_stale(run_dir: str | os.PathLike, depth: int = 4) -> list[Path]:
             entries = list(os.scandir(folder))
         except OSError:
             continue
+        names = {e.name for e in entries}
         for e in entries:
             p = Path(e.path)
-            if e.name.startswith(".") and any(s in e.name for s in _STALE):
-                remove_path(p)
+            if temporary_of(e.name) is not None:
                 removed.append(p)
             elif e.name.startswith(".") and e.name.endswith(".partial-inputs.json") and (
                     not (folder / e.name[: -len("-inputs.json")]).is_dir() or _partial_is_stale(p, run_dir)):
                 stem = e.name[: -len("-inputs.json")]  # .<name>.partial
-                for q in folder.glob(f"{stem}*"):
-                    remove_path(q)
-                    removed.append(q)
+                removed += [folder / (stem + s) for s in _PARTIAL_SIBLINGS if stem + s in names]
             elif e.is_dir(follow_symlinks=False) and not e.name.startswith(".") and level + 1 < depth:
                 todo.append((p, level + 1))
     for p in removed:
-        log.info("removed stale temporary %s", p)
+        log.info("removing %s, left by an interrupted run", p)
+        remove_path(p)
     return removed
 
 

@@ -235,9 +235,11 @@ def digest(path: Path) -> dict[str, str]:
 
 def leftovers(run_dir: Path) -> list[str]:
     """Temporary or working folders/files a finished run should not have."""
+    from corpus.io import temporary_of
+
     return sorted(str(p.relative_to(run_dir)) for p in Path(run_dir).rglob(".*")
-                  if any(s in p.name for s in (".tmp-", ".old-", ".partial", ".ckpt", ".launch.json"))
-                  or p.name == ".cbtm-lock")
+                  if temporary_of(p.name) is not None or p.name == ".cbtm-lock"
+                  or any(s in p.name for s in (".partial", ".ckpt", ".launch.json")))
 
 
 def copy_run(src: Path, dst: Path) -> Path:

@@ -140,9 +140,9 @@ def test_temporaries_of_killed_runs_are_cleaned(reference, tmp_path):
     run_dir = copy_run(reference["run_dir"], tmp_path / "run")
     ppl = next(run_dir.glob("eval-*/perplexity"))
     fewshot = next(run_dir.glob("eval-*/fewshot/domains"))
-    stale = [run_dir / ".embeddings-00000000.tmp-1a2b3c4d", ppl / ".seed.json.tmp-5e6f7a8b",
-             fewshot / ".moe.json.tmp-0a1b2c3d",
-             run_dir / ".clusters-00000000.old-9c0d1e2f"]
+    stale = [run_dir / ".embeddings-00000000.cbtm-tmp-1a2b3c4d", ppl / ".seed.json.cbtm-tmp-5e6f7a8b",
+             fewshot / ".moe.json.cbtm-tmp-0a1b2c3d",
+             run_dir / ".clusters-00000000.cbtm-old-9c0d1e2f"]
     for p in stale:
         p.mkdir()
         (p / "half-written.npy").write_bytes(b"\0" * 10)
@@ -156,6 +156,52 @@ def test_temporaries_of_killed_runs_are_cleaned(reference, tmp_path):
     assert res.code == 0, res.out[-3000:]
     assert leftovers(run_dir) == []
     assert normalized_report(run_dir) == reference["report"]
+
+
+def _user_files(root: Path) -> dict[str, bytes]:
+    """A user's folder with dot-files whose names look like temporaries (issue 23, defect 1)."""
+    files = {".bashrc.old-backup": b"x", "docs/.thesis.tex.old-v1": b"x", ".cache.tmp-keep/file": b"x",
+             ".notes.tmp-1a2b3c4d": b"x", "docs/.draft.old-9c0d1e2f/a.txt": b"x", ".x.partial-inputs.json": b"{}",
+             ".x.partial/keep": b"x"}
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    return files
+
+
+def test_a_folder_that_is_not_a_run_folder_is_refused_and_left_alone(reference, tmp_path):
+    """A --run-dir that exists, is not empty and is not a run folder is refused in one line before any work, and
+    nothing in it changes; the refusal names the flag that overrides it."""
+    user = tmp_path / "P"
+    files = _user_files(user)
+    before = sorted(p.relative_to(user) for p in user.rglob("*"))
+    res = run_cli(run_args(reference, user), tmp_path)
+    assert res.code == 40, res.out[-3000:]
+    assert len(res.error_lines) == 1 and "is not a run folder" in res.error_lines[0], res.out[-3000:]
+    assert "--adopt-run-dir" in res.error_lines[0]
+    assert sorted(p.relative_to(user) for p in user.rglob("*")) == before
+    assert all((user / n).read_bytes() == d for n, d in files.items())
+
+
+def test_the_cleanup_removes_only_what_the_pipeline_wrote(tmp_path):
+    """Inside a run folder the user chose (--adopt-run-dir), the start-up cleanup removes only names the
+    pipeline makes (`corpus.io.temporary_path`), however much a user's dot-file looks like a temporary."""
+    from corpus.io import temporary_path
+    from pipeline.preflight import check_run_dir, clean_stale, mark_run_dir
+
+    user = tmp_path / "P"
+    files = _user_files(user)
+    assert clean_stale(user) == []  # no run-folder marker: never touched
+    with pytest.raises(Exception, match="is not a run folder"):
+        check_run_dir(user)
+    check_run_dir(user, adopt=True)
+    mark_run_dir(user)
+    ours = [temporary_path(user / "clusters-00000000"), temporary_path(user / "docs" / "x.json", "old")]
+    for p in ours:
+        p.mkdir(parents=True)
+    assert sorted(clean_stale(user)) == sorted(ours)
+    assert all((user / n).read_bytes() == d for n, d in files.items())
+    assert not any(p.exists() for p in ours)
 
 
 def test_interrupted_training_with_current_inputs_is_kept_for_resuming(reference, tmp_path):
