@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from corpus.io import InputError, atomic_file, write_json
+from corpus.io import InputError, atomic_file, load_array, write_json
 from corpus.layout import CENTROIDS, TRAIN_SPLIT
 from corpus.palette import distinct_colours
 
@@ -67,7 +67,7 @@ def describe_clusters(
     assign = pq.read_table(apath).to_pandas()
     if len(corpus) != len(assign) or not (corpus["id"].astype(str).values == assign["id"].astype(str).values).all():
         raise InputError(f"{apath} does not match {cpath} (different documents or order)")
-    centroids = np.load(clusters_dir / CENTROIDS, allow_pickle=False)
+    centroids = load_array(clusters_dir / CENTROIDS)
     k = centroids.shape[0]
     cid = assign["cluster_id"].to_numpy().astype(np.int64)
     dist = assign["distance"].to_numpy()

@@ -18,7 +18,6 @@ Bad input raises `corpus.io.InputError` with one line naming the file and the pr
 """
 from __future__ import annotations
 
-import glob as globlib
 import gzip
 import json
 import logging
@@ -26,7 +25,7 @@ import os
 import shutil
 from pathlib import Path
 
-from corpus.io import InputError, atomic_dir, temporary_path, write_json
+from corpus.io import InputError, atomic_dir, is_write_error, local_files, temporary_path, write_json
 
 log = logging.getLogger(__name__)
 
@@ -167,13 +166,13 @@ def _load(source: str, cache_dir: str, text_field: str = "text"):
 
     if any(c in source for c in "*?["):
         root = None
-        files = sorted(Path(p) for p in globlib.glob(os.path.expanduser(source), recursive=True) if Path(p).is_file())
+        files = local_files(source)  # each file once, no symlink loop followed
         if not files:
             raise InputError(f"corpus glob {source!r} matches no file")
     elif path.is_dir():
         root = path
-        files = sorted(p for p in path.rglob("*") if p.is_file() and _suffix(p) in _DIR_SUFFIXES
-                       and not any(part.startswith(".") for part in p.relative_to(path).parts))
+        files = [p for p in local_files(path) if _suffix(p) in _DIR_SUFFIXES
+                 and not any(part.startswith(".") for part in p.relative_to(path).parts)]
         if not files:
             raise InputError(f"corpus folder {path} holds no .jsonl/.jsonl.gz/.parquet/.txt file")
     elif path.is_file():
@@ -206,6 +205,8 @@ def _load(source: str, cache_dir: str, text_field: str = "text"):
         try:
             ds = datasets.load_dataset(builder, data_files={"data": group}, split="data", cache_dir=cache_dir)
         except Exception as e:  # noqa: BLE001
+            if is_write_error(e):  # the arrow cache in the run folder could not be written: not the input's fault
+                raise
             for f in group:
                 _diagnose(f, builder)
             _diagnose_fields(group)

@@ -12,6 +12,12 @@ transformers 5 writes files that transformers 4.x misreads or rejects:
                          "use_cache": false (set for training)     → true, so generation uses the KV cache
   generation_config.json "use_cache": false                        → true
 
+and one field that must not travel from a seed to what is trained from it:
+
+  config.json, tokenizer_config.json  "auto_map" naming code the folder does not hold (a seed's `evil.py`, a hub
+                                      repo's module) → dropped; `trust_remote_code=True` would otherwise look for
+                                      it. An ensemble folder keeps the auto_map of the shims it holds.
+
 `make_portable(folder)` rewrites those fields in place after `save_pretrained`; transformers 5 reads the patched
 files exactly as before (tested in tests/experts/test_compat.py, which also loads them with MIN_TRANSFORMERS).
 """
@@ -37,7 +43,7 @@ def make_portable(folder: str | os.PathLike, max_length: int | None = None) -> l
     config_file = folder / "config.json"
     config = read_json(config_file) if config_file.is_file() else {}
     if config and "model_type" in config:
-        new = portable_config(config)
+        new = own_code_only(portable_config(config), folder)
         if new != config:
             write_json(config_file, new)
             changed.append(config_file.name)
@@ -50,12 +56,33 @@ def make_portable(folder: str | os.PathLike, max_length: int | None = None) -> l
     tok_file = folder / "tokenizer_config.json"
     if tok_file.is_file():
         tok = read_json(tok_file)
-        new = portable_tokenizer_config(tok, max_length or config.get("max_position_embeddings"),
-                                        fast=(folder / "tokenizer.json").is_file())
+        new = own_code_only(portable_tokenizer_config(tok, max_length or config.get("max_position_embeddings"),
+                                                      fast=(folder / "tokenizer.json").is_file()), folder)
         if new != tok:
             write_json(tok_file, new)
             changed.append(tok_file.name)
     return changed
+
+
+def own_code_only(config: dict, folder: str | os.PathLike) -> dict:
+    """`config` without the `auto_map` entries whose code `folder` does not hold (`module.Class` needs
+    `folder/module.py`; a `repo--module.Class` reference is never kept); without `auto_map` when none is left."""
+    auto_map = config.get("auto_map")
+    if auto_map is None:
+        return config
+
+    def held(ref) -> bool:
+        if ref is None:  # AutoTokenizer's [slow, fast] pair may leave one out
+            return True
+        return isinstance(ref, str) and "--" not in ref and "." in ref and \
+            (Path(folder) / f"{ref.rsplit('.', 1)[0]}.py").is_file()
+
+    kept = {k: v for k, v in auto_map.items() if all(held(r) for r in (v if isinstance(v, (list, tuple)) else [v]))} \
+        if isinstance(auto_map, dict) else {}
+    out = {k: v for k, v in config.items() if k != "auto_map"}
+    if kept:
+        out["auto_map"] = kept
+    return out
 
 
 def portable_config(config: dict) -> dict:

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from clustering.router import CentroidRouter, check_top_k
-from corpus.io import InputError, read_json, write_json
+from corpus.io import InputError, load_array, read_json, write_json
 from corpus.layout import ENSEMBLE_CONFIG
 from experts.scoring import HFCausalLM, ScoringModel, document_windows
 
@@ -653,7 +653,7 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
                    "route_early": cfg.get("route_early", ()), "route_weights": cfg.get("route_weights", "distance"),
                    "prior": cfg.get("prior_weights"), "name": cfg.get("name", "ensemble")}
         options.update(kw)
-        return cls([_resolve(base, e) for e in cfg["experts"]], np.load(centroids_path),
+        return cls([_resolve(base, e) for e in cfg["experts"]], load_array(centroids_path),
                    load_embedder(_resolve(base, cfg["embedder"])), device=device, devices=devices, offload=offload,
                    **options)
 
@@ -943,7 +943,7 @@ def save_ensemble_config(
             raise InputError("a sparse ensemble config needs centroids_path and embedder_dir")
         if not Path(centroids_path).is_file():
             raise InputError(f"centroids file missing: {centroids_path}")
-        centroids = np.load(centroids_path, mmap_mode="r")  # (k, d)
+        centroids = load_array(centroids_path, mmap_mode="r")  # (k, d)
         if centroids.shape[0] != k:
             raise InputError(f"{centroids_path} has {centroids.shape[0]} centroids but {k} experts were given")
         router = CentroidRouter(None, centroids, temperature, top_k)

