@@ -5,6 +5,7 @@ files inside those folders that other stages, the report and the tests read back
 low-level package, so `clustering/`, `experts/` and `tasks/` can import it without importing `pipeline/`.
 """
 RUN_MARKER = ".cbtm-run.json"  # the run folder itself: written when the pipeline first claims it (pipeline.preflight)
+RUNS_LOG = "runs.jsonl"  # the run folder: one line per completed RunAll, the stage outputs it used (pipeline.gc)
 STAGE_STAMP = "stage.json"  # every stage: its parameters and its inputs' run ids, written last
 TRAIN_SPLIT = "train.parquet"  # corpus and assignments folders: the training split
 CENTROIDS = "centroids.npy"  # clusters folder: (n_clusters, dim) float32

@@ -28,6 +28,7 @@ Read in order, this is the table of contents (stage → library function → out
     Study               tasks.study.write_study                  study-<h>/ (+ <run_dir>/study.{json,md}): a grid of RunAlls
 
 With --slurm-enabled, the stages that use GPUs run as Slurm jobs (pipeline/slurm.py); Luigi still schedules.
+`python -m pipeline.gc <run_dir>` lists (and with --delete removes) the stage folders no recent RunAll uses.
 """
 from pipeline.base import install_log_filter
 from pipeline.corpus import WriteDemoCorpus, PrepareCorpus

@@ -694,6 +694,8 @@ class Stage(RunParams, luigi.Task):
                 os.replace(produced, final)
                 write_json(self.stamp_path(), stamp)
             else:
+                if not work.is_dir():  # removed while the stage ran: writing the stamp would make it again
+                    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), str(work))
                 normal_modes(work)
                 stamp["files"] = {p.relative_to(work).as_posix(): p.stat().st_size
                                   for p in sorted(work.rglob("*")) if p.is_file() and p.name != STAGE_STAMP}

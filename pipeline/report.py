@@ -122,7 +122,10 @@ class RunAll(RunParams, luigi.WrapperTask):
         return super().complete() and published_report(self) == _publication_key(self)
 
     def run(self) -> None:
+        from pipeline.gc import record_completed_run
+
         publish_report(self)
+        record_completed_run(self.run_dir, self.requires())  # what `python -m pipeline.gc` keeps
 
 
 PUBLISHED = (REPORT_JSON, REPORT_MD)
