@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import socket
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -818,11 +819,12 @@ def normal_modes(path: Path) -> None:
     mask = _umask()
     paths = [path] if path.is_file() else [path, *path.rglob("*")]
     for p in paths:
-        if p.is_symlink():
-            continue
-        want = (0o777 if p.is_dir() else 0o666) & ~mask
         with contextlib.suppress(OSError):
-            if p.stat().st_mode & 0o777 != want:
+            st = p.lstat()
+            if stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
+                continue  # a link to a file the stage did not write (an input's weights, hard-linked) keeps its mode
+            want = (0o777 if stat.S_ISDIR(st.st_mode) else 0o666) & ~mask
+            if st.st_mode & 0o777 != want:
                 os.chmod(p, want)
 
 
@@ -847,6 +849,10 @@ def _interruptible(stage: "Stage") -> Iterator[None]:
     try:
         yield
     except KeyboardInterrupt:
+        import multiprocessing
+
+        if multiprocessing.parent_process() is not None:  # a luigi worker process (--workers N): the command
+            os._exit(130)  # that forked it got the Ctrl-C too and says it in one line; no traceback from here
         _INTERRUPTED.append(stage)
         raise
 

@@ -110,7 +110,7 @@ def _interrupted() -> None:
 
     stage = interrupted_stage()
     if stage is None:
-        what = "the run was interrupted (Ctrl-C) between stages"
+        what = "the run was interrupted (Ctrl-C)"
     else:
         what = f"{stage.task_family} was interrupted (Ctrl-C) while writing {stage.out_path()}"
         if stage.resumable:
