@@ -160,8 +160,8 @@ def local_files(spec: str | os.PathLike) -> list[Path] | None:
 
     Symlinked folders below the path given are not entered by a folder or a `**` (`os.walk(followlinks=False)`),
     so a link loop (`ln -s . loop/self`) lists its files once instead of forever; a file reached under two names
-    (a symlink, a hard link) is listed once, under its first name in sorted order. None when `spec` (after `~`) is no existing
-    file or folder and no glob."""
+    (a symlink, a hard link) is listed once, under its first name in sorted order. None when `spec` (after `~`)
+    is no existing file or folder and no glob."""
     text = os.path.expanduser(str(spec))
     if not _MAGIC.search(text):
         path = Path(text)

