@@ -29,6 +29,7 @@ NUMBER_TOKEN = "#NUMBER"
 _NUMBER_RE = re.compile(r"(?<![\w#])[-+]?\d+(?:[.,:/]\d+)*(?![\w])")
 _TOKEN_PATTERN = r"(?u)#NUMBER|\b\w\w+\b"
 MAX_CHARS = 100_000  # TF-IDF reads at most this prefix of a document
+CHUNK_DOCS = 10_000  # embed_corpus: documents per chunk (one unit of work of the pool)
 
 
 def _map_numbers(text: str) -> str:
@@ -323,11 +324,11 @@ def embed_corpus(
     model: str | None = None,
     batch_size: int | None = None,
     workers: int = 1,
-    chunk: int = 10_000,
+    chunk: int | None = None,
 ) -> dict:
     """EmbedCorpus: fit the embedder on a seeded sample of ≤ fit_sample train documents, embed every split.
 
-    Reads corpus_dir/{train,valid,test}.parquet (train required) `chunk` documents at a time; the TF-IDF
+    Reads corpus_dir/{train,valid,test}.parquet (train required) `chunk` (default CHUNK_DOCS) documents at a time; the TF-IDF
     transform runs in `workers` processes (chunks in order: the output does not depend on `workers` or `chunk`).
     Writes, atomically, out_dir/embedder/ (saved embedder, no pickle) and out_dir/{split}.npy float32 (n_docs,
     dim) L2-normalised, appended chunk by chunk. Memory holds the fit sample and a few chunks, never a split.
@@ -337,6 +338,7 @@ def embed_corpus(
     corpus_dir = Path(corpus_dir)
     if not (corpus_dir / TRAIN_SPLIT).exists():
         raise InputError(f"missing corpus split {corpus_dir / 'train.parquet'}")
+    chunk = int(chunk or CHUNK_DOCS)
     t0 = time.perf_counter()
     if embedder == "tfidf":
         emb = TfidfEmbedder(n_components=n_components, seed=seed)

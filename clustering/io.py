@@ -123,7 +123,7 @@ def assign_clusters(
     import pyarrow.parquet as pq
 
     from corpus.read import parquet_file
-    from corpus.stream import NpyWriter, RowGroupWriter, iter_npy_rows
+    from corpus.stream import NpyWriter, RowGroupWriter, exact_batches, iter_npy_rows
 
     if assign not in ("nearest", "balanced"):
         raise InputError(f"assign must be nearest or balanced, got {assign!r}")
@@ -177,7 +177,7 @@ def assign_clusters(
             dist_w = NpyWriter(tmp / f"{split}_distances.npy", np.float32, (k,))
             table_w = RowGroupWriter(tmp / f"{split}.parquet", schema, measure=None)
             sizes = np.zeros(k, np.int64)
-            ids = _exact_batches(pf, "id", rows)
+            ids = exact_batches(pf, "id", rows)
             for lab, dd, d in chunks():
                 dist_w.write(d)
                 id_b = next(ids)
@@ -196,20 +196,3 @@ def assign_clusters(
                      summary["splits"][split].get("max"))
         write_json(tmp / "summary.json", summary)
     return summary
-
-
-def _exact_batches(pf, column: str, rows: int):
-    """Arrays of exactly `rows` values (the last one shorter) of `column` of the ParquetFile `pf`."""
-    import pyarrow as pa
-
-    buf, n = [], 0
-    for batch in pf.iter_batches(batch_size=rows, columns=[column]):
-        buf.append(batch.column(0))
-        n += len(batch)
-        while n >= rows:
-            whole = pa.concat_arrays(buf)
-            yield whole.slice(0, rows)
-            rest = whole.slice(rows)
-            buf, n = ([rest] if len(rest) else []), len(rest)
-    if n:
-        yield pa.concat_arrays(buf)

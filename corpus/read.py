@@ -44,6 +44,7 @@ _DIR_SUFFIXES = tuple(s for s in _BUILDERS if not s.startswith(".json") or s.sta
 
 
 BATCH_ROWS = 4096  # documents per Arrow batch while streaming a corpus through
+ROW_GROUP_ROWS = 8192  # documents per row group of the split files (fewer when they hold more than 64 MiB)
 _NORMALIZED_VERSION = 1  # bump when the normalized per-file format changes (invalidates cache_dir entries)
 
 
@@ -378,7 +379,7 @@ def _write_splits(parts: dict, dest: dict, out: Path, label_field: str | None, s
             raise InputError(f"corpus {source}: the {s} split is empty after dropping empty documents")
     own_ids = {code: all(p["has_id"] for p in feeds[code]) for code in range(3)}
     schema = pa.schema([("id", pa.string()), ("text", pa.string())] + ([("label", pa.string())] if label_field else []))
-    writers = {code: RowGroupWriter(out / f"{s}.parquet", schema) for code, s in enumerate(SPLITS)}
+    writers = {code: RowGroupWriter(out / f"{s}.parquet", schema, rows=ROW_GROUP_ROWS) for code, s in enumerate(SPLITS)}
     n_docs, n_chars, n_words = [0, 0, 0], [0, 0, 0], [0, 0, 0]
     labels: list[dict] = [{}, {}, {}]
     id_hashes: list[np.ndarray] = []

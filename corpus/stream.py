@@ -197,3 +197,27 @@ class RowGroupWriter:
     def close(self) -> None:
         self._flush()
         self._writer.close()
+
+
+def exact_tables(pf, columns: list[str], rows: int) -> Iterator:
+    """Arrow tables of exactly `rows` rows (the last one shorter) of `columns` of the ParquetFile `pf`, whatever
+    its row groups: two files of the same documents are read in step."""
+    import pyarrow as pa
+
+    buf, n = [], 0
+    for batch in pf.iter_batches(batch_size=rows, columns=columns):
+        buf.append(pa.Table.from_batches([batch]))
+        n += len(batch)
+        while n >= rows:
+            whole = pa.concat_tables(buf)
+            rest = whole.slice(rows)
+            yield whole.slice(0, rows)
+            buf, n = ([rest] if len(rest) else []), len(rest)
+    if n:
+        yield pa.concat_tables(buf)
+
+
+def exact_batches(pf, column: str, rows: int) -> Iterator:
+    """`exact_tables` of one column, as arrays."""
+    for t in exact_tables(pf, [column], rows):
+        yield t.column(0).combine_chunks()
