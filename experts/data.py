@@ -62,14 +62,23 @@ _WORKER: dict = {}
 CHUNK_DOCS = 4096  # documents per unit of work (one process-pool task, one write)
 
 
-def _init_encoder(tokenizer_dir: str) -> None:
-    """Pool initializer: this process's `tokenizers.Tokenizer` (the fast tokenizer's backend, truncation and
-    padding off) and the `[bos]` / `[eos]` ids framing every document."""
+def _encoder_spec(tokenizer_dir) -> tuple:
+    """What a worker needs to encode like the fast tokenizer of `tokenizer_dir`: its backend `tokenizers.Tokenizer`
+    as JSON (truncation and padding off), the token dtype, eos and [bos] or []; workers need not import
+    transformers."""
     tokenizer, _, dtype, eos, prefix = _load_fast_tokenizer(tokenizer_dir)
     backend = tokenizer.backend_tokenizer
     backend.no_truncation()
     backend.no_padding()
-    _WORKER.update(backend=backend, dtype=dtype, eos=eos, prefix=prefix)
+    return backend.to_str(), dtype.str, int(eos), list(prefix)
+
+
+def _init_encoder(spec: tuple) -> None:
+    """Pool initializer: this process's `tokenizers.Tokenizer` and the ids framing every document."""
+    from tokenizers import Tokenizer
+
+    backend_json, dtype, eos, prefix = spec
+    _WORKER.update(backend=Tokenizer.from_str(backend_json), dtype=np.dtype(dtype), eos=eos, prefix=prefix)
 
 
 def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +118,7 @@ def _encoded(path: Path, tokenizer_dir, num_proc: int, rows: int, desc: str, n: 
 
     bar = tqdm(total=n, desc=desc, unit="doc", mininterval=2.0)
     for tokens, lengths in ordered_map(_encode_chunk, _text_chunks(path, rows), num_proc,
-                                       initializer=_init_encoder, initargs=(str(tokenizer_dir),)):
+                                       initializer=_init_encoder, initargs=(_encoder_spec(tokenizer_dir),)):
         bar.update(len(lengths))
         yield tokens, lengths
     bar.close()
