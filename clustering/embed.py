@@ -308,8 +308,9 @@ def _embed_chunk(texts: list[str]) -> np.ndarray:
 def _text_batches(path: Path, rows: int):
     """Lists of ≤ rows texts of a corpus split, read one parquet batch at a time."""
     from corpus.read import parquet_file
+    from corpus.stream import iter_batches
 
-    for batch in parquet_file(path, ["text"]).iter_batches(batch_size=rows, columns=["text"]):
+    for batch in iter_batches(parquet_file(path, ["text"]), rows, ["text"]):
         yield [t if t is not None else "" for t in batch.column(0).to_pylist()]
 
 
@@ -354,7 +355,7 @@ def embed_corpus(
         raise InputError(f"{corpus_dir / 'train.parquet'} has no documents")
     rng = np.random.default_rng(seed)
     fit_idx = np.arange(n_train) if n_train <= fit_sample else np.sort(rng.choice(n_train, fit_sample, replace=False))
-    emb.fit([r["text"] or "" for r in take_rows(corpus_dir / TRAIN_SPLIT, fit_idx, ["text"])])  # the sample only
+    emb.fit([r["text"] or "" for r in take_rows(corpus_dir / TRAIN_SPLIT, fit_idx, ["text"], batch_size=chunk)])
     max_chars = getattr(emb, "max_chars", None)
     stats = {"embedder": embedder, "dim": emb.dim, "fit_docs": int(len(fit_idx)), "n_docs": {},
              "max_chars": max_chars, "n_cut": {}, "workers": 1}

@@ -44,6 +44,7 @@ _DIR_SUFFIXES = tuple(s for s in _BUILDERS if not s.startswith(".json") or s.sta
 
 
 BATCH_ROWS = 4096  # documents per Arrow batch while streaming a corpus through
+READ_CHUNK_BYTES = 10 << 20  # bytes of a JSON-lines / text file `datasets` parses at a time (its default)
 ROW_GROUP_ROWS = 8192  # documents per row group of the split files (fewer when they hold more than 64 MiB)
 _NORMALIZED_VERSION = 1  # bump when the normalized per-file format changes (invalidates cache_dir entries)
 
@@ -163,7 +164,8 @@ def _normalize_file(job) -> dict:
     datasets.disable_progress_bars()
     _check_utf8(f)
     try:
-        ds = datasets.load_dataset(builder, data_files={"data": [f]}, split="data", cache_dir=ds_cache)
+        chunk = {"chunksize": READ_CHUNK_BYTES} if builder in ("json", "text") else {}
+        ds = datasets.load_dataset(builder, data_files={"data": [f]}, split="data", cache_dir=ds_cache, **chunk)
     except Exception as e:  # noqa: BLE001 - any library failure becomes one line
         _diagnose(f, builder)
         raise InputError(f"cannot read corpus file {f}: {_one_line(e)}") from None
@@ -708,7 +710,9 @@ def take_rows(path: str | os.PathLike, indices, columns: list[str] | None = None
         raise InputError(f"{path} has {pf.metadata.num_rows} rows; asked for row {want[0] if want[0] < 0 else want[-1]}")
     found: dict[int, dict] = {}
     start = j = 0
-    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+    from corpus.stream import iter_batches
+
+    for batch in iter_batches(pf, batch_size, columns):
         if j == len(want):
             break
         end = start + batch.num_rows

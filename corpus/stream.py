@@ -199,13 +199,21 @@ class RowGroupWriter:
         self._writer.close()
 
 
+def iter_batches(pf, batch_size: int, columns: list[str] | None = None) -> Iterator:
+    """Record batches of ≤ batch_size rows of the ParquetFile `pf`, read one row group at a time
+    (`ParquetFile.iter_batches` over a whole file holds more and more memory as it goes: ~20 MiB extra over a
+    30 MB file of 100 row groups, measured with pyarrow 26)."""
+    for g in range(pf.num_row_groups):
+        yield from pf.iter_batches(batch_size=batch_size, columns=columns, row_groups=[g])
+
+
 def exact_tables(pf, columns: list[str], rows: int) -> Iterator:
     """Arrow tables of exactly `rows` rows (the last one shorter) of `columns` of the ParquetFile `pf`, whatever
     its row groups: two files of the same documents are read in step."""
     import pyarrow as pa
 
     buf, n = [], 0
-    for batch in pf.iter_batches(batch_size=rows, columns=columns):
+    for batch in iter_batches(pf, rows, columns):
         buf.append(pa.Table.from_batches([batch]))
         n += len(batch)
         while n >= rows:

@@ -21,7 +21,7 @@ import numpy as np
 from corpus.io import InputError, atomic_dir, read_json, write_json
 from corpus.layout import SHARDS_META
 from corpus.read import parquet_file
-from corpus.stream import NpyWriter, exact_batches, ordered_map, read_npy_range
+from corpus.stream import NpyWriter, exact_batches, iter_batches, ordered_map, read_npy_range
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,7 @@ def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _text_chunks(path: Path, rows: int) -> Iterator[list[str]]:
-    from corpus.read import parquet_file
-
-    for batch in parquet_file(path, ["text"]).iter_batches(batch_size=rows, columns=["text"]):
+    for batch in iter_batches(parquet_file(path, ["text"]), rows, ["text"]):
         yield [t if t is not None else "" for t in batch.column(0).to_pylist()]
 
 

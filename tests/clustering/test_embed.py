@@ -52,3 +52,9 @@ def test_encoder_packaged_model_normalized(tmp_path):
     enc.save(tmp_path / "enc")
     back = load_embedder(tmp_path / "enc", device="cpu")
     np.testing.assert_allclose(back.transform(TEXTS[:2]), v[:2], atol=1e-5)
+
+
+def test_tfidf_reads_a_bounded_prefix_of_each_document():
+    emb = TfidfEmbedder(n_components=4, max_chars=40).fit(TEXTS)
+    long = TEXTS[0] + " " + "zebra giraffe " * 200_000  # ~2.8 MB; only its first 40 characters count
+    np.testing.assert_array_equal(emb.transform([long]), emb.transform([TEXTS[0][:40]]))
