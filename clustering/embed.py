@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
@@ -348,7 +349,7 @@ def embed_corpus(
     else:
         raise InputError(f"embedder must be tfidf or encoder, got {embedder!r}")
     from corpus.read import parquet_file, take_rows
-    from corpus.stream import NpyWriter, ordered_map
+    from corpus.stream import NpyWriter, WorkerPool
 
     n_train = parquet_file(corpus_dir / TRAIN_SPLIT, ["text"]).metadata.num_rows
     if not n_train:
@@ -359,10 +360,12 @@ def embed_corpus(
     max_chars = getattr(emb, "max_chars", None)
     stats = {"embedder": embedder, "dim": emb.dim, "fit_docs": int(len(fit_idx)), "n_docs": {},
              "max_chars": max_chars, "n_cut": {}, "workers": 1}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, contextlib.ExitStack() as stack:
         emb.save(tmp / "embedder")
-        pool = max(1, int(workers)) if embedder == "tfidf" else 1  # the encoder runs on one device, in this process
-        stats["workers"] = pool
+        n_proc = max(1, int(workers)) if embedder == "tfidf" else 1  # the encoder runs on one device, in this process
+        stats["workers"] = n_proc
+        pool = stack.enter_context(WorkerPool(n_proc, _init_worker, (str(tmp / "embedder"),))) \
+            if embedder == "tfidf" else None
         for split in SPLITS:
             path = corpus_dir / f"{split}.parquet"
             if not path.exists():
@@ -379,9 +382,8 @@ def embed_corpus(
                     yield texts
 
             t1 = time.perf_counter()
-            if embedder == "tfidf":
-                rows = ordered_map(_embed_chunk, chunks(), pool, initializer=_init_worker,
-                                   initargs=(str(tmp / "embedder"),))
+            if pool is not None:
+                rows = pool.map(_embed_chunk, chunks())
             else:
                 rows = (emb.transform(texts) for texts in chunks())
             for x in rows:  # (b, dim) float32

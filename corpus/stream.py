@@ -1,8 +1,9 @@
 """Streaming building blocks of the data stages: bounded memory whatever the corpus size, every core.
 
 - `available_cores()`: the cores this process may use (CPU affinity, then a cgroup v2/v1 CPU quota).
-- `ordered_map(fn, items, workers, ...)`: `map` over a process pool with at most `2 × workers` items in flight,
-  results in input order (so outputs do not depend on the pool size); `workers <= 1` runs in this process.
+- `WorkerPool` / `ordered_map(fn, items, workers, ...)`: `map` over a process pool with at most `2 × workers`
+  items in flight, results in input order (so outputs do not depend on the pool size); `workers <= 1` runs in
+  this process.
 - `NpyWriter`: appends rows to a `.npy` file whose length is only known at the end (header written on close),
   through ordinary file writes: no memory map, so the resident set stays one chunk.
 - `iter_npy_rows(path, rows)`: reads a `.npy` matrix back in chunks of rows through ordinary file reads.
@@ -47,32 +48,56 @@ def available_cores() -> int:
     return max(1, n)
 
 
-def ordered_map(fn: Callable, items: Iterable, workers: int = 1, initializer: Callable | None = None,
-                initargs: tuple = (), in_flight: int | None = None) -> Iterator[Any]:
-    """`fn(item)` for every item, in order. With `workers > 1` the calls run in a spawned process pool (each
-    worker runs `initializer(*initargs)` once, e.g. to load a model from disk); at most `in_flight` (default
-    `2 × workers`) items are submitted ahead of the one being returned, so memory holds a few items whatever
-    the length of `items`. `fn` and `initializer` must be importable module-level functions."""
-    if workers <= 1:
-        if initializer is not None:
-            initializer(*initargs)
-        for item in items:
-            yield fn(item)
-        return
-    import multiprocessing as mp
-    from collections import deque
+class WorkerPool:
+    """A process pool for one stage, started once and used for every split: `with WorkerPool(n, init, args) as
+    pool: pool.map(fn, items)`. `map` yields `fn(item)` in input order with at most `in_flight` (default
+    `2 × workers`) items submitted ahead of the one returned, so memory holds a few items whatever the length
+    of `items`. Workers are spawned (no inherited threads or CUDA state) and each runs `initializer(*initargs)`
+    once, e.g. to load a model from disk; `workers <= 1` runs everything in this process. `fn` and
+    `initializer` must be importable module-level functions."""
 
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the pool is the parallelism; no thread pools inside
-    limit = max(1, in_flight or 2 * workers)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn"), initializer=initializer,
-                             initargs=initargs) as pool:
+    def __init__(self, workers: int = 1, initializer: Callable | None = None, initargs: tuple = ()):
+        self.workers, self.initializer, self.initargs = max(1, int(workers)), initializer, initargs
+        self._pool = None
+
+    def __enter__(self) -> "WorkerPool":
+        if self.workers > 1:
+            import multiprocessing as mp
+
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the pool is the parallelism
+            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
+                                             initializer=self.initializer, initargs=self.initargs)
+        elif self.initializer is not None:
+            self.initializer(*self.initargs)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def map(self, fn: Callable, items: Iterable, in_flight: int | None = None) -> Iterator[Any]:
+        if self._pool is None:
+            for item in items:
+                yield fn(item)
+            return
+        from collections import deque
+
+        limit = max(1, in_flight or 2 * self.workers)
         pending: deque = deque()
         for item in items:
-            pending.append(pool.submit(fn, item))
+            pending.append(self._pool.submit(fn, item))
             if len(pending) >= limit:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+def ordered_map(fn: Callable, items: Iterable, workers: int = 1, initializer: Callable | None = None,
+                initargs: tuple = (), in_flight: int | None = None) -> Iterator[Any]:
+    """`WorkerPool(workers, initializer, initargs).map(fn, items)` for a pool used once."""
+    with WorkerPool(workers, initializer, initargs) as pool:
+        yield from pool.map(fn, items, in_flight)
 
 
 def _npy_header(dtype: np.dtype, shape: tuple) -> bytes:

@@ -21,7 +21,7 @@ import numpy as np
 from corpus.io import InputError, atomic_dir, read_json, write_json
 from corpus.layout import SHARDS_META
 from corpus.read import parquet_file
-from corpus.stream import NpyWriter, exact_batches, iter_batches, ordered_map, read_npy_range
+from corpus.stream import NpyWriter, WorkerPool, exact_batches, iter_batches, read_npy_range
 
 log = logging.getLogger(__name__)
 
@@ -110,13 +110,17 @@ def _text_chunks(path: Path, rows: int) -> Iterator[list[str]]:
         yield [t if t is not None else "" for t in batch.column(0).to_pylist()]
 
 
-def _encoded(path: Path, tokenizer_dir, num_proc: int, rows: int, desc: str, n: int):
-    """(tokens, lengths) per chunk of `rows` documents of the split `path`, in order, `num_proc` processes."""
+def _encoder_pool(tokenizer_dir, num_proc: int) -> WorkerPool:
+    """The stage's pool of `num_proc` encoding processes (or this one), each holding the tokenizer."""
+    return WorkerPool(num_proc, _init_encoder, (_encoder_spec(tokenizer_dir),))
+
+
+def _encoded(path: Path, pool: WorkerPool, rows: int, desc: str, n: int):
+    """(tokens, lengths) per chunk of `rows` documents of the split `path`, in order, encoded by `pool`."""
     from tqdm.auto import tqdm
 
     bar = tqdm(total=n, desc=desc, unit="doc", mininterval=2.0)
-    for tokens, lengths in ordered_map(_encode_chunk, _text_chunks(path, rows), num_proc,
-                                       initializer=_init_encoder, initargs=(_encoder_spec(tokenizer_dir),)):
+    for tokens, lengths in pool.map(_encode_chunk, _text_chunks(path, rows)):
         bar.update(len(lengths))
         yield tokens, lengths
     bar.close()
@@ -180,7 +184,7 @@ def tokenize_corpus(
     meta: dict = {"seq_len": int(seq_len), "vocab_size": int(vocab_size), "eos_id": int(eos),
                   "bos_id": int(prefix[0]) if prefix else None, "dtype": dtype.name,
                   "tokenizer_dir": str(tokenizer_dir), "splits": {}}
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, _encoder_pool(tokenizer_dir, num_proc) as pool:
         for split in splits:
             path = corpus_dir / f"{split}.parquet"
             n_docs = parquet_file(path, ["text"]).metadata.num_rows
@@ -188,7 +192,7 @@ def tokenize_corpus(
             offsets = NpyWriter(tmp / f"{split}_offsets.npy", np.int64)
             offsets.write(np.zeros(1, np.int64))
             blocks = _Blocks(tmp / corpus_shard_name(split), dtype, seq_len)
-            for tokens, lengths in _encoded(path, tokenizer_dir, num_proc, batch_size, f"tokenize {split}", n_docs):
+            for tokens, lengths in _encoded(path, pool, batch_size, f"tokenize {split}", n_docs):
                 offsets.write(stream.rows + np.cumsum(lengths))
                 stream.write(tokens)
                 blocks.write(tokens)
@@ -314,14 +318,15 @@ def shard_corpus(
         "tokenizer_dir": str(tokenizer_dir),
         "clusters": {},
     }
-    with atomic_dir(out_dir) as tmp:
+    with atomic_dir(out_dir) as tmp, (_encoder_pool(tokenizer_dir, num_proc) if tok_meta is None
+                                      else WorkerPool(1)) as pool:
         for split in splits:
             cpath = corpus_dir / f"{split}.parquet"
             n_split = parquet_file(cpath, ["id"]).metadata.num_rows
             if tok_meta:
                 chunks = _stream_chunks(tokens_dir, split, batch_size)
             else:
-                chunks = _encoded(cpath, tokenizer_dir, num_proc, batch_size, f"shard {split}: tokenizing", n_split)
+                chunks = _encoded(cpath, pool, batch_size, f"shard {split}: tokenizing", n_split)
             writers = [_Blocks(tmp / shard_name(c, split), dtype, seq_len) for c in range(n_clusters)]
             n_docs = np.zeros(n_clusters, dtype=np.int64)
             n_tok = np.zeros(n_clusters, dtype=np.int64)
