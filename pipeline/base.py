@@ -123,6 +123,9 @@ class CorpusParams:
     label_field = _p("", name="label_field", description="reporting only; default 'source' for the demo, "
                      "none otherwise")
     max_docs = _p(0, luigi.IntParameter, name="max_docs", description="seeded sample of the corpus; 0 = all")
+    corpus_streaming = _p(False, luigi.BoolParameter, name="corpus_streaming", significant=False,
+                          description="read a hub dataset with datasets' streaming mode, batch by batch, instead of "
+                          "downloading it first (same documents, so the corpus folder is the same)")
 
 
 class ClusteringParams:

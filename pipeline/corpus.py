@@ -49,5 +49,5 @@ class PrepareCorpus(Stage):
 
         stats = prepare_corpus(self.source(), out, text_field=self.text_field, label_field=self.label,
                                seed=self.seed, max_docs=self.max_docs or None, workers=self.data_workers_value,
-                               cache_dir=Path(self.run_dir) / CORPUS_FILE_CACHE)
+                               cache_dir=Path(self.run_dir) / CORPUS_FILE_CACHE, streaming=self.corpus_streaming)
         return {"n_docs": stats["n_docs"], "n_empty_dropped": stats["n_empty_dropped"]}
