@@ -14,6 +14,7 @@ import contextlib
 import logging
 import os
 import re
+import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -71,16 +72,22 @@ class TfidfEmbedder:
                                max_features=self.max_features, min_df=self.min_df, dtype=np.float32,
                                vocabulary=vocabulary, sublinear_tf=False)
 
-    def fit(self, texts: Sequence[str]) -> "TfidfEmbedder":
+    def fit(self, texts: Sequence[str], pool=None) -> "TfidfEmbedder":
+        """Learn vocabulary, idf and SVD components from `texts`. With `pool` (a `corpus.stream.WorkerPool`) the
+        counting and the TF-IDF rows are computed in its processes (`_fit_vectorizer`): scikit-learn's vocabulary
+        and idf, its matrix up to float rounding; the same result for any number of workers."""
         from sklearn.decomposition import TruncatedSVD
 
         texts = self._cut(texts)
         if not texts:
             raise InputError("cannot fit the TF-IDF embedder on 0 documents")
         t0 = time.perf_counter()
-        self.vectorizer = self._make_vectorizer()
         try:
-            tf = self.vectorizer.fit_transform(texts)  # (n, V) sparse
+            if pool is None:
+                self.vectorizer = self._make_vectorizer()
+                tf = self.vectorizer.fit_transform(texts)  # (n, V) sparse
+            else:
+                tf = self._fit_vectorizer(texts, pool)
         except ValueError as e:  # e.g. "empty vocabulary; perhaps the documents only contain stop words"
             raise InputError(f"TF-IDF fit failed: {e}") from None
         n_docs, n_feat = tf.shape
@@ -96,6 +103,53 @@ class TfidfEmbedder:
         log.info("TF-IDF fitted on %d docs: %d terms → %d dims in %.1fs", n_docs, n_feat, d,
                  time.perf_counter() - t0)
         return self
+
+    def _fit_vectorizer(self, texts: list[str], pool):
+        """scikit-learn's `TfidfVectorizer.fit_transform` spread over `pool`: each worker counts the terms of a
+        chunk of `texts` (a `CountVectorizer` with the same analyzer); here the chunks' columns are mapped onto
+        every term sorted by name, the vocabulary is chosen as scikit-learn does (the `max_features` of largest
+        total count, ties as `(-tf).argsort()` of float32 counts puts them), idf = ln((1 + n) / (1 + df)) + 1 in
+        float32, and `TfidfTransformer` weighs and L2-normalises the rows. Returns the (n, V) sparse matrix (each
+        row's columns sorted, so it does not depend on the chunks); sets `self.vectorizer`."""
+        import scipy.sparse as sp
+        from sklearn.feature_extraction.text import TfidfTransformer
+
+        step = max(1, -(-len(texts) // (4 * max(1, pool.workers))))
+        parts = list(pool.map(_term_counts, [texts[i: i + step] for i in range(0, len(texts), step)]))
+        terms = sorted(set().union(*(t for t, _ in parts)))
+        if not terms:
+            raise ValueError("empty vocabulary; perhaps the documents only contain stop words")
+        column = {t: j for j, t in enumerate(terms)}
+        blocks = []
+        for local, counts in parts:  # counts (b, len(local)) int32 → columns of `terms`
+            remap = np.fromiter((column[t] for t in local), np.int64, len(local))
+            counts = counts.tocsr()
+            blocks.append(sp.csr_matrix((counts.data, remap[counts.indices], counts.indptr),
+                                        shape=(counts.shape[0], len(terms))))
+        x = sp.vstack(blocks, format="csr")  # (n, T) counts
+        x.sort_indices()
+        dfs = np.bincount(x.indices, minlength=len(terms))
+        tfs = np.asarray(x.sum(axis=0)).ravel().astype(np.float32)
+        mask = dfs >= self.min_df
+        if self.max_features is not None and mask.sum() > self.max_features:
+            keep = (-tfs[mask]).argsort()[: self.max_features]
+            new_mask = np.zeros(len(terms), bool)
+            new_mask[np.where(mask)[0][keep]] = True
+            mask = new_mask
+        kept = np.flatnonzero(mask)
+        if len(kept) == 0:
+            raise ValueError("After pruning, no terms remain. Try a lower min_df or a higher max_df.")
+        vocab = {terms[i]: j for j, i in enumerate(kept)}
+        df32 = dfs[kept].astype(np.float32) + np.float32(1.0)
+        idf = np.full_like(df32, fill_value=len(texts) + 1, dtype=np.float32)
+        idf /= df32
+        np.log(idf, out=idf)
+        idf += 1.0
+        self.vectorizer = self._make_vectorizer(vocabulary=vocab)
+        self.vectorizer.idf_ = idf
+        weigh = TfidfTransformer(norm="l2", use_idf=True, smooth_idf=True, sublinear_tf=False)
+        weigh.idf_ = idf
+        return weigh.transform(x[:, kept].astype(np.float32))
 
     def _cut(self, texts: Sequence[str]) -> list[str]:
         mc = self.max_chars
@@ -298,12 +352,31 @@ _WORKER: dict = {}
 
 
 def _init_worker(embedder_dir: str) -> None:
-    """Pool initializer: load the saved embedder once per process (CPU)."""
-    _WORKER["embedder"] = load_embedder(embedder_dir, device="cpu")
+    """Pool initializer: where the saved embedder will be (it is saved after the fit, loaded on first use)."""
+    _WORKER.clear()
+    _WORKER["embedder_dir"] = embedder_dir
 
 
 def _embed_chunk(texts: list[str]) -> np.ndarray:
+    if "embedder" not in _WORKER:
+        _WORKER["embedder"] = load_embedder(_WORKER["embedder_dir"], device="cpu")
     return _WORKER["embedder"].transform(texts)
+
+
+def _term_counts(texts: list[str]):
+    """(terms sorted by name, counts (n_docs, n_terms) sparse int32) of a chunk under the TF-IDF analyzer."""
+    from sklearn.feature_extraction.text import CountVectorizer
+
+    base = TfidfEmbedder()._make_vectorizer()
+    counter = CountVectorizer(preprocessor=base.preprocessor, token_pattern=base.token_pattern,
+                              stop_words=base.stop_words, dtype=np.int32)
+    try:
+        counts = counter.fit_transform(texts)
+    except ValueError:  # a chunk of stop words only: its rows have no term
+        import scipy.sparse as sp
+
+        return [], sp.csr_matrix((len(texts), 0), dtype=np.int32)
+    return counter.get_feature_names_out().tolist(), counts
 
 
 def _text_batches(path: Path, rows: int):
@@ -349,23 +422,38 @@ def embed_corpus(
     else:
         raise InputError(f"embedder must be tfidf or encoder, got {embedder!r}")
     from corpus.read import parquet_file, take_rows
-    from corpus.stream import NpyWriter, WorkerPool
+    from corpus.stream import WorkerPool
 
     n_train = parquet_file(corpus_dir / TRAIN_SPLIT, ["text"]).metadata.num_rows
     if not n_train:
         raise InputError(f"{corpus_dir / 'train.parquet'} has no documents")
     rng = np.random.default_rng(seed)
     fit_idx = np.arange(n_train) if n_train <= fit_sample else np.sort(rng.choice(n_train, fit_sample, replace=False))
-    emb.fit([r["text"] or "" for r in take_rows(corpus_dir / TRAIN_SPLIT, fit_idx, ["text"], batch_size=chunk)])
+    n_proc = max(1, int(workers)) if embedder == "tfidf" else 1  # the encoder runs on one device, in this process
+    stack = contextlib.ExitStack()
+    scratch = Path(out_dir).parent / f".{Path(out_dir).name}.tmp-embedder-{os.getpid()}"
+    pool = stack.enter_context(WorkerPool(n_proc, _init_worker, (str(scratch),))) if embedder == "tfidf" else None
+    stack.callback(shutil.rmtree, scratch, ignore_errors=True)
+    with stack:
+        return _embed_splits(emb, corpus_dir, out_dir, embedder, fit_idx, chunk, pool, scratch, n_proc, t0)
+
+
+def _embed_splits(emb, corpus_dir: Path, out_dir, embedder: str, fit_idx, chunk: int, pool, scratch: Path,
+                  n_proc: int, t0: float) -> dict:
+    from corpus.read import parquet_file, take_rows
+    from corpus.stream import NpyWriter
+
+    sample = [r["text"] or "" for r in take_rows(corpus_dir / TRAIN_SPLIT, fit_idx, ["text"], batch_size=chunk)]
+    emb.fit(sample, pool=pool) if pool is not None else emb.fit(sample)
+    del sample
+    if pool is not None:
+        emb.save(scratch)  # where the pool's workers load it from
     max_chars = getattr(emb, "max_chars", None)
     stats = {"embedder": embedder, "dim": emb.dim, "fit_docs": int(len(fit_idx)), "n_docs": {},
              "max_chars": max_chars, "n_cut": {}, "workers": 1}
-    with atomic_dir(out_dir) as tmp, contextlib.ExitStack() as stack:
+    with atomic_dir(out_dir) as tmp:
         emb.save(tmp / "embedder")
-        n_proc = max(1, int(workers)) if embedder == "tfidf" else 1  # the encoder runs on one device, in this process
         stats["workers"] = n_proc
-        pool = stack.enter_context(WorkerPool(n_proc, _init_worker, (str(tmp / "embedder"),))) \
-            if embedder == "tfidf" else None
         for split in SPLITS:
             path = corpus_dir / f"{split}.parquet"
             if not path.exists():
