@@ -13,6 +13,7 @@
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from concurrent.futures import ProcessPoolExecutor
@@ -59,16 +60,9 @@ class WorkerPool:
     def __init__(self, workers: int = 1, initializer: Callable | None = None, initargs: tuple = ()):
         self.workers, self.initializer, self.initargs = max(1, int(workers)), initializer, initargs
         self._pool = None
+        self._here = False  # the initializer has run in this process
 
     def __enter__(self) -> "WorkerPool":
-        if self.workers > 1:
-            import multiprocessing as mp
-
-            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the pool is the parallelism
-            self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
-                                             initializer=self.initializer, initargs=self.initargs)
-        elif self.initializer is not None:
-            self.initializer(*self.initargs)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -76,21 +70,49 @@ class WorkerPool:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
 
+    def _start(self) -> None:
+        import multiprocessing as mp
+
+        os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the pool is the parallelism
+        self._pool = ProcessPoolExecutor(max_workers=self.workers, mp_context=mp.get_context("spawn"),
+                                         initializer=self.initializer, initargs=self.initargs)
+
+    def _inline(self, fn: Callable, item) -> Any:
+        if not self._here and self.initializer is not None:
+            self.initializer(*self.initargs)
+        self._here = True
+        return fn(item)
+
     def map(self, fn: Callable, items: Iterable, in_flight: int | None = None) -> Iterator[Any]:
-        if self._pool is None:
-            for item in items:
-                yield fn(item)
-            return
+        """`fn(item)` for every item, in order. Work of a single item (a small corpus) runs in this process: the
+        pool's processes start only once there are two items to spread."""
         from collections import deque
 
+        it = iter(items)
+        first = next(it, _NOTHING)
+        if first is _NOTHING:
+            return
+        second = next(it, _NOTHING)
+        if second is _NOTHING or self.workers <= 1:
+            yield self._inline(fn, first)
+            if second is not _NOTHING:
+                yield self._inline(fn, second)
+                for item in it:
+                    yield self._inline(fn, item)
+            return
+        if self._pool is None:
+            self._start()
         limit = max(1, in_flight or 2 * self.workers)
         pending: deque = deque()
-        for item in items:
+        for item in itertools.chain((first, second), it):
             pending.append(self._pool.submit(fn, item))
             if len(pending) >= limit:
                 yield pending.popleft().result()
         while pending:
             yield pending.popleft().result()
+
+
+_NOTHING = object()
 
 
 def ordered_map(fn: Callable, items: Iterable, workers: int = 1, initializer: Callable | None = None,
