@@ -12,13 +12,24 @@ Modules, from the bottom up:
 - `router`: `CentroidRouter`, the routing formula softmax(−d²/T) over the top_k nearest centroids, and nearest-centroid
   assignment; `experts/` routes through it.
 """
-from clustering.balanced import size_bounds, weighted_size_bounds
-from clustering.clusterers import BalancedKMeans, Clusterer, RandomClusters, UnbalancedKMeans, load_clusterer
-from clustering.embed import EncoderEmbedder, TfidfEmbedder, embed_corpus, load_embedder
-from clustering.inspect import describe_clusters
-from clustering.io import assign_clusters, document_weights, fit_clusters
-from clustering.router import CentroidRouter
-from clustering.search import faiss_has_gpu
+import importlib
+
+_HOMES = {
+    "size_bounds": "balanced", "weighted_size_bounds": "balanced", "BalancedKMeans": "clusterers",
+    "Clusterer": "clusterers", "RandomClusters": "clusterers", "UnbalancedKMeans": "clusterers",
+    "load_clusterer": "clusterers", "EncoderEmbedder": "embed", "TfidfEmbedder": "embed", "embed_corpus": "embed",
+    "load_embedder": "embed", "describe_clusters": "inspect", "assign_clusters": "io", "document_weights": "io",
+    "fit_clusters": "io", "CentroidRouter": "router", "faiss_has_gpu": "search",
+}
+
+
+def __getattr__(name: str):
+    """`from clustering import X` loads X's module on first use, so that a process that needs only the TF-IDF
+    embedder (a worker of embed_corpus's pool) does not import torch."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"clustering.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'clustering' has no attribute {name!r}")
+
 
 __all__ = [
     "BalancedKMeans", "CentroidRouter", "Clusterer", "EncoderEmbedder", "RandomClusters", "TfidfEmbedder",

@@ -38,10 +38,11 @@ def document_weights(corpus_dir: str | Path, split: str = "train") -> np.ndarray
     clusters balanced by bytes are balanced by tokens up to how well each cluster's text compresses."""
     import pyarrow.compute as pc
 
-    from corpus.read import read_columns
+    from corpus.read import parquet_file
 
-    texts = read_columns(Path(corpus_dir) / f"{split}.parquet", ["text"]).column("text")
-    return np.maximum(pc.binary_length(pc.cast(texts, "binary")).to_numpy(zero_copy_only=False), 1).astype(np.float64)
+    parts = [pc.binary_length(pc.cast(b.column(0), "binary")).to_numpy(zero_copy_only=False)
+             for b in parquet_file(Path(corpus_dir) / f"{split}.parquet", ["text"]).iter_batches(columns=["text"])]
+    return np.maximum(np.concatenate(parts) if parts else np.zeros(0), 1).astype(np.float64)  # one batch of text at a time
 
 
 def fit_clusters(
@@ -92,9 +93,8 @@ def fit_clusters(
     return cfg
 
 
-def _size_summary(labels: np.ndarray, k: int) -> dict:
-    sizes = np.bincount(labels, minlength=k)
-    return {"n_docs": int(labels.size), "sizes": sizes.tolist(), "max": int(sizes.max()), "min": int(sizes.min()),
+def _sizes_summary(sizes: np.ndarray) -> dict:
+    return {"n_docs": int(sizes.sum()), "sizes": sizes.tolist(), "max": int(sizes.max()), "min": int(sizes.min()),
             "max_over_min": float(sizes.max() / sizes.min()) if sizes.min() > 0 else float("inf")}
 
 
@@ -105,6 +105,7 @@ def assign_clusters(
     corpus_dir: str | Path,
     assign: str = "nearest",
     device: str = "auto",
+    chunk_rows: int = 65_536,
 ) -> dict:
     """Give every document of every split a cluster_id; write into out_dir (atomically):
 
@@ -115,15 +116,22 @@ def assign_clusters(
     assign="nearest" (the paper's default) takes the nearest centroid; "balanced" uses the streaming
     capacity-aware assignment on the train split (sizes within the clusterer's tolerance, weighted by
     `document_weights` when the clusterer was fitted by tokens); valid/test always go to the nearest centroid. A random clusterer assigns every split uniformly at random (seeded).
+    Embeddings and ids are read `chunk_rows` rows at a time (ordinary reads, no memory map) and the outputs
+    appended as they come, so memory holds one chunk; only the balanced train assignment needs the whole corpus.
     """
     import pyarrow as pa
     import pyarrow.parquet as pq
+
+    from corpus.read import parquet_file
+    from corpus.stream import NpyWriter, RowGroupWriter, exact_batches, iter_npy_rows
 
     if assign not in ("nearest", "balanced"):
         raise InputError(f"assign must be nearest or balanced, got {assign!r}")
     embeddings_dir, corpus_dir = Path(embeddings_dir), Path(corpus_dir)
     model = load_clusterer(clusters_dir, device=device)
     k = model.n_clusters
+    rows = max(1, int(chunk_rows))
+    schema = pa.schema([("id", pa.string()), ("cluster_id", pa.int32()), ("distance", pa.float32())])
     summary: dict[str, Any] = {"assign": assign, "algorithm": model.algorithm, "n_clusters": k, "splits": {}}
     with atomic_dir(out_dir) as tmp:
         for si, split in enumerate(SPLITS):
@@ -132,37 +140,59 @@ def assign_clusters(
                 if split == "train":
                     raise InputError(f"missing embeddings file: {emb}")
                 continue
-            x = _load_npy(emb)
+            x = _load_npy(emb)  # memory-mapped: only its shape is read here
             cpath = corpus_dir / f"{split}.parquet"
             if not cpath.exists():
                 raise InputError(f"missing corpus split {cpath} (embeddings exist for it)")
-            ids = pq.read_table(cpath, columns=["id"]).column("id").to_pylist()
-            if len(ids) != x.shape[0]:
-                raise InputError(f"{emb} has {x.shape[0]} rows but {cpath} has {len(ids)} documents")
-            dists = np.lib.format.open_memmap(tmp / f"{split}_distances.npy", mode="w+", dtype=np.float32,
-                                              shape=(x.shape[0], k))
-            if x.shape[0] == 0:
-                labels, dist = np.zeros(0, np.int64), np.zeros(0, np.float32)
-            elif isinstance(model, RandomClusters):
-                model.squared_distances(x, out=dists)
-                labels = model.random_labels(x.shape[0], salt=si + 1)
-                dist = np.take_along_axis(np.asarray(dists), labels[:, None], 1)[:, 0]
-            elif assign == "balanced" and split == "train":
-                weights = document_weights(corpus_dir, split) if getattr(model, "weighted", False) else None
-                labels, dist = model.assign_balanced(x, return_distance=True, out_distances=dists, weights=weights)
+            pf = parquet_file(cpath, ["id"])
+            n = pf.metadata.num_rows
+            if n != x.shape[0]:
+                raise InputError(f"{emb} has {x.shape[0]} rows but {cpath} has {n} documents")
+            weighted = getattr(model, "weighted", False)
+            if isinstance(model, RandomClusters):
+                labels_all = model.random_labels(n, salt=si + 1)
+
+                def chunks():  # (labels, distances (b,), all distances (b, k)) of rows [s, s + b)
+                    for s, xb in iter_npy_rows(emb, rows):
+                        d = model.squared_distances(xb)
+                        lab = labels_all[s: s + len(xb)]
+                        yield lab, np.take_along_axis(d, lab[:, None], 1)[:, 0], d
+            elif assign == "balanced" and split == "train":  # capacity-aware: one pass over the whole corpus
+                dists = np.lib.format.open_memmap(tmp / f".{split}_distances.npy", mode="w+", dtype=np.float32,
+                                                  shape=(n, k))
+                weights = document_weights(corpus_dir, split) if weighted else None
+                labels_all, dist_all = model.assign_balanced(x, return_distance=True, out_distances=dists,
+                                                             weights=weights)
+                dists.flush()
+
+                def chunks():
+                    for s, d in iter_npy_rows(tmp / f".{split}_distances.npy", rows):
+                        yield labels_all[s: s + len(d)], dist_all[s: s + len(d)], d
             else:
-                labels, dist = model.predict(x, return_distance=True, out_distances=dists)
-            dists.flush()
-            del dists
-            table = pa.table({"id": pa.array([str(i) for i in ids], pa.string()),
-                              "cluster_id": pa.array(labels.astype(np.int32)),
-                              "distance": pa.array(dist.astype(np.float32))})
-            pq.write_table(table, tmp / f"{split}.parquet")
-            summary["splits"][split] = _size_summary(labels, k) if len(labels) else {"n_docs": 0}
-            if getattr(model, "weighted", False) and len(labels):
-                summary["splits"][split]["weighted_sizes"] = np.bincount(
-                    labels, weights=document_weights(corpus_dir, split), minlength=k).tolist()
-            log.info("assigned %s: %d docs, sizes %s..%s", split, len(labels),
-                     summary["splits"][split].get("min"), summary["splits"][split].get("max"))
+                def chunks():
+                    for _, xb in iter_npy_rows(emb, rows):
+                        d = np.empty((len(xb), k), np.float32)
+                        lab, dd = model.predict(xb, return_distance=True, out_distances=d)
+                        yield lab, dd, d
+            dist_w = NpyWriter(tmp / f"{split}_distances.npy", np.float32, (k,))
+            table_w = RowGroupWriter(tmp / f"{split}.parquet", schema, measure=None)
+            sizes = np.zeros(k, np.int64)
+            ids = exact_batches(pf, "id", rows)
+            for lab, dd, d in chunks():
+                dist_w.write(d)
+                id_b = next(ids)
+                table_w.write(pa.table({"id": id_b.cast(pa.string()), "cluster_id": pa.array(lab.astype(np.int32)),
+                                        "distance": pa.array(np.asarray(dd, np.float32))}, schema=schema))
+                sizes += np.bincount(lab, minlength=k)
+            dist_w.close()
+            table_w.close()
+            (tmp / f".{split}_distances.npy").unlink(missing_ok=True)
+            summary["splits"][split] = _sizes_summary(sizes) if n else {"n_docs": 0}
+            if weighted and n:
+                w = document_weights(corpus_dir, split)
+                lab = pq.read_table(tmp / f"{split}.parquet", columns=["cluster_id"]).column(0).to_numpy()
+                summary["splits"][split]["weighted_sizes"] = np.bincount(lab, weights=w, minlength=k).tolist()
+            log.info("assigned %s: %d docs, sizes %s..%s", split, n, summary["splits"][split].get("min"),
+                     summary["splits"][split].get("max"))
         write_json(tmp / "summary.json", summary)
     return summary

@@ -25,7 +25,10 @@ import os
 import shutil
 from pathlib import Path
 
-from corpus.io import InputError, atomic_dir, is_write_error, local_files, temporary_path, write_json
+import numpy as np
+
+from corpus.io import (InputError, atomic_dir, is_write_error, local_files, read_json, short_hash, temporary_path,
+                       write_json)
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +42,12 @@ _BUILDERS = {".jsonl": "json", ".json": "json", ".jsonl.gz": "json", ".json.gz":
 _DIR_SUFFIXES = tuple(s for s in _BUILDERS if not s.startswith(".json") or s.startswith(".jsonl"))
 
 
+BATCH_ROWS = 4096  # documents per Arrow batch while streaming a corpus through
+READ_CHUNK_BYTES = 10 << 20  # bytes of a JSON-lines / text file `datasets` parses at a time (its default)
+ROW_GROUP_ROWS = 8192  # documents per row group of the split files (fewer when they hold more than 64 MiB)
+_NORMALIZED_VERSION = 1  # bump when the normalized per-file format changes (invalidates cache_dir entries)
+
+
 def prepare_corpus(
     source: str | os.PathLike,
     out_dir: str | os.PathLike,
@@ -47,12 +56,24 @@ def prepare_corpus(
     split: tuple[float, float, float] = (0.9, 0.05, 0.05),
     seed: int = 0,
     max_docs: int | None = None,
+    workers: int = 1,
+    cache_dir: str | os.PathLike | None = None,
+    batch_rows: int = BATCH_ROWS,
+    streaming: bool = False,
 ) -> dict:
     """Read `source`, split it, drop empty documents, and write `out_dir/{train,valid,test}.parquet` + `stats.json`.
 
     `label_field` is carried along for reporting only (cluster purity, per-label perplexity). `max_docs` keeps a
     seeded sample of about that many documents in total, in proportion to the split sizes. Returns the stats
     dict written to `stats.json`.
+
+    Memory is bounded by `batch_rows` documents, whatever the corpus size: each input file is read once into a
+    normalized Arrow stream (id?, text, label?; non-empty documents only) by `workers` processes, and the splits
+    are written from those streams batch by batch; per document only a split code (1 byte) and an id hash (8
+    bytes) are held. With `cache_dir` the normalized stream of each local file is kept there under a key of the
+    file's path, size and mtime, so a rerun after one file of many changed reads only that file again.
+    `streaming` reads a hub dataset with `datasets`' streaming mode (never downloaded whole). The outputs do not
+    depend on `batch_rows` or `workers` (same bytes).
     """
     if len(split) != 3 or any(f < 0 for f in split) or abs(sum(split) - 1.0) > 1e-6 or split[0] <= 0:
         raise InputError(f"split fractions must be three non-negative numbers summing to 1 with train > 0, got {split}")
@@ -62,65 +83,358 @@ def prepare_corpus(
     import datasets
 
     datasets.disable_progress_bars()
-    # arrow cache of this read only, removed below; beside out_dir, where a killed run's next one cleans it up
-    cache_dir = str(temporary_path(Path(out_dir).with_name(Path(out_dir).name + "-datasets")))
-    Path(cache_dir).mkdir(parents=True)
+    # arrow caches of this read only, removed below; beside out_dir, where a killed run's next one cleans it up
+    scratch = temporary_path(Path(out_dir).with_name(Path(out_dir).name + "-datasets"))
+    scratch.mkdir(parents=True)
     try:
-        parts, files, split_from = _load(str(source), cache_dir, text_field)  # {split or None: [(origin, Dataset)]}
-        per_split = {s: _columns(parts, s, text_field, label_field) for s in parts}
+        parts, files, split_from, seen = _normalized_parts(str(source), scratch, text_field, label_field, workers,
+                                                          cache_dir, batch_rows, streaming)
+        n_empty = {(k or "all"): sum(p["n_empty"] for p in ps) for k, ps in parts.items()}
+        for k, n in n_empty.items():
+            if n:
+                log.info("dropped %d empty documents (%s)", n, "whole corpus" if k == "all" else k)
+        if sum(p["n_docs"] for ps in parts.values() for p in ps) == 0:
+            raise InputError(f"empty corpus: {source} has no non-empty documents in field {text_field!r}")
+        dest = _destinations(parts, split, seed, max_docs, str(source))  # {key: int8 (n_docs,) split index or -1}
+        stats = {
+            "source": str(source), "files": files, "text_field": text_field, "label_field": label_field,
+            "split_from": split_from, "split": list(split), "seed": seed, "max_docs": max_docs,
+        }
+        with atomic_dir(out_dir) as tmp:
+            stats.update(_write_splits(parts, dest, tmp, label_field, str(source), batch_rows))
+            stats["n_empty_dropped"] = n_empty
+            stats = {k: stats[k] for k in ("source", "files", "text_field", "label_field", "split_from", "split", "seed",
+                                           "max_docs", "n_docs", "n_empty_dropped", "n_chars", "n_words", "labels")}
+            _check_unchanged(seen)
+            write_json(tmp / "stats.json", stats)
     finally:
-        shutil.rmtree(cache_dir, ignore_errors=True)
-
-    n_empty = {}
-    for s, docs in per_split.items():
-        keep = [i for i, t in enumerate(docs["text"]) if t.strip()]
-        n_empty[s or "all"] = len(docs["text"]) - len(keep)
-        if n_empty[s or "all"]:
-            log.info("dropped %d empty documents (%s)", n_empty[s or "all"], s or "whole corpus")
-        per_split[s] = _take(docs, keep)
-    if sum(len(d["text"]) for d in per_split.values()) == 0:
-        raise InputError(f"empty corpus: {source} has no non-empty documents in field {text_field!r}")
-    if None in per_split:  # no split files: one seeded split of everything
-        per_split = _seeded_split(per_split[None], split, seed)
-    else:
-        per_split = _fill_missing(per_split, split, seed, str(source))
-    if max_docs is not None:
-        per_split = _subsample(per_split, max_docs, seed)
-    for s in SPLITS:
-        if not per_split[s]["text"]:
-            raise InputError(f"corpus {source}: the {s} split is empty after dropping empty documents")
-        if per_split[s]["id"] is None:
-            per_split[s]["id"] = [f"{s}-{i}" for i in range(len(per_split[s]["text"]))]
-    _check_unique_ids(per_split, str(source))
-
-    stats = {
-        "source": str(source),
-        "files": files,
-        "text_field": text_field,
-        "label_field": label_field,
-        "split_from": split_from,
-        "split": list(split),
-        "seed": seed,
-        "max_docs": max_docs,
-        "n_docs": {s: len(per_split[s]["text"]) for s in SPLITS},
-        "n_empty_dropped": n_empty,
-        "n_chars": {s: sum(map(len, per_split[s]["text"])) for s in SPLITS},
-        "n_words": {s: sum(len(t.split()) for t in per_split[s]["text"]) for s in SPLITS},
-        "labels": ({s: _counts(per_split[s]["label"]) for s in SPLITS} if label_field else None),
-    }
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with atomic_dir(out_dir) as tmp:
-        for s in SPLITS:
-            cols = {"id": pa.array(per_split[s]["id"], pa.string()), "text": pa.array(per_split[s]["text"], pa.string())}
-            if label_field:
-                cols["label"] = pa.array(per_split[s]["label"], pa.string())
-            pq.write_table(pa.table(cols), tmp / f"{s}.parquet")
-        write_json(tmp / "stats.json", stats)
+        shutil.rmtree(scratch, ignore_errors=True)
     log.info("corpus %s: %s documents (train/valid/test) written to %s", source,
              "/".join(str(stats["n_docs"][s]) for s in SPLITS), out_dir)
     return stats
+
+
+# ---- normalized parts: one Arrow stream (id?, text, label?) of non-empty documents per input ---------------
+def _normalized_parts(source: str, scratch: Path, text_field: str, label_field: str | None, workers: int,
+                      cache_dir, batch_rows: int, streaming: bool):
+    """→ ({split|None: [part]}, files read, how the split was decided, {file: (size, mtime_ns)} as read), where a
+    part is {"origin", "path" (Arrow stream), "n_docs", "n_empty", "has_id"}."""
+    from corpus.stream import ordered_map
+
+    kind, payload, files, split_from = _locate(source, text_field, streaming)
+    parts: dict[str | None, list] = {}
+    seen: dict[str, tuple] = {}
+    if kind == "files":
+        jobs = []
+        for i, (s, builder, f) in enumerate(payload):
+            st = os.stat(f)
+            seen[f] = (st.st_size, st.st_mtime_ns)
+            key = short_hash([os.path.abspath(f), st.st_size, st.st_mtime_ns, builder, text_field, label_field,
+                              _NORMALIZED_VERSION], 16)
+            where = Path(cache_dir) if cache_dir is not None else scratch
+            jobs.append((f, builder, text_field, label_field, str(where / f"{key}.arrow"),
+                         str(scratch / f"datasets-{i}"), batch_rows))
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        n_work = max(1, min(workers, sum(1 for j in jobs if not _cached(j[4]))))
+        for (s, _, f), info in zip(payload, ordered_map(_normalize_file, jobs, n_work)):
+            parts.setdefault(s, []).append(info)
+    else:
+        for s, items in payload.items():
+            for i, (origin, ds) in enumerate(items):
+                out = scratch / f"part-{s}-{i}.arrow"
+                info = _normalize_batches(_dataset_batches(ds, batch_rows), origin, text_field, label_field, out)
+                parts.setdefault(s, []).append(info)
+    return parts, files, split_from, seen
+
+
+def _cached(path: str) -> bool:
+    return Path(path).is_file() and Path(path + ".json").is_file()
+
+
+def _normalize_file(job) -> dict:
+    """One input file → its normalized Arrow stream (reused when `path` is already there: a cache entry)."""
+    f, builder, text_field, label_field, path, ds_cache, batch_rows = job
+    if _cached(path):
+        log.info("corpus file %s unchanged: reusing %s", f, path)
+        return read_json(path + ".json")
+    import datasets
+
+    datasets.disable_progress_bars()
+    _check_utf8(f)
+    try:
+        chunk = {"chunksize": READ_CHUNK_BYTES} if builder in ("json", "text") else {}
+        ds = datasets.load_dataset(builder, data_files={"data": [f]}, split="data", cache_dir=ds_cache, **chunk)
+    except Exception as e:  # noqa: BLE001 - any library failure becomes one line
+        if is_write_error(e):  # the arrow cache in the run folder could not be written: not the input's fault
+            raise
+        _diagnose(f, builder)
+        raise InputError(f"cannot read corpus file {f}: {_one_line(e)}") from None
+    field = "text" if builder == "text" else text_field  # a .txt line is a document whatever the field is called
+    tmp = str(temporary_path(path))
+    try:
+        info = _normalize_batches(_dataset_batches(ds, batch_rows), f, field, label_field, Path(tmp))
+        del ds
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        shutil.rmtree(ds_cache, ignore_errors=True)
+    info["path"] = path
+    write_json(path + ".json", info)
+    return info
+
+
+def _dataset_batches(ds, batch_rows: int):
+    """Arrow tables of ≤ batch_rows rows of a `datasets` Dataset (read from its cache files with ordinary reads,
+    not through the memory map, when it has no indices mapping) or IterableDataset (streaming)."""
+    import datasets
+    import pyarrow as pa
+
+    if hasattr(ds, "cache_files") and ds.cache_files and getattr(ds, "_indices", None) is None \
+            and len(ds.cache_files) == len(ds.data.to_batches() and ds.cache_files):
+        for cf in ds.cache_files:
+            with pa.OSFile(cf["filename"]) as fh:
+                reader = pa.ipc.open_stream(fh)
+                for batch in reader:
+                    for off in range(0, batch.num_rows, batch_rows):
+                        yield pa.Table.from_batches([batch.slice(off, batch_rows)])
+        return
+    if isinstance(ds, datasets.Dataset):  # an in-memory or index-mapped Dataset
+        for t in ds.with_format("arrow").iter(batch_size=batch_rows):
+            yield t
+        return
+    for rows in ds.iter(batch_size=batch_rows):  # IterableDataset: dict of lists
+        yield pa.table(rows)
+
+
+def _stream_columns(path: str) -> list[str] | None:
+    """Column names of the Arrow stream file `path` (a `datasets` cache file; reads its schema only)."""
+    import pyarrow as pa
+
+    try:
+        with pa.OSFile(path) as fh:
+            return pa.ipc.open_stream(fh).schema.names
+    except (OSError, pa.ArrowInvalid):
+        return None
+
+
+def _normalize_batches(tables, origin: str, text_field: str, label_field: str | None, out: Path) -> dict:
+    """Write the non-empty documents of `tables` as an Arrow stream `out` with string columns text, id (when the
+    input has one), label (when `label_field`); InputError naming `origin` for a missing field or a non-text or
+    null text. Returns {"origin", "path", "n_docs", "n_empty", "has_id"}."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    writer = None
+    n_rows = n_docs = 0
+    has_id = None
+    try:
+        for table in tables:
+            cols = table.column_names
+            if text_field not in cols:
+                raise InputError(f"{origin}: documents have no text field {text_field!r} (fields: {', '.join(cols)}); "
+                                 "pass --text-field")
+            if label_field and label_field not in cols:
+                raise InputError(f"{origin}: documents have no label field {label_field!r} (fields: {', '.join(cols)})")
+            text = table.column(text_field)
+            if text.null_count:
+                first = int(np.flatnonzero(pc.is_null(text).to_numpy(zero_copy_only=False))[0])
+                raise InputError(f"{origin}: document {n_rows + first + 1} has no text field {text_field!r}")
+            if not (pa.types.is_string(text.type) or pa.types.is_large_string(text.type)):
+                raise InputError(f"{origin}: field {text_field!r} holds {text.type} values, expected text")
+            keep = pc.greater(pc.utf8_length(pc.utf8_trim_whitespace(text)), 0)
+            cols_out = {"text": text.cast(pa.string())}
+            if has_id is None:
+                has_id = "id" in cols
+            if has_id and "id" in cols:
+                cols_out["id"] = _as_text(table.column("id"), "None")
+            elif has_id:
+                raise InputError(f"{origin}: some documents have an id field and some do not")
+            if label_field:
+                cols_out["label"] = _as_text(table.column(label_field), "")
+            kept = pa.table(cols_out).filter(keep)
+            if writer is None:
+                writer = pa.ipc.new_stream(str(out), kept.schema)
+            writer.write_table(kept)
+            n_rows += table.num_rows
+            n_docs += kept.num_rows
+    finally:
+        if writer is not None:
+            writer.close()
+    if writer is None:  # no batch at all: an empty stream with the expected columns
+        schema = pa.schema([("text", pa.string())] + ([("label", pa.string())] if label_field else []))
+        with pa.ipc.new_stream(str(out), schema):
+            pass
+    return {"origin": origin, "path": str(out), "n_docs": n_docs, "n_empty": n_rows - n_docs, "has_id": bool(has_id)}
+
+
+def _as_text(col, null: str):
+    """A column as strings the way `str(value)` writes them (null → `null`)."""
+    import pyarrow as pa
+
+    if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_integer(col.type):
+        return col.cast(pa.string()).fill_null(null)
+    return pa.array([null if v is None else str(v) for v in col.to_pylist()], pa.string())
+
+
+def _read_part(part: dict, batch_rows: int):
+    import pyarrow as pa
+
+    with pa.OSFile(part["path"]) as fh:
+        for batch in pa.ipc.open_stream(fh):
+            for off in range(0, batch.num_rows, batch_rows):
+                yield batch.slice(off, batch_rows)
+
+
+def _check_unchanged(seen: dict) -> None:
+    """InputError naming the first input file that vanished or changed (size, mtime) since it was read."""
+    for f, (size, mtime) in seen.items():
+        try:
+            st = os.stat(f)
+        except OSError:
+            raise InputError(f"corpus file {f} vanished while the corpus was read; nothing was written") from None
+        if (st.st_size, st.st_mtime_ns) != (size, mtime):
+            raise InputError(f"corpus file {f} changed while the corpus was read; nothing was written, run again")
+
+
+# ---- splits ----------------------------------------------------------------------------------------------------
+def _key_order(parts: dict) -> list:
+    return [k for k in ("train", "valid", "test", None) if k in parts]
+
+
+def _destinations(parts: dict, split, seed: int, max_docs: int | None, source: str) -> dict:
+    """{key: int8 (n_docs,)}: the output split (0 train, 1 valid, 2 test; -1 left out by max_docs) of every
+    document of the parts under key, in read order. No split files: one seeded split of everything; otherwise the
+    corpus's own splits, with a missing valid/test carved from train."""
+    n = {k: sum(p["n_docs"] for p in ps) for k, ps in parts.items()}
+    dest: dict = {}
+    if None in parts:
+        dest[None] = _seeded_codes(n[None], split, seed)
+    else:
+        if "train" not in parts:
+            raise InputError(f"corpus {source} has split files but none named train")
+        missing = [s for s in ("valid", "test") if s not in parts]
+        for s in ("valid", "test"):
+            if s in parts:
+                dest[s] = np.full(n[s], SPLITS.index(s), np.int8)
+        if missing:
+            log.info("corpus %s has no %s split; carving it from train (seed %d)", source, "/".join(missing), seed)
+            codes = _seeded_codes(n["train"], split, seed)
+            for s in ("valid", "test"):
+                if s not in missing:  # only one was missing: train keeps what was carved for the other
+                    codes[codes == SPLITS.index(s)] = 0
+            dest["train"] = codes
+        else:
+            dest["train"] = np.zeros(n["train"], np.int8)
+    if max_docs is not None:
+        _subsample(parts, dest, max_docs, seed)
+    return dest
+
+
+def _seeded_codes(n: int, split, seed: int) -> np.ndarray:
+    if n < 3:
+        raise InputError(f"corpus has {n} documents; need at least 3 for a train/valid/test split")
+    perm = np.random.default_rng(seed).permutation(n)
+    n_valid = max(1, int(round(n * split[1]))) if split[1] > 0 else 0
+    n_test = max(1, int(round(n * split[2]))) if split[2] > 0 else 0
+    if n_valid == 0 or n_test == 0:
+        raise InputError(f"split {tuple(split)} leaves valid or test empty; both are needed for evaluation")
+    codes = np.zeros(n, np.int8)
+    codes[perm[:n_valid]] = 1
+    codes[perm[n_valid: n_valid + n_test]] = 2
+    return codes
+
+
+def _subsample(parts: dict, dest: dict, max_docs: int, seed: int) -> None:
+    """Keep a seeded sample of about max_docs documents, in proportion to the split sizes (others get -1)."""
+    keys = _key_order(parts)
+    flat = np.concatenate([dest[k] for k in keys])
+    total = int((flat >= 0).sum())
+    if total <= max_docs:
+        return
+    rng = np.random.default_rng(seed + 1)
+    for code, s in enumerate(SPLITS):
+        pos = np.flatnonzero(flat == code)
+        keep = max(1, int(round(len(pos) * max_docs / total)))
+        chosen = np.zeros(len(pos), bool)
+        chosen[rng.choice(len(pos), size=min(len(pos), keep), replace=False)] = True
+        flat[pos[~chosen]] = -1
+    log.info("kept a seeded sample of %d of %d documents (max_docs=%d)", int((flat >= 0).sum()), total, max_docs)
+    start = 0
+    for k in keys:
+        dest[k] = flat[start: start + len(dest[k])]
+        start += len(dest[k])
+
+
+def _write_splits(parts: dict, dest: dict, out: Path, label_field: str | None, source: str, batch_rows: int) -> dict:
+    """Stream the parts into `out/{split}.parquet` (RowGroupWriter: the bytes do not depend on batch_rows); ids are
+    the corpus's own when every part feeding a split has them, else `<split>-<index>`. → the split statistics."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from corpus.stream import RowGroupWriter
+
+    keys = _key_order(parts)
+    feeds = {code: [p for k in keys if (dest[k] == code).any() for p in parts[k]] for code in range(3)}
+    for code, s in enumerate(SPLITS):
+        if not feeds[code]:
+            raise InputError(f"corpus {source}: the {s} split is empty after dropping empty documents")
+    own_ids = {code: all(p["has_id"] for p in feeds[code]) for code in range(3)}
+    schema = pa.schema([("id", pa.string()), ("text", pa.string())] + ([("label", pa.string())] if label_field else []))
+    writers = {code: RowGroupWriter(out / f"{s}.parquet", schema, rows=ROW_GROUP_ROWS) for code, s in enumerate(SPLITS)}
+    n_docs, n_chars, n_words = [0, 0, 0], [0, 0, 0], [0, 0, 0]
+    labels: list[dict] = [{}, {}, {}]
+    id_hashes: list[np.ndarray] = []
+    try:
+        for k in keys:
+            start = 0
+            for part in parts[k]:
+                for batch in _read_part(part, batch_rows):
+                    codes = dest[k][start: start + batch.num_rows]
+                    start += batch.num_rows
+                    for code in np.unique(codes[codes >= 0]):
+                        sel = pa.Table.from_batches([batch]).filter(pa.array(codes == code))
+                        if own_ids[code]:
+                            ids = sel.column("id")
+                        else:
+                            ids = pa.array([f"{SPLITS[code]}-{i}" for i in range(n_docs[code], n_docs[code] + sel.num_rows)],
+                                           pa.string())
+                        cols = {"id": ids, "text": sel.column("text")}
+                        if label_field:
+                            cols["label"] = sel.column("label")
+                            for v, c in zip(*pc.value_counts(sel.column("label")).flatten()):
+                                labels[code][v.as_py()] = labels[code].get(v.as_py(), 0) + c.as_py()
+                        writers[code].write(pa.table(cols, schema=schema))
+                        id_hashes.append(np.fromiter((hash(i) for i in ids.to_pylist()), np.int64, sel.num_rows))
+                        n_docs[code] += sel.num_rows
+                        n_chars[code] += int(pc.sum(pc.utf8_length(sel.column("text"))).as_py() or 0)
+                        n_words[code] += int(pc.sum(pc.count_substring_regex(sel.column("text"), r"\S+")).as_py() or 0)
+    finally:
+        for w in writers.values():
+            w.close()
+    _check_unique_ids(np.concatenate(id_hashes) if id_hashes else np.zeros(0, np.int64), out, source)
+    return {"n_docs": dict(zip(SPLITS, n_docs)), "n_chars": dict(zip(SPLITS, n_chars)),
+            "n_words": dict(zip(SPLITS, n_words)),
+            "labels": {s: dict(sorted(labels[c].items())) for c, s in enumerate(SPLITS)} if label_field else None}
+
+
+def _check_unique_ids(hashes: np.ndarray, out: Path, source: str) -> None:
+    """InputError naming a document id written twice (hashes compared first; only a clash reads the ids back)."""
+    hashes = np.sort(hashes)
+    clash = set(hashes[1:][hashes[1:] == hashes[:-1]].tolist())
+    if not clash:
+        return
+    import pyarrow.parquet as pq
+
+    seen: set[str] = set()
+    for s in SPLITS:
+        for batch in pq.ParquetFile(out / f"{s}.parquet").iter_batches(columns=["id"]):
+            for i in batch.column(0).to_pylist():
+                if hash(i) in clash:
+                    if i in seen:
+                        raise InputError(f"corpus {source}: document id {i!r} occurs more than once")
+                    seen.add(i)
 
 
 # ---- locating and loading ----------------------------------------------------------------------------
@@ -150,8 +464,9 @@ def _is_saved_dataset(path: Path) -> bool:
     return (path / "dataset_dict.json").is_file() or (path / "state.json").is_file()
 
 
-def _load(source: str, cache_dir: str, text_field: str = "text"):
-    """→ ({split|None: [(origin, Dataset)]}, files read, how the split was decided)."""
+def _locate(source: str, text_field: str = "text", streaming: bool = False):
+    """→ ("files", [(split|None, builder, file)], files, how the split was decided) for local files, or
+    ("datasets", {split|None: [(origin, Dataset)]}, [source], ...) for a save_to_disk folder or a hub dataset."""
     import datasets
 
     path = Path(source).expanduser()
@@ -161,8 +476,8 @@ def _load(source: str, cache_dir: str, text_field: str = "text"):
         except Exception as e:  # noqa: BLE001 - turn any library failure into one line
             raise InputError(f"cannot read save_to_disk folder {path}: {_one_line(e)}") from None
         if isinstance(obj, datasets.DatasetDict):
-            return _dict_parts(obj, str(path)), [str(path)], "corpus"
-        return {None: [(str(path), obj)]}, [str(path)], "seeded"
+            return "datasets", _dict_parts(obj, str(path)), [str(path)], "corpus"
+        return "datasets", {None: [(str(path), obj)]}, [str(path)], "seeded"
 
     if any(c in source for c in "*?["):
         root = None
@@ -180,7 +495,7 @@ def _load(source: str, cache_dir: str, text_field: str = "text"):
     elif looks_like_path(source):
         raise InputError(f"corpus path does not exist: {path}")
     else:
-        return _load_hub(source, cache_dir), [source], "corpus"
+        return "datasets", _load_hub(source, streaming), [source], "corpus"
 
     for f in files:
         if _suffix(f) not in _BUILDERS:
@@ -189,42 +504,28 @@ def _load(source: str, cache_dir: str, text_field: str = "text"):
             raise InputError(f"corpus file is not readable: {f}")
     files = _drop_empty_files(files, source)
     _check_fields(files, text_field)
-    groups: dict[tuple[str | None, str], list[str]] = {}
     splits = {f: _split_of(f, root) for f in files}
     has_splits = any(s is not None for s in splits.values())
+    jobs = []
     for f in files:
         s = splits[f] if has_splits else None
         if has_splits and s is None:
             log.warning("%s has no split in its name; it goes into train", f)
             s = "train"
-        groups.setdefault((s, _BUILDERS[_suffix(f)]), []).append(str(f))
-    parts: dict[str | None, list] = {}
-    for (s, builder), group in groups.items():
-        for f in group:
-            _check_utf8(f)
-        try:
-            ds = datasets.load_dataset(builder, data_files={"data": group}, split="data", cache_dir=cache_dir)
-        except Exception as e:  # noqa: BLE001
-            if is_write_error(e):  # the arrow cache in the run folder could not be written: not the input's fault
-                raise
-            for f in group:
-                _diagnose(f, builder)
-            _diagnose_fields(group)
-            raise InputError(f"cannot read corpus files {', '.join(group)}: {_one_line(e)}") from None
-        if builder == "text" and text_field != "text":  # a .txt line is a document whatever the field is called
-            ds = ds.rename_column("text", text_field)
-        parts.setdefault(s, []).append((", ".join(group), ds))
-    return parts, [str(f) for f in files], ("corpus" if has_splits else "seeded")
+        jobs.append((s, _BUILDERS[_suffix(f)], str(f)))
+    return "files", jobs, [str(f) for f in files], ("corpus" if has_splits else "seeded")
 
 
-def _load_hub(name: str, cache_dir: str):
+def _load_hub(name: str, streaming: bool = False):
+    """The hub dataset `name` as {split: [(origin, Dataset or IterableDataset)]}; `streaming` never downloads it
+    whole (documents are read batch by batch as the corpus is prepared)."""
     import datasets
 
     try:
-        obj = datasets.load_dataset(name)
+        obj = datasets.load_dataset(name, streaming=streaming)
     except Exception as e:  # noqa: BLE001
         raise InputError(f"cannot load hub dataset {name!r} (not a local path either): {_one_line(e)}") from None
-    if isinstance(obj, datasets.DatasetDict):
+    if isinstance(obj, (datasets.DatasetDict, datasets.IterableDatasetDict)):
         return _dict_parts(obj, name)
     return {None: [(name, obj)]}
 
@@ -371,104 +672,6 @@ def _diagnose(path: str, builder: str) -> None:
                         raise InputError(f"{path}: line {n} is a JSON {type(obj).__name__}, expected an object")
 
 
-# ---- columns, splits -----------------------------------------------------------------------------------
-def _columns(parts: dict, s, text_field: str, label_field: str | None) -> dict[str, list]:
-    """Concatenate one split's datasets into plain lists {id, text, label}; checks the fields."""
-    out: dict[str, list | None] = {"id": [], "text": [], "label": []}
-    for origin, ds in parts[s]:
-        cols = ds.column_names
-        if text_field not in cols:
-            raise InputError(f"{origin}: documents have no text field {text_field!r} (fields: {', '.join(cols)}); "
-                             f"pass --text-field")
-        if label_field and label_field not in cols:
-            raise InputError(f"{origin}: documents have no label field {label_field!r} (fields: {', '.join(cols)})")
-        texts = ds[text_field]
-        for i, t in enumerate(texts):
-            if t is None:
-                raise InputError(f"{origin}: document {i + 1} has no text field {text_field!r}")
-            if not isinstance(t, str):
-                raise InputError(f"{origin}: field {text_field!r} holds {type(t).__name__} values, expected text")
-        out["text"].extend(texts)
-        out["label"].extend("" if v is None else str(v) for v in (ds[label_field] if label_field else [None] * len(texts)))
-        if out["id"] is not None and "id" in cols:
-            out["id"].extend(str(v) for v in ds["id"])
-        else:
-            out["id"] = None
-    return out
-
-
-def _take(docs: dict, idx) -> dict:
-    return {k: (None if v is None else [v[i] for i in idx]) for k, v in docs.items()}
-
-
-def _seeded_split(docs: dict, split, seed: int) -> dict:
-    import numpy as np
-
-    n = len(docs["text"])
-    if n < 3:
-        raise InputError(f"corpus has {n} documents; need at least 3 for a train/valid/test split")
-    perm = np.random.default_rng(seed).permutation(n)
-    n_valid = max(1, int(round(n * split[1]))) if split[1] > 0 else 0
-    n_test = max(1, int(round(n * split[2]))) if split[2] > 0 else 0
-    if n_valid == 0 or n_test == 0:
-        raise InputError(f"split {tuple(split)} leaves valid or test empty; both are needed for evaluation")
-    parts = {"valid": perm[:n_valid], "test": perm[n_valid: n_valid + n_test], "train": perm[n_valid + n_test:]}
-    return {s: _take(docs, sorted(parts[s].tolist())) for s in SPLITS}
-
-
-def _fill_missing(per_split: dict, split, seed: int, source: str) -> dict:
-    """Keep the corpus's own splits; carve a missing valid/test from train with the split fractions."""
-    if "train" not in per_split:
-        raise InputError(f"corpus {source} has split files but none named train")
-    missing = [s for s in ("valid", "test") if s not in per_split]
-    if not missing:
-        return per_split
-    log.info("corpus %s has no %s split; carving it from train (seed %d)", source, "/".join(missing), seed)
-    carved = _seeded_split(per_split["train"], split, seed)
-    out = {"train": carved["train"]}
-    for s in ("valid", "test"):
-        out[s] = per_split[s] if s in per_split else carved[s]
-    if "valid" in per_split or "test" in per_split:  # only one was missing: give train back what we did not use
-        kept = [s for s in ("valid", "test") if s in per_split]
-        for s in kept:
-            for k in out["train"]:
-                if out["train"][k] is not None and carved[s][k] is not None:
-                    out["train"][k] = out["train"][k] + carved[s][k]
-    return out
-
-
-def _subsample(per_split: dict, max_docs: int, seed: int) -> dict:
-    import numpy as np
-
-    total = sum(len(per_split[s]["text"]) for s in SPLITS)
-    if total <= max_docs:
-        return per_split
-    rng = np.random.default_rng(seed + 1)
-    out = {}
-    for s in SPLITS:
-        n = len(per_split[s]["text"])
-        keep = max(1, int(round(n * max_docs / total)))
-        out[s] = _take(per_split[s], sorted(rng.choice(n, size=min(n, keep), replace=False).tolist()))
-    log.info("kept a seeded sample of %d of %d documents (max_docs=%d)", sum(len(out[s]["text"]) for s in SPLITS), total, max_docs)
-    return out
-
-
-def _check_unique_ids(per_split: dict, source: str) -> None:
-    seen: set[str] = set()
-    for s in SPLITS:
-        for i in per_split[s]["id"]:
-            if i in seen:
-                raise InputError(f"corpus {source}: document id {i!r} occurs more than once")
-            seen.add(i)
-
-
-def _counts(values: list[str]) -> dict[str, int]:
-    out: dict[str, int] = {}
-    for v in values:
-        out[v] = out.get(v, 0) + 1
-    return dict(sorted(out.items()))
-
-
 def parquet_file(path: str | os.PathLike, columns: list[str] | None = None):
     """`pyarrow.parquet.ParquetFile` of a prepared folder's file; one-line InputError when the file is missing,
     unreadable or lacks one of `columns`."""
@@ -508,7 +711,9 @@ def take_rows(path: str | os.PathLike, indices, columns: list[str] | None = None
         raise InputError(f"{path} has {pf.metadata.num_rows} rows; asked for row {want[0] if want[0] < 0 else want[-1]}")
     found: dict[int, dict] = {}
     start = j = 0
-    for batch in pf.iter_batches(batch_size=batch_size, columns=columns):
+    from corpus.stream import iter_batches
+
+    for batch in iter_batches(pf, batch_size, columns):
         if j == len(want):
             break
         end = start + batch.num_rows

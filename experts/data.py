@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -21,7 +20,8 @@ import numpy as np
 
 from corpus.io import InputError, atomic_dir, read_json, write_json
 from corpus.layout import SHARDS_META
-from corpus.read import read_columns
+from corpus.read import parquet_file
+from corpus.stream import NpyWriter, WorkerPool, exact_batches, iter_batches, read_npy_range
 
 log = logging.getLogger(__name__)
 
@@ -58,9 +58,72 @@ def corpus_shard_paths(tokens_dir: str | os.PathLike, split: str = "train") -> l
     return [str(tokens_dir / corpus_shard_name(split))] if n > 0 else []
 
 
-def _encode_batch(args):
-    tokenizer, texts = args
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+_WORKER: dict = {}
+CHUNK_DOCS = 4096  # documents per unit of work (one process-pool task, one write)
+
+
+def _encoder_spec(tokenizer_dir) -> tuple:
+    """What a worker needs to encode like the fast tokenizer of `tokenizer_dir`: its backend `tokenizers.Tokenizer`
+    as JSON (truncation and padding off), the token dtype, eos and [bos] or []; workers need not import
+    transformers."""
+    tokenizer, _, dtype, eos, prefix = _load_fast_tokenizer(tokenizer_dir)
+    backend = tokenizer.backend_tokenizer
+    backend.no_truncation()
+    backend.no_padding()
+    return backend.to_str(), dtype.str, int(eos), list(prefix)
+
+
+def _init_encoder(spec: tuple) -> None:
+    """Pool initializer: this process's `tokenizers.Tokenizer` and the ids framing every document."""
+    from tokenizers import Tokenizer
+
+    backend_json, dtype, eos, prefix = spec
+    _WORKER.update(backend=Tokenizer.from_str(backend_json), dtype=np.dtype(dtype), eos=eos, prefix=prefix)
+
+
+def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """`[bos] + tokens + [eos]` of every text, concatenated → (tokens (n_tokens,) dtype, lengths (n_docs,) int64).
+    `encode_batch_fast` is the Rust batch encoder (its own threads unless TOKENIZERS_PARALLELISM=false, as in
+    a pool's workers); the ids go to numpy without a Python list per document."""
+    import itertools
+
+    w = _WORKER
+    enc = w["backend"].encode_batch_fast(texts, add_special_tokens=False)
+    ids = [e.ids for e in enc]
+    body = np.fromiter(itertools.chain.from_iterable(ids), dtype=w["dtype"], count=sum(map(len, ids)))
+    p = len(w["prefix"])
+    lengths = np.fromiter(map(len, ids), dtype=np.int64, count=len(ids)) + p + 1
+    out = np.empty(int(lengths.sum()), dtype=w["dtype"])
+    ends = np.cumsum(lengths)  # (n_docs,) one past each document's eos
+    frame = np.zeros(len(out), bool)
+    frame[ends - 1] = True
+    out[ends - 1] = w["eos"]
+    if p:
+        frame[ends - lengths] = True
+        out[ends - lengths] = w["prefix"][0]
+    out[~frame] = body
+    return out, lengths
+
+
+def _text_chunks(path: Path, rows: int) -> Iterator[list[str]]:
+    for batch in iter_batches(parquet_file(path, ["text"]), rows, ["text"]):
+        yield [t if t is not None else "" for t in batch.column(0).to_pylist()]
+
+
+def _encoder_pool(tokenizer_dir, num_proc: int) -> WorkerPool:
+    """The stage's pool of `num_proc` encoding processes (or this one), each holding the tokenizer."""
+    return WorkerPool(num_proc, _init_encoder, (_encoder_spec(tokenizer_dir),))
+
+
+def _encoded(path: Path, pool: WorkerPool, rows: int, desc: str, n: int):
+    """(tokens, lengths) per chunk of `rows` documents of the split `path`, in order, encoded by `pool`."""
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=n, desc=desc, unit="doc", mininterval=2.0)
+    for tokens, lengths in pool.map(_encode_chunk, _text_chunks(path, rows)):
+        bar.update(len(lengths))
+        yield tokens, lengths
+    bar.close()
 
 
 def _load_fast_tokenizer(tokenizer_dir) -> tuple:
@@ -77,40 +140,19 @@ def _load_fast_tokenizer(tokenizer_dir) -> tuple:
     return tokenizer, len(tokenizer), token_dtype(len(tokenizer)), eos, ([bos] if bos is not None else [])
 
 
-def _encode_docs(texts: list[str], tokenizer, dtype, eos: int, prefix: list[int], pool, batch_size: int,
-                 desc: str) -> Iterator[np.ndarray]:
-    """`[bos] + tokens + [eos]` of every text, in order, as `dtype` arrays."""
-    from tqdm.auto import tqdm
+class _Blocks:
+    """A token stream written as (n_blocks, seq_len) blocks into one .npy, the tail < seq_len dropped at close."""
 
-    batches = [(tokenizer, texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)]
-    encoded = pool.imap(_encode_batch, batches) if pool else map(_encode_batch, batches)
-    bar = tqdm(total=len(texts), desc=desc, unit="doc", mininterval=2.0)
-    for ids_batch in encoded:
-        for ids in ids_batch:
-            yield np.asarray(prefix + ids + [eos], dtype=dtype)
-        bar.update(len(ids_batch))
-    bar.close()
+    def __init__(self, path: Path, dtype, seq_len: int):
+        self.writer, self.seq_len = NpyWriter(path, dtype), seq_len
 
+    def write(self, tokens: np.ndarray) -> None:
+        self.writer.write(tokens)
 
-def _pool(num_proc: int):
-    if num_proc <= 1:
-        return None
-    import multiprocessing as mp
-
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return mp.get_context("spawn").Pool(num_proc)
-
-
-def _pack(raw: Path, n_tok: int, dtype, seq_len: int, out: Path) -> int:
-    """Cut the token stream in file `raw` into `out` (n_blocks, seq_len) .npy, dropping the tail; → n_blocks."""
-    stream = np.memmap(raw, dtype=dtype, mode="r") if n_tok else np.zeros(0, dtype)
-    n_blocks = int(n_tok // seq_len)
-    blocks = np.lib.format.open_memmap(out, mode="w+", dtype=dtype, shape=(n_blocks, seq_len))
-    if n_blocks:
-        blocks[:] = np.asarray(stream[: n_blocks * seq_len]).reshape(n_blocks, seq_len)
-    blocks.flush()
-    del blocks, stream
-    return n_blocks
+    def close(self) -> int:
+        n_blocks = self.writer.rows // self.seq_len
+        self.writer.close(keep_rows=n_blocks * self.seq_len, shape=(n_blocks, self.seq_len))
+        return n_blocks
 
 
 def tokenize_corpus(
@@ -119,7 +161,7 @@ def tokenize_corpus(
     out_dir: str | os.PathLike,
     seq_len: int,
     num_proc: int = 1,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     splits: Sequence[str] = ("train", "valid"),
 ) -> dict:
     """Tokenize `corpus_dir/{split}.parquet` once, whatever the clustering, for the seed and dense models.
@@ -129,44 +171,92 @@ def tokenize_corpus(
     tokens start, and `corpus.npy` / `valid_corpus.npy` (n_blocks, seq_len) the stream cut into blocks; plus
     `meta.json` {seq_len, vocab_size, eos_id, bos_id, dtype, tokenizer_dir, splits: {split: {n_docs, n_tokens,
     n_blocks, n_tokens_in_blocks}}}. Returns the meta dict.
+
+    Documents are read and encoded `batch_size` (default CHUNK_DOCS) at a time by `num_proc` processes and every file is appended
+    as the chunks come back in order: memory holds a few chunks whatever the corpus size, and the files do not
+    depend on `num_proc` or `batch_size`.
     """
     if seq_len < 2:
         raise InputError(f"--seq-len must be at least 2, got {seq_len}")
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
+    batch_size = int(batch_size or CHUNK_DOCS)
     tokenizer, vocab_size, dtype, eos, prefix = _load_fast_tokenizer(tokenizer_dir)
     meta: dict = {"seq_len": int(seq_len), "vocab_size": int(vocab_size), "eos_id": int(eos),
                   "bos_id": int(prefix[0]) if prefix else None, "dtype": dtype.name,
                   "tokenizer_dir": str(tokenizer_dir), "splits": {}}
-    pool = _pool(num_proc)
-    try:
-        with atomic_dir(out_dir) as tmp:
-            for split in splits:
-                texts = read_columns(corpus_dir / f"{split}.parquet", ["text"]).column("text").to_pylist()
-                offsets = np.zeros(len(texts) + 1, dtype=np.int64)
-                raw = tmp / f".{split}.bin"
-                with open(raw, "wb") as f:
-                    for i, arr in enumerate(_encode_docs(texts, tokenizer, dtype, eos, prefix, pool, batch_size,
-                                                         f"tokenize {split}")):
-                        f.write(arr.tobytes())
-                        offsets[i + 1] = offsets[i] + len(arr)
-                n_tok = int(offsets[-1])
-                n_blocks = _pack(raw, n_tok, dtype, seq_len, tmp / corpus_shard_name(split))
-                stream = np.lib.format.open_memmap(tmp / f"{split}_tokens.npy", mode="w+", dtype=dtype, shape=(n_tok,))
-                if n_tok:
-                    stream[:] = np.memmap(raw, dtype=dtype, mode="r")
-                stream.flush()
-                del stream
-                raw.unlink()
-                np.save(tmp / f"{split}_offsets.npy", offsets)
-                meta["splits"][split] = {"n_docs": len(texts), "n_tokens": n_tok, "n_blocks": n_blocks,
-                                         "n_tokens_in_blocks": n_blocks * seq_len}
-                log.info("tokenized %s: %d docs, %d tokens, %d blocks", split, len(texts), n_tok, n_blocks)
-            write_json(tmp / SHARDS_META, meta)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    with atomic_dir(out_dir) as tmp, _encoder_pool(tokenizer_dir, num_proc) as pool:
+        for split in splits:
+            path = corpus_dir / f"{split}.parquet"
+            n_docs = parquet_file(path, ["text"]).metadata.num_rows
+            stream = NpyWriter(tmp / f"{split}_tokens.npy", dtype)
+            offsets = NpyWriter(tmp / f"{split}_offsets.npy", np.int64)
+            offsets.write(np.zeros(1, np.int64))
+            blocks = _Blocks(tmp / corpus_shard_name(split), dtype, seq_len)
+            for tokens, lengths in _encoded(path, pool, batch_size, f"tokenize {split}", n_docs):
+                offsets.write(stream.rows + np.cumsum(lengths))
+                stream.write(tokens)
+                blocks.write(tokens)
+            n_tok = stream.close()
+            offsets.close()
+            n_blocks = blocks.close()
+            meta["splits"][split] = {"n_docs": n_docs, "n_tokens": n_tok, "n_blocks": n_blocks,
+                                     "n_tokens_in_blocks": n_blocks * seq_len}
+            log.info("tokenized %s: %d docs, %d tokens, %d blocks", split, n_docs, n_tok, n_blocks)
+        write_json(tmp / SHARDS_META, meta)
     return meta
+
+
+def _cluster_chunks(corpus: Path, assignments: Path, rows: int) -> Iterator[np.ndarray]:
+    """cluster_id (int64) of the documents of the split `corpus`, `rows` at a time in corpus order, read from
+    `assignments`. AssignClusters writes them in corpus order (checked first, by streaming both id columns); an
+    assignment file in another order is looked up by id instead (a dict of every id: memory grows with it)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    docs = parquet_file(corpus, ["id"])
+    assign = parquet_file(assignments, ["id", "cluster_id"])
+    aligned = assign.metadata.num_rows == docs.metadata.num_rows and all(
+        pc.all(pc.equal(a.cast(pa.string()), b.cast(pa.string()))).as_py() is not False
+        for a, b in zip(exact_batches(docs, "id", rows), exact_batches(assign, "id", rows)))
+    if aligned:
+        for c in exact_batches(assign, "cluster_id", rows):
+            yield c.to_numpy(zero_copy_only=False).astype(np.int64)
+        return
+    log.warning("%s does not list the documents of %s in order; looking them up by id", assignments, corpus)
+    table = assign.read(columns=["id", "cluster_id"])
+    cid_of = dict(zip(table.column("id").cast(pa.string()).to_pylist(), table.column("cluster_id").to_pylist()))
+    del table
+    for ids in exact_batches(docs, "id", rows):
+        ids = ids.cast(pa.string()).to_pylist()
+        missing = [i for i in ids if i not in cid_of]
+        if missing:
+            raise InputError(f"{len(missing)} document(s) of {corpus} have no cluster in {assignments} "
+                             f"(first: {missing[0]!r})")
+        yield np.asarray([cid_of[i] for i in ids], dtype=np.int64)
+
+
+def _stream_chunks(tokens_dir: Path, split: str, rows: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """(tokens, lengths) of `rows` documents at a time from `tokenize_corpus`'s stream and offsets (file reads)."""
+    off_path, tok_path = tokens_dir / f"{split}_offsets.npy", tokens_dir / f"{split}_tokens.npy"
+    n_docs = int(np.load(off_path, mmap_mode="r").shape[0]) - 1
+    for s in range(0, n_docs, rows):
+        off = read_npy_range(off_path, s, min(n_docs, s + rows) + 1)
+        yield read_npy_range(tok_path, int(off[0]), int(off[-1])), np.diff(off)
+
+
+def _max_cluster(assignments: Path) -> int:
+    """The largest cluster_id of an assignments file (−1 when empty), one column batch at a time; InputError
+    for a negative one."""
+    import pyarrow.compute as pc
+
+    top = -1
+    for batch in parquet_file(assignments, ["cluster_id"]).iter_batches(columns=["cluster_id"]):
+        if len(batch):
+            lo, hi = pc.min_max(batch.column(0)).values()
+            if lo.as_py() < 0:
+                raise InputError(f"negative cluster_id in {assignments}")
+            top = max(top, int(hi.as_py()))
+    return top
 
 
 def shard_corpus(
@@ -176,22 +266,26 @@ def shard_corpus(
     out_dir: str | os.PathLike,
     seq_len: int,
     num_proc: int = 1,
-    batch_size: int = 1000,
+    batch_size: int | None = None,
     splits: Sequence[str] = ("train", "valid"),
     tokens_dir: str | os.PathLike | None = None,
 ) -> dict:
     """Group `corpus_dir/{split}.parquet` by `assignments_dir/{split}.parquet` cluster_id and pack per cluster.
 
     The documents' tokens come from `tokens_dir` (a `tokenize_corpus` folder made with the same tokenizer) when
-    given, else from tokenizing the texts here. Writes into `out_dir` (atomically): `cluster_{id:03d}.npy` and
-    `valid_cluster_{id:03d}.npy`, each (n_blocks, seq_len) uint16/int32, and `meta.json` {seq_len, vocab_size,
-    eos_id, bos_id, dtype, n_clusters, clusters: {id: {split: {n_docs, n_tokens, n_blocks}}}, n_tokens: {id: train
-    tokens in blocks}, empty_clusters}. A cluster with no full block gets an empty (0, seq_len) file and is listed,
-    not fatal. Returns the meta dict.
+    given, else from tokenizing the texts here (`num_proc` processes). Writes into `out_dir` (atomically):
+    `cluster_{id:03d}.npy` and `valid_cluster_{id:03d}.npy`, each (n_blocks, seq_len) uint16/int32, and
+    `meta.json` {seq_len, vocab_size, eos_id, bos_id, dtype, n_clusters, clusters: {id: {split: {n_docs,
+    n_tokens, n_blocks}}}, n_tokens: {id: train tokens in blocks}, empty_clusters}. A cluster with no full block
+    gets an empty (0, seq_len) file and is listed, not fatal. Returns the meta dict.
+
+    `batch_size` documents at a time: their tokens are ordered by cluster (a stable sort keeps corpus order
+    inside each cluster) and appended to each cluster's file, so memory holds one chunk whatever the corpus.
     """
     if seq_len < 2:
         raise InputError(f"--seq-len must be at least 2, got {seq_len}")
     corpus_dir, assignments_dir, out_dir = Path(corpus_dir), Path(assignments_dir), Path(out_dir)
+    batch_size = int(batch_size or CHUNK_DOCS)
     tokenizer, vocab_size, dtype, eos, prefix = _load_fast_tokenizer(tokenizer_dir)
     tok_meta = None
     if tokens_dir is not None:
@@ -202,26 +296,12 @@ def shard_corpus(
     bos = prefix[0] if prefix else None
 
     n_clusters = 0
-    tables = {}
     for split in splits:
-        docs = read_columns(corpus_dir / f"{split}.parquet", ["id"] if tok_meta else ["id", "text"])
-        assign = read_columns(assignments_dir / f"{split}.parquet", ["id", "cluster_id"])
-        cid_of = dict(zip(assign.column("id").to_pylist(), assign.column("cluster_id").to_pylist()))
-        ids = docs.column("id").to_pylist()
-        missing = [i for i in ids if i not in cid_of]
-        if missing:
-            raise InputError(
-                f"{len(missing)} document(s) of {corpus_dir / f'{split}.parquet'} have no cluster in "
-                f"{assignments_dir / f'{split}.parquet'} (first: {missing[0]!r})"
-            )
-        cids = np.asarray([cid_of[i] for i in ids], dtype=np.int64)
-        if len(cids) and cids.min() < 0:
-            raise InputError(f"negative cluster_id in {assignments_dir / f'{split}.parquet'}")
-        n_clusters = max(n_clusters, int(cids.max()) + 1 if len(cids) else 0)
-        if tok_meta is not None and tok_meta["splits"].get(split, {}).get("n_docs") != len(ids):
-            raise InputError(f"token streams in {tokens_dir} do not hold the {len(ids)} documents of "
+        n_docs = parquet_file(corpus_dir / f"{split}.parquet", ["id"]).metadata.num_rows
+        n_clusters = max(n_clusters, _max_cluster(assignments_dir / f"{split}.parquet") + 1)
+        if tok_meta is not None and tok_meta["splits"].get(split, {}).get("n_docs") != n_docs:
+            raise InputError(f"token streams in {tokens_dir} do not hold the {n_docs} documents of "
                              f"{corpus_dir / f'{split}.parquet'}")
-        tables[split] = (None if tok_meta else docs.column("text").to_pylist(), cids)
     summary = assignments_dir / "summary.json"
     if summary.is_file():
         n_clusters = max(n_clusters, int(read_json(summary).get("n_clusters", 0) or 0))
@@ -238,51 +318,47 @@ def shard_corpus(
         "tokenizer_dir": str(tokenizer_dir),
         "clusters": {},
     }
-    pool = None if tok_meta else _pool(num_proc)
-    try:
-        with atomic_dir(out_dir) as tmp:
-            raw_dir = tmp / ".raw"
-            raw_dir.mkdir()
-            for split, (texts, cids) in tables.items():
-                files = [open(raw_dir / f"{split}_{c}.bin", "wb") for c in range(n_clusters)]
-                n_docs = np.bincount(cids, minlength=n_clusters)
-                n_tok = np.zeros(n_clusters, dtype=np.int64)
-                if tok_meta:
-                    stream = np.load(tokens_dir / f"{split}_tokens.npy", mmap_mode="r")
-                    off = np.load(tokens_dir / f"{split}_offsets.npy")
-                    arrays = (stream[off[i] : off[i + 1]] for i in range(len(cids)))
-                else:
-                    arrays = _encode_docs(texts, tokenizer, dtype, eos, prefix, pool, batch_size,
-                                          f"shard {split}: tokenizing")
-                for i, arr in enumerate(arrays):
-                    c = int(cids[i])
-                    files[c].write(np.ascontiguousarray(arr).tobytes())
-                    n_tok[c] += len(arr)
-                for f in files:
-                    f.close()
-                for c in range(n_clusters):
-                    raw = raw_dir / f"{split}_{c}.bin"
-                    n_blocks = _pack(raw, int(n_tok[c]), dtype, seq_len, tmp / shard_name(c, split))
-                    raw.unlink()
-                    meta["clusters"].setdefault(str(c), {})[split] = {
-                        "n_docs": int(n_docs[c]),
-                        "n_tokens": int(n_tok[c]),
-                        "n_blocks": n_blocks,
-                        "n_tokens_in_blocks": n_blocks * seq_len,
-                    }
-                log.info("shard %s: %d docs, %d tokens, %d clusters", split, len(cids), int(n_tok.sum()), n_clusters)
-            shutil.rmtree(raw_dir)
-            meta["n_tokens"] = {c: v["train"]["n_tokens_in_blocks"] for c, v in meta["clusters"].items()} if "train" in tables else {}
-            meta["empty_clusters"] = sorted(
-                int(c) for c, v in meta["clusters"].items() if "train" in v and v["train"]["n_blocks"] == 0
-            )
-            if meta["empty_clusters"]:
-                log.warning("clusters with no full %d-token block: %s", seq_len, meta["empty_clusters"])
-            write_json(tmp / SHARDS_META, meta)
-    finally:
-        if pool is not None:
-            pool.close()
-            pool.join()
+    with atomic_dir(out_dir) as tmp, (_encoder_pool(tokenizer_dir, num_proc) if tok_meta is None
+                                      else WorkerPool(1)) as pool:
+        for split in splits:
+            cpath = corpus_dir / f"{split}.parquet"
+            n_split = parquet_file(cpath, ["id"]).metadata.num_rows
+            if tok_meta:
+                chunks = _stream_chunks(tokens_dir, split, batch_size)
+            else:
+                chunks = _encoded(cpath, pool, batch_size, f"shard {split}: tokenizing", n_split)
+            writers = [_Blocks(tmp / shard_name(c, split), dtype, seq_len) for c in range(n_clusters)]
+            n_docs = np.zeros(n_clusters, dtype=np.int64)
+            n_tok = np.zeros(n_clusters, dtype=np.int64)
+            for (tokens, lengths), cids in zip(chunks, _cluster_chunks(cpath, assignments_dir / f"{split}.parquet",
+                                                                        batch_size)):
+                if len(cids) != len(lengths):
+                    raise InputError(f"{assignments_dir / f'{split}.parquet'} and {cpath} hold different documents")
+                per_token = np.repeat(cids, lengths)  # (n_tokens,) cluster of every token
+                order = np.argsort(per_token, kind="stable")
+                counts = np.bincount(per_token, minlength=n_clusters)
+                grouped = tokens[order]
+                for c, (s, e) in enumerate(zip(np.cumsum(counts) - counts, np.cumsum(counts))):
+                    if e > s:
+                        writers[c].write(grouped[s:e])
+                n_docs += np.bincount(cids, minlength=n_clusters)
+                n_tok += counts
+            for c, w in enumerate(writers):
+                n_blocks = w.close()
+                meta["clusters"].setdefault(str(c), {})[split] = {
+                    "n_docs": int(n_docs[c]),
+                    "n_tokens": int(n_tok[c]),
+                    "n_blocks": n_blocks,
+                    "n_tokens_in_blocks": n_blocks * seq_len,
+                }
+            log.info("shard %s: %d docs, %d tokens, %d clusters", split, int(n_docs.sum()), int(n_tok.sum()), n_clusters)
+        meta["n_tokens"] = {c: v["train"]["n_tokens_in_blocks"] for c, v in meta["clusters"].items()} if "train" in splits else {}
+        meta["empty_clusters"] = sorted(
+            int(c) for c, v in meta["clusters"].items() if "train" in v and v["train"]["n_blocks"] == 0
+        )
+        if meta["empty_clusters"]:
+            log.warning("clusters with no full %d-token block: %s", seq_len, meta["empty_clusters"])
+        write_json(tmp / SHARDS_META, meta)
     return meta
 
 

@@ -84,16 +84,43 @@ def load_tokenizer(path: str | os.PathLike):
         raise InputError(f"cannot load a tokenizer from {Path(path)}: {first}") from None
 
 
+SAMPLE_CHARS = 200_000_000  # the BPE trainer reads at most about this many characters of the train split
+SAMPLE_DOC_CHARS = 1_000_000  # ... and at most this prefix of each sampled document
+
+
 def tokenizer_for_corpus(corpus_dir: str | os.PathLike, out_dir: str | os.PathLike, seed_model: str = "scratch",
-                         vocab_size: int = 8192) -> dict:
+                         vocab_size: int = 8192, sample_chars: int = SAMPLE_CHARS, seed: int = 0) -> dict:
     """The tokenizer of a run in `out_dir`: for `seed_model` 'scratch', byte-level BPE of `vocab_size` trained on
     `<corpus_dir>/train.parquet`'s text column (`train_tokenizer`); otherwise the seed model's own tokenizer, copied.
-    Returns {"vocab_size"} or {"from": seed_model}."""
+    A train split of more than `sample_chars` characters is sampled: each document is kept with probability
+    sample_chars / total (seeded, decided per row, streamed) and read up to `SAMPLE_DOC_CHARS`; a smaller one is
+    read whole. Returns {"vocab_size", "sample_docs", "total_docs"} or {"from": seed_model}."""
     if seed_model != "scratch":
         load_tokenizer(seed_model).save_pretrained(out_dir)
         return {"from": seed_model}
+    import numpy as np
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq  # heavy: only when a tokenizer is trained
 
-    batches = pq.ParquetFile(Path(corpus_dir) / TRAIN_SPLIT).iter_batches(columns=["text"], batch_size=1024)
-    texts = (t for batch in batches for t in batch.column(0).to_pylist())
-    return {"vocab_size": len(train_tokenizer(texts, out_dir, vocab_size=vocab_size))}
+    pf = pq.ParquetFile(Path(corpus_dir) / TRAIN_SPLIT)
+    n = pf.metadata.num_rows
+    total = sum(int(pc.sum(pc.utf8_length(b.column(0))).as_py() or 0)
+                for b in pf.iter_batches(columns=["text"], batch_size=8192))
+    keep = None
+    if total > sample_chars:
+        keep = np.random.default_rng(seed).random(n) < sample_chars / total  # (n_docs,) bool
+        log.info("tokenizer: training on a seeded sample of %d of %d documents (%d of %d characters wanted)",
+                 int(keep.sum()), n, sample_chars, total)
+
+    def texts():
+        start = 0
+        for batch in pf.iter_batches(columns=["text"], batch_size=1024):
+            rows = batch.column(0).to_pylist()
+            if keep is None:
+                yield from rows
+            else:
+                yield from (t[:SAMPLE_DOC_CHARS] for t, k in zip(rows, keep[start: start + len(rows)]) if k and t)
+            start += len(rows)
+
+    tok = train_tokenizer(texts(), out_dir, vocab_size=vocab_size)
+    return {"vocab_size": len(tok), "sample_docs": int(n if keep is None else keep.sum()), "total_docs": n}

@@ -71,6 +71,8 @@ CHOICES = {
     "route_weights": ("posterior", "distance"),
 }
 EVALS_PER_RUN = 10  # --eval-every 0: validation this many times per training run, evenly spaced
+EVAL_MAX_TOKENS = 4_000_000  # --eval-max-tokens default: tokens scored per split (tasks.perplexity caps)
+EVAL_MAX_DOC_TOKENS = 32_768  # --eval-max-doc-tokens default: tokens scored per document
 
 
 def _p(default, kind=luigi.Parameter, name: str = "", **kw):
@@ -137,6 +139,9 @@ class CorpusParams:
     label_field = _p("", name="label_field", description="reporting only; default 'source' for the demo, "
                      "none otherwise")
     max_docs = _p(0, luigi.IntParameter, name="max_docs", description="seeded sample of the corpus; 0 = all")
+    corpus_streaming = _p(False, luigi.BoolParameter, name="corpus_streaming", significant=False,
+                          description="read a hub dataset with datasets' streaming mode, batch by batch, instead of "
+                          "downloading it first (same documents, so the corpus folder is the same)")
 
 
 class ClusteringParams:
@@ -230,6 +235,11 @@ class EvaluationParams:
     """evaluation: perplexity and few-shot classification of every model."""
 
     eval_max_docs = _p(80, luigi.IntParameter, name="eval_max_docs", description="seeded sample of docs per split; 0 = all")
+    eval_max_tokens = _p(EVAL_MAX_TOKENS, luigi.IntParameter, name="eval_max_tokens", description="perplexity: "
+                         "tokens scored per split at most (documents past it are left out, the last one cut); 0 = all")
+    eval_max_doc_tokens = _p(EVAL_MAX_DOC_TOKENS, luigi.IntParameter, name="eval_max_doc_tokens",
+                             description="perplexity: tokens scored per document at most (a longer one is cut, and "
+                             "counted in its result); 0 = all")
     tasks = _p("domains", name="tasks", description="few-shot tasks, comma separated: folders, built-in names, "
                "hf:<dataset>, or 'domains' (derived from the corpus label field); 'none' = no few-shot")
     shots = _p(8, luigi.IntParameter, name="shots", description="few-shot: labelled examples in each prompt")
@@ -256,6 +266,9 @@ class ExecutionParams:
     sharding = _p("ddp", name="sharding", significant=False, description="with --gpus-per-expert > 1: ddp (a full "
                   "copy per GPU) | fsdp (weights, gradients and AdamW moments sharded per decoder layer, for models "
                   "that do not fit on one GPU)")
+    data_workers = _p(0, luigi.IntParameter, name="data_workers", significant=False,
+                      description="processes of each data stage (reading, embedding, tokenizing, sharding); 0 = the "
+                      "cores available to this process (affinity, cgroup quota) divided by luigi's --workers")
     eval_batch_size = _p(16, luigi.IntParameter, name="eval_batch_size", significant=False,
                          description="windows per model call in evaluations (a c-BTM ensemble pools k/top_k times as "
                          "many and calls each expert on at most this many)")
@@ -336,6 +349,21 @@ class RunParams(*PARAMETER_GROUPS):
         return [int(v) for v in str(self.route_early).split(",") if v.strip()]
 
     @property
+    def data_workers_value(self) -> int:
+        """--data-workers, or (0) the cores this process may use divided among luigi's --workers."""
+        if self.data_workers > 0:
+            return int(self.data_workers)
+        from corpus.stream import available_cores
+
+        try:
+            import luigi.interface
+
+            workers = max(1, int(luigi.interface.core().workers))
+        except Exception:  # noqa: BLE001 - no luigi configuration in this process
+            workers = 1
+        return max(1, available_cores() // workers)
+
+    @property
     def seed_list(self) -> list[int]:
         return [int(s) for s in self.fewshot_seeds.split(",") if s.strip()]
 
@@ -413,6 +441,7 @@ class RunParams(*PARAMETER_GROUPS):
 
 # lower bounds of the integer and float parameters (validate); NaN and ±inf are refused for every float
 _AT_LEAST = {"max_docs": 0, "embed_sample": 1, "cluster_sample": 1, "vocab_size": 259, "seq_len": 0,
+             "data_workers": 0, "eval_max_tokens": 0, "eval_max_doc_tokens": 0,
              "batch_tokens": 0, "moe_top_k": 1, "moe_tokens": 0, "eval_max_docs": 0, "fewshot_max_test": 0,
              "seed": 0}
 

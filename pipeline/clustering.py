@@ -26,7 +26,8 @@ class EmbedCorpus(Stage):
 
         kw = {"model": self.encoder_model} if self.embedder == "encoder" and self.encoder_model else {}
         info = embed_corpus(self.input_path(self.requires()), out, embedder=self.embedder,
-                            fit_sample=self.embed_sample, seed=self.seed, device=self.device, **kw)
+                            fit_sample=self.embed_sample, seed=self.seed, device=self.device,
+                            workers=self.data_workers_value, **kw)
         return info if isinstance(info, dict) else None
 
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 from pipeline.base import Stage, files_fingerprint
 
+CORPUS_FILE_CACHE = "cache/corpus-files"  # under --run-dir: each input file read once, kept by (path, size, mtime)
+
 
 class WriteDemoCorpus(Stage):
     """`corpus.demo.write_demo_corpus` → `demo-corpus-<h>/{train,valid,test}.jsonl.gz` (only for --corpus demo)."""
@@ -23,7 +25,9 @@ class WriteDemoCorpus(Stage):
 
 
 class PrepareCorpus(Stage):
-    """`corpus.read.prepare_corpus` → `corpus-<h>/{train,valid,test}.parquet` (id, text[, label]) + stats.json."""
+    """`corpus.read.prepare_corpus` → `corpus-<h>/{train,valid,test}.parquet` (id, text[, label]) + stats.json.
+    Each input file is read once into `<run_dir>/cache/corpus-files/` (by path, size and mtime): a rerun after one
+    file of many changed reads only that file again, then rewrites the splits."""
 
     folder = "corpus"
     hashed = ("corpus", "text_field", "label", "max_docs", "seed")
@@ -44,5 +48,6 @@ class PrepareCorpus(Stage):
         from corpus.read import prepare_corpus
 
         stats = prepare_corpus(self.source(), out, text_field=self.text_field, label_field=self.label,
-                               seed=self.seed, max_docs=self.max_docs or None)
+                               seed=self.seed, max_docs=self.max_docs or None, workers=self.data_workers_value,
+                               cache_dir=Path(self.run_dir) / CORPUS_FILE_CACHE, streaming=self.corpus_streaming)
         return {"n_docs": stats["n_docs"], "n_empty_dropped": stats["n_empty_dropped"]}

@@ -8,7 +8,7 @@ from pathlib import Path
 import luigi
 
 from corpus.io import write_json
-from pipeline.base import Stage, files_fingerprint
+from pipeline.base import EVAL_MAX_DOC_TOKENS, EVAL_MAX_TOKENS, Stage, files_fingerprint
 from pipeline.clustering import AssignClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.models import ORACLE, load_scoring_model, model_stage
@@ -38,7 +38,12 @@ class EvaluatePerplexity(_EvaluateModel):
     `eval-<h>/perplexity/<model>.json` = {model, valid: {...}, test: {...}}. model=oracle: the oracle-routing
     reference, `tasks.perplexity.oracle_perplexity` of the experts' evaluations (no model runs)."""
 
-    hashed = ("model", "eval_max_docs", "seed")
+    @property
+    def hashed(self) -> tuple[str, ...]:  # the token caps enter the hash when set away from their defaults
+        caps = tuple(name for name, default in (("eval_max_tokens", EVAL_MAX_TOKENS),
+                                                ("eval_max_doc_tokens", EVAL_MAX_DOC_TOKENS))
+                     if getattr(self, name) != default)
+        return ("model", "eval_max_docs", "seed") + caps
 
     @property
     def subpath(self) -> str:
@@ -65,7 +70,9 @@ class EvaluatePerplexity(_EvaluateModel):
         for split in ("valid", "test"):
             docs = evaluation_docs(self.input_path(r["corpus"]), self.input_path(r["assignments"]), split,
                                    max_docs=self.eval_max_docs, seed=self.seed)
-            result[split] = evaluate_perplexity(model, docs, batch_size=self.eval_batch_size)
+            result[split] = evaluate_perplexity(model, docs, batch_size=self.eval_batch_size,
+                                                max_tokens=self.eval_max_tokens or None,
+                                                max_doc_tokens=self.eval_max_doc_tokens or None)
         write_json(out / self.output_file, result)
         return {split: result[split].get("perplexity") for split in ("valid", "test")}
 

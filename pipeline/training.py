@@ -66,7 +66,8 @@ class TokenizeCorpus(_SeqLen, Stage):
         from experts.data import tokenize_corpus
 
         r = {k: self.input_path(t) for k, t in self.requires().items()}
-        meta = tokenize_corpus(r["corpus"], r["tokenizer"], out, self.resolved_seq_len())
+        meta = tokenize_corpus(r["corpus"], r["tokenizer"], out, self.resolved_seq_len(),
+                               num_proc=self.data_workers_value)
         return {"splits": meta["splits"]}
 
 
@@ -86,7 +87,7 @@ class ShardCorpus(_SeqLen, Stage):
 
         r = {k: self.input_path(t) for k, t in self.requires().items()}
         return shard_corpus(r["corpus"], r["assignments"], r["tokenizer"], out, self.resolved_seq_len(),
-                            tokens_dir=r["tokens"])
+                            tokens_dir=r["tokens"], num_proc=self.data_workers_value)
 
 
 class _TrainStage(Stage):

@@ -23,33 +23,78 @@ from collections import defaultdict
 from typing import Iterable, Sequence
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 
 from corpus.io import InputError, write_json
-from corpus.read import parquet_file, read_columns, take_rows
+from corpus.read import parquet_file
 from experts.scoring import document_windows
 
 log = logging.getLogger(__name__)
 
 
-def evaluation_docs(corpus_dir: str | os.PathLike, assignments_dir: str | os.PathLike, split: str,
-                    max_docs: int = 0, seed: int = 0) -> list[dict]:
+class EvaluationDocs:
     """The documents of `<corpus_dir>/<split>.parquet` with their `cluster_id` from `<assignments_dir>/<split>.parquet`
-    (`evaluate_perplexity`'s input): all of them, or a sample of `max_docs` drawn with `seed` (in file order; only
-    the sampled rows are read)."""
-    path = os.path.join(corpus_dir, f"{split}.parquet")
-    n = parquet_file(path).metadata.num_rows
-    if max_docs and n > max_docs:
-        keep = np.random.default_rng(seed).choice(n, max_docs, replace=False)
-        rows = take_rows(path, sorted(keep.tolist()))
-    else:
-        rows = pq.read_table(path).to_pylist()
-    cluster = dict(zip(*read_columns(os.path.join(assignments_dir, f"{split}.parquet"),
-                                     ["id", "cluster_id"]).to_pydict().values()))
-    for row in rows:
-        row["cluster_id"] = int(cluster[row["id"]])
-    return rows
+    (`evaluate_perplexity`'s input): all of them, or a sample of `max_docs` drawn with `seed`, in file order.
+    Iterating reads `batch_rows` rows at a time, so a split of millions of documents is never held; `len()` is
+    the number of documents it yields."""
+
+    def __init__(self, corpus_dir: str | os.PathLike, assignments_dir: str | os.PathLike, split: str,
+                 max_docs: int = 0, seed: int = 0, batch_rows: int = 1024):
+        self.path = os.path.join(corpus_dir, f"{split}.parquet")
+        self.assignments = os.path.join(assignments_dir, f"{split}.parquet")
+        self.n = parquet_file(self.path).metadata.num_rows
+        parquet_file(self.assignments, ["id", "cluster_id"])
+        self.keep = None
+        if max_docs and self.n > max_docs:
+            keep = np.zeros(self.n, bool)
+            keep[np.random.default_rng(seed).choice(self.n, max_docs, replace=False)] = True
+            self.keep = keep  # (n_docs,) bool: the sampled rows
+        self.batch_rows = int(batch_rows)
+
+    def __len__(self) -> int:
+        return self.n if self.keep is None else int(self.keep.sum())
+
+    def __iter__(self):
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        from corpus.stream import exact_tables
+
+        docs_pf, assign_pf = parquet_file(self.path), parquet_file(self.assignments)
+        cluster_of = None
+        chunks = zip(exact_tables(docs_pf, docs_pf.schema_arrow.names, self.batch_rows),
+                     exact_tables(assign_pf, ["id", "cluster_id"], self.batch_rows)) \
+            if assign_pf.metadata.num_rows == self.n else ((t, None) for t in
+                                                          exact_tables(docs_pf, docs_pf.schema_arrow.names, self.batch_rows))
+        start = 0
+        for table, assign in chunks:
+            rows_n = table.num_rows
+            if self.keep is not None:
+                mask = self.keep[start: start + rows_n]
+                start += rows_n
+                if not mask.any():
+                    continue
+                table = table.filter(pa.array(mask))
+                assign = assign.filter(pa.array(mask)) if assign is not None else None
+            ids = table.column("id").cast(pa.string())
+            if assign is not None and cluster_of is None and \
+                    pc.all(pc.equal(ids, assign.column("id").cast(pa.string()))).as_py() is not False:
+                cids = assign.column("cluster_id").to_pylist()
+            else:  # an assignment file in another order: look ids up (a dict of every id)
+                if cluster_of is None:
+                    t = assign_pf.read(columns=["id", "cluster_id"])
+                    cluster_of = dict(zip(t.column("id").cast(pa.string()).to_pylist(),
+                                          t.column("cluster_id").to_pylist()))
+                cids = [cluster_of[i] for i in ids.to_pylist()]
+            for row, c in zip(table.to_pylist(), cids):
+                row["cluster_id"] = int(c)
+                yield row
+
+
+def evaluation_docs(corpus_dir: str | os.PathLike, assignments_dir: str | os.PathLike, split: str,
+                    max_docs: int = 0, seed: int = 0) -> EvaluationDocs:
+    """`EvaluationDocs` of a split: every document, or a seeded sample of `max_docs`, streamed in file order."""
+    return EvaluationDocs(corpus_dir, assignments_dir, split, max_docs=max_docs, seed=seed)
 
 
 def _group_metrics(nll: float, n_tokens: int, n_bytes: int, n_docs: int) -> dict:
@@ -73,6 +118,8 @@ def evaluate_perplexity(
     batch_size: int = 8,
     chunk_docs: int = 256,
     per_doc: bool = False,
+    max_tokens: int | None = None,
+    max_doc_tokens: int | None = None,
 ) -> dict:
     """Perplexity of `model` (a `ScoringModel`) on `docs` (dicts with `id`, `text`, optional `label`,
     optional `cluster_id`).
@@ -85,6 +132,12 @@ def evaluate_perplexity(
     (`batch_size` for one model; an ensemble pools k / top_k times as many, so that each expert call gets about
     `batch_size` rows). Batches stay on the CPU: the model moves them, and an ensemble routes the next batch on
     the CPU while its experts run on the GPU.
+
+    Caps (None or 0: none): each document scores at most its first `max_doc_tokens` tokens (its text is cut to
+    16 characters per token before tokenizing, so a 50 MB document costs what a short one does), and the whole
+    call at most `max_tokens` tokens: the document that reaches it is cut, later ones are left out. The result
+    says what was cut: `n_docs_cut`, `n_docs_left_out`, `max_tokens`, `max_doc_tokens`; `n_bytes` of a cut
+    document counts the bytes of its scored prefix.
     """
     from tqdm.auto import tqdm
 
@@ -100,10 +153,13 @@ def evaluate_perplexity(
     stats = {"overall": defaultdict(float), "cluster": defaultdict(lambda: defaultdict(float)),
              "label": defaultdict(lambda: defaultdict(float))}
     doc_rows = []
-    n_docs = n_empty = n_windows = 0
+    n_docs = n_empty = n_windows = n_cut = 0
+    budget = int(max_tokens) if max_tokens else None  # tokens still to score in this call
+    doc_cap = int(max_doc_tokens) if max_doc_tokens else None
+    n_bos = len(bos)
     t0 = time.perf_counter()
     bar = tqdm(total=total, desc=f"perplexity {getattr(model, 'name', '')}", unit="doc", mininterval=2.0)
-    while True:
+    while budget is None or budget > 0:
         chunk = list(itertools.islice(it, chunk_docs))
         if not chunk:
             break
@@ -112,8 +168,22 @@ def evaluate_perplexity(
             if not isinstance(doc, dict) or not isinstance(doc.get("text"), str):
                 where = doc.get("id", n_docs + j) if isinstance(doc, dict) else n_docs + j
                 raise InputError(f"document {where!r} has no string 'text' field")
-            texts.append(doc["text"])
+            text = doc["text"]
+            texts.append(text[: 16 * (doc_cap + 1)] if doc_cap and len(text) > 16 * (doc_cap + 1) else text)
         encoded = [list(x) for x in model.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        cut = [False] * len(chunk)
+        for j, toks in enumerate(encoded):  # the caps, in document order: scored tokens = len(toks) (+ bos − 1)
+            cap = doc_cap
+            if budget is not None:
+                room = max(0, budget + 1 - n_bos)
+                cap = room if cap is None else min(cap, room)
+            if cap is not None and len(toks) > cap:
+                encoded[j], cut[j] = toks[:cap], True
+            if budget is not None:
+                budget -= max(0, len(encoded[j]) + n_bos - 1)
+                if budget <= 0:
+                    chunk, encoded, cut = chunk[: j + 1], encoded[: j + 1], cut[: j + 1]
+                    break
         windows = []  # (doc index in chunk, ids, prefix text)
         for j, toks in enumerate(encoded):
             ids = bos + toks
@@ -150,7 +220,11 @@ def evaluate_perplexity(
             if ntok[j] == 0:
                 n_empty += 1
                 continue
-            n_bytes = len(doc["text"].encode("utf-8"))
+            if cut[j]:
+                n_cut += 1
+                n_bytes = len(model.tokenizer.decode(encoded[j]).encode("utf-8"))  # the scored prefix
+            else:
+                n_bytes = len(doc["text"].encode("utf-8"))
             groups = [stats["overall"]]
             if doc.get("cluster_id") is not None:
                 groups.append(stats["cluster"][str(int(doc["cluster_id"]))])
@@ -175,6 +249,10 @@ def evaluate_perplexity(
         raise InputError("no documents to evaluate perplexity on")
     if n_empty:
         log.warning("perplexity: skipped %d of %d documents with no tokens", n_empty, n_docs)
+    left_out = max(0, total - n_docs) if total is not None else None
+    if n_cut or left_out:
+        log.warning("perplexity: %d document(s) cut to %s tokens, %s left out after %s tokens in total", n_cut,
+                    doc_cap, left_out, max_tokens)
 
     def metrics(g):
         return _group_metrics(g["nll"], int(g["n_tokens"]), int(g["n_bytes"]), int(g["n_docs"]))
@@ -191,6 +269,10 @@ def evaluate_perplexity(
         "n_empty_docs": n_empty,
         "n_tokens": overall["n_tokens"],
         "n_windows": n_windows,
+        "max_tokens": int(max_tokens) if max_tokens else None,
+        "max_doc_tokens": doc_cap,
+        "n_docs_cut": n_cut,
+        "n_docs_left_out": left_out,
         "max_length": L,
         "batch_size": batch_size,
         "wall_time_s": round(wall, 3),

@@ -52,3 +52,27 @@ def test_encoder_packaged_model_normalized(tmp_path):
     enc.save(tmp_path / "enc")
     back = load_embedder(tmp_path / "enc", device="cpu")
     np.testing.assert_allclose(back.transform(TEXTS[:2]), v[:2], atol=1e-5)
+
+
+def test_tfidf_reads_a_bounded_prefix_of_each_document():
+    emb = TfidfEmbedder(n_components=4, max_chars=40).fit(TEXTS)
+    long = TEXTS[0] + " " + "zebra giraffe " * 200_000  # ~2.8 MB; only its first 40 characters count
+    np.testing.assert_array_equal(emb.transform([long]), emb.transform([TEXTS[0][:40]]))
+
+
+@pytest.mark.parametrize("max_features", [None, 12])
+def test_fit_spread_over_a_pool_is_scikit_learns_fit(max_features):
+    """`fit(texts, pool)` counts terms and builds the TF-IDF rows in the pool's workers: vocabulary (including
+    which of equally frequent terms max_features keeps) and idf are scikit-learn's to the bit, the matrix to float
+    rounding (scikit-learn's fit sums a row's squares in another order)."""
+    from corpus.stream import WorkerPool
+
+    one = TfidfEmbedder(n_components=4, max_features=max_features)
+    one.vectorizer = one._make_vectorizer()
+    reference = one.vectorizer.fit_transform(TEXTS)
+    spread = TfidfEmbedder(n_components=4, max_features=max_features)
+    with WorkerPool(1) as pool:
+        matrix = spread._fit_vectorizer(list(TEXTS), pool)
+    assert spread.vectorizer.vocabulary_ == one.vectorizer.vocabulary_
+    np.testing.assert_array_equal(spread.vectorizer.idf_, one.vectorizer.idf_)
+    np.testing.assert_allclose(matrix.toarray(), reference.toarray(), rtol=1e-6, atol=1e-7)

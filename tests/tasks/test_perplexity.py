@@ -125,3 +125,23 @@ def test_oracle_equals_each_documents_own_expert(hf_model_factory):
     other = evaluate_perplexity(experts[1], DOCS[:3], batch_size=2)
     with pytest.raises(InputError, match="same documents"):
         oracle_perplexity([results[0], other])
+
+
+def test_token_caps_cut_long_documents_and_say_so(hf_model_factory):
+    """--eval-max-doc-tokens scores a document's first tokens only (a huge one costs what a short one does);
+    --eval-max-tokens stops the split there; the result counts what was cut and left out."""
+    model = hf_model_factory([d["text"] for d in DOCS])
+    long_doc = {"id": "long", "text": " ".join([DOCS[0]["text"]] * 20000), "label": "pets", "cluster_id": 0}  # ~1 MB
+    docs = [long_doc] + DOCS
+    cap = max(len(model.tokenizer(d["text"], add_special_tokens=False)["input_ids"]) for d in DOCS)
+    res = evaluate_perplexity(model, docs, batch_size=4, per_doc=True, max_doc_tokens=cap)
+    assert res["n_docs_cut"] == 1 and res["n_docs_left_out"] == 0 and res["max_doc_tokens"] == cap
+    assert {d["id"]: d["n_tokens"] for d in res["docs"]}["long"] == cap
+    head = {"id": "long", "text": model.tokenizer.decode(model.tokenizer(long_doc["text"][:2000],
+                                                                          add_special_tokens=False)["input_ids"][:cap])}
+    alone = evaluate_perplexity(model, [head], per_doc=True)  # the cut document is scored as its prefix
+    assert math.isclose(res["docs"][0]["nll"], alone["docs"][0]["nll"], rel_tol=1e-5)
+    assert res["docs"][1:] == evaluate_perplexity(model, DOCS, batch_size=4, per_doc=True)["docs"]
+    total = evaluate_perplexity(model, DOCS, max_tokens=15, per_doc=True)
+    assert total["n_tokens"] == 15 and total["n_docs_left_out"] >= 1
+    assert total["n_docs"] + total["n_docs_left_out"] == len(DOCS)
