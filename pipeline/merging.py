@@ -8,12 +8,17 @@ from pathlib import Path
 
 import luigi
 
-from corpus.io import InputError
+import logging
+
+from corpus.io import InputError, read_json, write_json
+from corpus.layout import MERGE_FAILED
 from experts.merging import MERGE_METHODS, TASK_VECTOR_MERGES, MergeInputs, merge, needs
 from pipeline.base import Stage
 from pipeline.clustering import AssignClusters, EmbedCorpus, FitClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.training import ShardCorpus, TrainExpert, TrainSeed, _TrainStage
+
+log = logging.getLogger("luigi-interface")
 
 INPUT_STAGES = {"clusters": FitClusters, "embeddings": EmbedCorpus, "assignments": AssignClusters,
                 "seed": TrainSeed, "shards": ShardCorpus, "corpus": PrepareCorpus}
@@ -29,7 +34,7 @@ FLAGS: dict[str, tuple[str, ...]] = {  # the run parameters each merge method's 
     "ensemble": ("ensemble_top_k", "temperature", "route_every", "route_early", "route_weights"),
     "posterior": ("top_k",),
     **{m: ("merge_weights",) + p for m, p in _MERGE_PARAMS.items()},
-    "moe": ("moe_top_k", "router_init", "seed", "moe_shared"),
+    "moe": ("moe_top_k", "router_init", "temperature", "seed", "moe_shared"),
 }
 assert tuple(FLAGS) == tuple(MERGE_METHODS), "every merge method of experts.merging has its flags here"
 
@@ -68,7 +73,7 @@ class MergeExperts(Stage):
         if self.device == "cpu":
             return False
         if self.method == "moe":
-            return self.router_init == "hidden"
+            return self.router_init in ("hidden", "centroids")  # hidden states of documents
         return self.method in TASK_VECTOR_MERGES and self.merge_lambda == "auto"  # λ chosen by forward passes
 
     def requires(self):
@@ -91,7 +96,34 @@ class MergeExperts(Stage):
             lam=None if self.merge_lambda == "auto" else float(self.merge_lambda), density=self.ties_density,
             drop_rate=self.dare_drop_rate, seed=self.seed, moe_top_k=self.moe_top_k, router_init=self.router_init,
             moe_shared=self.moe_shared, device=self.device)
-        return {"method": self.method, "experts": expert_dirs, **merge(self.method, out, inputs)}
+        try:
+            return {"method": self.method, "experts": expert_dirs, **merge(self.method, out, inputs)}
+        except Exception as e:  # noqa: BLE001 - one method's failure must not stop the report and the other models
+            failed = record_failure(out, self.method, e)
+            log.error("merge %s failed: %s; the report and model cards go on without it (fix: %s)", self.method,
+                      failed["error"], failed["fix"])
+            return {"method": self.method, "experts": expert_dirs, "failed": failed}
+
+
+def record_failure(out: Path, method: str, error: BaseException) -> dict:
+    """Empty `out` and write `<out>/failed.json` = {method, error, fix} in place of the model; returns it."""
+    import shutil
+
+    for p in Path(out).iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    first = str(error).strip().splitlines()[0][:400] if str(error).strip() else type(error).__name__
+    kind = "" if isinstance(error, InputError) else f"{type(error).__name__}: "
+    failed = {"method": method, "error": kind + first,
+              "fix": f"remove the cause above, then rerun with --force-stage MergeExperts (or leave {method} out of "
+                     "--merge-methods)"}
+    write_json(Path(out) / MERGE_FAILED, failed)
+    return failed
+
+
+def merge_failure(folder: Path) -> dict | None:
+    """The failure a merge folder records (`record_failure`), or None when it holds a model."""
+    f = Path(folder) / MERGE_FAILED
+    return read_json(f) if f.is_file() else None
 
 
 class FinetuneMoE(_TrainStage):
@@ -121,6 +153,11 @@ class FinetuneMoE(_TrainStage):
 
     def build(self, out: Path) -> dict:
         from experts.moe import finetune_moe
+
+        failed = merge_failure(self.input_path(self.requires()["moe"]))
+        if failed:  # nothing to finetune: pass the merge's failure on to the evaluations and the report
+            write_json(out / MERGE_FAILED, failed)
+            return {"failed": failed}
 
         with self.gpu_slots(1) as gpus:
             config = self.train_config(self.tokens(), **({"device": f"cuda:{gpus[0]}"} if gpus else {}))
