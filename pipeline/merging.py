@@ -34,7 +34,7 @@ FLAGS: dict[str, tuple[str, ...]] = {  # the run parameters each merge method's 
     "ensemble": ("ensemble_top_k", "temperature", "route_every", "route_early", "route_weights"),
     "posterior": ("top_k",),
     **{m: ("merge_weights",) + p for m, p in _MERGE_PARAMS.items()},
-    "moe": ("moe_top_k", "router_init", "temperature", "seed", "moe_shared"),
+    "moe": ("moe_top_k", "router_init", "seed", "moe_shared"),
 }
 assert tuple(FLAGS) == tuple(MERGE_METHODS), "every merge method of experts.merging has its flags here"
 
@@ -51,17 +51,20 @@ class MergeExperts(Stage):
                                      "'all'; '' = --top-k")
 
     @property
-    def hashed(self):
-        return ("method",) + FLAGS.get(self.method, ())
+    def hashed(self):  # the centroid router's logits are 2·c·(A h)/T: T matters to the MoE with that init only
+        centroid_router = self.method == "moe" and self.router_init == "centroids"
+        return ("method",) + FLAGS.get(self.method, ()) + (("temperature", "router_fit") if centroid_router else ())
+
+    def _hash_value(self, name):
+        if name == "router_fit":  # the least-squares router init (issue 24) replaced a silent hidden-state fallback
+            return "least-squares-v1"
+        if name == "ensemble_top_k":
+            return self.ensemble_top_k or str(self.top_k)
+        return super()._hash_value(name)
 
     @property
     def subpath(self) -> str:
         return self.method
-
-    def _hash_value(self, name):
-        if name == "ensemble_top_k":
-            return self.ensemble_top_k or str(self.top_k)
-        return super()._hash_value(name)
 
     def validate(self) -> None:
         super().validate()
