@@ -285,7 +285,10 @@ class RunParams(*PARAMETER_GROUPS):
         """Why the BTX MoE cannot be built from this run's seed, or None when it can."""
         from experts.families import FAMILIES, moe_support, seed_model_type
 
-        model_type = seed_model_type(self.seed_model)
+        try:
+            model_type = seed_model_type(self.seed_model)
+        except InputError:  # an unreadable seed: `validate` names it (_check_names_and_paths)
+            return None
         target, why = moe_support(model_type)
         if target is not None:
             return None
