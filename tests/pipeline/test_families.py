@@ -4,7 +4,6 @@ cards are still written, with the failure named."""
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import luigi
@@ -12,10 +11,8 @@ import pytest
 
 from corpus.io import InputError
 from pipeline import RunAll
+from tests.experts.family_helpers import save_family
 from tests.pipeline.conftest import tiny_params
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "experts"))
-from family_helpers import save_family  # noqa: E402
 
 
 def _run(corpus: Path, run_dir: Path, seed: Path, **kw) -> dict:
