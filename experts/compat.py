@@ -50,12 +50,24 @@ def make_portable(folder: str | os.PathLike, max_length: int | None = None) -> l
     tok_file = folder / "tokenizer_config.json"
     if tok_file.is_file():
         tok = read_json(tok_file)
-        new = portable_tokenizer_config(tok, max_length or config.get("max_position_embeddings"),
+        new = portable_tokenizer_config(tok, max_length or _context(config),
                                         fast=(folder / "tokenizer.json").is_file())
         if new != tok:
             write_json(tok_file, new)
             changed.append(tok_file.name)
     return changed
+
+
+def _context(config: dict) -> int | None:
+    """The context length in a config.json dict, under the name its config class maps max_position_embeddings to
+    (GPT-2: n_positions)."""
+    try:
+        from transformers import CONFIG_MAPPING
+
+        key = CONFIG_MAPPING[config["model_type"]].attribute_map.get("max_position_embeddings", "max_position_embeddings")
+    except (KeyError, ImportError):
+        key = "max_position_embeddings"
+    return config.get(key) or config.get("max_position_embeddings")
 
 
 def portable_config(config: dict) -> dict:

@@ -136,8 +136,7 @@ def _moe(out: Path, inputs: MergeInputs) -> dict:
         if inputs.router_init == "centroids" else None  # maps the documents that fit hidden states → centroids
     build_moe(inputs.expert_dirs, out, seed_dir=inputs.folders["seed"], router_init=inputs.router_init,
               top_k=min(inputs.moe_top_k, k), centroids=np.load(inputs.folders["clusters"] / CENTROIDS),  # (k, dim)
-              embedder=embedder, cluster_texts=texts, seed=inputs.seed, shared_dir=shared,
-              temperature=inputs.temperature)
+              embedder=embedder, cluster_texts=texts, seed=inputs.seed, shared_dir=shared)
     meta = read_json(out / MOE_INFO)
     return {"shared": inputs.moe_shared, "router_init": meta["router_init"], "router": meta["router"]["method"]}
 

@@ -254,7 +254,7 @@ ROUTER_INITS = ("random", "centroids", "hidden")
 
 
 def _router_rows(router_init, expert_dirs, seed_dir, keep_seed, n_layers, H, router_std, centroids, embedder,
-                 cluster_texts, generator, temperature: float = 0.1) -> tuple[torch.Tensor, dict]:
+                 cluster_texts, generator) -> tuple[torch.Tensor, dict]:
     """((n_layers, E, H) router weights, the record of what initialised them)."""
     E = len(expert_dirs) + int(keep_seed)
     if router_init not in ROUTER_INITS:
@@ -284,13 +284,14 @@ def _router_rows(router_init, expert_dirs, seed_dir, keep_seed, n_layers, H, rou
         fit = torch.einsum("ldh,lnh->lnd", A, hidden)  # (L, n, D)
         e = torch.as_tensor(emb)
         r2 = (1 - ((fit - e) ** 2).sum((1, 2)) / ((e - e.mean(0)) ** 2).sum()).tolist()  # (L,)
-        rows = (2.0 / temperature) * torch.einsum("kd,ldh->lkh", c, A)  # (L, k, H): 2 c_j·(A h)/T
+        rows = torch.einsum("kd,ldh->lkh", c, A)  # (L, k, H): logit_j ∝ c_j·(A_l h), the mapped centroid score
         if keep_seed:
             rows = torch.cat([rows, rows.mean(1, keepdim=True)], 1)
+        rows = torch.nn.functional.normalize(rows, dim=-1)  # unit rows, as the other inits (scale: bench/RESULTS.md)
         return rows, {"router_init": "centroids", "method": "centroids through a least-squares map from mean hidden "
-                      "states to the embedding space (router logit 2·c_j·A_l h / T)", "fit_documents": len(texts),
+                      "states to the embedding space (router row ∝ A_lᵀ c_j, unit norm)", "fit_documents": len(texts),
                       "fit_model": str(model_dir), "embedding_dim": int(c.shape[1]), "hidden_size": H,
-                      "temperature": temperature, "fit_r2_per_layer": [round(v, 4) for v in r2]}
+                      "fit_r2_per_layer": [round(v, 4) for v in r2]}
     if router_init == "hidden":
         groups = _group_texts(cluster_texts, len(expert_dirs), centroids, embedder)
         means = []
@@ -321,7 +322,6 @@ def build_moe(
     cluster_texts: Sequence | None = None,
     seed: int = 0,
     shared_dir: str | os.PathLike | None = None,
-    temperature: float = 0.1,
 ) -> Path:
     """Merge dense experts into the MoE of their family (`experts.families`: Llama, Mistral → Mixtral; Qwen2 →
     Qwen2-MoE; Qwen3 → Qwen3-MoE) saved in `out_dir` (atomic; `save_pretrained` + tokenizer + `moe.json`).
@@ -334,7 +334,8 @@ def build_moe(
     hidden — row j = mean MLP input of cluster j's texts under expert j, L2-normalised;
     centroids — the centroids themselves when their dimension is the hidden size, else through A_l, a
     least-squares map from documents' mean hidden states (under the seed) to their embeddings (`embedder`):
-    logit_j = 2·c_j·(A_l h)/T, the c-BTM router's −‖e − c_j‖²/T up to a per-expert constant.
+    row j ∝ A_lᵀ c_j, so logit_j ∝ c_j·(A_l h), the c-BTM score of the mapped hidden state (−‖e − c_j‖² up to a
+    per-expert constant), rows L2-normalised like the other inits.
     moe.json records the init actually used ("router_init", and "router" with the method and fit).
     """
     import transformers
@@ -381,7 +382,7 @@ def build_moe(
             state[f"model.layers.{layer}.{block}.{suffix}"] = t
     gen = torch.Generator().manual_seed(seed)
     rows, record = _router_rows(router_init, expert_dirs, seed_dir, keep_seed_expert, L, H, router_std, centroids,
-                                embedder, cluster_texts, gen, temperature)  # (L, E, H)
+                                embedder, cluster_texts, gen)  # (L, E, H)
     for layer in range(L):
         state[f"model.layers.{layer}.{block}.{router_suffix}"] = rows[layer].float().contiguous()
 

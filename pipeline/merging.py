@@ -51,13 +51,13 @@ class MergeExperts(Stage):
                                      "'all'; '' = --top-k")
 
     @property
-    def hashed(self):  # the centroid router's logits are 2·c·(A h)/T: T matters to the MoE with that init only
+    def hashed(self):
         centroid_router = self.method == "moe" and self.router_init == "centroids"
-        return ("method",) + FLAGS.get(self.method, ()) + (("temperature", "router_fit") if centroid_router else ())
+        return ("method",) + FLAGS.get(self.method, ()) + (("router_fit",) if centroid_router else ())
 
     def _hash_value(self, name):
         if name == "router_fit":  # the least-squares router init (issue 24) replaced a silent hidden-state fallback
-            return "least-squares-v1"
+            return "least-squares-v2"
         if name == "ensemble_top_k":
             return self.ensemble_top_k or str(self.top_k)
         return super()._hash_value(name)

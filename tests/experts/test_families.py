@@ -97,7 +97,8 @@ def test_context_through_the_attribute_map(tmp_path):
 
 def test_centroid_router_across_dimensions(tmp_path):
     """Centroids of another dimension than the hidden size route through the least-squares map: router rows
-    (L, k, H) = 2/T · C A_l, recorded as such in moe.json, and the MoE of identical experts is still the seed."""
+    (L, k, H) ∝ C A_l with unit norm, recorded as such in moe.json, and the MoE of identical experts is still the
+    seed."""
     import json
 
     from merge_helpers import HashEmbedder
@@ -110,13 +111,14 @@ def test_centroid_router_across_dimensions(tmp_path):
     emb = HashEmbedder(dim=6)
     centroids = np.stack([emb.transform(g).mean(0) for g in texts]).astype(np.float32)  # (2, 6)
     out = build_moe(experts, tmp_path / "moe", seed_dir=seed, router_init="centroids", centroids=centroids,
-                    embedder=emb, cluster_texts=texts, temperature=0.5)
+                    embedder=emb, cluster_texts=texts)
     meta = json.loads((out / "moe.json").read_text())
     assert meta["router_init"] == "centroids" and "least-squares" in meta["router"]["method"]
     assert meta["router"]["embedding_dim"] == 6 and meta["router"]["fit_documents"] == 24
     moe = AutoModelForCausalLM.from_pretrained(out).eval()
     w = moe.model.layers[0].mlp.gate.weight  # (k, H)
-    assert w.shape == (2, 32) and torch.isfinite(w).all() and not torch.allclose(w[0], w[1])
+    assert w.shape == (2, 32) and not torch.allclose(w[0], w[1])
+    torch.testing.assert_close(w.norm(dim=1), torch.ones(2))
     torch.testing.assert_close(moe(X).logits, _logits(seed), rtol=1e-4, atol=1e-4)
     with pytest.raises(InputError, match="embedder"):
         build_moe(experts, tmp_path / "moe2", router_init="centroids", centroids=centroids, cluster_texts=texts)
@@ -137,3 +139,23 @@ def test_check_seed_refuses_other_families_and_mismatched_tokenizers(tmp_path):
         check_seed(str(small))
     ok = save_family(tmp_path / "ok", "opt", bin_only=True)
     assert check_seed(str(ok)) == "opt"
+
+
+def test_llama3_style_seed_moe(tmp_path):
+    """A Llama-3.2-style seed (llama3 RoPE scaling, tied embeddings, grouped-query attention): the Mixtral of two
+    identical experts keeps its rotary embedding and gives the seed's logits."""
+    from family_helpers import family_config
+
+    config = family_config("llama", tie=True)
+    config.rope_parameters = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                              "high_freq_factor": 4.0, "original_max_position_embeddings": 32}
+    torch.manual_seed(0)
+    seed = tmp_path / "seed"
+    model = AutoModelForCausalLM.from_config(config)
+    save_family(seed, "llama", model=model)
+    experts = [shutil.copytree(seed, tmp_path / f"e{j}") for j in range(2)]
+    out = build_moe(experts, tmp_path / "moe", seed_dir=seed, router_std=1.0)
+    moe = AutoModelForCausalLM.from_pretrained(out)
+    assert moe.config.rope_parameters["rope_type"] == "llama3" and moe.config.tie_word_embeddings
+    x = torch.randint(3, VOCAB, (1, 100), generator=torch.Generator().manual_seed(1))  # beyond 32 positions
+    torch.testing.assert_close(moe.eval()(x).logits, model.eval()(x).logits, rtol=1e-4, atol=1e-4)
