@@ -65,7 +65,7 @@ class MergeInputs:
     drop_rate: float = 0.5
     seed: int = 0
     moe_top_k: int = 2
-    router_init: str = "centroids"
+    router_init: str = "hidden"
     moe_shared: str = "average"
     device: str = "auto"
 

@@ -195,7 +195,10 @@ class MergingParams:
                        "routing weights × the routed experts' likelihood of the prefix: BTM's posterior over the top-k, "
                        "no extra expert runs) | distance (softmax(-d²/T) alone, as in the c-BTM paper)")
     moe_top_k = _p(2, luigi.IntParameter, name="moe_top_k", description="MoE: experts per token (at most k)")
-    router_init = _p("centroids", name="router_init", description="random | centroids | hidden")
+    router_init = _p("hidden", name="router_init", description="MoE router rows: hidden (mean hidden state of each "
+                     "cluster's documents under its expert) | centroids (the cluster centroids, through a "
+                     "least-squares map from hidden states when their dimension differs) | random; "
+                     "bench/RESULTS.md compares them")
     moe_tokens = _p(0, luigi.IntParameter, name="moe_tokens", description="MoE finetuning tokens, on top of the "
                     "compute-matched budget; 0 = 25%% of --train-tokens")
     moe_shared = _p("average", name="moe_shared", description="where the MoE's attention, norms and embeddings "

@@ -28,7 +28,7 @@ def _models(report: dict) -> set[str]:
 
 
 def test_llama_without_pad_token_and_a_failing_merge(tiny_corpus, tmp_path, monkeypatch):
-    """A Llama seed whose tokenizer has no pad token builds the MoE (centroid router through hidden states); TIES
+    """A Llama seed whose tokenizer has no pad token builds the MoE (router from padded batches of hidden states); TIES
     failing for a reason of its own leaves every other model, the report (naming it) and the cards."""
     from experts import merging
 
@@ -44,7 +44,7 @@ def test_llama_without_pad_token_and_a_failing_merge(tiny_corpus, tmp_path, monk
     md = (tmp_path / "run" / "report.md").read_text()
     assert "**ties failed**" in md and "--force-stage MergeExperts" in md
     moe = json.loads(next((tmp_path / "run").glob("merged-*/moe/moe.json")).read_text())
-    assert moe["architecture"] == "MixtralForCausalLM" and moe["router_init"] == "centroids"
+    assert moe["architecture"] == "MixtralForCausalLM" and moe["router_init"] == "hidden"  # the default
     assert report["merges"]["moe"]["router"] == moe["router"]["method"]
     cards = json.loads(next((tmp_path / "run").glob("cards-*/cards.json")).read_text())
     assert "failed" in cards["ties"] and Path(cards["moe"]).is_file()
@@ -52,11 +52,15 @@ def test_llama_without_pad_token_and_a_failing_merge(tiny_corpus, tmp_path, monk
 
 
 def test_qwen2_seed_builds_a_qwen2_moe(tiny_corpus, tmp_path):
+    """With --router-init centroids the TF-IDF centroids (another dimension than the hidden size) route through the
+    least-squares map, and report, moe.json and card say so."""
     seed = save_family(tmp_path / "qwen2", "qwen2", tie=True, context=64)
-    report = _run(tiny_corpus, tmp_path / "run", seed)
+    report = _run(tiny_corpus, tmp_path / "run", seed, router_init="centroids")
     assert {"dense", "average", "ties", "moe"} <= _models(report)
     moe = json.loads(next((tmp_path / "run").glob("merged-*/moe/moe.json")).read_text())
-    assert moe["architecture"] == "Qwen2MoeForCausalLM"
+    assert moe["architecture"] == "Qwen2MoeForCausalLM" and moe["router_init"] == "centroids"
+    assert "least-squares" in moe["router"]["method"] and report["merges"]["moe"]["router"] == moe["router"]["method"]
+    assert "least-squares" in (tmp_path / "run" / "report.md").read_text()
 
 
 def test_gpt2_seed_skips_the_moe_and_reads_n_positions(tiny_corpus, tmp_path):
