@@ -83,7 +83,8 @@ def seed_config(seed_model: str):
 
 
 def seed_model_type(seed_model: str) -> str:
-    return seed_config(seed_model).model_type
+    """config.model_type of `seed_model` ('scratch' is a Llama: no transformers import while a graph is built)."""
+    return "llama" if seed_model == "scratch" else seed_config(seed_model).model_type
 
 
 def context_length(config) -> int | None:
@@ -107,10 +108,10 @@ def folder_context_length(folder: str | os.PathLike, default: int = 1024) -> int
 def check_seed(seed_model: str) -> str:
     """Before any work: the seed's family is supported and its tokenizer's ids fit its embeddings (one line naming
     both sizes otherwise). Returns the model_type. 'scratch' is a Llama with its own tokenizer."""
+    if seed_model == "scratch":
+        return "llama"
     config = seed_config(seed_model)
     get_family(config.model_type, f"--seed-model {seed_model}")
-    if seed_model == "scratch":
-        return config.model_type
     from experts.tokenizer import load_tokenizer
 
     n_tok = len(load_tokenizer(str(Path(seed_model).expanduser()) if Path(seed_model).expanduser().exists()
