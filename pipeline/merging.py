@@ -3,12 +3,11 @@ merges (task arithmetic, TIES, DARE), the BTX MoE (`MergeExperts(method)`, one e
 `experts.merging.MERGE_METHODS` each), and BTX finetuning of the MoE (`FinetuneMoE`)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 import luigi
-
-import logging
 
 from corpus.io import InputError, read_json, write_json
 from corpus.layout import MERGE_FAILED
