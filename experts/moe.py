@@ -32,6 +32,7 @@ from clustering.router import CentroidRouter
 from corpus.io import InputError, write_json
 from corpus.layout import MOE_INFO
 from experts.average import CheckpointReader, check_expert_dirs, fill_meta_model, save_merged_model
+from experts.merging import ROUTER_INITS
 
 log = logging.getLogger(__name__)
 
@@ -249,8 +250,6 @@ def _group_texts(cluster_texts, k, centroids, embedder) -> list[list[str]]:
         raise InputError(f"cluster_texts has {len(cluster_texts)} clusters but there are {k} experts")
     return [list(g) for g in cluster_texts]
 
-
-ROUTER_INITS = ("random", "centroids", "hidden")
 
 
 def _router_rows(router_init, expert_dirs, seed_dir, keep_seed, n_layers, H, router_std, centroids, embedder,
