@@ -13,6 +13,7 @@ SHARDS_META = "meta.json"  # tokens and shards folders: seq_len and per-cluster 
 TRAINING_INFO = "training.json"  # seed, dense and expert folders: budget, steps, losses
 MERGE_INFO = "merge.json"  # merged/<method> folders of the parameter merges
 MOE_INFO = "moe.json"  # merged/moe folder: how the BTX MoE was built
+MERGE_FAILED = "failed.json"  # a merge folder whose method failed: the error and its fix, in place of the model
 ENSEMBLE_CONFIG = "ensemble.json"  # merged/ensemble and merged/posterior folders: experts, centroids, routing
 REPORT_JSON, REPORT_MD = "report.json", "report.md"  # report folder, published to <run_dir>/
 STUDY_JSON, STUDY_MD = "study.json", "study.md"  # study folder, published to <run_dir>/

@@ -71,42 +71,74 @@ def _tokenizer_vocab(d) -> dict | None:
 
 
 class CheckpointReader:
-    """Tensors of one `save_pretrained` directory, read lazily (safetensors, sharded or not; else .bin)."""
+    """Tensors of one `save_pretrained` directory, read lazily (safetensors, sharded or not; else pytorch_model.bin,
+    sharded or not, loaded with weights_only), under the names the model class gives them.
+
+    Files keep the names their writer used (GPT-NeoX's `embed_out`, which transformers 5 loads as `lm_head`; keys
+    with or without the base-model prefix). `keys()` are the model's own state-dict names: each file key goes
+    through the renamings transformers applies on load (`conversion_mapping`), and file keys that the model does
+    not have (stale buffers) are dropped. Where loading would combine several file tensors into one (a
+    `WeightConverter`), the whole model is loaded through `from_pretrained` instead and its state dict read."""
 
     def __init__(self, d: str | os.PathLike):
-        from safetensors import safe_open
-
         self.dir = Path(d)
         self._files: dict[str, object] = {}
-        self.where: dict[str, str] = {}
+        self._state: dict[str, torch.Tensor] = {}
+        raw = self._file_keys()  # file key → file name ("" = in self._state)
+        self.where: dict[str, str] = {}  # model key → file name
+        self._raw: dict[str, str] = {}  # model key → file key
+        mapping = _model_key_mapping(self.dir, list(raw))
+        if mapping is None:  # a conversion beyond renaming: read the tensors through the model itself
+            self._state = _state_through_model(self.dir)
+            self.where = {k: "" for k in self._state}
+            self._raw = {k: k for k in self._state}
+            return
+        for key, name in raw.items():
+            new = mapping.get(key, key)
+            if new is not None:
+                self.where[new], self._raw[new] = name, key
+
+    def _file_keys(self) -> dict[str, str]:
+        from safetensors import safe_open
+
         index = self.dir / "model.safetensors.index.json"
         single = self.dir / "model.safetensors"
         if index.is_file():
-            self.where = dict(read_json(index)["weight_map"])
-        elif single.is_file():
-            with safe_open(single, "pt") as f:
-                self.where = {k: "model.safetensors" for k in f.keys()}
-        elif (self.dir / "pytorch_model.bin").is_file():
-            self._state = torch.load(self.dir / "pytorch_model.bin", map_location="cpu", weights_only=True, mmap=True)
-            self.where = {k: "" for k in self._state}
-        else:
+            return dict(read_json(index)["weight_map"])
+        if single.is_file():
+            try:
+                with safe_open(single, "pt") as f:
+                    return {k: "model.safetensors" for k in f.keys()}
+            except Exception as e:  # noqa: BLE001
+                raise InputError(f"corrupt checkpoint file {single}: {str(e).splitlines()[0][:200]}") from None
+        bins = [self.dir / "pytorch_model.bin"] if (self.dir / "pytorch_model.bin").is_file() else []
+        if (self.dir / "pytorch_model.bin.index.json").is_file():
+            files = sorted(set(read_json(self.dir / "pytorch_model.bin.index.json")["weight_map"].values()))
+            bins = [self.dir / f for f in files]
+        if not bins:
             raise InputError(f"no model weights (model.safetensors / pytorch_model.bin) in {self.dir}")
+        for b in bins:
+            try:
+                self._state.update(torch.load(b, map_location="cpu", weights_only=True, mmap=True))
+            except Exception as e:  # noqa: BLE001
+                raise InputError(f"corrupt checkpoint file {b}: {str(e).splitlines()[0][:200]}") from None
+        return {k: "" for k in self._state}
 
     def keys(self) -> list[str]:
         return list(self.where)
 
     def get(self, key: str) -> torch.Tensor:
-        name = self.where[key]
+        name, raw = self.where[key], self._raw[key]
         if name == "":
-            return self._state[key]
-        return self._file(name).get_tensor(key)
+            return self._state[raw]
+        return self._file(name).get_tensor(raw)
 
     def shape(self, key: str) -> tuple[int, ...]:
         """The tensor's shape, read from the file header (no data)."""
-        name = self.where[key]
+        name, raw = self.where[key], self._raw[key]
         if name == "":
-            return tuple(self._state[key].shape)
-        return tuple(self._file(name).get_slice(key).get_shape())
+            return tuple(self._state[raw].shape)
+        return tuple(self._file(name).get_slice(raw).get_shape())
 
     def _file(self, name: str):
         from safetensors import safe_open
@@ -117,6 +149,57 @@ class CheckpointReader:
             except Exception as e:  # noqa: BLE001
                 raise InputError(f"corrupt checkpoint file {self.dir / name}: {str(e).splitlines()[0][:200]}") from None
         return self._files[name]
+
+
+def _meta_model(folder: Path):
+    """The model class of `folder`'s config.json, built on the meta device (no memory, no weights read)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(folder)
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _model_key_mapping(folder: Path, file_keys: list[str]) -> dict[str, str | None] | None:
+    """{file key: the model's name for it, or None for a key the model does not have}, with transformers' own
+    load-time renamings (`transformers.conversion_mapping`, transformers ≥ 5; identity before); None when a key
+    needs a conversion beyond renaming."""
+    try:
+        model = _meta_model(folder)
+    except Exception:  # noqa: BLE001 - not a config transformers can build: take the file's names as they are
+        return {k: k for k in file_keys}
+    model_keys = model.state_dict()
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightRenaming, rename_source_key
+    except ImportError:  # transformers 4: names on disk are the model's
+        renamings, converters = [], []
+    else:
+        transforms = get_model_conversion_mapping(model)
+        renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+        converters = [t for t in transforms if not isinstance(t, WeightRenaming)]
+    out: dict[str, str | None] = {}
+    prefix = model.base_model_prefix
+    for key in file_keys:
+        if renamings or converters:
+            new, converted = rename_source_key(key, renamings, converters, prefix, model_keys)
+            if converted is not None:
+                return None
+        else:
+            new = key
+            if new not in model_keys and f"{prefix}.{new}" in model_keys:
+                new = f"{prefix}.{new}"
+            elif new not in model_keys and new.startswith(prefix + ".") and new[len(prefix) + 1:] in model_keys:
+                new = new[len(prefix) + 1:]
+        out[key] = new if new in model_keys else None
+    return out
+
+
+def _state_through_model(folder: Path) -> dict[str, torch.Tensor]:
+    from experts.model import load_causal_lm
+
+    model = load_causal_lm(folder, load_tokenizer=False)[0]
+    return {k: v.detach() for k, v in model.state_dict().items()}
 
 
 def normalise_weights(weights: Sequence[float] | None, k: int) -> np.ndarray:

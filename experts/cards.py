@@ -87,9 +87,12 @@ def _what(card: ModelCard) -> str:
     if card.kind in ("moe", "moe-merged"):
         extra = (" then finetuned on all clusters with the load-balancing loss (extra tokens beyond the "
                  "compute-matched budget, listed below)." if card.kind == "moe" else "; not yet finetuned.")
+        router = (card.method or {}).get("router") or {}  # moe.json: what initialised the router
+        arch = (card.method or {}).get("architecture") or "Mixtral-style MoE"
         return (f"Branch-Train-MiX (Sukhbaatar et al. 2024): the {k} experts' feed-forward layers as the experts "
-                f"of a Mixtral-style MoE (attention and embeddings averaged), router initialised from "
-                f"`{run.get('router_init')}`" + extra)
+                f"of a {arch} (attention and embeddings averaged), router initialised from "
+                f"`{router.get('router_init') or run.get('router_init')}`"
+                + (f" ({router['method']})" if router.get("method") else "") + extra)
     if card.kind == "ensemble":
         r = card.routing or {}
         return (f"c-BTM sparse ensemble (Gururangan et al. 2023) of the run's {k} experts: each prefix is embedded "
@@ -266,6 +269,8 @@ def write_run_cards(folders: dict[str, Path], run: dict, budget: dict, perplexit
             card.routing = _json_or_none(folder, ENSEMBLE_CONFIG)
         method = next((_json_or_none(folder, f) for f in (MOE_INFO, MERGE_INFO)
                        if (folder / f).is_file()), None)
+        if method is None and kind == "moe" and "moe_merged" in folders:  # the finetuned MoE: how it was built
+            method = _json_or_none(Path(folders["moe_merged"]), MOE_INFO)
         card.method = names_only(method) if method else None
         if card.training:  # the card keeps the headline figures, not the curves
             card.training = {k: v for k, v in card.training.items() if not isinstance(v, (list, dict))}

@@ -56,7 +56,7 @@ def make_portable(folder: str | os.PathLike, max_length: int | None = None) -> l
     tok_file = folder / "tokenizer_config.json"
     if tok_file.is_file():
         tok = read_json(tok_file)
-        new = own_code_only(portable_tokenizer_config(tok, max_length or config.get("max_position_embeddings"),
+        new = own_code_only(portable_tokenizer_config(tok, max_length or _context(config),
                                                       fast=(folder / "tokenizer.json").is_file()), folder)
         if new != tok:
             write_json(tok_file, new)
@@ -83,6 +83,18 @@ def own_code_only(config: dict, folder: str | os.PathLike) -> dict:
     if kept:
         out["auto_map"] = kept
     return out
+
+
+def _context(config: dict) -> int | None:
+    """The context length in a config.json dict, under the name its config class maps max_position_embeddings to
+    (GPT-2: n_positions)."""
+    try:
+        from transformers import CONFIG_MAPPING
+
+        key = CONFIG_MAPPING[config["model_type"]].attribute_map.get("max_position_embeddings", "max_position_embeddings")
+    except (KeyError, ImportError):
+        key = "max_position_embeddings"
+    return config.get(key) or config.get("max_position_embeddings")
 
 
 def portable_config(config: dict) -> dict:

@@ -50,6 +50,7 @@ import torch
 from clustering.router import CentroidRouter, check_top_k
 from corpus.io import InputError, load_array, read_json, write_json
 from corpus.layout import ENSEMBLE_CONFIG
+from experts.families import folder_context_length
 from experts.scoring import HFCausalLM, ScoringModel, document_windows
 
 log = logging.getLogger(__name__)
@@ -250,8 +251,7 @@ class _ExpertsMixin:
         self.tokenizer = _load_tokenizer(self.slots[0])
         first = self.slots[0].model
         if not max_length:
-            max_length = first.max_length if first is not None else read_json(
-                self.slots[0].path / "config.json").get("max_position_embeddings", 1024)
+            max_length = first.max_length if first is not None else folder_context_length(self.slots[0].path)
         self.max_length = int(max_length)
         self.name = name
         self.reset_stats()

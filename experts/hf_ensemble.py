@@ -33,6 +33,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from corpus.io import InputError, read_json, write_json
 from corpus.layout import CENTROIDS, ENSEMBLE_CONFIG, STAGE_STAMP
+from experts.families import folder_context_length
 
 MODEL_TYPE = "cbtm_ensemble"
 PATH_KEYS = ("centroids", "embedder")  # ensemble.json entries that name files beside the experts
@@ -344,7 +345,7 @@ def ensemble_config(folder: Path, cfg: dict) -> CBTMEnsembleConfig:
     first = read_json(experts[0] / "config.json")
     return CBTMEnsembleConfig(
         ensemble_kind=cfg.get("kind"), num_experts=len(experts), top_k=cfg.get("top_k"),
-        vocab_size=int(first["vocab_size"]), max_position_embeddings=int(first.get("max_position_embeddings") or 1024),
+        vocab_size=int(first["vocab_size"]), max_position_embeddings=folder_context_length(experts[0]),
         bos_token_id=first.get("bos_token_id"), eos_token_id=first.get("eos_token_id"),
         pad_token_id=first.get("pad_token_id"), architectures=[CBTMEnsembleForCausalLM.__name__],
         auto_map={"AutoConfig": "configuration_cbtm_ensemble.CBTMEnsembleConfig",

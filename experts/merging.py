@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from corpus.io import InputError, load_array, read_json
-from corpus.layout import CENTROIDS, MERGE_INFO, TRAIN_SPLIT
+from corpus.layout import CENTROIDS, MERGE_INFO, MOE_INFO, TRAIN_SPLIT
 from corpus.read import read_columns, take_rows
 
 TASK_VECTOR_MERGES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")  # merges against the seed
@@ -65,7 +65,7 @@ class MergeInputs:
     drop_rate: float = 0.5
     seed: int = 0
     moe_top_k: int = 2
-    router_init: str = "centroids"
+    router_init: str = "hidden"
     moe_shared: str = "average"
     device: str = "auto"
 
@@ -125,16 +125,20 @@ def _parameter_merge(method: str) -> Callable[[Path, MergeInputs], dict]:
 
 
 def _moe(out: Path, inputs: MergeInputs) -> dict:
+    from clustering.embed import load_embedder
     from experts.moe import build_moe  # torch, transformers: loaded when a merge runs
 
     k = len(inputs.expert_dirs)
     shared = {"average": None, "seed": inputs.folders["seed"]}.get(inputs.moe_shared, inputs.folders.get("shared"))
     texts = cluster_texts(inputs.folders["corpus"], inputs.folders["assignments"], k) \
         if inputs.router_init != "random" else None
+    embedder = load_embedder(inputs.folders["embeddings"] / "embedder", device="cpu") \
+        if inputs.router_init == "centroids" else None  # maps the documents that fit hidden states → centroids
     build_moe(inputs.expert_dirs, out, seed_dir=inputs.folders["seed"], router_init=inputs.router_init,
               top_k=min(inputs.moe_top_k, k), centroids=load_array(inputs.folders["clusters"] / CENTROIDS),  # (k, dim)
-              cluster_texts=texts, seed=inputs.seed, shared_dir=shared)
-    return {"shared": inputs.moe_shared}
+              embedder=embedder, cluster_texts=texts, seed=inputs.seed, shared_dir=shared)
+    meta = read_json(out / MOE_INFO)
+    return {"shared": inputs.moe_shared, "router_init": meta["router_init"], "router": meta["router"]["method"]}
 
 
 MERGE_METHODS: dict[str, MergeMethod] = {

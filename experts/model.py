@@ -195,7 +195,7 @@ def flops_per_token(config, seq_len: int | None = None) -> float:
 
     N counts every matrix that multiplies activations: attention and MLP projections of all layers plus the
     output projection (lm_head, V·H), but not the input embedding lookup. L layers, H hidden size, T context.
-    For MoE configs (num_local_experts, num_experts_per_tok) only the active experts' MLPs count.
+    For MoE configs (num_local_experts or num_experts, num_experts_per_tok) only the active experts' MLPs count.
     """
     H = config.hidden_size
     L = config.num_hidden_layers
@@ -206,8 +206,10 @@ def flops_per_token(config, seq_len: int | None = None) -> float:
     attn = H * n_heads * head_dim * 2 + H * n_kv * head_dim * 2  # q, o, k, v
     mlp = 3 * H * inter
     active = getattr(config, "num_experts_per_tok", None)
-    if active and getattr(config, "num_local_experts", None):
-        mlp = mlp * active + H * config.num_local_experts  # active experts + router
+    n_experts = getattr(config, "num_local_experts", None) or getattr(config, "num_experts", None)
+    if active and n_experts:
+        inter = getattr(config, "moe_intermediate_size", None) or inter
+        mlp = 3 * H * inter * active + H * n_experts  # active experts + router
     N = L * (attn + mlp) + config.vocab_size * H
     T = int(seq_len or getattr(config, "max_position_embeddings", 1024))
     return float(6 * N + 12 * L * n_heads * head_dim * T)

@@ -51,6 +51,7 @@ from experts.merging import MERGE_METHODS, MERGE_WEIGHTS, MOE_SHARED, ROUTER_INI
 log = logging.getLogger("luigi-interface")
 
 _WARNED: dict[str, bool] = {}
+DEFAULT_MERGE_METHODS = "ensemble,posterior,average,task_arithmetic,ties,moe"
 SECTION = "cbtm"  # luigi.cfg section that overrides the defaults of every stage's parameters
 CHOICES = {
     "embedder": ("tfidf", "encoder"),
@@ -203,8 +204,9 @@ class TrainingParams:
 class MergingParams:
     """merging: the ensembles, the parameter merges and the BTX MoE built from the experts."""
 
-    merge_methods = _p("ensemble,posterior,average,task_arithmetic,ties,moe", name="merge_methods",
-                       description="comma separated, from: " + ", ".join(MERGE_METHODS))
+    merge_methods = _p(DEFAULT_MERGE_METHODS, name="merge_methods",
+                       description="comma separated, from: " + ", ".join(MERGE_METHODS) + "; by default moe only "
+                       "where the seed's family has an MoE class (Llama, Mistral, Qwen2, Qwen3)")
     top_k = _p("2", name="top_k", description="experts per prefix in the ensemble; an integer or 'all'")
     temperature = _p(0.1, luigi.FloatParameter, name="temperature", description="T in softmax(-d²/T)")
     route_every = _p(16, luigi.IntParameter, name="route_every", description="c-BTM ensemble: recompute the "
@@ -215,7 +217,10 @@ class MergingParams:
                        "routing weights × the routed experts' likelihood of the prefix: BTM's posterior over the top-k, "
                        "no extra expert runs) | distance (softmax(-d²/T) alone, as in the c-BTM paper)")
     moe_top_k = _p(2, luigi.IntParameter, name="moe_top_k", description="MoE: experts per token (at most k)")
-    router_init = _p("centroids", name="router_init", description="random | centroids | hidden")
+    router_init = _p("hidden", name="router_init", description="MoE router rows: hidden (mean hidden state of each "
+                     "cluster's documents under its expert) | centroids (the cluster centroids, through a "
+                     "least-squares map from hidden states when their dimension differs) | random; "
+                     "bench/RESULTS.md compares them")
     moe_tokens = _p(0, luigi.IntParameter, name="moe_tokens", description="MoE finetuning tokens, on top of the "
                     "compute-matched budget; 0 = 25%% of --train-tokens")
     moe_shared = _p("average", name="moe_shared", description="where the MoE's attention, norms and embeddings "
@@ -298,7 +303,30 @@ class RunParams(*PARAMETER_GROUPS):
 
     @property
     def methods(self) -> list[str]:
-        return [m.strip() for m in self.merge_methods.split(",") if m.strip()]
+        """--merge-methods as a list; the default list without `moe` when the seed's family has no MoE (said once)."""
+        names = [m.strip() for m in self.merge_methods.split(",") if m.strip()]
+        if "moe" in names and self.merge_methods == DEFAULT_MERGE_METHODS:
+            why = self.moe_unsupported()
+            if why:
+                if not _WARNED.get("moe"):
+                    log.warning("skipping the default merge 'moe': %s", why)
+                    _WARNED["moe"] = True
+                names.remove("moe")
+        return names
+
+    def moe_unsupported(self) -> str | None:
+        """Why the BTX MoE cannot be built from this run's seed, or None when it can."""
+        from experts.families import FAMILIES, moe_support, seed_model_type
+
+        try:
+            model_type = seed_model_type(self.seed_model)
+        except InputError:  # an unreadable seed: `validate` names it (_check_names_and_paths)
+            return None
+        target, why = moe_support(model_type)
+        if target is not None:
+            return None
+        works = ", ".join(f.name for f in FAMILIES.values() if f.moe)
+        return f"the seed {self.seed_model} is a {model_type} model and {why} (the MoE merge supports {works})"
 
     @property
     def task_list(self) -> list[str]:
@@ -379,6 +407,8 @@ class RunParams(*PARAMETER_GROUPS):
         bad = [m for m in self.methods if m not in MERGE_METHODS]
         if bad:
             raise InputError(f"--merge-methods: unknown {', '.join(bad)}; choose from {', '.join(MERGE_METHODS)}")
+        if "moe" in self.methods and self.moe_unsupported():
+            raise InputError(f"--merge-methods moe: {self.moe_unsupported()}; leave moe out of --merge-methods")
         if self.merge_lambda != "auto":
             try:
                 ok = math.isfinite(float(self.merge_lambda))
@@ -498,6 +528,9 @@ def _check_names_and_paths(p: RunParams) -> None:
                                  "name or 'scratch')")
             if not (seed / "config.json").is_file():
                 raise InputError(f"--seed-model {p.seed_model}: not a Hugging Face model folder (no config.json)")
+        from experts.families import check_seed
+
+        check_seed(p.seed_model)  # a supported family, a tokenizer that fits the embeddings
     if p.embedder == "encoder" and p.encoder_model and looks_like_path(p.encoder_model) \
             and not Path(p.encoder_model).expanduser().is_dir():
         raise InputError(f"--encoder-model {p.encoder_model}: no such folder")

@@ -37,16 +37,20 @@ class WriteModelCards(Stage):
         from experts.budget import compute_budget
         from experts.cards import write_run_cards
 
+        from pipeline.merging import merge_failure
+
         r = self.requires()
         folders = {m: self.input_path(t) for m, t in r["models"].items()}
         if "moe_merged" in r:
             folders["moe_merged"] = self.input_path(r["moe_merged"])
+        failed = {m: f for m, f in ((m, merge_failure(d)) for m, d in folders.items()) if f}  # no model, no card
+        folders = {m: d for m, d in folders.items() if m not in failed}
         written = write_run_cards(
             folders, run={p: getattr(self, p) for p in CARD_PARAMS},
             budget=compute_budget(self.train_tokens, self.seed_fraction, self.num_clusters),
-            perplexity={m: read_json(self.input_path(t)) for m, t in r["perplexity"].items()},
+            perplexity={m: read_json(self.input_path(t)) for m, t in r["perplexity"].items() if m not in failed},
             fewshot={m: {task_slug(t): read_json(self.input_path(by_model[m])) for t, by_model in r["fewshot"].items()
-                         if m in by_model} for m in r["models"]},
+                         if m in by_model} for m in r["models"] if m not in failed},
             clusters=read_json(self.input_path(r["clusters"]) / "clusters.json").get("clusters", []))
-        write_json(out / "cards.json", written)
-        return {"cards": len(written)}
+        write_json(out / "cards.json", {**written, **{m: {"failed": f} for m, f in failed.items()}})
+        return {"cards": len(written), "failed": sorted(failed)}

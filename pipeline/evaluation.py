@@ -26,6 +26,17 @@ class _EvaluateModel(Stage):
     def output_file(self) -> str:
         return f"{self.model}.json"
 
+    def failure(self) -> dict | None:
+        """The failure recorded in place of the evaluated model (a merge whose method failed), or None."""
+        from pipeline.merging import merge_failure
+
+        return merge_failure(self.input_path(model_stage(self, self.model)[0])) if self.model != ORACLE else None
+
+    def write_failure(self, out: Path, failed: dict) -> dict:
+        """The evaluation of a model that does not exist: `<model>.json` = {model, failed}."""
+        write_json(out / self.output_file, {"model": self.model, "failed": failed})
+        return {"failed": failed["error"]}
+
     def scoring_model(self):
         """The evaluated model as a `ScoringModel`, plus its kind ('hf' | 'ensemble') and folder."""
         stage, kind = model_stage(self, self.model)
@@ -64,6 +75,8 @@ class EvaluatePerplexity(_EvaluateModel):
             return self.build_oracle(out)
         from tasks.perplexity import evaluate_perplexity, evaluation_docs
 
+        if self.failure():
+            return self.write_failure(out, self.failure())
         r = self.requires()
         model, kind, path = self.scoring_model()
         result = {"model": self.model, "kind": kind, "path": str(path)}
@@ -135,6 +148,8 @@ class EvaluateFewShot(_EvaluateModel):
         from tasks.fewshot.evaluate import evaluate_fewshot
         from tasks.fewshot.load import load_task
 
+        if self.failure():
+            return self.write_failure(out, self.failure())
         model, _, _ = self.scoring_model()
         spec = str(self.input_path(self.requires()["task"])) if self.task == "domains" else self.task
         task = load_task(spec)

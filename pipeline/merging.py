@@ -3,17 +3,21 @@ merges (task arithmetic, TIES, DARE), the BTX MoE (`MergeExperts(method)`, one e
 `experts.merging.MERGE_METHODS` each), and BTX finetuning of the MoE (`FinetuneMoE`)."""
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
 
 import luigi
 
-from corpus.io import InputError
+from corpus.io import InputError, read_json, write_json
+from corpus.layout import MERGE_FAILED
 from experts.merging import MERGE_METHODS, TASK_VECTOR_MERGES, MergeInputs, merge, needs
 from pipeline.base import Stage
 from pipeline.clustering import AssignClusters, EmbedCorpus, FitClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.training import ShardCorpus, TrainExpert, TrainSeed, _TrainStage
+
+log = logging.getLogger("luigi-interface")
 
 INPUT_STAGES = {"clusters": FitClusters, "embeddings": EmbedCorpus, "assignments": AssignClusters,
                 "seed": TrainSeed, "shards": ShardCorpus, "corpus": PrepareCorpus}
@@ -47,16 +51,19 @@ class MergeExperts(Stage):
 
     @property
     def hashed(self):
-        return ("method",) + FLAGS.get(self.method, ())
+        centroid_router = self.method == "moe" and self.router_init == "centroids"
+        return ("method",) + FLAGS.get(self.method, ()) + (("router_fit",) if centroid_router else ())
+
+    def _hash_value(self, name):
+        if name == "router_fit":  # the least-squares router init (issue 24) replaced a silent hidden-state fallback
+            return "least-squares-v2"
+        if name == "ensemble_top_k":
+            return self.ensemble_top_k or str(self.top_k)
+        return super()._hash_value(name)
 
     @property
     def subpath(self) -> str:
         return self.method
-
-    def _hash_value(self, name):
-        if name == "ensemble_top_k":
-            return self.ensemble_top_k or str(self.top_k)
-        return super()._hash_value(name)
 
     def validate(self) -> None:
         super().validate()
@@ -68,7 +75,7 @@ class MergeExperts(Stage):
         if self.device == "cpu":
             return False
         if self.method == "moe":
-            return self.router_init == "hidden"
+            return self.router_init in ("hidden", "centroids")  # hidden states of documents
         return self.method in TASK_VECTOR_MERGES and self.merge_lambda == "auto"  # λ chosen by forward passes
 
     def requires(self):
@@ -91,7 +98,34 @@ class MergeExperts(Stage):
             lam=None if self.merge_lambda == "auto" else float(self.merge_lambda), density=self.ties_density,
             drop_rate=self.dare_drop_rate, seed=self.seed, moe_top_k=self.moe_top_k, router_init=self.router_init,
             moe_shared=self.moe_shared, device=self.device)
-        return {"method": self.method, "experts": expert_dirs, **merge(self.method, out, inputs)}
+        try:
+            return {"method": self.method, "experts": expert_dirs, **merge(self.method, out, inputs)}
+        except Exception as e:  # noqa: BLE001 - one method's failure must not stop the report and the other models
+            failed = record_failure(out, self.method, e)
+            log.error("merge %s failed: %s; the report and model cards go on without it (fix: %s)", self.method,
+                      failed["error"], failed["fix"])
+            return {"method": self.method, "experts": expert_dirs, "failed": failed}
+
+
+def record_failure(out: Path, method: str, error: BaseException) -> dict:
+    """Empty `out` and write `<out>/failed.json` = {method, error, fix} in place of the model; returns it."""
+    import shutil
+
+    for p in Path(out).iterdir():
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    first = str(error).strip().splitlines()[0][:400] if str(error).strip() else type(error).__name__
+    kind = "" if isinstance(error, InputError) else f"{type(error).__name__}: "
+    failed = {"method": method, "error": kind + first,
+              "fix": f"remove the cause above, then rerun with --force-stage MergeExperts (or leave {method} out of "
+                     "--merge-methods)"}
+    write_json(Path(out) / MERGE_FAILED, failed)
+    return failed
+
+
+def merge_failure(folder: Path) -> dict | None:
+    """The failure a merge folder records (`record_failure`), or None when it holds a model."""
+    f = Path(folder) / MERGE_FAILED
+    return read_json(f) if f.is_file() else None
 
 
 class FinetuneMoE(_TrainStage):
@@ -121,6 +155,11 @@ class FinetuneMoE(_TrainStage):
 
     def build(self, out: Path) -> dict:
         from experts.moe import finetune_moe
+
+        failed = merge_failure(self.input_path(self.requires()["moe"]))
+        if failed:  # nothing to finetune: pass the merge's failure on to the evaluations and the report
+            write_json(out / MERGE_FAILED, failed)
+            return {"failed": failed}
 
         with self.gpu_slots(1) as gpus:
             config = self.train_config(self.tokens(), **({"device": f"cuda:{gpus[0]}"} if gpus else {}))

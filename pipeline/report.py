@@ -13,7 +13,7 @@ import luigi
 from corpus.io import atomic_file, read_json
 from corpus.layout import MERGE_INFO, MOE_INFO, REPORT_JSON, REPORT_MD, TRAINING_INFO
 from experts.merging import PARAMETER_MERGES
-from pipeline.base import RunParams, Stage, install_log_filter, upstream
+from pipeline.base import DEFAULT_MERGE_METHODS, RunParams, Stage, install_log_filter, upstream
 from pipeline.clustering import DescribeClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
@@ -58,13 +58,20 @@ class Report(Stage):
                        "n_empty_dropped": corpus_stats.get("n_empty_dropped")},
             "models": model_names(self),
         }
+        skipped = self.moe_unsupported() if self.merge_methods == DEFAULT_MERGE_METHODS else None
+        if skipped:
+            run_info["skipped"] = {"moe": skipped}
         perplexity = {m: read_json(self.input_path(t)) for m, t in r["perplexity"].items()}
-        fewshot = {task_slug(t): {m: read_json(self.input_path(s)) for m, s in by_model.items()}
+        failed = {m: p["failed"] for m, p in perplexity.items() if p.get("failed")}  # merges whose method failed
+        perplexity = {m: p for m, p in perplexity.items() if m not in failed}
+        fewshot = {task_slug(t): {m: read_json(self.input_path(s)) for m, s in by_model.items() if m not in failed}
                    for t, by_model in r["fewshot"].items()}
         budgets = {"plan": self.clone(TrainDense).budget_plan(),
-                   "models": {m: _training_json(self.input_path(t)) for m, t in r["trained"].items()}}
-        merges = {"parameter": {m: _json(self.input_path(t) / MERGE_INFO) for m, t in r["merges"].items()}}
-        if r["moe_build"]:
+                   "models": {m: _training_json(self.input_path(t)) for m, t in r["trained"].items()
+                              if m not in failed}}
+        merges = {"parameter": {m: _json(self.input_path(t) / MERGE_INFO) for m, t in r["merges"].items()
+                                if m not in failed}, "failed": failed}
+        if r["moe_build"] and "moe" not in failed:
             finetuned = self.input_path(r["trained"]["moe"])
             merges["moe"] = {"build": _json(self.input_path(r["moe_build"][0]) / MOE_INFO),
                              "routing": _json(finetuned / "routing.json"), "training": _training_json(finetuned)}

@@ -33,7 +33,8 @@ report.json schema (version 1); every key is always present, values may be null/
                            "dense_gpu_hours", "expert_tokens", "rounding"}},
   "timings":    {stage: {"runs", "wall_time_s"}},
   "merges":     {"parameter": {method: {"recipe", "weights", "lambda_search": {λ: validation NLL} | null}},
-                 "moe": {"shared", "router_init", "top_k", "num_local_experts", "finetune_tokens",
+                 "failed": {method: {"error", "fix"}}  (merges whose method failed; absent from the tables),
+                 "moe": {"shared", "router_init", "router": how it was initialised, "top_k", "num_local_experts", "finetune_tokens",
                          "extra_tokens_fraction": finetune tokens / compute-matched budget,
                          "routing": {"tokens", "max_entropy", "per_layer": [{"layer", "per_token_entropy",
                                      "mean_router_entropy", "load": [fraction of routed slots per expert]}]}} | null}
@@ -71,7 +72,7 @@ def write_report(
     paths that are copied into `figures/`; budgets: {"plan": experts.budget.plan_budgets dict, "models": {model:
     training.json}} (their loss curves are plotted); timings: {stage: {"runs", "wall_time_s"}}; merges:
     {"parameter": {method: merge.json}, "moe": {"build": moe.json, "routing": routing.json, "training":
-    training.json}} (see `_merges`).
+    training.json}, "failed": {method: failed.json}} (see `_merges`).
     """
     out_dir = Path(out_dir)
     report = {
@@ -313,6 +314,8 @@ def render_markdown(report: dict) -> str:
         keys = ("num_clusters", "embedder", "clusterer", "assign", "seed_model", "model_size", "train_tokens",
                 "seed_fraction", "top_k", "temperature", "branch_from", "merge_methods")
         lines += ["Settings: " + ", ".join(f"`--{k.replace('_', '-')} {params[k]}`" for k in keys if k in params), ""]
+    for method, why in (run.get("skipped") or {}).items():
+        lines += [f"Merge `{method}` skipped: {why}.", ""]
 
     lines += ["## Clusters", ""]
     sizes = cl.get("sizes") or {}
@@ -469,9 +472,10 @@ def _merges(m: dict, budgets: dict) -> dict:
     """The merge recipes and the MoE's routing statistics, per layer (see the schema above)."""
     params = {name: {k: meta.get(k) for k in ("recipe", "weights", "lambda_search")}
               for name, meta in (m.get("parameter") or {}).items() if meta}
+    failed = dict(m.get("failed") or {})
     moe = m.get("moe") or {}
-    if not moe:
-        return {"parameter": params, "moe": None}
+    if not moe or "moe" in failed:
+        return {"parameter": params, "moe": None, "failed": failed}
     build, routing, training = moe.get("build") or {}, moe.get("routing") or {}, moe.get("training") or {}
     budget = ((budgets.get("plan") or {}).get("train_tokens")) or None
     tokens = training.get("tokens_seen")
@@ -479,8 +483,9 @@ def _merges(m: dict, budgets: dict) -> dict:
     per_layer = [{"layer": i, "per_token_entropy": entropy[i] if i < len(entropy) else None,
                   "mean_router_entropy": mean_entropy[i] if i < len(mean_entropy) else None, "load": load}
                  for i, load in enumerate(routing.get("per_expert_load") or [])]
-    return {"parameter": params, "moe": {
-        "shared": build.get("shared"), "router_init": build.get("router_init"), "top_k": build.get("top_k"),
+    return {"parameter": params, "failed": failed, "moe": {
+        "shared": build.get("shared"), "router_init": build.get("router_init"),
+        "router": (build.get("router") or {}).get("method"), "top_k": build.get("top_k"),
         "num_local_experts": build.get("num_local_experts"), "finetune_tokens": tokens,
         "extra_tokens_fraction": tokens / budget if tokens and budget else None,
         "routing": {"tokens": routing.get("tokens"), "max_entropy": routing.get("max_entropy"),
@@ -489,8 +494,8 @@ def _merges(m: dict, budgets: dict) -> dict:
 
 def _merges_markdown(report: dict) -> list[str]:
     merges, ppl = report.get("merges") or {}, report.get("perplexity") or {}
-    params, moe = merges.get("parameter") or {}, merges.get("moe")
-    if not params and not moe:
+    params, moe, failed = merges.get("parameter") or {}, merges.get("moe"), merges.get("failed") or {}
+    if not params and not moe and not failed:
         return []
 
     def test(m):
@@ -500,6 +505,9 @@ def _merges_markdown(report: dict) -> list[str]:
         return _f(a / b) + "×" if a and b else "–"
 
     lines = ["## Merges", ""]
+    for name, f in failed.items():
+        lines += [f"**{name} failed** and is missing from this report: {f.get('error')}. Fix: {f.get('fix')}.", ""]
+    params = {k: v for k, v in params.items() if k not in failed}
     if params:
         lines += [f"One static model each; test perplexity of dense {_f(test('dense'))}, seed {_f(test('seed'))}. "
                   "λ scales the merged task vector (θ = θ_seed + λ·τ; λ = 1 with these weights is the plain average);"
@@ -516,7 +524,7 @@ def _merges_markdown(report: dict) -> list[str]:
     if moe:
         frac = moe.get("extra_tokens_fraction")
         lines += [f"BTX MoE: {moe.get('num_local_experts')} experts per layer, top-{moe.get('top_k')}, router "
-                  f"{moe.get('router_init')}, attention / norms / embeddings from: {moe.get('shared')}. "
+                  f"{moe.get('router') or moe.get('router_init')}, attention / norms / embeddings from: {moe.get('shared')}. "
                   f"Test perplexity {_f(test('moe'))} ({ratio(test('moe'), test('ensemble_top2'))} the c-BTM top-2 "
                   f"ensemble, {ratio(test('moe'), test('dense'))} dense).", ""]
         if moe.get("finetune_tokens"):

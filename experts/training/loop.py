@@ -90,6 +90,7 @@ def train_model(
 
     out_dir = Path(out_dir)
     model, tokenizer = _load_init(init, tokenizer)
+    init_dtype = upcast_to_fp32(model, out_dir.name)
     if tokenizer is not None:
         check_compatible(model, tokenizer)
     shard_paths = [str(p) for p in shard_paths]
@@ -334,6 +335,7 @@ def train_model(
         "mfu": mfu,
         "compiled": bool(use_compile),
         "bf16_params": bool(use_bf16),
+        "init_dtype": init_dtype,
         "loss_curve": state["loss_curve"],
         "final_loss": state["loss_curve"][-1][1] if state["loss_curve"] else None,
         "valid_curve": state["valid_curve"] + ([[state["step"], final_valid]] if final_valid is not None else []),
@@ -385,6 +387,18 @@ def _setup_device(config: TrainConfig, world: int, local_rank: int):
         total_memory = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(memory_fraction(config.experts_per_gpu, total_memory), device)
     return setup, device
+
+
+def upcast_to_fp32(model, name: str) -> str:
+    """Cast a checkpoint stored in bf16 / fp16 to fp32 in place, so that the optimizer updates fp32 weights: on CPU
+    the model trains in fp32, on a GPU `MasterWeights` makes bf16 copies of these fp32 masters. Returns the dtype
+    the checkpoint had (e.g. "torch.bfloat16")."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    low = sorted(str(d) for d in dtypes if d != torch.float32)
+    if low:
+        log.info("%s: the initial weights are %s; training keeps fp32 master weights", name, ", ".join(low))
+        model.float()
+    return low[0] if len(low) == 1 and len(dtypes) == 1 else ("mixed" if low else "torch.float32")
 
 
 def _load_init(init, tokenizer):

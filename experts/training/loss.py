@@ -84,7 +84,8 @@ class CausalLMLoss:
 
     @staticmethod
     def build(model, config: TrainConfig, compile: bool):
-        use_router = config.router_aux_loss_coef > 0 or hasattr(model.config, "num_local_experts")
+        use_router = config.router_aux_loss_coef > 0 or hasattr(model.config, "num_local_experts") or \
+            hasattr(model.config, "num_experts_per_tok")
         fused = config.fused_loss and _fused_ok(model) and not use_router
         mode = config.compile_mode
 

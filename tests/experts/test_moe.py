@@ -64,7 +64,7 @@ def test_bad_input(experts, tmp_path):
 
     gpt = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(vocab_size=64, n_embd=16, n_layer=1, n_head=2)).save_pretrained(gpt)
-    with pytest.raises(InputError, match="LlamaForCausalLM"):
+    with pytest.raises(InputError, match="GPT-2.*supports Llama, Mistral, Qwen2, Qwen3"):
         build_moe([gpt, gpt], tmp_path / "x")
     with pytest.raises(InputError, match="top_k"):
         build_moe(experts[:2], tmp_path / "x", top_k=3)

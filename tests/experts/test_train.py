@@ -331,3 +331,19 @@ def test_keep_best_saves_the_lowest_validation_loss_and_survives_resume(shard, n
     a, b = load_file(str(tmp_path / "best" / "model.safetensors")), load_file(str(out / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_a_bf16_checkpoint_trains_with_fp32_weights_on_cpu(shard, tmp_path):
+    """A seed saved in bf16 (as most downloads are) trains like its fp32 copy: the optimizer updates fp32 weights,
+    not bf16 ones (whose small updates round away), and training.json says what the checkpoint held."""
+    seed = tmp_path / "bf16_seed"
+    _model().to(torch.bfloat16).save_pretrained(seed)
+    res = train_model(str(seed), [shard], tmp_path / "out", _cfg())
+    assert res["init_dtype"] == "torch.bfloat16" and res["bf16_params"] is False
+    from transformers import AutoModelForCausalLM
+
+    fp32 = AutoModelForCausalLM.from_pretrained(seed, dtype=torch.float32)
+    ref = train_model(fp32, [shard], tmp_path / "ref", _cfg())
+    assert res["loss_curve"] == ref["loss_curve"]
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert {p.dtype for p in trained.parameters()} == {torch.float32}

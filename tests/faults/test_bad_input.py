@@ -22,6 +22,24 @@ from tests.pipeline.conftest import tiny_params, write_tiny_corpus
 PARAM, FAILED, FLAG, TASK = 40, 30, 2, 1
 
 
+def _seed(path: Path, kind: str) -> Path:
+    """A tiny seed folder: 'bloom' (a family the pipeline does not support), 'short_embeddings' (a Llama whose
+    tokenizer has 300 tokens and embeddings 200 rows) or 'gpt2'."""
+    from tests.experts.family_helpers import family_model, family_tokenizer, save_family
+
+    if kind == "bloom":
+        from transformers import BloomConfig, BloomForCausalLM
+
+        BloomForCausalLM(BloomConfig(vocab_size=300, hidden_size=16, n_layer=1, n_head=2)).save_pretrained(path)
+        family_tokenizer("gpt2").save_pretrained(path)
+    elif kind == "short_embeddings":
+        family_model("llama", vocab=200).save_pretrained(path)
+        family_tokenizer("llama", 300).save_pretrained(path)
+    else:
+        save_family(path, kind)
+    return path
+
+
 def _jsonl(path: Path, rows: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -75,6 +93,15 @@ CASES = {
     "seed_model_without_config": (lambda t: {"seed_model": str(_jsonl(t / "seed" / "weights.jsonl", []).parent)},
                                   PARAM, r"--seed-model .*seed: not a Hugging Face model folder \(no config.json\)"),
     "seed_model_missing": (lambda t: {"seed_model": str(t / "no-model")}, PARAM, r"--seed-model .*no-model: no such"),
+    "seed_model_other_family": (lambda t: {"seed_model": str(_seed(t / "bloom", "bloom"))}, PARAM,
+                                r"--seed-model .*bloom is a 'bloom' model, a family this pipeline does not support; "
+                                r"supported families: Llama \(llama\), Mistral \(mistral\), Qwen2"),
+    "seed_tokenizer_beyond_embeddings": (lambda t: {"seed_model": str(_seed(t / "short", "short_embeddings"))},
+                                         PARAM, r"its tokenizer has 300 tokens but its embeddings only 200 rows"),
+    "moe_for_a_family_without_one": (lambda t: {"seed_model": str(_seed(t / "gpt2", "gpt2")),
+                                                "merge_methods": "average,moe"}, PARAM,
+                                     r"--merge-methods moe: the seed .*gpt2 is a gpt2 model and transformers has no "
+                                     r"mixture-of-experts class with GPT-2's layers"),
     "encoder_model_missing": (lambda t: {"embedder": "encoder", "encoder_model": str(t / "enc")}, PARAM,
                               r"--encoder-model .*enc: no such folder"),
     "task_folder_missing": (lambda t: {"tasks": str(t / "tasks" / "sst")}, PARAM, r"--tasks .*sst: no such task"),
