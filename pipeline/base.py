@@ -61,6 +61,7 @@ CHOICES = {
     "compile": ("auto", "on", "off"),
     "sharding": ("ddp", "fsdp"),
     "compute_match": ("steps", "tokens"),
+    "small_share": ("fewer_steps", "one_block"),
     "expert_budget": ("proportional", "uniform"),
     "branch_schedule": ("restart", "continue"),
     "balance_by": ("docs", "tokens"),
@@ -152,6 +153,9 @@ class TrainingParams:
     compute_match = _p("steps", name="compute_match", description="steps (c-BTM/BTM: every expert runs the dense "
                        "model's steps with the dense batch × its share) | tokens (the dense batch, its share of the "
                        "steps); total tokens match either way")
+    small_share = _p("fewer_steps", name="small_share", description="--compute-match steps, an expert whose share "
+                     "of the dense batch is below one block: fewer_steps (one block per step for its share of the "
+                     "steps: the same tokens) | one_block (one block for all steps, taken from the larger experts)")
     expert_budget = _p("proportional", name="expert_budget", description="each expert's share of the experts' "
                        "budget: proportional (its cluster's share of the training tokens) | uniform (1/k)")
     eval_every = _p(0, luigi.IntParameter, name="eval_every", description="validation loss of seed, dense and every "
