@@ -530,6 +530,11 @@ class Stage(RunParams, luigi.Task):
         `shared` one of the --experts-per-gpu slots of a GPU; none on --device cpu. Lock files live in
         `<run_dir>/.gpu-locks/`."""
         n = self.gpu_count() if n is None else n
+        from pipeline.slurm import in_job, job_local_gpus
+
+        if in_job():  # the job's GPUs are this stage's alone: no slots to claim; n per node on several nodes
+            nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+            return contextlib.nullcontext(job_local_gpus(max(1, n // nodes)) if self.device != "cpu" else [])
         from experts.launch import gpu_slots  # Luigi-free: the bench and the stages claim GPUs the same way
 
         return gpu_slots(n if self.device != "cpu" else 0, Path(self.run_dir) / ".gpu-locks",

@@ -207,17 +207,21 @@ class _TrainStage(Stage):
 
     def launch(self, init, out: Path, config, shard_paths: list[str], valid_paths: list[str],
                tokenizer=None) -> dict:
-        """Train `init` on `shard_paths` with `config` on this stage's GPUs (none on CPU): whole GPUs, or with
-        --experts-per-gpu N > 1 one slot of a GPU, chosen so the GPUs get similar tokens per step."""
+        """Train `init` on `shard_paths` with `config` on this stage's GPUs: whole GPUs, or with
+        --experts-per-gpu N > 1 one slot of a GPU, chosen so the GPUs get similar tokens per step; in a Slurm job
+        the job's GPUs, on all its nodes (`pipeline.slurm.job_launch`). On CPU an expert with --gpus-per-expert N
+        trains as N gloo processes."""
         from experts.launch import launch_training
         from experts.training import TrainConfig
+        from pipeline.slurm import cpu_ranks, job_launch
 
         shared = self.shares_gpu()
         if shared:
             config = TrainConfig.from_dict({**config.to_dict(), "experts_per_gpu": self.experts_per_gpu})
         with self.gpu_slots(shared=shared, weight=float(config.train_tokens)) as gpus:  # weight: this training's work
             return launch_training(init, shard_paths, out, config, valid_paths=valid_paths or None,
-                                   tokenizer=tokenizer, gpus=gpus or None)
+                                   tokenizer=tokenizer, gpus=gpus or None, cpu_procs=cpu_ranks(self),
+                                   **job_launch(self))
 
 
 _GUARD = ("eval_every", "keep_best")
