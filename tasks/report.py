@@ -430,6 +430,17 @@ def render_markdown(report: dict) -> str:
                       f"together; in whole steps of whole {plan.get('seq_len')}-token blocks the experts get "
                       f"{plan.get('expert_tokens_total')} tokens, {plan.get('rounding')} fewer than dense "
                       f"({(plan.get('dense') or {}).get('tokens')}).", ""]
+            small = [e for e in plan.get("experts") or [] if e.get("small")]
+            if small:
+                rule = plan.get("small_share")
+                lines += [f"**Shares below one block:** {len(small)} of {len(plan.get('experts') or [])} experts "
+                          f"(clusters {', '.join(str(e['cluster_id']) for e in small)}) have less than one block of "
+                          f"the dense batch as their share; `--small-share {rule}`: "
+                          + (f"each trains one block per step for its share of the dense model's "
+                             f"{(plan.get('dense') or {}).get('steps')} steps (the same tokens; "
+                             f"{', '.join(str(e['steps']) for e in small)} steps)."
+                             if rule == "fewer_steps" else "each trains one block per step for all steps, those "
+                             "blocks taken from the larger experts."), ""]
         lines += [f"Tokens seen: c-BTM (seed + experts) {tot.get('cbtm_tokens')}, dense (seed + dense) "
                   f"{tot.get('dense_tokens')}; GPU-hours: c-BTM {_f(tot.get('cbtm_gpu_hours'), 4)}, dense "
                   f"{_f(tot.get('dense_gpu_hours'), 4)}.", "",
