@@ -35,6 +35,8 @@ model=(--model-size mini --vocab-size 16384 --learning-rate 1e-3 --batch-tokens 
 common=(--local-scheduler --corpus "$CORPUS" --label-field source --device "${DEVICE:-cuda}" --compile off --tasks none
         --experts-per-gpu "$WORKERS" --workers "$WORKERS" --eval-max-docs 400 --eval-batch-size 32)
 TOKENS=${TOKENS:-24000000}
+KS=${KS:-1,8,16,32}    # largek's k values and the k of its MoE (MOE_K)
+MOE_K=${MOE_K:-8}
 read -r -a extra <<< "${EXTRA:-}"
 case "${1:-study}" in
   smoke)
@@ -69,17 +71,17 @@ case "${1:-study}" in
     cp "$RUN/study.md" "$RUN/study.json" "$OUT/" ;;
   largek)
     time luigi --module pipeline Study "${common[@]}" "${model[@]}" --run-dir "$RUN" --eval-max-docs 300 \
-      --num-clusters 1,8,16,32 --train-tokens "$TOKENS" --top-k 1,2,all --clusterer balanced \
+      --num-clusters "$KS" --train-tokens "$TOKENS" --top-k 1,2,all --clusterer balanced \
       --merge-methods ensemble,posterior "${extra[@]}"
     cp "$RUN/study.md" "$OUT/study_largek.md"; cp "$RUN/study.json" "$OUT/study_largek.json"
     # the k = 8 MoE and the dense model given its finetuning tokens (dense_moe_compute), same experts
     time luigi --module pipeline Study "${common[@]}" "${model[@]}" --run-dir "$RUN" --eval-max-docs 300 \
-      --num-clusters 8 --train-tokens "$TOKENS" --top-k 1,2,all --clusterer balanced \
+      --num-clusters "$MOE_K" --train-tokens "$TOKENS" --top-k 1,2,all --clusterer balanced \
       --merge-methods ensemble,posterior,moe "${extra[@]}"
     cp "$RUN/study.md" "$OUT/study_moe.md"; cp "$RUN/study.json" "$OUT/study_moe.json" ;;
   oneblock)  # the other small-share rule at the large k of largek (same seed, dense and clusters)
     time luigi --module pipeline Study "${common[@]}" "${model[@]}" --run-dir "$RUN" --eval-max-docs 300 \
-      --num-clusters 16,32 --train-tokens "$TOKENS" --top-k 1,2,all --clusterer balanced \
+      --num-clusters "${ONEBLOCK_KS:-16,32}" --train-tokens "$TOKENS" --top-k 1,2,all --clusterer balanced \
       --merge-methods ensemble,posterior --small-share one_block "${extra[@]}"
     cp "$RUN/study.md" "$OUT/study_oneblock.md"; cp "$RUN/study.json" "$OUT/study_oneblock.json" ;;
   small)
