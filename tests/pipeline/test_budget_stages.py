@@ -1,5 +1,5 @@
 """Budget flags in the pipeline: what each flag reruns (hashes), a --num-clusters grid that reuses the tokenizer,
-seed and dense model (stage log), and the one-line refusal of a share below one block."""
+seed and dense model (stage log), shares below one block trained with their tokens, empty clusters refused."""
 from __future__ import annotations
 
 import json
