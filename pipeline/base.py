@@ -179,7 +179,7 @@ class TrainingParams:
     expert_trainable = _p("all", name="expert_trainable", description="all | ffn: experts train only their "
                           "feed-forward blocks against the seed's frozen attention, norms and embeddings (FlexOlmo)")
     gpus_per_expert = _p(1, luigi.IntParameter, name="gpus_per_expert", description="GPUs that train one expert "
-                         "together (data parallel; --sharding says how)")
+                         "together (data parallel; --sharding says how; with --device cpu, that many gloo processes)")
 
 
 class MergingParams:
