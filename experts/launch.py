@@ -49,7 +49,8 @@ def launch_training(
     nodes: int = 1,
     srun: bool = False,
 ) -> dict:
-    """Train one model on `gpus` (list of physical GPU indices) and return its training.json dict.
+    """Train one model on `gpus` (indices of the GPUs this process sees: physical ones unless CUDA_VISIBLE_DEVICES
+    is set, e.g. by Slurm) and return its training.json dict.
 
     0 or 1 GPU (and `cpu_procs` == 1): `train_model` runs in this process (on `cuda:<gpu>` when one is given,
     which becomes the process's current device, so no other GPU is touched; `on_step` is passed on).

@@ -16,7 +16,7 @@ Several GPUs per expert (`--gpus-per-expert N`): the expert's job asks for N GPU
 --ntasks-per-node=1 --gres=gpu:g`). Inside the job the stage trains on all of them through `srun torchrun`
 (`experts.launch.torchrun_command`: one torchrun per node, one rank per GPU, c10d rendezvous on the first node
 for several nodes), DDP or FSDP after --sharding. With --device cpu the job gets N × max(cpus, 1) CPUs and N
-gloo ranks (the same path, for trying it without GPUs: bench/slurm_e2e.sh multi).
+gloo ranks (the same path, for trying it without GPUs: `GPUS_PER_EXPERT=2 bash bench/slurm_e2e.sh`).
 
 Why not b2luigi's Slurm batch system: its `SendJobWorker` needs b2luigi task classes (it calls
 `task.has_grouped_params()`), and each job re-runs the submitting script (`__main__.__file__ --batch-runner
