@@ -23,7 +23,9 @@ How the experts share D (`plan_budgets`):
   share of the tokens (what one block every 1/q_j steps, accumulated, would give, without the idle steps);
   `one_block` gives it one block for all S steps and takes those blocks from the larger experts' batches (equal
   steps, but more than its share of the tokens; needs k ≤ B). Whatever part of a block per step the small
-  experts' whole steps leave is `rounding` (< S blocks in all). Empty clusters are refused either way.
+  experts' whole steps leave is `rounding` (< S blocks in all). A small expert trains at least one step, so any
+  cluster with data gets an expert (its share of a very small budget may round up to that one block). Empty
+  clusters are refused either way.
 
 Every model's budget is whole steps of whole blocks: tokens = steps · batch_blocks · seq_len.
 """
@@ -230,14 +232,13 @@ def _steps_matching(units: int, steps: int, shares: Sequence[float], small_share
             order = sorted(small)
             counts = apportion(int(round(quota)), [shares[j] / sum(shares[i] for i in order) for j in order]) \
                 if order else []
-            small_steps = dict(zip(order, counts))
-            short = [j for j, n in small_steps.items() if n < 1]
-            if short:
-                j = short[0]
+            counts = [max(1, n) for n in counts]  # a cluster with data trains at least one block
+            if sum(counts) > units * steps:
                 raise InputError(
-                    f"cluster {j}'s share {shares[j]:.2g} of the experts' budget is less than one block "
-                    f"({unit_tokens} tokens) of the dense model's {units * steps * unit_tokens} tokens; raise "
-                    "--train-tokens or use fewer --num-clusters")
+                    f"the dense model's {units * steps} block-steps ({units * steps * unit_tokens} tokens) cannot "
+                    f"give one block to each of the {len(counts)} experts whose share is below one block; raise --train-tokens "
+                    "or use fewer --num-clusters")
+            small_steps = dict(zip(order, counts))
             left = units - math.ceil(sum(counts) / steps) if counts else units
         big = [j for j in range(k) if j not in small]
         total = sum(shares[j] for j in big)

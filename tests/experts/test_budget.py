@@ -108,15 +108,18 @@ def test_one_block_rule_takes_the_blocks_from_the_larger_experts():
         plan_budgets(3_000_000, 0.8, [3_000] * 2, SEQ, batch_blocks=8, small_share="x")
 
 
-def test_sub_step_share_empty_cluster_and_sub_block_budget_are_one_line_refusals():
+def test_sub_step_share_empty_cluster_and_a_budget_below_one_block_per_expert():
     with pytest.raises(InputError, match="cluster 0's share .* steps is .*--compute-match steps"):
         plan_budgets(20_000, 0.5, [1, 5000, 5000, 5000], SEQ, batch_blocks=8, compute_match="tokens")
     with pytest.raises(InputError) as err:
         plan_budgets(1_000_000, 0.5, [5000, 0, 5000], SEQ, batch_blocks=8)
     assert str(err.value).startswith("cluster(s) 1 have no training tokens") and "\n" not in str(err.value)
-    with pytest.raises(InputError) as err:  # a share of less than one block of all the dense model's tokens
-        plan_budgets(40_000, 0.5, [1, 50_000, 50_000], SEQ, batch_blocks=8)
-    assert str(err.value).startswith("cluster 0's share") and "less than one block" in str(err.value)
+    # a cluster whose share of all the dense model's tokens is below one block still trains one block
+    tiny = plan_budgets(40_000, 0.5, [1, 50_000, 50_000], SEQ, batch_blocks=8)
+    assert (tiny["experts"][0]["steps"], tiny["experts"][0]["batch_blocks"]) == (1, 1)
+    assert tiny["expert_tokens_total"] + tiny["rounding"] == tiny["dense"]["tokens"] and tiny["rounding"] >= 0
+    with pytest.raises(InputError, match="cannot give one block to each of the 8 experts whose share"):
+        plan_budgets(10 * SEQ, 0.5, [10] * 8, SEQ, batch_blocks=1)  # 5 block-steps for the dense model, 8 experts
     with pytest.raises(InputError, match="--compute-match 'flops'"):
         plan_budgets(1_000_000, 0.5, [5000], SEQ, batch_blocks=8, compute_match="flops")
     with pytest.raises(InputError, match="--expert-budget"):
