@@ -6,11 +6,15 @@
 #
 #   sudo apt-get install -y slurm-wlm munge     # Debian / Ubuntu; run this script as root
 #   bash bench/slurm_e2e.sh [work dir]          # ~5 min on 2 CPU cores
+#   GPUS_PER_EXPERT=2 bash bench/slurm_e2e.sh    # several devices per expert: each expert's job gets 2 CPUs and
+#                                                # trains as 2 gloo ranks through `srun torchrun` (DDP), the path
+#                                                # a job with --gres=gpu:2 takes with NCCL
 #
 # PYTHON (default python3) must import the repository's packages (run from the repository root).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
+GPUS_PER_EXPERT=${GPUS_PER_EXPERT:-1}
 WORK=${1:-$(mktemp -d /tmp/cbtm-slurm-XXXXXX)}
 mkdir -p "$WORK"
 WORK=$(cd "$WORK" && pwd)
@@ -82,17 +86,19 @@ OMP_NUM_THREADS=1 PYTHONPATH=$PWD $PYTHON -m luigi --module pipeline RunAll --lo
     --corpus "$WORK/corpus" --label-field source --run-dir "$RUN" --num-clusters 2 --model-size tiny \
     --vocab-size 400 --seq-len 64 --train-tokens 6144 --seed-fraction 0.5 --batch-tokens 512 --learning-rate 3e-3 \
     --moe-tokens 512 --eval-max-docs 6 --tasks domains --shots 2 --fewshot-seeds 13,21 --fewshot-max-test 6 \
-    --device cpu --top-k 2 --embed-sample 1000 2>&1 | tail -n 15
+    --device cpu --top-k 2 --embed-sample 1000 --gpus-per-expert "$GPUS_PER_EXPERT" 2>&1 | tail -n 15
 echo "RunAll wall time: $(( $(date +%s) - T0 )) s"
 
 # proof: every GPU-type stage names its job; every such job COMPLETED in Slurm's completion log
-$PYTHON - "$RUN/stage_log.jsonl" "$WORK/jobcomp.log" <<'EOF'
-import json, re, sys
+$PYTHON - "$RUN/stage_log.jsonl" "$WORK/jobcomp.log" "$GPUS_PER_EXPERT" "$RUN" <<'EOF'
+import glob, json, re, sys
 log = [json.loads(l) for l in open(sys.argv[1])]
 comp = {m.group(1): (m.group(2), m.group(3)) for m in re.finditer(r"JobId=(\d+) .*?Name=(\S+) .*?JobState=(\S+)", open(sys.argv[2]).read())}
-gpu_stages = ("TrainSeed", "TrainExpert", "TrainDense", "FinetuneMoE", "EvaluatePerplexity", "EvaluateFewShot")
-jobs = [r for r in log if r["stage"] in gpu_stages]
-local = [r for r in log if r["stage"] not in gpu_stages]
+gpu_stages = ("TrainSeed", "TrainExpert", "TrainDense", "FinetuneMoE", "TrainDenseMoECompute", "EvaluatePerplexity",
+              "EvaluateFewShot")
+is_job = lambda r: r["stage"] in gpu_stages and not r["output"].endswith("oracle.json")  # oracle: no model runs
+jobs = [r for r in log if is_job(r)]
+local = [r for r in log if not is_job(r)]
 print(f"{'stage':<20} {'slurm job':>9}  {'Slurm: name':<28} {'state':<10} host")
 for r in jobs:
     name, state = comp.get(str(r["slurm_job_id"]), ("?", "?"))
@@ -103,5 +109,13 @@ assert len(experts) == 2, experts
 assert all(r["slurm_job_id"] and comp.get(str(r["slurm_job_id"]), ("", ""))[1] == "COMPLETED" for r in jobs), jobs
 assert all(r["slurm_job_id"] is None for r in local), local
 print("OK: every expert and every other GPU stage ran as a COMPLETED Slurm job")
+n = int(sys.argv[3])
+if n > 1:  # each expert trained on n devices at once, launched by srun inside its job
+    worlds = [json.load(open(f))["world_size"] for f in sorted(glob.glob(f"{sys.argv[4]}/experts-*/cluster_*/training.json"))]
+    job_logs = "".join(open(f).read() for f in glob.glob(f"{sys.argv[4]}/slurm-jobs/TrainExpert*.log"))
+    print(f"experts' world sizes: {worlds}")
+    assert worlds and all(w == n for w in worlds), worlds
+    assert "srun --nodes=1 --ntasks=1 --ntasks-per-node=1" in job_logs, job_logs[-2000:]
+    print(f"OK: every expert trained as {n} ranks through srun torchrun in its Slurm job")
 EOF
 test -f "$RUN/report.md"

@@ -15,8 +15,17 @@ How the experts share D (`plan_budgets`):
   match; `tokens` gives every expert the dense batch B and s_j · S steps, so only the total tokens match.
   Whole numbers are handed out by largest remainders (Hamilton's method), so Σ_j b_j = B (steps) or
   Σ_j S_j = S (tokens) and the experts' tokens add up to the dense model's exactly; what cannot be handed out
-  (B not a multiple of the GPUs per expert) is reported as `rounding`. An expert whose share rounds to less than
-  one block (steps) or one step (tokens) is refused with an InputError naming the cluster.
+  (B not a multiple of the GPUs per expert) is reported as `rounding`. Under `tokens` an expert whose share
+  rounds to less than one step is refused with an InputError naming the cluster.
+- small shares (`steps` matching): an expert whose share of the dense batch is below one block (per GPU),
+  q_j = s_j · B < 1, cannot run the dense model's S steps. `small_share` (`SMALL_SHARES`) says what it does:
+  `fewer_steps` (default) trains one block (per GPU) per step for S_j ≈ q_j · S steps, so it still gets its
+  share of the tokens (what one block every 1/q_j steps, accumulated, would give, without the idle steps);
+  `one_block` gives it one block for all S steps and takes those blocks from the larger experts' batches (equal
+  steps, but more than its share of the tokens; needs k ≤ B). Whatever part of a block per step the small
+  experts' whole steps leave is `rounding` (< S blocks in all). A small expert trains at least one step, so any
+  cluster with data gets an expert (its share of a very small budget may round up to that one block). Empty
+  clusters are refused either way.
 
 Every model's budget is whole steps of whole blocks: tokens = steps · batch_blocks · seq_len.
 """
@@ -28,6 +37,7 @@ from typing import Sequence
 from corpus.io import InputError
 
 COMPUTE_MATCH = ("steps", "tokens")
+SMALL_SHARES = ("fewer_steps", "one_block")
 EXPERT_BUDGETS = ("proportional", "uniform")
 
 
@@ -125,6 +135,7 @@ def plan_budgets(
     expert_budget: str = "proportional",
     gpus_per_expert: int = 1,
     cluster_blocks: Sequence[int] | None = None,
+    small_share: str = "fewer_steps",
 ) -> dict:
     """Tokens, steps and global batch of the seed, the dense model and each expert (see the module docstring).
 
@@ -132,7 +143,8 @@ def plan_budgets(
     epochs figures; default cluster_tokens // seq_len); batch_blocks: the dense batch B in blocks
     (`dense_batch_blocks`); an expert's batch is a multiple of gpus_per_expert blocks (one share per GPU).
     Returns a JSON-able dict: the settings, `seed`, `dense` and `experts` (one per cluster: cluster_id, share,
-    effective_share = its tokens / Σ expert tokens, tokens, steps, batch_blocks, batch_tokens, data_tokens, epochs),
+    effective_share = its tokens / Σ expert tokens, tokens, steps, batch_blocks, batch_tokens, data_tokens, epochs,
+    small: whether its share was below one block of the dense batch), `small_share` (the rule those follow),
     `expert_tokens_total`, `rounding` = dense tokens − Σ expert tokens (≥ 0), and compute_budget's train_tokens,
     seed_fraction, n_clusters, seed_tokens and dense_tokens (the budgets before whole steps).
     """
@@ -148,18 +160,16 @@ def plan_budgets(
     dense = model_budget(base["dense_tokens"], batch_blocks, seq_len, "dense model")
     blocks = list(cluster_blocks) if cluster_blocks is not None else [t // seq_len for t in cluster_tokens]
     w = gpus_per_expert
+    if small_share not in SMALL_SHARES:
+        raise InputError(f"--small-share {small_share!r}: choose one of {', '.join(SMALL_SHARES)}")
+    small: set[int] = set()
     if compute_match == "steps":
         units = batch_blocks // w  # an expert's batch is whole blocks on each of its w GPUs
-        short = [(j, s * units) for j, s in enumerate(shares) if s * units < 1]
-        if short:
-            j, q = min(short, key=lambda t: t[1])
-            need = math.ceil(w / min(shares)) * seq_len
-            raise InputError(
-                f"cluster {j}'s share {shares[j]:.3f} of the dense batch ({batch_blocks} blocks of {seq_len} tokens"
-                f"{f' over {w} GPUs per expert' if w > 1 else ''}) is {q * w:.2f} block(s), less than "
-                f"{'one block per GPU' if w > 1 else 'one block'} under --compute-match steps; use --batch-tokens ≥ "
-                f"{need}, fewer --num-clusters, --balance-by tokens, or --compute-match tokens")
-        per_expert = [(dense["steps"], n * w) for n in apportion(units, shares)]
+        if units < 1:
+            raise InputError(f"the dense batch of {batch_blocks} blocks does not give one block to each of "
+                             f"--gpus-per-expert {w} GPUs; raise --batch-tokens")
+        per_units, small = _steps_matching(units, dense["steps"], shares, small_share, seq_len * w)
+        per_expert = [(steps, n * w) for steps, n in per_units]
     else:
         b = (batch_blocks // w) * w
         if b < 1:
@@ -180,7 +190,7 @@ def plan_budgets(
         data = int(blocks[j]) * seq_len
         experts.append({"cluster_id": j, "share": share, "tokens": int(tokens), "steps": int(steps),
                         "batch_blocks": int(bj), "batch_tokens": int(bj * seq_len), "data_tokens": data,
-                        "epochs": tokens / data if data else None})
+                        "epochs": tokens / data if data else None, "small": j in small})
     total = sum(e["tokens"] for e in experts)
     for e in experts:
         e["effective_share"] = e["tokens"] / total if total else 0.0
@@ -188,6 +198,7 @@ def plan_budgets(
         **{key: v for key, v in base.items() if key not in ("expert_tokens", "rounding")},
         "compute_match": compute_match,
         "expert_budget": expert_budget,
+        "small_share": small_share,
         "seq_len": int(seq_len),
         "gpus_per_expert": int(w),
         "seed": seed,
@@ -196,3 +207,46 @@ def plan_budgets(
         "expert_tokens_total": int(total),
         "rounding": int(dense["tokens"] - total),
     }
+
+
+def _steps_matching(units: int, steps: int, shares: Sequence[float], small_share: str,
+                    unit_tokens: int) -> tuple[list[tuple[int, int]], set[int]]:
+    """(steps, batch in units) per expert under steps matching, and the experts whose share of the dense batch
+    q_j = s_j · units is below one unit (one block per GPU). Without those, every expert runs `steps` steps with
+    Hamilton's apportionment of the units. With them, under `fewer_steps` the small experts share the block-steps
+    round(Σ_small q_j · steps) (Hamilton, one unit per step, at least one step each) and the others the whole
+    units left, ⌊units − that / steps⌋; under `one_block` each small expert gets one unit and the others the
+    units left. An expert that the others' apportionment leaves with no unit joins the small ones."""
+    k = len(shares)
+    small = {j for j in range(k) if shares[j] * units < 1}
+    while True:
+        if small_share == "one_block":
+            if len(small) > units:
+                raise InputError(
+                    f"--small-share one_block gives each of the {len(small)} clusters whose share is below one block "
+                    f"a block of the dense batch's {units}; use --small-share fewer_steps or a larger --batch-tokens")
+            small_steps = {j: steps for j in small}
+            left = units - len(small)
+        else:
+            quota = sum(shares[j] for j in small) * units * steps  # the small experts' block-steps
+            order = sorted(small)
+            counts = apportion(int(round(quota)), [shares[j] / sum(shares[i] for i in order) for j in order]) \
+                if order else []
+            counts = [max(1, n) for n in counts]  # a cluster with data trains at least one block
+            if sum(counts) > units * steps:
+                raise InputError(
+                    f"the dense model's {units * steps} block-steps ({units * steps * unit_tokens} tokens) cannot "
+                    f"give one block to each of the {len(counts)} experts whose share is below one block; raise --train-tokens "
+                    "or use fewer --num-clusters")
+            small_steps = dict(zip(order, counts))
+            left = units - math.ceil(sum(counts) / steps) if counts else units
+        big = [j for j in range(k) if j not in small]
+        total = sum(shares[j] for j in big)
+        counts_big = apportion(left, [shares[j] / total for j in big]) if big else []
+        newly = {j for j, n in zip(big, counts_big) if n < 1}
+        if not newly:
+            break
+        small |= newly
+    per = {j: (n, 1) for j, n in small_steps.items()}
+    per.update({j: (steps, n) for j, n in zip(big, counts_big)})
+    return [per[j] for j in range(k)], small

@@ -21,6 +21,7 @@ from corpus.layout import ENSEMBLE_CONFIG, MERGE_INFO, MOE_INFO, TRAINING_INFO
 KIND_TITLES = {
     "seed": "seed model",
     "dense": "dense baseline",
+    "dense-moe-compute": "dense baseline at the BTX MoE's compute",
     "expert": "expert",
     "average": "parameter average of the experts (BTM)",
     "merge": "parameter merge of the experts",
@@ -81,6 +82,9 @@ def _what(card: ModelCard) -> str:
     if card.kind == "dense":
         return ("Compute-matched dense baseline: the seed model trained on the whole corpus for as many tokens as "
                 "all experts together (seed + dense = seed + Σ experts = the run's budget).")
+    if card.kind == "dense-moe-compute":
+        return ("The dense baseline continued on the whole corpus for the tokens the BTX MoE's finetuning adds, with "
+                "the finetune's batch and learning rate: the dense model at the MoE's compute.")
     if card.kind in ("average", "merge"):
         return (f"{KIND_TITLES[card.kind].capitalize()}: one model of the experts' shape whose weights merge the "
                 f"{k} experts' weights (method metadata below); no training of its own.")
@@ -230,6 +234,8 @@ def card_kind(name: str) -> str:
     """The `KIND_TITLES` key of a model name of a run (`moe_merged`: the MoE before finetuning)."""
     if name == "moe_merged":
         return "moe-merged"
+    if name == "dense_moe_compute":
+        return "dense-moe-compute"
     if name.startswith("expert_"):
         return "expert"
     if name.startswith("ensemble_top"):

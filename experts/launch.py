@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -45,26 +46,34 @@ def launch_training(
     cpu_procs: int = 1,
     timeout: float | None = None,
     on_step=None,
+    nodes: int = 1,
+    srun: bool = False,
 ) -> dict:
-    """Train one model on `gpus` (list of physical GPU indices) and return its training.json dict.
+    """Train one model on `gpus` (indices of the GPUs this process sees: physical ones unless CUDA_VISIBLE_DEVICES
+    is set, e.g. by Slurm) and return its training.json dict.
 
     0 or 1 GPU (and `cpu_procs` == 1): `train_model` runs in this process (on `cuda:<gpu>` when one is given,
     which becomes the process's current device, so no other GPU is touched; `on_step` is passed on).
     Several GPUs, or `cpu_procs` > 1 on CPU (gloo; used by tests): a torchrun subprocess with one rank per
     device, DDP or FSDP after `config.sharding`; the job (init, shards, config) travels as
     `<out_dir>.launch.json`, removed afterwards.
+    Inside a Slurm allocation (`srun=True`) the torchrun runs as a job step, `srun torchrun`, one per node on
+    `nodes` nodes, each with one rank per GPU of `gpus` (the same local indices on every node; `gpus` index the
+    devices this process sees, CUDA_VISIBLE_DEVICES included), so an expert trains on nodes × len(gpus) GPUs.
     """
     from experts.training import TrainConfig, train_model
 
     gpus = list(gpus or [])
     n = len(gpus) if gpus else cpu_procs
+    if nodes < 1:
+        raise InputError(f"nodes must be >= 1, got {nodes}")
     if gpus and config.experts_per_gpu > 1:
         mps = mps_status()
         log.info("%s shares GPU %s with up to %d other expert(s); CUDA MPS %s", Path(out_dir).name, gpus[0],
                  config.experts_per_gpu - 1, "serves them (kernels overlap)" if mps["running"] else
                  "is not running (the GPU time-slices between them; start it with `nvidia-cuda-mps-control -d`)"
                  if mps["control"] else "is not installed (the GPU time-slices between them)")
-    if n <= 1:
+    if n <= 1 and nodes == 1:
         if gpus:
             config = TrainConfig.from_dict({**config.to_dict(), "device": f"cuda:{gpus[0]}"})
         return train_model(init, shard_paths, out_dir, config, valid_paths=valid_paths, tokenizer=tokenizer,
@@ -86,16 +95,17 @@ def launch_training(
         "tokenizer": str(tokenizer) if tokenizer else None,
     })
     env = {**os.environ, **_SAFE_ENV}
-    if gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in gpus)
+    if gpus:  # indices into what this process sees (a Slurm job's CUDA_VISIBLE_DEVICES, say), else physical
+        seen = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(seen[g] if g < len(seen) else str(g) for g in gpus)
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
         env.setdefault("OMP_NUM_THREADS", "1")
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-           "-m", "experts.launch", str(job_path)]
-    log.info("launching %s on %s", out_dir.name, f"GPUs {gpus}" if gpus else f"{n} CPU processes")
+    cmd = torchrun_command(n, job_path, nodes=nodes, srun=srun)
+    log.info("launching %s on %s%s: %s", out_dir.name, f"GPUs {gpus}" if gpus else f"{n} CPU processes",
+             f" on each of {nodes} nodes" if nodes > 1 else "", shlex.join(cmd))
     try:
         proc = subprocess.run(cmd, env=env, cwd=root, capture_output=True, text=True, timeout=timeout)
     finally:
@@ -107,6 +117,27 @@ def launch_training(
             raise InputError(lines[-1].split("InputError:", 1)[1].strip())
         raise RuntimeError(f"torchrun training of {out_dir} failed (exit {proc.returncode}):\n" + "\n".join(tail[-30:]))
     return read_json(out_dir / TRAINING_INFO)
+
+
+def torchrun_command(n_per_node: int, job_path: str | os.PathLike, nodes: int = 1, srun: bool = False,
+                     port: int | None = None) -> list[str]:
+    """`python -m torch.distributed.run ... -m experts.launch <job_path>` with `n_per_node` ranks per node: one
+    node standalone; several nodes meet at a c10d rendezvous on this host (the first node of a Slurm job runs
+    the batch script), id = the Slurm job id. `srun=True` prefixes `srun --nodes=<nodes> --ntasks-per-node=1`, a
+    job step that starts one torchrun on each node of the allocation (and is killed with the job)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={n_per_node}"]
+    if nodes > 1:
+        job = os.environ.get("SLURM_JOB_ID", "0")
+        if port is None:
+            port = 29500 + (int(job) % 1000 if job.isdigit() else 0)
+        cmd += [f"--nnodes={nodes}", "--rdzv_backend=c10d", f"--rdzv_endpoint={socket.gethostname()}:{port}",
+                f"--rdzv_id=cbtm-{job}"]
+    else:
+        cmd.append("--standalone")
+    cmd += ["-m", "experts.launch", str(job_path)]
+    if srun:
+        cmd = ["srun", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1", "--kill-on-bad-exit=1"] + cmd
+    return cmd
 
 
 def gpu_slots(n: int, lock_dir: str | os.PathLike, slots_per_gpu: int = 1, shared: bool = False,

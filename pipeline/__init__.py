@@ -18,6 +18,8 @@ Read in order, this is the table of contents (stage → library function → out
     MergeExperts(m)     experts.merging.merge                    merged-<h>/<m>/ (m: ensemble, posterior, average,
                                                                    task_arithmetic, ties, dare_linear, dare_ties, moe)
     FinetuneMoE         experts.moe.finetune_moe                 moe-finetuned-<h>/
+    TrainDenseMoECompute experts.launch.launch_training          moe-compute-dense-<h>/ (dense + the MoE's extra
+                                                                   tokens: the MoE's equal-compute baseline)
     EvaluatePerplexity  tasks.perplexity.evaluate_perplexity     eval-<h>/perplexity/<model>.json
                         tasks.perplexity.oracle_perplexity       eval-<h>/perplexity/oracle.json (model oracle)
     MakeDomainTask      tasks.fewshot.build.make_task_from_corpus  task-domains-<h>/
@@ -35,7 +37,7 @@ from pipeline.corpus import WriteDemoCorpus, PrepareCorpus
 from pipeline.clustering import EmbedCorpus, FitClusters, AssignClusters, DescribeClusters
 from pipeline.training import (TrainTokenizer, TokenizeCorpus, ShardCorpus, TrainSeed, TrainExpert, TrainExperts,
                                TrainDense)
-from pipeline.merging import MergeExperts, FinetuneMoE
+from pipeline.merging import MergeExperts, FinetuneMoE, TrainDenseMoECompute
 from pipeline.evaluation import EvaluatePerplexity, MakeDomainTask, EvaluateFewShot
 from pipeline.report import Report, RunAll
 from pipeline.study import Study
@@ -51,5 +53,5 @@ install_task_name_hook()
 __all__ = [
     "WriteDemoCorpus", "PrepareCorpus", "EmbedCorpus", "FitClusters", "AssignClusters", "DescribeClusters",
     "TrainTokenizer", "TokenizeCorpus", "ShardCorpus", "TrainSeed", "TrainExpert", "TrainExperts", "TrainDense", "MergeExperts",
-    "FinetuneMoE", "EvaluatePerplexity", "MakeDomainTask", "EvaluateFewShot", "Report", "WriteModelCards", "RunAll", "Study",
+    "FinetuneMoE", "TrainDenseMoECompute", "EvaluatePerplexity", "MakeDomainTask", "EvaluateFewShot", "Report", "WriteModelCards", "RunAll", "Study",
 ]

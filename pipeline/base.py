@@ -66,6 +66,7 @@ CHOICES = {
     "compile": ("auto", "on", "off"),
     "sharding": ("ddp", "fsdp"),
     "compute_match": ("steps", "tokens"),
+    "small_share": ("fewer_steps", "one_block"),
     "expert_budget": ("proportional", "uniform"),
     "branch_schedule": ("restart", "continue"),
     "balance_by": ("docs", "tokens"),
@@ -175,6 +176,9 @@ class TrainingParams:
     compute_match = _p("steps", name="compute_match", description="steps (c-BTM/BTM: every expert runs the dense "
                        "model's steps with the dense batch × its share) | tokens (the dense batch, its share of the "
                        "steps); total tokens match either way")
+    small_share = _p("fewer_steps", name="small_share", description="--compute-match steps, an expert whose share "
+                     "of the dense batch is below one block: fewer_steps (one block per step for its share of the "
+                     "steps: the same tokens) | one_block (one block for all steps, taken from the larger experts)")
     expert_budget = _p("proportional", name="expert_budget", description="each expert's share of the experts' "
                        "budget: proportional (its cluster's share of the training tokens) | uniform (1/k)")
     eval_every = _p(0, luigi.IntParameter, name="eval_every", description="validation loss of seed, dense and every "
@@ -198,7 +202,7 @@ class TrainingParams:
     expert_trainable = _p("all", name="expert_trainable", description="all | ffn: experts train only their "
                           "feed-forward blocks against the seed's frozen attention, norms and embeddings (FlexOlmo)")
     gpus_per_expert = _p(1, luigi.IntParameter, name="gpus_per_expert", description="GPUs that train one expert "
-                         "together (data parallel; --sharding says how)")
+                         "together (data parallel; --sharding says how; with --device cpu, that many gloo processes)")
 
 
 class MergingParams:
@@ -608,6 +612,11 @@ class Stage(RunParams, luigi.Task):
         `shared` one of the --experts-per-gpu slots of a GPU; none on --device cpu. Lock files live in
         `<run_dir>/.gpu-locks/`."""
         n = self.gpu_count() if n is None else n
+        from pipeline.slurm import in_job, job_local_gpus
+
+        if in_job():  # the job's GPUs are this stage's alone: no slots to claim; n per node on several nodes
+            nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or 1)
+            return contextlib.nullcontext(job_local_gpus(max(1, n // nodes)) if self.device != "cpu" else [])
         from experts.launch import gpu_slots  # Luigi-free: the bench and the stages claim GPUs the same way
 
         return gpu_slots(n if self.device != "cpu" else 0, Path(self.run_dir) / ".gpu-locks",

@@ -15,7 +15,7 @@ from experts.merging import MERGE_METHODS, TASK_VECTOR_MERGES, MergeInputs, merg
 from pipeline.base import Stage
 from pipeline.clustering import AssignClusters, EmbedCorpus, FitClusters
 from pipeline.corpus import PrepareCorpus
-from pipeline.training import ShardCorpus, TrainExpert, TrainSeed, _TrainStage
+from pipeline.training import ShardCorpus, TokenizeCorpus, TrainDense, TrainExpert, TrainSeed, _TrainStage
 
 log = logging.getLogger("luigi-interface")
 
@@ -169,3 +169,33 @@ class FinetuneMoE(_TrainStage):
             info = finetune_moe(self.input_path(self.requires()["moe"]), self.shard_paths(), out, config,
                                 valid_paths=self.shard_paths(split="valid") or None)
         return self.summary(info, ("tokens_seen", "steps", "wall_time_s", "gpu_hours", "routing"))
+
+
+class TrainDenseMoECompute(_TrainStage):
+    """The MoE's equal-compute dense baseline (model `dense_moe_compute`): the compute-matched dense model continued
+    on the whole corpus (`TokenizeCorpus`) for the tokens the BTX finetune adds (`FinetuneMoE.tokens`), with the
+    finetune's batch and learning rate → `moe-compute-dense-<h>/`. Seed + dense + this = seed + experts + the MoE
+    finetune, so the MoE against this model is the comparison at equal training tokens."""
+
+    folder = "moe-compute-dense"
+    hashed = FinetuneMoE.hashed
+
+    def requires(self):
+        return {"dense": self.clone(TrainDense), "tokens": self.clone(TokenizeCorpus)}
+
+    def tokens(self) -> int:
+        return self.clone(FinetuneMoE).tokens()
+
+    def _hash_value(self, name: str):
+        if name == "moe_tokens":  # the resolved budget, as FinetuneMoE hashes it
+            return self.tokens()
+        return super()._hash_value(name)
+
+    def build(self, out: Path) -> dict:
+        config = self.train_config(self.tokens())
+        lr = self.branch_lr()  # the finetune's learning rate (FinetuneMoE.build)
+        if lr is not None:
+            config = replace(config, lr=lr, min_lr=lr / 10)
+        info = self.launch(str(self.input_path(self.requires()["dense"])), out, config, self.corpus_shard_paths(),
+                           self.corpus_shard_paths("valid"))
+        return self.summary(info)

@@ -3,7 +3,8 @@
 Model names: `seed`, `dense`, `expert_003`, `ensemble_top1` / `ensemble_top2` / `ensemble_topall` (c-BTM, top_k
 1, 2, all, and --top-k when it is another value; duplicates dropped when k is small), `posterior` (BTM, updating prior, --top-k), `average` (BTM
 parameter average), `task_arithmetic` / `ties` / `dare_linear` / `dare_ties` (merges against the seed), `moe` (BTX
-MoE after finetuning). `oracle` is a perplexity-only reference, not a model: each document scored by the expert of
+MoE after finetuning), `dense_moe_compute` (with moe: dense continued for the MoE finetune's tokens, the MoE's
+equal-compute baseline). `oracle` is a perplexity-only reference, not a model: each document scored by the expert of
 its own cluster (`tasks.perplexity.oracle_perplexity`).
 """
 from __future__ import annotations
@@ -25,10 +26,13 @@ def model_names(p) -> list[str]:
             names += [f"ensemble_top{v}" for v in ensemble_variants(p.num_clusters, p.top_k)]
         else:
             names.append(m)
+    if "moe" in p.methods:
+        names.append(DENSE_MOE_COMPUTE)
     return names
 
 
 ORACLE = "oracle"
+DENSE_MOE_COMPUTE = "dense_moe_compute"
 
 
 def perplexity_names(p) -> list[str]:
@@ -55,6 +59,10 @@ def model_stage(p, name: str):
         return p.clone(MergeExperts, method=name), "hf"
     if name == "moe":
         return p.clone(FinetuneMoE), "hf"
+    if name == DENSE_MOE_COMPUTE:
+        from pipeline.merging import TrainDenseMoECompute
+
+        return p.clone(TrainDenseMoECompute), "hf"
     if name == ORACLE:
         raise InputError("'oracle' is a perplexity reference assembled from the experts' evaluations, not a model "
                          "(EvaluatePerplexity --model oracle); it has no few-shot evaluation")

@@ -20,7 +20,7 @@ from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
 from pipeline.merging import MergeExperts
 from pipeline.models import model_names, model_stage, perplexity_names
 
-TRAINED = ("seed", "dense", "moe")  # models with a training.json (plus every expert_*)
+TRAINED = ("seed", "dense", "moe", "dense_moe_compute")  # models with a training.json (plus every expert_*)
 
 
 class Report(Stage):

@@ -11,6 +11,13 @@ Which stages: `stages = gpu` (default) submits the stages that use GPUs (trainin
 finetuning; evaluations; the MoE merge with hidden-state routers) and runs the light ones in the worker;
 `stages = all` submits every stage. A GPU job asks for `--gres=<gres>:<gpu_count()>` (none with --device cpu).
 
+Several GPUs per expert (`--gpus-per-expert N`): the expert's job asks for N GPUs on one node (`--nodes=1
+--gres=gpu:N`), or, with `gpus_per_node = g` < N, for N/g nodes of g GPUs each (`--nodes=N/g
+--ntasks-per-node=1 --gres=gpu:g`). Inside the job the stage trains on all of them through `srun torchrun`
+(`experts.launch.torchrun_command`: one torchrun per node, one rank per GPU, c10d rendezvous on the first node
+for several nodes), DDP or FSDP after --sharding. With --device cpu the job gets N × max(cpus, 1) CPUs and N
+gloo ranks (the same path, for trying it without GPUs: `GPUS_PER_EXPERT=2 bash bench/slurm_e2e.sh`).
+
 Why not b2luigi's Slurm batch system: its `SendJobWorker` needs b2luigi task classes (it calls
 `task.has_grouped_params()`), and each job re-runs the submitting script (`__main__.__file__ --batch-runner
 --task-id ...`), which `luigi --module pipeline ...` is not; our stages would have to change base class and
@@ -44,6 +51,8 @@ class slurm(luigi.Config):  # noqa: N801  (luigi names config sections after the
     partition = luigi.Parameter(default="", description="sbatch --partition")
     time = luigi.Parameter(default="", description="sbatch --time of each job, e.g. 24:00:00")
     gres = luigi.Parameter(default="gpu", description="GPUs are asked as --gres=<gres>:<n>, e.g. gpu:h100")
+    gpus_per_node = luigi.IntParameter(default=0, description="GPUs per node of the partition: an expert with "
+                                       "more --gpus-per-expert spans --gpus-per-expert / this nodes; 0: one node")
     cpus_per_gpu = luigi.IntParameter(default=0, description="sbatch --cpus-per-task = this × GPUs; 0: unset")
     cpus = luigi.IntParameter(default=0, description="sbatch --cpus-per-task of jobs without GPUs; 0: unset")
     mem = luigi.Parameter(default="", description="sbatch --mem, e.g. 64G")
@@ -61,12 +70,33 @@ def job_gpus(stage) -> int:
     return stage.gpu_count() if stage.gpu_stage and stage.device != "cpu" else 0
 
 
+def job_nodes(stage, cfg: slurm | None = None) -> tuple[int, int]:
+    """(nodes, GPUs per node) of the stage's job: its `job_gpus` on one node, or spread over nodes of
+    `gpus_per_node` GPUs when it needs more (then a multiple of them: InputError otherwise)."""
+    cfg = cfg or slurm()
+    gpus = job_gpus(stage)
+    g = cfg.gpus_per_node
+    if not gpus or g <= 0 or gpus <= g:
+        return 1, gpus
+    if gpus % g:
+        raise InputError(f"--gpus-per-expert {gpus} does not fill whole nodes of [slurm] gpus_per_node = {g}; "
+                         f"use a multiple of {g}")
+    return gpus // g, g
+
+
+def cpu_ranks(stage) -> int:
+    """Training processes of a --device cpu stage: --gpus-per-expert of them for an expert (gloo ranks), else 1."""
+    return stage.gpu_count() if stage.device == "cpu" and stage.gpu_stage else 1
+
+
 def sbatch_command(stage, spec: Path, log_file: Path, cfg: slurm | None = None) -> list[str]:
     """The sbatch command line that runs `python -m pipeline.slurm <spec>` for `stage`."""
     cfg = cfg or slurm()
-    gpus = job_gpus(stage)
+    nodes, gpus = job_nodes(stage, cfg)
     cmd = ["sbatch", "--parsable", f"--job-name=cbtm-{stage.task_family}", f"--output={log_file}",
            f"--chdir={os.getcwd()}", f"--export=ALL,{IN_JOB}=1"]
+    if nodes > 1 or gpus > 1 or cpu_ranks(stage) > 1:  # one node unless asked; one task per node (srun torchrun)
+        cmd += [f"--nodes={nodes}", "--ntasks-per-node=1"]
     if cfg.partition:
         cmd.append(f"--partition={cfg.partition}")
     if cfg.time:
@@ -74,6 +104,8 @@ def sbatch_command(stage, spec: Path, log_file: Path, cfg: slurm | None = None) 
     if gpus:
         cmd.append(f"--gres={cfg.gres}:{gpus}")
     cpus = cfg.cpus_per_gpu * gpus if gpus else cfg.cpus
+    if cpu_ranks(stage) > 1:
+        cpus = cpu_ranks(stage) * max(cfg.cpus, 1)
     if cpus:
         cmd.append(f"--cpus-per-task={cpus}")
     if cfg.mem:
@@ -81,6 +113,28 @@ def sbatch_command(stage, spec: Path, log_file: Path, cfg: slurm | None = None) 
     cmd += shlex.split(cfg.sbatch_args)
     cmd.append("--wrap=" + shlex.join([sys.executable, "-m", "pipeline.slurm", str(spec)]))
     return cmd
+
+
+def in_job() -> bool:
+    """Whether this process is a job this module submitted."""
+    return bool(os.environ.get(IN_JOB)) and bool(os.environ.get("SLURM_JOB_ID"))
+
+
+def job_launch(stage) -> dict:
+    """Inside a job: how the stage's training launches (`experts.launch.launch_training` keywords): its GPUs
+    are the job's (on each node: the devices Slurm made visible), several devices through `srun torchrun` on the
+    job's nodes. Outside a job: {}."""
+    if not in_job():
+        return {}
+    nodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES") or 1)
+    devices = stage.gpu_count() if stage.device != "cpu" else cpu_ranks(stage)
+    return {"nodes": nodes, "srun": devices > 1 or nodes > 1}
+
+
+def job_local_gpus(n: int) -> list[int]:
+    """Inside a job: the first `n` of the GPUs Slurm made visible on this node, as indices 0..n−1."""
+    seen = [d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    return list(range(min(n, len(seen))))
 
 
 def run_as_job(stage) -> str:

@@ -3,6 +3,7 @@ one expert per cluster, the dense baseline. Budgets come from `experts.budget` (
 == seed + dense); seed and dense train on the whole corpus's blocks and do not depend on the clustering."""
 from __future__ import annotations
 
+import logging
 import shutil
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from corpus.layout import CENTROIDS, SHARDS_META
 from pipeline.base import RunParams, Stage, files_fingerprint
 from pipeline.clustering import AssignClusters, FitClusters
 from pipeline.corpus import PrepareCorpus
+
+log = logging.getLogger("luigi-interface")
 
 
 class TrainTokenizer(Stage):
@@ -155,7 +158,7 @@ class _TrainStage(Stage):
         return plan_budgets(self.train_tokens, self.seed_fraction, [c.get("n_tokens", 0) for c in clusters],
                             int(meta["seq_len"]), self.dense_batch_blocks(), compute_match=self.compute_match,
                             expert_budget=self.expert_budget, gpus_per_expert=self.gpus_per_expert,
-                            cluster_blocks=[c.get("n_blocks", 0) for c in clusters])
+                            cluster_blocks=[c.get("n_blocks", 0) for c in clusters], small_share=self.small_share)
 
     def train_config(self, tokens: int, **kw):
         from experts.training import TrainConfig
@@ -205,17 +208,21 @@ class _TrainStage(Stage):
 
     def launch(self, init, out: Path, config, shard_paths: list[str], valid_paths: list[str],
                tokenizer=None) -> dict:
-        """Train `init` on `shard_paths` with `config` on this stage's GPUs (none on CPU): whole GPUs, or with
-        --experts-per-gpu N > 1 one slot of a GPU, chosen so the GPUs get similar tokens per step."""
+        """Train `init` on `shard_paths` with `config` on this stage's GPUs: whole GPUs, or with
+        --experts-per-gpu N > 1 one slot of a GPU, chosen so the GPUs get similar tokens per step; in a Slurm job
+        the job's GPUs, on all its nodes (`pipeline.slurm.job_launch`). On CPU an expert with --gpus-per-expert N
+        trains as N gloo processes."""
         from experts.launch import launch_training
         from experts.training import TrainConfig
+        from pipeline.slurm import cpu_ranks, job_launch
 
         shared = self.shares_gpu()
         if shared:
             config = TrainConfig.from_dict({**config.to_dict(), "experts_per_gpu": self.experts_per_gpu})
         with self.gpu_slots(shared=shared, weight=float(config.train_tokens)) as gpus:  # weight: this training's work
             return launch_training(init, shard_paths, out, config, valid_paths=valid_paths or None,
-                                   tokenizer=tokenizer, gpus=gpus or None)
+                                   tokenizer=tokenizer, gpus=gpus or None, cpu_procs=cpu_ranks(self),
+                                   **job_launch(self))
 
 
 _GUARD = ("eval_every", "keep_best")
@@ -265,7 +272,8 @@ class TrainExpert(_TrainStage):
 
     @property
     def hashed(self) -> tuple[str, ...]:  # the temperature weights the average that later experts branch from
-        budget = ("compute_match", "expert_budget", "gpus_per_expert")
+        budget = ("compute_match", "expert_budget", "gpus_per_expert") + \
+            (("small_share",) if self.small_share != "fewer_steps" else ())  # the default keeps earlier folders
         h = ("branch_from", "temperature") if self.branch_from == "average" else ("branch_from",)
         return h + budget + (("expert_trainable",) if self.expert_trainable != "all" else ())
 
@@ -310,7 +318,16 @@ class TrainExpert(_TrainStage):
         return [r["shards"], r["seed"], r["clusters"]]  # the same for every cluster_id: one experts-<h>/ folder
 
     def build(self, out: Path) -> dict:
-        budget = self.budget_plan()["experts"][self.cluster_id]  # InputError for sub-block shares, empty clusters
+        plan = self.budget_plan()  # InputError for empty clusters
+        budget = plan["experts"][self.cluster_id]
+        small = [e for e in plan["experts"] if e["small"]]
+        if small and self.cluster_id == small[0]["cluster_id"]:  # said once per run, by the first such expert
+            log.info("%d of %d clusters have less than one block of the dense batch (%d blocks) as their share; "
+                     "--small-share %s: %s", len(small), len(plan["experts"]), plan["dense"]["batch_blocks"],
+                     self.small_share, "each trains one block per step for its share of the dense model's "
+                     f"{plan['dense']['steps']} steps (the same tokens; steps "
+                     f"{', '.join(str(e['steps']) for e in small)})" if self.small_share == "fewer_steps" else
+                     "each trains one block per step for all steps, taken from the larger experts' batches")
         r = self.requires()
         init = self.input_path(r["seed"])
         if self.branches_from_average():

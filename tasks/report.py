@@ -189,6 +189,9 @@ def _oracle_ratio(perplexity: dict[str, dict]) -> dict:
     return out
 
 
+EQUAL_COMPUTE_DENSE = "dense_moe_compute"  # dense continued for the MoE finetune's tokens (pipeline.models)
+
+
 def _headline(report: dict) -> dict:
     """The run in a few sentences: each c-BTM ensemble (`ensemble_top<k>`) against dense, and whether that is
     at equal compute (c-BTM's seed + experts tokens against dense's seed + dense tokens); the best model (oracle
@@ -223,6 +226,10 @@ def _headline(report: dict) -> dict:
                          + (f" ({pct(best)} vs dense)" if best in vs else "") + f"{flag}.")
     if "moe" in vs and best != "moe":
         sentences.append(f"BTX MoE vs dense: {pct('moe')} test perplexity" + (f", with {extra}." if extra else "."))
+    if test.get("moe") and test.get(EQUAL_COMPUTE_DENSE):
+        sentences.append(f"BTX MoE vs dense at equal compute ({EQUAL_COMPUTE_DENSE}: dense continued for the MoE's "
+                         f"finetuning tokens): {test['moe'] / test[EQUAL_COMPUTE_DENSE]:.3f}× "
+                         f"({test['moe']:.2f} vs {test[EQUAL_COMPUTE_DENSE]:.2f}).")
     return {"sentences": sentences, "best": best, "vs_dense": vs}
 
 
@@ -426,6 +433,17 @@ def render_markdown(report: dict) -> str:
                       f"together; in whole steps of whole {plan.get('seq_len')}-token blocks the experts get "
                       f"{plan.get('expert_tokens_total')} tokens, {plan.get('rounding')} fewer than dense "
                       f"({(plan.get('dense') or {}).get('tokens')}).", ""]
+            small = [e for e in plan.get("experts") or [] if e.get("small")]
+            if small:
+                rule = plan.get("small_share")
+                lines += [f"**Shares below one block:** {len(small)} of {len(plan.get('experts') or [])} experts "
+                          f"(clusters {', '.join(str(e['cluster_id']) for e in small)}) have less than one block of "
+                          f"the dense batch as their share; `--small-share {rule}`: "
+                          + (f"each trains one block per step for its share of the dense model's "
+                             f"{(plan.get('dense') or {}).get('steps')} steps (the same tokens; "
+                             f"{', '.join(str(e['steps']) for e in small)} steps)."
+                             if rule == "fewer_steps" else "each trains one block per step for all steps, those "
+                             "blocks taken from the larger experts."), ""]
         lines += [f"Tokens seen: c-BTM (seed + experts) {tot.get('cbtm_tokens')}, dense (seed + dense) "
                   f"{tot.get('dense_tokens')}; GPU-hours: c-BTM {_f(tot.get('cbtm_gpu_hours'), 4)}, dense "
                   f"{_f(tot.get('dense_gpu_hours'), 4)}.", "",
@@ -526,10 +544,15 @@ def _merges_markdown(report: dict) -> list[str]:
         lines += [f"BTX MoE: {moe.get('num_local_experts')} experts per layer, top-{moe.get('top_k')}, router "
                   f"{moe.get('router') or moe.get('router_init')}, attention / norms / embeddings from: {moe.get('shared')}. "
                   f"Test perplexity {_f(test('moe'))} ({ratio(test('moe'), test('ensemble_top2'))} the c-BTM top-2 "
-                  f"ensemble, {ratio(test('moe'), test('dense'))} dense).", ""]
+                  f"ensemble, {ratio(test('moe'), test('dense'))} dense"
+                  + (f", {ratio(test('moe'), test(EQUAL_COMPUTE_DENSE))} the dense model given the same extra "
+                     f"tokens, `{EQUAL_COMPUTE_DENSE}` {_f(test(EQUAL_COMPUTE_DENSE))}" if test(EQUAL_COMPUTE_DENSE)
+                     else "") + ").", ""]
         if moe.get("finetune_tokens"):
             lines += [f"**Extra compute:** the MoE finetune read {moe['finetune_tokens']} tokens beyond the "
-                      f"compute-matched budget (+{100 * frac:.0f}% of it), which c-BTM and dense do not get." if frac
+                      f"compute-matched budget (+{100 * frac:.0f}% of it), which c-BTM and dense do not get"
+                      + (f"; `{EQUAL_COMPUTE_DENSE}` is dense given them too." if test(EQUAL_COMPUTE_DENSE) else ".")
+                      if frac
                       else f"**Extra compute:** the MoE finetune read {moe['finetune_tokens']} tokens beyond the "
                       "compute-matched budget.", ""]
         routing = moe.get("routing") or {}

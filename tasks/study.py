@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from corpus.io import atomic_dir, write_json
-from tasks.report import _f
+from tasks.report import EQUAL_COMPUTE_DENSE, _f
 
 SCHEMA_VERSION = 1
 K, BUDGET = "num_clusters", "train_tokens"
@@ -80,6 +80,8 @@ def _compute(training: dict[str, dict]) -> dict:
         "cbtm_wall_time_s": total(["seed"] + experts, "wall_time_s") if experts else None,
         "dense_wall_time_s": total(["seed", "dense"], "wall_time_s"),
         "moe_tokens": (models.get("moe") or {}).get("tokens"),
+        "dense_moe_compute_tokens": total(["seed", "dense", EQUAL_COMPUTE_DENSE], "tokens")
+        if EQUAL_COMPUTE_DENSE in models else None,
     }
     return {"models": models, "totals": totals}
 
@@ -204,6 +206,11 @@ def _headlines(points: list[dict], grid: dict, methods: list[str]) -> list[str]:
                     mine, theirs = _value(top, hv), _value(other[0], hv)
                     if mine and theirs:
                         parts.append(f"{a} {v} vs {grid[a][0]} (k={k} {hv}): {_pct(theirs / mine)}")
+        for p in sorted(pts, key=lambda p: p["axes"][K]):  # the MoE against dense at its own compute
+            moe, eq = p["test"].get("moe"), p["test"].get(EQUAL_COMPUTE_DENSE)
+            if moe and eq:
+                parts.append(f"k={p['axes'][K]} moe vs {EQUAL_COMPUTE_DENSE} (dense given the MoE's extra tokens): "
+                             f"{_pct(moe / eq)}")
         out.append(f"**{_tokens(budget)} tokens**: " + ("; ".join(parts) if parts else "no c-BTM result") + ".")
     return out
 

@@ -116,3 +116,22 @@ def test_experts_trained_together_equal_experts_trained_alone_and_resume_after_a
         assert res["loss_curve"] == ref["loss_curve"]  # exact, all 8 steps
         a, b = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "alone" / out.name / "model.safetensors"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gpu_indices_go_through_the_visible_devices_and_srun_launches_torchrun(tmp_path, monkeypatch):
+    """In a Slurm job that sees GPUs 4,5,6, GPUs [1, 2] of the job are physical 5,6 for the torchrun it starts."""
+    import experts.launch as launch
+
+    seen = {}
+
+    def fake_run(cmd, env, **kw):  # records what would be started; a one-line failure as a rank would print
+        seen.update(cmd=cmd, cvd=env["CUDA_VISIBLE_DEVICES"])
+        return subprocess.CompletedProcess(cmd, 1, "", "InputError: stop here\n")
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6")
+    monkeypatch.setattr(launch.subprocess, "run", fake_run)
+    config = TrainConfig(train_tokens=64, device="cuda")
+    with pytest.raises(launch.InputError, match="stop here"):
+        launch.launch_training("init", ["a.npy"], tmp_path / "out", config, gpus=[1, 2], srun=True)
+    assert seen["cvd"] == "5,6" and seen["cmd"][0] == "srun" and "--nproc_per_node=2" in seen["cmd"]
+    assert not (tmp_path / "out.launch.json").exists()  # the job file is removed whatever happened

@@ -1,5 +1,5 @@
 """Budget flags in the pipeline: what each flag reruns (hashes), a --num-clusters grid that reuses the tokenizer,
-seed and dense model (stage log), and the one-line refusal of a share below one block."""
+seed and dense model (stage log), shares below one block trained with their tokens, empty clusters refused."""
 from __future__ import annotations
 
 import json
@@ -73,16 +73,43 @@ def test_num_clusters_grid_reuses_tokenizer_seed_and_dense(tiny_corpus, tmp_path
                    seed["steps"] + e["steps"]) for e in experts + [dense])
 
 
-def test_share_below_one_block_is_refused_in_one_line(tiny_corpus, tmp_path):
-    # a dense batch of 2 blocks cannot give each of 3 clusters a whole block per step
-    params = tiny_params(tiny_corpus, tmp_path / "run", num_clusters=3, batch_tokens=128)
+def test_shares_below_one_block_train_with_the_dense_models_tokens(tiny_corpus, tmp_path, caplog):
+    # a dense batch of 2 blocks cannot give each of 3 clusters a whole block per step: each trains one block per
+    # step for its share of the dense model's steps (--small-share fewer_steps), said once in the log
+    params = tiny_params(tiny_corpus, tmp_path / "run", num_clusters=3, batch_tokens=128, merge_methods="ensemble")
+    with caplog.at_level("INFO", logger="luigi-interface"):
+        assert luigi.build([TrainExperts(**params), TrainDense(**params)], local_scheduler=True, workers=1,
+                           log_level="WARNING")
+    plan = TrainDense(**params).budget_plan()
+    dense = json.loads((TrainDense(**params).out_path() / "training.json").read_text())
+    experts = [json.loads((TrainExpert(**params, cluster_id=c).out_path() / "training.json").read_text())
+               for c in range(3)]
+    small = [e for e in plan["experts"] if e["small"]]
+    assert small and all(e["batch_blocks"] == 1 and e["steps"] < dense["steps"] for e in small)
+    assert [e["steps"] for e in experts] == [e["steps"] for e in plan["experts"]]
+    assert sum(e["tokens_seen"] for e in experts) + plan["rounding"] == dense["tokens_seen"]
+    assert 0 <= plan["rounding"] < dense["steps"] * plan["seq_len"]
+    said = [r.getMessage() for r in caplog.records if "--small-share fewer_steps" in r.getMessage()]
+    assert len(said) == 1 and "less than one block of the dense batch" in said[0]
+    # the other rule is its own expert folder; the default keeps the folders earlier runs have
+    assert TrainExpert(**params, cluster_id=0, small_share="one_block").out_path() != \
+        TrainExpert(**params, cluster_id=0).out_path()
+
+
+def test_empty_cluster_is_still_refused_in_one_line(tiny_corpus, tmp_path, monkeypatch):
+    from corpus.io import read_json
+
+    params = tiny_params(tiny_corpus, tmp_path / "run", num_clusters=3)
     assert luigi.build([ShardCorpus(**params)], local_scheduler=True, workers=1, log_level="WARNING")
+    meta = read_json(ShardCorpus(**params).out_path() / "meta.json")
+    meta["clusters"].pop("2", None)  # cluster 2 without training tokens
+    monkeypatch.setattr("pipeline.training.read_json", lambda path: meta if str(path).endswith("meta.json")
+                        else read_json(path))
     stage = TrainExpert(**params, cluster_id=1)
     with pytest.raises(InputError) as err:
         stage.run()
     msg = str(err.value)
-    assert "\n" not in msg and "share" in msg and "less than one block under --compute-match steps" in msg
-    assert "--batch-tokens ≥" in msg and "--compute-match tokens" in msg and not stage.out_path().exists()
+    assert "\n" not in msg and msg.startswith("cluster(s) 2 have no training tokens") and not stage.out_path().exists()
 
 
 def test_balance_by_tokens_balances_document_lengths(tmp_path):

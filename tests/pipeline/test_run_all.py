@@ -48,7 +48,8 @@ def test_run_all_end_to_end(tiny_corpus, tmp_path):
 
     folders = {p.name.rsplit("-", 1)[0] for p in run_dir.iterdir() if p.is_dir() and not p.name.startswith(".")}
     assert {"corpus", "embeddings", "clusters", "assignments", "cluster-info", "tokenizer", "shards", "seed",
-            "experts", "dense", "merged", "moe-finetuned", "eval", "task-domains", "report"} <= folders
+            "experts", "dense", "merged", "moe-finetuned", "moe-compute-dense", "eval", "task-domains",
+            "report"} <= folders
     one = lambda prefix: next(run_dir.glob(f"{prefix}-*"))  # noqa: E731
     assert {p.name for p in one("corpus").iterdir()} >= {"train.parquet", "valid.parquet", "test.parquet",
                                                          "stats.json", "stage.json"}
@@ -65,9 +66,14 @@ def test_run_all_end_to_end(tiny_corpus, tmp_path):
     cfg = TrainConfig.from_dict(dense["config"])
     start = lr_at(0, cfg, plan_training(cfg, dense["plan"]["seq_len"]))
     assert moe["config"]["lr"] == pytest.approx(start) and start < cfg.lr
+    # the MoE's equal-compute dense model: dense continued for the MoE finetune's tokens, with its recipe
+    more = json.loads((one("moe-compute-dense") / "training.json").read_text())
+    assert more["tokens_seen"] == moe["tokens_seen"] > 0 and more["config"]["lr"] == moe["config"]["lr"]
+    inputs = json.loads((one("moe-compute-dense") / "stage.json").read_text())["inputs"].values()
+    assert any(str(i).startswith("dense-") for i in inputs)
     ppl = {p.stem for p in run_dir.glob("eval-*/perplexity/*.json") if not p.name.endswith(".stage.json")}
     assert ppl == {"seed", "dense", "expert_000", "expert_001", "ensemble_top1", "ensemble_topall", "posterior",
-                   "average", "moe", "oracle"}
+                   "average", "moe", "dense_moe_compute", "oracle"}
     fewshot = {p.stem for p in run_dir.glob("eval-*/fewshot/domains/*.json") if not p.name.endswith(".stage.json")}
     assert fewshot == ppl - {"oracle"}  # the oracle is a perplexity reference, not a model
     evals = {p.stem: json.loads(p.read_text()) for p in run_dir.glob("eval-*/perplexity/*.json")
@@ -84,6 +90,7 @@ def test_run_all_end_to_end(tiny_corpus, tmp_path):
     assert set(report["perplexity"]["dense"]["test"]["per_label"]) == {"cooking", "sports", "code", "medicine"}
     assert report["budgets"]["totals"]["cbtm_tokens"] == report["budgets"]["totals"]["dense_tokens"]
     assert (run_dir / "report.md").read_text().count("| dense |") >= 1
+    assert any("BTX MoE vs dense at equal compute (dense_moe_compute" in h for h in report["headline"]["sentences"])
     # every stage wrote its resolved config beside its output
     stage = json.loads((one("clusters") / "stage.json").read_text())
     assert stage["params"]["num_clusters"] == 2 and stage["stage"] == "FitClusters"

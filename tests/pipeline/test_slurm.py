@@ -14,7 +14,9 @@ import pytest
 
 from pipeline import TrainExpert
 from pipeline.merging import MergeExperts
-from pipeline.slurm import IN_JOB, job_gpus, runs_as_job, sbatch_command, slurm
+from corpus.io import InputError
+from experts.launch import torchrun_command
+from pipeline.slurm import IN_JOB, job_gpus, job_launch, runs_as_job, sbatch_command, slurm
 from tests.pipeline.conftest import tiny_params
 
 
@@ -47,6 +49,48 @@ def test_sbatch_command_asks_for_the_stage_resources(tmp_path, slurm_cfg):
     cpu = _expert(tmp_path, device="cpu")
     assert job_gpus(cpu) == 0 and not any(a.startswith("--gres") for a in sbatch_command(cpu, Path("s"), Path("l")))
     assert stage.resources == {}  # Slurm, not Luigi's [resources] gpu, hands out the GPUs
+
+
+def test_several_gpus_per_expert_one_node_or_several(tmp_path, slurm_cfg):
+    stage = _expert(tmp_path, device="cuda", gpus_per_expert=2)
+    cmd = sbatch_command(stage, tmp_path / "spec.json", tmp_path / "job.log")
+    assert {"--nodes=1", "--ntasks-per-node=1", "--gres=gpu:2"} <= set(cmd)  # one node, one torchrun on it
+    slurm_cfg.set("slurm", "gpus_per_node", "4")
+    slurm_cfg.set("slurm", "cpus_per_gpu", "8")
+    wide = _expert(tmp_path, device="cuda", gpus_per_expert=8)
+    cmd = sbatch_command(wide, tmp_path / "spec.json", tmp_path / "job.log")
+    assert {"--nodes=2", "--ntasks-per-node=1", "--gres=gpu:4", "--cpus-per-task=32"} <= set(cmd)
+    with pytest.raises(InputError, match="--gpus-per-expert 6 does not fill whole nodes"):
+        sbatch_command(_expert(tmp_path, device="cuda", gpus_per_expert=6), tmp_path / "s", tmp_path / "l")
+    one = sbatch_command(_expert(tmp_path, device="cuda"), tmp_path / "s", tmp_path / "l")
+    assert "--gres=gpu:1" in one and not any(a.startswith("--nodes") for a in one)
+    # --device cpu: N gloo ranks, N CPUs (× [slurm] cpus)
+    slurm_cfg.set("slurm", "cpus", "3")
+    cpu = sbatch_command(_expert(tmp_path, device="cpu", gpus_per_expert=2), tmp_path / "s", tmp_path / "l")
+    assert {"--nodes=1", "--cpus-per-task=6"} <= set(cpu) and not any(a.startswith("--gres") for a in cpu)
+
+
+def test_inside_the_job_training_launches_through_srun_torchrun(tmp_path, monkeypatch):
+    stage = _expert(tmp_path, device="cuda", gpus_per_expert=4)
+    assert job_launch(stage) == {}  # not in a job: the host's own GPU slots
+    monkeypatch.setenv(IN_JOB, "1")
+    monkeypatch.setenv("SLURM_JOB_ID", "4242")
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "2")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5")
+    assert job_launch(stage) == {"nodes": 2, "srun": True}
+    with stage.gpu_slots() as gpus:  # the job's GPUs on this node, no slot files
+        assert gpus == [0, 1]
+    assert not (tmp_path / "run" / ".gpu-locks").exists()
+    cmd = torchrun_command(2, "job.json", nodes=2, srun=True)
+    assert cmd[:5] == ["srun", "--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert "--nnodes=2" in cmd and "--rdzv_backend=c10d" in cmd and "--rdzv_id=cbtm-4242" in cmd
+    assert any(a.startswith("--rdzv_endpoint=") and a.endswith(":29742") for a in cmd)
+    assert cmd[-3:] == ["-m", "experts.launch", "job.json"] and "--nproc_per_node=2" in cmd
+    single = torchrun_command(2, "job.json")
+    assert single[0] != "srun" and "--standalone" in single and not any("rdzv" in a for a in single)
+    monkeypatch.setenv("SLURM_JOB_NUM_NODES", "1")
+    assert job_launch(_expert(tmp_path, device="cpu", gpus_per_expert=2)) == {"nodes": 1, "srun": True}
+    assert job_launch(_expert(tmp_path, device="cpu")) == {"nodes": 1, "srun": False}
 
 
 def test_which_stages_become_jobs(tmp_path, slurm_cfg, monkeypatch):

@@ -25,6 +25,7 @@ VARIANTS = {
     "batch": {"batch_tokens": 4096, "micro_batch_size": "4"},
     "micro_batch": {"micro_batch_size": "4"},
     "gpus_per_expert": {"gpus_per_expert": 2, "sharding": "fsdp"},
+    "small_share": {"small_share": "one_block"},
     "merging": {"merge_lambda": "0.5", "moe_shared": "ties", "ties_density": 0.3, "dare_drop_rate": 0.2,
                 "merge_methods": "ensemble,posterior,average,task_arithmetic,ties,dare_linear,dare_ties,moe",
                 "merge_weights": "uniform", "router_init": "hidden", "moe_top_k": 1},

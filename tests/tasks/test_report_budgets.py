@@ -24,3 +24,18 @@ def test_budgets_table_accounts_every_model_and_the_definitions():
     assert "`--compute-match steps`" in md and "`--expert-budget proportional`" in md
     assert "| dense | – | 50000 | 125 | 400 | 12.50 | 1.0000 | 100 |" in md
     assert md.count("| expert_") == 2 and "| expert_000 | 0.750 → 0.750 |" in md
+
+
+def test_budgets_section_names_the_experts_below_one_block_and_the_rule():
+    plan = plan_budgets(100_000, 0.5, [3000, 3000, 100], 10, batch_blocks=8)  # cluster 2: 0.13 block per step
+    models = {f"expert_{e['cluster_id']:03d}": _training(e["tokens"], e["steps"], e["batch_tokens"], e["data_tokens"])
+              for e in plan["experts"]}
+    report = {"run": {}, "clusters": {}, "perplexity": {}, "fewshot": {},
+              "budgets": _budgets({"plan": plan, "models": models}), "timings": {}}
+    assert report["budgets"]["plan"]["small_share"] == "fewer_steps"
+    assert [e["small"] for e in report["budgets"]["plan"]["experts"]] == [False, False, True]
+    md = render_markdown(report)
+    assert "**Shares below one block:** 1 of 3 experts (clusters 2)" in md and "`--small-share fewer_steps`" in md
+    big = {**report, "budgets": _budgets({"plan": plan_budgets(100_000, 0.5, [3000, 3000], 10, batch_blocks=8),
+                                          "models": models})}
+    assert "Shares below one block" not in render_markdown(big)
