@@ -4,8 +4,6 @@ VENV ?= .venv
 # CPU wheel on machines without a GPU; users with CUDA can set TORCH=torch to get the CUDA build.
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
-# One OpenMP thread per process unless set: concurrent processes must not oversubscribe a small machine.
-export OMP_NUM_THREADS ?= 1
 
 # transformers 4.45.0 (experts.compat.MIN_TRANSFORMERS) in a venv of its own: the tests load saved folders with it
 VENV_MIN ?= .venv-min
