@@ -3,8 +3,9 @@
 A process that takes every core of the machine while other stages (Luigi workers) or other jobs share it
 oversubscribes the cores: each of torch's, OpenMP's and BLAS's thread pools spins for cores that are busy, and a
 small model's step gets several times slower. `size_threads(concurrent)` sets torch's intra-op threads and every
-BLAS/OpenMP pool (threadpoolctl) to `available_cores() // concurrent`, and exports the same number for libraries
-loaded later, unless the user set a thread variable (`THREAD_VARIABLES`): then nothing is changed.
+BLAS/OpenMP pool (threadpoolctl) loaded so far to `available_cores() // concurrent`, and exports the same number
+(`OMP_NUM_THREADS` ...) for libraries loaded later (torch reads it when imported), unless the user set a
+thread variable (`THREAD_VARIABLES`): then nothing is changed.
 
 `available_cores()` counts the CPUs the scheduler lets this process run on (`os.sched_getaffinity`: taskset,
 Slurm's CPU binding) and caps them at the cgroup's CPU quota (`cpu.max` of cgroup v2, `cpu.cfs_quota_us` /
@@ -15,6 +16,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import sys
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -74,15 +76,14 @@ def size_threads(concurrent: int = 1) -> int | None:
     if user_set_threads():
         return None
     n = max(1, available_cores() // max(1, int(concurrent)))
-    for name in THREAD_VARIABLES:
+    for name in THREAD_VARIABLES:  # read by torch, OpenMP and BLAS when they load
         os.environ[name] = _EXPORTED[name] = str(n)
-    import torch
-
-    if torch.get_num_threads() != n:
+    torch = sys.modules.get("torch")  # already loaded: set it (not imported here: a stage without torch stays light)
+    if torch is not None and torch.get_num_threads() != n:
         torch.set_num_threads(n)
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # scikit-learn depends on it; without it torch's setting and the variables still apply
         return n
-    threadpool_limits(limits=n)
+    threadpool_limits(limits=n)  # the BLAS/OpenMP pools loaded so far
     return n

@@ -71,3 +71,18 @@ def test_luigi_worker_count_is_recorded(monkeypatch):
     cli.install_worker_count()
     with luigi.worker.Worker(worker_processes=3):
         assert cli.concurrent_stages() == 3
+
+
+def test_torch_imported_later_takes_the_size(tmp_path):
+    """A stage that imports torch after the sizing (size_threads does not import it) gets the same threads."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k not in threads.THREAD_VARIABLES}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
+    code = ("import sys; from corpus import threads; n = threads.size_threads(threads.available_cores()); "
+            "assert 'torch' not in sys.modules; import torch; print(n, torch.get_num_threads())")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "1"]
