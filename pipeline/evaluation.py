@@ -35,7 +35,8 @@ class _EvaluateModel(Stage):
 
 class EvaluatePerplexity(_EvaluateModel):
     """`tasks.perplexity.evaluate_perplexity` on the valid and test splits →
-    `eval-<h>/perplexity/<model>.json` = {model, valid: {...}, test: {...}}. model=oracle: the oracle-routing
+    `eval-<h>/perplexity/<model>.json` = {model, valid: {...}, test: {...}}, each split with its per-document NLL
+    and token counts (`docs`: the paired bootstrap of the report's ratios, `tasks.bootstrap`). model=oracle: the oracle-routing
     reference, `tasks.perplexity.oracle_perplexity` of the experts' evaluations (no model runs)."""
 
     hashed = ("model", "eval_max_docs", "seed")
@@ -65,7 +66,7 @@ class EvaluatePerplexity(_EvaluateModel):
         for split in ("valid", "test"):
             docs = evaluation_docs(self.input_path(r["corpus"]), self.input_path(r["assignments"]), split,
                                    max_docs=self.eval_max_docs, seed=self.seed)
-            result[split] = evaluate_perplexity(model, docs, batch_size=self.eval_batch_size)
+            result[split] = evaluate_perplexity(model, docs, batch_size=self.eval_batch_size, per_doc=True)
         write_json(out / self.output_file, result)
         return {split: result[split].get("perplexity") for split in ("valid", "test")}
 

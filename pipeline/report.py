@@ -57,6 +57,8 @@ class Report(Stage):
             "corpus": {"source": self.corpus, "n_docs": corpus_stats.get("n_docs"), "label_field": self.label,
                        "n_empty_dropped": corpus_stats.get("n_empty_dropped")},
             "models": model_names(self),
+            "folders": {m: os.path.relpath(self.input_path(model_stage(self, m)[0]), self.run_dir)
+                        for m in model_names(self)},
         }
         perplexity = {m: read_json(self.input_path(t)) for m, t in r["perplexity"].items()}
         fewshot = {task_slug(t): {m: read_json(self.input_path(s)) for m, s in by_model.items()}
