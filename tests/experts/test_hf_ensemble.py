@@ -150,3 +150,14 @@ def test_trust_remote_code_loads_through_the_folder_shims(run, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "CBTMEnsembleForCausalLM"
     assert list((tmp_path / "modules").rglob("configuration_cbtm_ensemble.py"))  # the config came through its shim
+
+
+def test_config_json_says_which_ensemble_it_is(run):
+    """The three c-BTM ensembles of a run differ only in top_k: config.json names it (routing_top_k: transformers
+    would drop a config's top_k as a sampling setting) and the model name, so the folders can be told apart."""
+    import json
+
+    cfg = json.loads((run / "merged-x" / "ensemble" / "config.json").read_text())
+    assert cfg["routing_top_k"] == 2 and cfg["ensemble_name"] == "ensemble" and cfg["num_experts"] == 3
+    posterior = json.loads((run / "merged-x" / "posterior" / "config.json").read_text())
+    assert posterior["ensemble_kind"] == "posterior" and posterior["routing_top_k"] in (1, 2, 3)
