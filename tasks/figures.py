@@ -179,11 +179,14 @@ def fewshot_figure(fs: dict, path: Path, colours: dict) -> str | None:
 
 
 def shots_text(r: dict) -> str:
-    """'8 shots' or, when prompts were cut to fit the context, '8 shots asked, 3.0 used on average'."""
-    shots, used = r.get("shots"), r.get("mean_demos")
+    """'8 shots'; '3 of 8 shots asked (the context's fit)' when fewer fit the context; '..., 2.5 used on average'
+    when prompts were still cut."""
+    shots, asked, used = r.get("shots"), r.get("shots_asked"), r.get("mean_demos")
+    text = f"{shots} of {asked} shots asked (the context's fit)" if asked and shots is not None and asked > shots \
+        else f"{shots} shots"
     if used is not None and shots is not None and used < shots - 1e-9:
-        return f"{shots} shots asked, {used:.1f} used on average"
-    return f"{shots} shots"
+        text += f", {used:.1f} used on average"
+    return text
 
 
 def moe_routing_figure(moe: dict, path: Path) -> str | None:
