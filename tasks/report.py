@@ -109,7 +109,7 @@ def write_report(
         colours = figures.model_colours(list(dict.fromkeys(models)))
         drawn = [
             figures.perplexity_figure(ppl, fig_dir / "perplexity.png", colours),
-            figures.cluster_heatmap(ppl, fig_dir / "perplexity_clusters.png"),
+            figures.cluster_heatmap(ppl, fig_dir / "perplexity_clusters.png", cl),
             figures.routing_matrix(cl.get("label_distribution") or {}, fig_dir / "routing_labels.png",
                                    (run_info.get("corpus") or {}).get("label_field")),
             figures.fewshot_figure(report["fewshot"], fig_dir / "fewshot.png", colours),
