@@ -113,7 +113,8 @@ def evaluate_perplexity(
                 where = doc.get("id", n_docs + j) if isinstance(doc, dict) else n_docs + j
                 raise InputError(f"document {where!r} has no string 'text' field")
             texts.append(doc["text"])
-        encoded = [list(x) for x in model.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        # verbose=False: a document longer than the context is cut into windows below, as intended
+        encoded = [list(x) for x in model.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
         windows = []  # (doc index in chunk, ids, prefix text)
         for j, toks in enumerate(encoded):
             ids = bos + toks

@@ -89,13 +89,13 @@ def format_prompt(task: Task, demos: Sequence[int], text: str) -> str:
 
 def encode(model, text: str) -> list[int]:
     """Token ids of `text` by `model.tokenizer`, without special tokens."""
-    return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(model.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])  # fitted below
 
 
 def _encode_batch(model, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
-    return [list(x) for x in model.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [list(x) for x in model.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
 
 
 def shots_that_fit(model, task: Task, test: list[dict], shots: int, budget: int, add_bos: bool = True,

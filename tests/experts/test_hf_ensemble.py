@@ -161,3 +161,25 @@ def test_config_json_says_which_ensemble_it_is(run):
     assert cfg["routing_top_k"] == 2 and cfg["ensemble_name"] == "ensemble" and cfg["num_experts"] == 3
     posterior = json.loads((run / "merged-x" / "posterior" / "config.json").read_text())
     assert posterior["ensemble_kind"] == "posterior" and posterior["routing_top_k"] in (1, 2, 3)
+
+
+def test_generation_and_long_documents_raise_no_user_facing_warnings(run):
+    """Ensemble generation passes the KV cache under the name the experts' forward takes (no `past_key_values`
+    FutureWarning); scoring a document longer than the context, which is cut into windows on purpose, does not
+    trigger the tokenizer's "longer than the specified maximum sequence length" warning."""
+    import warnings
+
+    from experts.ensemble import load_ensemble
+    from tasks.perplexity import evaluate_perplexity
+    from tests.experts.merge_helpers import random_text
+
+    model = _auto(run / "merged-x" / "ensemble")
+    tok = _tok(run / "merged-x" / "ensemble", side="left")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model.generate(**tok(PROMPTS, return_tensors="pt", padding=True), max_new_tokens=6, do_sample=False)
+    ensemble = load_ensemble(run / "merged-x" / "ensemble", device="cpu")
+    ensemble.tokenizer.model_max_length = ensemble.max_length  # as saved folders have it (experts.compat)
+    long_doc = random_text(5 * ensemble.max_length, 11)
+    evaluate_perplexity(ensemble, [{"id": "long", "text": long_doc}], batch_size=2)
+    assert not ensemble.tokenizer.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
