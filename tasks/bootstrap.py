@@ -61,8 +61,8 @@ def ratio_interval(a: dict, b: dict, n_boot: int = N_BOOT, level: float = LEVEL,
 
 
 def describe_change(ci: dict | None, ratio: float | None = None) -> str:
-    """"−3.1% (95% interval −4.0% … −2.2%)" or "+0.1%, no difference beyond noise (95% interval −0.6% … +0.7%)";
-    just the change when there is no interval."""
+    """"−3.1% [95%: −4.0% … −2.2%]" or "+0.1% [95%: −0.6% … +0.7%], no difference beyond noise"; just the
+    change when there is no interval."""
     def pct(r):
         return f"{100 * (r - 1):+.1f}%".replace("-", "−")
 
@@ -71,5 +71,5 @@ def describe_change(ci: dict | None, ratio: float | None = None) -> str:
         return "–"
     if not ci:
         return pct(r)
-    span = f"{int(round(100 * ci['level']))}% interval {pct(ci['low'])} … {pct(ci['high'])}"
-    return f"{pct(r)} ({span})" if ci["beyond_noise"] else f"{pct(r)}, no difference beyond noise ({span})"
+    span = f"{pct(r)} [{int(round(100 * ci['level']))}%: {pct(ci['low'])} … {pct(ci['high'])}]"
+    return span if ci["beyond_noise"] else f"{span}, no difference beyond noise"

@@ -59,9 +59,10 @@ def perplexity_figure(ppl: dict, path: Path, colours: dict) -> str | None:
     y = np.arange(len(models))[::-1]
     if dense:
         diff = [100 * (_test_ppl(ppl, m) / dense - 1) for m in models]
-        near = [abs(d) for m, d in zip(models, diff) if not m.startswith("expert_")]
-        linear = max(1.0, math.ceil(1.2 * max(near, default=1.0)))
-        ax.set_xscale("symlog", linthresh=linear, linscale=3)
+        # linear out to the ensembles and merges near dense (within ±30%), on a 1-2-5 number; log beyond
+        near = [abs(d) for m, d in zip(models, diff) if not m.startswith("expert_") and abs(d) <= 30]
+        linear = _nice_ceil(max(1.0, 1.2 * max(near, default=1.0)))
+        ax.set_xscale("symlog", linthresh=linear, linscale=2)
         ax.hlines(y, 0, diff, color=[colours[m] for m in models], lw=2)
         ax.scatter(diff, y, color=[colours[m] for m in models], s=25, zorder=3)
         for yi, m in zip(y, models):  # the paired-bootstrap interval of the ratio (tasks.bootstrap), when known
@@ -76,8 +77,16 @@ def perplexity_figure(ppl: dict, path: Path, colours: dict) -> str | None:
         ax.set_xlim(lo - 0.15 * (abs(lo) + linear), hi + 0.5 * (abs(hi) + linear))
         # beyond the linear range: 1-2-5 ticks out to the farthest model, so +5.5% and +8.3% sit between labels
         steps = [m * 10.0 ** e for e in range(0, 6) for m in (1, 2, 5) if 1.4 * linear < m * 10.0 ** e]
-        ticks = sorted({0.0, linear, -linear / 2 if lo < 0 else linear / 2, *(-linear for _ in [0] if lo < -linear / 2),
+        ticks = sorted({0.0, linear, linear / 2, *((-linear / 2, -linear) if lo < 0 else ()),
                         *(d for d in steps if d <= 1.05 * hi), *(-d for d in steps if -d >= 1.05 * lo)})
+        scale = ax.xaxis.get_transform()  # keep ticks at least 1/16 of the axis apart (the log side crowds)
+        span = abs(float(np.diff(scale.transform(np.array(ax.get_xlim())))[0])) / 16
+        kept = []
+        for t in sorted(ticks, key=lambda t: (t != 0, abs(t) > linear, abs(t))):  # 0 and the linear ticks first
+            if all(abs(float(scale.transform(np.array([t]))[0] - scale.transform(np.array([u]))[0])) >= span
+                   for u in kept):
+                kept.append(t)
+        ticks = sorted(kept)
         ax.set_xticks(ticks, [f"{t:+g}%".replace("-", "−") if t else "0" for t in ticks], fontsize=7)
         ax.xaxis.set_minor_locator(plt.NullLocator())
         ax.set_xlabel(f"test perplexity vs dense, % (linear within ±{linear:g}%, log beyond; < 0 beats dense)\n"
@@ -93,6 +102,12 @@ def perplexity_figure(ppl: dict, path: Path, colours: dict) -> str | None:
     ax.set_yticks(y, models, fontsize=8)
     ax.set_ylim(-0.7, len(models) - 0.2)
     return _save(fig, path)
+
+
+def _nice_ceil(x: float) -> float:
+    """The smallest of 1, 2, 5 × 10^n that is ≥ x."""
+    e = math.floor(math.log10(x))
+    return next(m * 10.0 ** e for m in (1, 2, 5, 10) if m * 10.0 ** e >= x - 1e-12)
 
 
 def cluster_label(c, clusters: dict | None, n_terms: int = 2) -> str:

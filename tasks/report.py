@@ -238,8 +238,8 @@ def _headline(report: dict) -> dict:
         sentences.append(f"BTX MoE vs dense: {pct('moe')} test perplexity" + (f", with {extra}." if extra else "."))
     if any(cis.values()):
         n = next(ci for ci in cis.values() if ci)
-        sentences.append(f"Intervals: {int(round(100 * n['level']))}% paired bootstrap over the {n['n_docs']} test "
-                         "documents (which documents were drawn, not training noise).")
+        sentences.append(f"[95%: …]: paired-bootstrap interval of the ratio over the {n['n_docs']} test documents "
+                         "(the noise of which documents were drawn, not of training).")
     interval = {m: [ci["low"] - 1, ci["high"] - 1] for m, ci in cis.items() if ci}
     return {"sentences": sentences, "best": best, "vs_dense": vs, "vs_dense_interval": interval}
 
