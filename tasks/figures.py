@@ -296,7 +296,7 @@ def training_curves(trained: dict[str, dict], path: Path, colours: dict) -> str 
             if x and (zoom or x > 0) and any(m in curves for m in (("moe",) if what == "MoE built" else ("dense",))):
                 ax.axvline(x, color="black", lw=0.6, ls=":")
                 ax.text(x, 1.0, f" {what}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
-        ax.set_xlabel("global optimizer step of the run (seed, then each branch from the seed's last step)")
+        ax.set_xlabel("global optimizer step (seed; each branch from the seed's last step)")
         ax.set_ylabel("loss (nats/token" + (")" if zoom else ", log scale)"))
         if zoom:
             ax.set_xlim(left=max(0, seed_steps - 0.02 * max(experts_end, 1)))
