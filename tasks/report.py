@@ -426,6 +426,8 @@ def render_markdown(report: dict) -> str:
         lines += _figure(report, "perplexity_clusters.png", "model × cluster test perplexity relative to dense")
 
     fs = report["fewshot"]
+    if not fs and str((run.get("params") or {}).get("tasks", "")).strip().lower() == "none":
+        lines += ["## Few-shot classification", "", "Not run (`--tasks none`).", ""]
     if fs:
         lines += ["## Few-shot classification", "", "| task | model | shots (asked) | demonstrations used | accuracy | "
                   "macro-F1 |", "|---|---|---:|---:|---:|---:|"]
