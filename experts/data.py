@@ -60,7 +60,7 @@ def corpus_shard_paths(tokens_dir: str | os.PathLike, split: str = "train") -> l
 
 def _encode_batch(args):
     tokenizer, texts = args
-    return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]  # packed into blocks: no length warning
 
 
 def _load_fast_tokenizer(tokenizer_dir) -> tuple:

@@ -107,3 +107,17 @@ def test_whole_corpus_tokens_give_the_same_cluster_shards(run):
         pq.write_table(pa.table({"id": ["x"], "text": ["y"]}), tmp / "corpus" / "valid.parquet")
         pq.write_table(pa.table({"id": ["x"], "cluster_id": pa.array([0], pa.int32())}), tmp / "assign" / "valid.parquet")
         shard_corpus(tmp / "corpus", tmp / "assign", tmp / "tok", tmp / "c", seq_len=seq, tokens_dir=tmp / "tokens")
+
+
+def test_long_documents_tokenize_without_the_length_warning(tmp_path):
+    """Documents longer than the tokenizer's model_max_length are packed into blocks on purpose: tokenizing them
+    must not print transformers' "longer than the specified maximum sequence length" warning."""
+    from experts.data import _encode_batch
+    from experts.tokenizer import load_tokenizer, train_tokenizer
+
+    train_tokenizer(["alpha beta gamma delta"] * 50, tmp_path / "tok", vocab_size=300)
+    tok = load_tokenizer(tmp_path / "tok")
+    tok.model_max_length = 8
+    ids = _encode_batch((tok, ["alpha beta gamma delta " * 20]))
+    assert len(ids[0]) > 8
+    assert not tok.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")
