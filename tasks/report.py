@@ -224,11 +224,16 @@ def _headline(report: dict) -> dict:
     def pct(m):  # the change with its bootstrap interval; "no difference beyond noise" when that contains 0
         return describe_change(cis.get(m), 1 + vs[m])
 
+    def noise(m):  # the sentence's ending: nothing, or that the change is within the noise
+        ci = cis.get(m)
+        return ": no difference beyond noise" if ci and not ci["beyond_noise"] else ""
+
     sentences = []
     for m in [m for m in test if m.startswith("ensemble_top") and m in vs]:
         k = m[len("ensemble_top"):]
-        sentences.append(f"c-BTM top-{k} vs dense: {pct(m)} test perplexity {compute} "
-                         f"({test[m]:.2f} vs {dense:.2f}).")
+        change = pct(m).removesuffix(", no difference beyond noise")
+        sentences.append(f"c-BTM top-{k} vs dense {compute}: test perplexity {test[m]:.2f} vs {dense:.2f}, "
+                         f"{change}{noise(m)}.")
     best = min(test, key=test.get) if test else None
     if best is not None:
         flag = f", with {extra} that c-BTM and dense do not get" if best == "moe" and extra else ""

@@ -66,6 +66,6 @@ def test_headline_says_no_difference_for_a_change_within_noise(dense):
               "budgets": {"totals": {}}, "merges": {}}
     head = _headline(report)
     first = head["sentences"][0]
-    assert first.startswith("c-BTM top-2 vs dense:") and "no difference beyond noise" in first
+    assert first.startswith("c-BTM top-2 vs dense") and first.endswith(": no difference beyond noise.")
     low, high = head["vs_dense_interval"]["ensemble_top2"]
     assert low < 0 < high
