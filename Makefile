@@ -37,10 +37,10 @@ install-dev: $(VENV)/.installed-dev
 
 venv-min: $(VENV_MIN)/.installed
 
-# The demo's own settings (README "The built-in demo"): experts get 60% of a 1M-token budget, a 2048-token vocabulary,
+# The demo's own settings (README "The built-in demo"): experts get half of a 1M-token budget, a 2048-token vocabulary,
 # the c-BTM ensembles and the parameter average (no MoE finetune), every test document evaluated (the bootstrap
 # interval needs them), few-shot shrunk to one seed of dense and top-2, two stages at once.
-DEMO_FLAGS ?= --seed-fraction 0.4 --vocab-size 2048 --train-tokens 1000000 --merge-methods ensemble,average \
+DEMO_FLAGS ?= --seed-fraction 0.5 --vocab-size 2048 --train-tokens 1000000 --merge-methods ensemble,average \
 	--eval-max-docs 0 --fewshot-models dense,ensemble_top2 --fewshot-seeds 13 --workers 2
 
 demo: install
