@@ -22,7 +22,9 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 THREAD_VARIABLES = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")
-_EXPORTED: dict[str, str] = {}  # what size_threads itself put into os.environ (not the user's choice)
+AUTO_MARK = "CBTM_AUTO_THREADS"  # the number size_threads exported: inherited by child processes and Slurm jobs,
+#                                  a thread variable equal to it is ours to size again, not the user's choice
+_EXPORTED: dict[str, str] = {}  # what size_threads itself put into os.environ in this process
 
 
 def cgroup_cpu_limit(root: str | os.PathLike = "/sys/fs/cgroup", proc_cgroup: str | os.PathLike = "/proc/self/cgroup"
@@ -64,7 +66,7 @@ def user_set_threads() -> str | None:
     """The thread variable the user set (one of `THREAD_VARIABLES`), or None."""
     for name in THREAD_VARIABLES:
         value = os.environ.get(name)
-        if value is not None and value != _EXPORTED.get(name):
+        if value is not None and value != _EXPORTED.get(name) and value != os.environ.get(AUTO_MARK):
             return name
     return None
 
@@ -78,6 +80,7 @@ def size_threads(concurrent: int = 1) -> int | None:
     n = max(1, available_cores() // max(1, int(concurrent)))
     for name in THREAD_VARIABLES:  # read by torch, OpenMP and BLAS when they load
         os.environ[name] = _EXPORTED[name] = str(n)
+    os.environ[AUTO_MARK] = str(n)
     torch = sys.modules.get("torch")  # already loaded: set it (not imported here: a stage without torch stays light)
     if torch is not None and torch.get_num_threads() != n:
         torch.set_num_threads(n)

@@ -12,8 +12,9 @@ from corpus import threads
 def keep_threads(monkeypatch):
     """Restore torch's threads and the thread variables after the test."""
     before = torch.get_num_threads()
-    for name in threads.THREAD_VARIABLES:
-        monkeypatch.delenv(name, raising=False)
+    for name in (*threads.THREAD_VARIABLES, threads.AUTO_MARK):
+        monkeypatch.setenv(name, "0")  # recorded, so that teardown restores what size_threads writes
+        monkeypatch.delenv(name)
     monkeypatch.setattr(threads, "_EXPORTED", {})
     yield
     torch.set_num_threads(before)
@@ -80,9 +81,21 @@ def test_torch_imported_later_takes_the_size(tmp_path):
     import sys
     from pathlib import Path
 
-    env = {k: v for k, v in os.environ.items() if k not in threads.THREAD_VARIABLES}
+    env = {k: v for k, v in os.environ.items() if k not in (*threads.THREAD_VARIABLES, threads.AUTO_MARK)}
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2])
     code = ("import sys; from corpus import threads; n = threads.size_threads(threads.available_cores()); "
             "assert 'torch' not in sys.modules; import torch; print(n, torch.get_num_threads())")
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "1"]
+
+
+def test_inherited_sizing_is_sized_again(monkeypatch, keep_threads):
+    """A child process or Slurm job inherits the worker's exported variables with the mark: it sizes itself again
+    (its own cores), while a variable the user set without the mark still wins."""
+    monkeypatch.setattr(threads, "available_cores", lambda: 4)
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    monkeypatch.setenv(threads.AUTO_MARK, "2")  # as inherited: this process exported nothing itself
+    assert threads.user_set_threads() is None and threads.size_threads(1) == 4
+    monkeypatch.setattr(threads, "_EXPORTED", {})
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads.user_set_threads() == "OMP_NUM_THREADS" and threads.size_threads(1) is None
