@@ -46,8 +46,11 @@ DEMO_FLAGS ?= --seed-fraction 0.5 --vocab-size 2048 --train-tokens 1000000 --mer
 demo: install
 	$(BIN)/luigi --module pipeline RunAll --local-scheduler $(DEMO_FLAGS)
 
+# The tests start several pipelines at once on purpose (concurrent runs, luigid workers, kills); each sizes its
+# threads to the whole machine, so they run with one thread each unless OMP_NUM_THREADS is set. `make demo` needs
+# no such setting: its stages size their threads to the cores ÷ --workers (corpus/threads.py).
 test: install-dev venv-min
-	CBTM_MIN_TRANSFORMERS_PYTHON=$(VENV_MIN)/bin/python $(BIN)/python -m pytest -q
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} CBTM_MIN_TRANSFORMERS_PYTHON=$(VENV_MIN)/bin/python $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(VENV) $(VENV_MIN) runs
