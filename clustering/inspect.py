@@ -125,12 +125,14 @@ def describe_clusters(
         result["label_field"] = "label"
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    _plot_sizes(sizes, out_dir / "cluster_sizes.png")
+    names = [f"c{j}" + (f" {c['majority_label']}" if c.get("majority_label") else
+                        f" {', '.join(c['top_terms'][:2])}" if c.get("top_terms") else "") for j, c in enumerate(clusters)]
+    _plot_sizes(sizes, out_dir / "cluster_sizes.png", [c.get("label_distribution") for c in clusters], names)
     emb_path = embeddings_dir / "train.npy"
     if emb_path.exists():
         x = np.load(emb_path, mmap_mode="r")
         idx = np.sort(rng.choice(len(cid), size=min(projection_sample, len(cid)), replace=False))
-        _plot_projection(np.asarray(x[idx], dtype=np.float32), cid[idx], centroids, out_dir / "projection.png")
+        _plot_projection(np.asarray(x[idx], dtype=np.float32), cid[idx], centroids, out_dir / "projection.png", names)
         result["plots"] = ["cluster_sizes.png", "projection.png"]
     else:
         result["plots"] = ["cluster_sizes.png"]
@@ -138,26 +140,46 @@ def describe_clusters(
     return result
 
 
-def _plot_sizes(sizes: np.ndarray, path: Path) -> None:
+def _plot_sizes(sizes: np.ndarray, path: Path, label_counts: list[dict | None] | None = None,
+                names: list[str] | None = None) -> None:
+    """Train documents per cluster; with labels, each bar split by label (what each cluster holds: balanced k-means
+    makes the bars equal by design, their make-up is what differs)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(max(4, 0.25 * len(sizes) + 2), 3), dpi=120)
-    ax.bar(np.arange(len(sizes)), sizes, color=distinct_colours(len(sizes)))  # as in the projection
-    ax.axhline(sizes.mean(), color="k", lw=0.8, ls="--", label="mean")
+    k = len(sizes)
+    labels = sorted({lab for d in label_counts or [] if d for lab in d})
+    fig, ax = plt.subplots(figsize=(max(4.5, 0.35 * k + 3), 3.4), dpi=120)
+    x = np.arange(k)
+    if labels and len(labels) <= 20:
+        bottom = np.zeros(k)
+        for lab, colour in zip(labels, distinct_colours(len(labels) + k)[k:]):  # not the clusters' colours
+            n = np.array([(d or {}).get(lab, 0) for d in label_counts], dtype=float)
+            ax.bar(x, n, bottom=bottom, color=colour, label=lab, edgecolor="white", linewidth=0.5)
+            bottom += n
+        ax.legend(title="label", fontsize=7, title_fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
+        what = "train documents per cluster, by label"
+    else:
+        ax.bar(x, sizes, color=distinct_colours(k))  # as in the projection
+        ax.axhline(sizes.mean(), color="k", lw=0.8, ls="--")
+        what = "train documents per cluster (dashed: mean)"
+    for i, n in enumerate(sizes):
+        ax.text(i, n, f"{int(n)}", ha="center", va="bottom", fontsize=6)
+    ax.set_xticks(x, names if names and k <= 30 else [str(i) for i in x], fontsize=7,
+                  rotation=30 if names and k > 6 else 0, ha="right" if names and k > 6 else "center")
     ax.set_xlabel("cluster_id")
     ax.set_ylabel("train documents")
-    ax.set_title(f"cluster sizes (max/min {sizes.max() / max(sizes.min(), 1):.2f})")
-    ax.legend(loc="upper right", fontsize=7)
+    ax.set_title(f"{what}; max/min {sizes.max() / max(sizes.min(), 1):.2f}", fontsize=9)
     fig.tight_layout()
     with atomic_file(path, "wb") as f:
         fig.savefig(f, format="png")
     plt.close(fig)
 
 
-def _plot_projection(x: np.ndarray, cid: np.ndarray, centroids: np.ndarray, path: Path) -> None:
+def _plot_projection(x: np.ndarray, cid: np.ndarray, centroids: np.ndarray, path: Path,
+                     names: list[str] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,9 +198,14 @@ def _plot_projection(x: np.ndarray, cid: np.ndarray, centroids: np.ndarray, path
     for j in range(k):  # one scatter per cluster: categorical colours and a legend entry per cluster_id
         sel = cid == j
         ax.scatter(p[sel, 0], p[sel, 1], color=colours[j], s=3, alpha=0.6, linewidths=0, label=str(j))
-    ax.scatter(c[:, 0], c[:, 1], c="white", edgecolors="black", s=40, linewidths=1.2)
+    big = k <= 20
+    ax.scatter(c[:, 0], c[:, 1], c="white", edgecolors="black", s=150 if big else 40, linewidths=1.2, zorder=3)
     for j, (a, b) in enumerate(c):
-        ax.annotate(str(j), (a, b), fontsize=6, ha="center", va="center")
+        ax.annotate(str(j), (a, b), fontsize=8 if big else 5, fontweight="bold", ha="center", va="center", zorder=4)
+        if big and names:  # the cluster's name beside its centroid, on a white box
+            ax.annotate(names[j], (a, b), xytext=(10, 8 if j % 2 == 0 else -16), textcoords="offset points",
+                        fontsize=7, zorder=4,
+                        bbox={"boxstyle": "round,pad=0.2", "fc": "white", "ec": colours[j], "alpha": 0.85})
     var = pca.explained_variance_ratio_
     ax.set_xlabel(f"principal component 1 ({100 * var[0]:.0f}% of the variance)")
     ax.set_ylabel(f"principal component 2 ({100 * var[1]:.0f}% of the variance)" if n_comp > 1 else "(one dimension)")

@@ -1,193 +1,216 @@
-"""The built-in demo corpus: generated text in four clearly different domains, no download.
+"""The built-in demo corpus: real text every Python installation has, no download.
 
-Every document is produced here from templates and word lists by a seeded random generator, so the corpus
-is deterministic, free of third-party text, and small enough for a CPU demo. Domains (the `source` label):
+Four domains (the `source` label), all read from the running interpreter's own installation:
 
-- `cooking`  — recipe steps (ingredients, temperatures, utensils)
-- `sports`   — match reports (teams, players, scores, minutes)
-- `code`     — small Python functions with docstrings
-- `medicine` — clinical case notes (symptoms, doses, tests)
+- `code`       — Python standard-library modules (`sysconfig` "stdlib", its `test` packages left out), with
+                 their docstrings taken out: code and comments only
+- `docstrings` — the docstrings of those modules, classes and functions (`ast`), each after its dotted name
+- `reference`  — the Python language reference that pydoc shows (`pydoc_data.topics`: one entry per topic)
+- `licences`   — the licence and notice texts of the installed packages (`*.dist-info/` LICENSE, COPYING,
+                 NOTICE, AUTHORS files under `sysconfig` "purelib") and the interpreter's own LICENSE.txt,
+                 exact duplicates dropped
 
-`write_demo_corpus(out_dir)` writes `{train,valid,test}.jsonl.gz` with fields `id`, `text`, `source`.
-The text is synthetic: it is grammatical but not meaningful, and its licence is the project's own.
+Each source (a module, a pydoc topic, a licence file) is cut into documents of about `DOC_CHARS` characters at
+blank lines; a source gives at most `MAX_PER_SOURCE` documents (seeded choice; more where a domain has
+fewer sources than that needs), so that no one file dominates a
+domain; the sources of a domain are shuffled with the seed and dealt to test, valid and train in that order, so a
+source is in one split only (no near-duplicate leaks from train to test). Files are read in sorted order, so the
+corpus is deterministic for a given installation and seed; another Python version or another set of installed
+packages gives another corpus (`manifest.json` records the interpreter, the sources and the counts).
+
+`write_demo_corpus(out_dir)` writes `{train,valid,test}.jsonl.gz` with fields `id`, `text`, `source`, and
+`manifest.json`. The texts keep their authors' licences (the PSF licence for the standard library; each licence
+file is its own text); the corpus is written locally for the demo and never redistributed by this project.
 """
 from __future__ import annotations
 
+import ast
 import gzip
+import hashlib
 import json
 import random
+import re
+import sys
+import sysconfig
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
-from corpus.io import atomic_dir
+from corpus.io import InputError, atomic_dir
 
-DOMAINS = ("cooking", "sports", "code", "medicine")
-SPLITS = {"train": 400, "valid": 40, "test": 40}  # documents per domain
+DOMAINS = ("code", "docstrings", "reference", "licences")
+SPLITS = {"train": 400, "valid": 40, "test": 60}  # documents per domain (fewer where a domain has fewer)
+DOC_CHARS = 1200  # target document length in characters
+MAX_PER_SOURCE = 6  # documents one source (file, topic) may give
+GENERATOR = "stdlib-1"  # changes whenever the documents written for an installation change (enters the stage hash)
 
-def _upper_first(s: str) -> str:
-    return s[:1].upper() + s[1:]
-
-
-# ---- cooking ---------------------------------------------------------------------------------------
-_INGREDIENTS = ("flour", "butter", "sugar", "eggs", "milk", "garlic", "onions", "tomatoes", "basil", "olive oil",
-                "salt", "pepper", "cinnamon", "yeast", "cream", "lemon zest", "rice", "chicken stock", "carrots",
-                "parsley", "honey", "vanilla", "mushrooms", "thyme", "potatoes", "spinach", "ginger", "paprika")
-_UTENSILS = ("saucepan", "skillet", "mixing bowl", "baking tray", "whisk", "wooden spoon", "oven dish", "colander",
-             "food processor", "cast iron pan", "stockpot", "rolling pin")
-_COOK_VERBS = ("whisk", "fold", "simmer", "saute", "knead", "roast", "stir", "chop", "blend", "season", "bake",
-               "caramelize", "marinate", "drain", "grate", "braise")
-_TEXTURES = ("smooth", "golden brown", "fluffy", "thick and glossy", "tender", "crisp", "fragrant", "bubbling",
-             "soft peaks form", "reduced by half")
-_DISHES = ("tomato soup", "lemon cake", "mushroom risotto", "roast chicken", "apple pie", "vegetable curry",
-           "garlic bread", "pancakes", "potato gratin", "ginger stir fry", "banana bread", "onion tart")
+# Source = (name, text); a domain is the sorted list of its sources.
+Source = tuple[str, str]
 
 
-def _cooking(r: random.Random) -> str:
-    dish = r.choice(_DISHES)
-    steps = [f"Recipe for {dish}, serves {r.randint(2, 8)}."]
-    steps.append(f"Preheat the oven to {r.choice((160, 170, 180, 190, 200, 220))} degrees.")
-    for _ in range(r.randint(5, 10)):
-        a, b = r.sample(_INGREDIENTS, 2)
-        t = r.choice((
-            "{v} the {a} and the {b} in a {u} until {x}.",
-            "Add {n} grams of {a} to the {u} and {v} gently.",
-            "{v} the {a} for {m} minutes, then add the {b}.",
-            "Season with {a} and {b}, then {v} until {x}.",
-            "Transfer the {a} to a {u} and let it rest for {m} minutes.",
-            "Slowly {v} in {n} ml of {b} while the {a} is still warm.",
-        ))
-        steps.append(_upper_first(t.format(v=r.choice(_COOK_VERBS), a=a, b=b, u=r.choice(_UTENSILS), x=r.choice(_TEXTURES),
-                              n=r.randint(10, 500), m=r.randint(2, 45))))
-    steps.append(f"Serve the {dish} {r.choice(('warm', 'chilled', 'at once', 'with fresh bread'))}.")
-    return " ".join(steps)
+def _stdlib_modules() -> list[Path]:
+    """The standard library's .py files, sorted, without site-packages, test suites and idlelib's data."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    skip = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
+    return sorted(p for p in root.rglob("*.py") if not skip.intersection(p.relative_to(root).parts))
 
 
-# ---- sports ----------------------------------------------------------------------------------------
-_TEAMS = ("Riverside Rovers", "Northfield United", "Harbor City", "Eastvale Athletic", "Kingsport Wanderers",
-          "Millbrook Town", "Westgate Rangers", "Stonebridge FC", "Lakeside Albion", "Ashford Celtic")
-_PLAYERS = ("Moreno", "Okafor", "Lindqvist", "Tanaka", "Brennan", "Duarte", "Kowalski", "Haddad", "Fischer",
-            "Mbeki", "Rossi", "Novak", "Castillo", "Petrov")
-_SPORT_EVENTS = (
-    "{p} scored in the {m}th minute after a quick counter attack.",
-    "The goalkeeper saved a penalty from {p} just before half time.",
-    "{p} received a yellow card for a late tackle in midfield.",
-    "A corner from {p} was headed over the bar in the {m}th minute.",
-    "The coach replaced {p} with {q} on the hour mark.",
-    "{p} hit the post from twenty yards as the home fans roared.",
-    "{q} equalised with a volley in the {m}th minute.",
-    "The referee awarded a free kick after {p} was fouled near the box.",
-    "{p} was named player of the match after two assists.",
-)
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
-def _sports(r: random.Random) -> str:
-    home, away = r.sample(_TEAMS, 2)
-    hs, as_ = r.randint(0, 5), r.randint(0, 5)
-    out = [f"{home} {'beat' if hs > as_ else 'drew with' if hs == as_ else 'lost to'} {away} {hs}-{as_} "
-           f"in front of {r.randint(3, 60)},{r.randint(100, 999)} supporters on {r.choice(('Saturday', 'Sunday', 'Wednesday'))}."]
-    for _ in range(r.randint(5, 10)):
-        p, q = r.sample(_PLAYERS, 2)
-        out.append(r.choice(_SPORT_EVENTS).format(p=p, q=q, m=r.randint(2, 90)))
-    out.append(f"The result leaves {home} in {r.choice(('first', 'third', 'fifth', 'eighth', 'last'))} place "
-               f"with {r.randint(10, 80)} points from {r.randint(10, 38)} games in the league table.")
-    return " ".join(out)
-
-
-# ---- code ------------------------------------------------------------------------------------------
-_NOUNS = ("items", "records", "tokens", "matrix", "buffer", "config", "users", "events", "rows", "payload",
-          "scores", "nodes", "edges", "cache", "queue", "path")
-_VERBS = ("parse", "load", "merge", "filter", "count", "normalize", "flatten", "validate", "sort", "group",
-          "encode", "split")
-_EXPRS = ("len({a}) + {n}", "sorted({a}, key=len)", "[x for x in {a} if x]", "dict(zip({a}, {b}))",
-          "{a}.get('{k}', {n})", "sum(x * {n} for x in {a})", "{a}[{n}:] + {b}[:{n}]", "max({a}, default={n})",
-          "set({a}) | set({b})", "{a}.strip().split(',')", "isinstance({a}, dict)", "{a} is not None")
-
-
-def _code(r: random.Random) -> str:
-    lines = []
-    for _ in range(r.randint(2, 4)):
-        verb, noun = r.choice(_VERBS), r.choice(_NOUNS)
-        args = r.sample(_NOUNS, r.randint(1, 3))
-        lines.append(f"def {verb}_{noun}({', '.join(args)}):")
-        lines.append(f'    """{verb.capitalize()} the {noun} and return the result."""')
-        var = r.choice(("result", "out", "value", "acc", "total"))
-        for _ in range(r.randint(2, 5)):
-            a, b = r.choice(args), r.choice(_NOUNS)
-            expr = r.choice(_EXPRS).format(a=a, b=b, n=r.randint(0, 64), k=r.choice(_NOUNS))
-            kind = r.random()
-            if kind < 0.2:
-                lines.append(f"    if not {a}:")
-                lines.append(f"        raise ValueError('empty {a}')")
-            elif kind < 0.35:
-                lines.append(f"    for x in {a}:")
-                lines.append(f"        {var} = {expr}")
-            else:
-                lines.append(f"    {var} = {expr}")
-        lines.append(f"    return {var}")
-        lines.append("")
-    return "\n".join(lines).strip()
-
-
-# ---- medicine --------------------------------------------------------------------------------------
-_SYMPTOMS = ("fever", "persistent cough", "chest pain", "shortness of breath", "headache", "nausea", "fatigue",
-             "abdominal pain", "dizziness", "joint swelling", "rash", "palpitations", "night sweats", "back pain")
-_TESTS = ("a full blood count", "an electrocardiogram", "a chest radiograph", "serum creatinine", "a CT scan",
-          "liver function tests", "blood cultures", "a urine sample", "C-reactive protein", "an echocardiogram")
-_DRUGS = ("amoxicillin", "paracetamol", "ibuprofen", "metformin", "atorvastatin", "omeprazole", "prednisolone",
-          "furosemide", "salbutamol", "heparin")
-_FINDINGS = ("elevated", "within normal limits", "mildly reduced", "markedly raised", "unremarkable",
-             "consistent with infection", "suggestive of inflammation")
-
-
-def _medicine(r: random.Random) -> str:
-    s = r.sample(_SYMPTOMS, 3)
-    out = [f"A {r.randint(18, 90)}-year-old {r.choice(('man', 'woman'))} presented to the clinic with "
-           f"{s[0]} and {s[1]} for {r.randint(2, 21)} days."]
-    out.append(f"There was a history of {r.choice(('hypertension', 'diabetes', 'asthma', 'smoking', 'kidney disease'))}.")
-    for _ in range(r.randint(4, 8)):
-        t = r.choice((
-            "On examination the blood pressure was {a}/{b} mmHg and the heart rate {h} beats per minute.",
-            "{T} was {f}.",
-            "The patient was started on {d} {n} mg twice daily.",
-            "Symptoms of {s} improved after {k} days of treatment with {d}.",
-            "{T} was repeated and found to be {f}.",
-            "The dose of {d} was reduced to {n} mg because of {s}.",
-        ))
-        out.append(_upper_first(t.format(
-            a=r.randint(95, 180), b=r.randint(55, 110), h=r.randint(50, 130), T=r.choice(_TESTS),
-            f=r.choice(_FINDINGS), d=r.choice(_DRUGS), n=r.choice((5, 10, 20, 40, 250, 500)), s=r.choice(s),
-            k=r.randint(2, 14))))
-    out.append(f"The patient was discharged with follow up in {r.randint(1, 8)} weeks.")
-    return " ".join(out)
-
-
-GENERATORS: dict[str, Callable[[random.Random], str]] = {
-    "cooking": _cooking, "sports": _sports, "code": _code, "medicine": _medicine,
-}
-
-
-def generate_documents(split: str, n_per_domain: int, seed: int = 0) -> list[dict]:
-    """Documents of one split, domains interleaved; deterministic for (split, n_per_domain, seed)."""
+def _split_module(path: Path, text: str) -> tuple[str, list[str]]:
+    """(the module's code without its docstrings, its docstrings as "dotted.name\\n<docstring>")."""
+    tree = ast.parse(text)
+    root = Path(sysconfig.get_paths()["stdlib"])
+    module = ".".join(path.relative_to(root).with_suffix("").parts).removesuffix(".__init__")
+    drop: set[int] = set()  # 1-based line numbers of docstring expressions
     docs = []
-    for d_i, domain in enumerate(DOMAINS):
-        r = random.Random(f"{seed}-{split}-{domain}")
-        for i in range(n_per_domain):
-            docs.append({"id": f"{split}-{domain}-{i:05d}", "text": GENERATORS[domain](r), "source": domain})
-    order = random.Random(f"{seed}-{split}-order")
-    order.shuffle(docs)
-    return docs
+
+    def visit(node, prefix):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr) \
+                and isinstance(getattr(body[0], "value", None), ast.Constant) and isinstance(body[0].value.value, str):
+            drop.update(range(body[0].lineno, (body[0].end_lineno or body[0].lineno) + 1))
+            doc = ast.get_docstring(node)
+            if doc and len(doc) >= 40:
+                docs.append(f"{prefix}\n{doc}")
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                visit(child, f"{prefix}.{child.name}")
+
+    visit(tree, module)
+    code = "\n".join(line for i, line in enumerate(text.splitlines(), 1) if i not in drop)
+    return code, docs
 
 
-def write_demo_corpus(out_dir: str | Path, seed: int = 0, scale: float = 1.0) -> Path:
-    """Write the demo corpus to `out_dir/{train,valid,test}.jsonl.gz` (fields id, text, source).
+def _python_sources() -> tuple[list[Source], list[Source]]:
+    code, docstrings = [], []
+    for path in _stdlib_modules():
+        text = _read(path)
+        if not text:
+            continue
+        try:
+            body, docs = _split_module(path, text)
+        except (SyntaxError, ValueError):
+            continue
+        name = path.as_posix()
+        code.append((name, body))
+        if docs:
+            docstrings.append((name, "\n\n".join(docs)))
+    return code, docstrings
 
-    `scale` multiplies the number of documents per split (1.0: 400/40/40 per domain). Returns out_dir.
-    """
+
+def _reference_sources() -> list[Source]:
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:
+        return []
+    return [(f"pydoc:{k}", topics[k]) for k in sorted(topics)]
+
+
+_LICENCE_NAME = re.compile(r"^(LICEN[CS]E|COPYING|NOTICE|AUTHORS)", re.IGNORECASE)
+
+
+def _licence_sources() -> list[Source]:
+    """Licence-like files of the installed distributions and of the interpreter, exact duplicates (up to
+    whitespace) dropped, keeping the first in sorted path order."""
+    paths = []
+    for key in ("purelib", "platlib"):
+        site = Path(sysconfig.get_paths()[key])
+        if site.is_dir():
+            paths += [p for info in site.glob("*.dist-info") for p in info.rglob("*")
+                      if p.is_file() and _LICENCE_NAME.match(p.name)]
+    stdlib_licence = Path(sysconfig.get_paths()["stdlib"]) / "LICENSE.txt"
+    if stdlib_licence.is_file():
+        paths.append(stdlib_licence)
+    seen, out = set(), []
+    for p in sorted(set(paths)):
+        text = _read(p)
+        if not text or len(text) < 200:
+            continue
+        key = hashlib.sha1(" ".join(text.split()).encode()).hexdigest()
+        if key not in seen:
+            seen.add(key)
+            out.append((p.as_posix(), text))
+    return out
+
+
+def domain_sources() -> dict[str, list[Source]]:
+    """Every domain's sources (name, text) from this installation, each list in sorted name order."""
+    code, docstrings = _python_sources()
+    return {"code": code, "docstrings": docstrings, "reference": _reference_sources(), "licences": _licence_sources()}
+
+
+def chunk_text(text: str, size: int = DOC_CHARS) -> Iterator[str]:
+    """Cut `text` into pieces of about `size` characters (at most 2 × size) at blank lines, or at line ends
+    inside a longer paragraph; whitespace-only pieces are dropped."""
+    paragraphs = re.split(r"\n\s*\n", text.replace("\r\n", "\n"))
+    buf: list[str] = []
+    n = 0
+    for para in paragraphs:
+        lines = para.split("\n") if len(para) > 2 * size else [para]
+        for part in lines:
+            if n and n + len(part) > 2 * size:
+                yield "\n\n".join(buf).strip("\n")
+                buf, n = [], 0
+            buf.append(part)
+            n += len(part) + 2
+            if n >= size:
+                yield "\n\n".join(buf).strip("\n")
+                buf, n = [], 0
+    if buf and "".join(buf).strip():
+        yield "\n\n".join(buf).strip("\n")
+
+
+def _documents(domain: str, sources: list[Source], seed: int) -> dict[str, list[dict]]:
+    """The documents of one domain per split: sources shuffled with the seed, dealt to test, valid, train."""
+    rng = random.Random(f"{seed}-{domain}")
+    order = list(range(len(sources)))
+    rng.shuffle(order)
+    out = {split: [] for split in SPLITS}
+    fill = ["test", "valid", "train"]
+    cap = max(MAX_PER_SOURCE, -(-sum(SPLITS.values()) // max(1, len(sources))))  # few long sources: more from each
+    for i in order:
+        name, text = sources[i]
+        pieces = [p for p in chunk_text(text) if len(p.strip()) >= DOC_CHARS // 4]
+        if len(pieces) > cap:
+            pieces = [pieces[j] for j in sorted(rng.sample(range(len(pieces)), cap))]
+        while fill and len(out[fill[0]]) >= SPLITS[fill[0]]:
+            fill.pop(0)
+        if not fill:
+            break
+        split = fill[0]
+        for j, piece in enumerate(pieces[: SPLITS[split] - len(out[split])]):
+            out[split].append({"id": f"{split}-{domain}-{len(out[split]):05d}", "text": piece, "source": domain,
+                               "origin": f"{name}#{j}"})
+    return out
+
+
+def write_demo_corpus(out_dir: str | Path, seed: int = 0,
+                      sources: Callable[[], dict[str, list[Source]]] = domain_sources) -> Path:
+    """Write the demo corpus to `out_dir/{train,valid,test}.jsonl.gz` (fields id, text, source, origin: the file
+    or topic a document comes from) and `manifest.json` (interpreter, counts per domain and split). Returns
+    out_dir. InputError when a domain has no text (an installation without its standard library's sources)."""
     out_dir = Path(out_dir)
+    by_domain = sources()
+    empty = [d for d in DOMAINS if not by_domain.get(d)]
+    if empty:
+        raise InputError(f"the demo corpus found no text for {', '.join(empty)} in this Python installation "
+                         f"({sys.executable}); use --corpus with your own documents")
+    per_domain = {d: _documents(d, by_domain[d], seed) for d in DOMAINS}
+    manifest = {"generator": GENERATOR, "python": sys.version.split()[0], "executable": sys.executable,
+                "stdlib": sysconfig.get_paths()["stdlib"], "seed": seed, "doc_chars": DOC_CHARS,
+                "sources": {d: len(by_domain[d]) for d in DOMAINS},
+                "documents": {d: {s: len(v) for s, v in per_domain[d].items()} for d in DOMAINS}}
     with atomic_dir(out_dir) as tmp:
-        for split, n in SPLITS.items():
-            docs = generate_documents(split, max(1, round(n * scale)), seed)
-            with gzip.open(tmp / f"{split}.jsonl.gz", "wt", encoding="utf-8") as f:
-                for doc in docs:
-                    f.write(json.dumps(doc) + "\n")
+        for split in SPLITS:
+            docs = [doc for d in DOMAINS for doc in per_domain[d][split]]
+            random.Random(f"{seed}-{split}-order").shuffle(docs)
+            lines = "".join(json.dumps(doc) + "\n" for doc in docs).encode("utf-8")
+            with open(tmp / f"{split}.jsonl.gz", "wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
+                gz.write(lines)  # mtime 0: the same bytes for the same corpus
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     return out_dir

@@ -41,7 +41,7 @@ class ModelCard:
     name: str  # the model's name in the run: expert_003, dense, ensemble_top2, ...
     kind: str  # a key of KIND_TITLES
     run: dict = field(default_factory=dict)  # run parameters: corpus, num_clusters, model_size, seed_model, ...
-    budget: dict | None = None  # experts.budget.compute_budget of the run
+    budget: dict | None = None  # experts.budget.plan_budgets of the run (seed, dense, each expert's true budget)
     training: dict | None = None  # the folder's training.json (tokens_seen, steps, wall_time_s, final_loss, ...)
     cluster: dict | None = None  # an expert's cluster: cluster_id, size, fraction, top_terms, majority_label
     clusters: list[dict] | None = None  # every cluster of the run (ensembles, merges, MoE: one expert each)
@@ -51,6 +51,8 @@ class ModelCard:
     fewshot: dict | None = None  # {task: evaluate_fewshot result}
     method: dict | None = None  # a merge's own metadata (moe.json, merge.json)
     notes: list[str] = field(default_factory=list)
+    eval_max_docs: int | None = None  # the evaluation's sample of documents per split (0 or None: all)
+    base_model: str | None = None  # what this model was made from: the seed (hub id or the run's seed folder)
 
 
 def _fmt(x, digits: int = 2) -> str:
@@ -122,10 +124,19 @@ def _training(card: ModelCard) -> list[str]:
                   f"| {t.get('device', '–')} | {_fmt(t.get('final_loss'), 3)} | {_fmt(t.get('valid_loss'), 3)} "
                   f"| {_fmt(t.get('n_params'))} |", ""]
     if b:
-        lines.append(f"Compute budget of the run (compute matching): {_fmt(b.get('train_tokens'))} training tokens "
-                     f"in all = seed {_fmt(b.get('seed_tokens'))} + {b.get('n_clusters')} experts × "
-                     f"{_fmt(b.get('expert_tokens'))} = seed + dense {_fmt(b.get('dense_tokens'))}. A token is one "
-                     "token of the run's tokenizer seen by one forward/backward pass.")
+        experts = b.get("experts") or []
+        per = ", ".join(_fmt(e.get("tokens")) for e in experts)
+        mine = next((e for e in experts if card.cluster and e.get("cluster_id") == card.cluster.get("cluster_id")), None)
+        lines.append(f"Compute budget of the run (`--compute-match {b.get('compute_match')}`, `--expert-budget "
+                     f"{b.get('expert_budget')}`): {_fmt(b.get('train_tokens'))} training tokens = seed "
+                     f"{_fmt((b.get('seed') or {}).get('tokens'))} + dense {_fmt((b.get('dense') or {}).get('tokens'))}"
+                     f" = seed + the {len(experts)} experts' {_fmt(b.get('expert_tokens_total'))} ({per}: each "
+                     "expert's share of the budget follows its cluster's share of the training tokens under "
+                     "`proportional`). A token is one token of the run's tokenizer seen by one forward/backward pass.")
+        if mine:
+            lines += ["", f"This expert's budget: {_fmt(mine.get('tokens'))} tokens in {_fmt(mine.get('steps'))} steps "
+                          f"of {_fmt(mine.get('batch_tokens'))} tokens ({_fmt(100 * (mine.get('effective_share') or 0), 1)}% "
+                          "of the experts' budget)."]
         lines.append("")
         if card.kind == "moe" and t:
             lines.append(f"The MoE's {_fmt(t.get('tokens_seen'))} finetuning tokens come on top of that budget.")
@@ -138,7 +149,10 @@ def _evaluation(card: ModelCard) -> list[str]:
     lines = []
     p = card.perplexity or {}
     if p:
-        lines += ["| split | perplexity | bits per byte | tokens | documents |", "|---|---|---|---|---|"]
+        cap = (f"a seeded sample of at most {_fmt(card.eval_max_docs)} documents per split (`--eval-max-docs "
+               f"{card.eval_max_docs}`)" if card.eval_max_docs else "every document of the split")
+        lines += [f"Perplexity on the run's held-out splits, {cap}:", "",
+                  "| split | perplexity | bits per byte | tokens | documents |", "|---|---|---|---|---|"]
         for split in ("valid", "test"):
             o = (p.get(split) or {}).get("overall") or p.get(split) or {}
             if o:
@@ -147,8 +161,12 @@ def _evaluation(card: ModelCard) -> list[str]:
         dense = ((card.dense_perplexity or {}).get("test") or {}).get("perplexity")
         mine = (p.get("test") or {}).get("perplexity")
         if dense and mine and card.kind != "dense":
+            from tasks.bootstrap import describe_change, ratio_interval
+
+            ci = ratio_interval(p.get("test") or {}, (card.dense_perplexity or {}).get("test") or {})
             lines += ["", f"Test perplexity {_fmt(mine, 3)} vs {_fmt(dense, 3)} for the compute-matched dense "
-                          f"baseline ({100 * (mine / dense - 1):+.1f}%)."]
+                          f"baseline: {describe_change(ci, mine / dense)}" + (" (paired bootstrap over the test "
+                          "documents)." if ci else ".")]
         per = (p.get("test") or {}).get("per_cluster") or {}
         if per:
             lines += ["", "Test perplexity per cluster: " + ", ".join(
@@ -191,12 +209,38 @@ def _loading(card: ModelCard) -> list[str]:
     return code
 
 
+LICENSE = "apache-2.0"  # the project's licence (LICENSE, setup.cfg); the weights also carry their corpus's terms
+BASE_MODEL_RELATION = {"expert": "finetune", "dense": "finetune", "seed": "finetune", "average": "merge",
+                       "merge": "merge", "moe-merged": "merge", "moe": "merge", "ensemble": "merge", "posterior": "merge"}
+
+
+def front_matter(card: ModelCard) -> list[str]:
+    """The card's YAML metadata (Hugging Face model-card conventions): library, pipeline tag, licence, tags, the
+    base model (the seed: a hub id, or the run's seed folder, to be replaced by its hub id when that is pushed
+    too), how this model relates to it, and the training corpus when it is a hub dataset."""
+    tags = ["c-btm", "branch-train-merge", card.kind] + (["mixture-of-experts"] if "moe" in card.kind else [])
+    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", f"license: {LICENSE}", "tags:"]
+    lines += [f"- {t}" for t in tags]
+    if card.base_model:
+        local = card.base_model.startswith(("seed-", ".", "/"))
+        lines += [f"base_model: {card.base_model}" + ("  # the run's seed folder: its hub id once pushed" if local
+                                                      else ""),
+                  f"base_model_relation: {BASE_MODEL_RELATION.get(card.kind, 'finetune')}"]
+    corpus = str(card.run.get("corpus") or "")
+    if corpus == "demo":
+        lines += ["datasets: []  # the built-in demo corpus (corpus/demo.py): text of the local Python installation"]
+    elif corpus and not corpus.startswith(("/", ".")) and "*" not in corpus and not Path(corpus).suffix \
+            and corpus.count("/") == 1:
+        lines += ["datasets:", f"- {corpus}"]
+    elif corpus:
+        lines += [f"datasets: []  # a local corpus: {Path(corpus).name}"]
+    return lines + ["---"]
+
+
 def render_model_card(card: ModelCard) -> str:
     """The README.md text: YAML metadata for the hub, then what / training / evaluation / loading."""
-    tags = ["c-btm", "branch-train-merge", card.kind] + (["mixture-of-experts"] if "moe" in card.kind else [])
-    lines = ["---", "library_name: transformers", "pipeline_tag: text-generation", "tags:"]
-    lines += [f"- {t}" for t in tags]
-    lines += ["---", "", f"# {card.name}: {KIND_TITLES.get(card.kind, card.kind)}", "", _what(card), ""]
+    lines = front_matter(card)
+    lines += ["", f"# {card.name}: {KIND_TITLES.get(card.kind, card.kind)}", "", _what(card), ""]
     if card.clusters and card.kind != "expert":
         lines += ["## Experts", "", "| expert (cluster) | training documents | top terms |", "|---|---|---|"]
         lines += [f"| {c['cluster_id']} | {_fmt(c.get('size'))} | {', '.join(c.get('top_terms', [])[:6])} |"
@@ -210,7 +254,9 @@ def render_model_card(card: ModelCard) -> str:
     lines += ["## Run", "", f"corpus `{r.get('corpus')}`, {r.get('num_clusters')} clusters ({r.get('embedder')} "
               f"embedder, {r.get('clusterer')} k-means), seed model `{r.get('seed_model')}` "
               f"({r.get('model_size')}), seed {r.get('seed')}. Made by the cbtm pipeline "
-              "(Cluster-Branch-Train-Merge).", ""]
+              "(Cluster-Branch-Train-Merge).", "",
+              f"Licence: {LICENSE} (the cbtm code's licence); what the model learned comes from its training corpus, "
+              "whose terms apply to it as well.", ""]
     lines += ["## How to load", ""] + _loading(card) + [""]
     lines += card.notes
     return "\n".join(lines).rstrip() + "\n"
@@ -256,8 +302,9 @@ def names_only(value):
 
 def write_run_cards(folders: dict[str, Path], run: dict, budget: dict, perplexity: dict, fewshot: dict,
                     clusters: list[dict]) -> dict[str, str]:
-    """A card in each of `folders` ({model name: folder}): `run` (the run's parameters; local paths cut by
-    `names_only`), `budget` (`experts.budget.compute_budget`), `perplexity` and `fewshot` ({model name: results}),
+    """A card in each of `folders` ({model name: folder}): `run` (the run's parameters, `eval_max_docs` among them;
+    local paths cut by `names_only`), `budget` (`experts.budget.plan_budgets`), `perplexity` and `fewshot` ({model
+    name: results}),
     `clusters` (`describe_clusters`' clusters). Reads each folder's training.json, ensemble.json and merge metadata.
     Returns {model name: path of its README.md}."""
     written = {}
@@ -267,7 +314,8 @@ def write_run_cards(folders: dict[str, Path], run: dict, budget: dict, perplexit
         card = ModelCard(name=name, kind=kind, run=names_only(run), budget=budget,
                          training=_json_or_none(folder, TRAINING_INFO),
                          perplexity=perplexity.get(name), dense_perplexity=perplexity.get("dense"),
-                         fewshot=fewshot.get(name) or None, clusters=clusters)
+                         fewshot=fewshot.get(name) or None, clusters=clusters, eval_max_docs=run.get("eval_max_docs"),
+                         base_model=_base_model(name, run, folders))
         if kind == "expert":
             card.cluster = next((c for c in clusters if c.get("cluster_id") == int(name[7:])), None)
             card.clusters = None
@@ -282,6 +330,18 @@ def write_run_cards(folders: dict[str, Path], run: dict, budget: dict, perplexit
             card.training = {k: v for k, v in card.training.items() if not isinstance(v, (list, dict))}
         written[name] = str(write_model_card(folder, card))
     return written
+
+
+def _base_model(name: str, run: dict, folders: dict[str, Path]) -> str | None:
+    """The seed this model was made from: the pretrained seed's hub id or folder name, or (a seed trained from
+    scratch) the run's seed folder name; None for a scratch seed itself."""
+    seed_model = str(run.get("seed_model") or "scratch")
+    pretrained = None if seed_model == "scratch" else (seed_model if not Path(seed_model).exists()
+                                                       else Path(seed_model).name)
+    if name == "seed":
+        return pretrained
+    seed = folders.get("seed")
+    return Path(seed).name if seed is not None else pretrained
 
 
 def _json_or_none(folder: Path, name: str) -> dict | None:

@@ -46,8 +46,8 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 class CBTMEnsembleConfig(PretrainedConfig):
-    """config.json of an ensemble folder: ensemble_kind ('sparse' c-BTM | 'posterior' BTM), num_experts, top_k,
-    vocab_size, max_position_embeddings and the special token ids (those of the experts). The routing parameters
+    """config.json of an ensemble folder: ensemble_kind ('sparse' c-BTM | 'posterior' BTM), ensemble_name (the
+    run's model name, e.g. ensemble_top2), num_experts, routing_top_k (experts mixed per prefix), vocab_size, max_position_embeddings and the special token ids (those of the experts). The routing parameters
     live in ensemble.json."""
 
     model_type = MODEL_TYPE
@@ -344,7 +344,9 @@ def ensemble_config(folder: Path, cfg: dict) -> CBTMEnsembleConfig:
     experts = _expert_dirs(folder, cfg)
     first = read_json(experts[0] / "config.json")
     return CBTMEnsembleConfig(
-        ensemble_kind=cfg.get("kind"), num_experts=len(experts), top_k=cfg.get("top_k"),
+        # routing_top_k, not top_k: transformers treats a config's top_k as a sampling setting and drops it
+        ensemble_kind=cfg.get("kind"), ensemble_name=cfg.get("name"), num_experts=len(experts),
+        routing_top_k=cfg.get("top_k") or len(experts),
         vocab_size=int(first["vocab_size"]), max_position_embeddings=folder_context_length(experts[0]),
         bos_token_id=first.get("bos_token_id"), eos_token_id=first.get("eos_token_id"),
         pad_token_id=first.get("pad_token_id"), architectures=[CBTMEnsembleForCausalLM.__name__],

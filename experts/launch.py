@@ -100,7 +100,8 @@ def launch_training(
         env["CUDA_VISIBLE_DEVICES"] = ",".join(seen[g] if g < len(seen) else str(g) for g in gpus)
     else:
         env["CUDA_VISIBLE_DEVICES"] = ""
-        env.setdefault("OMP_NUM_THREADS", "1")
+        if env.get("OMP_NUM_THREADS") in (None, env.get("CBTM_AUTO_THREADS")):  # unset, or the stage's own sizing
+            env["OMP_NUM_THREADS"] = "1"  # one thread per CPU rank (corpus.threads sized the stage, not the ranks)
     root = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
     cmd = torchrun_command(n, job_path, nodes=nodes, srun=srun)

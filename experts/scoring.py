@@ -15,6 +15,7 @@ positions are undefined and callers mask them.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from abc import ABC, abstractmethod
 from typing import Iterator, Sequence
 
@@ -68,7 +69,7 @@ class ScoringModel(ABC):
 
     # ---- derived methods -------------------------------------------------------------------------
     def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]  # windows follow: no warning
 
     def bos_ids(self) -> list[int]:
         """[BOS] (or [EOS] when the tokenizer has no BOS) that starts every scored document; [] if neither."""
@@ -348,7 +349,7 @@ class HFCausalLM(ScoringModel):
 
     @torch.no_grad()
     def generation_step(self, ids, prompt_len, state=None):
-        """KV-cached step: feeds only the tokens not yet in the cache. state = (past_key_values, n_cached).
+        """KV-cached step: feeds only the tokens not yet in the cache. state = (the KV cache, n_cached).
 
         When the row outgrows `max_length` the cache is dropped and the last `max_length` tokens are rerun.
         """
@@ -358,7 +359,10 @@ class HFCausalLM(ScoringModel):
         if n_cached >= len(ids):  # nothing new (cannot happen in greedy decoding; be safe)
             past, n_cached = None, 0
         x = torch.tensor([ids[n_cached:]], device=self.device)  # (1, n_new)
+        # the KV cache's argument is `cache` in newer transformers (`past_key_values` warns there), `past_key_values`
+        # in older ones (≥ 5.1): use the name this model's forward takes
+        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
         with self._compute():
-            out = self.model(input_ids=x, past_key_values=past, use_cache=True)
+            out = self.model(input_ids=x, use_cache=True, **{name: past})
         logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,)
-        return logprobs, (out.past_key_values, len(ids))
+        return logprobs, (getattr(out, name), len(ids))

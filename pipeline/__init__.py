@@ -43,12 +43,13 @@ from pipeline.report import Report, RunAll
 from pipeline.study import Study
 from pipeline.cards import WriteModelCards
 from pipeline.slurm import slurm  # the [slurm] settings (--slurm-enabled ...): stages as Slurm jobs
-from pipeline.cli import install_defaults, install_strict_flags, install_task_name_hook
+from pipeline.cli import install_defaults, install_strict_flags, install_task_name_hook, install_worker_count
 
 install_log_filter()
 install_defaults()  # exit codes and scheduler settings from code: the same from any folder
 install_strict_flags()  # no abbreviated flags (--num-cluster), one line for a bad flag or task name
 install_task_name_hook()
+install_worker_count()  # each stage sizes its CPU threads to the cores ÷ --workers (corpus.threads)
 
 __all__ = [
     "WriteDemoCorpus", "PrepareCorpus", "EmbedCorpus", "FitClusters", "AssignClusters", "DescribeClusters",

@@ -748,10 +748,15 @@ class Stage(RunParams, luigi.Task):
             return
         t0 = time.time()
         log.info("%s → %s", self.task_id, self.out_path())
+        from corpus.threads import size_threads
+        from pipeline.cli import concurrent_stages
+
+        threads = size_threads(concurrent_stages())  # the cores ÷ --workers, unless OMP_NUM_THREADS etc. are set
         stamp = {**self.config(), "inputs_run_ids": {self.rel_path(t): t.run_id() for t in self._inputs()},
                  "run_id": uuid.uuid4().hex, "host": socket.gethostname(), "pid": os.getpid(),
                  "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
-                 "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)), "started_unix": t0}
+                 "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(t0)), "started_unix": t0,
+                 "cpu_threads": threads}
         final = self.out_path()
         if self.output_file and self.stamp_path().exists():
             self.stamp_path().unlink()  # the stamp is the completion marker: written last, removed first

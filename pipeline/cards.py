@@ -10,7 +10,8 @@ from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
 from pipeline.models import model_names, model_stage
 
 CARD_PARAMS = ("corpus", "num_clusters", "embedder", "clusterer", "seed_model", "model_size", "train_tokens",
-               "seed_fraction", "top_k", "temperature", "route_every", "router_init", "moe_top_k", "seed")
+               "seed_fraction", "top_k", "temperature", "route_every", "router_init", "moe_top_k", "seed",
+               "eval_max_docs")
 
 
 class WriteModelCards(Stage):
@@ -34,8 +35,8 @@ class WriteModelCards(Stage):
         return req
 
     def build(self, out: Path) -> dict:
-        from experts.budget import compute_budget
         from experts.cards import write_run_cards
+        from pipeline.training import TrainDense
 
         from pipeline.merging import merge_failure
 
@@ -47,7 +48,7 @@ class WriteModelCards(Stage):
         folders = {m: d for m, d in folders.items() if m not in failed}
         written = write_run_cards(
             folders, run={p: getattr(self, p) for p in CARD_PARAMS},
-            budget=compute_budget(self.train_tokens, self.seed_fraction, self.num_clusters),
+            budget=self.clone(TrainDense).budget_plan(),
             perplexity={m: read_json(self.input_path(t)) for m, t in r["perplexity"].items() if m not in failed},
             fewshot={m: {task_slug(t): read_json(self.input_path(by_model[m])) for t, by_model in r["fewshot"].items()
                          if m in by_model} for m in r["models"] if m not in failed},

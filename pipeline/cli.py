@@ -7,6 +7,9 @@
 - `--help` of a stage lists its flags once each, grouped by concern (`pipeline.base.PARAMETER_GROUPS`: run,
   corpus, clustering, training, merging, evaluation, execution; then the Slurm settings), each with its default
   (after luigi.cfg's `[cbtm]` overrides); `--help-all` is luigi's own listing.
+- Threads: the luigi worker's `--workers` is kept (`concurrent_stages`) so that each stage process gives itself
+  the cores ÷ that many CPU threads (`corpus.threads.size_threads`, called by `Stage.run`); with more than one,
+  the worker imports torch and transformers once before it forks the stage processes (`warm_imports`).
 - Flags must be spelled out: luigi's command-line parser accepts any unambiguous prefix (`--num-cluster 8`
   would set --num-clusters); here an unknown or abbreviated flag stops the command with one line naming it and
   the flags it may have meant, exit code 2; a misspelled task name is one line too (exit code 1).
@@ -47,6 +50,47 @@ def install_defaults() -> None:
                 if not cfg.has_section(section):
                     cfg.add_section(section)
                 cfg.set(section, option, value)
+
+
+_WORKERS = {"processes": 1}
+
+
+def install_worker_count() -> None:
+    """Remember how many stages this luigi worker runs at once (`--workers`, or `luigi.build(workers=N)`), for the
+    stage processes it forks: each sizes its CPU threads to the cores ÷ that number (`corpus.threads`)."""
+    import luigi.worker
+
+    init = luigi.worker.Worker.__init__
+    if getattr(init, "_cbtm", False):
+        return
+
+    def counting_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        _WORKERS["processes"] = max(1, int(getattr(self, "worker_processes", 1) or 1))
+        if _WORKERS["processes"] > 1:
+            warm_imports()
+
+    counting_init._cbtm = True
+    luigi.worker.Worker.__init__ = counting_init
+
+
+def warm_imports() -> None:
+    """With --workers > 1 luigi forks a process per stage: import the heavy libraries once in the worker, before it
+    forks, so that each stage starts with them loaded (about 5 CPU-seconds per stage otherwise: torch,
+    transformers' Llama and tokenizers, scikit-learn). Importing initialises no CUDA context and starts no threads."""
+    import importlib
+
+    for name in ("torch", "transformers", "transformers.models.llama.modeling_llama", "tokenizers", "sklearn.cluster",
+                 "pyarrow.parquet"):
+        try:
+            importlib.import_module(name)
+        except ImportError:  # an optional one missing: the stage that needs it says so
+            pass
+
+
+def concurrent_stages() -> int:
+    """Stages the luigi worker of this process runs at once (1 outside a worker, e.g. in a Slurm job)."""
+    return _WORKERS["processes"]
 
 
 def install_strict_flags() -> None:

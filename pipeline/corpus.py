@@ -17,6 +17,12 @@ class WriteDemoCorpus(Stage):
     def requires(self):
         return []
 
+    def extra_hash(self):
+        """The generator's version: a new demo corpus gets a new folder (and everything built from it)."""
+        from corpus.demo import GENERATOR
+
+        return GENERATOR
+
     def build(self, out: Path) -> dict:
         from corpus.demo import write_demo_corpus
 

@@ -46,7 +46,8 @@ class _EvaluateModel(Stage):
 
 class EvaluatePerplexity(_EvaluateModel):
     """`tasks.perplexity.evaluate_perplexity` on the valid and test splits →
-    `eval-<h>/perplexity/<model>.json` = {model, valid: {...}, test: {...}}. model=oracle: the oracle-routing
+    `eval-<h>/perplexity/<model>.json` = {model, valid: {...}, test: {...}}, each split with its per-document NLL
+    and token counts (`docs`: the paired bootstrap of the report's ratios, `tasks.bootstrap`). model=oracle: the oracle-routing
     reference, `tasks.perplexity.oracle_perplexity` of the experts' evaluations (no model runs)."""
 
     @property
@@ -83,7 +84,7 @@ class EvaluatePerplexity(_EvaluateModel):
         for split in ("valid", "test"):
             docs = evaluation_docs(self.input_path(r["corpus"]), self.input_path(r["assignments"]), split,
                                    max_docs=self.eval_max_docs, seed=self.seed)
-            result[split] = evaluate_perplexity(model, docs, batch_size=self.eval_batch_size,
+            result[split] = evaluate_perplexity(model, docs, batch_size=self.eval_batch_size, per_doc=True,
                                                 max_tokens=self.eval_max_tokens or None,
                                                 max_doc_tokens=self.eval_max_doc_tokens or None)
         write_json(out / self.output_file, result)

@@ -57,6 +57,8 @@ class Report(Stage):
             "corpus": {"source": self.corpus, "n_docs": corpus_stats.get("n_docs"), "label_field": self.label,
                        "n_empty_dropped": corpus_stats.get("n_empty_dropped")},
             "models": model_names(self),
+            "folders": {m: os.path.relpath(self.input_path(model_stage(self, m)[0]), self.run_dir)
+                        for m in model_names(self)},
         }
         skipped = self.moe_unsupported() if self.merge_methods == DEFAULT_MERGE_METHODS else None
         if skipped:

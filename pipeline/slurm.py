@@ -9,7 +9,10 @@ and resuming stay Luigi's. A worker killed while waiting cancels its job (`scanc
 
 Which stages: `stages = gpu` (default) submits the stages that use GPUs (training: seed, experts, dense, MoE
 finetuning; evaluations; the MoE merge with hidden-state routers) and runs the light ones in the worker;
-`stages = all` submits every stage. A GPU job asks for `--gres=<gres>:<gpu_count()>` (none with --device cpu).
+`stages = training` submits only the training stages, so that the many short evaluations run in the worker's own
+allocation (run the worker itself as a one-GPU job: one job instead of one per evaluation); `stages = all` submits
+every stage. A GPU job asks for `--gres=<gres>:<gpu_count()>`, or `--gpus=<n>` with `gpu_flag = gpus` (none with
+--device cpu). Job logs: `<run-dir>/slurm-jobs/<task id>-<random>.log`.
 
 Several GPUs per expert (`--gpus-per-expert N`): the expert's job asks for N GPUs on one node (`--nodes=1
 --gres=gpu:N`), or, with `gpus_per_node = g` < N, for N/g nodes of g GPUs each (`--nodes=N/g
@@ -46,13 +49,18 @@ class slurm(luigi.Config):  # noqa: N801  (luigi names config sections after the
     """Slurm settings: `[slurm]` in luigi.cfg or `--slurm-<name>` on the command line."""
 
     enabled = luigi.BoolParameter(default=False, description="submit stages as Slurm jobs (sbatch)")
-    stages = luigi.ChoiceParameter(default="gpu", choices=["gpu", "all"],
-                                   description="gpu: the stages that use GPUs | all: every stage")
+    stages = luigi.ChoiceParameter(default="gpu", choices=["gpu", "training", "all"],
+                                   description="gpu: the stages that use GPUs | training: only seed, experts, dense "
+                                   "and MoE finetuning (evaluations run in the worker's own allocation) | all: every "
+                                   "stage")
     partition = luigi.Parameter(default="", description="sbatch --partition")
     time = luigi.Parameter(default="", description="sbatch --time of each job, e.g. 24:00:00")
     gres = luigi.Parameter(default="gpu", description="GPUs are asked as --gres=<gres>:<n>, e.g. gpu:h100")
     gpus_per_node = luigi.IntParameter(default=0, description="GPUs per node of the partition: an expert with "
                                        "more --gpus-per-expert spans --gpus-per-expert / this nodes; 0: one node")
+    gpu_flag = luigi.ChoiceParameter(default="gres", choices=["gres", "gpus"],
+                                     description="gres: --gres=<gres>:<n> | gpus: --gpus=<n> (--gpus=<type>:<n> "
+                                     "when --slurm-gres names a type, e.g. gpu:h100), for clusters that ask so")
     cpus_per_gpu = luigi.IntParameter(default=0, description="sbatch --cpus-per-task = this × GPUs; 0: unset")
     cpus = luigi.IntParameter(default=0, description="sbatch --cpus-per-task of jobs without GPUs; 0: unset")
     mem = luigi.Parameter(default="", description="sbatch --mem, e.g. 64G")
@@ -63,7 +71,11 @@ class slurm(luigi.Config):  # noqa: N801  (luigi names config sections after the
 def runs_as_job(stage) -> bool:
     """Whether `stage.run()` submits the stage instead of running it here."""
     cfg = slurm()
-    return cfg.enabled and not os.environ.get(IN_JOB) and (cfg.stages == "all" or bool(stage.gpu_stage))
+    if not cfg.enabled or os.environ.get(IN_JOB):
+        return False
+    if cfg.stages == "training":
+        return bool(getattr(stage, "resumable", False))  # the training stages (seed, experts, dense, MoE finetune)
+    return cfg.stages == "all" or bool(stage.gpu_stage)
 
 
 def job_gpus(stage) -> int:
@@ -101,7 +113,10 @@ def sbatch_command(stage, spec: Path, log_file: Path, cfg: slurm | None = None) 
         cmd.append(f"--partition={cfg.partition}")
     if cfg.time:
         cmd.append(f"--time={cfg.time}")
-    if gpus:
+    if gpus and cfg.gpu_flag == "gpus":
+        kind = cfg.gres.split(":", 1)[1] if ":" in cfg.gres else ""
+        cmd.append(f"--gpus={kind + ':' if kind else ''}{nodes * gpus}")  # --gpus counts the job's, --gres a node's
+    elif gpus:
         cmd.append(f"--gres={cfg.gres}:{gpus}")
     cpus = cfg.cpus_per_gpu * gpus if gpus else cfg.cpus
     if cpu_ranks(stage) > 1:
@@ -175,12 +190,13 @@ def _job_state(job_id: str) -> tuple[str, str] | None:
 
 
 def _wait(job_id: str, poll_s: float) -> tuple[str, str]:
-    """Poll the job until it ends; cancel it if this worker is interrupted or terminated."""
+    """Poll the job until it ends; cancel it if this worker is interrupted, terminated or hung up (SIGTERM,
+    SIGHUP: a closed login shell), so that no job outlives the worker that waits for it."""
     import time
 
     done = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "PREEMPTED",
             "BOOT_FAIL", "DEADLINE"}
-    previous = signal.signal(signal.SIGTERM, _raise_exit) if _main_thread() else None
+    previous = {s: signal.signal(s, _raise_exit) for s in (signal.SIGTERM, signal.SIGHUP)} if _main_thread() else {}
     finished, unknown = False, 0
     try:
         while True:
@@ -194,8 +210,8 @@ def _wait(job_id: str, poll_s: float) -> tuple[str, str]:
         if not finished:
             subprocess.run(["scancel", job_id], capture_output=True)
             log.info("cancelled Slurm job %s", job_id)
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 def _raise_exit(signum, frame):

@@ -47,7 +47,8 @@ def _test_ppl(ppl: dict, m: str):
 
 def perplexity_figure(ppl: dict, path: Path, colours: dict) -> str | None:
     """Every model's test perplexity against dense's, in percent (dots on stems from 0 = dense, labelled with the
-    difference and the perplexity). The axis is linear out to the farthest model that is not a single expert
+    difference and the perplexity; a shaded bar: the 95% paired-bootstrap interval of the ratio, when the report
+    has it). The axis is linear out to the farthest model that is not a single expert
     and logarithmic beyond, so that dense vs the ensembles stays readable next to the experts' large values.
     Without a dense model: the perplexities on a log axis."""
     models = [m for m in ppl if _test_ppl(ppl, m)]
@@ -58,23 +59,38 @@ def perplexity_figure(ppl: dict, path: Path, colours: dict) -> str | None:
     y = np.arange(len(models))[::-1]
     if dense:
         diff = [100 * (_test_ppl(ppl, m) / dense - 1) for m in models]
-        near = [abs(d) for m, d in zip(models, diff) if not m.startswith("expert_")]
-        linear = max(1.0, math.ceil(1.2 * max(near, default=1.0)))
-        ax.set_xscale("symlog", linthresh=linear, linscale=3)
+        # linear out to the ensembles and merges near dense (within ±30%), on a 1-2-5 number; log beyond
+        near = [abs(d) for m, d in zip(models, diff) if not m.startswith("expert_") and abs(d) <= 30]
+        linear = _nice_ceil(max(1.0, 1.2 * max(near, default=1.0)))
+        ax.set_xscale("symlog", linthresh=linear, linscale=2)
         ax.hlines(y, 0, diff, color=[colours[m] for m in models], lw=2)
         ax.scatter(diff, y, color=[colours[m] for m in models], s=25, zorder=3)
+        for yi, m in zip(y, models):  # the paired-bootstrap interval of the ratio (tasks.bootstrap), when known
+            ci = ((ppl.get(m) or {}).get("test") or {}).get("vs_dense")
+            if ci:
+                ax.hlines(yi, 100 * (ci["low"] - 1), 100 * (ci["high"] - 1), color=colours[m], lw=6, alpha=0.35)
         for yi, m, d in zip(y, models, diff):
             what = f"{d:+.1f}%".replace("-", "−") if d < 100 else f"{1 + d / 100:.1f}×"
             ax.text(d, yi + 0.28, f"{what} ({_test_ppl(ppl, m):.2f})", fontsize=6.5, ha="center")
         ax.axvline(0, color="black", lw=0.8)
         lo, hi = min(diff + [0]), max(diff + [0])
         ax.set_xlim(lo - 0.15 * (abs(lo) + linear), hi + 0.5 * (abs(hi) + linear))
-        decades = [10.0 ** e for e in range(1, 7) if 1.5 * linear < 10.0 ** e <= max(abs(lo), hi)]
-        ticks = sorted({0.0, linear, -linear / 2 if lo < 0 else linear / 2, *(-linear for _ in [0] if lo < -linear / 2),
-                        *(d for d in decades if d <= hi), *(-d for d in decades if -d >= lo)})
+        # beyond the linear range: 1-2-5 ticks out to the farthest model, so +5.5% and +8.3% sit between labels
+        steps = [m * 10.0 ** e for e in range(0, 6) for m in (1, 2, 5) if 1.4 * linear < m * 10.0 ** e]
+        ticks = sorted({0.0, linear, linear / 2, *((-linear / 2, -linear) if lo < 0 else ()),
+                        *(d for d in steps if d <= 1.05 * hi), *(-d for d in steps if -d >= 1.05 * lo)})
+        scale = ax.xaxis.get_transform()  # keep ticks at least 1/16 of the axis apart (the log side crowds)
+        span = abs(float(np.diff(scale.transform(np.array(ax.get_xlim())))[0])) / 16
+        kept = []
+        for t in sorted(ticks, key=lambda t: (t != 0, abs(t) > linear, abs(t))):  # 0 and the linear ticks first
+            if all(abs(float(scale.transform(np.array([t]))[0] - scale.transform(np.array([u]))[0])) >= span
+                   for u in kept):
+                kept.append(t)
+        ticks = sorted(kept)
         ax.set_xticks(ticks, [f"{t:+g}%".replace("-", "−") if t else "0" for t in ticks], fontsize=7)
         ax.xaxis.set_minor_locator(plt.NullLocator())
-        ax.set_xlabel(f"test perplexity vs dense, % (linear within ±{linear:g}%, log beyond; < 0 beats dense)")
+        ax.set_xlabel(f"test perplexity vs dense, % (linear within ±{linear:g}%, log beyond; < 0 beats dense)\n"
+                      "shaded: 95% paired-bootstrap interval over the test documents")
         ax.set_title(f"Test perplexity vs dense ({dense:.2f}); label: difference or factor (perplexity)",
                      fontsize=10)
     else:
@@ -88,9 +104,32 @@ def perplexity_figure(ppl: dict, path: Path, colours: dict) -> str | None:
     return _save(fig, path)
 
 
-def cluster_heatmap(ppl: dict, path: Path) -> str | None:
+def _nice_ceil(x: float) -> float:
+    """The smallest of 1, 2, 5 × 10^n that is ≥ x."""
+    e = math.floor(math.log10(x))
+    return next(m * 10.0 ** e for m in (1, 2, 5, 10) if m * 10.0 ** e >= x - 1e-12)
+
+
+def cluster_label(c, clusters: dict | None, n_terms: int = 2) -> str:
+    """'c3' with, when the report knows them, the cluster's dominant label (and its share) and top terms, one per
+    line: the column heading of a per-cluster figure."""
+    clusters = clusters or {}
+    parts = [f"c{c}"]
+    dist = (clusters.get("label_distribution") or {}).get(str(c)) or {}
+    if dist:
+        top, n = max(dist.items(), key=lambda kv: kv[1])
+        parts.append(f"{top} {100 * n / max(1, sum(dist.values())):.0f}%")
+    terms = clusters.get("top_terms") or []
+    if str(c).isdigit() and int(c) < len(terms) and terms[int(c)]:
+        parts.append(", ".join(terms[int(c)][:n_terms]))
+    return "\n".join(parts)
+
+
+def cluster_heatmap(ppl: dict, path: Path, clusters: dict | None = None) -> str | None:
     """Model × cluster heat map of test perplexity on each cluster's documents ÷ dense's on them: blue beats
-    dense, red loses; the colour saturates at 0.8× and 1.25× (log scale), the cells print the ratio."""
+    dense, red loses; the colour saturates at 0.8× and 1.25× (log scale), the cells print the ratio. Columns are
+    headed by `cluster_label` (dominant label and top terms from the report's `clusters`)."""
+    info = clusters
     dense = ((ppl.get("dense") or {}).get("test") or {}).get("per_cluster") or {}
     clusters = sorted(dense, key=lambda c: (0, int(c)) if str(c).isdigit() else (1, str(c)))
     models = [m for m in ppl if ((ppl[m].get("test") or {}).get("per_cluster"))]
@@ -102,7 +141,7 @@ def cluster_heatmap(ppl: dict, path: Path) -> str | None:
         for j, c in enumerate(clusters):
             if pc.get(c) and dense.get(c):
                 ratio[i, j] = pc[c] / dense[c]
-    fig, ax = plt.subplots(figsize=(max(5, 0.7 * len(clusters) + 3), 0.3 * len(models) + 1.5))
+    fig, ax = plt.subplots(figsize=(max(5, 1.1 * len(clusters) + 3), 0.3 * len(models) + 2.0))
     sat = math.log(1.25)
     im = ax.imshow(np.clip(np.log(ratio), -sat, sat), cmap="RdBu_r", norm=TwoSlopeNorm(0, -sat, sat), aspect="auto")
     if len(clusters) * len(models) <= 600:
@@ -110,9 +149,9 @@ def cluster_heatmap(ppl: dict, path: Path) -> str | None:
             if np.isfinite(r):
                 ax.text(j, i, f"{r:.2f}" if r < 10 else f"{r:.0f}", ha="center", va="center", fontsize=6,
                         color="white" if abs(math.log(r)) > 0.7 * sat else "black")
-    ax.set_xticks(range(len(clusters)), [f"c{c}" for c in clusters], fontsize=7)
+    ax.set_xticks(range(len(clusters)), [cluster_label(c, info) for c in clusters], fontsize=6.5)
     ax.set_yticks(range(len(models)), models, fontsize=7)
-    ax.set_xlabel("cluster of the test documents")
+    ax.set_xlabel("cluster of the test documents (dominant label of its train documents; top terms)")
     bar = fig.colorbar(im, ax=ax, ticks=[-sat, -sat / 2, 0, sat / 2, sat])
     bar.ax.set_yticklabels(["≤0.8×", "0.89×", "1×", "1.12×", "≥1.25×"], fontsize=7)
     bar.set_label("test perplexity ÷ dense")
@@ -179,11 +218,14 @@ def fewshot_figure(fs: dict, path: Path, colours: dict) -> str | None:
 
 
 def shots_text(r: dict) -> str:
-    """'8 shots' or, when prompts were cut to fit the context, '8 shots asked, 3.0 used on average'."""
-    shots, used = r.get("shots"), r.get("mean_demos")
+    """'8 shots'; '3 of 8 shots asked (the context's fit)' when fewer fit the context; '..., 2.5 used on average'
+    when prompts were still cut."""
+    shots, asked, used = r.get("shots"), r.get("shots_asked"), r.get("mean_demos")
+    text = f"{shots} of {asked} shots asked (the context's fit)" if asked and shots is not None and asked > shots \
+        else f"{shots} shots"
     if used is not None and shots is not None and used < shots - 1e-9:
-        return f"{shots} shots asked, {used:.1f} used on average"
-    return f"{shots} shots"
+        text += f", {used:.1f} used on average"
+    return text
 
 
 def moe_routing_figure(moe: dict, path: Path) -> str | None:
@@ -219,35 +261,50 @@ def _fmt(x) -> str:
 
 def training_curves(trained: dict[str, dict], path: Path, colours: dict) -> str | None:
     """Training loss (lines, running mean) and validation loss (dots) of every trained model from its
-    training.json, against tokens seen. Left: the seed, then dense continuing from it, and the MoE after seed +
-    experts (the x axis counts from the seed's start); right: each expert from its branch point."""
+    training.json, against the global optimizer step of the run: the seed's steps, then dense and each expert
+    from the seed's last step (their `schedule_start`, else the seed's steps: they branch there), then the MoE from
+    the experts' last step (it is built from them). Left: the whole run, experts thin; right: the branch phase
+    only. Dense sees all domains, each expert its cluster's, so their losses are not on one scale."""
     curves = {m: t for m, t in trained.items() if t and t.get("loss_curve")}
     if not curves:
         return None
-    seed_tokens = (trained.get("seed") or {}).get("tokens_seen") or 0
-    expert_tokens = sum((t or {}).get("tokens_seen") or 0 for m, t in trained.items() if m.startswith("expert_"))
-    start = {"dense": seed_tokens, "moe": seed_tokens + expert_tokens}
-    groups = [("seed → dense; seed → experts → MoE", "tokens seen since the seed's start",
-               [m for m in curves if not m.startswith("expert_")]),
-              ("experts", "tokens seen by the expert", [m for m in curves if m.startswith("expert_")])]
-    groups = [g for g in groups if g[2]]
-    fig, axes = plt.subplots(1, len(groups), figsize=(6 * len(groups), 3.8), squeeze=False)
-    for ax, (title, xlabel, ms) in zip(axes[0], groups):
+    seed_steps = (trained.get("seed") or {}).get("steps") or 0
+
+    def branch_start(t):
+        return ((t.get("config") or {}).get("schedule_start") or seed_steps) if t else seed_steps
+
+    start = {m: branch_start(t) for m, t in curves.items() if m == "dense" or m.startswith("expert_")}
+    experts_end = max([start[m] + (curves[m].get("steps") or 0) for m in start if m.startswith("expert_")],
+                      default=seed_steps)
+    start["seed"], start["moe"] = 0, experts_end
+    panels = [("the run: seed → dense; seed → experts → MoE", list(curves), False)]
+    if any(m != "seed" for m in curves):
+        panels.append(("after the branch", [m for m in curves if m != "seed"], True))
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4.0), squeeze=False)
+    for ax, (title, ms, zoom) in zip(axes[0], panels):
         for m in ms:
             t = curves[m]
-            per_step = (t.get("plan") or {}).get("tokens_per_step") or 1
             steps, loss = np.array(t["loss_curve"], dtype=float).T
             x0 = start.get(m, 0)
-            ax.plot(x0 + steps * per_step, _smooth(loss), color=colours.get(m), lw=1, label=m)
+            thin = m.startswith("expert_") and not zoom
+            ax.plot(x0 + steps, _smooth(loss), color=colours.get(m), lw=0.7 if thin else 1.2, label=m,
+                    alpha=0.7 if thin else 1.0)
             valid = np.array([v for v in t.get("valid_curve") or [] if v[1] is not None], dtype=float)
             if len(valid):
-                ax.plot(x0 + valid[:, 0] * per_step, valid[:, 1], "o", ms=3, color=colours.get(m))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("loss (nats/token, log scale)")
-        ax.set_yscale("log")
-        for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
-            axis(FuncFormatter(lambda v, _: f"{v:g}"))
-        ax.tick_params(axis="y", which="minor", labelsize=7)
+                ax.plot(x0 + valid[:, 0], valid[:, 1], "o", ms=2.5 if thin else 3.5, color=colours.get(m))
+        for x, what in ((seed_steps, "branch"), (experts_end, "MoE built")):
+            if x and (zoom or x > 0) and any(m in curves for m in (("moe",) if what == "MoE built" else ("dense",))):
+                ax.axvline(x, color="black", lw=0.6, ls=":")
+                ax.text(x, 1.0, f" {what}", transform=ax.get_xaxis_transform(), fontsize=7, va="top")
+        ax.set_xlabel("global optimizer step (seed; each branch from the seed's last step)")
+        ax.set_ylabel("loss (nats/token" + (")" if zoom else ", log scale)"))
+        if zoom:
+            ax.set_xlim(left=max(0, seed_steps - 0.02 * max(experts_end, 1)))
+        else:
+            ax.set_yscale("log")
+            for axis in (ax.yaxis.set_major_formatter, ax.yaxis.set_minor_formatter):
+                axis(FuncFormatter(lambda v, _: f"{v:g}"))
+            ax.tick_params(axis="y", which="minor", labelsize=7)
         ax.set_title(f"{title}: training loss (line), validation loss (dots)", fontsize=9)
         ax.legend(fontsize=7, ncol=2 if len(ms) > 8 else 1)
     return _save(fig, path)

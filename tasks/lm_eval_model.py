@@ -116,7 +116,9 @@ class CBTMLM(TemplateLM):
         return str(self.folder).replace("/", "__")
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens))["input_ids"]
+        # verbose=False: lm-eval cuts long requests into context-sized windows itself, so the tokenizer's "longer
+        # than the maximum sequence length" warning does not apply
+        return self.tokenizer(string, add_special_tokens=bool(add_special_tokens), verbose=False)["input_ids"]
 
     def tok_decode(self, tokens) -> str:
         return self.tokenizer.decode(tokens)

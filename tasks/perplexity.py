@@ -170,7 +170,8 @@ def evaluate_perplexity(
                 raise InputError(f"document {where!r} has no string 'text' field")
             text = doc["text"]
             texts.append(text[: 16 * (doc_cap + 1)] if doc_cap and len(text) > 16 * (doc_cap + 1) else text)
-        encoded = [list(x) for x in model.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        # verbose=False: a document longer than the context is cut into windows below, as intended
+        encoded = [list(x) for x in model.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
         cut = [False] * len(chunk)
         for j, toks in enumerate(encoded):  # the caps, in document order: scored tokens = len(toks) (+ bos − 1)
             cap = doc_cap

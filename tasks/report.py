@@ -12,14 +12,17 @@ report.json schema (version 1); every key is always present, values may be null/
 {
   "schema_version": 1,
   "headline":   {"sentences": [str], "best": model of lowest test perplexity (oracle excluded) | null,
-                 "vs_dense": {model: test perplexity ÷ dense − 1}},
+                 "vs_dense": {model: test perplexity ÷ dense − 1},
+                 "vs_dense_interval": {model: [low, high] of that change, paired bootstrap over test documents]}},
   "run":        {"run_dir", "created", "params": {flag: value}, "corpus": {"source", "n_docs": {split: n},
-                 "label_field", "n_empty_dropped"}, "models": [model names]},
+                 "label_field", "n_empty_dropped"}, "models": [model names], "folders": {model: folder relative
+                 to run_dir} (the three c-BTM ensembles ensemble_top1/top2/topall are three merged-<h>/ensemble)},
   "clusters":   {"n_clusters", "algorithm", "embedder", "sizes": {split: [n per cluster]}, "top_terms":
                  [[term, ...] per cluster], "nmi", "purity", "label_distribution": {cluster_id: {label: n}},
                  "figures": [relative png paths], ...everything else describe_clusters returned},
   "perplexity": {model: {"valid": {"perplexity", "bits_per_byte", "n_tokens", "per_cluster": {id: ppl},
-                                   "per_label": {label: ppl}}, "test": {...}}},   (model "oracle": oracle routing)
+                                   "per_label": {label: ppl}, "vs_dense": tasks.bootstrap.ratio_interval of
+                                   perplexity ÷ dense's | null}, "test": {...}}},   (model "oracle": oracle routing)
   "oracle_ratio": {ensemble: {split: {"overall": ppl / oracle ppl, "per_cluster": {id: ratio}}}},
   "fewshot":    {task: {model: {"accuracy": {"mean", "std"}, "macro_f1": {"mean", "std"}, "shots", "seeds",
                                "n_test", "baselines": {"majority": {...}, "random": {...}}, "routing",
@@ -40,7 +43,9 @@ report.json schema (version 1); every key is always present, values may be null/
                                      "mean_router_entropy", "load": [fraction of routed slots per expert]}]}} | null}
 }
 ```
-Perplexities are exp(mean NLL per token) under each model's own tokenizer (all models of a run share one).
+Perplexities are exp(mean NLL per token) under each model's own tokenizer (all models of a run share one). Every
+ratio to dense carries a 95% paired-bootstrap interval over the evaluated documents (`tasks.bootstrap`); a change
+whose interval contains 0 reads "no difference beyond noise", never as a win.
 """
 from __future__ import annotations
 
@@ -51,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from corpus.io import atomic_dir, write_json
+from tasks.bootstrap import describe_change
 
 SCHEMA_VERSION = 1
 
@@ -79,13 +85,19 @@ def write_report(
         "schema_version": SCHEMA_VERSION,
         "run": {"created": time.strftime("%Y-%m-%dT%H:%M:%S"), **run_info},
         "clusters": _clusters(cluster_info or {}),
-        "perplexity": {m: {s: _ppl_summary(r.get(s)) for s in ("valid", "test") if r.get(s)} for m, r in perplexity.items()},
+        "perplexity": {m: {s: _ppl_summary(r.get(s), (perplexity.get("dense") or {}).get(s)) for s in ("valid", "test")
+                           if r.get(s)} for m, r in perplexity.items()},
         "oracle_ratio": _oracle_ratio(perplexity),
         "fewshot": {t: {m: _fewshot_summary(r) for m, r in by_model.items()} for t, by_model in (fewshot or {}).items()},
         "budgets": _budgets(budgets or {}),
         "timings": timings or {},
         "merges": _merges(merges or {}, budgets or {}),
     }
+    moe_test, equal_test = ((perplexity.get(m) or {}).get("test") for m in ("moe", EQUAL_COMPUTE_DENSE))
+    if moe_test and equal_test and (report["perplexity"].get("moe") or {}).get("test"):
+        from tasks.bootstrap import ratio_interval
+
+        report["perplexity"]["moe"]["test"]["vs_equal_compute_dense"] = ratio_interval(moe_test, equal_test)
     report["headline"] = _headline(report)
     from tasks import figures  # matplotlib: only when figures are drawn, not for render_markdown (publish_report)
 
@@ -103,7 +115,7 @@ def write_report(
         colours = figures.model_colours(list(dict.fromkeys(models)))
         drawn = [
             figures.perplexity_figure(ppl, fig_dir / "perplexity.png", colours),
-            figures.cluster_heatmap(ppl, fig_dir / "perplexity_clusters.png"),
+            figures.cluster_heatmap(ppl, fig_dir / "perplexity_clusters.png", cl),
             figures.routing_matrix(cl.get("label_distribution") or {}, fig_dir / "routing_labels.png",
                                    (run_info.get("corpus") or {}).get("label_field")),
             figures.fewshot_figure(report["fewshot"], fig_dir / "fewshot.png", colours),
@@ -154,10 +166,15 @@ def _figure_paths(info: dict) -> list[str]:
     return found
 
 
-def _ppl_summary(r: dict | None) -> dict | None:
+def _ppl_summary(r: dict | None, dense: dict | None = None) -> dict | None:
+    """The figures the report keeps of one evaluation, with the bootstrap interval of its ratio to `dense` (the
+    dense model's evaluation of the same split; None without per-document figures or for dense itself)."""
+    from tasks.bootstrap import ratio_interval
+
     if not r:
         return None
     return {
+        "vs_dense": ratio_interval(r, dense) if dense and r is not dense else None,
         "perplexity": r.get("perplexity"),
         "bits_per_byte": r.get("bits_per_byte"),
         "n_tokens": r.get("n_tokens"),
@@ -211,14 +228,21 @@ def _headline(report: dict) -> dict:
         extra = (f"{moe['finetune_tokens']} extra finetuning tokens"
                  + (f" (+{100 * frac:.0f}% of the compute-matched budget)" if frac else ""))
 
-    def pct(m):
-        return f"{100 * vs[m]:+.1f}%".replace("-", "−")
+    cis = {m: ((report["perplexity"].get(m) or {}).get("test") or {}).get("vs_dense") for m in vs}
+
+    def pct(m):  # the change with its bootstrap interval; "no difference beyond noise" when that contains 0
+        return describe_change(cis.get(m), 1 + vs[m])
+
+    def noise(m):  # the sentence's ending: nothing, or that the change is within the noise
+        ci = cis.get(m)
+        return ": no difference beyond noise" if ci and not ci["beyond_noise"] else ""
 
     sentences = []
     for m in [m for m in test if m.startswith("ensemble_top") and m in vs]:
         k = m[len("ensemble_top"):]
-        sentences.append(f"c-BTM top-{k} vs dense: {pct(m)} test perplexity {compute} "
-                         f"({test[m]:.2f} vs {dense:.2f}).")
+        change = pct(m).removesuffix(", no difference beyond noise")
+        sentences.append(f"c-BTM top-{k} vs dense {compute}: test perplexity {test[m]:.2f} vs {dense:.2f}, "
+                         f"{change}{noise(m)}.")
     best = min(test, key=test.get) if test else None
     if best is not None:
         flag = f", with {extra} that c-BTM and dense do not get" if best == "moe" and extra else ""
@@ -227,10 +251,16 @@ def _headline(report: dict) -> dict:
     if "moe" in vs and best != "moe":
         sentences.append(f"BTX MoE vs dense: {pct('moe')} test perplexity" + (f", with {extra}." if extra else "."))
     if test.get("moe") and test.get(EQUAL_COMPUTE_DENSE):
+        ci = ((report["perplexity"].get("moe") or {}).get("test") or {}).get("vs_equal_compute_dense")
         sentences.append(f"BTX MoE vs dense at equal compute ({EQUAL_COMPUTE_DENSE}: dense continued for the MoE's "
-                         f"finetuning tokens): {test['moe'] / test[EQUAL_COMPUTE_DENSE]:.3f}× "
-                         f"({test['moe']:.2f} vs {test[EQUAL_COMPUTE_DENSE]:.2f}).")
-    return {"sentences": sentences, "best": best, "vs_dense": vs}
+                         f"finetuning tokens): test perplexity {test['moe']:.2f} vs {test[EQUAL_COMPUTE_DENSE]:.2f}, "
+                         f"{describe_change(ci, test['moe'] / test[EQUAL_COMPUTE_DENSE])}.")
+    if any(cis.values()):
+        n = next(ci for ci in cis.values() if ci)
+        sentences.append(f"[95%: …]: paired-bootstrap interval of the ratio over the {n['n_docs']} test documents "
+                         "(the noise of which documents were drawn, not of training).")
+    interval = {m: [ci["low"] - 1, ci["high"] - 1] for m, ci in cis.items() if ci}
+    return {"sentences": sentences, "best": best, "vs_dense": vs, "vs_dense_interval": interval}
 
 
 def _ratio(a, b):
@@ -238,12 +268,30 @@ def _ratio(a, b):
 
 
 def _fewshot_summary(r: dict) -> dict:
-    out = {k: r.get(k) for k in ("accuracy", "macro_f1", "shots", "seeds", "n_test", "scoring", "baselines",
-                                  "routing", "wall_time_s", "n_truncated_prompts")}
+    out = {k: r.get(k) for k in ("accuracy", "macro_f1", "shots", "shots_asked", "seeds", "n_test", "scoring",
+                                  "baselines", "routing", "wall_time_s", "n_truncated_prompts")}
     demos = [e["mean_demos"] for e in r.get("per_seed") or [] if e.get("mean_demos") is not None]
     out["mean_demos"] = sum(demos) / len(demos) if demos else None
     out["n_prompts"] = r["n_test"] * len(r["seeds"]) if r.get("n_test") and r.get("seeds") else None
     return out
+
+
+def beats_chance(r: dict) -> bool:
+    """Whether a few-shot result's mean accuracy exceeds the better of its random and majority baselines by more
+    than two binomial standard errors of chance accuracy over its test examples."""
+    acc = (r.get("accuracy") or {}).get("mean")
+    base = r.get("baselines") or {}
+    levels = []
+    for name in ("random", "majority"):
+        b = (base.get(name) or {}).get("accuracy")
+        b = b.get("mean") if isinstance(b, dict) else b
+        if b is not None:
+            levels.append(b)
+    n = r.get("n_test") or 0
+    if acc is None or not levels or not n:
+        return False
+    p = max(levels)
+    return acc > p + 2 * (p * (1 - p) / n) ** 0.5
 
 
 def _budgets(b: dict) -> dict:
@@ -323,6 +371,13 @@ def render_markdown(report: dict) -> str:
         lines += ["Settings: " + ", ".join(f"`--{k.replace('_', '-')} {params[k]}`" for k in keys if k in params), ""]
     for method, why in (run.get("skipped") or {}).items():
         lines += [f"Merge `{method}` skipped: {why}.", ""]
+    folders = run.get("folders") or {}
+    if folders:
+        lines += ["Model folders (under the run folder; each loads with `AutoModelForCausalLM`, ensembles after "
+                  "`import experts`; an ensemble's `config.json` names it and its `routing_top_k`):", "",
+                  "| model | folder |", "|---|---|"]
+        lines += [f"| {m} | `{f}` |" for m, f in folders.items()]
+        lines.append("")
 
     lines += ["## Clusters", ""]
     sizes = cl.get("sizes") or {}
@@ -357,14 +412,17 @@ def render_markdown(report: dict) -> str:
     if ppl:
         lines += ["## Perplexity", ""]
         clusters = sorted({c for r in ppl.values() for c in ((r.get("test") or {}).get("per_cluster") or {})}, key=_num)
-        lines += ["| model | valid ppl | test ppl | " + " | ".join(f"test c{c}" for c in clusters) + " |",
-                  "|---|---:|---:|" + "---:|" * len(clusters)]
+        lines += ["| model | valid ppl | test ppl | test ÷ dense (95% interval) | "
+                  + " | ".join(f"test c{c}" for c in clusters) + " |", "|---|---:|---:|---:|" + "---:|" * len(clusters)]
         for m, r in ppl.items():
             v, t = r.get("valid") or {}, r.get("test") or {}
-            pc = t.get("per_cluster") or {}
-            lines.append(f"| {m} | {_f(v.get('perplexity'))} | {_f(t.get('perplexity'))} | "
+            pc, ci = t.get("per_cluster") or {}, t.get("vs_dense")
+            vs = (f"{ci['ratio']:.3f} ({ci['low']:.3f}–{ci['high']:.3f})" + ("" if ci["beyond_noise"] else " ≈")
+                  if ci else "–")
+            lines.append(f"| {m} | {_f(v.get('perplexity'))} | {_f(t.get('perplexity'))} | {vs} | "
                          + " | ".join(_f(pc.get(c)) for c in clusters) + " |")
-        lines.append("")
+        lines += ["", "test ÷ dense: paired bootstrap over the test documents (`tasks.bootstrap`); ≈ marks an interval "
+                  "that contains 1, no difference from dense beyond noise.", ""]
         labels = sorted({lab for r in ppl.values() for lab in ((r.get("test") or {}).get("per_label") or {})})
         if labels and len(labels) <= 20:
             lines += ["Test perplexity per label:", "", "| model | " + " | ".join(labels) + " |",
@@ -389,15 +447,19 @@ def render_markdown(report: dict) -> str:
         lines += _figure(report, "perplexity_clusters.png", "model × cluster test perplexity relative to dense")
 
     fs = report["fewshot"]
+    if not fs and str((run.get("params") or {}).get("tasks", "")).strip().lower() == "none":
+        lines += ["## Few-shot classification", "", "Not run (`--tasks none`).", ""]
     if fs:
-        lines += ["## Few-shot classification", "", "| task | model | shots | demonstrations used | accuracy | macro-F1 |",
-                  "|---|---|---:|---:|---:|---:|"]
+        lines += ["## Few-shot classification", "", "| task | model | shots (asked) | demonstrations used | accuracy | "
+                  "macro-F1 |", "|---|---|---:|---:|---:|---:|"]
         cut = []
         for task, by_model in fs.items():
             base = None
             for m, r in by_model.items():
                 acc, f1 = r.get("accuracy") or {}, r.get("macro_f1") or {}
-                lines.append(f"| {task} | {m} | {r.get('shots')} | {_f(r.get('mean_demos'), 1)} | "
+                asked = r.get("shots_asked")
+                shots = f"{r.get('shots')} ({asked})" if asked is not None and asked != r.get("shots") else r.get("shots")
+                lines.append(f"| {task} | {m} | {shots} | {_f(r.get('mean_demos'), 1)} | "
                              f"{_f(acc.get('mean'), 3)} ± {_f(acc.get('std'), 3)} "
                              f"| {_f(f1.get('mean'), 3)} ± {_f(f1.get('std'), 3)} |")
                 base = base or r.get("baselines")
@@ -411,6 +473,16 @@ def render_markdown(report: dict) -> str:
                 title = "random guess (chance)" if name == "random" else name
                 lines.append(f"| {task} | *{title} baseline* | – | – | {_f(acc, 3)} | {_f(f1, 3)} |")
         lines.append("")
+        for task, by_model in fs.items():
+            if by_model and not any(beats_chance(r) for r in by_model.values()):
+                r = next(iter(by_model.values()))
+                lines += [f"**No model does better than chance on `{task}`** (the better of the random and majority "
+                          f"baselines, by more than two binomial standard errors over {r.get('n_test')} examples): at "
+                          "this model size and context, in-context classification measures nothing here; read these "
+                          "figures as a check that the evaluation runs, not as a comparison.", ""]
+        if any((r.get("shots_asked") or 0) > (r.get("shots") or 0) for b in fs.values() for r in b.values()):
+            lines += ["Shots (asked): the prompts hold the demonstrations a typical prompt fits in the model's "
+                      "context, fewer than asked (`tasks.fewshot.prompts.shots_that_fit`).", ""]
         if cut:
             task, m, r = cut[0]
             lines += [f"**Prompts cut to fit the context:** {len(cut)} of {sum(len(b) for b in fs.values())} "

@@ -20,6 +20,7 @@ study.json (schema version 1):
 {"schema_version": 1, "created", "run_dir", "grid", "settings",
  "points": [{"name", "axes", "dense_only", "report_dir", "variants",
              "test": {model: ppl}, "valid": {model: ppl}, "ratio_to_dense": {model: test ppl / dense test ppl},
+             "ratio_interval": {model: [low, high]: 95% paired bootstrap of that ratio over the test documents},
              "per_label": {model: {label: test ppl}},
              "compute": {"models": {model: {"tokens", "steps", "global_batch_tokens", "gpu_hours", "wall_time_s",
                                             "epochs"}},
@@ -30,7 +31,9 @@ study.json (schema version 1):
  "headlines": [one sentence per budget], "figures": [relative png paths]}
 ```
 A method's ratio is taken against the dense model of the same point (trained from the same seed with the same
-budget), so it is the compute-matched comparison whatever the grid.
+budget), so it is the compute-matched comparison whatever the grid. Every headline ratio carries its 95%
+paired-bootstrap interval over the test documents (`tasks.bootstrap`; both models of a comparison score the same
+documents); one whose interval contains 1 reads "no difference beyond noise".
 """
 from __future__ import annotations
 
@@ -40,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from corpus.io import atomic_dir, write_json
+from tasks.bootstrap import describe_change, ratio_interval
 from tasks.report import EQUAL_COMPUTE_DENSE, _f
 
 SCHEMA_VERSION = 1
@@ -91,6 +95,8 @@ def summarize_point(point: dict) -> dict:
     ppl = point.get("perplexity") or {}
     test = {m: _ppl(r, "test") for m, r in ppl.items()}
     dense = test.get("dense")
+    dense_test = (ppl.get("dense") or {}).get("test")
+    intervals = {m: ratio_interval(r.get("test") or {}, dense_test) for m, r in ppl.items() if dense_test and m != "dense"}
     return {
         "name": point.get("name") or " ".join(f"{a}={v}" for a, v in point["axes"].items()),
         "axes": dict(point["axes"]),
@@ -100,6 +106,7 @@ def summarize_point(point: dict) -> dict:
         "test": test,
         "valid": {m: _ppl(r, "valid") for m, r in ppl.items()},
         "ratio_to_dense": {m: (v / dense if v and dense else None) for m, v in test.items()},
+        "ratio_interval": {m: [ci["low"], ci["high"]] for m, ci in intervals.items() if ci},
         "per_label": {m: _per_label(r) for m, r in ppl.items()},
         "compute": _compute(point.get("training") or {}),
     }
@@ -171,9 +178,18 @@ def _table(points: list[dict], methods: list[str]) -> list[dict]:
     return rows
 
 
-def _headlines(points: list[dict], grid: dict, methods: list[str]) -> list[str]:
+def _headlines(points: list[dict], grid: dict, methods: list[str], raw: dict[str, dict] | None = None) -> list[str]:
     """One sentence per budget: the largest k's c-BTM (top-2, or the first top-k) against dense, the best method,
-    and each other series value (e.g. random clusters) against the primary one."""
+    and each other series value (e.g. random clusters) against the primary one, each with its paired-bootstrap
+    interval (`raw`: {point name: its perplexity results}, for the comparison across points)."""
+    raw = raw or {}
+
+    def vs_dense(p, model, r):
+        lo_hi = p.get("ratio_interval", {}).get(model)
+        ci = {"ratio": r, "low": lo_hi[0], "high": lo_hi[1], "level": 0.95,
+              "beyond_noise": lo_hi[0] > 1 or lo_hi[1] < 1} if lo_hi else None
+        return describe_change(ci, r)
+
     out = []
     for budget in _budgets(points, grid):
         pts = [p for p in _in_budget(points, budget) if not p["dense_only"]]
@@ -189,7 +205,7 @@ def _headlines(points: list[dict], grid: dict, methods: list[str]) -> list[str]:
         hv = _headline_variant(grid, k)
         r = top["ratio_to_dense"].get(_model(top, hv)) if hv else None
         if r is not None:
-            parts.append(f"k={k} {hv} vs dense: {_pct(r)}")
+            parts.append(f"k={k} {hv} vs dense: {vs_dense(top, _model(top, hv), r)}")
         best = min(((p["ratio_to_dense"].get(_model(p, m)), p, m) for p in pts for m in methods
                     if _model(p, m) and p["ratio_to_dense"].get(_model(p, m)) is not None),
                    key=lambda x: x[0], default=None)
@@ -197,7 +213,7 @@ def _headlines(points: list[dict], grid: dict, methods: list[str]) -> list[str]:
             r, p, m = best
             where = ", ".join([f"k={p['axes'][K]}"] + [f"{a} {p['axes'][a]}" for a in _series_axes(grid)
                                                        if len(grid[a]) > 1])
-            parts.append(f"best: {m} ({where}) {_pct(r)}")
+            parts.append(f"best: {m} ({where}) {vs_dense(p, _model(p, m), r)}")
         for a in _series_axes(grid):
             for v in grid[a][1:]:
                 other = [p for p in pts if p["axes"][K] == k and p["axes"].get(a) == v
@@ -205,7 +221,9 @@ def _headlines(points: list[dict], grid: dict, methods: list[str]) -> list[str]:
                 if other and hv:
                     mine, theirs = _value(top, hv), _value(other[0], hv)
                     if mine and theirs:
-                        parts.append(f"{a} {v} vs {grid[a][0]} (k={k} {hv}): {_pct(theirs / mine)}")
+                        ci = ratio_interval(((raw.get(other[0]["name"]) or {}).get(_model(other[0], hv)) or {}).get("test"),
+                                            ((raw.get(top["name"]) or {}).get(_model(top, hv)) or {}).get("test"))
+                        parts.append(f"{a} {v} vs {grid[a][0]} (k={k} {hv}): {describe_change(ci, theirs / mine)}")
         for p in sorted(pts, key=lambda p: p["axes"][K]):  # the MoE against dense at its own compute
             moe, eq = p["test"].get("moe"), p["test"].get(EQUAL_COMPUTE_DENSE)
             if moe and eq:
@@ -551,7 +569,8 @@ def write_study(out_dir: str | os.PathLike, points: list[dict], grid: dict[str, 
         "points": summaries,
         "methods": methods,
         "table": _table(summaries, methods),
-        "headlines": _headlines(summaries, grid, methods),
+        "headlines": _headlines(summaries, grid, methods,
+                                {s["name"]: p.get("perplexity") or {} for s, p in zip(summaries, points)}),
         "figures": [],
     }
     with atomic_dir(out_dir) as tmp:

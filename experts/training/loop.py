@@ -131,7 +131,8 @@ def train_model(
         state["resumed_at"].append(state["step"])
         log.info("resuming %s from step %d (%s)", out_dir, state["step"], ckpt)
     state["plan"] = asdict(plan)
-    metrics = LiveMetrics(out_dir, resume_step=state["step"], enabled=rank == 0)  # TensorBoard scalars, live
+    metrics = LiveMetrics(out_dir, resume_step=state["step"], enabled=rank == 0,  # TensorBoard scalars, live,
+                          step_offset=config.schedule_start)  # against the global step of the schedule
     compile_update = config.compile_update if config.compile_update is not None else use_compile
     masters = (MasterWeights(model, torch.bfloat16, accumulate=plan.grad_accum > 1, compile=compile_update)
                if use_bf16 else None)  # after the fp32 checkpoint is loaded

@@ -17,7 +17,7 @@ import numpy as np
 from corpus.io import InputError, write_json
 from tasks.fewshot.load import Task, load_task, subsample
 from tasks.fewshot.metrics import baselines, classification_metrics
-from tasks.fewshot.prompts import build_prompts, encode
+from tasks.fewshot.prompts import build_prompts, encode, shots_that_fit
 from tasks.fewshot.scoring import SCORINGS, apply_scoring, label_token_ids, score_labels
 
 log = logging.getLogger(__name__)
@@ -51,15 +51,20 @@ def evaluate_fewshot(
     routing_sample: int = 256,
     add_bos: bool = True,
     single_pass: bool | None = None,
+    fit_shots: bool = True,
 ) -> dict:
     """k-shot in-context classification of `task` with `model` (a `ScoringModel`) for each seed.
 
     Returns (and writes to `out_path` atomically, when given) a dict with: task, model, kind, labels,
-    verbalizer, template, shots, seeds, scoring, balanced, n_test, single_pass, `per_seed` (accuracy,
+    verbalizer, template, shots (used), shots_asked, seeds, scoring, balanced, n_test, single_pass, `per_seed` (accuracy,
     macro_f1, confusion, prediction counts, truncation counts and the other two scorings' accuracy/F1 for free),
     `accuracy` and `macro_f1` as {mean, std (ddof=1)} over seeds, `by_scoring` (mean ± std for raw,
     length_norm and dcpmi), `baselines` (majority, random), `routing` (when the model has
     `routing_weights(texts) -> (n, n_experts)`), wall_time_s and prompts_per_s.
+
+    `fit_shots=True` lowers `shots` to the demonstrations a typical prompt holds in the model's context
+    (`prompts.shots_that_fit`; `shots_asked` keeps the request), so that prompts are not cut and every seed shows
+    the same number of demonstrations; prompts still longer than the context drop demonstrations from the front.
 
     `task_routing=True` asks the model for one routing weight vector per task, estimated from up to
     `routing_sample` train texts, through the optional hooks `set_fixed_routing(texts)` /
@@ -86,6 +91,12 @@ def evaluate_fewshot(
     if budget < 2:
         raise InputError(f"model context ({model.max_length} tokens) too short for the label words of {task.name}")
     y_true = np.array([ex["label"] for ex in test])
+    shots_asked = shots
+    if fit_shots:
+        shots = shots_that_fit(model, task, test, shots, budget, add_bos)
+        if shots < shots_asked:
+            log.info("%s: %d of the %d shots asked fit the %d-token context of %s", task.name, shots, shots_asked,
+                     model.max_length, getattr(model, "name", "the model"))
     t0 = time.perf_counter()
     routing: dict = {}
     fixed = False
@@ -154,6 +165,7 @@ def evaluate_fewshot(
         "template": task.template.to_dict(),
         "premise": premise,
         "shots": shots,
+        "shots_asked": shots_asked,
         "seeds": [int(s) for s in seeds],
         "scoring": scoring,
         "balanced": balanced,

@@ -22,10 +22,11 @@ def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray, n_labels: int
 
 
 def baselines(task: Task, y_true: np.ndarray, seeds: Sequence[int]) -> dict:
-    """Majority class (the most frequent train label, predicted for every test example) and uniform random
-    guessing (accuracy 1/L exactly; macro-F1 averaged over one random draw per seed)."""
+    """Majority class (the most frequent label of the evaluated examples `y_true`, predicted for every one of
+    them: the best constant answer, never below chance) and uniform random guessing (accuracy 1/L exactly;
+    macro-F1 averaged over one random draw per seed)."""
     n_labels = len(task.labels)
-    counts = np.bincount([ex["label"] for ex in task.train], minlength=n_labels)
+    counts = np.bincount(np.asarray(y_true, dtype=np.int64), minlength=n_labels)
     majority = int(counts.argmax())
     maj = classification_metrics(y_true, np.full_like(y_true, majority), n_labels)
     f1s = [classification_metrics(y_true, np.random.default_rng(s).integers(0, n_labels, len(y_true)), n_labels)["macro_f1"]

@@ -8,6 +8,8 @@ import random
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 from corpus.io import InputError
 from tasks.fewshot.load import Task
 
@@ -87,13 +89,32 @@ def format_prompt(task: Task, demos: Sequence[int], text: str) -> str:
 
 def encode(model, text: str) -> list[int]:
     """Token ids of `text` by `model.tokenizer`, without special tokens."""
-    return list(model.tokenizer(text, add_special_tokens=False)["input_ids"])
+    return list(model.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])  # fitted below
 
 
 def _encode_batch(model, texts: list[str]) -> list[list[int]]:
     if not texts:
         return []
-    return [list(x) for x in model.tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    return [list(x) for x in model.tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]]
+
+
+def shots_that_fit(model, task: Task, test: list[dict], shots: int, budget: int, add_bos: bool = True,
+                   sample: int = 64) -> int:
+    """The most demonstrations (at most `shots`) that a typical prompt holds within `budget` tokens: the
+    instruction, n demonstrations of the median length (template and separator included) and a test input of the
+    90th-percentile length. Measured on a seeded sample of `sample` train and test examples."""
+    from tasks.fewshot.load import subsample
+
+    if shots <= 0 or not task.train or not test:
+        return max(0, shots)
+    t = task.template
+    demos = subsample(task.train, sample)
+    demo_len = np.median([len(x) for x in _encode_batch(
+        model, [t.format_demo(ex["text"], task.verbalizer[ex["label"]]) + t.sep for ex in demos])])
+    query_len = np.percentile([len(x) for x in _encode_batch(
+        model, [t.instruction + t.format_input(ex["text"]) for ex in subsample(test, sample)])], 90)
+    room = budget - (len(model.bos_ids()) if add_bos else 0) - query_len
+    return int(max(0, min(shots, room // max(demo_len, 1))))
 
 
 @dataclass

@@ -107,3 +107,21 @@ def test_whole_corpus_tokens_give_the_same_cluster_shards(run):
         pq.write_table(pa.table({"id": ["x"], "text": ["y"]}), tmp / "corpus" / "valid.parquet")
         pq.write_table(pa.table({"id": ["x"], "cluster_id": pa.array([0], pa.int32())}), tmp / "assign" / "valid.parquet")
         shard_corpus(tmp / "corpus", tmp / "assign", tmp / "tok", tmp / "c", seq_len=seq, tokens_dir=tmp / "tokens")
+
+
+def test_long_documents_tokenize_without_the_length_warning(tmp_path, caplog):
+    """Documents longer than the tokenizer's model_max_length are packed into blocks on purpose: tokenizing them
+    (the corpus encoder, `experts.data._encode_chunk`) must not print transformers' "longer than the specified
+    maximum sequence length" warning."""
+    from experts.data import _encode_chunk, _encoder_spec, _init_encoder
+    from experts.tokenizer import load_tokenizer, train_tokenizer
+
+    train_tokenizer(["alpha beta gamma delta"] * 50, tmp_path / "tok", vocab_size=300)
+    tok = load_tokenizer(tmp_path / "tok")
+    tok.model_max_length = 8
+    tok.save_pretrained(tmp_path / "tok")
+    with caplog.at_level("WARNING"):
+        _init_encoder(_encoder_spec(tmp_path / "tok"))
+        tokens, lengths = _encode_chunk(["alpha beta gamma delta " * 20])
+    assert int(lengths[0]) > 8 and len(tokens) == int(lengths.sum())
+    assert not [r for r in caplog.records if "maximum sequence length" in r.getMessage()]

@@ -70,3 +70,16 @@ def test_training_without_tensorboard_writes_no_events(shards, tmp_path, monkeyp
     out = tmp_path / "plain"
     res = train_model(build_scratch_model(PRESET, VOCAB, seed=0), train, out, _cfg(), valid_paths=valid)
     assert res["steps"] == 8 and not (out / "tensorboard").exists() and not events_dir(out).exists()
+
+
+def test_a_branch_logs_against_the_global_step_of_its_schedule(shards, tmp_path):
+    """A branch that continues the seed's schedule (schedule_start = the seed's steps) logs at the global step, so
+    dense and the experts continue the seed's curve in TensorBoard instead of restarting at step 1."""
+    pytest.importorskip("tensorboard")
+    train, valid = shards
+    out = tmp_path / "branch"
+    res = train_model(build_scratch_model(PRESET, VOCAB, seed=0), train, out,
+                      _cfg(schedule_start=20, schedule_steps=40), valid_paths=valid)
+    scalars = _scalars(out / "tensorboard")
+    assert [s for s, _ in scalars["train/loss"]] == [20 + s for s, _ in res["loss_curve"]]
+    assert [s for s, _ in scalars["valid/loss"]] == [20 + s for s, _ in res["valid_curve"]]

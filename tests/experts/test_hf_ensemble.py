@@ -150,3 +150,36 @@ def test_trust_remote_code_loads_through_the_folder_shims(run, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split()[-1] == "CBTMEnsembleForCausalLM"
     assert list((tmp_path / "modules").rglob("configuration_cbtm_ensemble.py"))  # the config came through its shim
+
+
+def test_config_json_says_which_ensemble_it_is(run):
+    """The three c-BTM ensembles of a run differ only in top_k: config.json names it (routing_top_k: transformers
+    would drop a config's top_k as a sampling setting) and the model name, so the folders can be told apart."""
+    import json
+
+    cfg = json.loads((run / "merged-x" / "ensemble" / "config.json").read_text())
+    assert cfg["routing_top_k"] == 2 and cfg["ensemble_name"] == "ensemble" and cfg["num_experts"] == 3
+    posterior = json.loads((run / "merged-x" / "posterior" / "config.json").read_text())
+    assert posterior["ensemble_kind"] == "posterior" and posterior["routing_top_k"] in (1, 2, 3)
+
+
+def test_generation_and_long_documents_raise_no_user_facing_warnings(run):
+    """Ensemble generation passes the KV cache under the name the experts' forward takes (no `past_key_values`
+    FutureWarning); scoring a document longer than the context, which is cut into windows on purpose, does not
+    trigger the tokenizer's "longer than the specified maximum sequence length" warning."""
+    import warnings
+
+    from experts.ensemble import load_ensemble
+    from tasks.perplexity import evaluate_perplexity
+    from tests.experts.merge_helpers import random_text
+
+    model = _auto(run / "merged-x" / "ensemble")
+    tok = _tok(run / "merged-x" / "ensemble", side="left")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model.generate(**tok(PROMPTS, return_tensors="pt", padding=True), max_new_tokens=6, do_sample=False)
+    ensemble = load_ensemble(run / "merged-x" / "ensemble", device="cpu")
+    ensemble.tokenizer.model_max_length = ensemble.max_length  # as saved folders have it (experts.compat)
+    long_doc = random_text(5 * ensemble.max_length, 11)
+    evaluate_perplexity(ensemble, [{"id": "long", "text": long_doc}], batch_size=2)
+    assert not ensemble.tokenizer.deprecation_warnings.get("sequence-length-is-longer-than-the-specified-maximum")

@@ -120,3 +120,40 @@ def test_run_all_on_single_node_slurm(tmp_path):
                          timeout=1800, env={**os.environ, "PYTHON": sys.executable})
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "OK: every expert and every other GPU stage ran as a COMPLETED Slurm job" in out.stdout
+
+
+def test_gpus_flag_and_training_only_jobs(tmp_path, slurm_cfg):
+    """`gpu_flag = gpus` asks --gpus=<type>:<n> instead of --gres; `stages = training` submits only the training
+    stages, so the evaluations run in the worker's own allocation (one job for all of them)."""
+    from pipeline.evaluation import EvaluatePerplexity
+
+    slurm_cfg.set("slurm", "gpu_flag", "gpus")
+    slurm_cfg.set("slurm", "gres", "gpu:h100")
+    stage = _expert(tmp_path, device="cuda", gpus_per_expert=2)
+    cmd = sbatch_command(stage, tmp_path / "spec.json", tmp_path / "job.log")
+    assert "--gpus=h100:2" in cmd and not any(a.startswith("--gres") for a in cmd)
+    slurm_cfg.set("slurm", "gres", "gpu")
+    assert "--gpus=2" in sbatch_command(stage, tmp_path / "spec.json", tmp_path / "job.log")
+    evaluation = EvaluatePerplexity(model="dense", **tiny_params(tmp_path / "corpus", tmp_path / "run", device="cuda"))
+    assert runs_as_job(evaluation)
+    slurm_cfg.set("slurm", "stages", "training")
+    assert runs_as_job(stage) and not runs_as_job(evaluation)
+
+
+def test_hangup_cancels_the_job(monkeypatch):
+    """SIGHUP (the login shell closed) ends a waiting worker like SIGTERM: its job is cancelled, not orphaned."""
+    import signal
+
+    slurm_module = sys.modules["pipeline.slurm"]  # `pipeline.slurm` the attribute is the [slurm] config class
+    calls = []
+
+    def fake_run(cmd, **kw):
+        calls.append(cmd)
+        if cmd[0] == "scontrol":
+            os.kill(os.getpid(), signal.SIGHUP)
+        return subprocess.CompletedProcess(cmd, 0, stdout="JobState=RUNNING ExitCode=0:0", stderr="")
+
+    monkeypatch.setattr(slurm_module.subprocess, "run", fake_run)
+    with pytest.raises(SystemExit):
+        slurm_module._wait("123", poll_s=0.01)
+    assert ["scancel", "123"] in calls

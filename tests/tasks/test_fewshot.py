@@ -153,7 +153,7 @@ def test_long_prompts_drop_demonstrations_from_the_front():
     task = sentiment_task()
     model = SentimentToy(all_words(task))
     model.max_length = 24
-    res = evaluate_fewshot(model, task, shots=6, seeds=(13,), out_path=None)
+    res = evaluate_fewshot(model, task, shots=6, seeds=(13,), out_path=None, fit_shots=False)
     seed = res["per_seed"][0]
     assert seed["n_truncated_prompts"] == len(task.test) and seed["n_demos_dropped"] > 0
     assert seed["mean_prompt_tokens"] <= 23
@@ -334,3 +334,30 @@ def test_sparse_ensemble_routes_on_the_whole_prompt():
     assert all(tok.decode(p[1:]) in emb.seen for p in prompts.ids)  # routed on the whole prompt (no BOS)
     sep = score_labels(ens, prompts.ids, labels, batch_size=3, single_pass=False)
     np.testing.assert_allclose(one, sep, rtol=1e-5, atol=1e-5)
+
+
+def test_shots_are_fitted_to_the_context():
+    """By default the prompts hold the demonstrations that fit: fewer than asked, the request kept, few prompts cut."""
+    task = sentiment_task()
+    model = SentimentToy(all_words(task))
+    model.max_length = 24
+    res = evaluate_fewshot(model, task, shots=6, seeds=(13, 21), out_path=None)
+    assert res["shots_asked"] == 6 and 0 < res["shots"] < 6
+    assert res["n_truncated_prompts"] < len(task.test)
+    assert all(e["mean_demos"] > res["shots"] - 1 for e in res["per_seed"])
+    model.max_length = 10_000
+    roomy = evaluate_fewshot(model, task, shots=6, seeds=(13,), out_path=None)
+    assert roomy["shots"] == roomy["shots_asked"] == 6
+
+
+def test_majority_baseline_is_the_evaluated_examples_majority():
+    """The majority baseline predicts the most frequent label of the evaluated examples, so it is never below
+    chance; the train pool's majority label (here absent from the test set) plays no part."""
+    from tasks.fewshot.metrics import baselines
+
+    task = sentiment_task()
+    task.train = [dict(ex, label=0) for ex in task.train]  # train majority: negative
+    y_true = np.array([1, 1, 1, 0])
+    b = baselines(task, y_true, seeds=(1,))
+    assert b["majority"]["label"] == task.labels[1] and b["majority"]["accuracy"] == 0.75
+    assert b["majority"]["accuracy"] >= b["random"]["accuracy"]

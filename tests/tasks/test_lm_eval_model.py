@@ -152,3 +152,26 @@ def test_cli_knows_cbtm_and_reports_bad_input_in_one_line(task_dir):
     assert bad.returncode == 2, bad.stderr[-3000:]
     last = bad.stderr.strip().splitlines()[-1]
     assert last == "cbtm-lm-eval: error: model_args pretrained=/nonexistent: no such folder"
+
+
+def test_readme_offline_recipe_runs_the_shipped_yaml(run, tmp_path, monkeypatch):
+    """README's offline lm-eval recipe: examples/lm_eval/*.yaml, as shipped, over a demo corpus's test split found
+    by the glob runs/demo/demo-corpus-*/test.jsonl.gz under the working directory (no Hub)."""
+    import gzip
+    from pathlib import Path
+
+    examples = Path(__file__).resolve().parents[2] / "examples" / "lm_eval"
+    split = tmp_path / "runs" / "demo" / "demo-corpus-0123abcd"
+    split.mkdir(parents=True)
+    domains = ("code", "docstrings", "reference", "licences")
+    rows = [{"id": f"t{i}", "text": random_text(20 + i, 500 + i), "source": domains[i % 4]} for i in range(8)]
+    with gzip.open(split / "test.jsonl.gz", "wt") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.chdir(tmp_path)
+    out = lm_eval.simple_evaluate(model="cbtm", model_args=f"pretrained={run / 'merged-x' / 'ensemble'},device=cpu",
+                                  tasks=["cbtm_demo_ppl", "cbtm_demo_domain"], batch_size=4,
+                                  task_manager=TaskManager(include_path=str(examples), include_defaults=False))
+    res = out["results"]
+    assert res["cbtm_demo_ppl"]["word_perplexity,none"] > 1.0 and res["cbtm_demo_ppl"]["bits_per_byte,none"] > 0
+    assert 0.0 <= res["cbtm_demo_domain"]["acc,none"] <= 1.0
+    assert out["n-samples"]["cbtm_demo_domain"]["effective"] == len(rows)

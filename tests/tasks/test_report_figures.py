@@ -50,8 +50,8 @@ def report(tmp_path):
 
 def test_headline_compares_cbtm_with_dense_and_flags_the_moe_extra_tokens(report):
     r, out = report
-    assert r["headline"]["sentences"][0] == ("c-BTM top-2 vs dense: −4.1% test perplexity at equal compute "
-                                             "(9.59 vs 10.00).")
+    assert r["headline"]["sentences"][0] == ("c-BTM top-2 vs dense at equal compute: test perplexity 9.59 vs 10.00, "
+                                             "−4.1%.")  # no per-document figures here: no interval
     best = r["headline"]["sentences"][1]
     assert r["headline"]["best"] == "moe" and best.startswith("Best model: moe, test perplexity 9.40 (−6.0% vs dense)")
     assert "250 extra finetuning tokens (+25% of the compute-matched budget)" in best

@@ -89,3 +89,33 @@ def test_write_study_files_and_figures(tmp_path):
     again = write_study(tmp_path / "nolabels", _points(labels=False), {**GRID, "top_k": ["2"]})
     assert "figures/domains.png" not in again["figures"] and "figures/ppl_vs_top_k.png" not in again["figures"]
     assert again["methods"] == ["top-2", "posterior", "average"]
+
+
+def test_headline_ratios_carry_their_bootstrap_interval(tmp_path):
+    """With per-document figures, every headline ratio carries its paired-bootstrap interval, and a difference
+    within the noise of the test documents reads as such, not as a win."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    ntok = rng.integers(50, 300, 80)
+    base = ntok * np.log(10.0) * rng.uniform(0.8, 1.2, 80)
+
+    def with_docs(result, nll):
+        docs = [{"id": f"d{i}", "nll": float(x), "n_tokens": int(n)} for i, (x, n) in enumerate(zip(nll, ntok))]
+        result["test"] = dict(result["test"], docs=docs, perplexity=float(np.exp(nll.sum() / ntok.sum())))
+        return result
+
+    points = _points()
+    for p in points:
+        for m, r in p["perplexity"].items():
+            noise = 0.0 if m == "dense" else ntok * rng.normal(0, 0.05, 80)
+            shift = -0.2 * ntok if m == "posterior" else 0.0  # posterior clearly better; the rest within noise
+            with_docs(r, base + noise + shift)
+    study = write_study(tmp_path / "study", points, GRID)
+    head = study["headlines"][1]
+    assert "k=4 top-2 vs dense:" in head and "[95%:" in head and "no difference beyond noise" in head
+    best = head.split("best: ")[1].split(";")[0]
+    assert best.startswith("posterior") and "beyond noise" not in best
+    k4 = next(p for p in study["points"] if p["axes"]["num_clusters"] == 4)
+    low, high = k4["ratio_interval"]["posterior"]
+    assert low <= k4["ratio_to_dense"]["posterior"] <= high < 1
