@@ -137,6 +137,9 @@ def run_stage(stage: str, params: dict, env: dict) -> dict:
         import psutil
     except ImportError:
         psutil = None
+    import resource
+
+    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, stage, json.dumps(params)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
@@ -152,13 +155,15 @@ def run_stage(stage: str, params: dict, env: dict) -> dict:
             time.sleep(0.2)
     out, err = proc.communicate()
     wall = time.time() - t0
+    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the stage's process and its (reaped) pool workers
+    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{stage} failed:\n{err[-3000:]}")
     res = json.loads(lines[-1])
     if not res["ok"]:
         raise RuntimeError(f"{stage} failed:\n{err[-3000:]}")
-    res.update(wall_s=wall, rss_tree_mib=tree_peak or None)
+    res.update(wall_s=wall, cpu_s=cpu, rss_tree_mib=tree_peak or None)
     return res
 
 
@@ -211,10 +216,9 @@ def main(argv=None):
             amount = stage_amount(stage, run_dir)
             row = {"scale": scale, "stage": stage, "mib_text": info["n_chars"] / 2**20, **amount, **res}
             rows.append(row)
-            rate = (f"{amount['tokens'] / res['seconds'] / 1e6:.1f}M tok/s" if amount.get("tokens") else
-                    f"{amount['docs'] / res['seconds'] / 1e3:.1f}k docs/s" if amount.get("docs") else "")
-            print(f"  {stage:15s} {res['seconds']:7.1f} s  main {res['rss_main_mib']:6.0f} MiB  tree "
-                  f"{res['rss_tree_mib'] or 0:6.0f} MiB  {rate}", flush=True)
+            print(f"  {stage:15s} {res['seconds']:7.1f} s  cpu {res['cpu_s']:7.1f} s  main {res['rss_main_mib']:6.0f} "
+                  f"MiB  tree {res['rss_tree_mib'] or 0:6.0f} MiB  {_rate(row)}  per core {_rate(row, 'cpu_s')}",
+                  flush=True)
             for path in filter(None, [out / "results.json", args.results]):
                 Path(path).write_text(json.dumps(rows, indent=1))
         if not args.keep:
@@ -224,12 +228,23 @@ def main(argv=None):
     print(table(rows, workers))
 
 
+def _rate(r: dict, per: str = "seconds") -> str:
+    """Tokens or documents per second of the stage (`per="seconds"`), or per CPU second of its process tree
+    (`per="cpu_s"`: user + sys of the process and its pool workers, robust to other jobs sharing the cores)."""
+    if not r.get(per):
+        return ""
+    if r.get("tokens"):
+        return f"{r['tokens'] / r[per] / 1e6:.2f}M tok/s"
+    return f"{r['docs'] / r[per] / 1e3:.2f}k docs/s" if r.get("docs") else ""
+
+
 def table(rows: list[dict], workers: int) -> str:
     scales = sorted({r["scale"] for r in rows})
     head = "| stage | " + " | ".join(f"{s}× ({next(r['mib_text'] for r in rows if r['scale'] == s):.0f} Mi chars)"
                                      for s in scales) + " |"
     lines = [f"data workers: {workers}; each cell: stage seconds, peak RSS of the process tree (main process), "
-             "throughput", "", head, "|---|" + "---|" * len(scales)]
+             "throughput; CPU seconds (user + sys) of the stage's process tree and throughput per CPU second", "",
+             head, "|---|" + "---|" * len(scales)]
     for stage in dict.fromkeys(r["stage"] for r in rows):
         cells = []
         for s in scales:
@@ -237,9 +252,9 @@ def table(rows: list[dict], workers: int) -> str:
             if r is None:
                 cells.append("–")
                 continue
-            rate = (f"{r['tokens'] / r['seconds'] / 1e6:.1f}M tok/s" if r.get("tokens") else
-                    f"{r['docs'] / r['seconds'] / 1e3:.1f}k docs/s" if r.get("docs") else "")
-            cells.append(f"{r['seconds']:.1f} s, {r['rss_tree_mib'] or 0:,.0f} ({r['rss_main_mib']:,.0f}) MiB, {rate}")
+            cells.append(f"{r['seconds']:.1f} s, {r['rss_tree_mib'] or 0:,.0f} ({r['rss_main_mib']:,.0f}) MiB, "
+                         f"{_rate(r)}" + (f"; {r['cpu_s']:.0f} CPU s, {_rate(r, 'cpu_s')} per core"
+                                          if r.get("cpu_s") else ""))
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -107,3 +107,33 @@ def test_whole_corpus_tokens_give_the_same_cluster_shards(run):
         pq.write_table(pa.table({"id": ["x"], "text": ["y"]}), tmp / "corpus" / "valid.parquet")
         pq.write_table(pa.table({"id": ["x"], "cluster_id": pa.array([0], pa.int32())}), tmp / "assign" / "valid.parquet")
         shard_corpus(tmp / "corpus", tmp / "assign", tmp / "tok", tmp / "c", seq_len=seq, tokens_dir=tmp / "tokens")
+
+
+def test_plain_tokenizer_folder_loads_without_transformers_with_the_same_ids(run, tmp_path):
+    """TokenizeCorpus/ShardCorpus read a TrainTokenizer folder straight from tokenizer.json (no transformers
+    import): same vocabulary size, eos, bos and ids as transformers' fast tokenizer; any other folder (here: a
+    config key transformers acts on) goes through transformers."""
+    import shutil
+
+    from experts.data import _encode_chunk, _encoder_spec, _init_encoder, _load_fast_tokenizer, _plain_backend
+    from experts.tokenizer import load_tokenizer
+
+    tok_dir = run[0] / "tok"
+    plain = _plain_backend(tok_dir)
+    assert plain is not None
+    backend, vocab_size, eos, prefix = plain
+    hf = load_tokenizer(tok_dir)
+    assert (vocab_size, eos, prefix) == (len(hf), hf.eos_token_id, [hf.bos_token_id])
+    texts = ["the cat sat on the mat", "stock prices rose 12.5%", "", "ünïcödé  text\n\nwith  spaces"]
+    assert [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)] == \
+        [hf(t, add_special_tokens=False)["input_ids"] for t in texts]
+    _init_encoder(_encoder_spec(tok_dir))
+    tokens, lengths = _encode_chunk(texts)
+    assert tokens.tolist() == sum(([hf.bos_token_id] + hf(t, add_special_tokens=False)["input_ids"] +
+                                   [hf.eos_token_id] for t in texts), [])
+    other = tmp_path / "other"
+    shutil.copytree(tok_dir, other)
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_prefix_space": True}))
+    assert _plain_backend(other) is None
+    assert _load_fast_tokenizer(other)[0].is_fast
