@@ -20,6 +20,7 @@ table and writes `<out>/results.json`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -125,7 +126,8 @@ install_log_filter()
 stage, params = sys.argv[1], json.loads(sys.argv[2])
 t = time.time()
 ok = luigi.build([getattr(pipeline, stage)(**params)], local_scheduler=True, log_level="WARNING")
-print(json.dumps({"ok": bool(ok), "seconds": time.time() - t,
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"ok": bool(ok), "seconds": time.time() - t, "cpu_self_s": ru.ru_utime + ru.ru_stime,
                   "rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "rss_child_max_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
@@ -137,33 +139,36 @@ def run_stage(stage: str, params: dict, env: dict) -> dict:
         import psutil
     except ImportError:
         psutil = None
-    import resource
-
-    cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.time()
     proc = subprocess.Popen([sys.executable, "-c", CHILD, stage, json.dumps(params)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     tree_peak = 0.0
+    cpu_desc: dict[int, float] = {}  # pid → last seen user + sys CPU seconds of each descendant
     if psutil is not None:
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                procs = [root] + root.children(recursive=True)
-                tree_peak = max(tree_peak, sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20)
+                kids = root.children(recursive=True)
+                tree_peak = max(tree_peak, sum(p.memory_info().rss for p in [root] + kids if p.is_running()) / 2**20)
+                for p in kids:
+                    with contextlib.suppress(psutil.Error):
+                        t = p.cpu_times()
+                        cpu_desc[p.pid] = t.user + t.system
             except psutil.Error:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.1)
     out, err = proc.communicate()
     wall = time.time() - t0
-    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)  # the stage's process and its (reaped) pool workers
-    cpu = (cpu1.ru_utime - cpu0.ru_utime) + (cpu1.ru_stime - cpu0.ru_stime)
     lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{stage} failed:\n{err[-3000:]}")
     res = json.loads(lines[-1])
     if not res["ok"]:
         raise RuntimeError(f"{stage} failed:\n{err[-3000:]}")
-    res.update(wall_s=wall, cpu_s=cpu, rss_tree_mib=tree_peak or None)
+    # CPU seconds of the tree: the stage process's own (it reports it) + its descendants' as last sampled (pool
+    # workers, a forkserver and the workers forked from it, which the stage process does not reap itself;
+    # the last < 0.1 s of each worker is not seen)
+    res.update(wall_s=wall, cpu_s=res["cpu_self_s"] + sum(cpu_desc.values()), rss_tree_mib=tree_peak or None)
     return res
 
 
@@ -199,7 +204,8 @@ def main(argv=None):
 
     workers = args.workers or available_cores()
     out = Path(args.out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "OMP_NUM_THREADS": "1",  # TOKENIZERS_PARALLELISM as the pipeline leaves it (the pools
+           # set it off for their workers; TrainTokenizer's BPE trainer uses every core)
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1])] +
                                          [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     rows = []
