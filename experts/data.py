@@ -140,8 +140,15 @@ def _plain_backend(tokenizer_dir) -> tuple | None:
     folder = Path(tokenizer_dir)
     try:
         cfg = read_json(folder / "tokenizer_config.json")
-        if not (folder / "tokenizer.json").is_file() or (folder / "special_tokens_map.json").exists():
+        if not (folder / "tokenizer.json").is_file():
             return None
+        if (folder / "special_tokens_map.json").exists():  # transformers 4 also writes the specials here
+            smap = read_json(folder / "special_tokens_map.json")
+            content = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
+            if set(smap) - {"bos_token", "eos_token", "pad_token", "unk_token"} or any(
+                    k in cfg and content(cfg[k]) != content(v) for k, v in smap.items()):
+                return None
+            cfg = {**smap, **cfg}
         if cfg.get("tokenizer_class") not in ("PreTrainedTokenizerFast", "TokenizersBackend") or \
                 set(cfg) - _PLAIN_CONFIG_KEYS:
             return None

@@ -131,6 +131,13 @@ def test_plain_tokenizer_folder_loads_without_transformers_with_the_same_ids(run
     tokens, lengths = _encode_chunk(texts)
     assert tokens.tolist() == sum(([hf.bos_token_id] + hf(t, add_special_tokens=False)["input_ids"] +
                                    [hf.eos_token_id] for t in texts), [])
+    four = tmp_path / "four"  # a transformers 4 folder: the specials also in special_tokens_map.json
+    shutil.copytree(tok_dir, four)
+    (four / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>",
+                                                              "pad_token": "<|pad|>"}))
+    assert _plain_backend(four)[1:] == (vocab_size, eos, prefix)
+    (four / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|pad|>"}))  # disagrees: transformers
+    assert _plain_backend(four) is None
     other = tmp_path / "other"
     shutil.copytree(tok_dir, other)
     cfg = json.loads((other / "tokenizer_config.json").read_text())
