@@ -14,8 +14,10 @@ have corpus_dev's length distribution. Shards are generated in parallel, each fr
 Each stage runs as the pipeline runs it: `luigi.build([<Stage>(...)], local_scheduler=True)` in a fresh Python
 process (its inputs are already complete, so only that stage runs), --num-clusters 8, --model-size mini,
 --device cpu, --data-workers W. Peak RSS: the stage's process tree (the process and its pool workers, summed,
-sampled every 0.2 s with psutil when installed) and the main process alone (`ru_maxrss`). Prints a markdown
-table and writes `<out>/results.json`.
+sampled every 0.1 s with psutil when installed) and the main process alone (`ru_maxrss`). CPU seconds (user + sys)
+of the tree: the stage process's own (`getrusage`) plus each descendant's last sampled CPU time, and the throughput
+per CPU second ("per core"; robust to other jobs sharing the cores). Prints a markdown table and writes
+`<out>/results.json` (and `--results PATH` after every stage, so a run cut short keeps what it measured).
 """
 from __future__ import annotations
 
