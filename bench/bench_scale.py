@@ -14,12 +14,15 @@ have corpus_dev's length distribution. Shards are generated in parallel, each fr
 Each stage runs as the pipeline runs it: `luigi.build([<Stage>(...)], local_scheduler=True)` in a fresh Python
 process (its inputs are already complete, so only that stage runs), --num-clusters 8, --model-size mini,
 --device cpu, --data-workers W. Peak RSS: the stage's process tree (the process and its pool workers, summed,
-sampled every 0.2 s with psutil when installed) and the main process alone (`ru_maxrss`). Prints a markdown
-table and writes `<out>/results.json`.
+sampled every 0.1 s with psutil when installed) and the main process alone (`ru_maxrss`). CPU seconds (user + sys)
+of the tree: the stage process's own (`getrusage`) plus each descendant's last sampled CPU time, and the throughput
+per CPU second ("per core"; robust to other jobs sharing the cores). Prints a markdown table and writes
+`<out>/results.json` (and `--results PATH` after every stage, so a run cut short keeps what it measured).
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gzip
 import json
 import os
@@ -125,7 +128,8 @@ install_log_filter()
 stage, params = sys.argv[1], json.loads(sys.argv[2])
 t = time.time()
 ok = luigi.build([getattr(pipeline, stage)(**params)], local_scheduler=True, log_level="WARNING")
-print(json.dumps({"ok": bool(ok), "seconds": time.time() - t,
+ru = resource.getrusage(resource.RUSAGE_SELF)
+print(json.dumps({"ok": bool(ok), "seconds": time.time() - t, "cpu_self_s": ru.ru_utime + ru.ru_stime,
                   "rss_main_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "rss_child_max_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024}))
 """
@@ -141,15 +145,20 @@ def run_stage(stage: str, params: dict, env: dict) -> dict:
     proc = subprocess.Popen([sys.executable, "-c", CHILD, stage, json.dumps(params)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
     tree_peak = 0.0
+    cpu_desc: dict[int, float] = {}  # pid → last seen user + sys CPU seconds of each descendant
     if psutil is not None:
         root = psutil.Process(proc.pid)
         while proc.poll() is None:
             try:
-                procs = [root] + root.children(recursive=True)
-                tree_peak = max(tree_peak, sum(p.memory_info().rss for p in procs if p.is_running()) / 2**20)
+                kids = root.children(recursive=True)
+                tree_peak = max(tree_peak, sum(p.memory_info().rss for p in [root] + kids if p.is_running()) / 2**20)
+                for p in kids:
+                    with contextlib.suppress(psutil.Error):
+                        t = p.cpu_times()
+                        cpu_desc[p.pid] = t.user + t.system
             except psutil.Error:
                 pass
-            time.sleep(0.2)
+            time.sleep(0.1)
     out, err = proc.communicate()
     wall = time.time() - t0
     lines = [ln for ln in out.strip().splitlines() if ln.startswith("{")]
@@ -158,7 +167,10 @@ def run_stage(stage: str, params: dict, env: dict) -> dict:
     res = json.loads(lines[-1])
     if not res["ok"]:
         raise RuntimeError(f"{stage} failed:\n{err[-3000:]}")
-    res.update(wall_s=wall, rss_tree_mib=tree_peak or None)
+    # CPU seconds of the tree: the stage process's own (it reports it) + its descendants' as last sampled (pool
+    # workers, a forkserver and the workers forked from it, which the stage process does not reap itself;
+    # the last < 0.1 s of each worker is not seen)
+    res.update(wall_s=wall, cpu_s=res["cpu_self_s"] + sum(cpu_desc.values()), rss_tree_mib=tree_peak or None)
     return res
 
 
@@ -194,7 +206,8 @@ def main(argv=None):
 
     workers = args.workers or available_cores()
     out = Path(args.out)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "OMP_NUM_THREADS": "1",  # TOKENIZERS_PARALLELISM as the pipeline leaves it (the pools
+           # set it off for their workers; TrainTokenizer's BPE trainer uses every core)
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1])] +
                                          [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p])}
     rows = []
@@ -211,10 +224,9 @@ def main(argv=None):
             amount = stage_amount(stage, run_dir)
             row = {"scale": scale, "stage": stage, "mib_text": info["n_chars"] / 2**20, **amount, **res}
             rows.append(row)
-            rate = (f"{amount['tokens'] / res['seconds'] / 1e6:.1f}M tok/s" if amount.get("tokens") else
-                    f"{amount['docs'] / res['seconds'] / 1e3:.1f}k docs/s" if amount.get("docs") else "")
-            print(f"  {stage:15s} {res['seconds']:7.1f} s  main {res['rss_main_mib']:6.0f} MiB  tree "
-                  f"{res['rss_tree_mib'] or 0:6.0f} MiB  {rate}", flush=True)
+            print(f"  {stage:15s} {res['seconds']:7.1f} s  cpu {res['cpu_s']:7.1f} s  main {res['rss_main_mib']:6.0f} "
+                  f"MiB  tree {res['rss_tree_mib'] or 0:6.0f} MiB  {_rate(row)}  per core {_rate(row, 'cpu_s')}",
+                  flush=True)
             for path in filter(None, [out / "results.json", args.results]):
                 Path(path).write_text(json.dumps(rows, indent=1))
         if not args.keep:
@@ -224,12 +236,23 @@ def main(argv=None):
     print(table(rows, workers))
 
 
+def _rate(r: dict, per: str = "seconds") -> str:
+    """Tokens or documents per second of the stage (`per="seconds"`), or per CPU second of its process tree
+    (`per="cpu_s"`: user + sys of the process and its pool workers, robust to other jobs sharing the cores)."""
+    if not r.get(per):
+        return ""
+    if r.get("tokens"):
+        return f"{r['tokens'] / r[per] / 1e6:.2f}M tok/s"
+    return f"{r['docs'] / r[per] / 1e3:.2f}k docs/s" if r.get("docs") else ""
+
+
 def table(rows: list[dict], workers: int) -> str:
     scales = sorted({r["scale"] for r in rows})
     head = "| stage | " + " | ".join(f"{s}× ({next(r['mib_text'] for r in rows if r['scale'] == s):.0f} Mi chars)"
                                      for s in scales) + " |"
     lines = [f"data workers: {workers}; each cell: stage seconds, peak RSS of the process tree (main process), "
-             "throughput", "", head, "|---|" + "---|" * len(scales)]
+             "throughput; CPU seconds (user + sys) of the stage's process tree and throughput per CPU second", "",
+             head, "|---|" + "---|" * len(scales)]
     for stage in dict.fromkeys(r["stage"] for r in rows):
         cells = []
         for s in scales:
@@ -237,9 +260,9 @@ def table(rows: list[dict], workers: int) -> str:
             if r is None:
                 cells.append("–")
                 continue
-            rate = (f"{r['tokens'] / r['seconds'] / 1e6:.1f}M tok/s" if r.get("tokens") else
-                    f"{r['docs'] / r['seconds'] / 1e3:.1f}k docs/s" if r.get("docs") else "")
-            cells.append(f"{r['seconds']:.1f} s, {r['rss_tree_mib'] or 0:,.0f} ({r['rss_main_mib']:,.0f}) MiB, {rate}")
+            cells.append(f"{r['seconds']:.1f} s, {r['rss_tree_mib'] or 0:,.0f} ({r['rss_main_mib']:,.0f}) MiB, "
+                         f"{_rate(r)}" + (f"; {r['cpu_s']:.0f} CPU s, {_rate(r, 'cpu_s')} per core"
+                                          if r.get("cpu_s") else ""))
         lines.append(f"| {stage} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -67,7 +67,7 @@ def _encoder_spec(tokenizer_dir) -> tuple:
     as JSON (truncation and padding off), the token dtype, eos and [bos] or []; workers need not import
     transformers."""
     tokenizer, _, dtype, eos, prefix = _load_fast_tokenizer(tokenizer_dir)
-    backend = tokenizer.backend_tokenizer
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     backend.no_truncation()
     backend.no_padding()
     return backend.to_str(), dtype.str, int(eos), list(prefix)
@@ -126,8 +126,57 @@ def _encoded(path: Path, pool: WorkerPool, rows: int, desc: str, n: int):
     bar.close()
 
 
+# tokenizer_config.json keys of the tokenizers `experts.tokenizer.train_tokenizer` saves (and `make_portable`
+# leaves): nothing in them changes how transformers builds the backend, so the backend is tokenizer.json as is.
+_PLAIN_CONFIG_KEYS = {"backend", "bos_token", "eos_token", "pad_token", "unk_token", "model_max_length",
+                      "tokenizer_class", "clean_up_tokenization_spaces", "added_tokens_decoder"}
+
+
+def _plain_backend(tokenizer_dir) -> tuple | None:
+    """(backend `tokenizers.Tokenizer`, vocab_size, eos, prefix) read from tokenizer.json and tokenizer_config.json
+    without transformers (whose import, with this package's model registration, costs ~5 s of CPU per stage),
+    for a plain `PreTrainedTokenizerFast` folder such as TrainTokenizer writes; None for anything else (an HF seed's
+    tokenizer: transformers loads it). Same ids as transformers' loading (tests/experts/test_data.py)."""
+    folder = Path(tokenizer_dir)
+    try:
+        cfg = read_json(folder / "tokenizer_config.json")
+        if not (folder / "tokenizer.json").is_file():
+            return None
+        if (folder / "special_tokens_map.json").exists():  # transformers 4 also writes the specials here
+            smap = read_json(folder / "special_tokens_map.json")
+            content = lambda v: v.get("content") if isinstance(v, dict) else v  # noqa: E731
+            if set(smap) - {"bos_token", "eos_token", "pad_token", "unk_token"} or any(
+                    k in cfg and content(cfg[k]) != content(v) for k, v in smap.items()):
+                return None
+            cfg = {**smap, **cfg}
+        if cfg.get("tokenizer_class") not in ("PreTrainedTokenizerFast", "TokenizersBackend") or \
+                set(cfg) - _PLAIN_CONFIG_KEYS:
+            return None
+        from tokenizers import Tokenizer
+
+        backend = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    except Exception:  # noqa: BLE001 - anything unusual: transformers decides
+        return None
+
+    def token_id(key):
+        tok = cfg.get(key)
+        tok = tok.get("content") if isinstance(tok, dict) else tok
+        return None if tok is None else backend.token_to_id(tok)
+
+    eos, bos = token_id("eos_token"), token_id("bos_token")
+    if eos is None or (cfg.get("bos_token") is not None and bos is None):
+        return None
+    return backend, backend.get_vocab_size(with_added_tokens=True), eos, ([bos] if bos is not None else [])
+
+
 def _load_fast_tokenizer(tokenizer_dir) -> tuple:
-    """(tokenizer, vocab_size, dtype, eos, prefix [bos] or []) with the checks every sharding needs."""
+    """(tokenizer, vocab_size, dtype, eos, prefix [bos] or []) with the checks every sharding needs; `tokenizer`
+    is the backend `tokenizers.Tokenizer` when `_plain_backend` reads the folder, else transformers' fast
+    tokenizer."""
+    plain = _plain_backend(tokenizer_dir)
+    if plain is not None:
+        backend, vocab_size, eos, prefix = plain
+        return backend, vocab_size, token_dtype(vocab_size), eos, prefix
     from experts.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(tokenizer_dir)

@@ -84,7 +84,7 @@ def load_tokenizer(path: str | os.PathLike):
         raise InputError(f"cannot load a tokenizer from {Path(path)}: {first}") from None
 
 
-SAMPLE_CHARS = 200_000_000  # the BPE trainer reads at most about this many characters of the train split
+SAMPLE_CHARS = 100_000_000  # the BPE trainer reads at most about this many characters of the train split
 SAMPLE_DOC_CHARS = 1_000_000  # ... and at most this prefix of each sampled document
 
 
@@ -94,7 +94,8 @@ def tokenizer_for_corpus(corpus_dir: str | os.PathLike, out_dir: str | os.PathLi
     `<corpus_dir>/train.parquet`'s text column (`train_tokenizer`); otherwise the seed model's own tokenizer, copied.
     A train split of more than `sample_chars` characters is sampled: each document is kept with probability
     sample_chars / total (seeded, decided per row, streamed) and read up to `SAMPLE_DOC_CHARS`; a smaller one is
-    read whole. Returns {"vocab_size", "sample_docs", "total_docs"} or {"from": seed_model}."""
+    read whole (BPE merges settle long before 100M characters). Returns {"vocab_size", "sample_docs", "total_docs",
+    "sample_chars" (the cap), "total_chars"} or {"from": seed_model}."""
     if seed_model != "scratch":
         load_tokenizer(seed_model).save_pretrained(out_dir)
         return {"from": seed_model}
@@ -115,12 +116,13 @@ def tokenizer_for_corpus(corpus_dir: str | os.PathLike, out_dir: str | os.PathLi
     def texts():
         start = 0
         for batch in pf.iter_batches(columns=["text"], batch_size=1024):
-            rows = batch.column(0).to_pylist()
+            col = batch.column(0)
             if keep is None:
-                yield from rows
-            else:
-                yield from (t[:SAMPLE_DOC_CHARS] for t, k in zip(rows, keep[start: start + len(rows)]) if k and t)
-            start += len(rows)
+                yield from col.to_pylist()
+            else:  # only the sampled documents become Python strings
+                yield from (t[:SAMPLE_DOC_CHARS] for t in col.filter(keep[start: start + len(col)]).to_pylist() if t)
+            start += len(col)
 
     tok = train_tokenizer(texts(), out_dir, vocab_size=vocab_size)
-    return {"vocab_size": len(tok), "sample_docs": int(n if keep is None else keep.sum()), "total_docs": n}
+    return {"vocab_size": len(tok), "sample_docs": int(n if keep is None else keep.sum()), "total_docs": n,
+            "sample_chars": int(sample_chars), "total_chars": int(total)}

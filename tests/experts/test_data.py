@@ -125,3 +125,40 @@ def test_long_documents_tokenize_without_the_length_warning(tmp_path, caplog):
         tokens, lengths = _encode_chunk(["alpha beta gamma delta " * 20])
     assert int(lengths[0]) > 8 and len(tokens) == int(lengths.sum())
     assert not [r for r in caplog.records if "maximum sequence length" in r.getMessage()]
+
+
+def test_plain_tokenizer_folder_loads_without_transformers_with_the_same_ids(run, tmp_path):
+    """TokenizeCorpus/ShardCorpus read a TrainTokenizer folder straight from tokenizer.json (no transformers
+    import): same vocabulary size, eos, bos and ids as transformers' fast tokenizer; any other folder (here: a
+    config key transformers acts on) goes through transformers."""
+    import shutil
+
+    from experts.data import _encode_chunk, _encoder_spec, _init_encoder, _load_fast_tokenizer, _plain_backend
+    from experts.tokenizer import load_tokenizer
+
+    tok_dir = run[0] / "tok"
+    plain = _plain_backend(tok_dir)
+    assert plain is not None
+    backend, vocab_size, eos, prefix = plain
+    hf = load_tokenizer(tok_dir)
+    assert (vocab_size, eos, prefix) == (len(hf), hf.eos_token_id, [hf.bos_token_id])
+    texts = ["the cat sat on the mat", "stock prices rose 12.5%", "", "ünïcödé  text\n\nwith  spaces"]
+    assert [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)] == \
+        [hf(t, add_special_tokens=False)["input_ids"] for t in texts]
+    _init_encoder(_encoder_spec(tok_dir))
+    tokens, lengths = _encode_chunk(texts)
+    assert tokens.tolist() == sum(([hf.bos_token_id] + hf(t, add_special_tokens=False)["input_ids"] +
+                                   [hf.eos_token_id] for t in texts), [])
+    four = tmp_path / "four"  # a transformers 4 folder: the specials also in special_tokens_map.json
+    shutil.copytree(tok_dir, four)
+    (four / "special_tokens_map.json").write_text(json.dumps({"bos_token": "<|bos|>", "eos_token": "<|eos|>",
+                                                              "pad_token": "<|pad|>"}))
+    assert _plain_backend(four)[1:] == (vocab_size, eos, prefix)
+    (four / "special_tokens_map.json").write_text(json.dumps({"eos_token": "<|pad|>"}))  # disagrees: transformers
+    assert _plain_backend(four) is None
+    other = tmp_path / "other"
+    shutil.copytree(tok_dir, other)
+    cfg = json.loads((other / "tokenizer_config.json").read_text())
+    (other / "tokenizer_config.json").write_text(json.dumps({**cfg, "add_prefix_space": True}))
+    assert _plain_backend(other) is None
+    assert _load_fast_tokenizer(other)[0].is_fast
