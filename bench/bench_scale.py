@@ -202,7 +202,7 @@ def main(argv=None):
     ap.add_argument("--keep", action="store_true", help="keep the run folders (default: remove after each scale)")
     ap.add_argument("--results", default="", help="also write the results JSON here after every stage")
     args = ap.parse_args(argv)
-    from corpus.stream import available_cores
+    from corpus.threads import available_cores
 
     workers = args.workers or available_cores()
     out = Path(args.out)

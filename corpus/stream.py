@@ -1,6 +1,5 @@
 """Streaming building blocks of the data stages: bounded memory whatever the corpus size, every core.
 
-- `available_cores()`: the cores this process may use (CPU affinity, then a cgroup v2/v1 CPU quota).
 - `WorkerPool` / `ordered_map(fn, items, workers, ...)`: `map` over a process pool with at most `2 × workers`
   items in flight, results in input order (so outputs do not depend on the pool size); `workers <= 1` runs in
   this process.
@@ -14,7 +13,6 @@
 from __future__ import annotations
 
 import itertools
-import math
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -23,30 +21,6 @@ from typing import Any, Callable, Iterable, Iterator
 import numpy as np
 
 _NPY_HEADER = 128  # bytes reserved for a .npy header (magic, version, length, dict): fits any shape of ≤ 3 dims
-
-
-def available_cores() -> int:
-    """Cores this process may run on: `os.sched_getaffinity`, capped by a cgroup CPU quota (`cpu.max` of cgroup
-    v2, `cpu.cfs_quota_us / cpu.cfs_period_us` of v1), at least 1."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        n = os.cpu_count() or 1
-    quota = None
-    try:
-        text = Path("/sys/fs/cgroup/cpu.max").read_text().split()
-        if text and text[0] != "max":
-            quota = int(text[0]) / int(text[1])
-    except (OSError, ValueError, IndexError):
-        try:
-            q = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").read_text())
-            p = int(Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read_text())
-            quota = q / p if q > 0 and p > 0 else None
-        except (OSError, ValueError):
-            quota = None
-    if quota is not None:
-        n = min(n, max(1, math.floor(quota)))
-    return max(1, n)
 
 
 class WorkerPool:

@@ -385,7 +385,7 @@ class RunParams(*PARAMETER_GROUPS):
         """--data-workers, or (0) the cores this process may use divided among luigi's --workers."""
         if self.data_workers > 0:
             return int(self.data_workers)
-        from corpus.stream import available_cores
+        from corpus.threads import available_cores
 
         try:
             import luigi.interface

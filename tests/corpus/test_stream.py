@@ -164,7 +164,8 @@ def test_streaming_dataset_reads_the_same_documents(tmp_path):
 def test_npy_writer_and_row_group_writer(tmp_path):
     import pyarrow as pa
 
-    from corpus.stream import NpyWriter, RowGroupWriter, available_cores, iter_npy_rows, ordered_map
+    from corpus.stream import NpyWriter, RowGroupWriter, iter_npy_rows, ordered_map
+    from corpus.threads import available_cores
 
     w = NpyWriter(tmp_path / "s.npy", np.uint16)
     for part in np.array_split(np.arange(23, dtype=np.uint16), 4):
