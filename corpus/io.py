@@ -23,6 +23,16 @@ class InputError(ValueError):
     """Bad user input (a path, a parameter, a file): the message is one clear line naming the problem."""
 
 
+class ConfigError(InputError):
+    """A library config's value is out of range: `field` names the config field (`TrainConfig.min_lr`), so a caller
+    that set it from a flag can say which flag (`pipeline` maps fields to flags)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field} {message}")
+        self.field = field
+        self.detail = message
+
+
 # Temporaries: `.<name>.cbtm-tmp-<8 hex>` (being written) and `.<name>.cbtm-old-<8 hex>` (being replaced). Only
 # names of exactly this form are ever removed as leftovers of an interrupted run (pipeline.preflight.clean_stale),
 # and only inside a folder that carries the run-folder marker (corpus.layout.RUN_MARKER).
