@@ -25,8 +25,8 @@ import numpy as np
 import scipy.sparse
 import torch
 
-from clustering.balanced import (DAMP, Scratch, balanced_assign, capped_assign, relaxed_prices, size_bounds,
-                                 wbalanced_assign, wcapped_assign, wcounts, weighted_size_bounds, wrelaxed_prices)
+from clustering.balanced import (DAMP, Scratch, balanced_assign, capped_assign, cluster_sizes, relaxed_prices,
+                                 size_bounds, weighted_size_bounds)
 from clustering.inputs import BATCH_BYTES, check_matrix, check_weights, rows_to_device, take_rows
 from clustering.search import FaissSearch, TorchSearch, cluster_of, faiss_has_gpu, sqnorms, to_dense
 from corpus.device import resolve_device
@@ -343,8 +343,8 @@ class BalancedKMeans(Clusterer):
     auction rounds — see bench/RESULTS.md for the measured comparison.
 
     With per-point weights (fit(x, weights)), the capacities are weighted: lo ≤ Σ_{a(i)=j} w_i ≤ hi
-    (`weighted_size_bounds`), every step above runs its weighted twin (prices per unit of weight, `w*`
-    functions), and without weights the unit-weight code runs unchanged.
+    (`weighted_size_bounds`) and every step above takes the weights (prices per unit of weight); without weights
+    each point weighs 1 and the sizes are counts.
 
     fit(x) fits on a seeded sample of ≤ fit_sample rows; predict(x) streams nearest-centroid assignment;
     assign_balanced(x) streams the capacity-aware assignment of a whole corpus (sizes within `balance` at
@@ -404,23 +404,19 @@ class BalancedKMeans(Clusterer):
                 if w is not None:
                     eps /= float(w.mean())  # prices are per unit of weight
             if it >= self.n_iter - self.exact_iters:  # last iterations: exact bounds, so no centroid is stranded
-                assign, _, prices = self._exact(xs, c, cd, ci, lo, hi, prices, x2, scratch, w)
-            elif w is None:
-                ds = d if sub is None else torch.index_select(d, 0, sub, out=buf_s)
-                prices, damp = relaxed_prices(ds, prices, damp, lo_s, hi_s, _RELAX_STEPS, eps, scratch=scratch)
-                assign = capped_assign(d, prices, hi, overwrite=True, scratch=scratch)  # nearly balanced; d spent
+                assign, _, prices = balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2, scratch, w)
             else:
                 ds = d if sub is None else torch.index_select(d, 0, sub, out=buf_s)
-                prices, damp = wrelaxed_prices(ds, prices, damp, lo_s, hi_s, _RELAX_STEPS, eps, ws, scratch=scratch)
-                assign = wcapped_assign(d, prices, hi, w, overwrite=True)
+                prices, damp = relaxed_prices(ds, prices, damp, lo_s, hi_s, _RELAX_STEPS, eps, scratch=scratch, w=ws)
+                assign = capped_assign(d, prices, hi, overwrite=True, scratch=scratch, w=w)  # nearly balanced; d spent
             del d, cd, ci
             c, counts = self._update(xs, assign, c)
             self._log_iter(it, counts, t0)
         # the final assignment w.r.t. the final centroids is the only one that must meet the bounds exactly
         cd, ci = self._searcher(c).candidates(xs, x2, out=buf)
-        assign, dist, prices = self._exact(xs, c, cd, ci, lo, hi, prices, x2, scratch, w)
+        assign, dist, prices = balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2, scratch, w)
         self.prices_ = prices.cpu().numpy().astype(np.float32)
-        self.weighted_sizes_ = None if w is None else wcounts(assign, w, k).cpu().tolist()
+        self.weighted_sizes_ = None if w is None else cluster_sizes(assign, w, k).cpu().tolist()
         self.max_weight_ = None if weights is None else float(weights.max())
         self._finish_fit(c, assign, dist, t0)
         return self
@@ -438,12 +434,6 @@ class BalancedKMeans(Clusterer):
         return (torch.full((k,), lo, dtype=dtype, device=self.device),
                 torch.full((k,), hi, dtype=dtype, device=self.device))
 
-    def _exact(self, xs, c, cd, ci, lo, hi, prices, x2=None, scratch=None, w=None):
-        """The exact assignment within the bounds: `balanced_assign`, or `wbalanced_assign` with weights."""
-        if w is None:
-            return balanced_assign(xs, c, cd, ci, lo, hi, prices, self.price_steps, x2, scratch)
-        return wbalanced_assign(xs, c, cd, ci, lo, hi, prices, w, self.price_steps, x2)
-
     def assign_balanced(self, x: Any, return_distance: bool = False, out_distances: np.ndarray | None = None,
                         weights: Any = None):
         """Capacity-aware assignment of a whole corpus x (n, dim), streamed in batches.
@@ -453,43 +443,11 @@ class BalancedKMeans(Clusterer):
         count_j and is solved with `balanced_assign`, warm-started from the fitted prices. So the final sizes obey
         the tolerance over the whole corpus. With weights (n,) the same holds for weighted sizes: the bounds are
         `weighted_size_bounds` of the weight assigned so far (widened by the largest weight of x) and each batch
-        is solved by the weighted assignment. Returns labels (n,) int64 [, distance (n,) float32]; fills
+        is solved with its weights. Returns labels (n,) int64 [, distance (n,) float32]; fills
         out_distances (n, n_clusters) when given."""
         x = check_matrix(x)
         if weights is not None:
-            return self._assign_balanced_weighted(x, check_weights(weights, x.shape[0]), return_distance,
-                                                  out_distances)
-        c = self._centroids_t()
-        self._check_dim(x)
-        k = self.n_clusters
-        n = x.shape[0]
-        if k > n:
-            raise InputError(f"n_clusters={k} is larger than the number of documents to assign ({n})")
-        search = self._searcher(c)
-        labels = np.empty(n, dtype=np.int64)
-        dist = np.empty(n, dtype=np.float32)
-        counts = torch.zeros(k, dtype=torch.long, device=self.device)
-        prices = torch.from_numpy(self.prices_ if self.prices_ is not None else np.zeros(k, np.float32))
-        state = {"prices": prices.to(self.device)}
-
-        def step(s, e, xb):
-            lo_n, hi_n = size_bounds(e, k, self.balance)
-            lo = (lo_n - counts).clamp_min(0)
-            hi = hi_n - counts
-            if out_distances is not None:
-                cd, ci = search.full(xb), None
-                out_distances[s:e] = cd.cpu().numpy()
-            else:
-                cd, ci = search.candidates(xb)
-            a, d, state["prices"] = balanced_assign(xb, c, cd, ci, lo, hi, state["prices"], self.price_steps)
-            counts.add_(torch.bincount(a, minlength=k))
-            labels[s:e] = a.cpu().numpy()
-            dist[s:e] = d.cpu().numpy()
-
-        self._stream(x, step, "assign_balanced")
-        return (labels, dist) if return_distance else labels
-
-    def _assign_balanced_weighted(self, x, weights: np.ndarray, return_distance: bool, out_distances):
+            weights = check_weights(weights, x.shape[0])
         c = self._centroids_t()
         self._check_dim(x)
         k, n = self.n_clusters, x.shape[0]
@@ -498,23 +456,30 @@ class BalancedKMeans(Clusterer):
         search = self._searcher(c)
         labels = np.empty(n, dtype=np.int64)
         dist = np.empty(n, dtype=np.float32)
-        sizes = torch.zeros(k, dtype=torch.float64, device=self.device)
-        cum = np.concatenate([[0.0], np.cumsum(weights)])  # (n + 1,) weight of the first N points
-        w_max = float(weights.max())
-        warm = self.prices_ is not None and self.weighted  # fitted prices are per unit of weight only if weighted
+        if weights is None:
+            sizes = torch.zeros(k, dtype=torch.long, device=self.device)  # points assigned to each cluster so far
+        else:
+            sizes = torch.zeros(k, dtype=torch.float64, device=self.device)  # their weight
+            cum = np.concatenate([[0.0], np.cumsum(weights)])  # (n + 1,) weight of the first N points
+            w_max = float(weights.max())
+        warm = self.prices_ is not None and (weights is None or self.weighted)  # weighted: prices per unit of weight
         state = {"prices": torch.from_numpy(self.prices_ if warm else np.zeros(k, np.float32)).to(self.device)}
 
         def step(s, e, xb):
-            lo_n, hi_n = weighted_size_bounds(float(cum[e]), w_max, k, self.balance)
+            if weights is None:
+                lo_n, hi_n = size_bounds(e, k, self.balance)
+                wb = None
+            else:
+                lo_n, hi_n = weighted_size_bounds(float(cum[e]), w_max, k, self.balance)
+                wb = torch.from_numpy(weights[s:e].astype(np.float32)).to(self.device)
             lo, hi = (lo_n - sizes).clamp_min(0), hi_n - sizes
             if out_distances is not None:
                 cd, ci = search.full(xb), None
                 out_distances[s:e] = cd.cpu().numpy()
             else:
                 cd, ci = search.candidates(xb)
-            wb = torch.from_numpy(weights[s:e].astype(np.float32)).to(self.device)
-            a, d, state["prices"] = wbalanced_assign(xb, c, cd, ci, lo, hi, state["prices"], wb, self.price_steps)
-            sizes.add_(wcounts(a, wb, k))
+            a, d, state["prices"] = balanced_assign(xb, c, cd, ci, lo, hi, state["prices"], self.price_steps, w=wb)
+            sizes.add_(cluster_sizes(a, wb, k))
             labels[s:e] = a.cpu().numpy()
             dist[s:e] = d.cpu().numpy()
 
