@@ -463,9 +463,10 @@ class BalancedKMeans(Clusterer):
             cum = np.concatenate([[0.0], np.cumsum(weights)])  # (n + 1,) weight of the first N points
             w_max = float(weights.max())
         warm = self.prices_ is not None and (weights is None or self.weighted)  # weighted: prices per unit of weight
-        state = {"prices": torch.from_numpy(self.prices_ if warm else np.zeros(k, np.float32)).to(self.device)}
+        prices = torch.from_numpy(self.prices_ if warm else np.zeros(k, np.float32)).to(self.device)
 
         def step(s, e, xb):
+            nonlocal prices
             if weights is None:
                 lo_n, hi_n = size_bounds(e, k, self.balance)
                 wb = None
@@ -478,7 +479,7 @@ class BalancedKMeans(Clusterer):
                 out_distances[s:e] = cd.cpu().numpy()
             else:
                 cd, ci = search.candidates(xb)
-            a, d, state["prices"] = balanced_assign(xb, c, cd, ci, lo, hi, state["prices"], self.price_steps, w=wb)
+            a, d, prices = balanced_assign(xb, c, cd, ci, lo, hi, prices, self.price_steps, w=wb)
             sizes.add_(cluster_sizes(a, wb, k))
             labels[s:e] = a.cpu().numpy()
             dist[s:e] = d.cpu().numpy()
