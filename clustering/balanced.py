@@ -252,7 +252,7 @@ def capped_assign(d: torch.Tensor, prices: torch.Tensor, hi: torch.Tensor, overw
     rounds, so those may end a little above hi. This stops one cluster from swallowing a neighbour's points (two
     clusters on one dense blob would otherwise get the same points, the same mean, and stay identical).
     Returns a (n,) int64."""
-    n, k = d.shape
+    k = d.shape[1]
     cost = _priced(d, prices, w, out=d if overwrite else None)  # (n, k)
     own, best = cost.min(1)  # (n,)
     is_over = cluster_sizes(best, w, k) > hi  # (k,)
@@ -361,7 +361,7 @@ def balanced_assign(
     After step 3 the bounds hold exactly, whatever the prices did. No Python loop runs over points; `BalancedKMeans`
     calls this in its last Lloyd iterations and once per batch in `assign_balanced`.
     """
-    n, k = cand_dist.shape[0], centroids.shape[0]
+    k = centroids.shape[0]
     if w is not None:
         lo, hi = lo.double(), hi.double()
     d = to_dense(cand_dist, cand_idx, k)  # (n, k), +inf outside the candidates
@@ -405,7 +405,7 @@ def _fill_lower(x: torch.Tensor, centroids: torch.Tensor, d: torch.Tensor, cand_
     """Step 3b of `balanced_assign`, in place on assign, dist (n,): every cluster j below lo_j takes the points of
     least increase (dj − dist)/w (d (n, k) dense distances, +inf outside the candidates: then dj is computed) from
     clusters that stay ≥ their own lo, until its size reaches lo_j."""
-    n, k = d.shape
+    k = d.shape[1]
     sizes = cluster_sizes(assign, w, k)
     short = lo - sizes  # (k,) how far each cluster is below its lower bound
     if x2 is None and cand_idx is not None and bool((short > 0).any()):
