@@ -423,7 +423,7 @@ def _fill_lower(x: torch.Tensor, centroids: torch.Tensor, d: torch.Tensor, cand_
             pick = _cheapest_weighted_moves(inc, w, assign, slack, float(short[j]))
         sizes -= cluster_sizes(assign[pick], _rows(wd, pick), k)
         sizes[j] += pick.numel() if w is None else wd[pick].sum()
-        dist[pick] = dist[pick] + inc[pick] if w is None else dj[pick]
+        dist[pick] = dist[pick] + inc[pick] if w is None else dj[pick]  # weighted inc is per unit of weight
         assign[pick] = j
 
 
