@@ -425,7 +425,7 @@ class TrainRecipe:
                 idx = mine[i : i + plan.micro_batch_size]
                 x = torch.from_numpy(np.stack([valid.blocks(j, 1)[0] for j in idx])).to(device)
                 with self.device_setup.autocast():
-                    _, lm, _ = (loss_module(x) if self.fsdp or not hasattr(loss_module, "_backbone")
+                    _, lm, _ = (loss_module(x) if self.fsdp or not loss_module.fused
                                 else _eval_loss(loss_module, x))
                 total[0] += lm.detach().double() * len(idx)  # stays on the device: one host sync per evaluation
                 total[1] += len(idx)
@@ -557,8 +557,8 @@ class TrainRecipe:
                 self.metrics.move_into(tmp)  # the event files, closed by _hand_back(), become <out_dir>/tensorboard/
             shutil.rmtree(self.ckpt, ignore_errors=True)
             log.info("trained %s: %d steps, %d tokens, %.1f s, final loss %.4f, valid %s", self.out_dir,
-                     result["steps"], result["tokens_seen"], result["wall_time_s"], result["final_loss"] or float("nan"),
-                     result["valid_loss"])
+                     result["steps"], result["tokens_seen"], result["wall_time_s"],
+                     result["final_loss"] or float("nan"), result["valid_loss"])
         if self.world > 1:
             torch.distributed.barrier()
 
