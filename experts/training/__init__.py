@@ -10,7 +10,7 @@ config)` with a `TrainConfig`. Inside, one file per concern, and the loop that c
 - `distributed`: several devices (DDP, FSDP2 `shard_model`)
 - `metrics`: `RouterStats`, an MoE's expert load and routing entropy
 - `events`: `LiveMetrics`, TensorBoard event files written while training (`<out_dir>/tensorboard/`)
-- `loop`: `train_model`, the recipe
+- `loop`: `train_model`, which runs `TrainRecipe` (setup, train, save), the recipe that calls them
 """
 from experts.training.checkpoint import checkpoint_dir
 from experts.training.config import TrainConfig

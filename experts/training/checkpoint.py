@@ -23,7 +23,7 @@ def checkpoint_dir(out_dir: str | os.PathLike) -> Path:
     return out_dir.parent / f"{out_dir.name}.ckpt"
 
 
-def _full_state(model, optimizer=None, fsdp: bool = False) -> tuple[dict, dict | None]:
+def full_state(model, optimizer=None, fsdp: bool = False) -> tuple[dict, dict | None]:
     """(model state dict, optimizer state dict) with whole CPU tensors.
 
     Plain/DDP: `state_dict()`, optimizer state keyed by parameter index. FSDP: gathered from the shards with
@@ -47,7 +47,7 @@ def _full_state(model, optimizer=None, fsdp: bool = False) -> tuple[dict, dict |
     return model_state, get_optimizer_state_dict(model, optimizer, options=opts) if optimizer is not None else None
 
 
-def _tied_like(reference: dict, weights: dict) -> dict:
+def tied_like(reference: dict, weights: dict) -> dict:
     """`weights` with the names that share one tensor in `reference` (tied embeddings) sharing one again."""
     first: dict[int, str] = {}
     out = dict(weights)
@@ -63,11 +63,11 @@ def save_checkpoint(path: Path, model, optimizer, state: dict, fsdp: bool = Fals
     """Write `path/` (model.safetensors, optimizer.safetensors, rng.safetensors, trainer_state.json, and
     best.safetensors = the `best` weights of the overfitting guard when given) atomically.
 
-    Under FSDP every rank calls this (the full state is gathered, `_full_state`) and rank 0 writes the same
+    Under FSDP every rank calls this (the full state is gathered, `full_state`) and rank 0 writes the same
     files as a single process would, except that the optimizer's state is keyed by parameter name
     ("optimizer_keys": "names") instead of index; a resume must then use FSDP again (any world size).
     """
-    model_state, opt = _full_state(model, optimizer, fsdp)
+    model_state, opt = full_state(model, optimizer, fsdp)
     if fsdp and torch.distributed.get_rank() != 0:
         return
     with atomic_dir(path) as tmp:

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from corpus.io import InputError
+from corpus.io import ConfigError, InputError
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one training run. A field's docstring names the pipeline flag that sets it, where one
-    does; the checks' messages name every field as a flag (`min_lr` as --min-lr)."""
+    """Hyper-parameters of one training run, checked when built: a value out of range raises
+    `corpus.io.ConfigError` naming the field (`TrainConfig.min_lr`), which the pipeline maps to its flag. A field's
+    docstring names the pipeline flag that sets it, where one does."""
 
     train_tokens: int
     """Token budget of this run (the pipeline splits --train-tokens into the seed's, the dense model's and each
@@ -114,42 +115,55 @@ class TrainConfig:
         self.betas = tuple(self.betas)  # type: ignore[assignment]
         if isinstance(self.micro_batch_size, str) and self.micro_batch_size.strip().isdigit():
             self.micro_batch_size = int(self.micro_batch_size)
+
+        def bad(name: str, what: str) -> ConfigError:
+            return ConfigError(f"TrainConfig.{name}", what)
+
+        # (valid?, the error otherwise): a ConfigError names the field, and the pipeline maps it to its flag. Three
+        # messages still name a flag, because tests pin their text (tests/experts/test_microbatch.py, test_train.py,
+        # test_fsdp.py): micro_batch_size, decay and sharding.
         checks = [
-            (self.train_tokens > 0, f"--train-tokens must be positive, got {self.train_tokens}"),
+            (self.train_tokens > 0, bad("train_tokens", f"must be positive, got {self.train_tokens}")),
             (self.micro_batch_size == "auto" or (isinstance(self.micro_batch_size, int) and self.micro_batch_size > 0),
-             f"--micro-batch-size must be 'auto' or a positive integer, got {self.micro_batch_size!r}"),
-            (self.experts_per_gpu >= 1, f"--experts-per-gpu must be >= 1, got {self.experts_per_gpu}"),
+             InputError(f"--micro-batch-size must be 'auto' or a positive integer, got {self.micro_batch_size!r}")),
+            (self.experts_per_gpu >= 1, bad("experts_per_gpu", f"must be >= 1, got {self.experts_per_gpu}")),
             (self.global_batch_tokens is None or self.global_batch_tokens > 0,
-             f"--batch-tokens must be positive, got {self.global_batch_tokens}"),
-            (self.lr > 0, f"--learning-rate must be positive, got {self.lr}"),
-            (0 <= self.min_lr <= self.lr, f"--min-lr must be in [0, --learning-rate], got {self.min_lr}"),
-            (self.warmup_steps is None or self.warmup_steps >= 0, f"--warmup-steps must be >= 0, got {self.warmup_steps}"),
-            (0 <= self.warmup_fraction < 1, f"--warmup-fraction must be in [0, 1), got {self.warmup_fraction}"),
-            (self.decay in ("cosine", "linear"), f"--decay must be 'cosine' or 'linear', got {self.decay!r}"),
+             bad("global_batch_tokens", f"must be positive, got {self.global_batch_tokens}")),
+            (self.lr > 0, bad("lr", f"must be positive, got {self.lr}")),
+            (0 <= self.min_lr <= self.lr, bad("min_lr", f"must be in [0, lr], got {self.min_lr} (lr {self.lr})")),
+            (self.warmup_steps is None or self.warmup_steps >= 0,
+             bad("warmup_steps", f"must be >= 0, got {self.warmup_steps}")),
+            (0 <= self.warmup_fraction < 1, bad("warmup_fraction", f"must be in [0, 1), got {self.warmup_fraction}")),
+            (self.decay in ("cosine", "linear"),
+             InputError(f"--decay must be 'cosine' or 'linear', got {self.decay!r}")),
             (self.schedule_steps is None or self.schedule_steps >= 1,
-             f"schedule_steps must be >= 1, got {self.schedule_steps}"),
-            (self.schedule_start >= 0, f"schedule_start must be >= 0, got {self.schedule_start}"),
-            (self.weight_decay >= 0, f"--weight-decay must be >= 0, got {self.weight_decay}"),
-            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas), f"--betas must be two numbers in [0, 1), got {self.betas}"),
-            (self.grad_clip >= 0, f"--grad-clip must be >= 0, got {self.grad_clip}"),
-            (self.loss_chunks >= 1, f"loss_chunks must be >= 1, got {self.loss_chunks}"),
-            (self.eval_every >= 0 and self.checkpoint_every >= 0 and self.log_every >= 0,
-             "--eval-every, --checkpoint-every and --log-every must be >= 0"),
-            (self.eval_tokens > 0, f"--eval-tokens must be positive, got {self.eval_tokens}"),
-            (self.router_aux_loss_coef >= 0, f"--router-aux-loss-coef must be >= 0, got {self.router_aux_loss_coef}"),
+             bad("schedule_steps", f"must be >= 1, got {self.schedule_steps}")),
+            (self.schedule_start >= 0, bad("schedule_start", f"must be >= 0, got {self.schedule_start}")),
+            (self.weight_decay >= 0, bad("weight_decay", f"must be >= 0, got {self.weight_decay}")),
+            (len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+             bad("betas", f"must be two numbers in [0, 1), got {self.betas}")),
+            (self.grad_clip >= 0, bad("grad_clip", f"must be >= 0, got {self.grad_clip}")),
+            (self.loss_chunks >= 1, bad("loss_chunks", f"must be >= 1, got {self.loss_chunks}")),
+            (self.eval_every >= 0, bad("eval_every", f"must be >= 0, got {self.eval_every}")),
+            (self.checkpoint_every >= 0, bad("checkpoint_every", f"must be >= 0, got {self.checkpoint_every}")),
+            (self.log_every >= 0, bad("log_every", f"must be >= 0, got {self.log_every}")),
+            (self.eval_tokens > 0, bad("eval_tokens", f"must be positive, got {self.eval_tokens}")),
+            (self.router_aux_loss_coef >= 0,
+             bad("router_aux_loss_coef", f"must be >= 0, got {self.router_aux_loss_coef}")),
             (self.sdpa_backend in (None, "flash", "cudnn", "efficient", "math"),
-             f"--sdpa-backend must be flash, cudnn, efficient or math, got {self.sdpa_backend!r}"),
+             bad("sdpa_backend", f"must be None, flash, cudnn, efficient or math, got {self.sdpa_backend!r}")),
             (self.compile_graph in ("backbone", "whole"),
-             f"--compile-graph must be 'backbone' or 'whole', got {self.compile_graph!r}"),
-            (self.max_steps is None or self.max_steps > 0, f"--max-steps must be positive, got {self.max_steps}"),
+             bad("compile_graph", f"must be 'backbone' or 'whole', got {self.compile_graph!r}")),
+            (self.max_steps is None or self.max_steps > 0, bad("max_steps", f"must be positive, got {self.max_steps}")),
             (self.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-             f"--compile-mode must be default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, got {self.compile_mode!r}"),
-            (self.sharding in ("ddp", "fsdp"), f"--sharding must be ddp or fsdp, got {self.sharding!r}"),
-            (self.trainable in ("all", "ffn"), f"--expert-trainable must be all or ffn, got {self.trainable!r}"),
+             bad("compile_mode", "must be None, default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, "
+                                 f"got {self.compile_mode!r}")),
+            (self.sharding in ("ddp", "fsdp"), InputError(f"--sharding must be ddp or fsdp, got {self.sharding!r}")),
+            (self.trainable in ("all", "ffn"), bad("trainable", f"must be all or ffn, got {self.trainable!r}")),
         ]
-        for ok, msg in checks:
+        for ok, error in checks:
             if not ok:
-                raise InputError(msg)
+                raise error
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -13,7 +13,7 @@ import torch.distributed as dist
 from corpus.io import InputError
 
 
-def _dist_info() -> tuple[int, int, int]:
+def dist_info() -> tuple[int, int, int]:
     """(world size, rank, local rank) of this process; (1, 0, 0) without an initialised process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank(), int(os.environ.get("LOCAL_RANK", 0))

@@ -79,7 +79,9 @@ def _fused_ok(model) -> bool:
 class CausalLMLoss:
     """Wraps a causal LM into `module(input_ids (B, T)) → (total_loss, lm_loss, router_logits | None)`.
 
-    lm_loss = mean over the B·(T−1) next-token predictions; total = lm_loss + coef · aux (MoE only).
+    lm_loss = mean over the B·(T−1) next-token predictions; total = lm_loss + coef · aux (MoE only). The module's
+    `fused` says whether it computes the chunked fused loss (then a validation pass without gradients is cheaper
+    through the model's own logits) or the model's full logits.
     """
 
     @staticmethod
@@ -93,6 +95,7 @@ class CausalLMLoss:
             def __init__(self):
                 super().__init__()
                 self.model = model
+                self.fused = fused
                 # dynamic=False: micro-batches of two sizes (an uneven split) get two static graphs, not a dynamic one
                 if fused:
                     whole = compile and config.compile_graph == "whole"

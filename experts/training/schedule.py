@@ -1,5 +1,5 @@
 """What a run's budget becomes: batch geometry and step counts (`TrainPlan`), the learning-rate schedule, and the
-throughput and MFU that the loop logs."""
+throughput and MFU that the loop logs (`Throughput`)."""
 from __future__ import annotations
 
 import math
@@ -120,21 +120,47 @@ def peak_flops(device) -> float | None:
     return None
 
 
-def _logged_rate(t_measure, measure_step: int, last_done: int, plan) -> float:
-    """Tokens/s for a log line without a host sync: steps known to be finished since the timed window began,
-    over the host time since then (a lower bound while the GPU runs behind the host)."""
-    if t_measure is None or last_done <= measure_step:
-        return 0.0
-    return (last_done - measure_step) * plan.tokens_per_step / max(1e-9, time.perf_counter() - t_measure)
+class Throughput:
+    """Tokens/s and MFU of a run's steps, measured without a host sync per step. The timed window starts once
+    the first steps after `start_step` are done (3, or 1 in a run of at most 6 steps: they compile and warm up),
+    with one sync so that it starts with an empty queue; MFU = tokens/s · `flops_per_token` / (`peak` FLOP/s ·
+    `world` devices), None without a known peak."""
 
+    def __init__(self, plan: TrainPlan, device, flops_per_token: float, peak: float | None, world: int,
+                 start_step: int):
+        self.plan, self.device, self.flops_per_token, self.peak, self.world = plan, device, flops_per_token, peak, world
+        self.start_step = start_step
+        self.t_start: float | None = None  # host time the window started
+        self.first_step = 0  # the step done when the window started
+        self.steps = 0  # steps done since then
 
-def _throughput(t_measure, steps_measured, plan, device, fpt, peak, world) -> tuple[float, float | None]:
-    """(tokens/s, MFU or None) of the `steps_measured` steps since `t_measure`, after waiting for the GPU;
-    MFU = tokens/s · `fpt` (FLOPs per token) / (`peak` FLOP/s · `world` devices)."""
-    if t_measure is None or steps_measured == 0:
-        return 0.0, None
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    tps = steps_measured * plan.tokens_per_step / (time.perf_counter() - t_measure)
-    mfu = tps * fpt / (peak * world) if peak else None
-    return tps, mfu
+    def step_done(self, done: int) -> None:
+        """Count step `done` (1-based) as finished on the host; the first call past the warm-up opens the window."""
+        if self.t_start is None and done - self.start_step >= (3 if self.plan.steps - self.start_step > 6 else 1):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)  # once: the timed window starts with an empty queue
+            self.t_start, self.steps, self.first_step = time.perf_counter(), 0, done  # excludes compile steps
+        else:
+            self.steps += 1
+
+    def logged_rate(self, last_done: int) -> float:
+        """Tokens/s for a log line without a host sync: steps known to be finished since the window began
+        (`last_done`: the latest step whose loss reached the host), over the host time since then (a lower bound
+        while the GPU runs behind the host); 0 before the window."""
+        if self.t_start is None or last_done <= self.first_step:
+            return 0.0
+        return (last_done - self.first_step) * self.plan.tokens_per_step / max(1e-9, time.perf_counter() - self.t_start)
+
+    def logged_mfu(self, tps: float) -> float | None:
+        """MFU of a log line's `tps`; None without a known peak or rate."""
+        return tps * self.flops_per_token / (self.peak * self.world) if self.peak and tps else None
+
+    def final(self) -> tuple[float, float | None]:
+        """(tokens/s, MFU or None) of the window, after waiting for the GPU; (0.0, None) without one."""
+        if self.t_start is None or self.steps == 0:
+            return 0.0, None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        tps = self.steps * self.plan.tokens_per_step / (time.perf_counter() - self.t_start)
+        mfu = tps * self.flops_per_token / (self.peak * self.world) if self.peak else None
+        return tps, mfu
