@@ -252,9 +252,9 @@ def merge_experts(expert_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
                   seed_dir: str | os.PathLike | None = None, weights: Sequence[float] | None = None,
                   recipe: MergeRecipe | None = None, lambdas: Sequence[float] | None = None,
                   valid_blocks: np.ndarray | None = None, device: str = "cpu") -> Path:
-    """Merge the experts with `method` (a key of `experts.merging.PARAMETER_MERGES`) into `out_dir` (atomic): `save_pretrained` weights,
-    the seed's tokenizer (the first expert's for `average`) and `merge.json` = {method, paper, experts, seed,
-    weights, recipe, lambda_search}. Returns `out_dir`, loadable with `AutoModelForCausalLM.from_pretrained`.
+    """Merge the experts with `method` (a key of `experts.merging.PARAMETER_MERGES`) into `out_dir` (atomic):
+    `save_pretrained` weights, the seed's tokenizer (the first expert's for `average`) and `merge.json` = {method,
+    paper, experts, seed, weights, recipe, lambda_search}. Returns `out_dir`, loadable with `AutoModelForCausalLM.from_pretrained`.
 
     With `lambdas` and `valid_blocks` ((n, T) token ids), λ is the grid value of least mean NLL on those blocks
     (`lambda_search` records each value's NLL); else the recipe's λ. Experts must have the seed's tensors and

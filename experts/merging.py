@@ -189,7 +189,8 @@ MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in (
                 "Yu et al. 2024, arXiv:2311.03099", TensorMerge("dare")),
     MergeMethod("dare_ties", _PARAMETER_MERGE, _AGAINST_SEED, _recipe("lam", "drop_rate", "seed"),
                 "Yu et al. 2024 + Yadav et al. 2023", TensorMerge("dare", elect_sign=True)),
-    MergeMethod("moe", imported("experts.moe:build_moe_merge"), ("clusters", "embeddings", "seed", "corpus", "assignments"),
+    MergeMethod("moe", imported("experts.moe:build_moe_merge"),
+                ("clusters", "embeddings", "seed", "corpus", "assignments"),
                 {"moe_top_k": "moe_top_k", "router_init": "router_init", "seed": "seed", "moe_shared": "moe_shared"},
                 "Sukhbaatar et al. 2024, arXiv:2403.07816"),
 )}
