@@ -97,7 +97,8 @@ def main() -> None:
     import pyarrow.parquet as pq
 
     from experts.ensemble import load_ensemble, save_ensemble_config
-    from experts.merge import LAMBDAS, MergeRecipe, merge_experts, sample_blocks
+    from experts.merge import LAMBDAS, merge_experts, sample_blocks
+    from experts.merging import MergeRecipe
     from experts.moe import build_moe, finetune_moe
     from experts.scoring import HFCausalLM
     from experts.training import TrainConfig, train_model

@@ -7,7 +7,7 @@
 e(·) is the clusterer's embedder, T the temperature. The sparse ensemble routes prefixes with it
 (`experts.ensemble.SparseEnsemble`), the MoE router initialisation groups texts by cluster with it
 (`experts.moe`), and BTM branching weighs the experts it averages by their centroids' distances to the new
-cluster's (`experts.average.branch_average`). The official c-BTM code passes an already-squared distance into its
+cluster's (`experts.merge.branch_average`). The official c-BTM code passes an already-squared distance into its
 d² (it uses ‖·‖⁴); this uses d².
 """
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Parameter merges of experts that branched from one seed: one static model for all inputs.
 
-With task vectors τ_j = θ_j − θ_seed and weights w_j ≥ 0, Σ_j w_j = 1 (`experts.average.normalise_weights`):
+With task vectors τ_j = θ_j − θ_seed and weights w_j ≥ 0, Σ_j w_j = 1 (`normalise_weights`):
 
 - average (Li et al. 2022, "Branch-Train-Merge", §5): θ = Σ_j w_j θ_j. No seed; equal to task_arithmetic with
   λ = 1 whenever the experts branched from the seed.
@@ -18,28 +18,34 @@ The recipes follow mergekit's `generalized_task_arithmetic.py` and `sparsify.py`
 per tensor (the TIES paper trims the whole flattened task vector), the elected sign of a zero sum is +, and an
 entry where no expert agrees keeps the seed's value. mergekit itself is not a dependency: it pins tqdm, click,
 pydantic, accelerate and safetensors versions of its own and builds a task graph over whole models, where this
-module streams one tensor at a time through `experts.average.CheckpointReader`.
+module streams one tensor at a time through `experts.merge_io.CheckpointReader`. Each method is one entry of
+`experts.merging.MERGE_METHODS`: its `TensorMerge` says how `merge_tensor` merges one tensor.
 
 `merge_experts` reads one tensor of the seed and of each expert at a time (memory-mapped safetensors) and merges it
 in fp32, holding θ_seed and τ (two fp32 models) so that λ can be chosen on validation blocks without re-reading the
 experts; it writes a `save_pretrained` folder with the seed's tokenizer and `merge.json` (the recipe).
+`average_experts` and `branch_average` (the weighted average a new expert branches from, BTM) are its `average`.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
 
-from corpus.io import InputError
+from clustering.router import CentroidRouter
+from corpus.device import resolve_device
+from corpus.io import InputError, read_json
 from corpus.layout import MERGE_INFO
-from experts.average import (CheckpointReader, check_expert_dirs, fill_meta_model, normalise_weights,
-                             save_merged_model)
+from experts.data import shard_paths
+from experts.merge_io import CheckpointReader, check_expert_dirs, fill_meta_model, save_merged_model
+from experts.merging import (PARAMETER_MERGES, MergeInputs, MergeMethod, MergeRecipe, TensorMerge,
+                             document_shares)
 
 log = logging.getLogger(__name__)
 
@@ -75,85 +81,51 @@ def elect_and_mean(deltas: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     return (weighted * agree).sum(0) / torch.where(divisor > 0, divisor, torch.ones_like(divisor))
 
 
-# ---- the registry ---------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class MergeRecipe:
-    """The values a merge method may read: λ (`lam`), TIES's `density`, DARE's `drop_rate` and RNG `seed`."""
-
-    lam: float = 1.0
-    density: float = 0.2
-    drop_rate: float = 0.5
-    seed: int = 0
-
-    def __post_init__(self):
-        if not np.isfinite(self.lam):
-            raise InputError(f"merge lambda must be a finite number, got {self.lam}")
-        if not 0 < self.density <= 1:
-            raise InputError(f"TIES density must be in (0, 1], got {self.density}")
-        if not 0 <= self.drop_rate < 1:
-            raise InputError(f"DARE drop rate must be in [0, 1), got {self.drop_rate}")
-
-
-# f(tensors (expert task vectors τ_j, or for `average` the experts' θ_j), weights (k,), recipe, tensor name) → the
-# merged task vector τ (or θ); all fp32. The merge is θ_seed + λ τ (θ for `average`).
-Combine = Callable[[list[torch.Tensor], torch.Tensor, MergeRecipe, str], torch.Tensor]
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """One parameter merge: `combine` merges one tensor; `params` are the `MergeRecipe` fields its output depends
-    on (what enters a pipeline hash); `uses_seed` says whether it merges task vectors against θ_seed."""
-
-    name: str
-    combine: Combine
-    params: tuple[str, ...]
-    uses_seed: bool
-    paper: str
-
-
 def _generator(recipe: MergeRecipe, key: str, j: int) -> torch.Generator:
     """One RNG per (recipe seed, tensor name, expert): the masks do not depend on the order tensors are read."""
     return torch.Generator().manual_seed((recipe.seed * 1_000_003 + zlib.crc32(key.encode()) * 131 + j) % 2**63)
 
 
-def _linear(tensors, w, recipe, key):
+def merge_tensor(tensors: list[torch.Tensor], w: torch.Tensor, recipe: MergeRecipe, key: str,
+                 how: TensorMerge) -> torch.Tensor:
+    """One tensor of a parameter merge: the experts' task vectors τ_j (for `average`, their θ_j), weights w (k,),
+    the recipe and the tensor's name → the merged τ (θ), all fp32. `how.sparsify` trims (TIES) or drops and
+    rescales (DARE, one seeded mask per tensor and expert) each τ_j; then the weighted sum Σ_j w_j τ_j, or with
+    `how.elect_sign` TIES's sign election and disjoint mean."""
+    if how.sparsify == "trim":
+        tensors = [trim(t, recipe.density) for t in tensors]
+    elif how.sparsify == "dare":
+        tensors = [drop_and_rescale(t, recipe.drop_rate, _generator(recipe, key, j)) for j, t in enumerate(tensors)]
+    elif how.sparsify is not None:
+        raise ValueError(f"unknown sparsification {how.sparsify!r}")
+    if how.elect_sign:
+        return elect_and_mean(torch.stack(tensors), w)
     return sum(wj * t for wj, t in zip(w.tolist(), tensors))
 
 
-def _ties(deltas, w, recipe, key):
-    return elect_and_mean(torch.stack([trim(d, recipe.density) for d in deltas]), w)
-
-
-def _dare(deltas, recipe, key):
-    return [drop_and_rescale(d, recipe.drop_rate, _generator(recipe, key, j)) for j, d in enumerate(deltas)]
-
-
-def _dare_linear(deltas, w, recipe, key):
-    return _linear(_dare(deltas, recipe, key), w, recipe, key)
-
-
-def _dare_ties(deltas, w, recipe, key):
-    return elect_and_mean(torch.stack(_dare(deltas, recipe, key)), w)
-
-
-METHODS: dict[str, MergeMethod] = {m.name: m for m in (
-    MergeMethod("average", _linear, (), False, "Li et al. 2022, Branch-Train-Merge"),
-    MergeMethod("task_arithmetic", _linear, ("lam",), True, "Ilharco et al. 2023, arXiv:2212.04089"),
-    MergeMethod("ties", _ties, ("lam", "density"), True, "Yadav et al. 2023, arXiv:2306.01708"),
-    MergeMethod("dare_linear", _dare_linear, ("lam", "drop_rate", "seed"), True, "Yu et al. 2024, arXiv:2311.03099"),
-    MergeMethod("dare_ties", _dare_ties, ("lam", "drop_rate", "seed"), True, "Yu et al. 2024 + Yadav et al. 2023"),
-)}
-
-
-def get_method(name: str) -> MergeMethod:
-    if name not in METHODS:
-        raise InputError(f"unknown parameter merge {name!r}; choose one of {', '.join(METHODS)}")
-    return METHODS[name]
+def parameter_merge(name: str) -> MergeMethod:
+    """The registry entry of the parameter merge `name`; InputError naming the others otherwise."""
+    if name not in PARAMETER_MERGES:
+        raise InputError(f"unknown parameter merge {name!r}; choose one of {', '.join(PARAMETER_MERGES)}")
+    return PARAMETER_MERGES[name]
 
 
 def recipe_dict(method: str, recipe: MergeRecipe) -> dict:
     """The recipe values `method` depends on, e.g. {"lam": 1.0, "density": 0.2} for ties."""
-    return {p: getattr(recipe, p) for p in get_method(method).params}
+    fields = {f.name for f in dataclasses.fields(MergeRecipe)}
+    return {p: getattr(recipe, p) for p in parameter_merge(method).params if p in fields}
+
+
+def normalise_weights(weights: Sequence[float] | None, k: int) -> np.ndarray:
+    """(k,) float64 weights ≥ 0 summing to 1 (uniform when None); InputError otherwise."""
+    if weights is None:
+        return np.full(k, 1.0 / k)
+    w = np.asarray(weights, dtype=np.float64).reshape(-1)
+    if w.shape[0] != k:
+        raise InputError(f"{w.shape[0]} weights given for {k} experts")
+    if not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
+        raise InputError(f"averaging weights must be finite, ≥ 0 and not all zero, got {w.tolist()}")
+    return w / w.sum()
 
 
 # ---- merging checkpoints --------------------------------------------------------------------------------------
@@ -182,7 +154,7 @@ def task_vector_state(expert_dirs: Sequence[str | os.PathLike], method: str,
     """(θ_seed, τ) as {tensor name: fp32 tensor}: the seed and the merged task vector, so that the merge is
     θ_seed + λ τ; for `average` ({}, θ_avg). Tensors are read one at a time; non-float tensors (none in Llama)
     are the seed's, with τ = 0. Checks architecture and tokenizer (InputError naming the tensor / field)."""
-    m = get_method(method)
+    m = parameter_merge(method)
     recipe = recipe or MergeRecipe()
     expert_dirs = [Path(d) for d in expert_dirs]
     if not expert_dirs:
@@ -212,9 +184,10 @@ def task_vector_state(expert_dirs: Sequence[str | os.PathLike], method: str,
             continue
         if m.uses_seed:
             seed_state[key] = first.float()
-            merged[key] = m.combine([r.get(key).float() - seed_state[key] for r in readers], w, recipe, key)
+            merged[key] = merge_tensor([r.get(key).float() - seed_state[key] for r in readers], w, recipe, key,
+                                       m.tensors)
         else:
-            merged[key] = m.combine([r.get(key).float() for r in readers], w, recipe, key)
+            merged[key] = merge_tensor([r.get(key).float() for r in readers], w, recipe, key, m.tensors)
         if n % 50 == 0:
             log.info("%s: merged %d/%d tensors", method, n + 1, len(keys))
     return seed_state, merged
@@ -279,17 +252,15 @@ def merge_experts(expert_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
                   seed_dir: str | os.PathLike | None = None, weights: Sequence[float] | None = None,
                   recipe: MergeRecipe | None = None, lambdas: Sequence[float] | None = None,
                   valid_blocks: np.ndarray | None = None, device: str = "cpu") -> Path:
-    """Merge the experts with `method` (a key of `METHODS`) into `out_dir` (atomic): `save_pretrained` weights,
-    the seed's tokenizer (the first expert's for `average`) and `merge.json` = {method, paper, experts, seed,
-    weights, recipe, lambda_search}. Returns `out_dir`, loadable with `AutoModelForCausalLM.from_pretrained`.
+    """Merge the experts with `method` (a key of `experts.merging.PARAMETER_MERGES`) into `out_dir` (atomic):
+    `save_pretrained` weights, the seed's tokenizer (the first expert's for `average`) and `merge.json` = {method,
+    paper, experts, seed, weights, recipe, lambda_search}. Returns `out_dir`, loadable with `AutoModelForCausalLM.from_pretrained`.
 
     With `lambdas` and `valid_blocks` ((n, T) token ids), λ is the grid value of least mean NLL on those blocks
     (`lambda_search` records each value's NLL); else the recipe's λ. Experts must have the seed's tensors and
     shapes (InputError naming the tensor otherwise) and its tokenizer.
     """
-    import dataclasses
-
-    m = get_method(method)
+    m = parameter_merge(method)
     recipe = recipe or MergeRecipe()
     seed_state, merged = task_vector_state(expert_dirs, method, seed_dir, weights, recipe)
     source = Path(seed_dir) if m.uses_seed else Path(expert_dirs[0])
@@ -320,3 +291,44 @@ def merge_experts(expert_dirs: Sequence[str | os.PathLike], out_dir: str | os.Pa
         "seed": str(seed_dir) if m.uses_seed else None, "weights": w.tolist(), "recipe": recipe_dict(method, recipe),
         "lambda_search": {str(k): v for k, v in search.items()} if search else None,
         "valid_blocks": None if search is None else list(np.asarray(valid_blocks).shape)})
+
+
+def build_parameter_merge(method: MergeMethod, out: Path, inputs: MergeInputs) -> dict:
+    """The build of every parameter merge of `experts.merging.MERGE_METHODS`: `merge_experts` with the inputs'
+    recipe and weights; with `lam` None, λ is the value of least loss on the validation shards."""
+    uses_seed = method.uses_seed
+    auto = uses_seed and inputs.lam is None
+    recipe = MergeRecipe(lam=1.0 if inputs.lam is None else inputs.lam, density=inputs.density,
+                         drop_rate=inputs.drop_rate, seed=inputs.seed)
+    blocks = sample_blocks(shard_paths(inputs.folders["shards"], split="valid")) if auto else None
+    weights = document_shares(inputs.folders["assignments"], len(inputs.expert_dirs)) \
+        if inputs.weights == "sizes" else None
+    merge_experts(inputs.expert_dirs, out, method.name, seed_dir=inputs.folders["seed"] if uses_seed else None,
+                  weights=weights, recipe=recipe, lambdas=LAMBDAS if auto else None, valid_blocks=blocks,
+                  device=str(resolve_device(inputs.device).device))
+    meta = read_json(out / MERGE_INFO)
+    return {"recipe": meta["recipe"], "weights": meta["weights"]}
+
+
+# ---- averaging (BTM) ------------------------------------------------------------------------------------------
+def average_experts(expert_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
+                    weights: Sequence[float] | None = None) -> Path:
+    """Average the experts' parameters into `out_dir` (atomic): `merge_experts` with method `average` (model
+    weights via `save_pretrained`, the first expert's tokenizer, `merge.json`). Returns `out_dir`.
+
+    Loadable with `AutoModelForCausalLM.from_pretrained(out_dir)`. Experts must share architecture, shapes
+    and tokenizer (InputError naming the mismatch and the directories otherwise).
+    """
+    return merge_experts(expert_dirs, out_dir, "average", weights=weights)
+
+
+def branch_average(expert_dirs: Sequence[str | os.PathLike], expert_centroids: np.ndarray, centroid: np.ndarray,
+                   temperature: float, out_dir: str | os.PathLike) -> Path:
+    """The model a new expert branches from (BTM, Li et al. 2022 §4: a weighted average of existing experts):
+    `average_experts` of expert_dirs with w_j = softmax_j(−‖c − c_j‖² / T), the routing weights
+    (`CentroidRouter.weights`, over all of them) of the new cluster's centroid c (d,) among the experts' centroids
+    c_j, expert_centroids (n_experts, d) in the order of expert_dirs. Writes out_dir (atomic) and returns it; it is
+    then the `init` of the new expert's training."""
+    router = CentroidRouter(None, expert_centroids, temperature)  # top_k: every expert
+    weights = router.weights(np.asarray(centroid)[None, :])[0]  # (n_experts,)
+    return average_experts(expert_dirs, out_dir, weights=weights.tolist())

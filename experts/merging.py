@@ -1,39 +1,58 @@
-"""Every way to combine trained experts, by name (the registry pattern of mergekit's `merge_methods/registry.py`: a
-method is one entry, not a branch of an if/elif).
+"""Every way to combine trained experts, one entry each (the registry of mergekit's `merge_methods/registry.py`):
 
     ensemble         c-BTM sparse ensemble: `ensemble.json` routed by centroid distances (`experts.ensemble`)
     posterior        BTM ensemble weighted by the posterior over experts, updating prior
     average          BTM parameter average (`experts.merge`)
     task_arithmetic, ties, dare_linear, dare_ties   merges of task vectors against the seed (`experts.merge`)
-    moe              BTX mixture of experts (`experts.moe.build_moe`)
+    moe              BTX mixture of experts (`experts.moe`)
 
-`merge(method, out, inputs)` writes the merged model into `out` (ensembles as Hugging Face model folders too, through
-`experts.hf_ensemble.write_hf_ensemble`) and returns a summary for the caller's records. `needs(method)` names
-the folders a method reads (`MergeInputs.folders`): `clusters` (centroids.npy), `embeddings` (embedder/),
-`assignments` (train.parquet with cluster_id), `seed` (the seed model), `shards` (per-cluster blocks), `corpus`
-(train.parquet with text), and for `moe` with a task-vector `shared`, `shared` (that merge's folder).
+An entry (`MergeMethod`) holds the method's build function, the folders it reads (`needs`: `clusters`
+(centroids.npy), `embeddings` (embedder/), `assignments` (train.parquet with cluster_id), `seed` (the seed model),
+`shards` (per-cluster blocks), `corpus` (train.parquet with text), and for `moe` with a task-vector `shared`,
+`shared` (that merge's folder)), its parameters (`MergeInputs` fields) with the run flag each comes from, and for a
+parameter merge how it merges one tensor (`TensorMerge`). `merge(method, out, inputs)` writes the merged model into
+`out` (ensembles as Hugging Face model folders too, through `experts.hf_ensemble.write_hf_ensemble`) and returns a
+summary for the caller's records.
 
-The methods import torch and transformers when they run, not when this module is imported: the pipeline reads
-`MERGE_METHODS` and `needs` while it builds its graph, which stays light.
+Reading the registry imports no torch: the pipeline reads it while it builds its graph. Builds that need torch live
+with their models (`experts.merge`, `experts.moe`) and are named by import path (`imported`), as transformers' auto
+classes name model classes; those modules import this one, never the reverse.
 """
 from __future__ import annotations
 
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
-from corpus.io import InputError, load_array, read_json
-from corpus.layout import CENTROIDS, MERGE_INFO, MOE_INFO, TRAIN_SPLIT
+from clustering.router import ROUTE_EVERY, ROUTE_WEIGHTS, TEMPERATURE, TOP_K
+from corpus.io import InputError
+from corpus.layout import CENTROIDS, TRAIN_SPLIT
 from corpus.read import read_columns, take_rows
 
-TASK_VECTOR_MERGES = ("task_arithmetic", "ties", "dare_linear", "dare_ties")  # merges against the seed
-PARAMETER_MERGES = ("average",) + TASK_VECTOR_MERGES  # the keys of experts.merge.METHODS
-MOE_SHARED = ("average", "seed") + TASK_VECTOR_MERGES  # where the MoE's non-FFN weights come from
-MERGE_WEIGHTS = ("uniform", "sizes")
-ROUTER_INITS = ("random", "centroids", "hidden")
+MERGE_WEIGHTS = ("uniform", "sizes")  # the parameter merges' expert weights
+ROUTER_INITS = ("random", "centroids", "hidden")  # the MoE router's initialisation (`experts.moe.build_moe`)
 ROUTER_TEXTS_PER_CLUSTER = 32  # training documents per cluster that initialise the MoE router from hidden states
+
+
+@dataclass(frozen=True)
+class MergeRecipe:
+    """The values a parameter merge may read: λ (`lam`), TIES's `density`, DARE's `drop_rate` and RNG `seed`."""
+
+    lam: float = 1.0
+    density: float = 0.2
+    drop_rate: float = 0.5
+    seed: int = 0
+
+    def __post_init__(self):
+        if not np.isfinite(self.lam):
+            raise InputError(f"merge lambda must be a finite number, got {self.lam}")
+        if not 0 < self.density <= 1:
+            raise InputError(f"TIES density must be in (0, 1], got {self.density}")
+        if not 0 <= self.drop_rate < 1:
+            raise InputError(f"DARE drop rate must be in [0, 1), got {self.drop_rate}")
 
 
 @dataclass(frozen=True)
@@ -53,17 +72,17 @@ class MergeInputs:
 
     expert_dirs: list[str]
     folders: dict[str, Path] = field(default_factory=dict)
-    top_k: int | None = 2
+    top_k: int | None = TOP_K
     name: str = ""
-    temperature: float = 0.1
-    route_every: int = 16
+    temperature: float = TEMPERATURE
+    route_every: int = ROUTE_EVERY
     route_early: tuple[int, ...] = ()
-    route_weights: str = "posterior"
+    route_weights: str = ROUTE_WEIGHTS[0]
     weights: str = "sizes"
     lam: float | None = None
-    density: float = 0.2
-    drop_rate: float = 0.5
-    seed: int = 0
+    density: float = MergeRecipe.density
+    drop_rate: float = MergeRecipe.drop_rate
+    seed: int = MergeRecipe.seed
     moe_top_k: int = 2
     router_init: str = "hidden"
     moe_shared: str = "average"
@@ -71,15 +90,56 @@ class MergeInputs:
 
 
 @dataclass(frozen=True)
+class TensorMerge:
+    """How a parameter merge merges one tensor (mergekit's generalized task arithmetic): `sparsify` each expert's
+    tensor — None, "trim" (TIES: keep the `density` fraction of largest magnitudes) or "dare" (DARE: drop entries
+    with probability `drop_rate`, rescale the rest) — then take the weighted sum, or with `elect_sign` TIES's sign
+    election and disjoint mean (`experts.merge.merge_tensor`)."""
+
+    sparsify: str | None = None
+    elect_sign: bool = False
+
+
+@dataclass(frozen=True)
 class MergeMethod:
-    """One merge method: `build(out, inputs)` writes the merged model into `out` and returns its summary; `needs`
-    are the `MergeInputs.folders` it reads."""
+    """One merge method.
 
-    build: Callable[[Path, MergeInputs], dict]
+    build(method, out, inputs) -> dict writes the merged model into `out` and returns its summary.
+    needs: the `MergeInputs.folders` it reads. params: {MergeInputs field: the run flag it comes from} for every
+    setting its output depends on beyond the experts and those folders (what the pipeline hashes). paper: where
+    the method comes from. tensors: how a parameter merge merges one tensor; None for the ensembles and the MoE.
+    """
+
+    name: str
+    build: Callable[["MergeMethod", Path, MergeInputs], dict]
     needs: tuple[str, ...]
+    params: dict[str, str] = field(default_factory=dict, hash=False)
+    paper: str = ""
+    tensors: TensorMerge | None = None
+
+    @property
+    def flags(self) -> tuple[str, ...]:
+        """The run flags behind `params`."""
+        return tuple(self.params.values())
+
+    @property
+    def uses_seed(self) -> bool:
+        """Whether it reads the seed: a parameter merge that does merges task vectors θ_j − θ_seed."""
+        return "seed" in self.needs
 
 
-def _ensemble(out: Path, inputs: MergeInputs) -> dict:
+def imported(path: str) -> Callable:
+    """The function at `path` ("module:function"), imported when it is first called."""
+    module, _, name = path.partition(":")
+
+    def call(*args, **kwargs):
+        return getattr(importlib.import_module(module), name)(*args, **kwargs)
+
+    call.__name__ = call.__qualname__ = path
+    return call
+
+
+def build_ensemble(method: MergeMethod, out: Path, inputs: MergeInputs) -> dict:
     from experts.ensemble import save_ensemble_config  # torch, transformers: loaded when a merge runs
     from experts.hf_ensemble import write_hf_ensemble
 
@@ -87,67 +147,56 @@ def _ensemble(out: Path, inputs: MergeInputs) -> dict:
                          embedder_dir=inputs.folders["embeddings"] / "embedder", top_k=inputs.top_k,
                          temperature=inputs.temperature, route_every=inputs.route_every,
                          route_early=list(inputs.route_early), route_weights=inputs.route_weights,
-                         name=inputs.name or "ensemble")
+                         name=inputs.name or method.name)
     write_hf_ensemble(out)  # loadable with AutoModelForCausalLM
     return {}
 
 
-def _posterior(out: Path, inputs: MergeInputs) -> dict:
+def build_posterior(method: MergeMethod, out: Path, inputs: MergeInputs) -> dict:
     from experts.ensemble import save_ensemble_config  # torch, transformers: loaded when a merge runs
     from experts.hf_ensemble import write_hf_ensemble
 
     save_ensemble_config(out, inputs.expert_dirs, kind="posterior", prior="updating", top_k=inputs.top_k,
-                         name=inputs.name or "posterior")
+                         name=inputs.name or method.name)
     write_hf_ensemble(out)  # loadable with AutoModelForCausalLM
     return {}
 
 
-def _parameter_merge(method: str) -> Callable[[Path, MergeInputs], dict]:
-    def build(out: Path, inputs: MergeInputs) -> dict:
-        """`experts.merge.merge_experts`; with `lam` None, λ is the value of least loss on the validation shards."""
-        from corpus.device import resolve_device  # torch: loaded when a merge runs
-        from experts.data import shard_paths
-        from experts.merge import LAMBDAS, METHODS, MergeRecipe, merge_experts, sample_blocks
-
-        uses_seed = METHODS[method].uses_seed
-        auto = uses_seed and inputs.lam is None
-        recipe = MergeRecipe(lam=1.0 if inputs.lam is None else inputs.lam, density=inputs.density,
-                             drop_rate=inputs.drop_rate, seed=inputs.seed)
-        blocks = sample_blocks(shard_paths(inputs.folders["shards"], split="valid")) if auto else None
-        weights = document_shares(inputs.folders["assignments"], len(inputs.expert_dirs)) \
-            if inputs.weights == "sizes" else None
-        merge_experts(inputs.expert_dirs, out, method, seed_dir=inputs.folders["seed"] if uses_seed else None,
-                      weights=weights, recipe=recipe, lambdas=LAMBDAS if auto else None, valid_blocks=blocks,
-                      device=str(resolve_device(inputs.device).device))
-        meta = read_json(out / MERGE_INFO)
-        return {"recipe": meta["recipe"], "weights": meta["weights"]}
-    return build
+RECIPE_FLAGS = {"weights": "merge_weights", "lam": "merge_lambda", "density": "ties_density",
+                "drop_rate": "dare_drop_rate", "seed": "seed"}
+"""The run flag behind each parameter-merge input: the expert weights and the `MergeRecipe` fields."""
 
 
-def _moe(out: Path, inputs: MergeInputs) -> dict:
-    from clustering.embed import load_embedder
-    from experts.moe import build_moe  # torch, transformers: loaded when a merge runs
-
-    k = len(inputs.expert_dirs)
-    shared = {"average": None, "seed": inputs.folders["seed"]}.get(inputs.moe_shared, inputs.folders.get("shared"))
-    texts = cluster_texts(inputs.folders["corpus"], inputs.folders["assignments"], k) \
-        if inputs.router_init != "random" else None
-    embedder = load_embedder(inputs.folders["embeddings"] / "embedder", device="cpu") \
-        if inputs.router_init == "centroids" else None  # maps the documents that fit hidden states → centroids
-    build_moe(inputs.expert_dirs, out, seed_dir=inputs.folders["seed"], router_init=inputs.router_init,
-              top_k=min(inputs.moe_top_k, k), centroids=load_array(inputs.folders["clusters"] / CENTROIDS),  # (k, dim)
-              embedder=embedder, cluster_texts=texts, seed=inputs.seed, shared_dir=shared)
-    meta = read_json(out / MOE_INFO)
-    return {"shared": inputs.moe_shared, "router_init": meta["router_init"], "router": meta["router"]["method"]}
+def _recipe(*fields: str) -> dict[str, str]:
+    return {f: RECIPE_FLAGS[f] for f in ("weights",) + fields}
 
 
-MERGE_METHODS: dict[str, MergeMethod] = {
-    "ensemble": MergeMethod(_ensemble, ("clusters", "embeddings")),
-    "posterior": MergeMethod(_posterior, ()),
-    "average": MergeMethod(_parameter_merge("average"), ("assignments",)),
-    **{m: MergeMethod(_parameter_merge(m), ("assignments", "seed", "shards")) for m in TASK_VECTOR_MERGES},
-    "moe": MergeMethod(_moe, ("clusters", "embeddings", "seed", "corpus", "assignments")),
-}
+_PARAMETER_MERGE = imported("experts.merge:build_parameter_merge")
+_AGAINST_SEED = ("assignments", "seed", "shards")  # document shares, θ_seed, validation blocks for λ
+MERGE_METHODS: dict[str, MergeMethod] = {m.name: m for m in (
+    MergeMethod("ensemble", build_ensemble, ("clusters", "embeddings"),
+                {"top_k": "ensemble_top_k", "temperature": "temperature", "route_every": "route_every",
+                 "route_early": "route_early", "route_weights": "route_weights"},
+                "Gururangan et al. 2023, arXiv:2303.14177"),
+    MergeMethod("posterior", build_posterior, (), {"top_k": "top_k"}, "Li et al. 2022, Branch-Train-Merge"),
+    MergeMethod("average", _PARAMETER_MERGE, ("assignments",), _recipe(), "Li et al. 2022, Branch-Train-Merge",
+                TensorMerge()),
+    MergeMethod("task_arithmetic", _PARAMETER_MERGE, _AGAINST_SEED, _recipe("lam"),
+                "Ilharco et al. 2023, arXiv:2212.04089", TensorMerge()),
+    MergeMethod("ties", _PARAMETER_MERGE, _AGAINST_SEED, _recipe("lam", "density"),
+                "Yadav et al. 2023, arXiv:2306.01708", TensorMerge("trim", elect_sign=True)),
+    MergeMethod("dare_linear", _PARAMETER_MERGE, _AGAINST_SEED, _recipe("lam", "drop_rate", "seed"),
+                "Yu et al. 2024, arXiv:2311.03099", TensorMerge("dare")),
+    MergeMethod("dare_ties", _PARAMETER_MERGE, _AGAINST_SEED, _recipe("lam", "drop_rate", "seed"),
+                "Yu et al. 2024 + Yadav et al. 2023", TensorMerge("dare", elect_sign=True)),
+    MergeMethod("moe", imported("experts.moe:build_moe_merge"),
+                ("clusters", "embeddings", "seed", "corpus", "assignments"),
+                {"moe_top_k": "moe_top_k", "router_init": "router_init", "seed": "seed", "moe_shared": "moe_shared"},
+                "Sukhbaatar et al. 2024, arXiv:2403.07816"),
+)}
+PARAMETER_MERGES = {name: m for name, m in MERGE_METHODS.items() if m.tensors is not None}
+TASK_VECTOR_MERGES = tuple(name for name, m in PARAMETER_MERGES.items() if m.uses_seed)  # merges against the seed
+MOE_SHARED = ("average", "seed") + TASK_VECTOR_MERGES  # where the MoE's non-FFN weights come from
 
 
 def get_method(name: str) -> MergeMethod:
@@ -165,7 +214,8 @@ def needs(method: str, moe_shared: str = "average") -> tuple[str, ...]:
 
 def merge(method: str, out: Path, inputs: MergeInputs) -> dict:
     """Combine `inputs.expert_dirs` with `method` into `out`; returns the method's summary."""
-    return get_method(method).build(Path(out), inputs)
+    m = get_method(method)
+    return m.build(m, Path(out), inputs)
 
 
 def document_shares(assignments_dir: Path, k: int) -> list[float]:

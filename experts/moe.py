@@ -14,7 +14,8 @@ Router initialisation (`build_moe`): "random", "hidden" (mean MLP inputs of each
 "centroids" (the cluster centroids, mapped into the hidden space by least squares when their dimension differs
 from the hidden size, as TF-IDF's 100 always does). The expert-tensor layout of the installed transformers
 (per-expert modules or fused 3-D `gate_up_proj`/`down_proj`) is detected at run time by a numerical probe on a
-tiny model. `finetune_moe` trains the merged model with the load-balancing loss and writes routing statistics.
+tiny model. `build_moe_merge` is the `moe` entry of `experts.merging.MERGE_METHODS`. `finetune_moe` trains the
+merged model with the load-balancing loss and writes routing statistics.
 """
 from __future__ import annotations
 
@@ -29,10 +30,10 @@ import numpy as np
 import torch
 
 from clustering.router import CentroidRouter
-from corpus.io import InputError, write_json
-from corpus.layout import MOE_INFO
-from experts.average import CheckpointReader, check_expert_dirs, fill_meta_model, save_merged_model
-from experts.merging import ROUTER_INITS
+from corpus.io import InputError, load_array, read_json, write_json
+from corpus.layout import CENTROIDS, MOE_INFO
+from experts.merge_io import CheckpointReader, check_expert_dirs, fill_meta_model, save_merged_model
+from experts.merging import ROUTER_INITS, MergeInputs, MergeMethod
 
 log = logging.getLogger(__name__)
 
@@ -400,6 +401,25 @@ def build_moe(
     log.info("built %s with %d experts per layer (top-%d, router: %s) in %s", MOE_CLASSES[target], E, top_k,
              record["method"], out_dir)
     return out_dir
+
+
+def build_moe_merge(method: MergeMethod, out: Path, inputs: MergeInputs) -> dict:
+    """The `moe` build of `experts.merging.MERGE_METHODS`: `build_moe` of the inputs' experts, its router initialised
+    from the clusters' training documents (`cluster_texts`), its shared weights from `inputs.moe_shared`."""
+    from clustering.embed import load_embedder
+    from experts.merging import cluster_texts  # imported here: build_moe's argument of that name is the texts
+
+    k = len(inputs.expert_dirs)
+    shared = {"average": None, "seed": inputs.folders["seed"]}.get(inputs.moe_shared, inputs.folders.get("shared"))
+    texts = cluster_texts(inputs.folders["corpus"], inputs.folders["assignments"], k) \
+        if inputs.router_init != "random" else None
+    embedder = load_embedder(inputs.folders["embeddings"] / "embedder", device="cpu") \
+        if inputs.router_init == "centroids" else None  # maps the documents that fit hidden states → centroids
+    build_moe(inputs.expert_dirs, out, seed_dir=inputs.folders["seed"], router_init=inputs.router_init,
+              top_k=min(inputs.moe_top_k, k), centroids=load_array(inputs.folders["clusters"] / CENTROIDS),  # (k, dim)
+              embedder=embedder, cluster_texts=texts, seed=inputs.seed, shared_dir=shared)
+    meta = read_json(out / MOE_INFO)
+    return {"shared": inputs.moe_shared, "router_init": meta["router_init"], "router": meta["router"]["method"]}
 
 
 # ---- finetuning and routing statistics ------------------------------------------------------------------------

@@ -1,6 +1,7 @@
 """Merging stages: the c-BTM sparse ensemble, the BTM posterior ensemble, parameter averaging and the task-arithmetic
 merges (task arithmetic, TIES, DARE), the BTX MoE (`MergeExperts(method)`, one entry of
-`experts.merging.MERGE_METHODS` each), and BTX finetuning of the MoE (`FinetuneMoE`)."""
+`experts.merging.MERGE_METHODS` each: its `needs` are this stage's inputs, its `params` the flags it hashes), and
+BTX finetuning of the MoE (`FinetuneMoE`)."""
 from __future__ import annotations
 
 import logging
@@ -11,7 +12,7 @@ import luigi
 
 from corpus.io import InputError, read_json, write_json
 from corpus.layout import MERGE_FAILED
-from experts.merging import MERGE_METHODS, TASK_VECTOR_MERGES, MergeInputs, merge, needs
+from experts.merging import MERGE_METHODS, TASK_VECTOR_MERGES, MergeInputs, get_method, merge, needs
 from pipeline.base import Stage
 from pipeline.clustering import AssignClusters, EmbedCorpus, FitClusters
 from pipeline.corpus import PrepareCorpus
@@ -22,20 +23,8 @@ log = logging.getLogger("luigi-interface")
 INPUT_STAGES = {"clusters": FitClusters, "embeddings": EmbedCorpus, "assignments": AssignClusters,
                 "seed": TrainSeed, "shards": ShardCorpus, "corpus": PrepareCorpus}
 """The stage behind each folder `experts.merging.needs` names (`shared` is another MergeExperts)."""
-
-
-RECIPE_FLAGS = {"lam": "merge_lambda", "density": "ties_density", "drop_rate": "dare_drop_rate", "seed": "seed"}
-"""The run parameter behind each `experts.merge.MergeRecipe` field."""
-_MERGE_PARAMS = {  # the flags behind experts.merge.METHODS[m].params (a test keeps the two in step)
-    "average": (), "task_arithmetic": ("merge_lambda",), "ties": ("merge_lambda", "ties_density"),
-    "dare_linear": ("merge_lambda", "dare_drop_rate", "seed"), "dare_ties": ("merge_lambda", "dare_drop_rate", "seed")}
-FLAGS: dict[str, tuple[str, ...]] = {  # the run parameters each merge method's output depends on beyond the experts
-    "ensemble": ("ensemble_top_k", "temperature", "route_every", "route_early", "route_weights"),
-    "posterior": ("top_k",),
-    **{m: ("merge_weights",) + p for m, p in _MERGE_PARAMS.items()},
-    "moe": ("moe_top_k", "router_init", "seed", "moe_shared"),
-}
-assert tuple(FLAGS) == tuple(MERGE_METHODS), "every merge method of experts.merging has its flags here"
+FLAGS = {name: m.flags for name, m in MERGE_METHODS.items()}
+"""The run parameters each merge method's output depends on beyond the experts: its registry entry's `params`."""
 
 
 class MergeExperts(Stage):
@@ -67,8 +56,7 @@ class MergeExperts(Stage):
 
     def validate(self) -> None:
         super().validate()
-        if self.method not in MERGE_METHODS:
-            raise InputError(f"unknown merge method {self.method!r}; choose one of {', '.join(MERGE_METHODS)}")
+        get_method(self.method)  # InputError naming the methods
 
     @property
     def gpu_stage(self) -> bool:
@@ -85,19 +73,25 @@ class MergeExperts(Stage):
                 self.clone(INPUT_STAGES[name])
         return req
 
+    def input_value(self, field: str, flag: str):
+        """The `MergeInputs.<field>` value of run flag `flag` (the value the folder hash holds, typed)."""
+        value = self._hash_value(flag)
+        if field == "top_k":
+            return None if str(value).lower() == "all" else int(value)
+        if field == "lam":
+            return None if value == "auto" else float(value)
+        if field == "route_early":
+            return tuple(self.route_early_list)
+        return value
+
     def build(self, out: Path) -> dict:
         r = self.requires()
         expert_dirs = [str(self.input_path(t)) for t in r["experts"]]
-        top_k = (self.ensemble_top_k or str(self.top_k)) if self.method == "ensemble" else str(self.top_k)
-        inputs = MergeInputs(
+        model = f"ensemble_top{self._hash_value('ensemble_top_k')}" if self.method == "ensemble" else self.method
+        inputs = MergeInputs(  # the method's parameters only: what the folder hash holds is all it reads
             expert_dirs, folders={name: self.input_path(t) for name, t in r.items() if name != "experts"},
-            top_k=None if top_k.lower() == "all" else int(top_k),
-            name=f"ensemble_top{top_k}" if self.method == "ensemble" else self.method,
-            temperature=self.temperature, route_every=self.route_every, route_early=tuple(self.route_early_list),
-            route_weights=self.route_weights, weights=self.merge_weights,
-            lam=None if self.merge_lambda == "auto" else float(self.merge_lambda), density=self.ties_density,
-            drop_rate=self.dare_drop_rate, seed=self.seed, moe_top_k=self.moe_top_k, router_init=self.router_init,
-            moe_shared=self.moe_shared, device=self.device)
+            name=model, device=self.device,
+            **{field: self.input_value(field, flag) for field, flag in get_method(self.method).params.items()})
         try:
             return {"method": self.method, "experts": expert_dirs, **merge(self.method, out, inputs)}
         except Exception as e:  # noqa: BLE001 - one method's failure must not stop the report and the other models

@@ -331,7 +331,7 @@ class TrainExpert(_TrainStage):
         r = self.requires()
         init = self.input_path(r["seed"])
         if self.branches_from_average():
-            from experts.average import branch_average
+            from experts.merge import branch_average
 
             centroids = load_array(self.input_path(r["clusters"]) / CENTROIDS)  # (k, dim)
             init = branch_average([self.input_path(t) for t in r["experts"]], centroids[self.first_phase()],

@@ -4,7 +4,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from corpus.io import InputError
-from experts.average import average_experts, branch_average
+from experts.merge import average_experts, branch_average
 from merge_helpers import save_llama
 
 X = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))

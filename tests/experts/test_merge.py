@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from corpus.io import InputError
-from experts.merge import (METHODS, MergeRecipe, drop_and_rescale, elect_and_mean, merge_experts, merged_state,
-                           sample_blocks, trim)
+from experts.merge import drop_and_rescale, elect_and_mean, merge_experts, merged_state, sample_blocks, trim
+from experts.merging import PARAMETER_MERGES as METHODS, MergeRecipe
 from merge_helpers import save_llama
 
 X = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))

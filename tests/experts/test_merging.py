@@ -6,9 +6,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from corpus.io import InputError
-from experts.merge import METHODS as PARAMETER_METHODS
 from experts.merging import (MERGE_METHODS, PARAMETER_MERGES, TASK_VECTOR_MERGES, cluster_texts, document_shares,
                              get_method, needs)
+from experts.merging import PARAMETER_MERGES as PARAMETER_METHODS
 
 
 def test_registry_names_every_method_once():

@@ -4,6 +4,7 @@ cards are still written, with the failure named."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import luigi
@@ -32,10 +33,10 @@ def test_llama_without_pad_token_and_a_failing_merge(tiny_corpus, tmp_path, monk
     failing for a reason of its own leaves every other model, the report (naming it) and the cards."""
     from experts import merging
 
-    def broken(out, inputs):
+    def broken(method, out, inputs):
         raise RuntimeError("simulated failure inside ties")
 
-    monkeypatch.setitem(merging.MERGE_METHODS, "ties", merging.MergeMethod(broken, ("assignments", "seed", "shards")))
+    monkeypatch.setitem(merging.MERGE_METHODS, "ties", replace(merging.MERGE_METHODS["ties"], build=broken))
     seed = save_family(tmp_path / "llama", "llama", context=64)
     report = _run(tiny_corpus, tmp_path / "run", seed)
     assert {"dense", "ensemble_top1", "posterior", "average", "task_arithmetic", "moe"} <= _models(report)

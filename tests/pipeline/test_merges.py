@@ -11,7 +11,8 @@ import torch
 
 from corpus.io import InputError
 from pipeline import MergeExperts, RunAll, TrainExpert
-from pipeline.merging import FLAGS, RECIPE_FLAGS
+from experts.merging import RECIPE_FLAGS
+from pipeline.merging import FLAGS
 from tests.pipeline.conftest import tiny_params
 
 
@@ -66,7 +67,7 @@ def test_merge_hashes(tmp_path):
     assert expert(expert_trainable="ffn").out_path() != expert().out_path()
     assert expert(expert_trainable="ffn").train_config(1000).trainable == "ffn"
     # every parameter merge of the library is a --merge-methods value hashing the flags behind its recipe fields
-    from experts.merge import METHODS as LIBRARY
+    from experts.merging import PARAMETER_MERGES as LIBRARY
 
     for name, method in LIBRARY.items():
         assert set(FLAGS[name]) == {"merge_weights"} | {RECIPE_FLAGS[p] for p in method.params}

@@ -1,11 +1,7 @@
-"""What every merge of expert checkpoints shares, and BTM parameter averaging (Li et al. 2022, "Branch-Train-Merge",
-§5 "parameter averaging").
-
-θ_avg = Σ_j w_j θ_j with w_j ≥ 0, Σ_j w_j = 1: uniform, given weights, or, for a new expert to branch from, weights
-from centroid distances (`branch_average`); `average_experts` is the `average` entry of `experts.merge` (which
-also holds the task-arithmetic merges). `CheckpointReader` reads the tensors of a `save_pretrained` folder one at a
-time (memory-mapped safetensors); `check_expert_dirs` refuses experts of different architectures or tokenizers;
-`save_merged_model` writes a merged model atomically.
+"""What every merge of expert checkpoints reads and writes (`experts.merge`'s parameter merges, `experts.moe`'s BTX
+MoE): `CheckpointReader` reads the tensors of a `save_pretrained` folder one at a time (memory-mapped safetensors);
+`check_expert_dirs` refuses experts of different architectures or tokenizers; `fill_meta_model` loads a merged
+state into a model built on the meta device; `save_merged_model` writes a merged model atomically.
 """
 from __future__ import annotations
 
@@ -15,10 +11,8 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
-from clustering.router import CentroidRouter
 from corpus.io import InputError, atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -200,43 +194,6 @@ def _state_through_model(folder: Path) -> dict[str, torch.Tensor]:
 
     model = load_causal_lm(folder, load_tokenizer=False)[0]
     return {k: v.detach() for k, v in model.state_dict().items()}
-
-
-def normalise_weights(weights: Sequence[float] | None, k: int) -> np.ndarray:
-    """(k,) float64 weights ≥ 0 summing to 1 (uniform when None); InputError otherwise."""
-    if weights is None:
-        return np.full(k, 1.0 / k)
-    w = np.asarray(weights, dtype=np.float64).reshape(-1)
-    if w.shape[0] != k:
-        raise InputError(f"{w.shape[0]} weights given for {k} experts")
-    if not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
-        raise InputError(f"averaging weights must be finite, ≥ 0 and not all zero, got {w.tolist()}")
-    return w / w.sum()
-
-
-def average_experts(expert_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike,
-                    weights: Sequence[float] | None = None) -> Path:
-    """Average the experts' parameters into `out_dir` (atomic): `experts.merge.merge_experts` with method
-    `average` (model weights via `save_pretrained`, the first expert's tokenizer, `merge.json`). Returns `out_dir`.
-
-    Loadable with `AutoModelForCausalLM.from_pretrained(out_dir)`. Experts must share architecture, shapes
-    and tokenizer (InputError naming the mismatch and the directories otherwise).
-    """
-    from experts.merge import merge_experts
-
-    return merge_experts(expert_dirs, out_dir, "average", weights=weights)
-
-
-def branch_average(expert_dirs: Sequence[str | os.PathLike], expert_centroids: np.ndarray, centroid: np.ndarray,
-                   temperature: float, out_dir: str | os.PathLike) -> Path:
-    """The model a new expert branches from (BTM, Li et al. 2022 §4: a weighted average of existing experts):
-    `average_experts` of expert_dirs with w_j = softmax_j(−‖c − c_j‖² / T), the routing weights
-    (`CentroidRouter.weights`, over all of them) of the new cluster's centroid c (d,) among the experts' centroids
-    c_j, expert_centroids (n_experts, d) in the order of expert_dirs. Writes out_dir (atomic) and returns it; it is
-    then the `init` of the new expert's training."""
-    router = CentroidRouter(None, expert_centroids, temperature)  # top_k: every expert
-    weights = router.weights(np.asarray(centroid)[None, :])[0]  # (n_experts,)
-    return average_experts(expert_dirs, out_dir, weights=weights.tolist())
 
 
 def fill_meta_model(model, state: dict[str, torch.Tensor], source: str) -> None:
