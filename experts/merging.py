@@ -80,7 +80,7 @@ class MergeMethod:
 
 
 def _ensemble(out: Path, inputs: MergeInputs) -> dict:
-    from experts.ensemble import save_ensemble_config  # torch, transformers: loaded when a merge runs
+    from experts.ensemble_folder import save_ensemble_config  # torch, transformers: loaded when a merge runs
     from experts.hf_ensemble import write_hf_ensemble
 
     save_ensemble_config(out, inputs.expert_dirs, kind="sparse", centroids_path=inputs.folders["clusters"] / CENTROIDS,
@@ -93,7 +93,7 @@ def _ensemble(out: Path, inputs: MergeInputs) -> dict:
 
 
 def _posterior(out: Path, inputs: MergeInputs) -> dict:
-    from experts.ensemble import save_ensemble_config  # torch, transformers: loaded when a merge runs
+    from experts.ensemble_folder import save_ensemble_config  # torch, transformers: loaded when a merge runs
     from experts.hf_ensemble import write_hf_ensemble
 
     save_ensemble_config(out, inputs.expert_dirs, kind="posterior", prior="updating", top_k=inputs.top_k,

@@ -12,6 +12,7 @@ import luigi
 from corpus.io import InputError, read_json, write_json
 from corpus.layout import MERGE_FAILED
 from experts.merging import MERGE_METHODS, TASK_VECTOR_MERGES, MergeInputs, merge, needs
+from experts.run_models import ensemble_name
 from pipeline.base import Stage
 from pipeline.clustering import AssignClusters, EmbedCorpus, FitClusters
 from pipeline.corpus import PrepareCorpus
@@ -92,7 +93,7 @@ class MergeExperts(Stage):
         inputs = MergeInputs(
             expert_dirs, folders={name: self.input_path(t) for name, t in r.items() if name != "experts"},
             top_k=None if top_k.lower() == "all" else int(top_k),
-            name=f"ensemble_top{top_k}" if self.method == "ensemble" else self.method,
+            name=ensemble_name(top_k) if self.method == "ensemble" else self.method,
             temperature=self.temperature, route_every=self.route_every, route_early=tuple(self.route_early_list),
             route_weights=self.route_weights, weights=self.merge_weights,
             lam=None if self.merge_lambda == "auto" else float(self.merge_lambda), density=self.ties_density,
