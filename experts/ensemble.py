@@ -56,6 +56,7 @@ from experts.scoring import HFCausalLM, ScoringModel, document_windows
 log = logging.getLogger(__name__)
 
 PRIORS = ("cached", "updating")  # PosteriorEnsemble's priors (module docstring)
+ALPHA = 0.3  # the cached prior's moving-average rate (BTM)
 
 
 # ---- experts: loaded lazily, optionally offloaded ---------------------------------------------------------
@@ -130,7 +131,8 @@ def check_vocabularies(names: Sequence, sizes: Sequence, owner: str = "experts")
     distributions over one vocabulary."""
     for name, v in zip(names[1:], sizes[1:]):
         if v != sizes[0]:
-            raise InputError(f"{owner} have different vocabularies: {names[0]} has vocab_size {sizes[0]}, {name} has {v}")
+            raise InputError(f"{owner} have different vocabularies: {names[0]} has vocab_size {sizes[0]}, "
+                             f"{name} has {v}")
 
 
 # ---- routing ---------------------------------------------------------------------------------------------
@@ -675,7 +677,7 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
         prior: str = "updating",
         top_k: int | None = None,
         prior_weights: Sequence[float] | None = None,
-        alpha: float = 0.3,
+        alpha: float = ALPHA,
         device: str | torch.device = "cpu",
         devices=None,
         offload: bool = False,

@@ -19,8 +19,8 @@ from clustering.router import ROUTE_EVERY, ROUTE_WEIGHTS, TEMPERATURE, TOP_K, Ce
 from corpus.io import InputError, load_array, read_json, write_json
 from corpus.layout import ENSEMBLE_CONFIG
 from experts.ensemble import (
-    PosteriorEnsemble, RoutingSchedule, SparseEnsemble, check_prior_kind, check_prior_weights, check_route_weights,
-    check_vocabularies,
+    ALPHA, PosteriorEnsemble, RoutingSchedule, SparseEnsemble, check_prior_kind, check_prior_weights,
+    check_route_weights, check_vocabularies,
 )
 from experts.scoring import ScoringModel
 
@@ -57,7 +57,7 @@ def save_ensemble_config(
     route_every: int = ROUTE_EVERY,
     prior: str = "updating",
     prior_weights: Sequence[float] | None = None,
-    alpha: float = 0.3,
+    alpha: float = ALPHA,
     name: str | None = None,
     route_early: Sequence[int] = (),
     route_weights: str = ROUTE_WEIGHTS[0],
@@ -155,5 +155,5 @@ def _sparse(cfg: dict, base: Path, device="cpu", devices=None, offload=False, **
 
 def _posterior(cfg: dict, base: Path, device="cpu", devices=None, offload=False, **kw) -> PosteriorEnsemble:
     return PosteriorEnsemble([resolve(base, e) for e in cfg["experts"]], prior=cfg["prior"], top_k=cfg["top_k"],
-                             prior_weights=cfg.get("prior_weights"), alpha=cfg.get("alpha", 0.3), device=device,
+                             prior_weights=cfg.get("prior_weights"), alpha=cfg.get("alpha", ALPHA), device=device,
                              devices=devices, offload=offload, name=cfg.get("name", "posterior"), **kw)

@@ -55,8 +55,9 @@ UPLOAD_IGNORE = ["stage.json", "*/stage.json", "*.stage.json", ".*", "*/.*"]
 
 class CBTMEnsembleConfig(PretrainedConfig):
     """config.json of an ensemble folder: ensemble_kind ('sparse' c-BTM | 'posterior' BTM), ensemble_name (the
-    run's model name, e.g. ensemble_top2), num_experts, routing_top_k (experts mixed per prefix), vocab_size, max_position_embeddings and the special token ids (those of the experts). The routing parameters
-    live in ensemble.json."""
+    run's model name, e.g. ensemble_top2), num_experts, routing_top_k (experts mixed per prefix), vocab_size,
+    max_position_embeddings and the special token ids (those of the experts). The routing parameters live in
+    ensemble.json."""
 
     model_type = MODEL_TYPE
 
