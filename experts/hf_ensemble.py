@@ -10,7 +10,8 @@ An ensemble folder (written by `write_hf_ensemble` after `experts.ensemble_folde
     generation_config.json, configuration_cbtm_ensemble.py, modeling_cbtm_ensemble.py (remote-code shims)
 
 Experts are referenced by paths relative to the folder (`../../experts-<h>/cluster_000`: copying the whole run
-folder keeps them valid) or copied inside (`experts/expert_000/`, `copy_experts=True`, what `push_to_hub` does).
+folder keeps them valid) or copied inside under their model names (`experts/expert_000/`, `copy_experts=True`,
+what `push_to_hub` does).
 
 `CBTMEnsembleForCausalLM.forward` returns the mixture's log-probabilities as `logits` (B, T, V):
 logits[b, t] = log Σ_j w_j · p_j(· | x_≤t) (softmax of them is the mixture itself, so temperature, top-p and the
@@ -41,6 +42,7 @@ from corpus.io import InputError, read_json, write_json
 from corpus.layout import CENTROIDS, ENSEMBLE_CONFIG, STAGE_STAMP
 from experts.ensemble_folder import PATH_KEYS, check_ensemble_folder, expert_dirs, load_ensemble, relative, resolve
 from experts.families import folder_context_length
+from experts.run_models import expert_name
 
 MODEL_TYPE = "cbtm_ensemble"
 SHIMS = {  # remote-code modules written into each folder: the implementation stays in the installed package
@@ -347,11 +349,11 @@ def write_hf_ensemble(folder: str | os.PathLike, copy_experts: bool = False) -> 
             cfg[key] = name
     if copy_experts:
         for j, src in enumerate(experts):
-            dst = folder / "experts" / f"expert_{j:03d}"
+            dst = folder / "experts" / expert_name(j)
             if src != dst.resolve():
                 _place(src, dst)
                 (dst / STAGE_STAMP).unlink(missing_ok=True)  # the training stage's stamp: local paths, host
-            cfg["experts"][j] = f"experts/expert_{j:03d}"
+            cfg["experts"][j] = f"experts/{expert_name(j)}"
             experts[j] = dst
     else:
         cfg["experts"] = [relative(d, folder) for d in experts]

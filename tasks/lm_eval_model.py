@@ -4,8 +4,9 @@
     import tasks.lm_eval_model; lm_eval.simple_evaluate(model="cbtm", model_args="pretrained=<folder>", ...)
 
 `pretrained` is a folder of the run: a `save_pretrained` model (seed, dense, expert, average or other merges, MoE)
-or an ensemble folder (`ensemble.json`: c-BTM sparse ensemble or BTM posterior ensemble). Requests go through the
-project's `ScoringModel` (`experts.scoring`), the interface the pipeline's own evaluations use:
+or an ensemble folder (`ensemble.json`: c-BTM sparse ensemble or BTM posterior ensemble), loaded by
+`experts.run_models.load_model` as the pipeline's evaluations load it. Requests go through the project's
+`ScoringModel` (`experts.scoring`), the interface those evaluations use:
 
   loglikelihood          lm-eval's tokenisation (`TemplateLM`: trailing context spaces move to the continuation,
                          the pair is encoded whole; empty context → BOS), rows of at most max_length tokens (context
