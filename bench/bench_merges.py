@@ -96,7 +96,7 @@ def main() -> None:
 
     import pyarrow.parquet as pq
 
-    from experts.ensemble import load_ensemble, save_ensemble_config
+    from experts.ensemble_folder import load_ensemble, save_ensemble_config
     from experts.merge import LAMBDAS, merge_experts, sample_blocks
     from experts.merging import MergeRecipe
     from experts.moe import build_moe, finetune_moe

@@ -4,19 +4,17 @@
 every model folder of a run: what the model is (an expert of
 cluster j with its top terms and size, the seed, the dense baseline, a parameter merge, the BTX MoE, a c-BTM or
 BTM ensemble), its training (tokens, steps, the run's compute budget), its evaluation figures, and how to load it
-(transformers, lm-eval). `push_folder(folder, repo_id)` uploads a folder as it is (card, weights, tokenizer,
-training.json); an ensemble folder is first exported self-contained (its experts copied in); `dry_run=True` returns
-the files that would be uploaded without contacting the hub.
+(transformers, lm-eval). Pushing a folder with its card to the Hugging Face Hub is `experts.hf_ensemble.push_folder`'s.
 """
 from __future__ import annotations
 
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from corpus.io import InputError, atomic_file, read_json
+from corpus.io import atomic_file, read_json
 from corpus.layout import ENSEMBLE_CONFIG, MERGE_INFO, MOE_INFO, TRAINING_INFO
+from experts.run_models import DENSE_MOE_COMPUTE, MOE_MERGED, expert_cluster, is_ensemble, is_expert
 
 KIND_TITLES = {
     "seed": "seed model",
@@ -30,8 +28,6 @@ KIND_TITLES = {
     "ensemble": "c-BTM sparse ensemble",
     "posterior": "BTM posterior ensemble",
 }
-# pipeline stamps (local paths, host names) and hidden files stay home
-UPLOAD_IGNORE = ["stage.json", "*/stage.json", "*.stage.json", ".*", "*/.*"]
 
 
 @dataclass
@@ -278,13 +274,13 @@ def write_model_card(folder: str | os.PathLike, card: ModelCard) -> Path:
 
 def card_kind(name: str) -> str:
     """The `KIND_TITLES` key of a model name of a run (`moe_merged`: the MoE before finetuning)."""
-    if name == "moe_merged":
+    if name == MOE_MERGED:
         return "moe-merged"
-    if name == "dense_moe_compute":
+    if name == DENSE_MOE_COMPUTE:
         return "dense-moe-compute"
-    if name.startswith("expert_"):
+    if is_expert(name):
         return "expert"
-    if name.startswith("ensemble_top"):
+    if is_ensemble(name):
         return "ensemble"
     return name if name in ("seed", "dense", "average", "moe", "posterior") else "merge"
 
@@ -317,14 +313,14 @@ def write_run_cards(folders: dict[str, Path], run: dict, budget: dict, perplexit
                          fewshot=fewshot.get(name) or None, clusters=clusters, eval_max_docs=run.get("eval_max_docs"),
                          base_model=_base_model(name, run, folders))
         if kind == "expert":
-            card.cluster = next((c for c in clusters if c.get("cluster_id") == int(name[7:])), None)
+            card.cluster = next((c for c in clusters if c.get("cluster_id") == expert_cluster(name)), None)
             card.clusters = None
         if kind in ("ensemble", "posterior"):
             card.routing = _json_or_none(folder, ENSEMBLE_CONFIG)
         method = next((_json_or_none(folder, f) for f in (MOE_INFO, MERGE_INFO)
                        if (folder / f).is_file()), None)
-        if method is None and kind == "moe" and "moe_merged" in folders:  # the finetuned MoE: how it was built
-            method = _json_or_none(Path(folders["moe_merged"]), MOE_INFO)
+        if method is None and kind == "moe" and MOE_MERGED in folders:  # the finetuned MoE: how it was built
+            method = _json_or_none(Path(folders[MOE_MERGED]), MOE_INFO)
         card.method = names_only(method) if method else None
         if card.training:  # the card keeps the headline figures, not the curves
             card.training = {k: v for k, v in card.training.items() if not isinstance(v, (list, dict))}
@@ -346,60 +342,3 @@ def _base_model(name: str, run: dict, folders: dict[str, Path]) -> str | None:
 
 def _json_or_none(folder: Path, name: str) -> dict | None:
     return read_json(folder / name) if (folder / name).is_file() else None
-
-
-# ---- the hub ---------------------------------------------------------------------------------------------
-def has_weights(folder: Path) -> bool:
-    from experts.hf_ensemble import WEIGHT_FILES
-
-    return any((folder / w).is_file() for w in WEIGHT_FILES) or any(folder.glob("model-*.safetensors"))
-
-
-def upload_files(folder: str | os.PathLike) -> list[str]:
-    """Paths (relative, sorted) that `HfApi.upload_folder(folder, ignore_patterns=UPLOAD_IGNORE)` sends: the same
-    filter huggingface_hub applies (its default ignores plus the pipeline's stamps)."""
-    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
-
-    folder = Path(folder)
-    files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("**/*") if p.is_file())
-    return list(filter_repo_objects(files, ignore_patterns=UPLOAD_IGNORE + DEFAULT_IGNORE_PATTERNS))
-
-
-def _check_pushable(folder: Path) -> None:
-    from experts.hf_ensemble import _expert_dirs, check_ensemble_folder
-
-    if (folder / ENSEMBLE_CONFIG).is_file():
-        cfg = check_ensemble_folder(folder)
-        for d in _expert_dirs(folder, cfg):
-            if not has_weights(d):
-                raise InputError(f"push_to_hub: expert {d} of the ensemble {folder} holds no weights "
-                                 "(model.safetensors or pytorch_model.bin)")
-    elif not has_weights(folder):
-        raise InputError(f"push_to_hub: {folder} holds no weights (model.safetensors or pytorch_model.bin); "
-                         "push a model folder of the run")
-
-
-def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None, token=None,
-                commit_message: str | None = None, dry_run: bool = False):
-    """Upload a model folder of a run to the hub repo `repo_id` (created if needed). An ensemble folder is exported
-    self-contained first (experts copied in). dry_run=True: only the checks, returning `upload_files` of what
-    would be uploaded (nothing is sent). Otherwise returns huggingface_hub's commit info."""
-    from experts.hf_ensemble import export_ensemble
-
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise InputError(f"push_to_hub: no such folder {folder}")
-    _check_pushable(folder)
-    with tempfile.TemporaryDirectory(prefix="cbtm-push-") as tmp:
-        staged = folder
-        if (folder / ENSEMBLE_CONFIG).is_file():
-            staged = export_ensemble(folder, Path(tmp) / folder.name, copy_experts=True)
-        files = upload_files(staged)
-        if dry_run:
-            return files
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        return api.upload_folder(folder_path=str(staged), repo_id=repo_id, ignore_patterns=list(UPLOAD_IGNORE),
-                                 commit_message=commit_message or f"Upload {folder.name} (cbtm)")

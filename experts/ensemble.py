@@ -32,7 +32,8 @@ p(j | x_<t) ∝ p(j) · Π_{s<t} p_j(x_s | x_<s); `prior="cached"` fixes the wei
 on held-out text by an exponential moving average (BTM: ~100 sequences, α = 0.3); `prior="updating"`
 applies Bayes' rule on the prefix at every position. Both keep the top_k experts and renormalise.
 
-Configs: `ensemble.json` (see `save_ensemble_config`) is read back by `load_ensemble` / `from_config`.
+The folder format (`ensemble.json`, written by `save_ensemble_config`, read back by `load_ensemble`) is
+`experts.ensemble_folder`'s; this module is the ensembles themselves.
 """
 from __future__ import annotations
 
@@ -47,14 +48,15 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from clustering.router import CentroidRouter, check_top_k
-from corpus.io import InputError, load_array, read_json, write_json
-from corpus.layout import ENSEMBLE_CONFIG
+from clustering.router import ROUTE_EVERY, ROUTE_WEIGHTS, TEMPERATURE, TOP_K, CentroidRouter, check_top_k
+from corpus.io import InputError, read_json
 from experts.families import folder_context_length
 from experts.scoring import HFCausalLM, ScoringModel, document_windows
 
 log = logging.getLogger(__name__)
 
+PRIORS = ("cached", "updating")  # PosteriorEnsemble's priors (module docstring)
+ALPHA = 0.3  # the cached prior's moving-average rate (BTM)
 
 
 # ---- experts: loaded lazily, optionally offloaded ---------------------------------------------------------
@@ -120,22 +122,33 @@ def _make_slots(experts, devices, offload, dtype, max_length) -> list[ExpertSlot
     if len(devices) != len(experts):
         raise InputError(f"{len(devices)} devices given for {len(experts)} experts")
     slots = [ExpertSlot(e, d, offload, dtype, max_length) for e, d in zip(experts, devices)]
-    sizes = [s.vocab_size() for s in slots]
-    for s, v in zip(slots[1:], sizes[1:]):
-        if v != sizes[0]:
-            raise InputError(
-                f"experts have different vocabularies: {slots[0].name} has vocab_size {sizes[0]}, {s.name} has {v}"
-            )
+    check_vocabularies([s.name for s in slots], [s.vocab_size() for s in slots])
     return slots
 
 
+def check_vocabularies(names: Sequence, sizes: Sequence, owner: str = "experts") -> None:
+    """InputError naming the first expert whose vocab_size differs from the first one's: an ensemble mixes
+    distributions over one vocabulary."""
+    for name, v in zip(names[1:], sizes[1:]):
+        if v != sizes[0]:
+            raise InputError(f"{owner} have different vocabularies: {names[0]} has vocab_size {sizes[0]}, "
+                             f"{name} has {v}")
+
+
 # ---- routing ---------------------------------------------------------------------------------------------
-def _check_prior(prior, k: int) -> list[float]:
+def check_prior_weights(prior, k: int) -> list[float]:
     """k non-negative numbers with a positive sum, normalised to sum to 1."""
     w = np.asarray(prior, dtype=np.float64)
     if w.shape != (k,) or not np.isfinite(w).all() or (w < 0).any() or not w.sum() > 0:
         raise InputError(f"the routing prior must be {k} non-negative numbers with a positive sum, got {list(prior)}")
     return (w / w.sum()).tolist()
+
+
+def check_prior_kind(prior: str) -> str:
+    """prior, one of `PRIORS` (PosteriorEnsemble); InputError otherwise."""
+    if prior not in PRIORS:
+        raise InputError(f"prior must be 'cached' or 'updating', got {prior!r}")
+    return prior
 
 
 def _row_lengths(attention_mask, B: int, T: int) -> torch.Tensor:
@@ -145,7 +158,11 @@ def _row_lengths(attention_mask, B: int, T: int) -> torch.Tensor:
     return attention_mask.sum(1).cpu().long()
 
 
-ROUTE_WEIGHTS = ("distance", "posterior")
+def check_route_weights(route_weights: str) -> str:
+    """route_weights, one of `clustering.router.ROUTE_WEIGHTS`; InputError otherwise."""
+    if route_weights not in ROUTE_WEIGHTS:
+        raise InputError(f"route_weights must be one of {', '.join(ROUTE_WEIGHTS)}, got {route_weights!r}")
+    return route_weights
 
 
 class RoutingSchedule:
@@ -445,11 +462,11 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         experts: Sequence[ScoringModel | str | os.PathLike],
         centroids: np.ndarray,
         embedder,
-        top_k: int = 1,
-        temperature: float = 0.1,
-        route_every: int = 128,
+        top_k: int = TOP_K,
+        temperature: float = TEMPERATURE,
+        route_every: int = ROUTE_EVERY,
         route_early: Sequence[int] = (),
-        route_weights: str = "posterior",
+        route_weights: str = ROUTE_WEIGHTS[0],
         prior: Sequence[float] | None = None,
         device: str | torch.device = "cpu",
         devices: Sequence[str | torch.device] | str | None = None,
@@ -465,11 +482,10 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         if centroids.shape[0] != len(experts):
             raise InputError(f"{centroids.shape[0]} centroids but {len(experts)} experts; they must match one to one")
         self.router = CentroidRouter(embedder, centroids, temperature, top_k)
-        if route_weights not in ROUTE_WEIGHTS:
-            raise InputError(f"route_weights must be one of {', '.join(ROUTE_WEIGHTS)}, got {route_weights!r}")
+        check_route_weights(route_weights)
         self.schedule = RoutingSchedule(route_every, route_early)
         self.top_k = self.router.top_k
-        self.prior = None if prior is None else _check_prior(prior, len(experts))
+        self.prior = None if prior is None else check_prior_weights(prior, len(experts))
         self._setup_experts(experts, device, devices, offload, dtype, max_length, expert_batch_size, name)
         self.route_weights = route_weights
 
@@ -637,26 +653,6 @@ class SparseEnsemble(_ExpertsMixin, ScoringModel):
         state["ll"][j] = (ll, len(ids))
         return ll
 
-    # ---- config ----
-    @classmethod
-    def from_config(cls, path: str | os.PathLike, device="cpu", devices=None, offload=False, **kw) -> "SparseEnsemble":
-        """Build from an `ensemble.json` (a file or its folder) written by `save_ensemble_config`; keyword
-        arguments override its routing options. Configs written before the routing options existed load with
-        the routing they were written for (`route_weights="distance"`, no early refresh, uniform prior)."""
-        cfg, base = _read_config(path, "sparse")
-        from clustering.embed import load_embedder
-
-        centroids_path = _resolve(base, cfg["centroids"])
-        if not centroids_path.is_file():
-            raise InputError(f"centroids file missing: {centroids_path} (named in {base / ENSEMBLE_CONFIG})")
-        options = {"top_k": cfg["top_k"], "temperature": cfg["temperature"], "route_every": cfg["route_every"],
-                   "route_early": cfg.get("route_early", ()), "route_weights": cfg.get("route_weights", "distance"),
-                   "prior": cfg.get("prior_weights"), "name": cfg.get("name", "ensemble")}
-        options.update(kw)
-        return cls([_resolve(base, e) for e in cfg["experts"]], load_array(centroids_path),
-                   load_embedder(_resolve(base, cfg["embedder"])), device=device, devices=devices, offload=offload,
-                   **options)
-
 
 # ---- BTM posterior ensemble -------------------------------------------------------------------------------
 class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
@@ -681,7 +677,7 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
         prior: str = "updating",
         top_k: int | None = None,
         prior_weights: Sequence[float] | None = None,
-        alpha: float = 0.3,
+        alpha: float = ALPHA,
         device: str | torch.device = "cpu",
         devices=None,
         offload: bool = False,
@@ -690,8 +686,7 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
         name: str = "posterior",
         expert_batch_size: int | None = None,
     ):
-        if prior not in ("cached", "updating"):
-            raise InputError(f"prior must be 'cached' or 'updating', got {prior!r}")
+        check_prior_kind(prior)
         if not 0 < alpha <= 1:
             raise InputError(f"alpha must be in (0, 1], got {alpha}")
         self._setup_experts(experts, device, devices, offload, dtype, max_length, expert_batch_size, name)
@@ -877,100 +872,3 @@ class PosteriorEnsemble(_ExpertsMixin, ScoringModel):
         state["last"] = dists
         logw = self._top_k_renorm(torch.log_softmax(self._log_prior() + state["ll"], 0))
         return torch.logsumexp(logw[:, None] + torch.stack(dists), 0), state
-
-    @classmethod
-    def from_config(cls, path: str | os.PathLike, device="cpu", devices=None, offload=False, **kw) -> "PosteriorEnsemble":
-        cfg, base = _read_config(path, "posterior")
-        return cls([_resolve(base, e) for e in cfg["experts"]], prior=cfg["prior"], top_k=cfg["top_k"],
-                   prior_weights=cfg.get("prior_weights"), alpha=cfg.get("alpha", 0.3), device=device,
-                   devices=devices, offload=offload, name=cfg.get("name", "posterior"), **kw)
-
-
-# ---- config files -----------------------------------------------------------------------------------------
-def _rel(base: Path, p) -> str:
-    p = Path(p).resolve()
-    try:
-        return os.path.relpath(p, base.resolve())
-    except ValueError:  # different drive
-        return str(p)
-
-
-def _resolve(base: Path, p: str) -> Path:
-    q = Path(p)
-    return q if q.is_absolute() else (base / q).resolve()
-
-
-def _read_config(path, kind: str) -> tuple[dict, Path]:
-    path = Path(path)
-    file = path / ENSEMBLE_CONFIG if path.is_dir() else path
-    cfg = read_json(file)
-    if cfg.get("kind") != kind:
-        raise InputError(f"{file} describes a {cfg.get('kind')!r} ensemble, not a {kind!r} one")
-    return cfg, file.parent
-
-
-def save_ensemble_config(
-    out_dir: str | os.PathLike,
-    expert_dirs: Sequence[str | os.PathLike],
-    kind: str = "sparse",
-    centroids_path: str | os.PathLike | None = None,
-    embedder_dir: str | os.PathLike | None = None,
-    top_k: int = 1,
-    temperature: float = 0.1,
-    route_every: int = 128,
-    prior: str = "updating",
-    prior_weights: Sequence[float] | None = None,
-    alpha: float = 0.3,
-    name: str | None = None,
-    route_early: Sequence[int] = (),
-    route_weights: str = "posterior",
-) -> Path:
-    """Write `out_dir/ensemble.json` atomically and return its path.
-
-    kind="sparse": expert dirs, centroids .npy path, embedder dir, top_k, temperature, route_every, route_early,
-    route_weights, prior_weights (k,) or null (the routing prior of `SparseEnsemble`; null = uniform).
-    kind="posterior": expert dirs, prior ("cached"|"updating"), prior_weights (k,) or null, alpha, top_k.
-    Paths are stored relative to `out_dir` so a run folder can move. Inputs are checked now, not at load.
-    """
-    out_dir = Path(out_dir)
-    for d in expert_dirs:
-        if not (Path(d) / "config.json").is_file():
-            raise InputError(f"expert directory missing or not a model directory (no config.json): {d}")
-    k = len(expert_dirs)
-    cfg: dict = {"kind": kind, "name": name or kind, "experts": [_rel(out_dir, d) for d in expert_dirs]}
-    if kind == "sparse":
-        if centroids_path is None or embedder_dir is None:
-            raise InputError("a sparse ensemble config needs centroids_path and embedder_dir")
-        if not Path(centroids_path).is_file():
-            raise InputError(f"centroids file missing: {centroids_path}")
-        centroids = load_array(centroids_path, mmap_mode="r")  # (k, d)
-        if centroids.shape[0] != k:
-            raise InputError(f"{centroids_path} has {centroids.shape[0]} centroids but {k} experts were given")
-        router = CentroidRouter(None, centroids, temperature, top_k)
-        if route_weights not in ROUTE_WEIGHTS:
-            raise InputError(f"route_weights must be one of {', '.join(ROUTE_WEIGHTS)}, got {route_weights!r}")
-        schedule = RoutingSchedule(route_every, route_early)
-        cfg.update(centroids=_rel(out_dir, centroids_path), embedder=_rel(out_dir, embedder_dir),
-                   top_k=router.top_k, temperature=router.temperature, route_every=schedule.every,
-                   route_early=list(schedule.early), route_weights=route_weights,
-                   prior_weights=None if prior_weights is None else _check_prior(prior_weights, k))
-    elif kind == "posterior":
-        if prior not in ("cached", "updating"):
-            raise InputError(f"prior must be 'cached' or 'updating', got {prior!r}")
-        cfg.update(prior=prior, prior_weights=None if prior_weights is None else [float(x) for x in prior_weights],
-                   alpha=float(alpha), top_k=check_top_k(top_k, k))
-    else:
-        raise InputError(f"unknown ensemble kind {kind!r}; use 'sparse' or 'posterior'")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / ENSEMBLE_CONFIG, cfg)
-    return out_dir / ENSEMBLE_CONFIG
-
-
-def load_ensemble(path: str | os.PathLike, **kw) -> ScoringModel:
-    """SparseEnsemble or PosteriorEnsemble from an `ensemble.json` (or its folder), by its "kind"."""
-    path = Path(path)
-    cfg = read_json(path / ENSEMBLE_CONFIG if path.is_dir() else path)
-    cls = {"sparse": SparseEnsemble, "posterior": PosteriorEnsemble}.get(cfg.get("kind"))
-    if cls is None:
-        raise InputError(f"{path}: unknown ensemble kind {cfg.get('kind')!r}")
-    return cls.from_config(path, **kw)

@@ -1,15 +1,17 @@
-"""c-BTM and BTM ensembles as Hugging Face models: `AutoModelForCausalLM.from_pretrained(<ensemble folder>)`.
+"""c-BTM and BTM ensembles as Hugging Face models: `AutoModelForCausalLM.from_pretrained(<ensemble folder>)`; and
+pushing any model folder of a run to the Hugging Face Hub (`push_folder`).
 
-An ensemble folder (written by `write_hf_ensemble` after `experts.ensemble.save_ensemble_config`):
+An ensemble folder (written by `write_hf_ensemble` after `experts.ensemble_folder.save_ensemble_config`):
 
     config.json              model_type "cbtm_ensemble", auto_map (trust_remote_code users), vocab, special ids
-    ensemble.json            what `experts.ensemble.load_ensemble` reads: kind, experts, routing parameters
+    ensemble.json            what `experts.ensemble_folder.load_ensemble` reads: kind, experts, routing parameters
     centroids.npy, embedder/ the router (c-BTM only), inside the folder
     tokenizer files          the experts' shared tokenizer (AutoTokenizer.from_pretrained(folder))
     generation_config.json, configuration_cbtm_ensemble.py, modeling_cbtm_ensemble.py (remote-code shims)
 
 Experts are referenced by paths relative to the folder (`../../experts-<h>/cluster_000`: copying the whole run
-folder keeps them valid) or copied inside (`experts/expert_000/`, `copy_experts=True`, what `push_to_hub` does).
+folder keeps them valid) or copied inside under their model names (`experts/expert_000/`, `copy_experts=True`,
+what `push_to_hub` does).
 
 `CBTMEnsembleForCausalLM.forward` returns the mixture's log-probabilities as `logits` (B, T, V):
 logits[b, t] = log Σ_j w_j · p_j(· | x_≤t) (softmax of them is the mixture itself, so temperature, top-p and the
@@ -17,13 +19,18 @@ other logits processors of HF `generate` act on the ensemble's distribution). On
 `generate` each row decodes as `ScoringModel.generate` does (routing from the prompt, refreshed every route_every
 generated tokens, one KV cache per routed expert), so greedy HF generation equals the project's; a plain forward
 scores like `ScoringModel.score_tokens` (routing points 1, 1 + R, ...). Importing `experts` registers the model
-type with transformers' Auto classes.
+type with transformers' Auto classes (`register`; experts/__init__.py says why at import).
+
+`push_folder(folder, repo_id)` uploads a folder as it is (card, weights, tokenizer, training.json); an ensemble folder
+is first exported self-contained (its experts copied in); `dry_run=True` returns the files that would be uploaded
+without contacting the hub.
 """
 from __future__ import annotations
 
 import copy
 import os
 import shutil
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 
@@ -33,22 +40,26 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from corpus.io import InputError, read_json, write_json
 from corpus.layout import CENTROIDS, ENSEMBLE_CONFIG, STAGE_STAMP
+from experts.ensemble_folder import PATH_KEYS, check_ensemble_folder, expert_dirs, load_ensemble, relative, resolve
 from experts.families import folder_context_length
+from experts.run_models import expert_name
 
 MODEL_TYPE = "cbtm_ensemble"
-PATH_KEYS = ("centroids", "embedder")  # ensemble.json entries that name files beside the experts
 SHIMS = {  # remote-code modules written into each folder: the implementation stays in the installed package
     "configuration_cbtm_ensemble.py": "CBTMEnsembleConfig",
     "modeling_cbtm_ensemble.py": "CBTMEnsembleForCausalLM",
 }
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
+# pipeline stamps (local paths, host names) and hidden files stay home
+UPLOAD_IGNORE = ["stage.json", "*/stage.json", "*.stage.json", ".*", "*/.*"]
 
 
 class CBTMEnsembleConfig(PretrainedConfig):
     """config.json of an ensemble folder: ensemble_kind ('sparse' c-BTM | 'posterior' BTM), ensemble_name (the
-    run's model name, e.g. ensemble_top2), num_experts, routing_top_k (experts mixed per prefix), vocab_size, max_position_embeddings and the special token ids (those of the experts). The routing parameters
-    live in ensemble.json."""
+    run's model name, e.g. ensemble_top2), num_experts, routing_top_k (experts mixed per prefix), vocab_size,
+    max_position_embeddings and the special token ids (those of the experts). The routing parameters live in
+    ensemble.json."""
 
     model_type = MODEL_TYPE
 
@@ -82,13 +93,10 @@ class CBTMEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
                         **kwargs):
         """Load an ensemble folder (or a hub repo pushed by `push_to_hub`). device: 'cpu', 'cuda', 'cuda:1', or
         None (device_map when it names one device, else CUDA when available); dtype: the experts' weights."""
-        from experts.ensemble import load_ensemble
-
         folder = _local_folder(pretrained_model_name_or_path, kwargs)
         cfg = check_ensemble_folder(folder)
-        if not isinstance(config, CBTMEnsembleConfig):  # folders from before write_hf_ensemble have no config.json
-            has_config = (Path(folder) / "config.json").is_file()
-            config = CBTMEnsembleConfig.from_pretrained(folder) if has_config else ensemble_config(Path(folder), cfg)
+        if not isinstance(config, CBTMEnsembleConfig):
+            config = folder_config(folder, cfg)
         if device is None:
             device = device_map if isinstance(device_map, (str, torch.device)) and device_map != "auto" else None
         if device is None:
@@ -111,15 +119,13 @@ class CBTMEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         """Write an ensemble folder at `save_directory` (its card too): experts referenced by relative paths, or
         copied inside with copy_experts=True. Other transformers options (shards, safetensors) do not apply."""
         if self.folder is None:
-            raise InputError("this ensemble was not loaded from a folder; write one with experts.ensemble."
+            raise InputError("this ensemble was not loaded from a folder; write one with experts.ensemble_folder."
                              "save_ensemble_config and experts.hf_ensemble.write_hf_ensemble")
         export_ensemble(self.folder, save_directory, copy_experts=copy_experts)
 
     def push_to_hub(self, repo_id: str, private: bool | None = None, token=None, commit_message: str | None = None,
                     **kwargs):
-        """Upload a self-contained copy (experts copied in, card included) with `experts.cards.push_folder`."""
-        from experts.cards import push_folder
-
+        """Upload a self-contained copy (experts copied in, card included) with `push_folder`."""
         if self.folder is None:
             raise InputError("this ensemble was not loaded from a folder; nothing to push")
         return push_folder(self.folder, repo_id, private=private, token=token, commit_message=commit_message)
@@ -138,8 +144,6 @@ class CBTMEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
         device = kwargs.get("device") or next((a for a in args if isinstance(a, (str, torch.device))), None)
         if device is None or self.folder is None or torch.device(device) == self.device:
             return self
-        from experts.ensemble import load_ensemble
-
         self.ensemble = load_ensemble(self.folder, device=device, **self._load_kw)
         return self
 
@@ -277,18 +281,6 @@ class CBTMEnsembleForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 # ---- folders ---------------------------------------------------------------------------------------------
-def _resolve(base: Path, p: str) -> Path:
-    q = Path(p)
-    return q if q.is_absolute() else (base / q).resolve()
-
-
-def _relative(target: Path, base: Path) -> str:
-    try:
-        return os.path.relpath(Path(target).resolve(), Path(base).resolve())
-    except ValueError:  # another drive
-        return str(Path(target).resolve())
-
-
 def _link_or_copy(src, dst) -> None:
     """Hard link (no extra disk for large files), else copy."""
     try:
@@ -308,40 +300,19 @@ def _place(src: Path, dst: Path) -> None:
         _link_or_copy(src, dst)
 
 
-def _expert_dirs(folder: Path, cfg: dict) -> list[Path]:
-    return [_resolve(folder, e) for e in cfg.get("experts", [])]
-
-
-def check_ensemble_folder(folder: str | os.PathLike) -> dict:
-    """ensemble.json of `folder`, after checking that every expert folder exists and that the experts share one
-    vocabulary size; InputError (one line naming the folder) otherwise."""
+def folder_config(folder: str | os.PathLike, cfg: dict | None = None) -> CBTMEnsembleConfig:
+    """The config of an ensemble folder: its config.json, or (a folder written before ensembles were Hugging Face
+    models) `ensemble_config` of its ensemble.json `cfg` (read when not given)."""
     folder = Path(folder)
-    if not (folder / ENSEMBLE_CONFIG).is_file():
-        raise InputError(f"{folder} is not an ensemble folder (no {ENSEMBLE_CONFIG})")
-    cfg = read_json(folder / ENSEMBLE_CONFIG)
-    experts = _expert_dirs(folder, cfg)
-    if not experts:
-        raise InputError(f"{folder / ENSEMBLE_CONFIG} lists no experts")
-    sizes = []
-    for name, d in zip(cfg["experts"], experts):
-        if not (d / "config.json").is_file():
-            raise InputError(f"expert folder {d} (\"{name}\" in {folder / ENSEMBLE_CONFIG}) is missing: copy the whole "
-                             "run folder, or save the ensemble with copy_experts=True")
-        sizes.append(read_json(d / "config.json").get("vocab_size"))
-    for d, v in zip(experts[1:], sizes[1:]):
-        if v != sizes[0]:
-            raise InputError(f"experts of {folder} have different vocabularies: {experts[0]} has vocab_size "
-                             f"{sizes[0]}, {d} has {v}")
-    for key in PATH_KEYS:
-        if key in cfg and not _resolve(folder, cfg[key]).exists():
-            raise InputError(f"{key} {_resolve(folder, cfg[key])} named in {folder / ENSEMBLE_CONFIG} is missing")
-    return cfg
+    if (folder / "config.json").is_file():
+        return CBTMEnsembleConfig.from_pretrained(folder)
+    return ensemble_config(folder, cfg if cfg is not None else read_json(folder / ENSEMBLE_CONFIG))
 
 
 def ensemble_config(folder: Path, cfg: dict) -> CBTMEnsembleConfig:
     """The config.json of an ensemble folder whose ensemble.json is `cfg`: vocabulary, context and special ids of
     its first expert, and the auto_map of the remote-code shims."""
-    experts = _expert_dirs(folder, cfg)
+    experts = expert_dirs(folder, cfg)
     first = read_json(experts[0] / "config.json")
     return CBTMEnsembleConfig(
         # routing_top_k, not top_k: transformers treats a config's top_k as a sampling setting and drops it
@@ -369,23 +340,23 @@ def write_hf_ensemble(folder: str | os.PathLike, copy_experts: bool = False) -> 
 
     folder = Path(folder)
     cfg = check_ensemble_folder(folder)
-    experts = _expert_dirs(folder, cfg)
+    experts = expert_dirs(folder, cfg)
     for key, name in (("centroids", CENTROIDS), ("embedder", "embedder")):
         if key in cfg:
-            src = _resolve(folder, cfg[key])
+            src = resolve(folder, cfg[key])
             if src != (folder / name).resolve():
                 _place(src, folder / name)
             cfg[key] = name
     if copy_experts:
         for j, src in enumerate(experts):
-            dst = folder / "experts" / f"expert_{j:03d}"
+            dst = folder / "experts" / expert_name(j)
             if src != dst.resolve():
                 _place(src, dst)
                 (dst / STAGE_STAMP).unlink(missing_ok=True)  # the training stage's stamp: local paths, host
-            cfg["experts"][j] = f"experts/expert_{j:03d}"
+            cfg["experts"][j] = f"experts/{expert_name(j)}"
             experts[j] = dst
     else:
-        cfg["experts"] = [_relative(d, folder) for d in experts]
+        cfg["experts"] = [relative(d, folder) for d in experts]
     write_json(folder / ENSEMBLE_CONFIG, cfg)
 
     config = ensemble_config(folder, cfg)
@@ -409,10 +380,10 @@ def export_ensemble(src: str | os.PathLike, dst: str | os.PathLike, copy_experts
     cfg = check_ensemble_folder(src)
     if dst.resolve() != src.resolve():
         dst.mkdir(parents=True, exist_ok=True)
-        cfg["experts"] = [_relative(d, dst) for d in _expert_dirs(src, cfg)]
+        cfg["experts"] = [relative(d, dst) for d in expert_dirs(src, cfg)]
         for key in PATH_KEYS:
             if key in cfg:
-                cfg[key] = _relative(_resolve(src, cfg[key]), dst)
+                cfg[key] = relative(resolve(src, cfg[key]), dst)
         write_json(dst / ENSEMBLE_CONFIG, cfg)
         if (src / "README.md").is_file():
             shutil.copy2(src / "README.md", dst / "README.md")
@@ -430,6 +401,57 @@ def _local_folder(name_or_path, kwargs: dict) -> Path:
 
     keep = ("revision", "cache_dir", "token", "local_files_only", "force_download")
     return Path(snapshot_download(str(name_or_path), **{k: kwargs[k] for k in keep if k in kwargs}))
+
+
+# ---- the hub ---------------------------------------------------------------------------------------------
+def has_weights(folder: Path) -> bool:
+    return any((folder / w).is_file() for w in WEIGHT_FILES) or any(folder.glob("model-*.safetensors"))
+
+
+def upload_files(folder: str | os.PathLike) -> list[str]:
+    """Paths (relative, sorted) that `HfApi.upload_folder(folder, ignore_patterns=UPLOAD_IGNORE)` sends: the same
+    filter huggingface_hub applies (its default ignores plus the pipeline's stamps)."""
+    from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+
+    folder = Path(folder)
+    files = sorted(p.relative_to(folder).as_posix() for p in folder.glob("**/*") if p.is_file())
+    return list(filter_repo_objects(files, ignore_patterns=UPLOAD_IGNORE + DEFAULT_IGNORE_PATTERNS))
+
+
+def _check_pushable(folder: Path) -> None:
+    if (folder / ENSEMBLE_CONFIG).is_file():
+        cfg = check_ensemble_folder(folder)
+        for d in expert_dirs(folder, cfg):
+            if not has_weights(d):
+                raise InputError(f"push_to_hub: expert {d} of the ensemble {folder} holds no weights "
+                                 "(model.safetensors or pytorch_model.bin)")
+    elif not has_weights(folder):
+        raise InputError(f"push_to_hub: {folder} holds no weights (model.safetensors or pytorch_model.bin); "
+                         "push a model folder of the run")
+
+
+def push_folder(folder: str | os.PathLike, repo_id: str, private: bool | None = None, token=None,
+                commit_message: str | None = None, dry_run: bool = False):
+    """Upload a model folder of a run to the hub repo `repo_id` (created if needed). An ensemble folder is exported
+    self-contained first (experts copied in). dry_run=True: only the checks, returning `upload_files` of what
+    would be uploaded (nothing is sent). Otherwise returns huggingface_hub's commit info."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise InputError(f"push_to_hub: no such folder {folder}")
+    _check_pushable(folder)
+    with tempfile.TemporaryDirectory(prefix="cbtm-push-") as tmp:
+        staged = folder
+        if (folder / ENSEMBLE_CONFIG).is_file():
+            staged = export_ensemble(folder, Path(tmp) / folder.name, copy_experts=True)
+        files = upload_files(staged)
+        if dry_run:
+            return files
+        from huggingface_hub import HfApi
+
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        return api.upload_folder(folder_path=str(staged), repo_id=repo_id, ignore_patterns=list(UPLOAD_IGNORE),
+                                 commit_message=commit_message or f"Upload {folder.name} (cbtm)")
 
 
 def register() -> None:

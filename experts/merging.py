@@ -140,7 +140,7 @@ def imported(path: str) -> Callable:
 
 
 def build_ensemble(method: MergeMethod, out: Path, inputs: MergeInputs) -> dict:
-    from experts.ensemble import save_ensemble_config  # torch, transformers: loaded when a merge runs
+    from experts.ensemble_folder import save_ensemble_config  # torch, transformers: loaded when a merge runs
     from experts.hf_ensemble import write_hf_ensemble
 
     save_ensemble_config(out, inputs.expert_dirs, kind="sparse", centroids_path=inputs.folders["clusters"] / CENTROIDS,
@@ -153,7 +153,7 @@ def build_ensemble(method: MergeMethod, out: Path, inputs: MergeInputs) -> dict:
 
 
 def build_posterior(method: MergeMethod, out: Path, inputs: MergeInputs) -> dict:
-    from experts.ensemble import save_ensemble_config  # torch, transformers: loaded when a merge runs
+    from experts.ensemble_folder import save_ensemble_config  # torch, transformers: loaded when a merge runs
     from experts.hf_ensemble import write_hf_ensemble
 
     save_ensemble_config(out, inputs.expert_dirs, kind="posterior", prior="updating", top_k=inputs.top_k,

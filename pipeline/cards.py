@@ -4,6 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from corpus.io import read_json, write_json
+from experts.run_models import MOE_MERGED
 from pipeline.base import Stage
 from pipeline.clustering import DescribeClusters
 from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
@@ -31,7 +32,7 @@ class WriteModelCards(Stage):
         if "moe" in self.methods:
             from pipeline.merging import MergeExperts
 
-            req["moe_merged"] = self.clone(MergeExperts, method="moe")
+            req[MOE_MERGED] = self.clone(MergeExperts, method="moe")
         return req
 
     def build(self, out: Path) -> dict:
@@ -42,8 +43,8 @@ class WriteModelCards(Stage):
 
         r = self.requires()
         folders = {m: self.input_path(t) for m, t in r["models"].items()}
-        if "moe_merged" in r:
-            folders["moe_merged"] = self.input_path(r["moe_merged"])
+        if MOE_MERGED in r:
+            folders[MOE_MERGED] = self.input_path(r[MOE_MERGED])
         failed = {m: f for m, f in ((m, merge_failure(d)) for m, d in folders.items()) if f}  # no model, no card
         folders = {m: d for m, d in folders.items() if m not in failed}
         written = write_run_cards(

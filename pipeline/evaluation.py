@@ -8,10 +8,11 @@ from pathlib import Path
 import luigi
 
 from corpus.io import write_json
+from experts.run_models import ORACLE, expert_name, load_model
 from pipeline.base import EVAL_MAX_DOC_TOKENS, EVAL_MAX_TOKENS, Stage, files_fingerprint
 from pipeline.clustering import AssignClusters
 from pipeline.corpus import PrepareCorpus
-from pipeline.models import ORACLE, load_scoring_model, model_stage
+from pipeline.models import model_stage
 
 
 class _EvaluateModel(Stage):
@@ -41,7 +42,7 @@ class _EvaluateModel(Stage):
         """The evaluated model as a `ScoringModel`, plus its kind ('hf' | 'ensemble') and folder."""
         stage, kind = model_stage(self, self.model)
         path = self.input_path(stage)
-        return load_scoring_model(kind, path, self.device, self.model, self.eval_batch_size), kind, path
+        return load_model(path, kind, self.device, name=self.model, batch_size=self.eval_batch_size), kind, path
 
 
 class EvaluatePerplexity(_EvaluateModel):
@@ -67,7 +68,7 @@ class EvaluatePerplexity(_EvaluateModel):
 
     def requires(self):
         if self.model == ORACLE:
-            return {"experts": [self.clone(EvaluatePerplexity, model=f"expert_{c:03d}") for c in range(self.num_clusters)]}
+            return {"experts": [self.clone(EvaluatePerplexity, model=expert_name(c)) for c in range(self.num_clusters)]}
         return {"model": model_stage(self, self.model)[0], "corpus": self.clone(PrepareCorpus),
                 "assignments": self.clone(AssignClusters)}
 

@@ -13,6 +13,7 @@ import luigi
 from corpus.io import InputError, read_json, write_json
 from corpus.layout import MERGE_FAILED
 from experts.merging import MERGE_METHODS, TASK_VECTOR_MERGES, MergeInputs, get_method, merge, needs
+from experts.run_models import ensemble_name
 from pipeline.base import Stage
 from pipeline.clustering import AssignClusters, EmbedCorpus, FitClusters
 from pipeline.corpus import PrepareCorpus
@@ -87,7 +88,7 @@ class MergeExperts(Stage):
     def build(self, out: Path) -> dict:
         r = self.requires()
         expert_dirs = [str(self.input_path(t)) for t in r["experts"]]
-        model = f"ensemble_top{self._hash_value('ensemble_top_k')}" if self.method == "ensemble" else self.method
+        model = ensemble_name(self._hash_value('ensemble_top_k')) if self.method == "ensemble" else self.method
         inputs = MergeInputs(  # the method's parameters only: what the folder hash holds is all it reads
             expert_dirs, folders={name: self.input_path(t) for name, t in r.items() if name != "experts"},
             name=model, device=self.device,

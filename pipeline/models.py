@@ -1,16 +1,19 @@
-"""Which models a run evaluates, the stage that produces each, and how to load it as a `ScoringModel`.
+"""Which models a run evaluates and the stage that produces each (the names are `experts.run_models`').
 
-Model names: `seed`, `dense`, `expert_003`, `ensemble_top1` / `ensemble_top2` / `ensemble_topall` (c-BTM, top_k
-1, 2, all, and --top-k when it is another value; duplicates dropped when k is small), `posterior` (BTM, updating prior, --top-k), `average` (BTM
-parameter average), `task_arithmetic` / `ties` / `dare_linear` / `dare_ties` (merges against the seed), `moe` (BTX
-MoE after finetuning), `dense_moe_compute` (with moe: dense continued for the MoE finetune's tokens, the MoE's
-equal-compute baseline). `oracle` is a perplexity-only reference, not a model: each document scored by the expert of
-its own cluster (`tasks.perplexity.oracle_perplexity`).
+A run's models: `seed`, `dense`, `expert_003` per cluster, `ensemble_top1` / `ensemble_top2` / `ensemble_topall`
+(c-BTM, top_k 1, 2, all, and --top-k when it is another value; duplicates dropped when k is small), `posterior`
+(BTM, updating prior, --top-k), `average` (BTM parameter average), `task_arithmetic` / `ties` / `dare_linear` /
+`dare_ties` (merges against the seed), `moe` (BTX MoE after finetuning), `dense_moe_compute` (with moe: dense
+continued for the MoE finetune's tokens, the MoE's equal-compute baseline). `oracle` is a perplexity-only reference,
+not a model: each document scored by the expert of its own cluster (`tasks.perplexity.oracle_perplexity`).
 """
 from __future__ import annotations
 
 from corpus.io import InputError
 from experts.merging import PARAMETER_MERGES
+from experts.run_models import (
+    DENSE, DENSE_MOE_COMPUTE, MOE, ORACLE, POSTERIOR, SEED, ensemble_name, ensemble_top_k, expert_cluster, expert_name,
+)
 
 
 def ensemble_variants(num_clusters: int, top_k: str = "2") -> list[str]:
@@ -20,19 +23,15 @@ def ensemble_variants(num_clusters: int, top_k: str = "2") -> list[str]:
 
 
 def model_names(p) -> list[str]:
-    names = ["seed", "dense"] + [f"expert_{c:03d}" for c in range(p.num_clusters)]
+    names = [SEED, DENSE] + [expert_name(c) for c in range(p.num_clusters)]
     for m in p.methods:
         if m == "ensemble":
-            names += [f"ensemble_top{v}" for v in ensemble_variants(p.num_clusters, p.top_k)]
+            names += [ensemble_name(v) for v in ensemble_variants(p.num_clusters, p.top_k)]
         else:
             names.append(m)
     if "moe" in p.methods:
         names.append(DENSE_MOE_COMPUTE)
     return names
-
-
-ORACLE = "oracle"
-DENSE_MOE_COMPUTE = "dense_moe_compute"
 
 
 def perplexity_names(p) -> list[str]:
@@ -45,19 +44,19 @@ def model_stage(p, name: str):
     from pipeline.merging import FinetuneMoE, MergeExperts
     from pipeline.training import TrainDense, TrainExpert, TrainSeed
 
-    if name == "seed":
+    if name == SEED:
         return p.clone(TrainSeed), "hf"
-    if name == "dense":
+    if name == DENSE:
         return p.clone(TrainDense), "hf"
-    if name.startswith("expert_") and name[7:].isdigit():
-        return p.clone(TrainExpert, cluster_id=int(name[7:])), "hf"
-    if name.startswith("ensemble_top"):
-        return p.clone(MergeExperts, method="ensemble", ensemble_top_k=name[len("ensemble_top"):]), "ensemble"
-    if name == "posterior":
+    if expert_cluster(name) is not None:
+        return p.clone(TrainExpert, cluster_id=expert_cluster(name)), "hf"
+    if ensemble_top_k(name) is not None:
+        return p.clone(MergeExperts, method="ensemble", ensemble_top_k=ensemble_top_k(name)), "ensemble"
+    if name == POSTERIOR:
         return p.clone(MergeExperts, method="posterior"), "ensemble"
     if name in PARAMETER_MERGES:
         return p.clone(MergeExperts, method=name), "hf"
-    if name == "moe":
+    if name == MOE:
         return p.clone(FinetuneMoE), "hf"
     if name == DENSE_MOE_COMPUTE:
         from pipeline.merging import TrainDenseMoECompute
@@ -67,17 +66,3 @@ def model_stage(p, name: str):
         raise InputError("'oracle' is a perplexity reference assembled from the experts' evaluations, not a model "
                          "(EvaluatePerplexity --model oracle); it has no few-shot evaluation")
     raise InputError(f"unknown model {name!r}; models of this run: {', '.join(model_names(p))}")
-
-
-def load_scoring_model(kind: str, path, device: str, name: str, batch_size: int | None = None):
-    """A `ScoringModel` for a `save_pretrained` folder (kind 'hf') or an `ensemble.json` folder ('ensemble');
-    an ensemble calls each expert on at most `batch_size` rows."""
-    if kind == "ensemble":
-        from experts.ensemble import load_ensemble
-
-        model = load_ensemble(path, device=device, expert_batch_size=batch_size)
-        model.name = name
-        return model
-    from experts.scoring import HFCausalLM
-
-    return HFCausalLM.from_pretrained(str(path), device=device, name=name)

@@ -13,15 +13,13 @@ import luigi
 from corpus.io import atomic_file, read_json
 from corpus.layout import MERGE_INFO, MOE_INFO, REPORT_JSON, REPORT_MD, TRAINING_INFO
 from experts.merging import PARAMETER_MERGES
+from experts.run_models import has_training
 from pipeline.base import DEFAULT_MERGE_METHODS, RunParams, Stage, install_log_filter, upstream
 from pipeline.clustering import DescribeClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
 from pipeline.merging import MergeExperts
 from pipeline.models import model_names, model_stage, perplexity_names
-
-TRAINED = ("seed", "dense", "moe", "dense_moe_compute")  # models with a training.json (plus every expert_*)
-
 
 class Report(Stage):
     """`tasks.report.write_report` → `report-<h>/report.{json,md}` + figures; `RunAll` publishes them to
@@ -37,7 +35,7 @@ class Report(Stage):
             "perplexity": {m: self.clone(EvaluatePerplexity, model=m) for m in perplexity_names(self)},
             "fewshot": {t: {m: self.clone(EvaluateFewShot, task=t, model=m) for m in self.fewshot_model_names(names)}
                         for t in self.task_list},
-            "trained": {m: model_stage(self, m)[0] for m in names if m in TRAINED or m.startswith("expert_")},
+            "trained": {m: model_stage(self, m)[0] for m in names if has_training(m)},
             "merges": {m: model_stage(self, m)[0] for m in names if m in PARAMETER_MERGES},
             "moe_build": [self.clone(MergeExperts, method="moe")] if "moe" in names else [],
         }

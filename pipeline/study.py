@@ -26,10 +26,11 @@ import luigi
 
 from corpus.io import InputError, atomic_file, read_json
 from corpus.layout import STUDY_JSON, STUDY_MD, TRAINING_INFO
+from experts.run_models import DENSE, SEED, ensemble_name, has_training
 from pipeline.base import SECTION, RunParams, Stage
 from pipeline.evaluation import EvaluatePerplexity
 from pipeline.models import model_names, model_stage
-from pipeline.report import TRAINED, Report, RunAll
+from pipeline.report import Report, RunAll
 
 # grid axis → its role: "train" points are trained; "experts" ones too, but the dense model (k = 1) ignores them;
 # "eval" values are evaluation variants of the c-BTM ensemble on the same experts
@@ -115,7 +116,7 @@ class Study(Stage):
         if k < 2 or "ensemble" not in [m.strip() for m in self.merge_methods.split(",")]:
             return {}
         tops = self.grid().get("top_k", [])
-        return {t: "ensemble_topall" if t == "all" or int(t) == k else f"ensemble_top{t}"
+        return {t: ensemble_name("all" if t == "all" or int(t) == k else t)
                 for t in tops if t == "all" or int(t) <= k}
 
     def validate(self) -> None:
@@ -145,7 +146,7 @@ class Study(Stage):
         c-BTM variants of the top-k grid."""
         params = self.point_params(axes)
         if params["num_clusters"] == 1:
-            return ["seed", "dense"]
+            return [SEED, DENSE]
         names = model_names(RunAll(**params))
         return names + [m for m in self.variants(params["num_clusters"]).values() if m not in names]
 
@@ -157,7 +158,7 @@ class Study(Stage):
                    "trained": {}}
             run = RunAll(**params)
             for m in req["perplexity"]:
-                if m in TRAINED or m.startswith("expert_"):
+                if has_training(m):
                     req["trained"][m] = model_stage(run, m)[0]
             if params["num_clusters"] > 1:
                 req["report"] = Report(**params)

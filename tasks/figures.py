@@ -19,14 +19,15 @@ from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from corpus.palette import distinct_colours  # noqa: E402
+from experts.run_models import DENSE, ORACLE, SEED, expert_cluster, is_expert  # noqa: E402
 
-BASELINES = {"dense": "#000000", "seed": "#8c8c8c", "oracle": "#c8c8c8"}
+BASELINES = {DENSE: "#000000", SEED: "#8c8c8c", ORACLE: "#c8c8c8"}
 
 
 def model_colours(models: list[str]) -> dict[str, str]:
     """A distinct colour per model: dense black, seed and oracle greys, `expert_<j>` cluster j's colour, the
     others the next colours of `corpus.palette.distinct_colours`; no two models share one."""
-    experts = {m: int(m[len("expert_"):]) for m in models if m.startswith("expert_") and m[len("expert_"):].isdigit()}
+    experts = {m: expert_cluster(m) for m in models if expert_cluster(m) is not None}
     others = [m for m in models if m not in BASELINES and m not in experts]
     n = max(experts.values(), default=-1) + 1
     colours = distinct_colours(n + len(others))
@@ -60,7 +61,7 @@ def perplexity_figure(ppl: dict, path: Path, colours: dict) -> str | None:
     if dense:
         diff = [100 * (_test_ppl(ppl, m) / dense - 1) for m in models]
         # linear out to the ensembles and merges near dense (within ±30%), on a 1-2-5 number; log beyond
-        near = [abs(d) for m, d in zip(models, diff) if not m.startswith("expert_") and abs(d) <= 30]
+        near = [abs(d) for m, d in zip(models, diff) if not is_expert(m) and abs(d) <= 30]
         linear = _nice_ceil(max(1.0, 1.2 * max(near, default=1.0)))
         ax.set_xscale("symlog", linthresh=linear, linscale=2)
         ax.hlines(y, 0, diff, color=[colours[m] for m in models], lw=2)
@@ -273,8 +274,8 @@ def training_curves(trained: dict[str, dict], path: Path, colours: dict) -> str 
     def branch_start(t):
         return ((t.get("config") or {}).get("schedule_start") or seed_steps) if t else seed_steps
 
-    start = {m: branch_start(t) for m, t in curves.items() if m == "dense" or m.startswith("expert_")}
-    experts_end = max([start[m] + (curves[m].get("steps") or 0) for m in start if m.startswith("expert_")],
+    start = {m: branch_start(t) for m, t in curves.items() if m == "dense" or is_expert(m)}
+    experts_end = max([start[m] + (curves[m].get("steps") or 0) for m in start if is_expert(m)],
                       default=seed_steps)
     start["seed"], start["moe"] = 0, experts_end
     panels = [("the run: seed → dense; seed → experts → MoE", list(curves), False)]
@@ -286,7 +287,7 @@ def training_curves(trained: dict[str, dict], path: Path, colours: dict) -> str 
             t = curves[m]
             steps, loss = np.array(t["loss_curve"], dtype=float).T
             x0 = start.get(m, 0)
-            thin = m.startswith("expert_") and not zoom
+            thin = is_expert(m) and not zoom
             ax.plot(x0 + steps, _smooth(loss), color=colours.get(m), lw=0.7 if thin else 1.2, label=m,
                     alpha=0.7 if thin else 1.0)
             valid = np.array([v for v in t.get("valid_curve") or [] if v[1] is not None], dtype=float)

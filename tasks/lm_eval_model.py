@@ -4,8 +4,9 @@
     import tasks.lm_eval_model; lm_eval.simple_evaluate(model="cbtm", model_args="pretrained=<folder>", ...)
 
 `pretrained` is a folder of the run: a `save_pretrained` model (seed, dense, expert, average or other merges, MoE)
-or an ensemble folder (`ensemble.json`: c-BTM sparse ensemble or BTM posterior ensemble). Requests go through the
-project's `ScoringModel` (`experts.scoring`), the interface the pipeline's own evaluations use:
+or an ensemble folder (`ensemble.json`: c-BTM sparse ensemble or BTM posterior ensemble), loaded by
+`experts.run_models.load_model` as the pipeline's evaluations load it. Requests go through the project's
+`ScoringModel` (`experts.scoring`), the interface those evaluations use:
 
   loglikelihood          lm-eval's tokenisation (`TemplateLM`: trailing context spaces move to the continuation,
                          the pair is encoded whole; empty context → BOS), rows of at most max_length tokens (context
@@ -31,46 +32,12 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
 
-from corpus.io import InputError, read_json
-from corpus.layout import ENSEMBLE_CONFIG
+from corpus.io import ConfigError, InputError
+from experts.run_models import load_model, model_kind
 
 log = logging.getLogger(__name__)
 
-KINDS = ("auto", "hf", "ensemble")
-
-
-def model_kind(folder: str | Path, kind: str = "auto") -> str:
-    """'ensemble' (the folder has ensemble.json) or 'hf' (a config.json); InputError naming the folder otherwise."""
-    folder = Path(folder)
-    if kind not in KINDS:
-        raise InputError(f"model_args kind={kind!r} is not a model kind; use one of {', '.join(KINDS)}")
-    if not folder.is_dir():
-        raise InputError(f"model_args pretrained={folder}: no such folder")
-    found = "ensemble" if (folder / ENSEMBLE_CONFIG).is_file() else "hf" if (folder / "config.json").is_file() else None
-    if found is None:
-        raise InputError(f"model_args pretrained={folder} is not a model folder of a cbtm run (no ensemble.json, "
-                         "no config.json)")
-    if kind != "auto" and kind != found:
-        raise InputError(f"model_args kind={kind} but {folder} holds a {found} model")
-    return found
-
-
-def load_model(folder: str | Path, kind: str = "auto", device: str = "auto", dtype=None,
-               max_length: int | None = None, batch_size: int | None = None):
-    """The `ScoringModel` of a run folder: `HFCausalLM` for save_pretrained folders, the ensemble otherwise."""
-    from experts.scoring import HFCausalLM
-
-    kind = model_kind(folder, kind)
-    if isinstance(dtype, str):
-        dtype = None if dtype == "auto" else getattr(torch, dtype)
-    if kind == "ensemble":
-        from experts.ensemble import load_ensemble
-
-        return load_ensemble(folder, device=device, dtype=dtype, max_length=max_length, expert_batch_size=batch_size)
-    from experts.model import load_causal_lm
-
-    model, tokenizer = load_causal_lm(folder, dtype=dtype)
-    return HFCausalLM(model, tokenizer, device=device, name=str(folder), max_length=max_length)
+MODEL_ARGS = {"folder": "pretrained", "kind": "kind"}  # experts.run_models.model_kind's fields → model_args
 
 
 @register_model("cbtm")
@@ -86,7 +53,10 @@ class CBTMLM(TemplateLM):
         if kwargs:
             log.warning("cbtm model ignores model_args %s", sorted(kwargs))
         self.folder = Path(pretrained)
-        self.kind = model_kind(self.folder, kind)
+        try:
+            self.kind = model_kind(self.folder, kind)
+        except ConfigError as e:
+            raise InputError(f"model_args {MODEL_ARGS[e.field]}={e.detail}") from None
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             log.warning("device %s requested but CUDA is not available; using the CPU", device)  # lm-eval's default
             device = "cpu"
@@ -181,13 +151,9 @@ class CBTMLM(TemplateLM):
             if self.kind == "hf":
                 self._hf = self.model.model
             else:
-                from experts.hf_ensemble import CBTMEnsembleConfig, CBTMEnsembleForCausalLM, ensemble_config
+                from experts.hf_ensemble import CBTMEnsembleForCausalLM, folder_config
 
-                if (self.folder / "config.json").is_file():
-                    config = CBTMEnsembleConfig.from_pretrained(self.folder)
-                else:  # an ensemble folder written before ensembles were HF models
-                    config = ensemble_config(self.folder, read_json(self.folder / ENSEMBLE_CONFIG))
-                self._hf = CBTMEnsembleForCausalLM(config, ensemble=self.model, folder=self.folder)
+                self._hf = CBTMEnsembleForCausalLM(folder_config(self.folder), ensemble=self.model, folder=self.folder)
         return self._hf
 
     @torch.no_grad()

@@ -27,6 +27,7 @@ import torch
 
 from corpus.io import InputError, write_json
 from corpus.read import parquet_file
+from experts.run_models import ORACLE
 from experts.scoring import document_windows
 
 log = logging.getLogger(__name__)
@@ -286,9 +287,6 @@ def evaluate_perplexity(
     if out_path is not None:
         write_json(out_path, result)
     return result
-
-
-ORACLE = "oracle"
 
 
 def oracle_perplexity(expert_results: Sequence[dict]) -> dict:

@@ -56,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from corpus.io import atomic_dir, write_json
+from experts.run_models import DENSE_MOE_COMPUTE, ORACLE, ensemble_top_k, expert_name, is_expert
 from tasks.bootstrap import describe_change
 
 SCHEMA_VERSION = 1
@@ -93,7 +94,7 @@ def write_report(
         "timings": timings or {},
         "merges": _merges(merges or {}, budgets or {}),
     }
-    moe_test, equal_test = ((perplexity.get(m) or {}).get("test") for m in ("moe", EQUAL_COMPUTE_DENSE))
+    moe_test, equal_test = ((perplexity.get(m) or {}).get("test") for m in ("moe", DENSE_MOE_COMPUTE))
     if moe_test and equal_test and (report["perplexity"].get("moe") or {}).get("test"):
         from tasks.bootstrap import ratio_interval
 
@@ -188,7 +189,7 @@ def _ppl_summary(r: dict | None, dense: dict | None = None) -> dict | None:
 def _oracle_ratio(perplexity: dict[str, dict]) -> dict:
     """Perplexity of every ensemble (evaluation kind 'ensemble') over that of oracle routing, overall and per
     cluster: 1.00 means the ensemble does as well as each document's own expert. Empty without an oracle."""
-    oracle = perplexity.get("oracle") or {}
+    oracle = perplexity.get(ORACLE) or {}
     out = {}
     for m, r in perplexity.items():
         if r.get("kind") != "ensemble":
@@ -206,15 +207,12 @@ def _oracle_ratio(perplexity: dict[str, dict]) -> dict:
     return out
 
 
-EQUAL_COMPUTE_DENSE = "dense_moe_compute"  # dense continued for the MoE finetune's tokens (pipeline.models)
-
-
 def _headline(report: dict) -> dict:
     """The run in a few sentences: each c-BTM ensemble (`ensemble_top<k>`) against dense, and whether that is
     at equal compute (c-BTM's seed + experts tokens against dense's seed + dense tokens); the best model (oracle
     routing excluded: it reads the future); the MoE with its extra finetuning tokens flagged."""
     test = {m: ((r.get("test") or {}).get("perplexity")) for m, r in report["perplexity"].items()}
-    test = {m: v for m, v in test.items() if v and m != "oracle"}
+    test = {m: v for m, v in test.items() if v and m != ORACLE}
     dense = test.get("dense")
     vs = {m: v / dense - 1 for m, v in test.items() if dense and m != "dense"}
     totals = report["budgets"].get("totals") or {}
@@ -238,8 +236,8 @@ def _headline(report: dict) -> dict:
         return ": no difference beyond noise" if ci and not ci["beyond_noise"] else ""
 
     sentences = []
-    for m in [m for m in test if m.startswith("ensemble_top") and m in vs]:
-        k = m[len("ensemble_top"):]
+    for m in [m for m in test if ensemble_top_k(m) is not None and m in vs]:
+        k = ensemble_top_k(m)
         change = pct(m).removesuffix(", no difference beyond noise")
         sentences.append(f"c-BTM top-{k} vs dense {compute}: test perplexity {test[m]:.2f} vs {dense:.2f}, "
                          f"{change}{noise(m)}.")
@@ -250,11 +248,11 @@ def _headline(report: dict) -> dict:
                          + (f" ({pct(best)} vs dense)" if best in vs else "") + f"{flag}.")
     if "moe" in vs and best != "moe":
         sentences.append(f"BTX MoE vs dense: {pct('moe')} test perplexity" + (f", with {extra}." if extra else "."))
-    if test.get("moe") and test.get(EQUAL_COMPUTE_DENSE):
+    if test.get("moe") and test.get(DENSE_MOE_COMPUTE):
         ci = ((report["perplexity"].get("moe") or {}).get("test") or {}).get("vs_equal_compute_dense")
-        sentences.append(f"BTX MoE vs dense at equal compute ({EQUAL_COMPUTE_DENSE}: dense continued for the MoE's "
-                         f"finetuning tokens): test perplexity {test['moe']:.2f} vs {test[EQUAL_COMPUTE_DENSE]:.2f}, "
-                         f"{describe_change(ci, test['moe'] / test[EQUAL_COMPUTE_DENSE])}.")
+        sentences.append(f"BTX MoE vs dense at equal compute ({DENSE_MOE_COMPUTE}: dense continued for the MoE's "
+                         f"finetuning tokens): test perplexity {test['moe']:.2f} vs {test[DENSE_MOE_COMPUTE]:.2f}, "
+                         f"{describe_change(ci, test['moe'] / test[DENSE_MOE_COMPUTE])}.")
     if any(cis.values()):
         n = next(ci for ci in cis.values() if ci)
         sentences.append(f"[95%: …]: paired-bootstrap interval of the ratio over the {n['n_docs']} test documents "
@@ -299,9 +297,9 @@ def _budgets(b: dict) -> dict:
     the step whose weights were kept; the plan (`experts.budget.plan_budgets`: compute matching, expert budgets,
     shares); totals for c-BTM (seed + experts) and dense (seed + dense)."""
     plan = b.get("plan") or {}
-    shares = {f"expert_{e['cluster_id']:03d}": (e.get("share"), e.get("effective_share"))
+    shares = {expert_name(e["cluster_id"]): (e.get("share"), e.get("effective_share"))
               for e in plan.get("experts") or []}
-    planned_data = {f"expert_{e['cluster_id']:03d}": e.get("data_tokens") for e in plan.get("experts") or []}
+    planned_data = {expert_name(e["cluster_id"]): e.get("data_tokens") for e in plan.get("experts") or []}
     models = {}
     for m, t in (b.get("models") or {}).items():
         if not t:
@@ -320,7 +318,7 @@ def _budgets(b: dict) -> dict:
     def gpu(m):
         return (models.get(m) or {}).get("gpu_hours") or 0.0
 
-    experts = [m for m in models if m.startswith("expert_")]
+    experts = [m for m in models if is_expert(m)]
     totals = {
         "cbtm_tokens": tok("seed") + sum(tok(m) for m in experts),
         "dense_tokens": tok("seed") + tok("dense"),
@@ -346,7 +344,8 @@ _BUDGET_TEXT = {
 
 
 # ---- markdown -----------------------------------------------------------------------------------------------
-def _f(x: Any, digits: int = 2) -> str:
+def fmt(x: Any, digits: int = 2) -> str:
+    """A number as the report's tables write it: `digits` decimals for a float, '–' for None."""
     if x is None:
         return "–"
     if isinstance(x, float):
@@ -395,7 +394,7 @@ def render_markdown(report: dict) -> str:
             lines.append(f"| {c} | " + " | ".join(row) + f" | {t} |")
         lines.append("")
     if cl.get("nmi") is not None or cl.get("purity") is not None:
-        lines += [f"Against the label field: NMI {_f(cl.get('nmi'), 3)}, purity {_f(cl.get('purity'), 3)}.", ""]
+        lines += [f"Against the label field: NMI {fmt(cl.get('nmi'), 3)}, purity {fmt(cl.get('purity'), 3)}.", ""]
     dist = cl.get("label_distribution")
     if isinstance(dist, dict) and dist:
         labels = sorted({lab for d in dist.values() if isinstance(d, dict) for lab in d})
@@ -419,8 +418,8 @@ def render_markdown(report: dict) -> str:
             pc, ci = t.get("per_cluster") or {}, t.get("vs_dense")
             vs = (f"{ci['ratio']:.3f} ({ci['low']:.3f}–{ci['high']:.3f})" + ("" if ci["beyond_noise"] else " ≈")
                   if ci else "–")
-            lines.append(f"| {m} | {_f(v.get('perplexity'))} | {_f(t.get('perplexity'))} | {vs} | "
-                         + " | ".join(_f(pc.get(c)) for c in clusters) + " |")
+            lines.append(f"| {m} | {fmt(v.get('perplexity'))} | {fmt(t.get('perplexity'))} | {vs} | "
+                         + " | ".join(fmt(pc.get(c)) for c in clusters) + " |")
         lines += ["", "test ÷ dense: paired bootstrap over the test documents (`tasks.bootstrap`); ≈ marks an interval "
                   "that contains 1, no difference from dense beyond noise.", ""]
         labels = sorted({lab for r in ppl.values() for lab in ((r.get("test") or {}).get("per_label") or {})})
@@ -429,7 +428,7 @@ def render_markdown(report: dict) -> str:
                       "|---|" + "---:|" * len(labels)]
             for m, r in ppl.items():
                 pl = (r.get("test") or {}).get("per_label") or {}
-                lines.append(f"| {m} | " + " | ".join(_f(pl.get(lab)) for lab in labels) + " |")
+                lines.append(f"| {m} | " + " | ".join(fmt(pl.get(lab)) for lab in labels) + " |")
             lines.append("")
         ratio = report.get("oracle_ratio") or {}
         if ratio:
@@ -441,7 +440,7 @@ def render_markdown(report: dict) -> str:
             for m, r in ratio.items():
                 t = r.get("test") or {}
                 pc = t.get("per_cluster") or {}
-                lines.append(f"| {m} | {_f(t.get('overall'), 3)} | " + " | ".join(_f(pc.get(c), 3) for c in clusters) + " |")
+                lines.append(f"| {m} | {fmt(t.get('overall'), 3)} | " + " | ".join(fmt(pc.get(c), 3) for c in clusters) + " |")
             lines.append("")
         lines += _figure(report, "perplexity.png", "test perplexity relative to dense")
         lines += _figure(report, "perplexity_clusters.png", "model × cluster test perplexity relative to dense")
@@ -459,9 +458,9 @@ def render_markdown(report: dict) -> str:
                 acc, f1 = r.get("accuracy") or {}, r.get("macro_f1") or {}
                 asked = r.get("shots_asked")
                 shots = f"{r.get('shots')} ({asked})" if asked is not None and asked != r.get("shots") else r.get("shots")
-                lines.append(f"| {task} | {m} | {shots} | {_f(r.get('mean_demos'), 1)} | "
-                             f"{_f(acc.get('mean'), 3)} ± {_f(acc.get('std'), 3)} "
-                             f"| {_f(f1.get('mean'), 3)} ± {_f(f1.get('std'), 3)} |")
+                lines.append(f"| {task} | {m} | {shots} | {fmt(r.get('mean_demos'), 1)} | "
+                             f"{fmt(acc.get('mean'), 3)} ± {fmt(acc.get('std'), 3)} "
+                             f"| {fmt(f1.get('mean'), 3)} ± {fmt(f1.get('std'), 3)} |")
                 base = base or r.get("baselines")
                 if r.get("n_truncated_prompts"):
                     cut.append((task, m, r))
@@ -471,7 +470,7 @@ def render_markdown(report: dict) -> str:
                 f1 = b.get("macro_f1")
                 f1 = f1.get("mean") if isinstance(f1, dict) else f1
                 title = "random guess (chance)" if name == "random" else name
-                lines.append(f"| {task} | *{title} baseline* | – | – | {_f(acc, 3)} | {_f(f1, 3)} |")
+                lines.append(f"| {task} | *{title} baseline* | – | – | {fmt(acc, 3)} | {fmt(f1, 3)} |")
         lines.append("")
         for task, by_model in fs.items():
             if by_model and not any(beats_chance(r) for r in by_model.values()):
@@ -487,8 +486,8 @@ def render_markdown(report: dict) -> str:
             task, m, r = cut[0]
             lines += [f"**Prompts cut to fit the context:** {len(cut)} of {sum(len(b) for b in fs.values())} "
                       f"evaluations dropped demonstrations from the front of prompts longer than the model's context "
-                      f"(e.g. {task} / {m}: {r['n_truncated_prompts']} of {_f(r.get('n_prompts'))} prompts, "
-                      f"{_f(r.get('mean_demos'), 1)} of {r.get('shots')} demonstrations kept on average); the "
+                      f"(e.g. {task} / {m}: {r['n_truncated_prompts']} of {fmt(r.get('n_prompts'))} prompts, "
+                      f"{fmt(r.get('mean_demos'), 1)} of {r.get('shots')} demonstrations kept on average); the "
                       "'demonstrations used' column is what the models saw.", ""]
         lines += _figure(report, "fewshot.png", "few-shot accuracy")
 
@@ -517,15 +516,15 @@ def render_markdown(report: dict) -> str:
                              if rule == "fewer_steps" else "each trains one block per step for all steps, those "
                              "blocks taken from the larger experts."), ""]
         lines += [f"Tokens seen: c-BTM (seed + experts) {tot.get('cbtm_tokens')}, dense (seed + dense) "
-                  f"{tot.get('dense_tokens')}; GPU-hours: c-BTM {_f(tot.get('cbtm_gpu_hours'), 4)}, dense "
-                  f"{_f(tot.get('dense_gpu_hours'), 4)}.", "",
+                  f"{tot.get('dense_tokens')}; GPU-hours: c-BTM {fmt(tot.get('cbtm_gpu_hours'), 4)}, dense "
+                  f"{fmt(tot.get('dense_gpu_hours'), 4)}.", "",
                   "| model | share → in whole blocks | tokens | steps | global batch (tokens) | epochs over its data | valid loss | "
                   "kept step | wall time (s) | GPU-hours |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         for m, t in bud["models"].items():
-            share = f"{_f(t.get('share'), 3)} → {_f(t.get('effective_share'), 3)}" if t.get("share") is not None else "–"
-            lines.append(f"| {m} | {share} | {_f(t.get('tokens_seen'))} | {_f(t.get('steps'))} | "
-                         f"{_f(t.get('global_batch_tokens'))} | {_f(t.get('epochs'))} | {_f(t.get('valid_loss'), 4)} | "
-                         f"{_f(t.get('kept_step'))} | {_f(t.get('wall_time_s'), 1)} | {_f(t.get('gpu_hours'), 4)} |")
+            share = f"{fmt(t.get('share'), 3)} → {fmt(t.get('effective_share'), 3)}" if t.get("share") is not None else "–"
+            lines.append(f"| {m} | {share} | {fmt(t.get('tokens_seen'))} | {fmt(t.get('steps'))} | "
+                         f"{fmt(t.get('global_batch_tokens'))} | {fmt(t.get('epochs'))} | {fmt(t.get('valid_loss'), 4)} | "
+                         f"{fmt(t.get('kept_step'))} | {fmt(t.get('wall_time_s'), 1)} | {fmt(t.get('gpu_hours'), 4)} |")
         lines += ["", "Kept step: the overfitting guard keeps the evaluated weights of lowest validation loss (the "
                   "same rule for seed, dense and experts); it equals `steps` when the last weights were best.", ""]
         lines += _figure(report, "training_curves.png", "training curves")
@@ -535,7 +534,7 @@ def render_markdown(report: dict) -> str:
     if report["timings"]:
         lines += ["## Timings", "", "| stage | runs | wall time (s) |", "|---|---:|---:|"]
         for stage, t in report["timings"].items():
-            lines.append(f"| {stage} | {t.get('runs')} | {_f(t.get('wall_time_s'), 1)} |")
+            lines.append(f"| {stage} | {t.get('runs')} | {fmt(t.get('wall_time_s'), 1)} |")
         lines.append("")
     return "\n".join(lines)
 
@@ -592,14 +591,14 @@ def _merges_markdown(report: dict) -> list[str]:
         return ((ppl.get(m) or {}).get("test") or {}).get("perplexity")
 
     def ratio(a, b):
-        return _f(a / b) + "×" if a and b else "–"
+        return fmt(a / b) + "×" if a and b else "–"
 
     lines = ["## Merges", ""]
     for name, f in failed.items():
         lines += [f"**{name} failed** and is missing from this report: {f.get('error')}. Fix: {f.get('fix')}.", ""]
     params = {k: v for k, v in params.items() if k not in failed}
     if params:
-        lines += [f"One static model each; test perplexity of dense {_f(test('dense'))}, seed {_f(test('seed'))}. "
+        lines += [f"One static model each; test perplexity of dense {fmt(test('dense'))}, seed {fmt(test('seed'))}. "
                   "λ scales the merged task vector (θ = θ_seed + λ·τ; λ = 1 with these weights is the plain average);"
                   " 'auto' picks it on the valid shards, so report the test column.", "",
                   "| merge | recipe | expert weights | λ search (valid NLL) | test ppl | × dense | × average |",
@@ -608,22 +607,22 @@ def _merges_markdown(report: dict) -> list[str]:
             recipe = ", ".join(f"{k} {v}" for k, v in (r.get("recipe") or {}).items()) or "–"
             weights = ", ".join(f"{w:.2f}" for w in r.get("weights") or []) or "–"
             search = ", ".join(f"{k}: {v:.3f}" for k, v in (r.get("lambda_search") or {}).items()) or "–"
-            lines.append(f"| {name} | {recipe} | {weights} | {search} | {_f(test(name))} | "
+            lines.append(f"| {name} | {recipe} | {weights} | {search} | {fmt(test(name))} | "
                          f"{ratio(test(name), test('dense'))} | {ratio(test(name), test('average'))} |")
         lines.append("")
     if moe:
         frac = moe.get("extra_tokens_fraction")
         lines += [f"BTX MoE: {moe.get('num_local_experts')} experts per layer, top-{moe.get('top_k')}, router "
                   f"{moe.get('router') or moe.get('router_init')}, attention / norms / embeddings from: {moe.get('shared')}. "
-                  f"Test perplexity {_f(test('moe'))} ({ratio(test('moe'), test('ensemble_top2'))} the c-BTM top-2 "
+                  f"Test perplexity {fmt(test('moe'))} ({ratio(test('moe'), test('ensemble_top2'))} the c-BTM top-2 "
                   f"ensemble, {ratio(test('moe'), test('dense'))} dense"
-                  + (f", {ratio(test('moe'), test(EQUAL_COMPUTE_DENSE))} the dense model given the same extra "
-                     f"tokens, `{EQUAL_COMPUTE_DENSE}` {_f(test(EQUAL_COMPUTE_DENSE))}" if test(EQUAL_COMPUTE_DENSE)
+                  + (f", {ratio(test('moe'), test(DENSE_MOE_COMPUTE))} the dense model given the same extra "
+                     f"tokens, `{DENSE_MOE_COMPUTE}` {fmt(test(DENSE_MOE_COMPUTE))}" if test(DENSE_MOE_COMPUTE)
                      else "") + ").", ""]
         if moe.get("finetune_tokens"):
             lines += [f"**Extra compute:** the MoE finetune read {moe['finetune_tokens']} tokens beyond the "
                       f"compute-matched budget (+{100 * frac:.0f}% of it), which c-BTM and dense do not get"
-                      + (f"; `{EQUAL_COMPUTE_DENSE}` is dense given them too." if test(EQUAL_COMPUTE_DENSE) else ".")
+                      + (f"; `{DENSE_MOE_COMPUTE}` is dense given them too." if test(DENSE_MOE_COMPUTE) else ".")
                       if frac
                       else f"**Extra compute:** the MoE finetune read {moe['finetune_tokens']} tokens beyond the "
                       "compute-matched budget.", ""]
@@ -632,13 +631,13 @@ def _merges_markdown(report: dict) -> list[str]:
         if layers:
             n_e = max(len(r.get("load") or []) for r in layers)
             lines += [f"Routing over {routing.get('tokens')} validation tokens (entropies in nats; uniform routing "
-                      f"is {_f(routing.get('max_entropy'))}):", "",
+                      f"is {fmt(routing.get('max_entropy'))}):", "",
                       "| layer | per-token entropy | entropy of the mean routing | "
                       + " | ".join(f"load e{e}" for e in range(n_e)) + " |", "|---:|---:|---:|" + "---:|" * n_e]
             for r in layers:
                 load = r.get("load") or []
-                lines.append(f"| {r['layer']} | {_f(r.get('per_token_entropy'), 3)} | "
-                             f"{_f(r.get('mean_router_entropy'), 3)} | " + " | ".join(_f(x, 3) for x in load) + " |")
+                lines.append(f"| {r['layer']} | {fmt(r.get('per_token_entropy'), 3)} | "
+                             f"{fmt(r.get('mean_router_entropy'), 3)} | " + " | ".join(fmt(x, 3) for x in load) + " |")
             lines.append("")
             lines += _figure(report, "moe_routing.png", "MoE routing load and entropy")
     return lines

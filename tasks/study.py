@@ -43,8 +43,10 @@ from pathlib import Path
 from typing import Any
 
 from corpus.io import atomic_dir, write_json
+from corpus.layout import STUDY_JSON, STUDY_MD
+from experts.run_models import DENSE_MOE_COMPUTE, is_ensemble, is_expert
 from tasks.bootstrap import describe_change, ratio_interval
-from tasks.report import EQUAL_COMPUTE_DENSE, _f
+from tasks.report import fmt
 
 SCHEMA_VERSION = 1
 K, BUDGET = "num_clusters", "train_tokens"
@@ -75,7 +77,7 @@ def _compute(training: dict[str, dict]) -> dict:
     def total(names, key):
         return sum((models.get(m) or {}).get(key) or 0 for m in names)
 
-    experts = [m for m in models if m.startswith("expert_")]
+    experts = [m for m in models if is_expert(m)]
     totals = {
         "cbtm_tokens": total(["seed"] + experts, "tokens") if experts else None,
         "dense_tokens": total(["seed", "dense"], "tokens"),
@@ -84,8 +86,8 @@ def _compute(training: dict[str, dict]) -> dict:
         "cbtm_wall_time_s": total(["seed"] + experts, "wall_time_s") if experts else None,
         "dense_wall_time_s": total(["seed", "dense"], "wall_time_s"),
         "moe_tokens": (models.get("moe") or {}).get("tokens"),
-        "dense_moe_compute_tokens": total(["seed", "dense", EQUAL_COMPUTE_DENSE], "tokens")
-        if EQUAL_COMPUTE_DENSE in models else None,
+        "dense_moe_compute_tokens": total(["seed", "dense", DENSE_MOE_COMPUTE], "tokens")
+        if DENSE_MOE_COMPUTE in models else None,
     }
     return {"models": models, "totals": totals}
 
@@ -121,7 +123,7 @@ def _methods(points: list[dict], grid: dict) -> list[str]:
     cols = [_variant_label(t) for t in grid.get("top_k", []) if any(t in p["variants"] for p in points)]
     for p in points:
         for m in p["test"]:
-            if m not in NOT_METHODS and not m.startswith(("expert_", "ensemble_top")) and m not in cols:
+            if m not in NOT_METHODS and not is_expert(m) and not is_ensemble(m) and m not in cols:
                 cols.append(m)
     return cols
 
@@ -196,7 +198,7 @@ def _headlines(points: list[dict], grid: dict, methods: list[str], raw: dict[str
         if not pts:
             dense = [p for p in _in_budget(points, budget) if p["dense_only"]]
             if dense:
-                out.append(f"**{_tokens(budget)} tokens**: dense only, test perplexity {_f(dense[0]['test'].get('dense'))}.")
+                out.append(f"**{_tokens(budget)} tokens**: dense only, test perplexity {fmt(dense[0]['test'].get('dense'))}.")
             continue
         prim = [p for p in pts if _primary(p, grid)] or pts
         top = max(prim, key=lambda p: p["axes"][K])
@@ -225,9 +227,9 @@ def _headlines(points: list[dict], grid: dict, methods: list[str], raw: dict[str
                                             ((raw.get(top["name"]) or {}).get(_model(top, hv)) or {}).get("test"))
                         parts.append(f"{a} {v} vs {grid[a][0]} (k={k} {hv}): {describe_change(ci, theirs / mine)}")
         for p in sorted(pts, key=lambda p: p["axes"][K]):  # the MoE against dense at its own compute
-            moe, eq = p["test"].get("moe"), p["test"].get(EQUAL_COMPUTE_DENSE)
+            moe, eq = p["test"].get("moe"), p["test"].get(DENSE_MOE_COMPUTE)
             if moe and eq:
-                parts.append(f"k={p['axes'][K]} moe vs {EQUAL_COMPUTE_DENSE} (dense given the MoE's extra tokens): "
+                parts.append(f"k={p['axes'][K]} moe vs {DENSE_MOE_COMPUTE} (dense given the MoE's extra tokens): "
                              f"{_pct(moe / eq)}")
         out.append(f"**{_tokens(budget)} tokens**: " + ("; ".join(parts) if parts else "no c-BTM result") + ".")
     return out
@@ -292,10 +294,10 @@ def render_markdown(study: dict) -> str:
                   "| k | " + "".join(f"{a} | " for a in series) + "dense | " + " | ".join(methods) + " |",
                   "|---:|" + "---|" * len(series) + "---:|" + "---:|" * len(methods)]
         for p in pts:
-            cells = [_f(p["test"].get("dense"))]
+            cells = [fmt(p["test"].get("dense"))]
             for m in methods:
                 v, r = _value(p, m), p["ratio_to_dense"].get(_model(p, m) or "")
-                cells.append(f"{_f(v)} ({r:.3f}×)" if v is not None and r is not None else _f(v))
+                cells.append(f"{fmt(v)} ({r:.3f}×)" if v is not None and r is not None else fmt(v))
             axes = ["–" if p["dense_only"] else str(p["axes"].get(a)) for a in series]
             lines.append(f"| {p['axes'].get(K)} | " + "".join(f"{a} | " for a in axes) + " | ".join(cells) + " |")
         lines.append("")
@@ -324,14 +326,14 @@ def render_markdown(study: dict) -> str:
               "|---:|---:|" + "---|" * len(series) + "---:|" * 10]
     for p in sorted(points, key=lambda p: (_budgets(points, grid).index(p["axes"].get(BUDGET)), p["axes"].get(K))):
         c, t = p["compute"]["models"], p["compute"]["totals"]
-        experts = [v for m, v in c.items() if m.startswith("expert_")]
+        experts = [v for m, v in c.items() if is_expert(m)]
         axes = ["–" if p["dense_only"] else str(p["axes"].get(a)) for a in series]
         lines.append(
             f"| {_tokens(p['axes'].get(BUDGET))} | {p['axes'].get(K)} | " + "".join(f"{a} | " for a in axes)
             + f"{_run_cell([c['seed']] if 'seed' in c else [])} | {_run_cell([c['dense']] if 'dense' in c else [])} | "
             f"{_run_cell(experts)} | {_t(t.get('cbtm_tokens'))} | {_t(t.get('dense_tokens'))} | "
-            f"{_f(t.get('cbtm_gpu_hours'), 3)} | {_f(t.get('dense_gpu_hours'), 3)} | {_f(t.get('cbtm_wall_time_s'), 0)} | "
-            f"{_f(t.get('dense_wall_time_s'), 0)} | {_run_cell([c['moe']] if 'moe' in c else [])} |")
+            f"{fmt(t.get('cbtm_gpu_hours'), 3)} | {fmt(t.get('dense_gpu_hours'), 3)} | {fmt(t.get('cbtm_wall_time_s'), 0)} | "
+            f"{fmt(t.get('dense_wall_time_s'), 0)} | {_run_cell([c['moe']] if 'moe' in c else [])} |")
     lines.append("")
     reports = [p for p in points if p.get("report_dir")]
     if reports:
@@ -582,6 +584,6 @@ def write_study(out_dir: str | os.PathLike, points: list[dict], grid: dict[str, 
         made += [_fig_methods(summaries, grid, methods, figures / "methods.png"),
                  _fig_domains(summaries, grid, methods, figures / "domains.png")]
         study["figures"] = [f for f in made if f]
-        write_json(tmp / "study.json", study)
-        (tmp / "study.md").write_text(render_markdown(study), encoding="utf-8")
+        write_json(tmp / STUDY_JSON, study)
+        (tmp / STUDY_MD).write_text(render_markdown(study), encoding="utf-8")
     return study

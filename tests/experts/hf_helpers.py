@@ -15,7 +15,7 @@ def build_tiny_run(root: Path, top_k: int = 2, route_every: int = 4) -> Path:
     """`root/` with experts-x/cluster_00{0,1,2}, embeddings-x/embedder, clusters-x/centroids.npy and the HF ensemble
     folders merged-x/ensemble (c-BTM, top_k, route_every) and merged-x/posterior (BTM, updating prior). Returns root."""
     from clustering.embed import TfidfEmbedder
-    from experts.ensemble import save_ensemble_config
+    from experts.ensemble_folder import save_ensemble_config
     from experts.hf_ensemble import write_hf_ensemble
 
     experts = [save_llama(root / "experts-x" / f"cluster_{j:03d}", seed=j) for j in range(N_EXPERTS)]

@@ -7,10 +7,8 @@ import torch
 
 from clustering.router import CentroidRouter
 from corpus.io import InputError
-from experts.ensemble import (
-    PosteriorEnsemble, RoutingSchedule, SparseEnsemble, expert_calls, load_ensemble, posterior_weights,
-    save_ensemble_config,
-)
+from experts.ensemble import PosteriorEnsemble, RoutingSchedule, SparseEnsemble, expert_calls, posterior_weights
+from experts.ensemble_folder import load_ensemble, save_ensemble_config
 from experts.scoring import HFCausalLM
 from merge_helpers import HashEmbedder, random_text, save_llama, tiny_llama, tiny_tokenizer
 

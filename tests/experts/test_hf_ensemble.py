@@ -8,7 +8,7 @@ import torch
 
 import experts  # noqa: F401  (registers cbtm_ensemble)
 from corpus.io import InputError
-from experts.ensemble import load_ensemble
+from experts.ensemble_folder import load_ensemble
 from experts.hf_ensemble import CBTMEnsembleForCausalLM
 from tests.experts.hf_helpers import build_tiny_run
 from tests.experts.merge_helpers import random_text
@@ -169,7 +169,7 @@ def test_generation_and_long_documents_raise_no_user_facing_warnings(run):
     trigger the tokenizer's "longer than the specified maximum sequence length" warning."""
     import warnings
 
-    from experts.ensemble import load_ensemble
+    from experts.ensemble_folder import load_ensemble
     from tasks.perplexity import evaluate_perplexity
     from tests.experts.merge_helpers import random_text
 

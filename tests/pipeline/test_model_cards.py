@@ -54,7 +54,7 @@ def test_every_model_folder_has_a_card(run_dir):
 
 
 def test_push_to_hub_file_lists_offline(run_dir, monkeypatch, tmp_path):
-    from experts.cards import push_folder
+    from experts.hf_ensemble import push_folder
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # any request would fail
     for name, folder in _model_folders(run_dir).items():

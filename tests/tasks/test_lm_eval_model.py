@@ -22,7 +22,7 @@ MC, GEN, PPL = "cbtm_tiny_mc", "cbtm_tiny_gen", "cbtm_tiny_ppl"
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    from experts.ensemble import save_ensemble_config
+    from experts.ensemble_folder import save_ensemble_config
     from experts.hf_ensemble import write_hf_ensemble
 
     root = build_tiny_run(tmp_path_factory.mktemp("run"))
