@@ -8,7 +8,7 @@ import, so that importing a light module of this package (the pipeline reads `ex
 
 Why at import, and not an explicit `register()` call: loading a saved ensemble folder through plain
 `AutoModelForCausalLM.from_pretrained` (no trust_remote_code) needs the model type registered in the user's
-process, and the contract every ensemble's model card (experts.cards) and the README give users, also for folders
+process, and the contract every ensemble's model card (tasks.cards) and the README give users, also for folders
 already written and pushed, is `import experts` and then transformers' Auto classes. transformers reads no plugin
 entry points, so this package's import is the one hook it has. Registering eagerly would import torch and
 transformers (~5.5 CPU s and ~320 MiB, bench/RESULTS.md) into every pipeline process at graph time, hence the

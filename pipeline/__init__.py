@@ -25,7 +25,7 @@ Read in order, this is the table of contents (stage → library function → out
     MakeDomainTask      tasks.fewshot.build.make_task_from_corpus  task-domains-<h>/
     EvaluateFewShot     tasks.fewshot.evaluate.evaluate_fewshot  eval-<h>/fewshot/<task>/<model>.json
     Report              tasks.report.write_report                report-<h>/ (+ <run_dir>/report.{json,md})
-    WriteModelCards     experts.cards.write_run_cards            README.md in every model folder (+ cards-<h>/)
+    WriteModelCards     tasks.cards.write_run_cards            README.md in every model folder (+ cards-<h>/)
     RunAll              (wrapper: Report, WriteModelCards and everything upstream)
     Study               tasks.study.write_study                  study-<h>/ (+ <run_dir>/study.{json,md}): a grid of RunAlls
 

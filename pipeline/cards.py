@@ -16,7 +16,7 @@ CARD_PARAMS = ("corpus", "num_clusters", "embedder", "clusterer", "seed_model", 
 
 
 class WriteModelCards(Stage):
-    """`experts.cards.write_run_cards`: a model card for every model of the run (seed, dense, experts, merges, the MoE before and
+    """`tasks.cards.write_run_cards`: a model card for every model of the run (seed, dense, experts, merges, the MoE before and
     after finetuning, ensembles) with its evaluation figures → `README.md` inside each model folder, and
     `cards-<h>/cards.json` listing them."""
 
@@ -36,7 +36,7 @@ class WriteModelCards(Stage):
         return req
 
     def build(self, out: Path) -> dict:
-        from experts.cards import write_run_cards
+        from tasks.cards import write_run_cards
         from pipeline.training import TrainDense
 
         from pipeline.merging import merge_failure

@@ -15,6 +15,7 @@ from pathlib import Path
 from corpus.io import atomic_file, read_json
 from corpus.layout import ENSEMBLE_CONFIG, MERGE_INFO, MOE_INFO, TRAINING_INFO
 from experts.run_models import DENSE_MOE_COMPUTE, MOE_MERGED, expert_cluster, is_ensemble, is_expert
+from tasks.bootstrap import describe_change, ratio_interval
 
 KIND_TITLES = {
     "seed": "seed model",
@@ -157,8 +158,6 @@ def _evaluation(card: ModelCard) -> list[str]:
         dense = ((card.dense_perplexity or {}).get("test") or {}).get("perplexity")
         mine = (p.get("test") or {}).get("perplexity")
         if dense and mine and card.kind != "dense":
-            from tasks.bootstrap import describe_change, ratio_interval
-
             ci = ratio_interval(p.get("test") or {}, (card.dense_perplexity or {}).get("test") or {})
             lines += ["", f"Test perplexity {_fmt(mine, 3)} vs {_fmt(dense, 3)} for the compute-matched dense "
                           f"baseline: {describe_change(ci, mine / dense)}" + (" (paired bootstrap over the test "
