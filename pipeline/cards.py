@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from corpus.io import read_json, write_json
-from pipeline.base import Stage
+from pipeline.stage import Stage
 from pipeline.clustering import DescribeClusters
 from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
 from pipeline.models import model_names, model_stage

@@ -4,7 +4,7 @@
   a failure exits non-zero from any folder (luigi reads `luigi.cfg` from the working directory only, and its
   own exit codes are all 0). A luigi.cfg that sets one of them still wins.
 - `--run-lock-wait SECONDS` (`pipeline.lock.run_lock`): wait for another run that holds the run folder.
-- `--help` of a stage lists its flags once each, grouped by concern (`pipeline.base.PARAMETER_GROUPS`: run,
+- `--help` of a stage lists its flags once each, grouped by concern (`pipeline.params.PARAMETER_GROUPS`: run,
   corpus, clustering, training, merging, evaluation, execution; then the Slurm settings), each with its default
   (after luigi.cfg's `[cbtm]` overrides); `--help-all` is luigi's own listing.
 - Threads: the luigi worker's `--workers` is kept (`concurrent_stages`) so that each stage process gives itself
@@ -113,7 +113,7 @@ def install_strict_flags() -> None:
     parser_cls._build_parser = staticmethod(strict_build_parser)
 
 
-def install_task_name_hook() -> None:
+def install_task_name_hook(task_names: list[str]) -> None:
     """A misspelled task name (`luigi --module pipeline RunAl`) makes luigi raise before its own error handling:
     print one line naming the tasks there are instead of a traceback (exit code 1; CBTM_DEBUG=1 keeps it).
     Ctrl-C (KeyboardInterrupt, which luigi passes on) prints one line saying what was interrupted and that the
@@ -121,7 +121,7 @@ def install_task_name_hook() -> None:
     default: the process ends quietly with 143."""
     from luigi.task_register import TaskClassNotFoundException
 
-    from pipeline.base import debugging
+    from pipeline.failures import debugging
 
     previous = sys.excepthook
     if getattr(previous, "_cbtm", False):
@@ -131,14 +131,12 @@ def install_task_name_hook() -> None:
         if issubclass(kind, KeyboardInterrupt) and not debugging():
             _interrupted()
         if issubclass(kind, TaskClassNotFoundException) and not debugging():
-            import pipeline
-
             text = str(value).strip().splitlines()
             head = text[0] if text else ""  # "No task RunAl. Did you mean:"
             name = head[len("No task "):].split(". ")[0].rstrip(".") if head.startswith("No task ") else head
-            close = difflib.get_close_matches(name, pipeline.__all__, n=1)
+            close = difflib.get_close_matches(name, task_names, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
-            print(f"luigi: error: no task {name!r}; {hint}tasks: {', '.join(pipeline.__all__)}", file=sys.stderr)
+            print(f"luigi: error: no task {name!r}; {hint}tasks: {', '.join(task_names)}", file=sys.stderr)
             return
         previous(kind, value, tb)
 
@@ -150,7 +148,7 @@ def _interrupted() -> None:
     """After Ctrl-C: one line, the exit handlers (the run folder's lock, logging), exit code 130."""
     import atexit
 
-    from pipeline.base import interrupted_stage
+    from pipeline.failures import interrupted_stage
 
     stage = interrupted_stage()
     if stage is None:
@@ -169,9 +167,9 @@ def _interrupted() -> None:
 
 def help_sections(task_cls) -> list[tuple[str, str, dict]]:
     """(title, description, {flag: parameter}) of each section of `task_cls`'s --help: the stage's own parameters,
-    the groups of `pipeline.base.PARAMETER_GROUPS` (execution with luigi's --local-scheduler, --workers and
+    the groups of `pipeline.params.PARAMETER_GROUPS` (execution with luigi's --local-scheduler, --workers and
     --run-lock-wait), and the Slurm settings."""
-    from pipeline.base import PARAMETER_GROUPS
+    from pipeline.params import PARAMETER_GROUPS
     from pipeline.slurm import slurm
 
     params = dict(task_cls.get_params())
@@ -195,7 +193,7 @@ def _group_help(parser: argparse.ArgumentParser, root_task: str) -> None:
     as --x and --<Task>-x, which stays accepted) with its default."""
     from luigi.task_register import Register, TaskClassNotFoundException
 
-    from pipeline.base import RunParams
+    from pipeline.params import RunParams
 
     try:
         task_cls = Register.get_task_cls(root_task)

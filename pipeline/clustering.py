@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from corpus.io import InputError, read_json
-from pipeline.base import Stage
+from pipeline.stage import Stage
 from pipeline.corpus import PrepareCorpus
 
 

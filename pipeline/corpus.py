@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.base import Stage, files_fingerprint
+from pipeline.stage import Stage
+from pipeline.stamps import files_fingerprint
 
 CORPUS_FILE_CACHE = "cache/corpus-files"  # under --run-dir: each input file read once, kept by (path, size, mtime)
 

@@ -8,7 +8,9 @@ from pathlib import Path
 import luigi
 
 from corpus.io import write_json
-from pipeline.base import EVAL_MAX_DOC_TOKENS, EVAL_MAX_TOKENS, Stage, files_fingerprint
+from pipeline.params import EVAL_MAX_DOC_TOKENS, EVAL_MAX_TOKENS
+from pipeline.stage import Stage
+from pipeline.stamps import files_fingerprint
 from pipeline.clustering import AssignClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.models import ORACLE, load_scoring_model, model_stage

@@ -12,7 +12,7 @@ import luigi
 from corpus.io import InputError, read_json, write_json
 from corpus.layout import MERGE_FAILED
 from experts.merging import MERGE_METHODS, TASK_VECTOR_MERGES, MergeInputs, merge, needs
-from pipeline.base import Stage
+from pipeline.stage import Stage
 from pipeline.clustering import AssignClusters, EmbedCorpus, FitClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.training import ShardCorpus, TokenizeCorpus, TrainDense, TrainExpert, TrainSeed, _TrainStage

@@ -34,12 +34,12 @@ from typing import Iterator
 
 from corpus.io import InputError, temporary_of, write_json
 from corpus.layout import RUN_MARKER, STAGE_STAMP
-from pipeline.base import remove_path
+from pipeline.stamps import files_fingerprint, remove_path
 from pipeline.lock import hold_until_exit, is_held, run_dir_lock, run_lock
 
 log = logging.getLogger("luigi-interface")
 
-# what a resumable training stage keeps beside its `.<name>.partial` working folder (pipeline.base.Stage._workdir,
+# what a resumable training stage keeps beside its `.<name>.partial` working folder (pipeline.stage.Stage._workdir,
 # experts.training.checkpoint_dir, experts.training.events.events_dir, experts.launch)
 _PARTIAL_SIBLINGS = ("", ".ckpt", ".tensorboard", ".launch.json", "-inputs.json")
 
@@ -179,15 +179,17 @@ def check_disk(task) -> None:
                          f"({detail}) but only {_size(free)} free there; free space or use another --run-dir")
 
 
+_DISK_STAGES = ("PrepareCorpus", "ShardCorpus", "TrainSeed", "TrainDense", "TrainExpert", "FinetuneMoE", "MergeExperts")
+"""The stages whose outputs `estimate_disk` counts (every other stage writes little)."""
+
+
 def estimate_disk(task) -> tuple[int, dict]:
     """(bytes, {what: bytes}) a run writes for the stages of `task`'s graph that are not complete yet: the
     corpus copy and token shards (about one byte per byte of text), every trained or merged model (fp32 weights)
     and one training checkpoint at a time (weights and AdamW moments: 3× a model)."""
-    from pipeline.base import Stage
-
     stages: dict[str, list] = {}
     for t in _graph(task):
-        if isinstance(t, Stage):
+        if t.task_family in _DISK_STAGES:
             stages.setdefault(t.task_family, []).append(t)
     memo: dict = {}
     todo_stages = {f: [t for t in ts if not t._fresh(memo)] for f, ts in stages.items()}
@@ -225,8 +227,6 @@ def _graph(task) -> list:
 
 def _corpus_bytes(task) -> int:
     """Bytes of text behind --corpus (compressed files count 3×); 0 when unknown (a hub dataset)."""
-    from pipeline.base import files_fingerprint
-
     if task.corpus == "demo":
         return 8 << 20
     total = 0

@@ -13,7 +13,9 @@ import luigi
 from corpus.io import atomic_file, read_json
 from corpus.layout import MERGE_INFO, MOE_INFO, REPORT_JSON, REPORT_MD, TRAINING_INFO
 from experts.merging import PARAMETER_MERGES
-from pipeline.base import DEFAULT_MERGE_METHODS, RunParams, Stage, install_log_filter, upstream
+from pipeline.failures import install_log_filter, upstream
+from pipeline.params import DEFAULT_MERGE_METHODS, RunParams
+from pipeline.stage import Stage, check_force_stage
 from pipeline.clustering import DescribeClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
@@ -28,6 +30,10 @@ class Report(Stage):
     `<run_dir>/report.{json,md}` (a Study's points are not published)."""
 
     folder = "report"
+
+    def validate(self) -> None:
+        super().validate()
+        self.fewshot_model_names(model_names(self))  # --fewshot-models names models of this run
 
     def requires(self):
         names = model_names(self)
@@ -121,6 +127,11 @@ class RunAll(RunParams, luigi.WrapperTask):
         from pipeline.preflight import claim_for_command_line
 
         claim_for_command_line(self)  # lock the run folder, clean what killed runs left, check the disk
+
+    def validate(self) -> None:
+        super().validate()
+        check_force_stage(self.force_stage)
+        self.fewshot_model_names(model_names(self))  # --fewshot-models names models of this run
 
     def requires(self):
         from pipeline.cards import WriteModelCards

@@ -26,7 +26,8 @@ import luigi
 
 from corpus.io import InputError, atomic_file, read_json
 from corpus.layout import STUDY_JSON, STUDY_MD, TRAINING_INFO
-from pipeline.base import SECTION, RunParams, Stage
+from pipeline.params import SECTION, RunParams
+from pipeline.stage import Stage
 from pipeline.evaluation import EvaluatePerplexity
 from pipeline.models import model_names, model_stage
 from pipeline.report import TRAINED, Report, RunAll

@@ -11,7 +11,9 @@ import luigi
 
 from corpus.io import InputError, load_array, read_json
 from corpus.layout import CENTROIDS, SHARDS_META
-from pipeline.base import RunParams, Stage, files_fingerprint
+from pipeline.params import EVALS_PER_RUN, RunParams
+from pipeline.stage import Stage, check_force_stage
+from pipeline.stamps import files_fingerprint
 from pipeline.clustering import AssignClusters, FitClusters
 from pipeline.corpus import PrepareCorpus
 
@@ -175,8 +177,6 @@ class _TrainStage(Stage):
     def guarded_config(self, budget: dict, **kw):
         """The training config of seed, dense or an expert: its budget (whole steps of its global batch) and the
         same overfitting guard for all three (validation every --eval-every steps, the best weights kept)."""
-        from pipeline.base import EVALS_PER_RUN
-
         eval_every = self.eval_every or max(1, budget["steps"] // EVALS_PER_RUN)
         return self.train_config(budget["tokens"], global_batch_tokens=budget["batch_tokens"],
                                  eval_every=eval_every, keep_best=self.keep_best, **kw)
@@ -369,6 +369,7 @@ class TrainExperts(RunParams, luigi.WrapperTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.validate()
+        check_force_stage(self.force_stage)
         from pipeline.preflight import claim_for_command_line
 
         claim_for_command_line(self)

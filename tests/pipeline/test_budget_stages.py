@@ -10,7 +10,7 @@ import pytest
 from corpus.io import InputError
 from pipeline import (FitClusters, RunAll, ShardCorpus, TokenizeCorpus, TrainDense, TrainExpert, TrainExperts,
                       TrainSeed)
-from pipeline.base import read_stage_log
+from pipeline.stamps import read_stage_log
 from tests.pipeline.conftest import tiny_params
 
 
