@@ -4,10 +4,7 @@
 built (RunAll, a stage run alone, TrainExperts): it takes the run folder's lock for the rest of the process
 (`pipeline.lock`: exclusive with `--local-scheduler`, shared under a central luigid), removes stale temporary
 folders (exclusive holders only: nobody else writes the folder then), and estimates the disk space the stages
-still to run need. `claimed(task)` does the same around a block, for programmatic runs:
-
-    with claimed(RunAll(**params)) as run:
-        luigi.build([run], local_scheduler=True)
+still to run need.
 
 The run folder is ours only when it carries the marker `corpus.layout.RUN_MARKER` (`.cbtm-run.json`), written
 when the pipeline first claims it. A `--run-dir` that exists, is not empty and has no marker is refused, unless
@@ -23,19 +20,17 @@ inputs resumes from it instead).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator
 
 from corpus.io import InputError, temporary_of, write_json
 from corpus.layout import RUN_MARKER, STAGE_STAMP
 from pipeline.stamps import files_fingerprint, remove_path
-from pipeline.lock import hold_until_exit, is_held, run_dir_lock, run_lock
+from pipeline.lock import hold_until_exit, is_held, run_lock
 
 log = logging.getLogger("luigi-interface")
 
@@ -61,18 +56,6 @@ def claim_for_command_line(task) -> None:
     if local:
         clean_stale(task.run_dir)
     check_disk(task)
-
-
-@contextlib.contextmanager
-def claimed(task, wait: float = 0.0) -> Iterator:
-    """Hold `task.run_dir` exclusively for the block, after cleaning stale temporaries and checking disk space."""
-    check_tasks(task)
-    check_run_dir(task.run_dir, adopt=task.adopt_run_dir)
-    with run_dir_lock(task.run_dir, wait=wait):
-        mark_run_dir(task.run_dir)
-        clean_stale(task.run_dir)
-        check_disk(task)
-        yield task
 
 
 def check_tasks(task) -> None:
@@ -238,16 +221,10 @@ def _corpus_bytes(task) -> int:
 def _model_bytes(task) -> int:
     """fp32 bytes of one model of the run: a scratch preset's parameter count, or the seed folder's weights."""
     if task.seed_model == "scratch":
-        from experts.model import PRESETS
+        from experts.model import PRESETS, param_count
 
         p = PRESETS.get(task.model_size)
-        if p is None:
-            return 0
-        H, L, inter, V = p.hidden_size, p.num_hidden_layers, p.intermediate_size, task.vocab_size
-        kv = H * (p.num_key_value_heads or p.num_attention_heads) // p.num_attention_heads
-        per_layer = 2 * H * H + 2 * H * kv + 3 * H * inter + 2 * H
-        n = V * H * (1 if p.tie_word_embeddings else 2) + L * per_layer + H
-        return 4 * n
+        return 4 * param_count(p, task.vocab_size) if p is not None else 0
     seed = Path(task.seed_model).expanduser()
     if not seed.is_dir():
         return 0  # a hub name: its size is not known before the download

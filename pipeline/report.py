@@ -148,9 +148,6 @@ class RunAll(RunParams, luigi.WrapperTask):
         record_completed_run(self.run_dir, self.requires())  # what `python -m pipeline.gc` keeps
 
 
-PUBLISHED = (REPORT_JSON, REPORT_MD)
-
-
 def _publication_key(run: RunParams) -> dict:
     """What the run folder's report must say to be this RunAll's: the Report stage's folder and run id, and
     the parameters (the execution ones too: the report lists them)."""
