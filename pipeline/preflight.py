@@ -176,14 +176,14 @@ def estimate_disk(task) -> tuple[int, dict]:
             stages.setdefault(t.task_family, []).append(t)
     memo: dict = {}
     todo_stages = {f: [t for t in ts if not t._fresh(memo)] for f, ts in stages.items()}
-    text = _corpus_bytes(task)
-    model = _model_bytes(task)
-    k = max([1] + [int(v) for v in str(task.num_clusters).split(",") if v.strip()])  # a Study: its largest k
+    text = _corpus_bytes(task) if todo_stages.get("PrepareCorpus") or todo_stages.get("ShardCorpus") else 0
+    k = max([1] + [int(v) for v in str(getattr(task, "num_clusters", 1)).split(",") if v.strip()])  # Study: largest k
     n_models = sum(len(todo_stages.get(f, [])) for f in ("TrainSeed", "TrainDense", "TrainExpert", "FinetuneMoE"))
     merged = [t for t in todo_stages.get("MergeExperts", []) if t.method in ("average", "moe")]
     n_models += sum(1 if t.method == "average" else max(1, k // 2) for t in merged)  # a MoE ≈ k/2 dense models
     if todo_stages.get("FinetuneMoE"):
         n_models += max(1, k // 2) - 1
+    model = _model_bytes(task) if n_models else 0  # a task with models upstream carries --seed-model
     parts = {
         "corpus": text if todo_stages.get("PrepareCorpus") else 0,
         "shards": text if todo_stages.get("ShardCorpus") else 0,

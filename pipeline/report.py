@@ -25,7 +25,7 @@ from pipeline.models import model_names, model_stage, perplexity_names
 TRAINED = ("seed", "dense", "moe", "dense_moe_compute")  # models with a training.json (plus every expert_*)
 
 
-class Report(Stage):
+class Report(Stage, RunParams):
     """`tasks.report.write_report` → `report-<h>/report.{json,md}` + figures; `RunAll` publishes them to
     `<run_dir>/report.{json,md}` (a Study's points are not published)."""
 
@@ -49,7 +49,7 @@ class Report(Stage):
         }
 
     def build(self, out: Path) -> dict:
-        from pipeline.training import TrainDense
+        from pipeline.training import TrainExpert
         from tasks.report import write_report
 
         r = self.requires()
@@ -74,7 +74,7 @@ class Report(Stage):
         perplexity = {m: p for m, p in perplexity.items() if m not in failed}
         fewshot = {task_slug(t): {m: read_json(self.input_path(s)) for m, s in by_model.items() if m not in failed}
                    for t, by_model in r["fewshot"].items()}
-        budgets = {"plan": self.clone(TrainDense).budget_plan(),
+        budgets = {"plan": self.clone(TrainExpert, cluster_id=0).budget_plan(),
                    "models": {m: _training_json(self.input_path(t)) for m, t in r["trained"].items()
                               if m not in failed}}
         merges = {"parameter": {m: _json(self.input_path(t) / MERGE_INFO) for m, t in r["merges"].items()

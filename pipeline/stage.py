@@ -13,8 +13,8 @@ still the inputs' current ones, and its inputs are complete in turn; so when one
 or `--force-stage`), everything downstream of it reruns on the next `RunAll`, although its paths do not change.
 Stamps name inputs by their paths relative to the run folder, so a finished run folder can be moved or copied.
 
-`validate` (`pipeline.params`) checks every parameter (types, NaN, ranges, names, paths) when a stage is built, before any
-work; the root task of a command line also claims the run folder (`pipeline.preflight`: lock, stale
+`validate` (`pipeline.params`) checks the stage's parameters (types, NaN, ranges, names, paths) when it is built,
+before any work; the root task of a command line also claims the run folder (`pipeline.preflight`: lock, stale
 temporaries, free disk space). Failures are one line: an InputError as it is, anything else as `<Type>:
 <message>` with its traceback in `<run_dir>/errors/` (`pipeline.failures`; `CBTM_DEBUG=1` logs it too).
 
@@ -42,15 +42,20 @@ import luigi
 from corpus.io import InputError, atomic_dir, read_json, short_hash, temporary_of, temporary_path, write_json
 from corpus.layout import STAGE_STAMP
 from pipeline.failures import error_file, interruptible, rebuild_command, upstream_named_in, write_failure
-from pipeline.params import RunParams, warn_once
+from pipeline.params import RUN_PARAMETERS, ExecutionParams, Params, RunFolderParams, warn_once
 from pipeline.preflight import claim_for_command_line
 from pipeline.stamps import append_stage_log, normal_modes, relative_run_ids, remove_path
 
 log = logging.getLogger("luigi-interface")
 
 
-class Stage(RunParams, luigi.Task):
+class Stage(Params, RunFolderParams, ExecutionParams, luigi.Task):
     """Base of all stages. Subclasses set `folder`, `hashed`, `requires()` and `build(out: Path) -> dict|None`.
+
+    Every stage carries the run folder's and the execution parameters; a stage adds the parameter groups it uses
+    as bases (`class FitClusters(Stage, ClusterParams)`) and the parameters of the stages it requires with
+    `pipeline.params.carries`, so `clone()` hands them down. Keyword arguments that are run parameters a stage does
+    not carry are left out (`get_param_values`): a run's whole set of flags builds any of its stages.
 
     `build` gets a temporary folder (or, for `resumable` stages, a stable `.partial` folder that survives a
     kill) and must write the stage's output into it; the base class renames it into place and writes the stamp.
@@ -76,6 +81,14 @@ class Stage(RunParams, luigi.Task):
         self.task_id = luigi.task.task_id_str(self.task_family, {"output": str(out.relative_to(self.run_dir)),
                                                                  "run_dir": str(self.run_dir)})
         claim_for_command_line(self)  # a stage run alone from the command line: lock, clean, check disk
+
+    @classmethod
+    def get_param_values(cls, params, args, kwargs):
+        """luigi's, after leaving out the run parameters this stage does not carry (any other unknown name still
+        fails)."""
+        carried = {name for name, _ in params}
+        kwargs = {k: v for k, v in kwargs.items() if k in carried or k not in RUN_PARAMETERS}
+        return super().get_param_values(params, args, kwargs)
 
     def __hash__(self):  # luigi hashes the task_id it computed from all parameters; keep hash and == consistent
         return hash(self.task_id)
