@@ -1,10 +1,12 @@
 """The run parameters, by concern, with their defaults, derived values and checks.
 
-Each group (`RunFolderParams`, `CorpusParams`, ...) is a mixin of luigi parameters whose docstring starts with
-its `--help` title; `RunParams` is all of them, with the values derived from them (`methods`, `task_list`,
-`learning_rate_value`, ...) and `validate`, which checks every parameter (types, NaN, ranges, names, local
-paths) when a stage is built, before any work, each failure one line naming the flag. A luigi.cfg `[cbtm]`
-section overrides the defaults of every stage (`_p`).
+Each group (`CorpusParams`, `ClusterParams`, `BudgetParams`, ...) is a mixin of luigi parameters whose docstring
+starts with its concern, the `--help` title (run, corpus, clustering, training, merging, evaluation, execution).
+A stage declares the groups it uses as bases and gets those of the stages it requires with `carries`; `RunParams`
+is all of them. `Params` holds the values derived from them (`methods`, `task_list`, `learning_rate_value`, ...)
+and `validate`, which checks the parameters a task carries (types, NaN, ranges, names, local paths) when it is
+built, before any work, each failure one line naming the flag. A luigi.cfg `[cbtm]` section overrides the
+defaults of every stage (`_p`); choices and defaults come from the libraries that own them (`CHOICES`).
 """
 from __future__ import annotations
 
@@ -97,8 +99,8 @@ class _PathParameter(luigi.Parameter):
 
 
 class _AutoParameter(luigi.Parameter):
-    """'auto' or a number, kept as text ('8' and 8 are the same value); `RunParams.micro_batch_value` and
-    `RunParams.learning_rate_value` read it."""
+    """'auto' or a number, kept as text ('8' and 8 are the same value); `Params.micro_batch_value` and
+    `Params.learning_rate_value` read it."""
 
     def normalize(self, x):
         return str(x).strip().lower()
@@ -578,7 +580,7 @@ def _check_numbers(p: Params) -> None:
 
 
 def _check_names_and_paths(p: Params) -> None:
-    """Names that must exist (stages, presets, models) and local paths that must exist, before any work."""
+    """Names that must exist (presets, seed families) and local paths that must exist, before any work."""
     from corpus.read import looks_like_path
 
     if not str(p.run_dir).strip():

@@ -174,17 +174,6 @@ class _TrainStage(Stage):
         return model_budget(tokens, self.dense_batch_blocks(), self.seq_len_of_shards(),
                             "seed" if which == "seed" else "dense model")
 
-    def budget_plan(self) -> dict:
-        """`experts.budget.plan_budgets` for this run: seed, dense and every expert (reads the shards' meta)."""
-        from experts.budget import plan_budgets
-
-        meta = read_json(self.shards() / SHARDS_META)
-        clusters = [meta["clusters"].get(str(c), {}).get("train", {}) for c in range(self.num_clusters)]
-        return plan_budgets(self.train_tokens, self.seed_fraction, [c.get("n_tokens", 0) for c in clusters],
-                            int(meta["seq_len"]), self.dense_batch_blocks(), compute_match=self.compute_match,
-                            expert_budget=self.expert_budget, gpus_per_expert=self.gpus_per_expert,
-                            cluster_blocks=[c.get("n_blocks", 0) for c in clusters], small_share=self.small_share)
-
     def train_config(self, tokens: int, **kw):
         """The `TrainConfig` of this training; a field it refuses (`ConfigError`) is named by the flag behind it
         (`config_error`)."""
@@ -309,6 +298,18 @@ class TrainExpert(_TrainStage, ExpertParams, TemperatureParams):
 
     def train_config(self, tokens: int, **kw):
         return super().train_config(tokens, trainable=self.expert_trainable, **kw)
+
+    def budget_plan(self) -> dict:
+        """`experts.budget.plan_budgets` for this run: seed, dense and every expert (reads the shards' meta); the
+        report and the model cards show it too."""
+        from experts.budget import plan_budgets
+
+        meta = read_json(self.shards() / SHARDS_META)
+        clusters = [meta["clusters"].get(str(c), {}).get("train", {}) for c in range(self.num_clusters)]
+        return plan_budgets(self.train_tokens, self.seed_fraction, [c.get("n_tokens", 0) for c in clusters],
+                            int(meta["seq_len"]), self.dense_batch_blocks(), compute_match=self.compute_match,
+                            expert_budget=self.expert_budget, gpus_per_expert=self.gpus_per_expert,
+                            cluster_blocks=[c.get("n_blocks", 0) for c in clusters], small_share=self.small_share)
 
     def validate(self) -> None:
         super().validate()

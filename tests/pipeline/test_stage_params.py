@@ -34,6 +34,13 @@ def test_every_stage_carries_the_run_parameters_of_its_inputs(tmp_path, params):
             assert not missing, f"{stage.task_family} requires {t.task_family} but lacks {sorted(missing)}"
 
 
+@pytest.mark.parametrize("params", [{}, ALL_METHODS, {"branch_from": "average", "router_init": "centroids"}])
+def test_a_stage_hashes_only_parameters_it_carries(tmp_path, params):
+    derived = {"label", "router_fit"}  # PrepareCorpus: the label field resolved; MergeExperts moe: the router fit
+    for stage in graph(tmp_path / "run", **params):
+        assert set(stage.hashed) - derived <= names(stage), stage.task_family
+
+
 def test_a_stage_carries_only_its_own_and_its_inputs_groups():
     run = names(RunAll)
     assert run == set(RUN_PARAMETERS)
