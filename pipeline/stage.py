@@ -90,6 +90,16 @@ class Stage(Params, RunFolderParams, ExecutionParams, luigi.Task):
         kwargs = {k: v for k, v in kwargs.items() if k in carried or k not in RUN_PARAMETERS}
         return super().get_param_values(params, args, kwargs)
 
+    def clone(self, cls=None, **kwargs):
+        """luigi's `clone`, refused (TypeError) when `cls` carries a run parameter this stage does not carry and
+        `kwargs` do not set: it would take its default, and the clone would name another folder."""
+        missing = ({n for n, _ in (cls or type(self)).get_params()} & RUN_PARAMETERS) - set(kwargs) - \
+            {n for n, _ in self.get_params()}
+        if missing:
+            raise TypeError(f"{self.task_family} cannot clone {(cls or type(self)).__name__}: it does not carry "
+                            f"{', '.join(sorted(missing))} (add the stage to its @carries)")
+        return super().clone(cls, **kwargs)
+
     def __hash__(self):  # luigi hashes the task_id it computed from all parameters; keep hash and == consistent
         return hash(self.task_id)
 

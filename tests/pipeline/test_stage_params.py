@@ -87,3 +87,13 @@ def test_a_training_config_error_names_the_flag(tmp_path):
     assert str(err) == "TrainConfig.schedule_steps (set by the pipeline) must be ≥ 1, got 0"
     err = config_error(ConfigError("TrainConfig.trainable", "must be all or ffn, got 'x'"), seed)
     assert "(set by the pipeline)" in str(err)  # TrainSeed has no --expert-trainable
+
+
+def test_a_stage_cannot_clone_a_stage_that_carries_more(tmp_path):
+    """A clone would give the parameters the stage lacks their defaults (another folder): refused instead."""
+    from pipeline import ShardCorpus
+
+    dense = TrainDense(run_dir=str(tmp_path / "run"), num_clusters=8)
+    with pytest.raises(TypeError, match="TrainDense cannot clone ShardCorpus: it does not carry .*num_clusters"):
+        dense.clone(ShardCorpus)
+    assert dense.clone(TrainSeed).out_path() == TrainSeed(run_dir=str(tmp_path / "run")).out_path()
