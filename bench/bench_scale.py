@@ -122,7 +122,7 @@ CHILD = r"""
 import json, resource, sys, time
 import luigi
 import pipeline
-from pipeline.base import install_log_filter
+from pipeline.failures import install_log_filter
 
 install_log_filter()
 stage, params = sys.argv[1], json.loads(sys.argv[2])

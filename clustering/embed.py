@@ -27,6 +27,7 @@ from corpus.layout import TRAIN_SPLIT
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
+EMBEDDERS = ("tfidf", "encoder")  # embed_corpus(embedder=...): c-BTM's TF-IDF (the default), a sentence encoder
 NUMBER_TOKEN = "#NUMBER"
 _NUMBER_RE = re.compile(r"(?<![\w#])[-+]?\d+(?:[.,:/]\d+)*(?![\w])")
 _TOKEN_PATTERN = r"(?u)#NUMBER|\b\w\w+\b"

@@ -197,8 +197,18 @@ def flops_per_token(config, seq_len: int | None = None) -> float:
     output projection (lm_head, V·H), but not the input embedding lookup. L layers, H hidden size, T context.
     For MoE configs (num_local_experts or num_experts, num_experts_per_tok) only the active experts' MLPs count.
     """
+    L, n_heads = config.num_hidden_layers, config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // n_heads
+    N = L * layer_matrix_params(config) + config.vocab_size * config.hidden_size
+    T = int(seq_len or getattr(config, "max_position_embeddings", 1024))
+    return float(6 * N + 12 * L * n_heads * head_dim * T)
+
+
+def layer_matrix_params(config) -> int:
+    """Weights of the matrices one token meets in a decoder layer of `config` (a transformers config or a
+    `ModelPreset`): attention q, k, v, o and the MLP's gate, up and down; for an MoE config the MLPs of its
+    `num_experts_per_tok` active experts and the router."""
     H = config.hidden_size
-    L = config.num_hidden_layers
     n_heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or H // n_heads
     n_kv = getattr(config, "num_key_value_heads", None) or n_heads
@@ -210,6 +220,15 @@ def flops_per_token(config, seq_len: int | None = None) -> float:
     if active and n_experts:
         inter = getattr(config, "moe_intermediate_size", None) or inter
         mlp = 3 * H * inter * active + H * n_experts  # active experts + router
-    N = L * (attn + mlp) + config.vocab_size * H
-    T = int(seq_len or getattr(config, "max_position_embeddings", 1024))
-    return float(6 * N + 12 * L * n_heads * head_dim * T)
+    return attn + mlp
+
+
+def param_count(config, vocab_size: int | None = None) -> int:
+    """Parameters of a dense Llama-style model of `config` (a transformers config, or a `ModelPreset` with
+    `vocab_size`) without building it: the embeddings (once when tied), every layer's matrices
+    (`layer_matrix_params`) and RMSNorm weights (two per layer and the final one). `count_params` counts a built
+    model's."""
+    H, L = config.hidden_size, config.num_hidden_layers
+    V = vocab_size or config.vocab_size
+    embeddings = V * H * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return embeddings + L * (layer_matrix_params(config) + 2 * H) + H

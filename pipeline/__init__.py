@@ -32,7 +32,6 @@ Read in order, this is the table of contents (stage → library function → out
 With --slurm-enabled, the stages that use GPUs run as Slurm jobs (pipeline/slurm.py); Luigi still schedules.
 `python -m pipeline.gc <run_dir>` lists (and with --delete removes) the stage folders no recent RunAll uses.
 """
-from pipeline.base import install_log_filter
 from pipeline.corpus import WriteDemoCorpus, PrepareCorpus
 from pipeline.clustering import EmbedCorpus, FitClusters, AssignClusters, DescribeClusters
 from pipeline.training import (TrainTokenizer, TokenizeCorpus, ShardCorpus, TrainSeed, TrainExpert, TrainExperts,
@@ -43,16 +42,12 @@ from pipeline.report import Report, RunAll
 from pipeline.study import Study
 from pipeline.cards import WriteModelCards
 from pipeline.slurm import slurm  # the [slurm] settings (--slurm-enabled ...): stages as Slurm jobs
-from pipeline.cli import install_defaults, install_strict_flags, install_task_name_hook, install_worker_count
-
-install_log_filter()
-install_defaults()  # exit codes and scheduler settings from code: the same from any folder
-install_strict_flags()  # no abbreviated flags (--num-cluster), one line for a bad flag or task name
-install_task_name_hook()
-install_worker_count()  # each stage sizes its CPU threads to the cores ÷ --workers (corpus.threads)
+from pipeline.cli import register
 
 __all__ = [
     "WriteDemoCorpus", "PrepareCorpus", "EmbedCorpus", "FitClusters", "AssignClusters", "DescribeClusters",
     "TrainTokenizer", "TokenizeCorpus", "ShardCorpus", "TrainSeed", "TrainExpert", "TrainExperts", "TrainDense", "MergeExperts",
     "FinetuneMoE", "TrainDenseMoECompute", "EvaluatePerplexity", "MakeDomainTask", "EvaluateFewShot", "Report", "WriteModelCards", "RunAll", "Study",
 ]
+
+register(__all__)  # what `luigi --module pipeline` needs from luigi: one-line errors, strict flags, defaults

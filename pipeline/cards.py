@@ -5,7 +5,9 @@ from pathlib import Path
 
 from corpus.io import read_json, write_json
 from experts.run_models import MOE_MERGED
-from pipeline.base import Stage
+from pipeline.merging import MergeExperts, merge_failure
+from pipeline.params import FewShotTasksParams, carries
+from pipeline.stage import Stage
 from pipeline.clustering import DescribeClusters
 from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
 from pipeline.models import model_names, model_stage
@@ -15,7 +17,8 @@ CARD_PARAMS = ("corpus", "num_clusters", "embedder", "clusterer", "seed_model", 
                "eval_max_docs")
 
 
-class WriteModelCards(Stage):
+@carries(EvaluatePerplexity, EvaluateFewShot, DescribeClusters, MergeExperts)
+class WriteModelCards(Stage, FewShotTasksParams):
     """`tasks.cards.write_run_cards`: a model card for every model of the run (seed, dense, experts, merges, the MoE before and
     after finetuning, ensembles) with its evaluation figures → `README.md` inside each model folder, and
     `cards-<h>/cards.json` listing them."""
@@ -30,16 +33,12 @@ class WriteModelCards(Stage):
                            for t in self.task_list},
                "clusters": self.clone(DescribeClusters)}
         if "moe" in self.methods:
-            from pipeline.merging import MergeExperts
-
             req[MOE_MERGED] = self.clone(MergeExperts, method="moe")
         return req
 
     def build(self, out: Path) -> dict:
         from tasks.cards import write_run_cards
-        from pipeline.training import TrainDense
-
-        from pipeline.merging import merge_failure
+        from pipeline.training import TrainExpert
 
         r = self.requires()
         folders = {m: self.input_path(t) for m, t in r["models"].items()}
@@ -49,7 +48,7 @@ class WriteModelCards(Stage):
         folders = {m: d for m, d in folders.items() if m not in failed}
         written = write_run_cards(
             folders, run={p: getattr(self, p) for p in CARD_PARAMS},
-            budget=self.clone(TrainDense).budget_plan(),
+            budget=self.clone(TrainExpert, cluster_id=0).budget_plan(),
             perplexity={m: read_json(self.input_path(t)) for m, t in r["perplexity"].items() if m not in failed},
             fewshot={m: {task_slug(t): read_json(self.input_path(by_model[m])) for t, by_model in r["fewshot"].items()
                          if m in by_model} for m in r["models"] if m not in failed},

@@ -1,12 +1,15 @@
-"""What `luigi --module pipeline ...` needs from luigi wherever it runs, set when `pipeline` is imported.
+"""What `luigi --module pipeline ...` needs from luigi wherever it runs, installed by `register()`, which
+`pipeline/__init__.py` calls (luigi imports that module).
 
 - `DEFAULTS`: the [retcode], [core], [worker], [scheduler] and [resources] settings the pipeline relies on, so
   a failure exits non-zero from any folder (luigi reads `luigi.cfg` from the working directory only, and its
   own exit codes are all 0). A luigi.cfg that sets one of them still wins.
 - `--run-lock-wait SECONDS` (`pipeline.lock.run_lock`): wait for another run that holds the run folder.
-- `--help` of a stage lists its flags once each, grouped by concern (`pipeline.base.PARAMETER_GROUPS`: run,
+- `--help` of a stage lists every run flag once, grouped by concern (`pipeline.params.PARAMETER_GROUPS`: run,
   corpus, clustering, training, merging, evaluation, execution; then the Slurm settings), each with its default
-  (after luigi.cfg's `[cbtm]` overrides); `--help-all` is luigi's own listing.
+  (after luigi.cfg's `[cbtm]` overrides) and marked when the stage does not use it; `--help-all` is luigi's own
+  listing. A stage's command line accepts the run flags it does not carry and leaves them out, so that one stage
+  reruns with a run's whole command line.
 - Threads: the luigi worker's `--workers` is kept (`concurrent_stages`) so that each stage process gives itself
   the cores ÷ that many CPU threads (`corpus.threads.size_threads`, called by `Stage.run`); with more than one,
   the worker imports torch and transformers once before it forks the stage processes (`warm_imports`).
@@ -39,6 +42,20 @@ DEFAULTS = {
 }
 BAD_FLAG_EXIT = 2
 INTERRUPTED_EXIT = 130  # Ctrl-C: 128 + SIGINT
+
+
+def register(task_names: list[str]) -> None:
+    """Everything `luigi --module pipeline ...` needs from luigi, installed once by `pipeline/__init__.py` (the
+    module luigi imports; the patches are idempotent): the one-line log filter (`pipeline.failures`), `DEFAULTS`,
+    strict flags and --help by concern (`install_strict_flags`), one line for a misspelled task name of
+    `task_names` or a Ctrl-C (`install_task_name_hook`), and the worker count (`install_worker_count`)."""
+    from pipeline.failures import install_log_filter
+
+    install_log_filter()
+    install_defaults()  # exit codes and scheduler settings from code: the same from any folder
+    install_strict_flags()  # no abbreviated flags (--num-cluster), run flags a stage does not carry accepted
+    install_task_name_hook(task_names)
+    install_worker_count()  # each stage sizes its CPU threads to the cores ÷ --workers (corpus.threads)
 
 
 def install_defaults() -> None:
@@ -95,7 +112,13 @@ def concurrent_stages() -> int:
 
 def install_strict_flags() -> None:
     """luigi builds a fresh argparse parser for every parse (`CmdlineParser._build_parser`); this makes each one
-    refuse abbreviations and report a bad flag in one line."""
+    refuse abbreviations, report a bad flag in one line, accept the run flags a stage does not carry (so one
+    stage reruns with the run's whole command line) and group a stage's --help by concern.
+
+    This patches a private luigi method, on purpose: luigi's command line (`luigi --module pipeline ...`, what the
+    README tells users to run) builds its parser there and offers no hook for it (luigi/cmdline_parser.py calls it
+    "internal"; `luigi.run` takes arguments, not a parser). The patch wraps luigi's own parser, so luigi's flags and
+    parsing stay as they are."""
     parser_cls = luigi.cmdline_parser.CmdlineParser
     if getattr(parser_cls._build_parser, "_cbtm_strict", False):
         return
@@ -106,6 +129,7 @@ def install_strict_flags() -> None:
         parser.allow_abbrev = False
         parser.error = lambda message: _flag_error(parser, message)
         if root_task and not help_all:
+            _accept_run_flags(parser, root_task)
             _group_help(parser, root_task)
         return parser
 
@@ -113,7 +137,7 @@ def install_strict_flags() -> None:
     parser_cls._build_parser = staticmethod(strict_build_parser)
 
 
-def install_task_name_hook() -> None:
+def install_task_name_hook(task_names: list[str]) -> None:
     """A misspelled task name (`luigi --module pipeline RunAl`) makes luigi raise before its own error handling:
     print one line naming the tasks there are instead of a traceback (exit code 1; CBTM_DEBUG=1 keeps it).
     Ctrl-C (KeyboardInterrupt, which luigi passes on) prints one line saying what was interrupted and that the
@@ -121,7 +145,7 @@ def install_task_name_hook() -> None:
     default: the process ends quietly with 143."""
     from luigi.task_register import TaskClassNotFoundException
 
-    from pipeline.base import debugging
+    from pipeline.failures import debugging
 
     previous = sys.excepthook
     if getattr(previous, "_cbtm", False):
@@ -131,14 +155,12 @@ def install_task_name_hook() -> None:
         if issubclass(kind, KeyboardInterrupt) and not debugging():
             _interrupted()
         if issubclass(kind, TaskClassNotFoundException) and not debugging():
-            import pipeline
-
             text = str(value).strip().splitlines()
             head = text[0] if text else ""  # "No task RunAl. Did you mean:"
             name = head[len("No task "):].split(". ")[0].rstrip(".") if head.startswith("No task ") else head
-            close = difflib.get_close_matches(name, pipeline.__all__, n=1)
+            close = difflib.get_close_matches(name, task_names, n=1)
             hint = f"did you mean {close[0]}? " if close else ""
-            print(f"luigi: error: no task {name!r}; {hint}tasks: {', '.join(pipeline.__all__)}", file=sys.stderr)
+            print(f"luigi: error: no task {name!r}; {hint}tasks: {', '.join(task_names)}", file=sys.stderr)
             return
         previous(kind, value, tb)
 
@@ -150,7 +172,7 @@ def _interrupted() -> None:
     """After Ctrl-C: one line, the exit handlers (the run folder's lock, logging), exit code 130."""
     import atexit
 
-    from pipeline.base import interrupted_stage
+    from pipeline.failures import interrupted_stage
 
     stage = interrupted_stage()
     if stage is None:
@@ -167,25 +189,60 @@ def _interrupted() -> None:
     os._exit(INTERRUPTED_EXIT)
 
 
+def _task_class(root_task: str):
+    """The class of a `Params` task (a stage, RunAll, ...) named `root_task`, or None."""
+    from luigi.task_register import Register, TaskClassNotFoundException
+
+    from pipeline.params import Params
+
+    try:
+        task_cls = Register.get_task_cls(root_task)
+    except TaskClassNotFoundException:
+        return None
+    return task_cls if issubclass(task_cls, Params) else None
+
+
+def _accept_run_flags(parser: argparse.ArgumentParser, root_task: str) -> None:
+    """Let a stage's command line carry the run flags the stage does not use (`TrainTokenizer --num-clusters 8`):
+    parsed as luigi parses them, then left out (`pipeline.stage.Stage.get_param_values`)."""
+    from pipeline.params import PARAMETER_GROUPS
+
+    task_cls = _task_class(root_task)
+    if task_cls is None:
+        return
+    carried = {n for n, _ in task_cls.get_params()}
+    for g in PARAMETER_GROUPS:
+        for name, param in vars(g).items():
+            if isinstance(param, luigi.Parameter) and name not in carried:
+                parser.add_argument(_flag(name), help=argparse.SUPPRESS, **param._parser_kwargs(name))
+
+
 def help_sections(task_cls) -> list[tuple[str, str, dict]]:
     """(title, description, {flag: parameter}) of each section of `task_cls`'s --help: the stage's own parameters,
-    the groups of `pipeline.base.PARAMETER_GROUPS` (execution with luigi's --local-scheduler, --workers and
-    --run-lock-wait), and the Slurm settings."""
-    from pipeline.base import PARAMETER_GROUPS
+    one section per concern of `pipeline.params.PARAMETER_GROUPS` (the title its groups' docstrings start with;
+    execution with luigi's --local-scheduler, --workers and --run-lock-wait), and the Slurm settings. Run
+    parameters the task does not carry are listed too (they are accepted and left out: `_accept_run_flags`)."""
+    from pipeline.params import PARAMETER_GROUPS, RUN_PARAMETERS
     from pipeline.slurm import slurm
 
     params = dict(task_cls.get_params())
     grouped = {n for g in PARAMETER_GROUPS for n in vars(g)}
-    sections = [(task_cls.__name__, (task_cls.__doc__ or "").strip().split("\n\n")[0],
-                 {_flag(n): p for n, p in params.items() if n not in grouped})]
+    head = (task_cls.__doc__ or "").strip().split("\n\n")[0]
+    if not RUN_PARAMETERS <= set(params):  # a stage that does not carry every run flag
+        head += (f"\n\nFlags marked 'not used here' are accepted and left out, so that {task_cls.__name__} runs with a "
+                 "run's whole command line and resolves the run's folders.")
+    sections = [(task_cls.__name__, head, {_flag(n): p for n, p in params.items() if n not in grouped})]
     core = dict(luigi.interface.core.get_params())
+    concerns: dict[str, tuple[str, dict]] = {}
     for g in PARAMETER_GROUPS:
         title, _, text = (g.__doc__ or "").partition(":")
-        section = {_flag(n): params[n] for n in vars(g) if n in params}
+        section = concerns.setdefault(title, (text.strip(), {}))[1]
+        section.update({_flag(n): p for n, p in vars(g).items() if isinstance(p, luigi.Parameter)})
+    for title, (text, section) in concerns.items():
         if title == "execution":
             section.update({"--local-scheduler": core["local_scheduler"], "--workers": core["workers"],
                             "--run-lock-wait": dict(run_lock.get_params())["wait"]})
-        sections.append((title, text.strip(), section))
+        sections.append((title, text, section))
     sections.append(("slurm", (slurm.__doc__ or "").strip(), {_flag(f"slurm_{n}"): p for n, p in slurm.get_params()}))
     return sections
 
@@ -193,16 +250,12 @@ def help_sections(task_cls) -> list[tuple[str, str, dict]]:
 def _group_help(parser: argparse.ArgumentParser, root_task: str) -> None:
     """Regroup the help of `root_task` (a stage) into `help_sections`, each flag once (luigi lists every one twice,
     as --x and --<Task>-x, which stays accepted) with its default."""
-    from luigi.task_register import Register, TaskClassNotFoundException
-
-    from pipeline.base import RunParams
-
-    try:
-        task_cls = Register.get_task_cls(root_task)
-    except TaskClassNotFoundException:
+    task_cls = _task_class(root_task)
+    if task_cls is None:
         return
-    if not issubclass(task_cls, RunParams):
-        return
+    from pipeline.params import RUN_PARAMETERS
+
+    unused = {_flag(n) for n in RUN_PARAMETERS} - {_flag(n) for n, _ in task_cls.get_params()}
     by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
     for flag, action in by_flag.items():
         if flag.startswith(f"--{root_task}-"):
@@ -213,7 +266,8 @@ def _group_help(parser: argparse.ArgumentParser, root_task: str) -> None:
         for flag, param in section.items():
             action = by_flag.get(flag)
             if action is not None:
-                action.help, action.metavar = _with_default(param), _metavar(param)
+                note = "; not used here" if flag in unused else ""
+                action.help, action.metavar = _with_default(param, note), _metavar(param)
                 group._group_actions.append(action)
                 moved.add(action)
     for group in parser._action_groups[:2]:  # argparse's positional and optional sections: what is left there
@@ -231,13 +285,13 @@ def _metavar(param) -> str:
     return next((name for kind, name in kinds if isinstance(param, kind)), "TEXT")
 
 
-def _with_default(param) -> str:
-    """The parameter's description and its default (after luigi.cfg's overrides), for --help."""
+def _with_default(param, note: str = "") -> str:
+    """The parameter's description and its default (after luigi.cfg's overrides), then `note`, for --help."""
     text, default = param.description or "", param._default
     if default is luigi.parameter._no_value:
-        return f"{text} (required)"
+        return f"{text} (required{note})"
     shown = param.serialize(default) if default is not None else ""
-    return f"{text} (default: {shown!r})" if shown == "" else f"{text} (default: {shown})"
+    return f"{text} (default: {shown!r}{note})" if shown == "" else f"{text} (default: {shown}{note})"
 
 
 def _flag_error(parser, message: str) -> None:

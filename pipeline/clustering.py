@@ -4,11 +4,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from corpus.io import InputError, read_json
-from pipeline.base import Stage
+from pipeline.params import AssignParams, ClusterParams, EmbeddingParams, carries
+from pipeline.stage import Stage
 from pipeline.corpus import PrepareCorpus
 
 
-class EmbedCorpus(Stage):
+@carries(PrepareCorpus)
+class EmbedCorpus(Stage, EmbeddingParams):
     """`clustering.embed.embed_corpus` → `embeddings-<h>/{embedder/, train,valid,test.npy}` (L2-normalised)."""
 
     folder = "embeddings"
@@ -31,7 +33,8 @@ class EmbedCorpus(Stage):
         return info if isinstance(info, dict) else None
 
 
-class FitClusters(Stage):
+@carries(PrepareCorpus, EmbedCorpus)
+class FitClusters(Stage, ClusterParams):
     """`clustering.io.fit_clusters` → `clusters-<h>/{centroids.npy, config.json}`."""
 
     folder = "clusters"
@@ -57,7 +60,8 @@ class FitClusters(Stage):
                             device=self.device, balance_by=self.balance_by, corpus_dir=corpus_dir)
 
 
-class AssignClusters(Stage):
+@carries(PrepareCorpus, EmbedCorpus, FitClusters)
+class AssignClusters(Stage, AssignParams):
     """`clustering.io.assign_clusters` → `assignments-<h>/{split}.parquet` (id, cluster_id, distance) etc."""
 
     folder = "assignments"
@@ -75,6 +79,7 @@ class AssignClusters(Stage):
                                self.input_path(r["corpus"]), assign=self.assign, device=self.device)
 
 
+@carries(PrepareCorpus, EmbedCorpus, FitClusters, AssignClusters)
 class DescribeClusters(Stage):
     """`clustering.inspect.describe_clusters` → `cluster-info-<h>/` (sizes, top terms, NMI/purity, PNG plots)."""
 

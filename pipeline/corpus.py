@@ -3,7 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.base import Stage, files_fingerprint
+from pipeline.params import CorpusParams, carries
+from pipeline.stage import Stage
+from pipeline.stamps import files_fingerprint
 
 CORPUS_FILE_CACHE = "cache/corpus-files"  # under --run-dir: each input file read once, kept by (path, size, mtime)
 
@@ -30,7 +32,8 @@ class WriteDemoCorpus(Stage):
         return {"files": sorted(p.name for p in out.iterdir())}
 
 
-class PrepareCorpus(Stage):
+@carries(WriteDemoCorpus)
+class PrepareCorpus(Stage, CorpusParams):
     """`corpus.read.prepare_corpus` → `corpus-<h>/{train,valid,test}.parquet` (id, text[, label]) + stats.json.
     Each input file is read once into `<run_dir>/cache/corpus-files/` (by path, size and mtime): a rerun after one
     file of many changed reads only that file again, then rewrites the splits."""

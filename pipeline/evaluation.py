@@ -9,13 +9,20 @@ import luigi
 
 from corpus.io import write_json
 from experts.run_models import ORACLE, expert_name, load_model
-from pipeline.base import EVAL_MAX_DOC_TOKENS, EVAL_MAX_TOKENS, Stage, files_fingerprint
+from pipeline.merging import FinetuneMoE, MergeExperts, TrainDenseMoECompute, merge_failure
+from pipeline.params import (EVAL_MAX_DOC_TOKENS, EVAL_MAX_TOKENS, FewShotParams, ModelsParams, PerplexityParams,
+                             carries)
+from pipeline.stage import Stage
+from pipeline.stamps import files_fingerprint
 from pipeline.clustering import AssignClusters
 from pipeline.corpus import PrepareCorpus
+from pipeline.training import TrainDense, TrainExpert, TrainSeed
 from pipeline.models import model_stage
 
 
-class _EvaluateModel(Stage):
+@carries(PrepareCorpus, AssignClusters, TrainSeed, TrainDense, TrainExpert, MergeExperts, FinetuneMoE,
+         TrainDenseMoECompute)
+class _EvaluateModel(Stage, ModelsParams):
     """Shared wiring of evaluations: one `model` of the run, one JSON file `<model>.json` under `eval-<h>/`."""
 
     folder = "eval"
@@ -29,8 +36,6 @@ class _EvaluateModel(Stage):
 
     def failure(self) -> dict | None:
         """The failure recorded in place of the evaluated model (a merge whose method failed), or None."""
-        from pipeline.merging import merge_failure
-
         return merge_failure(self.input_path(model_stage(self, self.model)[0])) if self.model != ORACLE else None
 
     def write_failure(self, out: Path, failed: dict) -> dict:
@@ -45,7 +50,7 @@ class _EvaluateModel(Stage):
         return load_model(path, kind, self.device, name=self.model, batch_size=self.eval_batch_size), kind, path
 
 
-class EvaluatePerplexity(_EvaluateModel):
+class EvaluatePerplexity(_EvaluateModel, PerplexityParams):
     """`tasks.perplexity.evaluate_perplexity` on the valid and test splits →
     `eval-<h>/perplexity/<model>.json` = {model, valid: {...}, test: {...}}, each split with its per-document NLL
     and token counts (`docs`: the paired bootstrap of the report's ratios, `tasks.bootstrap`). model=oracle: the oracle-routing
@@ -107,6 +112,7 @@ def task_slug(task: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(task).name if not task.startswith("hf:") else task[3:]).strip("_")
 
 
+@carries(PrepareCorpus)
 class MakeDomainTask(Stage):
     """`tasks.fewshot.build.make_task_from_corpus`: the built-in few-shot task `domains` (classify a document's label
     field, e.g. the demo's domain) → `task-domains-<h>/{train,test}.jsonl, labels.json, task.json}`."""
@@ -125,7 +131,8 @@ class MakeDomainTask(Stage):
         return None
 
 
-class EvaluateFewShot(_EvaluateModel):
+@carries(MakeDomainTask)
+class EvaluateFewShot(_EvaluateModel, FewShotParams):
     """`tasks.fewshot.evaluate.evaluate_fewshot`: k-shot classification of `task` (a folder, a built-in name,
     hf:<dataset>, or `domains`) by `model` over --fewshot-seeds → `eval-<h>/fewshot/<task>/<model>.json`."""
 

@@ -70,7 +70,7 @@ def _stamp_of(run_dir: Path, rel: str) -> dict | None:
 
 def in_use(run_dir: Path, roots: list[str]) -> set[str]:
     """Top-level folders of `run_dir` that `roots` (outputs, relative paths) and their recorded inputs are in."""
-    from pipeline.base import relative_run_ids
+    from pipeline.stamps import relative_run_ids
 
     seen, todo = set(), list(roots)
     while todo:

@@ -14,7 +14,8 @@ from corpus.io import InputError, read_json, write_json
 from corpus.layout import MERGE_FAILED
 from experts.merging import MERGE_METHODS, TASK_VECTOR_MERGES, MergeInputs, get_method, merge, needs
 from experts.run_models import ensemble_name
-from pipeline.base import Stage
+from pipeline.params import MergeParams, MoEFinetuneParams, MoEParams, RoutingParams, carries
+from pipeline.stage import Stage
 from pipeline.clustering import AssignClusters, EmbedCorpus, FitClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.training import ShardCorpus, TokenizeCorpus, TrainDense, TrainExpert, TrainSeed, _TrainStage
@@ -28,7 +29,8 @@ FLAGS = {name: m.flags for name, m in MERGE_METHODS.items()}
 """The run parameters each merge method's output depends on beyond the experts: its registry entry's `params`."""
 
 
-class MergeExperts(Stage):
+@carries(TrainExpert, *INPUT_STAGES.values())
+class MergeExperts(Stage, RoutingParams, MoEParams, MergeParams):
     """`experts.merging.merge` with one `--merge-methods` value → `merged-<h>/<method>/`: ensemble|posterior →
     `ensemble.json` made a Hugging Face model folder; average|task_arithmetic|ties|dare_linear|dare_ties|moe →
     `save_pretrained` folders. `ensemble_top_k` ('' = --top-k) lets the evaluation build the top-1/2/all variants
@@ -123,7 +125,8 @@ def merge_failure(folder: Path) -> dict | None:
     return read_json(f) if f.is_file() else None
 
 
-class FinetuneMoE(_TrainStage):
+@carries(MergeExperts, ShardCorpus)
+class FinetuneMoE(_TrainStage, MoEFinetuneParams):
     """BTX: `experts.moe.finetune_moe` trains the merged MoE on all clusters with the load-balancing loss for
     `--moe-tokens` (default 25% of --train-tokens) → `moe-finetuned-<h>/`. This is compute beyond the matched
     budget that c-BTM and dense get; the report says how much. With --branch-schedule continue its peak learning
@@ -166,6 +169,7 @@ class FinetuneMoE(_TrainStage):
         return self.summary(info, ("tokens_seen", "steps", "wall_time_s", "gpu_hours", "routing"))
 
 
+@carries(TrainDense, TokenizeCorpus, FinetuneMoE)
 class TrainDenseMoECompute(_TrainStage):
     """The MoE's equal-compute dense baseline (model `dense_moe_compute`): the compute-matched dense model continued
     on the whole corpus (`TokenizeCorpus`) for the tokens the BTX finetune adds (`FinetuneMoE.tokens`), with the

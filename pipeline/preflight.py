@@ -4,10 +4,7 @@
 built (RunAll, a stage run alone, TrainExperts): it takes the run folder's lock for the rest of the process
 (`pipeline.lock`: exclusive with `--local-scheduler`, shared under a central luigid), removes stale temporary
 folders (exclusive holders only: nobody else writes the folder then), and estimates the disk space the stages
-still to run need. `claimed(task)` does the same around a block, for programmatic runs:
-
-    with claimed(RunAll(**params)) as run:
-        luigi.build([run], local_scheduler=True)
+still to run need.
 
 The run folder is ours only when it carries the marker `corpus.layout.RUN_MARKER` (`.cbtm-run.json`), written
 when the pipeline first claims it. A `--run-dir` that exists, is not empty and has no marker is refused, unless
@@ -23,23 +20,21 @@ inputs resumes from it instead).
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
 import shutil
 import time
 from pathlib import Path
-from typing import Iterator
 
 from corpus.io import InputError, temporary_of, write_json
 from corpus.layout import RUN_MARKER, STAGE_STAMP
-from pipeline.base import remove_path
-from pipeline.lock import hold_until_exit, is_held, run_dir_lock, run_lock
+from pipeline.stamps import files_fingerprint, remove_path
+from pipeline.lock import hold_until_exit, is_held, run_lock
 
 log = logging.getLogger("luigi-interface")
 
-# what a resumable training stage keeps beside its `.<name>.partial` working folder (pipeline.base.Stage._workdir,
+# what a resumable training stage keeps beside its `.<name>.partial` working folder (pipeline.stage.Stage._workdir,
 # experts.training.checkpoint_dir, experts.training.events.events_dir, experts.launch)
 _PARTIAL_SIBLINGS = ("", ".ckpt", ".tensorboard", ".launch.json", "-inputs.json")
 
@@ -61,18 +56,6 @@ def claim_for_command_line(task) -> None:
     if local:
         clean_stale(task.run_dir)
     check_disk(task)
-
-
-@contextlib.contextmanager
-def claimed(task, wait: float = 0.0) -> Iterator:
-    """Hold `task.run_dir` exclusively for the block, after cleaning stale temporaries and checking disk space."""
-    check_tasks(task)
-    check_run_dir(task.run_dir, adopt=task.adopt_run_dir)
-    with run_dir_lock(task.run_dir, wait=wait):
-        mark_run_dir(task.run_dir)
-        clean_stale(task.run_dir)
-        check_disk(task)
-        yield task
 
 
 def check_tasks(task) -> None:
@@ -179,26 +162,28 @@ def check_disk(task) -> None:
                          f"({detail}) but only {_size(free)} free there; free space or use another --run-dir")
 
 
+_DISK_STAGES = ("PrepareCorpus", "ShardCorpus", "TrainSeed", "TrainDense", "TrainExpert", "FinetuneMoE", "MergeExperts")
+"""The stages whose outputs `estimate_disk` counts (every other stage writes little)."""
+
+
 def estimate_disk(task) -> tuple[int, dict]:
     """(bytes, {what: bytes}) a run writes for the stages of `task`'s graph that are not complete yet: the
     corpus copy and token shards (about one byte per byte of text), every trained or merged model (fp32 weights)
     and one training checkpoint at a time (weights and AdamW moments: 3× a model)."""
-    from pipeline.base import Stage
-
     stages: dict[str, list] = {}
     for t in _graph(task):
-        if isinstance(t, Stage):
+        if t.task_family in _DISK_STAGES:
             stages.setdefault(t.task_family, []).append(t)
     memo: dict = {}
     todo_stages = {f: [t for t in ts if not t._fresh(memo)] for f, ts in stages.items()}
-    text = _corpus_bytes(task)
-    model = _model_bytes(task)
-    k = max([1] + [int(v) for v in str(task.num_clusters).split(",") if v.strip()])  # a Study: its largest k
+    text = _corpus_bytes(task) if todo_stages.get("PrepareCorpus") or todo_stages.get("ShardCorpus") else 0
+    k = max([1] + [int(v) for v in str(getattr(task, "num_clusters", 1)).split(",") if v.strip()])  # Study: largest k
     n_models = sum(len(todo_stages.get(f, [])) for f in ("TrainSeed", "TrainDense", "TrainExpert", "FinetuneMoE"))
     merged = [t for t in todo_stages.get("MergeExperts", []) if t.method in ("average", "moe")]
     n_models += sum(1 if t.method == "average" else max(1, k // 2) for t in merged)  # a MoE ≈ k/2 dense models
     if todo_stages.get("FinetuneMoE"):
         n_models += max(1, k // 2) - 1
+    model = _model_bytes(task) if n_models else 0  # a task with models upstream carries --seed-model
     parts = {
         "corpus": text if todo_stages.get("PrepareCorpus") else 0,
         "shards": text if todo_stages.get("ShardCorpus") else 0,
@@ -225,8 +210,6 @@ def _graph(task) -> list:
 
 def _corpus_bytes(task) -> int:
     """Bytes of text behind --corpus (compressed files count 3×); 0 when unknown (a hub dataset)."""
-    from pipeline.base import files_fingerprint
-
     if task.corpus == "demo":
         return 8 << 20
     total = 0
@@ -238,16 +221,10 @@ def _corpus_bytes(task) -> int:
 def _model_bytes(task) -> int:
     """fp32 bytes of one model of the run: a scratch preset's parameter count, or the seed folder's weights."""
     if task.seed_model == "scratch":
-        from experts.model import PRESETS
+        from experts.model import PRESETS, param_count
 
         p = PRESETS.get(task.model_size)
-        if p is None:
-            return 0
-        H, L, inter, V = p.hidden_size, p.num_hidden_layers, p.intermediate_size, task.vocab_size
-        kv = H * (p.num_key_value_heads or p.num_attention_heads) // p.num_attention_heads
-        per_layer = 2 * H * H + 2 * H * kv + 3 * H * inter + 2 * H
-        n = V * H * (1 if p.tie_word_embeddings else 2) + L * per_layer + H
-        return 4 * n
+        return 4 * param_count(p, task.vocab_size) if p is not None else 0
     seed = Path(task.seed_model).expanduser()
     if not seed.is_dir():
         return 0  # a hub name: its size is not known before the download

@@ -14,18 +14,24 @@ from corpus.io import atomic_file, read_json
 from corpus.layout import MERGE_INFO, MOE_INFO, REPORT_JSON, REPORT_MD, TRAINING_INFO
 from experts.merging import PARAMETER_MERGES
 from experts.run_models import has_training
-from pipeline.base import DEFAULT_MERGE_METHODS, RunParams, Stage, install_log_filter, upstream
+from pipeline.failures import install_log_filter, upstream
+from pipeline.params import DEFAULT_MERGE_METHODS, RunParams
+from pipeline.stage import Stage, check_force_stage
 from pipeline.clustering import DescribeClusters
 from pipeline.corpus import PrepareCorpus
 from pipeline.evaluation import EvaluateFewShot, EvaluatePerplexity, task_slug
 from pipeline.merging import MergeExperts
 from pipeline.models import model_names, model_stage, perplexity_names
 
-class Report(Stage):
+class Report(Stage, RunParams):
     """`tasks.report.write_report` → `report-<h>/report.{json,md}` + figures; `RunAll` publishes them to
     `<run_dir>/report.{json,md}` (a Study's points are not published)."""
 
     folder = "report"
+
+    def validate(self) -> None:
+        super().validate()
+        self.fewshot_model_names(model_names(self))  # --fewshot-models names models of this run
 
     def requires(self):
         names = model_names(self)
@@ -41,7 +47,7 @@ class Report(Stage):
         }
 
     def build(self, out: Path) -> dict:
-        from pipeline.training import TrainDense
+        from pipeline.training import TrainExpert
         from tasks.report import write_report
 
         r = self.requires()
@@ -66,7 +72,7 @@ class Report(Stage):
         perplexity = {m: p for m, p in perplexity.items() if m not in failed}
         fewshot = {task_slug(t): {m: read_json(self.input_path(s)) for m, s in by_model.items() if m not in failed}
                    for t, by_model in r["fewshot"].items()}
-        budgets = {"plan": self.clone(TrainDense).budget_plan(),
+        budgets = {"plan": self.clone(TrainExpert, cluster_id=0).budget_plan(),
                    "models": {m: _training_json(self.input_path(t)) for m, t in r["trained"].items()
                               if m not in failed}}
         merges = {"parameter": {m: _json(self.input_path(t) / MERGE_INFO) for m, t in r["merges"].items()
@@ -120,6 +126,11 @@ class RunAll(RunParams, luigi.WrapperTask):
 
         claim_for_command_line(self)  # lock the run folder, clean what killed runs left, check the disk
 
+    def validate(self) -> None:
+        super().validate()
+        check_force_stage(self.force_stage)
+        self.fewshot_model_names(model_names(self))  # --fewshot-models names models of this run
+
     def requires(self):
         from pipeline.cards import WriteModelCards
 
@@ -133,9 +144,6 @@ class RunAll(RunParams, luigi.WrapperTask):
 
         publish_report(self)
         record_completed_run(self.run_dir, self.requires())  # what `python -m pipeline.gc` keeps
-
-
-PUBLISHED = (REPORT_JSON, REPORT_MD)
 
 
 def _publication_key(run: RunParams) -> dict:

@@ -225,9 +225,8 @@ def _main_thread() -> bool:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Inside a job: rebuild the stage named by the spec file and run it here."""
-    import pipeline  # noqa: F401  (registers every stage with luigi)
-
+    """Inside a job: rebuild the stage named by the spec file and run it here. (`python -m pipeline.slurm` imports
+    the package `pipeline` first, which registers every stage with luigi.)"""
     spec = read_json(Path((argv or sys.argv[1:])[0]))
     task = luigi.task_register.Register.get_task_cls(spec["family"]).from_str_params(spec["params"])
     log.info("Slurm job %s runs %s", os.environ.get("SLURM_JOB_ID"), task.task_id)

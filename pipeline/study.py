@@ -26,8 +26,10 @@ import luigi
 
 from corpus.io import InputError, atomic_file, read_json
 from corpus.layout import STUDY_JSON, STUDY_MD, TRAINING_INFO
+from clustering.router import TOP_K
 from experts.run_models import DENSE, SEED, ensemble_name, has_training
-from pipeline.base import SECTION, RunParams, Stage
+from pipeline.params import SECTION, RunParams
+from pipeline.stage import Stage
 from pipeline.evaluation import EvaluatePerplexity
 from pipeline.models import model_names, model_stage
 from pipeline.report import Report, RunAll
@@ -53,13 +55,13 @@ def run_param_names() -> list[str]:
     return [name for name, _ in RunAll.get_params()]
 
 
-class Study(Stage):
+class Study(Stage, RunParams):
     """Every point of the grid (see the module docstring) → `tasks.study.write_study` →
     `study-<h>/{study.json, study.md, figures/*.png}` + `<run_dir>/study.{json,md}`."""
 
     folder = "study"
     posterior_top_k = luigi.Parameter(
-        default=luigi.configuration.get_config().get(SECTION, "top_k", "2"),
+        default=luigi.configuration.get_config().get(SECTION, "top_k", str(TOP_K)),
         description="top-k of the BTM posterior ensemble of every point (an integer or 'all'; clipped to k)")
 
     # ---- the grid ------------------------------------------------------------------------------------

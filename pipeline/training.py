@@ -9,16 +9,20 @@ from pathlib import Path
 
 import luigi
 
-from corpus.io import InputError, load_array, read_json
+from corpus.io import ConfigError, InputError, load_array, read_json
 from corpus.layout import CENTROIDS, SHARDS_META
-from pipeline.base import RunParams, Stage, files_fingerprint
+from pipeline.params import (EVALS_PER_RUN, BudgetParams, ExpertParams, RunParams, SeedModelParams, TemperatureParams,
+                             carries)
+from pipeline.stage import Stage, check_force_stage
+from pipeline.stamps import files_fingerprint
 from pipeline.clustering import AssignClusters, FitClusters
 from pipeline.corpus import PrepareCorpus
 
 log = logging.getLogger("luigi-interface")
 
 
-class TrainTokenizer(Stage):
+@carries(PrepareCorpus)
+class TrainTokenizer(Stage, SeedModelParams):
     """`experts.tokenizer.train_tokenizer` (byte-level BPE on the train split) for `--seed-model scratch`; for an
     HF seed its own tokenizer is copied → `tokenizer-<h>/`."""
 
@@ -54,6 +58,7 @@ class _SeqLen:
         return int(min(getattr(AutoConfig.from_pretrained(self.seed_model), "max_position_embeddings", 1024), 1024))
 
 
+@carries(PrepareCorpus, TrainTokenizer)
 class TokenizeCorpus(_SeqLen, Stage):
     """`experts.data.tokenize_corpus` → `tokens-<h>/` the whole corpus's token streams and blocks (`corpus.npy`,
     `valid_corpus.npy`), independent of the clustering: the seed and dense models train on these, so a grid over
@@ -74,6 +79,7 @@ class TokenizeCorpus(_SeqLen, Stage):
         return {"splits": meta["splits"]}
 
 
+@carries(PrepareCorpus, AssignClusters, TrainTokenizer, TokenizeCorpus)
 class ShardCorpus(_SeqLen, Stage):
     """`experts.data.shard_corpus` (from `TokenizeCorpus`'s streams, no second tokenization) →
     `shards-<h>/cluster_{id:03d}.npy`, `valid_cluster_{id:03d}.npy`, meta.json."""
@@ -91,6 +97,25 @@ class ShardCorpus(_SeqLen, Stage):
         r = {k: self.input_path(t) for k, t in self.requires().items()}
         return shard_corpus(r["corpus"], r["assignments"], r["tokenizer"], out, self.resolved_seq_len(),
                             tokens_dir=r["tokens"], num_proc=self.data_workers_value)
+
+
+TRAIN_CONFIG_FLAGS = {
+    "seed": "seed", "device": "device", "sharding": "sharding", "global_batch_tokens": "batch_tokens",
+    "micro_batch_size": "micro_batch_size", "compile": "compile", "lr": "learning_rate", "min_lr": "learning_rate",
+    "eval_every": "eval_every", "keep_best": "keep_best", "trainable": "expert_trainable",
+    "experts_per_gpu": "experts_per_gpu"}
+"""The run parameter behind each `experts.training.TrainConfig` field the training stages set from a flag (the
+others, e.g. train_tokens and the schedule, are budgets and schedules the pipeline works out)."""
+
+
+def config_error(e: ConfigError, params) -> InputError:
+    """`e` (a `TrainConfig` field out of range) as one line naming the flag of `params` (a stage) that set it:
+    `--learning-rate 1e-3: TrainConfig.min_lr must be ...`; a field no flag sets is named with '(set by the
+    pipeline)'."""
+    name = TRAIN_CONFIG_FLAGS.get(e.field.rpartition(".")[2])
+    if name is None or not params.carries(name):
+        return InputError(f"{e.field} (set by the pipeline) {e.detail}")
+    return InputError(f"--{name.replace('_', '-')} {getattr(params, name)}: {e.field} {e.detail}")
 
 
 class _TrainStage(Stage):
@@ -145,22 +170,13 @@ class _TrainStage(Stage):
         """{tokens, steps, batch_blocks, batch_tokens} of the seed or the dense model (no clustering involved)."""
         from experts.budget import compute_budget, model_budget
 
-        tokens = compute_budget(self.train_tokens, self.seed_fraction, self.num_clusters)[f"{which}_tokens"]
+        tokens = compute_budget(self.train_tokens, self.seed_fraction, 1)[f"{which}_tokens"]  # the same for any k
         return model_budget(tokens, self.dense_batch_blocks(), self.seq_len_of_shards(),
                             "seed" if which == "seed" else "dense model")
 
-    def budget_plan(self) -> dict:
-        """`experts.budget.plan_budgets` for this run: seed, dense and every expert (reads the shards' meta)."""
-        from experts.budget import plan_budgets
-
-        meta = read_json(self.shards() / SHARDS_META)
-        clusters = [meta["clusters"].get(str(c), {}).get("train", {}) for c in range(self.num_clusters)]
-        return plan_budgets(self.train_tokens, self.seed_fraction, [c.get("n_tokens", 0) for c in clusters],
-                            int(meta["seq_len"]), self.dense_batch_blocks(), compute_match=self.compute_match,
-                            expert_budget=self.expert_budget, gpus_per_expert=self.gpus_per_expert,
-                            cluster_blocks=[c.get("n_blocks", 0) for c in clusters], small_share=self.small_share)
-
     def train_config(self, tokens: int, **kw):
+        """The `TrainConfig` of this training; a field it refuses (`ConfigError`) is named by the flag behind it
+        (`config_error`)."""
         from experts.training import TrainConfig
 
         opts = dict(train_tokens=tokens, seed=self.seed, device=self.device, sharding=self.sharding,
@@ -170,13 +186,14 @@ class _TrainStage(Stage):
         if self.learning_rate_value:
             opts["lr"] = self.learning_rate_value
             opts["min_lr"] = self.learning_rate_value / 10
-        return TrainConfig(**opts)
+        try:
+            return TrainConfig(**opts)
+        except ConfigError as e:
+            raise config_error(e, self) from None
 
     def guarded_config(self, budget: dict, **kw):
         """The training config of seed, dense or an expert: its budget (whole steps of its global batch) and the
         same overfitting guard for all three (validation every --eval-every steps, the best weights kept)."""
-        from pipeline.base import EVALS_PER_RUN
-
         eval_every = self.eval_every or max(1, budget["steps"] // EVALS_PER_RUN)
         return self.train_config(budget["tokens"], global_batch_tokens=budget["batch_tokens"],
                                  eval_every=eval_every, keep_best=self.keep_best, **kw)
@@ -228,7 +245,8 @@ class _TrainStage(Stage):
 _GUARD = ("eval_every", "keep_best")
 
 
-class TrainSeed(_TrainStage):
+@carries(TokenizeCorpus, TrainTokenizer)
+class TrainSeed(_TrainStage, BudgetParams):
     """BTM's seed phase: `seed_fraction × train_tokens` on the whole corpus (`TokenizeCorpus`, not the clusters),
     from a scratch Llama preset or from an HF causal LM → `seed-<h>/` (save_pretrained + training.json)."""
 
@@ -261,7 +279,8 @@ class TrainSeed(_TrainStage):
                            self.corpus_shard_paths(), self.corpus_shard_paths("valid"), tokenizer=str(tokenizer_dir))
 
 
-class TrainExpert(_TrainStage):
+@carries(ShardCorpus, TrainSeed, FitClusters)
+class TrainExpert(_TrainStage, ExpertParams, TemperatureParams):
     """Branch from the seed (or, `--branch-from average`, from the centroid-distance-weighted average of the
     first half of the experts, BTM's way to add a domain) and train on cluster `cluster_id`'s shard with the budget
     `experts.budget.plan_budgets` gives it (--compute-match, --expert-budget) → `experts-<h>/cluster_{id:03d}/`;
@@ -279,6 +298,18 @@ class TrainExpert(_TrainStage):
 
     def train_config(self, tokens: int, **kw):
         return super().train_config(tokens, trainable=self.expert_trainable, **kw)
+
+    def budget_plan(self) -> dict:
+        """`experts.budget.plan_budgets` for this run: seed, dense and every expert (reads the shards' meta); the
+        report and the model cards show it too."""
+        from experts.budget import plan_budgets
+
+        meta = read_json(self.shards() / SHARDS_META)
+        clusters = [meta["clusters"].get(str(c), {}).get("train", {}) for c in range(self.num_clusters)]
+        return plan_budgets(self.train_tokens, self.seed_fraction, [c.get("n_tokens", 0) for c in clusters],
+                            int(meta["seq_len"]), self.dense_batch_blocks(), compute_match=self.compute_match,
+                            expert_budget=self.expert_budget, gpus_per_expert=self.gpus_per_expert,
+                            cluster_blocks=[c.get("n_blocks", 0) for c in clusters], small_share=self.small_share)
 
     def validate(self) -> None:
         super().validate()
@@ -343,6 +374,7 @@ class TrainExpert(_TrainStage):
         return self.summary(info)
 
 
+@carries(TokenizeCorpus, TrainSeed)
 class TrainDense(_TrainStage):
     """The compute-matched dense baseline: the same seed continued on the whole corpus (`TokenizeCorpus`) for
     `(1 − seed_fraction) × train_tokens` tokens at the dense batch → `dense-<h>/`. Independent of the clustering."""
@@ -369,6 +401,7 @@ class TrainExperts(RunParams, luigi.WrapperTask):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.validate()
+        check_force_stage(self.force_stage)
         from pipeline.preflight import claim_for_command_line
 
         claim_for_command_line(self)

@@ -73,7 +73,7 @@ def train_model(
 ) -> dict:
     """Train `init` on the packed blocks of `shard_paths` for `config.train_tokens` tokens; write `out_dir`.
 
-    `init`: a `save_pretrained` directory (seed, another expert, or an `experts.average` output for
+    `init`: a `save_pretrained` directory (seed, another expert, or an `experts.merge.branch_average` output for
     `--branch-from average`), a hub name, or a `PreTrainedModel` (trained in place). `tokenizer`: object or
     directory saved beside the model (default: the one in `init`, if any). `on_step(step, state)` is called
     after every optimizer step with the run's `TrainState` (tests use it to simulate a kill).

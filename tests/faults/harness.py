@@ -161,7 +161,7 @@ def _checkpoint_every(n: int) -> None:
 
 
 def _target(task) -> Path:
-    from pipeline.base import Stage
+    from pipeline.stage import Stage
 
     return task.out_path() if isinstance(task, Stage) else Path(task.run_dir) / "report.json"
 

@@ -42,7 +42,7 @@ def _prepare(params: dict) -> list[str]:
 def test_symlink_loops_in_a_corpus_glob_read_each_file_once(tmp_path, loops):
     """`ln -s . d/loop/self` made `d/loop/**/*.jsonl` read one file 41 times (test documents in train too); a
     second loop (`sub/up -> ..`) made the run hang. Each file is read once, and the fingerprint returns."""
-    from pipeline.base import files_fingerprint
+    from pipeline.stamps import files_fingerprint
 
     loop = tmp_path / "d" / "loop"
     _docs_file(loop / "docs.jsonl", 40)

@@ -10,7 +10,7 @@ import pytest
 from corpus.io import InputError
 from pipeline import (FitClusters, RunAll, ShardCorpus, TokenizeCorpus, TrainDense, TrainExpert, TrainExperts,
                       TrainSeed)
-from pipeline.base import read_stage_log
+from pipeline.stamps import read_stage_log
 from tests.pipeline.conftest import tiny_params
 
 
@@ -58,7 +58,7 @@ def test_num_clusters_grid_reuses_tokenizer_seed_and_dense(tiny_corpus, tmp_path
     # every expert ran the dense model's steps with its share of the dense batch (--compute-match steps)
     dense = json.loads(next(run_dir.glob("dense-*/training.json")).read_text())
     for k in (2, 3):
-        plan = TrainDense(**{**params, "num_clusters": k}).budget_plan()
+        plan = TrainExpert(**{**params, "num_clusters": k}, cluster_id=0).budget_plan()
         experts = [json.loads((TrainExpert(**{**params, "num_clusters": k}, cluster_id=c).out_path()
                                / "training.json").read_text()) for c in range(k)]
         assert all(e["steps"] == dense["steps"] for e in experts)
@@ -80,7 +80,7 @@ def test_shares_below_one_block_train_with_the_dense_models_tokens(tiny_corpus, 
     with caplog.at_level("INFO", logger="luigi-interface"):
         assert luigi.build([TrainExperts(**params), TrainDense(**params)], local_scheduler=True, workers=1,
                            log_level="WARNING")
-    plan = TrainDense(**params).budget_plan()
+    plan = TrainExpert(**params, cluster_id=0).budget_plan()
     dense = json.loads((TrainDense(**params).out_path() / "training.json").read_text())
     experts = [json.loads((TrainExpert(**params, cluster_id=c).out_path() / "training.json").read_text())
                for c in range(3)]

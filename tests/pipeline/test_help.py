@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import RunAll
-from pipeline.base import PARAMETER_GROUPS
+from pipeline.params import PARAMETER_GROUPS
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from pipeline.base import read_stage_log
+from pipeline.stamps import read_stage_log
 from tests.pipeline.conftest import tiny_params, write_tiny_corpus
 
 ROOT = Path(__file__).resolve().parents[2]

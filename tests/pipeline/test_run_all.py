@@ -11,7 +11,7 @@ import pytest
 from experts.training import TrainConfig
 from experts.training.schedule import lr_at, plan_training
 from pipeline import RunAll
-from pipeline.base import read_stage_log
+from pipeline.stamps import read_stage_log
 from tests.pipeline.conftest import tiny_params
 
 

@@ -9,7 +9,7 @@ import luigi
 import pytest
 
 from pipeline import RunAll
-from pipeline.base import upstream
+from pipeline.failures import upstream
 
 GOLDEN = Path(__file__).with_name("stage_paths.json")
 VARIANTS = {

@@ -13,7 +13,7 @@ import pytest
 
 from corpus.io import InputError
 from pipeline import Study, TrainDense, TrainTokenizer
-from pipeline.base import read_stage_log
+from pipeline.stamps import read_stage_log
 from tests.pipeline.conftest import tiny_params, write_tiny_corpus
 from tests.pipeline.test_stages import ENV
 
