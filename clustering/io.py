@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 
-from clustering.clusterers import BalancedKMeans, Clusterer, RandomClusters, UnbalancedKMeans, load_clusterer
 from corpus.io import InputError, atomic_dir, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -29,6 +28,8 @@ def _load_npy(path: Path) -> np.ndarray:
     return x
 
 
+CLUSTERERS = ("balanced", "unbalanced", "random")  # fit_clusters' clusterer (the first is the default)
+ASSIGNMENTS = ("nearest", "balanced")  # assign_clusters' assign: nearest centroid, or capacity-aware
 BALANCE_BY = ("docs", "tokens")
 
 
@@ -64,7 +65,7 @@ def fit_clusters(
     counts (c-BTM); `tokens` balances the documents' lengths (`document_weights` of `corpus_dir`'s train split),
     for corpora whose documents differ in length. Returns the config dict (sizes during fit, inertia)."""
     if balance_by not in BALANCE_BY:
-        raise InputError(f"balance_by must be docs or tokens, got {balance_by!r}")
+        raise InputError(f"balance_by must be {' or '.join(BALANCE_BY)}, got {balance_by!r}")
     x = _load_npy(Path(embeddings_dir) / "train.npy")
     weights = None
     if clusterer == "balanced" and balance_by == "tokens":
@@ -74,6 +75,8 @@ def fit_clusters(
         if len(weights) != x.shape[0]:
             raise InputError(f"{Path(corpus_dir) / 'train.parquet'} has {len(weights)} documents but "
                              f"{Path(embeddings_dir) / 'train.npy'} has {x.shape[0]} rows")
+    from clustering.clusterers import BalancedKMeans, Clusterer, RandomClusters, UnbalancedKMeans  # torch
+
     common = dict(n_iter=n_iter, backend=backend, device=device, seed=seed, fit_sample=fit_sample)
     if clusterer == "balanced":
         model: Clusterer = BalancedKMeans(n_clusters, balance=balance, **common)
@@ -122,10 +125,11 @@ def assign_clusters(
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from clustering.clusterers import RandomClusters, load_clusterer  # torch
     from corpus.read import parquet_file
     from corpus.stream import NpyWriter, RowGroupWriter, exact_batches, iter_npy_rows
 
-    if assign not in ("nearest", "balanced"):
+    if assign not in ASSIGNMENTS:
         raise InputError(f"assign must be nearest or balanced, got {assign!r}")
     embeddings_dir, corpus_dir = Path(embeddings_dir), Path(corpus_dir)
     model = load_clusterer(clusters_dir, device=device)

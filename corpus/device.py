@@ -3,10 +3,14 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from corpus.io import InputError
+
+if TYPE_CHECKING:
+    import torch
+
+DEVICES = ("auto", "cpu", "cuda")  # what `resolve_device` takes (also 'cuda:N'); the pipeline's --device choices
 
 
 @dataclass(frozen=True)
@@ -16,6 +20,8 @@ class DeviceSetup:
 
     def autocast(self):
         """Context manager: bf16 autocast on CUDA, a no-op on CPU."""
+        import torch
+
         if self.device.type == "cuda" and self.dtype != torch.float32:
             return torch.autocast(device_type="cuda", dtype=self.dtype)
         return contextlib.nullcontext()
@@ -23,6 +29,8 @@ class DeviceSetup:
 
 def resolve_device(device: str | torch.device = "auto") -> DeviceSetup:
     """'auto' → cuda if available else cpu; 'cpu'; 'cuda' or 'cuda:N' (error if CUDA is absent)."""
+    import torch
+
     name = str(device)
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"

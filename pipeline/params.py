@@ -17,29 +17,31 @@ from pathlib import Path
 
 import luigi
 
+from corpus.device import DEVICES
 from corpus.io import InputError, glob_reaches
 from clustering.embed import EMBEDDERS
+from clustering.io import ASSIGNMENTS, BALANCE_BY, CLUSTERERS
 from clustering.router import ROUTE_EVERY, ROUTE_WEIGHTS, TEMPERATURE, TOP_K
 from experts.budget import COMPUTE_MATCH, EXPERT_BUDGETS, SMALL_SHARES
-from experts.merging import MERGE_METHODS, MERGE_WEIGHTS, MOE_SHARED, ROUTER_INITS
+from experts.training.config import SHARDINGS, TRAINABLE
+from experts.merging import MERGE_METHODS, MERGE_WEIGHTS, MOE_SHARED, ROUTER_INITS, MergeInputs
 
 log = logging.getLogger("luigi-interface")
 
 DEFAULT_MERGE_METHODS = "ensemble,posterior,average,task_arithmetic,ties,moe"
 SECTION = "cbtm"  # luigi.cfg section that overrides the defaults of every stage's parameters
+COMPILE = {"auto": None, "on": True, "off": False}  # --compile → TrainConfig.compile (None: on for CUDA only)
 BRANCH_FROM = ("seed", "average")  # TrainExpert: where an expert starts
 BRANCH_SCHEDULES = ("continue", "restart")  # _TrainStage.branch_schedule_kw: a branch's learning-rate schedule
 CHOICES = {
     "embedder": EMBEDDERS,
-    # the owners of these check them too but import torch (clustering.io; experts.training with TrainConfig's
-    # device, compile, sharding and trainable): flags are checked before any work, without torch
-    "clusterer": ("balanced", "unbalanced", "random"),
-    "assign": ("nearest", "balanced"),
-    "balance_by": ("docs", "tokens"),
-    "device": ("auto", "cpu", "cuda"),
-    "compile": ("auto", "on", "off"),
-    "sharding": ("ddp", "fsdp"),
-    "expert_trainable": ("all", "ffn"),
+    "clusterer": CLUSTERERS,
+    "assign": ASSIGNMENTS,
+    "balance_by": BALANCE_BY,
+    "device": DEVICES,
+    "compile": tuple(COMPILE),
+    "sharding": SHARDINGS,
+    "expert_trainable": TRAINABLE,
     "branch_from": BRANCH_FROM,
     "branch_schedule": BRANCH_SCHEDULES,
     "compute_match": COMPUTE_MATCH,
@@ -148,16 +150,17 @@ class ClusterParams:
     """clustering: the k-means fit (FitClusters)."""
 
     num_clusters = _p(4, luigi.IntParameter, name="num_clusters", description="k: clusters, one expert each")
-    clusterer = _p("balanced", name="clusterer", description="balanced | unbalanced | random")
+    clusterer = _p(CLUSTERERS[0], name="clusterer", description="balanced | unbalanced | random")
     cluster_sample = _p(1_000_000, luigi.IntParameter, name="cluster_sample", description="docs k-means is fitted on")
-    balance_by = _p("docs", name="balance_by", description="--clusterer balanced: balance document counts (docs, "
+    balance_by = _p(BALANCE_BY[0], name="balance_by",
+                    description="--clusterer balanced: balance document counts (docs, "
                     "c-BTM) or document lengths (tokens; UTF-8 bytes as the proxy, known before the tokenizer)")
 
 
 class AssignParams:
     """clustering: assigning documents to clusters (AssignClusters)."""
 
-    assign = _p("nearest", name="assign", description="nearest | balanced (capacity-aware) assignment")
+    assign = _p(ASSIGNMENTS[0], name="assign", description="nearest | balanced (capacity-aware) assignment")
 
 
 class SeedModelParams:
@@ -210,7 +213,7 @@ class ExpertParams:
                        "budget: proportional (its cluster's share of the training tokens) | uniform (1/k)")
     branch_from = _p(BRANCH_FROM[0], name="branch_from", description="seed | average (of the seed-branched experts, "
                      "weighted by centroid distances)")
-    expert_trainable = _p("all", name="expert_trainable", description="all | ffn: experts train only their "
+    expert_trainable = _p(TRAINABLE[0], name="expert_trainable", description="all | ffn: experts train only their "
                           "feed-forward blocks against the seed's frozen attention, norms and embeddings (FlexOlmo)")
     gpus_per_expert = _p(1, luigi.IntParameter, name="gpus_per_expert", description="GPUs that train one expert "
                          "together (data parallel; --sharding says how; with --device cpu, that many gloo processes)")
@@ -231,19 +234,22 @@ class RoutingParams:
     route_early = _p("", name="route_early", description="c-BTM ensemble: extra routing refreshes after these "
                      "numbers of tokens of a row, before the first --route-every (e.g. 1,2,4,8); '' = none")
     route_weights = _p(ROUTE_WEIGHTS[0], name="route_weights", description="c-BTM ensemble weights: posterior (the "
-                       "routing weights × the routed experts' likelihood of the prefix: BTM's posterior over the top-k, "
-                       "no extra expert runs) | distance (softmax(-d²/T) alone, as in the c-BTM paper)")
+                       "routing weights × the routed experts' likelihood of the prefix: BTM's posterior over the "
+                       "top-k, no extra expert runs) | distance (softmax(-d²/T) alone, as in the c-BTM paper)")
 
 
 class MoEParams:
     """merging: the BTX MoE (MergeExperts moe)."""
 
-    moe_top_k = _p(2, luigi.IntParameter, name="moe_top_k", description="MoE: experts per token (at most k)")
-    router_init = _p("hidden", name="router_init", description="MoE router rows: hidden (mean hidden state of each "
+    moe_top_k = _p(MergeInputs.moe_top_k, luigi.IntParameter, name="moe_top_k",
+                   description="MoE: experts per token (at most k)")
+    router_init = _p(MergeInputs.router_init, name="router_init",
+                     description="MoE router rows: hidden (mean hidden state of each "
                      "cluster's documents under its expert) | centroids (the cluster centroids, through a "
                      "least-squares map from hidden states when their dimension differs) | random; "
                      "bench/RESULTS.md compares them")
-    moe_shared = _p("average", name="moe_shared", description="where the MoE's attention, norms and embeddings "
+    moe_shared = _p(MergeInputs.moe_shared, name="moe_shared",
+                    description="where the MoE's attention, norms and embeddings "
                     "come from: average (of the experts, BTX) | seed | a parameter merge (task_arithmetic, ties, "
                     "dare_linear, dare_ties)")
 
@@ -258,13 +264,16 @@ class MoEFinetuneParams:
 class MergeParams:
     """merging: the parameter merges (MergeExperts)."""
 
-    merge_weights = _p("sizes", name="merge_weights", description="expert weights w_j of the parameter merges: "
+    merge_weights = _p(MergeInputs.weights, name="merge_weights",
+                       description="expert weights w_j of the parameter merges: "
                        "uniform | sizes (share of the training documents in cluster j)")
     merge_lambda = _p("auto", name="merge_lambda", description="λ of θ_seed + λ·τ in task_arithmetic / ties / dare_*: "
                       "a number, or auto (the value of least validation loss among 0.1 … 1.5)")
-    ties_density = _p(0.2, luigi.FloatParameter, name="ties_density", description="fraction of each task vector's "
+    ties_density = _p(MergeInputs.density, luigi.FloatParameter, name="ties_density",
+                      description="fraction of each task vector's "
                       "entries TIES keeps (largest magnitudes), in (0, 1]")
-    dare_drop_rate = _p(0.5, luigi.FloatParameter, name="dare_drop_rate", description="DARE: probability p of "
+    dare_drop_rate = _p(MergeInputs.drop_rate, luigi.FloatParameter, name="dare_drop_rate",
+                        description="DARE: probability p of "
                         "dropping a task-vector entry (the rest are scaled by 1/(1−p)), in [0, 1)")
 
 
@@ -279,7 +288,8 @@ class ModelsParams:
 class PerplexityParams:
     """evaluation: perplexity and few-shot classification of every model."""
 
-    eval_max_docs = _p(80, luigi.IntParameter, name="eval_max_docs", description="seeded sample of docs per split; 0 = all")
+    eval_max_docs = _p(80, luigi.IntParameter, name="eval_max_docs",
+                       description="seeded sample of docs per split; 0 = all")
     eval_max_tokens = _p(EVAL_MAX_TOKENS, luigi.IntParameter, name="eval_max_tokens", description="perplexity: "
                          "tokens scored per split at most (documents past it are left out, the last one cut); 0 = all")
     eval_max_doc_tokens = _p(EVAL_MAX_DOC_TOKENS, luigi.IntParameter, name="eval_max_doc_tokens",
@@ -312,13 +322,14 @@ class ExecutionParams:
     `significant=False`: luigi leaves them out of a task's name in its logs and scheduler; no stage hashes them
     (stage folders and Luigi task ids come from the output paths, `Stage.stage_hash`)."""
 
-    device = _p("auto", name="device", significant=False, description="auto | cpu | cuda")
+    device = _p(DEVICES[0], name="device", significant=False, description="auto | cpu | cuda")
     compile = _p("auto", name="compile", significant=False,
                  description="torch.compile the training step: auto (on for CUDA) | on | off")
     experts_per_gpu = _p(1, luigi.IntParameter, name="experts_per_gpu", significant=False,
                          description="expert trainings sharing one GPU (each in its own worker process: run with "
                          "--workers ≥ this × GPUs); each may use 1/N of the GPU's memory")
-    sharding = _p("ddp", name="sharding", significant=False, description="with --gpus-per-expert > 1: ddp (a full "
+    sharding = _p(SHARDINGS[0], name="sharding", significant=False,
+                  description="with --gpus-per-expert > 1: ddp (a full "
                   "copy per GPU) | fsdp (weights, gradients and AdamW moments sharded per decoder layer, for models "
                   "that do not fit on one GPU)")
     data_workers = _p(0, luigi.IntParameter, name="data_workers", significant=False,

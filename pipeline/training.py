@@ -11,8 +11,8 @@ import luigi
 
 from corpus.io import ConfigError, InputError, load_array, read_json
 from corpus.layout import CENTROIDS, SHARDS_META
-from pipeline.params import (EVALS_PER_RUN, BudgetParams, ExpertParams, RunParams, SeedModelParams, TemperatureParams,
-                             carries)
+from pipeline.params import (COMPILE, EVALS_PER_RUN, BudgetParams, ExpertParams, RunParams, SeedModelParams,
+                             TemperatureParams, carries)
 from pipeline.stage import Stage, check_force_stage
 from pipeline.stamps import files_fingerprint
 from pipeline.clustering import AssignClusters, FitClusters
@@ -181,7 +181,7 @@ class _TrainStage(Stage):
 
         opts = dict(train_tokens=tokens, seed=self.seed, device=self.device, sharding=self.sharding,
                     global_batch_tokens=self.batch_tokens or None, micro_batch_size=self.micro_batch_value,
-                    compile={"auto": None, "on": True, "off": False}[self.compile])
+                    compile=COMPILE[self.compile])
         opts.update(kw)
         if self.learning_rate_value:
             opts["lr"] = self.learning_rate_value

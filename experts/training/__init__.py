@@ -12,9 +12,18 @@ config)` with a `TrainConfig`. Inside, one file per concern, and the loop that c
 - `events`: `LiveMetrics`, TensorBoard event files written while training (`<out_dir>/tensorboard/`)
 - `loop`: `train_model`, which runs `TrainRecipe` (setup, train, save), the recipe that calls them
 """
-from experts.training.checkpoint import checkpoint_dir
-from experts.training.config import TrainConfig
-from experts.training.loop import train_model
-from experts.training.schedule import TrainPlan, plan_training
+import importlib
+
+_HOMES = {"checkpoint_dir": "checkpoint", "TrainConfig": "config", "train_model": "loop", "TrainPlan": "schedule",
+          "plan_training": "schedule"}
+
+
+def __getattr__(name: str):
+    """`from experts.training import X` loads X's module on first use: the pipeline reads `TrainConfig`'s choices
+    while it builds its graph, without torch (`config` imports none; the loop does)."""
+    if name in _HOMES:
+        return getattr(importlib.import_module(f"experts.training.{_HOMES[name]}"), name)
+    raise AttributeError(f"module 'experts.training' has no attribute {name!r}")
+
 
 __all__ = ["TrainConfig", "TrainPlan", "checkpoint_dir", "plan_training", "train_model"]

@@ -5,6 +5,9 @@ from dataclasses import asdict, dataclass, fields
 
 from corpus.io import ConfigError, InputError
 
+SHARDINGS = ("ddp", "fsdp")  # `sharding` (the first is the default)
+TRAINABLE = ("all", "ffn")  # `trainable` (the first is the default)
+
 
 @dataclass
 class TrainConfig:
@@ -158,8 +161,8 @@ class TrainConfig:
             (self.compile_mode in (None, "default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
              bad("compile_mode", "must be None, default, reduce-overhead, max-autotune or max-autotune-no-cudagraphs, "
                                  f"got {self.compile_mode!r}")),
-            (self.sharding in ("ddp", "fsdp"), InputError(f"--sharding must be ddp or fsdp, got {self.sharding!r}")),
-            (self.trainable in ("all", "ffn"), bad("trainable", f"must be all or ffn, got {self.trainable!r}")),
+            (self.sharding in SHARDINGS, InputError(f"--sharding must be ddp or fsdp, got {self.sharding!r}")),
+            (self.trainable in TRAINABLE, bad("trainable", f"must be all or ffn, got {self.trainable!r}")),
         ]
         for ok, error in checks:
             if not ok:
