@@ -200,6 +200,8 @@ class Stage(Params, RunFolderParams, ExecutionParams, luigi.Task):
         return self._fresh({})
 
     def _fresh(self, memo: dict) -> bool:
+        """`complete()` over the graph upstream: `memo` holds {task_id: fresh} and {(task_id, "run_id"): the
+        run_id of the stamp read}, so each stamp is read once per call however many stages depend on it."""
         if self.task_id in memo:
             return memo[self.task_id]
         memo[self.task_id] = False  # guards against cycles while computing
@@ -208,6 +210,7 @@ class Stage(Params, RunFolderParams, ExecutionParams, luigi.Task):
             try:
                 stamp = read_json(self.stamp_path())
                 recorded = relative_run_ids(stamp.get("inputs_run_ids", {}), (stamp.get("params") or {}).get("run_dir"))
+                memo[self.task_id, "run_id"] = stamp.get("run_id")
             except (InputError, AttributeError, TypeError):
                 stamp, recorded, ok = {}, {}, False
             if self._forced_since is not None and stamp.get("started_unix", 0) < self._forced_since:
@@ -215,7 +218,8 @@ class Stage(Params, RunFolderParams, ExecutionParams, luigi.Task):
             if ok and self._damaged(stamp):
                 ok = False
             for t in self._inputs():
-                if not t._fresh(memo) or recorded.get(self.rel_path(t)) != t.run_id():
+                # an input found fresh had its stamp read just now: its run_id is in the memo
+                if not t._fresh(memo) or recorded.get(self.rel_path(t)) != memo.get((t.task_id, "run_id")):
                     ok = False
                     break
         memo[self.task_id] = ok
