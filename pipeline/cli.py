@@ -30,6 +30,7 @@ import luigi.cmdline_parser
 import luigi.interface
 
 from pipeline.lock import run_lock  # noqa: F401 - registers --run-lock-wait with luigi's parser
+from pipeline.params import cli_flag
 
 DEFAULTS = {
     # exit codes: stages run by another worker (a central luigid with several workers) are not failures
@@ -214,7 +215,7 @@ def _accept_run_flags(parser: argparse.ArgumentParser, root_task: str) -> None:
     for g in PARAMETER_GROUPS:
         for name, param in vars(g).items():
             if isinstance(param, luigi.Parameter) and name not in carried:
-                parser.add_argument(_flag(name), help=argparse.SUPPRESS, **param._parser_kwargs(name))
+                parser.add_argument(cli_flag(name), help=argparse.SUPPRESS, **param._parser_kwargs(name))
 
 
 def help_sections(task_cls) -> list[tuple[str, str, dict]]:
@@ -231,19 +232,19 @@ def help_sections(task_cls) -> list[tuple[str, str, dict]]:
     if not RUN_PARAMETERS <= set(params):  # a stage that does not carry every run flag
         head += (f"\n\nFlags marked 'not used here' are accepted and left out, so that {task_cls.__name__} runs with a "
                  "run's whole command line and resolves the run's folders.")
-    sections = [(task_cls.__name__, head, {_flag(n): p for n, p in params.items() if n not in grouped})]
+    sections = [(task_cls.__name__, head, {cli_flag(n): p for n, p in params.items() if n not in grouped})]
     core = dict(luigi.interface.core.get_params())
     concerns: dict[str, tuple[str, dict]] = {}
     for g in PARAMETER_GROUPS:
         title, _, text = (g.__doc__ or "").partition(":")
         section = concerns.setdefault(title, (text.strip(), {}))[1]
-        section.update({_flag(n): p for n, p in vars(g).items() if isinstance(p, luigi.Parameter)})
+        section.update({cli_flag(n): p for n, p in vars(g).items() if isinstance(p, luigi.Parameter)})
     for title, (text, section) in concerns.items():
         if title == "execution":
             section.update({"--local-scheduler": core["local_scheduler"], "--workers": core["workers"],
                             "--run-lock-wait": dict(run_lock.get_params())["wait"]})
         sections.append((title, text, section))
-    sections.append(("slurm", (slurm.__doc__ or "").strip(), {_flag(f"slurm_{n}"): p for n, p in slurm.get_params()}))
+    sections.append(("slurm", (slurm.__doc__ or "").strip(), {cli_flag(f"slurm_{n}"): p for n, p in slurm.get_params()}))
     return sections
 
 
@@ -255,7 +256,7 @@ def _group_help(parser: argparse.ArgumentParser, root_task: str) -> None:
         return
     from pipeline.params import RUN_PARAMETERS
 
-    unused = {_flag(n) for n in RUN_PARAMETERS} - {_flag(n) for n, _ in task_cls.get_params()}
+    unused = {cli_flag(n) for n in RUN_PARAMETERS} - {cli_flag(n) for n, _ in task_cls.get_params()}
     by_flag = {a.option_strings[0]: a for a in parser._actions if a.option_strings}
     for flag, action in by_flag.items():
         if flag.startswith(f"--{root_task}-"):
@@ -274,10 +275,6 @@ def _group_help(parser: argparse.ArgumentParser, root_task: str) -> None:
         group._group_actions[:] = [a for a in group._group_actions if a not in moved]
     parser.usage = f"luigi --module pipeline {root_task} [--local-scheduler] [--workers N] [FLAG VALUE ...]"
     parser.formatter_class = lambda prog: argparse.HelpFormatter(prog, max_help_position=26)
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def _metavar(param) -> str:

@@ -19,6 +19,7 @@ from typing import Iterator
 import luigi
 
 from corpus.io import InputError
+from pipeline.params import cli_flag
 
 
 _WRITE_ERRORS = {
@@ -117,7 +118,7 @@ def rebuild_command(stage: luigi.Task) -> str:
         value = getattr(stage, name)
         if name == "force_stage" or (name != "run_dir" and value == param._default):
             continue
-        words += [f"--{name.replace('_', '-')}", str(value)]
+        words += [cli_flag(name), str(value)]
     words += ["--force-stage", stage.task_family]
     return " ".join(shlex.quote(w) for w in words)
 

@@ -61,6 +61,11 @@ EVAL_MAX_DOC_TOKENS = 32_768  # --eval-max-doc-tokens default: tokens scored per
 _WARNED: set[str] = set()
 
 
+def cli_flag(name: str) -> str:
+    """The command-line flag of run parameter `name`: num_clusters → --num-clusters."""
+    return "--" + name.replace("_", "-")
+
+
 def warn_once(key: str, message: str, *args) -> None:
     """Log a warning the first time `key` comes up in this process."""
     if key not in _WARNED:
@@ -76,7 +81,7 @@ def _p(default, kind=luigi.Parameter, name: str = "", **kw):
         default = _named_parse(kind().parse, f"luigi.cfg [{SECTION}] {name}")(cfg.get(SECTION, name))
     param = kind(default=default, **kw)
     if name:  # a value that does not parse (--num-clusters x) fails with the flag named, in one line
-        param.parse = _named_parse(param.parse, f"--{name.replace('_', '-')}")
+        param.parse = _named_parse(param.parse, cli_flag(name))
     return param
 
 
@@ -480,7 +485,7 @@ class Params:
         for name, allowed in CHOICES.items():
             value = getattr(self, name, None)
             if has(name) and value not in allowed:
-                raise InputError(f"--{name.replace('_', '-')} {value!r}: choose one of {', '.join(allowed)}")
+                raise InputError(f"{cli_flag(name)} {value!r}: choose one of {', '.join(allowed)}")
         if has("assign", "clusterer") and self.assign == "balanced" and self.clusterer != "balanced":
             raise InputError(f"--assign balanced needs --clusterer balanced (got --clusterer {self.clusterer})")
         if has("merge_methods"):
@@ -569,7 +574,7 @@ def _check_numbers(p: Params) -> None:
     """Types, NaN/inf and lower bounds of every numeric parameter (any added later gets the type and NaN checks)."""
     for name, param in p.get_params():
         value = getattr(p, name, None)
-        flag = f"--{name.replace('_', '-')}"
+        flag = cli_flag(name)
         if isinstance(param, luigi.FloatParameter) or isinstance(param, luigi.IntParameter):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise InputError(f"{flag} {value!r}: expected a number")

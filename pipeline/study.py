@@ -28,7 +28,7 @@ from corpus.io import InputError, atomic_file, read_json
 from corpus.layout import STUDY_JSON, STUDY_MD, TRAINING_INFO
 from clustering.router import TOP_K
 from experts.run_models import DENSE, SEED, ensemble_name, has_training
-from pipeline.params import SECTION, RunParams
+from pipeline.params import SECTION, RunParams, cli_flag
 from pipeline.stage import Stage
 from pipeline.evaluation import EvaluatePerplexity
 from pipeline.models import model_names, model_stage
@@ -45,10 +45,6 @@ AXES = {
     "top_k": "eval",
 }
 GRID_AXES = tuple(a for a in AXES if isinstance(getattr(RunParams, a, None), luigi.Parameter))
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def run_param_names() -> list[str]:
@@ -72,13 +68,13 @@ class Study(Stage, RunParams):
             text = str(getattr(self, name))
             raw = [v.strip() for v in text.split(",") if v.strip()]
             if not raw:
-                raise InputError(f"{_flag(name)} is empty: give one value or a comma-separated list")
+                raise InputError(f"{cli_flag(name)} is empty: give one value or a comma-separated list")
             param = getattr(RunParams, name)
             try:
                 values = [param.parse(v) for v in raw]
             except ValueError:
                 kind = type(param).__name__.replace("Parameter", "").lower() or "string"
-                raise InputError(f"{_flag(name)} {text!r}: a comma-separated list of {kind} values") from None
+                raise InputError(f"{cli_flag(name)} {text!r}: a comma-separated list of {kind} values") from None
             if name == "top_k":
                 values = [str(v).lower() for v in values]
             out[name] = list(dict.fromkeys(values))
@@ -200,6 +196,6 @@ _DEFAULTS = {"top_k": "1,2,all"}  # the c-BTM variants every run evaluates anywa
 for _axis in GRID_AXES:  # each axis flag of the Study takes a comma list; its default is RunAll's
     _param = getattr(RunParams, _axis)
     _grid = luigi.Parameter(default=_DEFAULTS.get(_axis, _param.serialize(_param._default)),
-                            description=f"grid axis: comma-separated values of RunAll's {_flag(_axis)}")
+                            description=f"grid axis: comma-separated values of RunAll's {cli_flag(_axis)}")
     _grid.__set_name__(Study, _axis)  # what a class-body assignment does
     setattr(Study, _axis, _grid)

@@ -12,7 +12,7 @@ import luigi
 from corpus.io import ConfigError, InputError, load_array, read_json
 from corpus.layout import CENTROIDS, SHARDS_META
 from pipeline.params import (COMPILE, EVALS_PER_RUN, BudgetParams, ExpertParams, RunParams, SeedModelParams,
-                             TemperatureParams, carries)
+                             TemperatureParams, carries, cli_flag)
 from pipeline.stage import Stage, check_force_stage
 from pipeline.stamps import files_fingerprint
 from pipeline.clustering import AssignClusters, FitClusters
@@ -115,7 +115,7 @@ def config_error(e: ConfigError, params) -> InputError:
     name = TRAIN_CONFIG_FLAGS.get(e.field.rpartition(".")[2])
     if name is None or not params.carries(name):
         return InputError(f"{e.field} (set by the pipeline) {e.detail}")
-    return InputError(f"--{name.replace('_', '-')} {getattr(params, name)}: {e.field} {e.detail}")
+    return InputError(f"{cli_flag(name)} {getattr(params, name)}: {e.field} {e.detail}")
 
 
 class _TrainStage(Stage):
