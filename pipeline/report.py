@@ -57,7 +57,7 @@ class Report(Stage, RunParams):
         cluster_info["out_dir"] = str(self.input_path(describe))
         run_info = {
             "run_dir": str(self.run_dir),
-            "params": {name: getattr(self, name) for name, _ in _run_params()},
+            "params": {name: getattr(self, name) for name in run_param_names()},
             "corpus": {"source": self.corpus, "n_docs": corpus_stats.get("n_docs"), "label_field": self.label,
                        "n_empty_dropped": corpus_stats.get("n_empty_dropped")},
             "models": model_names(self),
@@ -98,8 +98,9 @@ class Report(Stage, RunParams):
         return out
 
 
-def _run_params():
-    return [(name, p) for name, p in RunAll.get_params()]
+def run_param_names() -> list[str]:
+    """The parameters of `RunAll` (what a published report and a Study's shared settings list)."""
+    return [name for name, _ in RunAll.get_params()]
 
 
 def _training_json(path: Path) -> dict:
@@ -151,7 +152,7 @@ def _publication_key(run: RunParams) -> dict:
     the parameters (the execution ones too: the report lists them)."""
     report = run.clone(Report)
     return {"report": report.out_path().name, "report_run_id": report.run_id(),
-            "params": json.loads(json.dumps({name: getattr(run, name) for name, _ in _run_params()}, default=str))}
+            "params": json.loads(json.dumps({name: getattr(run, name) for name in run_param_names()}, default=str))}
 
 
 def published_report(run: RunParams) -> dict | None:

@@ -32,7 +32,7 @@ from pipeline.params import SECTION, RunParams, cli_flag
 from pipeline.stage import Stage
 from pipeline.evaluation import EvaluatePerplexity
 from pipeline.models import model_names, model_stage
-from pipeline.report import Report, RunAll
+from pipeline.report import Report, RunAll, run_param_names
 
 # grid axis → its role: "train" points are trained; "experts" ones too, but the dense model (k = 1) ignores them;
 # "eval" values are evaluation variants of the c-BTM ensemble on the same experts
@@ -45,10 +45,6 @@ AXES = {
     "top_k": "eval",
 }
 GRID_AXES = tuple(a for a in AXES if isinstance(getattr(RunParams, a, None), luigi.Parameter))
-
-
-def run_param_names() -> list[str]:
-    return [name for name, _ in RunAll.get_params()]
 
 
 class Study(Stage, RunParams):
