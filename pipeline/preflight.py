@@ -29,7 +29,7 @@ from pathlib import Path
 
 from corpus.io import InputError, temporary_of, write_json
 from corpus.layout import RUN_MARKER, STAGE_STAMP
-from pipeline.stamps import files_fingerprint, remove_path
+from pipeline.stamps import STAGE_LOG, files_fingerprint, remove_path
 from pipeline.lock import hold_until_exit, is_held, run_lock
 
 log = logging.getLogger("luigi-interface")
@@ -82,7 +82,7 @@ def check_run_dir(run_dir: str | os.PathLike, adopt: bool = False) -> None:
     if not run_dir.is_dir() or (run_dir / RUN_MARKER).is_file():
         return
     entries = sorted(e.name for e in os.scandir(run_dir) if e.name != LOCK_NAME)
-    if entries and "stage_log.jsonl" not in entries and not adopt:
+    if entries and STAGE_LOG not in entries and not adopt:
         shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
         raise InputError(f"--run-dir {run_dir} is not empty ({shown}) and is not a run folder (it has no "
                          f"{RUN_MARKER}); choose a new or empty folder, or pass --adopt-run-dir to use it "

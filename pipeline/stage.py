@@ -20,8 +20,8 @@ temporaries, free disk space). Failures are one line: an InputError as it is, an
 
 Heavy libraries (torch, transformers, sklearn, datasets) are imported only inside `build`; `requires`,
 `output` and `complete` read small JSON files and never touch CUDA. Every finished run appends one line to
-`<run_dir>/stage_log.jsonl` (stage, task id, pid, host, start, wall time), which the report and the multi-worker
-test read (`pipeline.stamps`).
+`<run_dir>/stage_log.jsonl` (stage, task id, pid, host, start, wall time), which the tests read
+(`pipeline.stamps`).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 
 - `relative_run_ids`: the input keys of a stamp (`stage.json`), relative to the run folder;
 - `append_stage_log` / `read_stage_log`: `<run_dir>/stage_log.jsonl`, one JSON line per finished stage (stage,
-  task id, pid, host, start, wall time), read by the report and the multi-worker test;
+  task id, pid, host, start, wall time), read by the tests (the report sums the stamps' wall times instead);
 - `normal_modes`: the file modes a plain `open()` gives, for outputs shared between users;
 - `files_fingerprint`: (path, size, mtime) of the local files behind a path, which enters the hashes of the stages
   that read them; `remove_path`.
@@ -11,12 +11,15 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shutil
 import stat
 from pathlib import Path
 
 from corpus.io import local_files
+
+STAGE_LOG = "stage_log.jsonl"  # <run_dir>/: one line per finished stage (append_stage_log)
 
 
 def normal_modes(path: Path) -> None:
@@ -94,11 +97,9 @@ def files_fingerprint(spec: str) -> list | None:
 
 def append_stage_log(run_dir: Path, record: dict) -> None:
     """One JSON line per finished stage; O_APPEND keeps lines whole across worker processes."""
-    import json
-
     run_dir.mkdir(parents=True, exist_ok=True)
     line = (json.dumps(record, default=str) + "\n").encode()
-    fd = os.open(run_dir / "stage_log.jsonl", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    fd = os.open(run_dir / STAGE_LOG, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
     try:
         os.write(fd, line)
     finally:
@@ -106,9 +107,7 @@ def append_stage_log(run_dir: Path, record: dict) -> None:
 
 
 def read_stage_log(run_dir: str | os.PathLike) -> list[dict]:
-    import json
-
-    path = Path(run_dir) / "stage_log.jsonl"
+    path = Path(run_dir) / STAGE_LOG
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
