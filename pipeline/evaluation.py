@@ -82,8 +82,9 @@ class EvaluatePerplexity(_EvaluateModel, PerplexityParams):
             return self.build_oracle(out)
         from tasks.perplexity import evaluate_perplexity, evaluation_docs
 
-        if self.failure():
-            return self.write_failure(out, self.failure())
+        failed = self.failure()
+        if failed:
+            return self.write_failure(out, failed)
         r = self.requires()
         model, kind, path = self.scoring_model()
         result = {"model": self.model, "kind": kind, "path": str(path)}
@@ -157,8 +158,9 @@ class EvaluateFewShot(_EvaluateModel, FewShotParams):
         from tasks.fewshot.evaluate import evaluate_fewshot
         from tasks.fewshot.load import load_task
 
-        if self.failure():
-            return self.write_failure(out, self.failure())
+        failed = self.failure()
+        if failed:
+            return self.write_failure(out, failed)
         model, _, _ = self.scoring_model()
         spec = str(self.input_path(self.requires()["task"])) if self.task == "domains" else self.task
         task = load_task(spec)
