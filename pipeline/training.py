@@ -53,9 +53,9 @@ class _SeqLen:
             from experts.model import get_preset
 
             return get_preset(self.model_size).seq_len
-        from transformers import AutoConfig
+        from experts.families import context_length, seed_config
 
-        return int(min(getattr(AutoConfig.from_pretrained(self.seed_model), "max_position_embeddings", 1024), 1024))
+        return min(context_length(seed_config(self.seed_model)) or 1024, 1024)
 
 
 @carries(PrepareCorpus, TrainTokenizer)
