@@ -327,11 +327,8 @@ class Stage(Params, RunFolderParams, ExecutionParams, luigi.Task):
             marker = final.parent / f".{final.name}.partial-inputs.json"
             if marker.is_file() and relative_run_ids(read_json(marker), self.run_dir) != inputs_run_ids:
                 log.info("inputs of %s changed since the interrupted run; not resuming it", final)
-                for stale in final.parent.glob(f".{final.name}.partial*"):
-                    if stale.is_dir():
-                        shutil.rmtree(stale, ignore_errors=True)
-                    else:
-                        stale.unlink()
+                for stale in final.parent.glob(f".{globlib.escape(final.name)}.partial*"):
+                    remove_path(stale)
             write_json(marker, inputs_run_ids)
             work.mkdir(exist_ok=True)
             yield work
