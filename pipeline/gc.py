@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="keep what the last N completed RunAlls use (default: 1, the last one)")
     args = parser.parse_args(argv)
     from pipeline.lock import run_dir_lock
-    from pipeline.preflight import _size
+    from pipeline.preflight import size_text
 
     run_dir = Path(os.path.expanduser(args.run_dir))
     try:
@@ -150,14 +150,14 @@ def main(argv: list[str] | None = None) -> int:
             total = sum(info["size"] for info in found.values())
             for name, info in found.items():
                 late = " (written after the last completed RunAll)" if last and info["written"] > last else ""
-                print(f"{'removing' if args.delete else 'unused'}  {_size(info['size']):>9}  {name}  "
+                print(f"{'removing' if args.delete else 'unused'}  {size_text(info['size']):>9}  {name}  "
                       f"{info['stage']}{late}")
                 if args.delete:
                     shutil.rmtree(run_dir / name)
             verb = "freed" if args.delete else "would free"
             hint = "" if args.delete or not found else f"; remove them with: python -m pipeline.gc {run_dir} --delete"
             print(f"{len(found)} stage folder(s) not used by the last {args.keep_runs} completed RunAll(s): "
-                  f"{verb} {_size(total)}{hint}")
+                  f"{verb} {size_text(total)}{hint}")
     except InputError as e:
         print(f"gc: {e}", file=sys.stderr)
         return 1

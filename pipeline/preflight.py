@@ -157,9 +157,9 @@ def check_disk(task) -> None:
     except OSError:
         return
     if need > free:
-        detail = ", ".join(f"{k} ~{_size(v)}" for k, v in parts.items() if v)
-        raise InputError(f"--run-dir {task.run_dir}: about {_size(need)} of disk needed by the stages still to run "
-                         f"({detail}) but only {_size(free)} free there; free space or use another --run-dir")
+        detail = ", ".join(f"{k} ~{size_text(v)}" for k, v in parts.items() if v)
+        raise InputError(f"--run-dir {task.run_dir}: about {size_text(need)} of disk needed by the stages still to run "
+                         f"({detail}) but only {size_text(free)} free there; free space or use another --run-dir")
 
 
 _DISK_STAGES = ("PrepareCorpus", "ShardCorpus", "TrainSeed", "TrainDense", "TrainExpert", "FinetuneMoE", "MergeExperts")
@@ -236,9 +236,9 @@ def _model_bytes(task) -> int:
     return size * (2 if "16" in dtype else 1)
 
 
-def _size(n: float) -> str:
+def size_text(n: float) -> str:
+    """`n` bytes for people: 512 B, 1.5 KB, 3.2 GB."""
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if n < 1024 or unit == "TB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
-    return f"{n:.1f} TB"
