@@ -62,11 +62,11 @@ _WORKER: dict = {}
 CHUNK_DOCS = 4096  # documents per unit of work (one process-pool task, one write)
 
 
-def _encoder_spec(tokenizer_dir) -> tuple:
+def _encoder_spec(tokenizer_dir, loaded: tuple | None = None) -> tuple:
     """What a worker needs to encode like the fast tokenizer of `tokenizer_dir`: its backend `tokenizers.Tokenizer`
     as JSON (truncation and padding off), the token dtype, eos and [bos] or []; workers need not import
-    transformers."""
-    tokenizer, _, dtype, eos, prefix = _load_fast_tokenizer(tokenizer_dir)
+    transformers. `loaded`: `_load_fast_tokenizer(tokenizer_dir)` when the caller has it (not loaded twice)."""
+    tokenizer, _, dtype, eos, prefix = loaded if loaded is not None else _load_fast_tokenizer(tokenizer_dir)
     backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
     backend.no_truncation()
     backend.no_padding()
@@ -110,9 +110,10 @@ def _text_chunks(path: Path, rows: int) -> Iterator[list[str]]:
         yield [t if t is not None else "" for t in batch.column(0).to_pylist()]
 
 
-def _encoder_pool(tokenizer_dir, num_proc: int) -> WorkerPool:
-    """The stage's pool of `num_proc` encoding processes (or this one), each holding the tokenizer."""
-    return WorkerPool(num_proc, _init_encoder, (_encoder_spec(tokenizer_dir),))
+def _encoder_pool(tokenizer_dir, num_proc: int, loaded: tuple | None = None) -> WorkerPool:
+    """The stage's pool of `num_proc` encoding processes (or this one), each holding the tokenizer (`loaded`: as
+    in `_encoder_spec`)."""
+    return WorkerPool(num_proc, _init_encoder, (_encoder_spec(tokenizer_dir, loaded),))
 
 
 def _encoded(path: Path, pool: WorkerPool, rows: int, desc: str, n: int):
@@ -229,11 +230,12 @@ def tokenize_corpus(
         raise InputError(f"--seq-len must be at least 2, got {seq_len}")
     corpus_dir, out_dir = Path(corpus_dir), Path(out_dir)
     batch_size = int(batch_size or CHUNK_DOCS)
-    tokenizer, vocab_size, dtype, eos, prefix = _load_fast_tokenizer(tokenizer_dir)
+    loaded = _load_fast_tokenizer(tokenizer_dir)
+    _, vocab_size, dtype, eos, prefix = loaded
     meta: dict = {"seq_len": int(seq_len), "vocab_size": int(vocab_size), "eos_id": int(eos),
                   "bos_id": int(prefix[0]) if prefix else None, "dtype": dtype.name,
                   "tokenizer_dir": str(tokenizer_dir), "splits": {}}
-    with atomic_dir(out_dir) as tmp, _encoder_pool(tokenizer_dir, num_proc) as pool:
+    with atomic_dir(out_dir) as tmp, _encoder_pool(tokenizer_dir, num_proc, loaded) as pool:
         for split in splits:
             path = corpus_dir / f"{split}.parquet"
             n_docs = parquet_file(path, ["text"]).metadata.num_rows
@@ -335,7 +337,8 @@ def shard_corpus(
         raise InputError(f"--seq-len must be at least 2, got {seq_len}")
     corpus_dir, assignments_dir, out_dir = Path(corpus_dir), Path(assignments_dir), Path(out_dir)
     batch_size = int(batch_size or CHUNK_DOCS)
-    tokenizer, vocab_size, dtype, eos, prefix = _load_fast_tokenizer(tokenizer_dir)
+    loaded = _load_fast_tokenizer(tokenizer_dir)
+    _, vocab_size, dtype, eos, prefix = loaded
     tok_meta = None
     if tokens_dir is not None:
         tokens_dir = Path(tokens_dir)
@@ -367,7 +370,7 @@ def shard_corpus(
         "tokenizer_dir": str(tokenizer_dir),
         "clusters": {},
     }
-    with atomic_dir(out_dir) as tmp, (_encoder_pool(tokenizer_dir, num_proc) if tok_meta is None
+    with atomic_dir(out_dir) as tmp, (_encoder_pool(tokenizer_dir, num_proc, loaded) if tok_meta is None
                                       else WorkerPool(1)) as pool:
         for split in splits:
             cpath = corpus_dir / f"{split}.parquet"

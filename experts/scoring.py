@@ -250,6 +250,9 @@ class HFCausalLM(ScoringModel):
         decoder, head = getattr(model, "base_model", model), model.get_output_embeddings()
         if getattr(model.config, "model_type", None) in PLAIN_HEAD_MODEL_TYPES and decoder is not model and head is not None:
             self.split = (decoder, head)
+        # the KV cache's argument is `cache` in newer transformers (`past_key_values` warns there), `past_key_values`
+        # in older ones (≥ 5.1): the name this model's forward takes, looked up once (`generation_step` runs per token)
+        self.cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
     def to(self, device: str | torch.device) -> "HFCausalLM":
         """Move the weights to `device`, with that device's compute setup (bf16 autocast on CUDA)."""
@@ -359,9 +362,7 @@ class HFCausalLM(ScoringModel):
         if n_cached >= len(ids):  # nothing new (cannot happen in greedy decoding; be safe)
             past, n_cached = None, 0
         x = torch.tensor([ids[n_cached:]], device=self.device)  # (1, n_new)
-        # the KV cache's argument is `cache` in newer transformers (`past_key_values` warns there), `past_key_values`
-        # in older ones (≥ 5.1): use the name this model's forward takes
-        name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        name = self.cache_arg
         with self._compute():
             out = self.model(input_ids=x, use_cache=True, **{name: past})
         logprobs = torch.log_softmax(out.logits[0, -1].float(), dim=-1)  # (V,)

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 from corpus.io import atomic_file, read_json
 from corpus.layout import ENSEMBLE_CONFIG, MERGE_INFO, MOE_INFO, TRAINING_INFO
 from experts.run_models import DENSE_MOE_COMPUTE, MOE_MERGED, expert_cluster, is_ensemble, is_expert
 from tasks.bootstrap import describe_change, ratio_interval
+from tasks.report import fmt
 
 KIND_TITLES = {
     "seed": "seed model",
@@ -52,14 +54,7 @@ class ModelCard:
     base_model: str | None = None  # what this model was made from: the seed (hub id or the run's seed folder)
 
 
-def _fmt(x, digits: int = 2) -> str:
-    if x is None:
-        return "–"
-    if isinstance(x, float):
-        return f"{x:,.{digits}f}"
-    if isinstance(x, int):
-        return f"{x:,}"
-    return str(x)
+_fmt = partial(fmt, thousands=True)  # the cards write 12,345
 
 
 def _what(card: ModelCard) -> str:

@@ -344,12 +344,15 @@ _BUDGET_TEXT = {
 
 
 # ---- markdown -----------------------------------------------------------------------------------------------
-def fmt(x: Any, digits: int = 2) -> str:
-    """A number as the report's tables write it: `digits` decimals for a float, '–' for None."""
+def fmt(x: Any, digits: int = 2, thousands: bool = False) -> str:
+    """A number as the report's tables write it: `digits` decimals for a float, '–' for None; `thousands`: with
+    thousands separators, ints too (12,345: the model cards)."""
     if x is None:
         return "–"
     if isinstance(x, float):
-        return f"{x:.{digits}f}"
+        return f"{x:{',' if thousands else ''}.{digits}f}"
+    if thousands and isinstance(x, int):
+        return f"{x:,}"
     return str(x)
 
 

@@ -324,7 +324,8 @@ def render_markdown(study: dict) -> str:
               + "seed | dense | experts (Σ) | c-BTM total | dense total | c-BTM GPU-h | dense GPU-h | c-BTM wall s "
                 "| dense wall s | MoE finetune |",
               "|---:|---:|" + "---|" * len(series) + "---:|" * 10]
-    for p in sorted(points, key=lambda p: (_budgets(points, grid).index(p["axes"].get(BUDGET)), p["axes"].get(K))):
+    budgets = _budgets(points, grid)
+    for p in sorted(points, key=lambda p: (budgets.index(p["axes"].get(BUDGET)), p["axes"].get(K))):
         c, t = p["compute"]["models"], p["compute"]["totals"]
         experts = [v for m, v in c.items() if is_expert(m)]
         axes = ["–" if p["dense_only"] else str(p["axes"].get(a)) for a in series]
