@@ -208,17 +208,6 @@ def _dataset_batches(ds, batch_rows: int):
         yield pa.table(rows)
 
 
-def _stream_columns(path: str) -> list[str] | None:
-    """Column names of the Arrow stream file `path` (a `datasets` cache file; reads its schema only)."""
-    import pyarrow as pa
-
-    try:
-        with pa.OSFile(path) as fh:
-            return pa.ipc.open_stream(fh).schema.names
-    except (OSError, pa.ArrowInvalid):
-        return None
-
-
 def _normalize_batches(tables, origin: str, text_field: str, label_field: str | None, out: Path) -> dict:
     """Write the non-empty documents of `tables` as an Arrow stream `out` with string columns text, id (when the
     input has one), label (when `label_field`); InputError naming `origin` for a missing field or a non-text or
@@ -633,19 +622,6 @@ def _check_fields(files: list[Path], text_field: str) -> None:
                          f"{', '.join(known[missing[0]])}); pass --text-field")
     raise InputError(f"corpus files have different fields and none has {text_field!r}: {missing[0]} has "
                      f"{', '.join(known[missing[0]])}, {missing[1]} has {', '.join(known[missing[1]])}")
-
-
-def _diagnose_fields(group: list[str]) -> None:
-    """After `datasets` failed on several files: name two whose first documents have different fields."""
-    seen: dict[tuple, str] = {}
-    for f in group:
-        k = _first_fields(Path(f))
-        if k is not None:
-            seen.setdefault(tuple(sorted(k)), f)
-    if len(seen) > 1:
-        (ka, fa), (kb, fb) = list(seen.items())[:2]
-        raise InputError(f"corpus files have different fields: {fa} has {', '.join(ka)}, {fb} has {', '.join(kb)}; "
-                         "give every file the same fields")
 
 
 def _diagnose(path: str, builder: str) -> None:
