@@ -191,8 +191,7 @@ def _dataset_batches(ds, batch_rows: int):
     import datasets
     import pyarrow as pa
 
-    if hasattr(ds, "cache_files") and ds.cache_files and getattr(ds, "_indices", None) is None \
-            and len(ds.cache_files) == len(ds.data.to_batches() and ds.cache_files):
+    if getattr(ds, "cache_files", None) and getattr(ds, "_indices", None) is None:
         for cf in ds.cache_files:
             with pa.OSFile(cf["filename"]) as fh:
                 reader = pa.ipc.open_stream(fh)
