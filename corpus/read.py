@@ -381,8 +381,9 @@ def _write_splits(parts: dict, dest: dict, out: Path, label_field: str | None, s
                 for batch in _read_part(part, batch_rows):
                     codes = dest[k][start: start + batch.num_rows]
                     start += batch.num_rows
+                    table = pa.Table.from_batches([batch])
                     for code in np.unique(codes[codes >= 0]):
-                        sel = pa.Table.from_batches([batch]).filter(pa.array(codes == code))
+                        sel = table.filter(pa.array(codes == code))
                         if own_ids[code]:
                             ids = sel.column("id")
                         else:
