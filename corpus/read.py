@@ -386,9 +386,9 @@ def _write_splits(parts: dict, dest: dict, out: Path, label_field: str | None, s
                         sel = table.filter(pa.array(codes == code))
                         if own_ids[code]:
                             ids = sel.column("id")
-                        else:
-                            ids = pa.array([f"{SPLITS[code]}-{i}" for i in range(n_docs[code], n_docs[code] + sel.num_rows)],
-                                           pa.string())
+                        else:  # `<split>-<index>`, joined by Arrow (the same strings as an f-string per row)
+                            index = pa.array(np.arange(n_docs[code], n_docs[code] + sel.num_rows, dtype=np.int64))
+                            ids = pc.binary_join_element_wise(f"{SPLITS[code]}-", index.cast(pa.string()), "")
                         cols = {"id": ids, "text": sel.column("text")}
                         if label_field:
                             cols["label"] = sel.column("label")
