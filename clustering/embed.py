@@ -422,7 +422,7 @@ def embed_corpus(
         emb = EncoderEmbedder(model=model, device=device, **({"batch_size": batch_size} if batch_size else {}))
     else:
         raise InputError(f"embedder must be tfidf or encoder, got {embedder!r}")
-    from corpus.read import parquet_file, take_rows
+    from corpus.read import parquet_file
     from corpus.stream import WorkerPool
 
     n_train = parquet_file(corpus_dir / TRAIN_SPLIT, ["text"]).metadata.num_rows
@@ -451,10 +451,9 @@ def _embed_splits(emb, corpus_dir: Path, out_dir, embedder: str, fit_idx, chunk:
         emb.save(scratch)  # where the pool's workers load it from
     max_chars = getattr(emb, "max_chars", None)
     stats = {"embedder": embedder, "dim": emb.dim, "fit_docs": int(len(fit_idx)), "n_docs": {},
-             "max_chars": max_chars, "n_cut": {}, "workers": 1}
+             "max_chars": max_chars, "n_cut": {}, "workers": n_proc}
     with atomic_dir(out_dir) as tmp:
         emb.save(tmp / "embedder")
-        stats["workers"] = n_proc
         for split in SPLITS:
             path = corpus_dir / f"{split}.parquet"
             if not path.exists():

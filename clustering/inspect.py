@@ -172,10 +172,7 @@ def _plot_sizes(sizes: np.ndarray, path: Path, label_counts: list[dict | None] |
     ax.set_xlabel("cluster_id")
     ax.set_ylabel("train documents")
     ax.set_title(f"{what}; max/min {sizes.max() / max(sizes.min(), 1):.2f}", fontsize=9)
-    fig.tight_layout()
-    with atomic_file(path, "wb") as f:
-        fig.savefig(f, format="png")
-    plt.close(fig)
+    _save_png(fig, path)
 
 
 def _plot_projection(x: np.ndarray, cid: np.ndarray, centroids: np.ndarray, path: Path,
@@ -213,6 +210,13 @@ def _plot_projection(x: np.ndarray, cid: np.ndarray, centroids: np.ndarray, path
     if k <= 40:
         ax.legend(title="cluster_id", fontsize=6, title_fontsize=7, markerscale=3, loc="center left",
                   bbox_to_anchor=(1.0, 0.5), ncol=1 + k // 20)
+    _save_png(fig, path)
+
+
+def _save_png(fig, path: Path) -> None:
+    """Lay out `fig`, write it to `path` as PNG (atomically) and close it."""
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     with atomic_file(path, "wb") as f:
         fig.savefig(f, format="png")

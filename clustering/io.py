@@ -153,6 +153,7 @@ def assign_clusters(
             if n != x.shape[0]:
                 raise InputError(f"{emb} has {x.shape[0]} rows but {cpath} has {n} documents")
             weighted = getattr(model, "weighted", False)
+            weights = None  # document_weights of this split, once read (the whole text column)
             if isinstance(model, RandomClusters):
                 labels_all = model.random_labels(n, salt=si + 1)
 
@@ -193,7 +194,7 @@ def assign_clusters(
             (tmp / f".{split}_distances.npy").unlink(missing_ok=True)
             summary["splits"][split] = _sizes_summary(sizes) if n else {"n_docs": 0}
             if weighted and n:
-                w = document_weights(corpus_dir, split)
+                w = weights if weights is not None else document_weights(corpus_dir, split)
                 lab = pq.read_table(tmp / f"{split}.parquet", columns=["cluster_id"]).column(0).to_numpy()
                 summary["splits"][split]["weighted_sizes"] = np.bincount(lab, weights=w, minlength=k).tolist()
             log.info("assigned %s: %d docs, sizes %s..%s", split, n, summary["splits"][split].get("min"),

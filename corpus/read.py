@@ -191,8 +191,7 @@ def _dataset_batches(ds, batch_rows: int):
     import datasets
     import pyarrow as pa
 
-    if hasattr(ds, "cache_files") and ds.cache_files and getattr(ds, "_indices", None) is None \
-            and len(ds.cache_files) == len(ds.data.to_batches() and ds.cache_files):
+    if getattr(ds, "cache_files", None) and getattr(ds, "_indices", None) is None:
         for cf in ds.cache_files:
             with pa.OSFile(cf["filename"]) as fh:
                 reader = pa.ipc.open_stream(fh)
@@ -206,17 +205,6 @@ def _dataset_batches(ds, batch_rows: int):
         return
     for rows in ds.iter(batch_size=batch_rows):  # IterableDataset: dict of lists
         yield pa.table(rows)
-
-
-def _stream_columns(path: str) -> list[str] | None:
-    """Column names of the Arrow stream file `path` (a `datasets` cache file; reads its schema only)."""
-    import pyarrow as pa
-
-    try:
-        with pa.OSFile(path) as fh:
-            return pa.ipc.open_stream(fh).schema.names
-    except (OSError, pa.ArrowInvalid):
-        return None
 
 
 def _normalize_batches(tables, origin: str, text_field: str, label_field: str | None, out: Path) -> dict:
@@ -393,13 +381,14 @@ def _write_splits(parts: dict, dest: dict, out: Path, label_field: str | None, s
                 for batch in _read_part(part, batch_rows):
                     codes = dest[k][start: start + batch.num_rows]
                     start += batch.num_rows
+                    table = pa.Table.from_batches([batch])
                     for code in np.unique(codes[codes >= 0]):
-                        sel = pa.Table.from_batches([batch]).filter(pa.array(codes == code))
+                        sel = table.filter(pa.array(codes == code))
                         if own_ids[code]:
                             ids = sel.column("id")
-                        else:
-                            ids = pa.array([f"{SPLITS[code]}-{i}" for i in range(n_docs[code], n_docs[code] + sel.num_rows)],
-                                           pa.string())
+                        else:  # `<split>-<index>`, joined by Arrow (the same strings as an f-string per row)
+                            index = pa.array(np.arange(n_docs[code], n_docs[code] + sel.num_rows, dtype=np.int64))
+                            ids = pc.binary_join_element_wise(f"{SPLITS[code]}-", index.cast(pa.string()), "")
                         cols = {"id": ids, "text": sel.column("text")}
                         if label_field:
                             cols["label"] = sel.column("label")
@@ -633,19 +622,6 @@ def _check_fields(files: list[Path], text_field: str) -> None:
                          f"{', '.join(known[missing[0]])}); pass --text-field")
     raise InputError(f"corpus files have different fields and none has {text_field!r}: {missing[0]} has "
                      f"{', '.join(known[missing[0]])}, {missing[1]} has {', '.join(known[missing[1]])}")
-
-
-def _diagnose_fields(group: list[str]) -> None:
-    """After `datasets` failed on several files: name two whose first documents have different fields."""
-    seen: dict[tuple, str] = {}
-    for f in group:
-        k = _first_fields(Path(f))
-        if k is not None:
-            seen.setdefault(tuple(sorted(k)), f)
-    if len(seen) > 1:
-        (ka, fa), (kb, fb) = list(seen.items())[:2]
-        raise InputError(f"corpus files have different fields: {fa} has {', '.join(ka)}, {fb} has {', '.join(kb)}; "
-                         "give every file the same fields")
 
 
 def _diagnose(path: str, builder: str) -> None:

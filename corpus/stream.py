@@ -68,11 +68,8 @@ class WorkerPool:
             return
         second = next(it, _NOTHING)
         if second is _NOTHING or self.workers <= 1:
-            yield self._inline(fn, first)
-            if second is not _NOTHING:
-                yield self._inline(fn, second)
-                for item in it:
-                    yield self._inline(fn, item)
+            for item in itertools.chain((first,), () if second is _NOTHING else itertools.chain((second,), it)):
+                yield self._inline(fn, item)
             return
         if self._pool is None:
             self._start()

@@ -162,5 +162,4 @@ class Throughput:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         tps = self.steps * self.plan.tokens_per_step / (time.perf_counter() - self.t_start)
-        mfu = tps * self.flops_per_token / (self.peak * self.world) if self.peak else None
-        return tps, mfu
+        return tps, self.logged_mfu(tps)  # tps > 0 here: one or more steps
