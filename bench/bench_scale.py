@@ -3,7 +3,7 @@
     python bench/bench_scale.py --source ../shared/data/corpus_dev --scales 1,4 --out /tmp/scale   # 2 cores
     python bench/bench_scale.py --source .devdata/corpus_dev --scales 1,4,16 --workers 16 --out /tmp/scale
 
-Corpora (`generate`, seeded): corpus_dev's documents (train+valid+test, ~86 MiB of text, 7 domains in `source`)
+Corpora (`generate`, seeded): corpus_dev's documents (train+valid+test, ~72M characters, 7 domains in `source`)
 are the pool. A synthetic corpus of scale s holds s × as many characters of text, written as JSON-lines shards of
 ~64 MiB (`part-00000.jsonl`, ...; shard i is filled up to its share of the characters). Document j of shard i is drawn with `numpy.random.default_rng([seed, scale, i])`: a
 domain with probability ∝ its share of corpus_dev, a length (characters) copied from a random document of that
