@@ -47,7 +47,10 @@ def completed_runs(run_dir: Path) -> list[dict]:
     """The completed RunAlls, oldest first: runs.jsonl, or the published report.json of an earlier version."""
     log = run_dir / RUNS_LOG
     if log.is_file():
-        runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        try:
+            runs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        except ValueError as e:
+            raise InputError(f"{log} has a line that is not JSON ({e}); gc removes nothing") from None
         if runs:
             return runs
     try:
@@ -58,13 +61,17 @@ def completed_runs(run_dir: Path) -> list[dict]:
 
 
 def _stamp_of(run_dir: Path, rel: str) -> dict | None:
+    """The stamp of the output at `rel`; None when that output is gone. An output whose stamp is missing or cannot
+    be read is refused (InputError): its inputs are unknown, and removing them could remove what it was built from."""
     path = run_dir / rel
     for stamp in (path / STAGE_STAMP, path.with_name(path.name + ".stage.json")):
         if stamp.is_file():
             try:
                 return read_json(stamp)
-            except InputError:
-                return None
+            except InputError as e:
+                raise InputError(f"{e}; gc cannot tell what {rel} was built from, so it removes nothing") from None
+    if path.exists():
+        raise InputError(f"{path} has no stage stamp; gc cannot tell what it was built from, so it removes nothing")
     return None
 
 

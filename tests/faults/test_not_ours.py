@@ -351,3 +351,20 @@ def test_gc_refuses_a_folder_that_is_not_a_run_folder(tmp_path, capsys):
     (tmp_path / "corpus-0badc0de").mkdir()
     assert main([str(tmp_path), "--delete"]) == 1
     assert "is not a run folder" in capsys.readouterr().err and (tmp_path / "corpus-0badc0de").is_dir()
+
+
+def test_gc_removes_nothing_when_a_used_stamp_is_unreadable(reference, tmp_path, capsys):
+    """A stage the last run uses whose stamp cannot be read: gc cannot tell what it was built from, so it says so in
+    one line and removes nothing (before, its inputs counted as unused and --delete removed them)."""
+    from pipeline.gc import main
+
+    run_dir = copy_run(reference["run_dir"], tmp_path / "run")
+    assert run_cli(run_args(reference, run_dir, temperature=0.5), tmp_path).code == 0
+    last = json.loads((run_dir / "runs.jsonl").read_text().splitlines()[-1])
+    for root in last["roots"]:  # the last run's report: before, its inputs all counted as unused
+        (run_dir / root / "stage.json").write_text("{not json")
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert main([str(run_dir), "--delete"]) == 1
+    err = capsys.readouterr().err
+    assert "removes nothing" in err and len(err.strip().splitlines()) == 1, err
+    assert sorted(p.name for p in run_dir.iterdir()) == before
