@@ -35,8 +35,9 @@ from pipeline.lock import hold_until_exit, is_held, run_lock
 log = logging.getLogger("luigi-interface")
 
 # what a resumable training stage keeps beside its `.<name>.partial` working folder (pipeline.stage.Stage._workdir,
-# experts.training.checkpoint_dir, experts.training.events.events_dir, experts.launch)
-_PARTIAL_SIBLINGS = ("", ".ckpt", ".tensorboard", ".launch.json", "-inputs.json")
+# experts.training.checkpoint_dir, experts.training.events.events_dir, experts.launch, and TrainExpert's averaged
+# start under --branch-from average)
+_PARTIAL_SIBLINGS = ("", ".ckpt", ".tensorboard", ".launch.json", "-inputs.json", ".branch-init")
 
 
 def claim_for_command_line(task) -> None:

@@ -367,10 +367,12 @@ class TrainExpert(_TrainStage, ExpertParams, TemperatureParams):
             centroids = load_array(self.input_path(r["clusters"]) / CENTROIDS)  # (k, dim)
             init = branch_average([self.input_path(t) for t in r["experts"]], centroids[self.first_phase()],
                                   centroids[self.cluster_id], self.temperature, out.parent / f"{out.name}.branch-init")
-        info = self.launch(str(init), out, self.guarded_config(budget, **self.branch_schedule_kw(budget["steps"])),
-                           self.shard_paths([self.cluster_id]), self.shard_paths([self.cluster_id], "valid"))
-        if init != self.input_path(r["seed"]):
-            shutil.rmtree(init, ignore_errors=True)
+        try:
+            info = self.launch(str(init), out, self.guarded_config(budget, **self.branch_schedule_kw(budget["steps"])),
+                               self.shard_paths([self.cluster_id]), self.shard_paths([self.cluster_id], "valid"))
+        finally:  # the averaged start is this stage's own copy; a rerun averages again
+            if init != self.input_path(r["seed"]):
+                shutil.rmtree(init, ignore_errors=True)
         return self.summary(info)
 
 

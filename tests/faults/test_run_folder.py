@@ -149,6 +149,7 @@ def test_temporaries_of_killed_runs_are_cleaned(reference, tmp_path):
     experts = next(run_dir.glob("experts-*"))
     partial = experts / ".cluster_007.partial"  # an interrupted training whose inputs were rebuilt since
     (partial.parent / (partial.name + ".ckpt")).mkdir(parents=True)
+    (partial.parent / (partial.name + ".branch-init")).mkdir()  # --branch-from average's start, left by a kill
     partial.mkdir()
     seed = next(run_dir.glob("seed-*")).name
     (experts / ".cluster_007.partial-inputs.json").write_text(json.dumps({seed: "an-older-run-id"}))
