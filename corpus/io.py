@@ -73,13 +73,24 @@ def atomic_dir(final: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if final.exists():
+    publish_dir(tmp, final)
+
+
+def publish_dir(work: str | os.PathLike, final: str | os.PathLike) -> None:
+    """Rename the finished folder `work` to `final`, replacing what is there through a `.cbtm-old-` temporary, so
+    that at every moment `final` is either the old output or the new one (a crash leaves the old one, or the old
+    one under a temporary name that `pipeline.preflight.clean_stale` removes)."""
+    final = Path(final)
+    if final.exists() or final.is_symlink():
         old = temporary_path(final, "old")
         os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old, ignore_errors=True)
+        os.replace(work, final)
+        if old.is_dir() and not old.is_symlink():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
     else:
-        os.replace(tmp, final)
+        os.replace(work, final)
 
 
 @contextlib.contextmanager

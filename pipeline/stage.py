@@ -39,7 +39,8 @@ from typing import Any, Iterator
 
 import luigi
 
-from corpus.io import InputError, atomic_dir, read_json, short_hash, temporary_of, temporary_path, write_json
+from corpus.io import (InputError, atomic_dir, publish_dir, read_json, short_hash, temporary_of, temporary_path,
+                       write_json)
 from corpus.layout import STAGE_STAMP
 from pipeline.failures import error_file, interruptible, rebuild_command, upstream_named_in, write_failure
 from pipeline.params import RUN_PARAMETERS, ExecutionParams, Params, RunFolderParams, warn_once
@@ -332,9 +333,7 @@ class Stage(Params, RunFolderParams, ExecutionParams, luigi.Task):
             write_json(marker, inputs_run_ids)
             work.mkdir(exist_ok=True)
             yield work
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(work, final)
+            publish_dir(work, final)  # a rebuilt (--force-stage) output replaces the old one without a gap
             marker.unlink(missing_ok=True)
         else:
             with atomic_dir(final) as tmp:
