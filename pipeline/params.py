@@ -460,21 +460,6 @@ class Params:
         return [int(v) for v in str(self.route_early).split(",") if v.strip()]
 
     @property
-    def data_workers_value(self) -> int:
-        """--data-workers, or (0) the cores this process may use divided among luigi's --workers."""
-        if self.data_workers > 0:
-            return int(self.data_workers)
-        from corpus.threads import available_cores
-
-        try:
-            import luigi.interface
-
-            workers = max(1, int(luigi.interface.core().workers))
-        except Exception:  # noqa: BLE001 - no luigi configuration in this process
-            workers = 1
-        return max(1, available_cores() // workers)
-
-    @property
     def seed_list(self) -> list[int]:
         return [int(s) for s in self.fewshot_seeds.split(",") if s.strip()]
 

@@ -108,6 +108,17 @@ class Stage(Params, RunFolderParams, ExecutionParams, luigi.Task):
         super().validate()
         check_force_stage(self.force_stage)
 
+    @property
+    def data_workers_value(self) -> int:
+        """--data-workers, or (0) the cores this process may use divided among the stages its luigi worker runs at
+        once (`pipeline.cli.concurrent_stages`, as the stage's CPU threads are in `run`)."""
+        if self.data_workers > 0:
+            return int(self.data_workers)
+        from corpus.threads import available_cores
+        from pipeline.cli import concurrent_stages
+
+        return max(1, available_cores() // concurrent_stages())
+
     def error_file(self) -> Path:
         """Where the traceback of this stage's last failure is kept (`pipeline.failures`)."""
         return error_file(self.run_dir, self.task_id)
